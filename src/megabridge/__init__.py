@@ -1,0 +1,1 @@
+"""megabridge: Hugging Face <-> Megatron-Core."""

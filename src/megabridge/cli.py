@@ -1,0 +1,147 @@
+"""The ``megabridge`` command.
+
+    megabridge train    --recipe NAME [section.field=value ...]   train (pretrain, SFT, LoRA)
+    megabridge recipes                                             list recipes
+    megabridge models                                              list supported HF families
+    megabridge convert  hf-to-megatron | megatron-to-hf ...        convert checkpoints
+    megabridge verify   --hf-path DIR [--megatron-path DIR]        compare logits with transformers
+    megabridge data     preprocess ...                             JSONL -> Megatron .bin/.idx
+    megabridge export   ...                                        merged / adapter-only HF export
+
+A user mistake (bad path, option, override or checkpoint) prints one line and
+exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+
+from megabridge.errors import UserError
+
+# Megatron-Core announces at import every optional kernel it did not find. Without
+# TE/Apex those are expected, and megabridge picks its own layer spec instead.
+_EXPECTED_WARNINGS = (
+    r".*Apex is not installed.*",
+    r".*Transformer Engine and Apex are not installed.*",
+    r".*tp_group is None, using default tp group.*",
+    r".*MLP requires ffn_hidden_size.*",
+    r".*full scope is deprecated.*",
+    r".*dynamic_context.py.*",
+    r".*custom_layers.transformer_engine.*",
+    r".*No CUDA runtime is found.*",
+)
+
+
+def quiet_expected_warnings() -> None:
+    for pattern in _EXPECTED_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+
+
+def setup_logging() -> None:
+    rank = int(os.environ.get("RANK", 0))
+    level = logging.INFO if rank == 0 else logging.WARNING
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(message)s" if rank == 0 else f"%(asctime)s [rank {rank}] %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stdout,
+    )
+    for noisy in ("megatron", "torch.distributed", "torch.utils.cpp_extension", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING if rank == 0 else logging.ERROR)
+
+
+# ----------------------------------------------------------------------- train
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from megabridge.recipes import get_recipe
+    from megabridge.training.config import apply_overrides, describe
+
+    cfg = get_recipe(args.recipe)
+    apply_overrides(cfg, args.overrides)
+    if args.help_config:
+        print(f"config keys of {args.recipe} (override with section.field=value):")
+        print(describe(cfg))
+        return 0
+    from megabridge import runtime
+    from megabridge.training.loop import train
+
+    try:
+        train(cfg)
+    finally:
+        runtime.shutdown()
+    return 0
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    from megabridge.recipes import all_recipes, describe_recipe
+
+    for name in all_recipes():
+        print(f"{name:40s} {describe_recipe(name)}")
+    return 0
+
+
+# ------------------------------------------------------------------- the parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from megabridge.recipes import DEFAULT_RECIPE
+
+    parser = argparse.ArgumentParser(
+        prog="megabridge",
+        description="Hugging Face <-> Megatron-Core: convert, verify and train.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "train",
+        help="train from a recipe (pretrain, SFT, LoRA)",
+        description="Train from a recipe. Launch several processes with "
+        "`python -m torch.distributed.run --nproc_per_node=N -m megabridge train ...`.",
+        epilog="examples:\n  megabridge train\n  megabridge train --recipe "
+        "vanilla_gpt_pretrain_config train.train_iters=5 optimizer.lr=3e-4\n"
+        "  megabridge train --recipe vanilla_gpt_pretrain_config --help-config",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--recipe", default=DEFAULT_RECIPE, help=f"recipe name (default: {DEFAULT_RECIPE})"
+    )
+    p.add_argument(
+        "--help-config", action="store_true", help="list every config key with its value and help"
+    )
+    p.add_argument("overrides", nargs="*", help="section.field=value overrides")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("recipes", help="list the recipes")
+    p.set_defaults(func=cmd_recipes)
+
+    for register in _EXTRA_COMMANDS:
+        register(sub)
+    return parser
+
+
+_EXTRA_COMMANDS: list = []
+
+
+def main(argv: list[str] | None = None) -> int:
+    quiet_expected_warnings()
+    setup_logging()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as e:
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"megabridge: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("megabridge: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

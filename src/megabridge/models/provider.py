@@ -1,0 +1,177 @@
+"""ModelConfig -> Megatron-Core TransformerConfig -> GPTModel on this rank.
+
+Config is data (training/config.py); building happens here, once, for every
+family. A family that needs a different module says so through ModelConfig
+fields that the layer spec (models/specs.py) reads, never through code here.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+
+from megabridge.errors import ConfigError
+from megabridge.training.config import ModelConfig
+
+_ACTIVATIONS = {
+    "swiglu": (F.silu, True),
+    "geglu": (functools.partial(F.gelu, approximate="tanh"), True),
+    "gelu": (F.gelu, False),
+    "relu": (F.relu, False),
+    "squared_relu": (lambda x: torch.pow(F.relu(x), 2), False),
+}
+
+
+def _set_later(weight: torch.Tensor) -> torch.Tensor:
+    return weight
+
+
+def padded_vocab_size(cfg: ModelConfig) -> int:
+    """Vocab rows in the Megatron embedding: the HF vocab, padded only when TP needs it.
+
+    Padding changes the softmax's denominator (a padded row is one more class), so
+    we pad only when vocab_size is not divisible by the TP size.
+    """
+    tp = cfg.tensor_model_parallel_size
+    return math.ceil(cfg.vocab_size / tp) * tp
+
+
+def use_bf16(cfg: ModelConfig) -> bool:
+    return torch.cuda.is_available() if cfg.bf16 is None else cfg.bf16
+
+
+def transformer_config(cfg: ModelConfig):
+    """The Megatron-Core TransformerConfig for ``cfg`` (built here, never stored in configs)."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    activation, gated = _ACTIVATIONS[cfg.activation]
+    bf16 = use_bf16(cfg)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    moe = {}
+    if cfg.num_moe_experts:
+        moe = dict(
+            num_moe_experts=cfg.num_moe_experts,
+            moe_router_topk=cfg.moe_router_topk,
+            moe_ffn_hidden_size=cfg.moe_ffn_hidden_size or cfg.ffn_hidden_size,
+            moe_shared_expert_intermediate_size=cfg.moe_shared_expert_intermediate_size,
+            moe_router_pre_softmax=cfg.moe_router_pre_softmax,
+            moe_aux_loss_coeff=cfg.moe_aux_loss_coeff,
+            moe_router_load_balancing_type=cfg.moe_router_load_balancing_type,
+            moe_token_dispatcher_type="alltoall",
+            moe_grouped_gemm=False,
+        )
+    recompute = {}
+    if cfg.recompute_granularity:
+        recompute = dict(
+            recompute_granularity=cfg.recompute_granularity,
+            recompute_method=cfg.recompute_method,
+            recompute_num_layers=cfg.recompute_num_layers,
+        )
+    return TransformerConfig(
+        num_layers=cfg.num_layers,
+        hidden_size=cfg.hidden_size,
+        ffn_hidden_size=cfg.ffn_hidden_size,
+        num_attention_heads=cfg.num_attention_heads,
+        num_query_groups=cfg.num_query_groups or cfg.num_attention_heads,
+        kv_channels=cfg.kv_channels,
+        normalization=cfg.normalization,
+        layernorm_epsilon=cfg.layernorm_epsilon,
+        layernorm_zero_centered_gamma=cfg.layernorm_zero_centered_gamma,
+        gated_linear_unit=gated,
+        activation_func=activation,
+        bias_activation_fusion=False,
+        add_bias_linear=cfg.add_bias_linear,
+        add_qkv_bias=cfg.add_qkv_bias,
+        qk_layernorm=cfg.qk_layernorm,
+        hidden_dropout=cfg.hidden_dropout,
+        attention_dropout=cfg.attention_dropout,
+        init_method_std=cfg.init_method_std,
+        tensor_model_parallel_size=cfg.tensor_model_parallel_size,
+        pipeline_model_parallel_size=cfg.pipeline_model_parallel_size,
+        expert_model_parallel_size=cfg.expert_model_parallel_size,
+        sequence_parallel=cfg.sequence_parallel,
+        bf16=bf16,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        autocast_dtype=dtype,
+        # Weights are set by megabridge (models/init.py or a pretrained checkpoint)
+        # after building, identically for every parallel layout. Megatron's own
+        # init pass still runs, with a no-op init method: it is what records each
+        # parameter's tensor-parallel layout (tensor_model_parallel, partition_dim).
+        perform_initialization=True,
+        init_method=_set_later,
+        output_layer_init_method=_set_later,
+        use_cpu_initialization=False,
+        # Per-token loss: the mean over all tokens of the global batch, however it
+        # is split into micro-batches (packed and unpacked SFT agree).
+        calculate_per_token_loss=True,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        apply_rope_fusion=False,
+        cross_entropy_loss_fusion=False,
+        deallocate_pipeline_outputs=True,
+        **moe,
+        **recompute,
+    )
+
+
+def validate_model_config(cfg: ModelConfig) -> None:
+    heads, groups = cfg.num_attention_heads, cfg.num_query_groups or cfg.num_attention_heads
+    tp, pp = cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size
+    problems = []
+    if heads % groups:
+        problems.append(
+            f"num_attention_heads={heads} is not a multiple of num_query_groups={groups}"
+        )
+    if groups % tp:
+        problems.append(
+            f"num_query_groups={groups} is not divisible by tensor_model_parallel_size={tp}"
+        )
+    if cfg.ffn_hidden_size % tp:
+        problems.append(f"ffn_hidden_size={cfg.ffn_hidden_size} is not divisible by TP={tp}")
+    if cfg.num_layers % pp:
+        problems.append(
+            f"num_layers={cfg.num_layers} is not divisible by pipeline_model_parallel_size={pp}"
+        )
+    if cfg.sequence_parallel and tp == 1:
+        problems.append("sequence_parallel needs tensor_model_parallel_size > 1")
+    if cfg.num_moe_experts and cfg.num_moe_experts % cfg.expert_model_parallel_size:
+        problems.append(
+            f"num_moe_experts={cfg.num_moe_experts} is not divisible by "
+            f"expert_model_parallel_size={cfg.expert_model_parallel_size}"
+        )
+    if problems:
+        raise ConfigError("model: " + "; ".join(problems))
+
+
+def build_model(cfg: ModelConfig) -> list[torch.nn.Module]:
+    """The model chunks of this pipeline rank (one chunk: no virtual pipeline yet)."""
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+
+    from megabridge.models import rope, specs
+
+    validate_model_config(cfg)
+    tconfig = transformer_config(cfg)
+    model = GPTModel(
+        config=tconfig,
+        transformer_layer_spec=specs.layer_spec(cfg, tconfig),
+        vocab_size=padded_vocab_size(cfg),
+        max_sequence_length=cfg.seq_length,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        share_embeddings_and_output_weights=cfg.share_embeddings_and_output_weights,
+        position_embedding_type=cfg.position_embedding_type,
+        rotary_percent=cfg.rotary_percent,
+        rotary_base=cfg.rotary_base,
+    )
+    rope.apply_rope_scaling(model, cfg)
+    device = (
+        torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+    )
+    model.to(device)
+    return [model]

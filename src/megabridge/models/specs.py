@@ -1,0 +1,55 @@
+"""Which transformer-layer implementation a model is built with.
+
+* ``transformer_engine``: Megatron-Core's TE spec (fused kernels), when TE imports.
+* ``torch``: megabridge's fast torch-native spec (models/torch_layers.py):
+  SDPA attention and no s x s masks. The default without TE.
+* ``local``: Megatron-Core's own unfused spec; the numerical reference.
+
+All three give parameters the same names in checkpoints; ``local`` and ``torch``
+also in memory, so conversion mappings are written once.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+from megabridge.errors import ConfigError
+
+
+def have_transformer_engine() -> bool:
+    return importlib.util.find_spec("transformer_engine") is not None
+
+
+def resolve_impl(cfg) -> str:
+    impl = cfg.transformer_impl
+    if impl == "auto":
+        return "transformer_engine" if have_transformer_engine() else "torch"
+    if impl == "transformer_engine" and not have_transformer_engine():
+        raise ConfigError(
+            "model.transformer_impl=transformer_engine but transformer_engine is not importable; "
+            "use model.transformer_impl=torch"
+        )
+    return impl
+
+
+def layer_spec(cfg, tconfig):
+    impl = resolve_impl(cfg)
+    if impl == "transformer_engine":
+        from megatron.core.models.gpt.gpt_layer_specs import (
+            get_gpt_layer_with_transformer_engine_spec,
+        )
+
+        return get_gpt_layer_with_transformer_engine_spec(
+            num_experts=cfg.num_moe_experts, qk_layernorm=cfg.qk_layernorm
+        )
+    if impl == "torch":
+        from megabridge.models import torch_layers
+
+        return torch_layers.block_spec(cfg, tconfig)
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    return get_gpt_layer_local_spec(
+        num_experts=cfg.num_moe_experts,
+        qk_layernorm=cfg.qk_layernorm,
+        normalization=cfg.normalization,
+    )

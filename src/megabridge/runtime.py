@@ -1,0 +1,217 @@
+"""Process-group and device setup, and the CPU backend for Megatron-Core.
+
+Megatron-Core 0.16 assumes CUDA in a handful of places even when every tensor
+lives on the CPU. ``enable_cpu_backend`` makes those places work on the CPU; it
+is called only when no GPU is visible, and it is the one place in megabridge
+that knows about these assumptions. Each one is guarded by a unit test in
+tests/unit_tests/runtime/test_cpu_backend.py:
+
+* factory calls with ``device="cuda"`` / ``device=torch.cuda.current_device()``:
+  rotary ``inv_freq``, the default causal mask (transformer/utils.py), the
+  optimizer's ``found_inf`` / ``_scale`` tensors, ``clip_grads``' norm buffers,
+  the pipeline's p2p receive buffers.  Rewritten to the CPU by a
+  ``TorchFunctionMode``.
+* ``param.type() == "torch.cuda.FloatTensor"`` checks (clip_grads, the
+  Float16 optimizer's parameter sort): ``Tensor.type()`` answers with the CUDA
+  type name of the same dtype.
+* ``tensor.cuda()``: a no-op.
+* the RNG tracker (tensor_parallel/random.py) reads and writes the CUDA
+  generator through ``torch.cuda.get_rng_state`` / ``manual_seed`` and its own
+  ``_get_cuda_rng_state`` / ``_set_cuda_rng_state``: routed to the CPU
+  generator, which is the one that CPU kernels draw from.
+* ``torch.cuda.current_device`` / ``synchronize``: answer 0 / do nothing.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.overrides import TorchFunctionMode
+
+log = logging.getLogger(__name__)
+
+_CPU = torch.device("cpu")
+# Tensor.type() names megatron-core compares against, by dtype.
+_CUDA_TYPE_NAMES = {
+    torch.float32: "torch.cuda.FloatTensor",
+    torch.float16: "torch.cuda.HalfTensor",
+    torch.bfloat16: "torch.cuda.BFloat16Tensor",
+    torch.float64: "torch.cuda.DoubleTensor",
+    torch.int64: "torch.cuda.LongTensor",
+    torch.int32: "torch.cuda.IntTensor",
+    torch.uint8: "torch.cuda.ByteTensor",
+    torch.bool: "torch.cuda.BoolTensor",
+}
+
+
+def _is_cuda_device(device) -> bool:
+    if isinstance(device, int):  # torch.cuda.current_device() style
+        return True
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    return False
+
+
+class CudaToCpuMode(TorchFunctionMode):
+    """Runs code written for CUDA tensors on the CPU (see the module docstring)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if _is_cuda_device(kwargs.get("device")):
+            kwargs["device"] = _CPU
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            return _CUDA_TYPE_NAMES.get(args[0].dtype, func(*args))
+        if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
+            args = (args[0], _CPU, *args[2:])
+        return func(*args, **kwargs)
+
+
+_cpu_backend_enabled = False
+
+
+def cpu_backend_enabled() -> bool:
+    return _cpu_backend_enabled
+
+
+class _DropRngContextWarning(logging.Filter):
+    # On the CPU the "CUDA" generator the tracker forks *is* the CPU generator,
+    # so megatron's "CPU RNG state changed within GPU RNG context" warning fires
+    # on every forked weight init; it carries no information here.
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "CPU RNG state changed within GPU RNG context" not in record.getMessage()
+
+
+def enable_cpu_backend() -> None:
+    """Let Megatron-Core run on the CPU. Idempotent; never call it with a GPU."""
+    global _cpu_backend_enabled
+    if _cpu_backend_enabled:
+        return
+    if torch.cuda.is_available():
+        raise RuntimeError("enable_cpu_backend() is only for machines without a GPU")
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    CudaToCpuMode().__enter__()  # stays on for the life of the process
+    torch.cuda.current_device = lambda: 0
+    torch.cuda.synchronize = lambda device=None: None
+    torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
+    torch.cuda.set_rng_state = lambda new_state, device="cuda": torch.set_rng_state(new_state)
+    torch.cuda.manual_seed = torch.manual_seed
+    mcore_random._get_cuda_rng_state = lambda device="cuda", clone=False, graph_safe=False: (
+        torch.get_rng_state()
+    )
+    mcore_random._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: (
+        torch.set_rng_state(new_state)
+    )
+    logging.getLogger(mcore_random.__name__).addFilter(_DropRngContextWarning())
+    _cpu_backend_enabled = True
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where this process runs and how it talks to the others."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _env_int(name: str, default: int) -> int:
+    return int(os.environ.get(name, default))
+
+
+def init_distributed(timeout_minutes: int = 10) -> Runtime:
+    """Initialise torch.distributed from the launcher's environment (or as a single process).
+
+    With CUDA: NCCL, one GPU per local rank. Without: gloo, and the CPU backend.
+    """
+    rank = _env_int("RANK", 0)
+    world_size = _env_int("WORLD_SIZE", 1)
+    local_rank = _env_int("LOCAL_RANK", 0)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        device, backend = torch.device("cuda", torch.cuda.current_device()), "nccl"
+    else:
+        enable_cpu_backend()
+        device, backend = _CPU, "gloo"
+    if not dist.is_initialized():
+        if "MASTER_ADDR" not in os.environ:  # no launcher: a group of one
+            os.environ["MASTER_ADDR"] = "127.0.0.1"
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        dist.init_process_group(
+            backend=backend,
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+        )
+    return Runtime(rank, world_size, local_rank, device, backend)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_model_parallel(
+    tensor_model_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
+    expert_model_parallel_size: int = 1,
+    timeout_minutes: int = 10,
+) -> None:
+    """Megatron-Core's parallel state for the given layout (torch.distributed must be up)."""
+    from megatron.core import parallel_state
+
+    world_size = dist.get_world_size()
+    model_parallel = tensor_model_parallel_size * pipeline_model_parallel_size
+    if world_size % model_parallel:
+        raise ValueError(
+            f"world size {world_size} is not divisible by tensor_model_parallel_size x "
+            f"pipeline_model_parallel_size = {model_parallel}"
+        )
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tensor_model_parallel_size,
+        pipeline_model_parallel_size=pipeline_model_parallel_size,
+        expert_model_parallel_size=expert_model_parallel_size,
+        distributed_timeout_minutes=timeout_minutes,
+    )
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, torch and megatron-core's RNG tracker (after the parallel state is up)."""
+    import random
+
+    import numpy as np
+    from megatron.core import tensor_parallel
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def shutdown() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,368 @@
+"""The training configuration: small typed dataclasses and dotted overrides.
+
+A recipe is a function returning a complete ``ConfigContainer``; the command
+line changes it with ``section.field=value`` overrides, checked against the
+field types here. Field help strings feed ``megabridge train --help-config``.
+Names follow Megatron-Bridge so its users feel at home.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from megabridge.errors import ConfigError
+
+
+def option(default: Any = dataclasses.MISSING, help: str = "", **kwargs: Any) -> Any:
+    """A dataclass field with a help string (mutable defaults go through default_factory)."""
+    if isinstance(default, list | dict):
+        kwargs["default_factory"] = lambda d=default: type(d)(d)
+        default = dataclasses.MISSING
+    return field(default=default, metadata={"help": help}, **kwargs)
+
+
+@dataclass
+class TrainConfig:
+    train_iters: int = option(100, "number of optimizer steps to run")
+    global_batch_size: int = option(8, "sequences per optimizer step, over all data-parallel ranks")
+    micro_batch_size: int = option(1, "sequences per forward/backward on one rank")
+    eval_interval: int | None = option(None, "evaluate every N iterations (None: never)")
+    eval_iters: int = option(4, "micro-batch groups (global batches) per evaluation")
+    exit_signal_handler: bool = option(
+        True, "on SIGTERM/SIGUSR1: finish the iteration, save a checkpoint and exit 0"
+    )
+    exit_duration_in_mins: float | None = option(
+        None, "save and exit once the run has taken this many minutes"
+    )
+    skip_nonfinite_limit: int = option(
+        3, "consecutive iterations with a NaN/Inf loss or grad norm skipped before stopping"
+    )
+
+
+@dataclass
+class ModelConfig:
+    family: str = option("gpt", "model family (a folder under megabridge/models)")
+    num_layers: int = option(2, "transformer layers")
+    hidden_size: int = option(64, "hidden size")
+    ffn_hidden_size: int = option(256, "MLP intermediate size (per expert for MoE)")
+    num_attention_heads: int = option(4, "query heads")
+    num_query_groups: int | None = option(None, "key/value heads (GQA); None: as many as heads")
+    kv_channels: int | None = option(None, "head dimension; None: hidden_size / heads")
+    vocab_size: int = option(1024, "vocabulary size (padded to a multiple of the TP size)")
+    seq_length: int = option(128, "maximum sequence length the model is built for")
+    normalization: Literal["RMSNorm", "LayerNorm"] = option("RMSNorm", "norm type")
+    layernorm_epsilon: float = option(1e-5, "norm epsilon")
+    layernorm_zero_centered_gamma: bool = option(
+        False, "norm weight stored as w and applied as (1 + w), as in Gemma"
+    )
+    activation: Literal["swiglu", "gelu", "geglu", "relu", "squared_relu"] = option(
+        "swiglu", "MLP activation (swiglu/geglu are gated)"
+    )
+    add_bias_linear: bool = option(False, "biases on all linear layers")
+    add_qkv_bias: bool = option(False, "biases on the QKV projection only (Qwen2)")
+    qk_layernorm: bool = option(False, "per-head RMSNorm on queries and keys (Qwen3)")
+    position_embedding_type: Literal["rope", "learned_absolute", "none"] = option(
+        "rope", "position embedding"
+    )
+    rotary_base: float = option(10000.0, "RoPE theta")
+    rotary_percent: float = option(1.0, "fraction of the head dimension rotated")
+    rope_scaling: dict = option({}, "HF rope_scaling / rope_parameters dict (llama3, linear, ...)")
+    share_embeddings_and_output_weights: bool = option(False, "tie input and output embeddings")
+    init_method_std: float = option(0.02, "std of the normal weight init")
+    hidden_dropout: float = option(0.0, "dropout after attention and MLP")
+    attention_dropout: float = option(0.0, "dropout on attention probabilities")
+    # MoE
+    num_moe_experts: int | None = option(None, "routed experts per MoE layer (None: dense)")
+    moe_router_topk: int = option(2, "experts each token is routed to")
+    moe_ffn_hidden_size: int | None = option(None, "expert MLP size (None: ffn_hidden_size)")
+    moe_shared_expert_intermediate_size: int | None = option(None, "shared expert MLP size")
+    moe_router_pre_softmax: bool = option(False, "softmax before top-k (Mixtral: False)")
+    moe_aux_loss_coeff: float = option(0.0, "load-balancing loss coefficient")
+    moe_router_load_balancing_type: str = option("aux_loss", "aux_loss, seq_aux_loss or none")
+    # parallelism and precision
+    tensor_model_parallel_size: int = option(1, "tensor-parallel size")
+    pipeline_model_parallel_size: int = option(1, "pipeline-parallel size")
+    expert_model_parallel_size: int = option(1, "expert-parallel size (MoE)")
+    sequence_parallel: bool = option(False, "sequence parallelism (needs TP > 1)")
+    bf16: bool | None = option(None, "bf16 weights and compute; None: on GPU yes, on CPU no")
+    transformer_impl: Literal["auto", "transformer_engine", "torch", "local"] = option(
+        "auto",
+        "layer implementation: auto (TE if importable, else torch), transformer_engine, torch "
+        "(SDPA attention, megabridge's fast spec) or local (megatron-core's unfused spec)",
+    )
+    recompute_granularity: Literal["full", "selective"] | None = option(
+        None, "activation recomputation"
+    )
+    recompute_method: Literal["uniform", "block"] | None = option(None, "for full recompute")
+    recompute_num_layers: int | None = option(None, "layers per recompute unit / block")
+
+    @property
+    def gated(self) -> bool:
+        return self.activation in ("swiglu", "geglu")
+
+
+@dataclass
+class OptimizerConfig:
+    optimizer: Literal["adam", "sgd"] = option("adam", "optimizer")
+    lr: float = option(3e-4, "peak learning rate")
+    min_lr: float = option(0.0, "learning rate at the end of decay")
+    weight_decay: float = option(0.01, "decoupled weight decay")
+    adam_beta1: float = option(0.9, "Adam beta1")
+    adam_beta2: float = option(0.95, "Adam beta2")
+    adam_eps: float = option(1e-8, "Adam epsilon")
+    clip_grad: float = option(1.0, "gradient clipping by global norm (0: off)")
+    use_distributed_optimizer: bool = option(False, "shard optimizer state over data parallel")
+
+
+@dataclass
+class SchedulerConfig:
+    lr_warmup_iters: int = option(0, "linear warmup iterations")
+    lr_decay_iters: int | None = option(None, "decay iterations (None: train.train_iters)")
+    lr_decay_style: Literal["cosine", "linear", "constant", "inverse-square-root", "WSD"] = option(
+        "cosine", "decay shape after warmup"
+    )
+    lr_warmup_init: float = option(0.0, "learning rate at the start of warmup")
+
+
+@dataclass
+class DatasetConfig:
+    type: Literal["mock", "indexed", "sft"] = option(
+        "mock", "mock (synthetic tokens), indexed (Megatron .bin/.idx) or sft (JSONL)"
+    )
+    seq_length: int | None = option(None, "tokens per sample (None: model.seq_length)")
+    blend: list[str] = option(
+        [], "indexed: prefixes, optionally weighted: 'w1,prefix1,w2,prefix2' or 'prefix'"
+    )
+    split: str = option("969,30,1", "indexed: train,valid,test split weights")
+    path: str | None = option(None, "sft: JSONL file or folder with train/validation JSONL")
+    packed: bool = option(True, "sft: pack examples into full sequences")
+    valid_fraction: float = option(0.05, "sft: fraction held out for eval when no valid file")
+    num_workers: int = option(0, "data-loader worker processes")
+
+
+@dataclass
+class TokenizerConfig:
+    path: str | None = option(None, "HF tokenizer folder (None: the model's HF folder, if any)")
+
+
+@dataclass
+class LoggerConfig:
+    log_interval: int = option(1, "print and record metrics every N iterations")
+    log_dir: str | None = option(None, "metrics.jsonl + TensorBoard (None: <run dir>/logs)")
+    tensorboard: bool = option(True, "write TensorBoard events")
+
+
+@dataclass
+class CheckpointConfig:
+    save: str | None = option(None, "checkpoint folder (None: <run dir>/checkpoints)")
+    load: str | None = option(None, "resume from this folder's latest complete checkpoint")
+    save_interval: int | None = option(None, "save every N iterations (always at the end)")
+    keep_last_n: int | None = option(None, "keep only the N newest checkpoints")
+    pretrained_checkpoint: str | None = option(
+        None, "start from these weights: an HF model folder or a Megatron checkpoint"
+    )
+    run_dir: str = option("runs", "parent of the default per-run folder")
+
+
+@dataclass
+class RNGConfig:
+    seed: int = option(1234, "seed for weights, data order and dropout")
+
+
+@dataclass
+class DistConfig:
+    distributed_timeout_minutes: int = option(10, "collective timeout; a dead rank fails the job")
+    overlap_grad_reduce: bool = option(False, "overlap the gradient all-reduce with backward")
+    overlap_param_gather: bool = option(False, "overlap the param all-gather (dist. optimizer)")
+
+
+@dataclass
+class PEFTConfig:
+    method: Literal["none", "lora", "dora"] = option("none", "parameter-efficient fine-tuning")
+    target_modules: list[str] = option(
+        ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"],
+        "layers to adapt: Megatron names (linear_qkv) or HF names (q_proj, ...)",
+    )
+    dim: int = option(8, "LoRA rank")
+    alpha: float = option(16.0, "LoRA alpha (scale = alpha / dim)")
+    dropout: float = option(0.0, "dropout on the adapter input")
+
+
+@dataclass
+class ConfigContainer:
+    name: str = option("run", "the recipe's name (names the default run folder)")
+    train: TrainConfig = field(default_factory=TrainConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    rng: RNGConfig = field(default_factory=RNGConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    peft: PEFTConfig = field(default_factory=PEFTConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ConfigContainer:
+        cfg = cls()
+        for section, values in data.items():
+            if not isinstance(values, dict):
+                setattr(cfg, section, values)
+                continue
+            target = getattr(cfg, section)
+            for key, value in values.items():
+                setattr(target, key, value)
+        return cfg
+
+
+# ---------------------------------------------------------------- overrides
+
+
+def all_keys(cfg: ConfigContainer) -> dict[str, tuple[Any, dataclasses.Field]]:
+    """Every overridable dotted key -> (owning dataclass, field)."""
+    keys: dict[str, tuple[Any, dataclasses.Field]] = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            for sub in dataclasses.fields(value):
+                keys[f"{f.name}.{sub.name}"] = (value, sub)
+        else:
+            keys[f.name] = (cfg, f)
+    return keys
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return " or ".join(_type_name(a) for a in args) + " or None"
+    if origin is list:
+        return f"a comma-separated list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict or tp is dict:
+        return "a JSON object"
+    return getattr(tp, "__name__", str(tp))
+
+
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+
+
+def parse_value(text: str, tp: Any) -> Any:
+    """Parse ``text`` as type ``tp``; raise ValueError when it is not one."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if type(None) in args and text.strip().lower() in ("none", "null"):
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return parse_value(text, arg)
+            except ValueError:
+                continue
+        raise ValueError(text)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if text in choices:
+            return text
+        raise ValueError(text)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        text = text.strip()
+        if text.startswith("["):
+            parts = [str(p) for p in json.loads(text)]
+        else:
+            parts = [p.strip() for p in text.split(",") if p.strip()]
+        return [parse_value(p, item) for p in parts]
+    if tp is dict or origin is dict:
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(text) from e
+        if not isinstance(value, dict):
+            raise ValueError(text)
+        return value
+    if tp is bool:
+        low = text.strip().lower()
+        if low in _TRUE:
+            return True
+        if low in _FALSE:
+            return False
+        raise ValueError(text)
+    if tp is int:
+        return int(text)
+    if tp is float:
+        return float(text)
+    if tp is str:
+        return text
+    raise ValueError(f"unsupported type {tp}")
+
+
+def apply_overrides(cfg: ConfigContainer, overrides: list[str]) -> ConfigContainer:
+    """Apply ``section.field=value`` strings to ``cfg`` in place; ConfigError on a bad one."""
+    keys = all_keys(cfg)
+    for override in overrides:
+        key, sep, text = override.partition("=")
+        key = key.strip().lstrip("-")
+        if not sep or not key:
+            raise ConfigError(f"override {override!r} is not of the form section.field=value")
+        if key not in keys:
+            close = difflib.get_close_matches(key, keys, n=3, cutoff=0.5)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise ConfigError(f"unknown config key {key!r}{hint}")
+        owner, f = keys[key]
+        tp = typing.get_type_hints(type(owner))[f.name]
+        try:
+            value = parse_value(text, tp)
+        except (ValueError, json.JSONDecodeError):
+            raise ConfigError(f"{key}={text!r}: expected {_type_name(tp)}") from None
+        setattr(owner, f.name, value)
+    return cfg
+
+
+def describe(cfg: ConfigContainer) -> str:
+    """One line per key: name, type, current value and help (for --help-config)."""
+    lines = []
+    for key, (owner, f) in all_keys(cfg).items():
+        tp = typing.get_type_hints(type(owner))[f.name]
+        value = getattr(owner, f.name)
+        lines.append(f"  {key} = {value!r}  [{_type_name(tp)}]\n      {f.metadata.get('help', '')}")
+    return "\n".join(lines)
+
+
+def validate(cfg: ConfigContainer, world_size: int) -> None:
+    """Raise ConfigError naming every inconsistency between sections."""
+    from megabridge.models.provider import validate_model_config
+
+    validate_model_config(cfg.model)
+    m, t = cfg.model, cfg.train
+    model_parallel = m.tensor_model_parallel_size * m.pipeline_model_parallel_size
+    problems = []
+    if world_size % model_parallel:
+        problems.append(f"{world_size} processes are not divisible by TP x PP = {model_parallel}")
+    dp = max(world_size // model_parallel, 1)
+    if t.global_batch_size % (t.micro_batch_size * dp):
+        problems.append(
+            f"train.global_batch_size={t.global_batch_size} is not divisible by "
+            f"train.micro_batch_size={t.micro_batch_size} x data-parallel size {dp}"
+        )
+    seq = cfg.dataset.seq_length or m.seq_length
+    if seq > m.seq_length and m.position_embedding_type == "learned_absolute":
+        problems.append(f"dataset.seq_length={seq} exceeds model.seq_length={m.seq_length}")
+    if t.train_iters < 0:
+        problems.append("train.train_iters must be >= 0")
+    if cfg.logger.log_interval < 1:
+        problems.append("logger.log_interval must be >= 1")
+    if problems:
+        raise ConfigError("; ".join(problems))

@@ -1,0 +1,45 @@
+"""Which samples each rank reads, as a pure function of how many were consumed.
+
+Global batch k holds samples [k * G, (k + 1) * G) of the dataset (cycled when
+it is shorter). Data-parallel rank r takes its contiguous slice of G / DP and
+cuts it into micro-batches. So a resumed run reads exactly what an
+uninterrupted run would have: nothing repeated, nothing skipped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+
+def collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {key: torch.stack([s[key] for s in samples]) for key in samples[0]}
+
+
+def global_batch_indices(
+    consumed: int, global_batch_size: int, dp_rank: int, dp_size: int, dataset_len: int
+) -> list[int]:
+    per_rank = global_batch_size // dp_size
+    start = consumed + dp_rank * per_rank
+    return [(start + i) % dataset_len for i in range(per_rank)]
+
+
+def micro_batches(
+    dataset,
+    consumed: int,
+    global_batch_size: int,
+    micro_batch_size: int,
+    dp_rank: int,
+    dp_size: int,
+    device: torch.device,
+    collate_fn=collate,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """The micro-batches of this rank for the global batch starting at ``consumed``."""
+    indices = global_batch_indices(consumed, global_batch_size, dp_rank, dp_size, len(dataset))
+    for i in range(0, len(indices), micro_batch_size):
+        batch = collate_fn([dataset[j] for j in indices[i : i + micro_batch_size]])
+        yield {
+            k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
+            for k, v in batch.items()
+        }

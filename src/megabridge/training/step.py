@@ -1,0 +1,111 @@
+"""One training or evaluation step through Megatron-Core's pipeline schedules."""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import torch
+import torch.distributed as dist
+
+from megabridge.training.data.batching import collate, micro_batches
+
+
+def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    """Per-token loss: (sum over tokens, token count, report) for Megatron's schedules."""
+    losses = output_tensor.float().view(-1)
+    mask = loss_mask.view(-1).float()
+    loss_sum = torch.sum(losses * mask)
+    num_tokens = mask.sum().to(torch.int)
+    report = torch.stack([loss_sum.detach(), mask.sum().detach()])
+    return loss_sum, num_tokens, {"lm loss": report}
+
+
+def forward_step(data_iterator, model):
+    batch = next(data_iterator)
+    output = model(
+        batch["tokens"],
+        batch["position_ids"],
+        None,  # causal masking happens inside attention; no s x s mask is built here
+        labels=batch["labels"],
+        packed_seq_params=batch.get("packed_seq_params"),
+    )
+    return output, partial(loss_func, batch["loss_mask"])
+
+
+def _reduce_loss(losses_reduced: list[dict], device) -> tuple[float, float]:
+    """(mean loss, tokens) over the global batch, known on every rank."""
+    from megatron.core import parallel_state as ps
+
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    for item in losses_reduced:  # non-empty only on the last pipeline stage
+        total += item["lm loss"].to(device=device, dtype=torch.float64)
+    if not (ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0):
+        total.zero_()  # count each micro-batch once: last stage, TP rank 0
+    dist.all_reduce(total)
+    loss_sum, tokens = total.tolist()
+    return (loss_sum / tokens if tokens else float("nan")), tokens
+
+
+def run_microbatches(cfg, model_chunks, dataset, consumed: int, forward_only: bool):
+    """Forward (and backward) one global batch; returns (loss, tokens)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    t = cfg.train
+    dp_size = ps.get_data_parallel_world_size()
+    num_micro = t.global_batch_size // (t.micro_batch_size * dp_size)
+    device = next(model_chunks[0].parameters()).device
+    data = micro_batches(
+        dataset,
+        consumed,
+        t.global_batch_size,
+        t.micro_batch_size,
+        ps.get_data_parallel_rank(),
+        dp_size,
+        device,
+        collate_fn=getattr(dataset, "collate", collate),
+    )
+    seq_length = cfg.dataset.seq_length or cfg.model.seq_length
+    losses = get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=data,
+        model=model_chunks,
+        num_microbatches=num_micro,
+        seq_length=seq_length,
+        micro_batch_size=t.micro_batch_size,
+        forward_only=forward_only,
+    )
+    return _reduce_loss(losses, device)
+
+
+def train_step(cfg, model_chunks, optimizer, scheduler, dataset, consumed: int):
+    """One optimizer step. Returns (loss, grad_norm, stepped, tokens)."""
+    from megabridge.training.optim import guarded_step
+
+    for chunk in model_chunks:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    loss, tokens = run_microbatches(cfg, model_chunks, dataset, consumed, forward_only=False)
+    if not math.isfinite(loss):
+        return loss, float("nan"), False, tokens
+    stepped, grad_norm = guarded_step(optimizer)
+    if stepped:
+        scheduler.step(increment=cfg.train.global_batch_size)
+    return loss, grad_norm, stepped, tokens
+
+
+@torch.no_grad()
+def evaluate(cfg, model_chunks, dataset) -> float:
+    for chunk in model_chunks:
+        chunk.eval()
+    total, tokens = 0.0, 0.0
+    for i in range(cfg.train.eval_iters):
+        loss, n = run_microbatches(
+            cfg, model_chunks, dataset, i * cfg.train.global_batch_size, forward_only=True
+        )
+        total += loss * n
+        tokens += n
+    for chunk in model_chunks:
+        chunk.train()
+    return total / tokens if tokens else float("nan")

@@ -42,6 +42,8 @@ def quiet_expected_warnings() -> None:
 
 
 def setup_logging() -> None:
+    import torch  # noqa: F401  - torch configures its loggers on import; adjust them after
+
     rank = int(os.environ.get("RANK", 0))
     level = logging.INFO if rank == 0 else logging.WARNING
     logging.basicConfig(
@@ -50,8 +52,10 @@ def setup_logging() -> None:
         datefmt="%H:%M:%S",
         stream=sys.stdout,
     )
-    for noisy in ("megatron", "torch.distributed", "torch.utils.cpp_extension", "transformers"):
+    for noisy in ("megatron", "torch.distributed", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING if rank == 0 else logging.ERROR)
+    # "No CUDA runtime is found": expected on a CPU machine that has a CUDA toolkit.
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 
 # ----------------------------------------------------------------------- train

@@ -33,6 +33,8 @@ import torch
 import torch.distributed as dist
 from torch.overrides import TorchFunctionMode
 
+from megabridge.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 _CPU = torch.device("cpu")
@@ -181,7 +183,7 @@ def init_model_parallel(
     world_size = dist.get_world_size()
     model_parallel = tensor_model_parallel_size * pipeline_model_parallel_size
     if world_size % model_parallel:
-        raise ValueError(
+        raise ConfigError(
             f"world size {world_size} is not divisible by tensor_model_parallel_size x "
             f"pipeline_model_parallel_size = {model_parallel}"
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -168,6 +169,8 @@ def setup(cfg: ConfigContainer) -> Session:
         wrap_ddp,
     )
 
+    _adopt_pretrained_architecture(cfg)
+    validate(cfg, int(os.environ.get("WORLD_SIZE", 1)))
     rt = runtime.init_distributed(cfg.dist.distributed_timeout_minutes)
     m = cfg.model
     runtime.init_model_parallel(
@@ -177,8 +180,6 @@ def setup(cfg: ConfigContainer) -> Session:
         cfg.dist.distributed_timeout_minutes,
     )
     runtime.seed_everything(cfg.rng.seed)
-    _adopt_pretrained_architecture(cfg)
-    validate(cfg, rt.world_size)
     save_dir, log_dir = _run_dirs(cfg, rt)
     resume_from = _resume_checkpoint(cfg, save_dir)
 

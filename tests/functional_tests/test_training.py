@@ -1,0 +1,151 @@
+"""The training loop end to end, in fresh processes on the CPU (gloo)."""
+
+import pytest
+
+from tests.helpers import losses, megabridge, read_metrics, train
+
+pytestmark = pytest.mark.integration
+
+RECIPE = "vanilla_gpt_pretrain_config"
+QUICK = [
+    "train.train_iters=5",
+    "train.global_batch_size=8",
+    "train.micro_batch_size=4",
+    "scheduler.lr_warmup_iters=1",
+    "scheduler.lr_decay_iters=5",
+    "logger.log_interval=1",
+]
+# Llama-shaped: RMSNorm, SwiGLU (the gated fc1 split), GQA, RoPE, untied output.
+LLAMA_LIKE = [
+    "model.normalization=RMSNorm",
+    "model.activation=swiglu",
+    "model.num_query_groups=2",
+    "model.position_embedding_type=rope",
+    "model.add_bias_linear=false",
+    "model.share_embeddings_and_output_weights=false",
+]
+
+
+def test_quick_run_trains_logs_and_checkpoints(tmp_path):
+    result = train(1, RECIPE, [*QUICK, f"checkpoint.run_dir={tmp_path}"])
+    (run,) = list(tmp_path.iterdir())
+    records = read_metrics(run / "logs")
+    assert [r["iteration"] for r in records if "loss" in r] == [1, 2, 3, 4, 5]
+    for r in records:
+        for key in ("loss", "lr", "grad_norm", "tokens_per_s"):
+            assert key in r and r[key] == r[key] and abs(r[key]) < float("inf"), (key, r)
+    assert (run / "checkpoints" / "iter_0000005" / "megabridge.json").is_file()
+    assert (run / "checkpoints" / "latest_checkpointed_iteration.txt").read_text() == "5"
+    assert list((run / "logs").glob("events.out.tfevents.*")), "TensorBoard events"
+    assert "iteration 5/5" in result.stdout
+
+
+@pytest.mark.parametrize("layout", ["tp2", "pp2"])
+def test_parallel_losses_equal_single_process(tmp_path, layout):
+    base = [*QUICK, "train.train_iters=4", *LLAMA_LIKE, "checkpoint.save_interval=None"]
+    train(
+        1,
+        RECIPE,
+        [*base, f"logger.log_dir={tmp_path / 'ref'}", f"checkpoint.save={tmp_path / 'c1'}"],
+    )
+    option = {
+        "tp2": "model.tensor_model_parallel_size=2",
+        "pp2": "model.pipeline_model_parallel_size=2",
+    }
+    train(
+        2,
+        RECIPE,
+        [
+            *base,
+            option[layout],
+            f"logger.log_dir={tmp_path / layout}",
+            f"checkpoint.save={tmp_path / 'c2'}",
+        ],
+    )
+    ref, got = losses(tmp_path / "ref"), losses(tmp_path / layout)
+    assert sorted(ref) == sorted(got) == [1, 2, 3, 4]
+    for it in ref:
+        assert got[it] == pytest.approx(ref[it], rel=1e-4), (it, ref, got)
+    assert ref[4] < ref[1]
+
+
+def test_resume_matches_uninterrupted_run(tmp_path):
+    common = [*QUICK, "scheduler.lr_decay_iters=10", "checkpoint.save_interval=5"]
+    train(
+        1,
+        RECIPE,
+        [
+            *common,
+            "train.train_iters=10",
+            f"checkpoint.save={tmp_path / 'full'}",
+            f"logger.log_dir={tmp_path / 'full_logs'}",
+        ],
+    )
+    train(
+        1,
+        RECIPE,
+        [
+            *common,
+            "train.train_iters=5",
+            f"checkpoint.save={tmp_path / 'part'}",
+            f"logger.log_dir={tmp_path / 'part_logs'}",
+        ],
+    )
+    resumed = train(
+        1,
+        RECIPE,
+        [
+            *common,
+            "train.train_iters=10",
+            f"checkpoint.save={tmp_path / 'part'}",
+            f"checkpoint.load={tmp_path / 'part'}",
+            f"logger.log_dir={tmp_path / 'resumed_logs'}",
+        ],
+    )
+    full, again = losses(tmp_path / "full_logs"), losses(tmp_path / "resumed_logs")
+    assert sorted(again) == [6, 7, 8, 9, 10], "the resumed run logs only iterations 6-10"
+    for it in again:
+        assert again[it] == pytest.approx(full[it], abs=1e-5), (it, full, again)
+    assert "iteration 1/" not in resumed.stdout
+
+
+def test_stale_checkpoint_is_refused_with_one_line(tmp_path):
+    train(1, RECIPE, [*QUICK, "train.train_iters=1", f"checkpoint.save={tmp_path / 'ckpt'}"])
+    result = megabridge(
+        [
+            "train",
+            "--recipe",
+            RECIPE,
+            *QUICK,
+            "model.hidden_size=64",
+            f"checkpoint.save={tmp_path / 'new'}",
+            f"checkpoint.load={tmp_path / 'ckpt'}",
+        ]
+    )
+    assert result.returncode == 2
+    err = result.stderr.strip().splitlines()
+    assert len(err) == 1 and "hidden_size: checkpoint 128 vs config 64" in err[0], result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_save_folder_with_checkpoints_is_not_overwritten(tmp_path):
+    train(1, RECIPE, [*QUICK, "train.train_iters=1", f"checkpoint.save={tmp_path / 'ckpt'}"])
+    result = megabridge(
+        ["train", "--recipe", RECIPE, *QUICK, f"checkpoint.save={tmp_path / 'ckpt'}"]
+    )
+    assert result.returncode == 2 and "already holds iter_0000001" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.train_itres=5", "did you mean train.train_iters"),
+        ("train.train_iters=five", "train.train_iters='five': expected int"),
+        ("model.tensor_model_parallel_size=3", "not divisible"),
+    ],
+)
+def test_bad_overrides_exit_2_with_one_line(override, message):
+    result = megabridge(["train", "--recipe", RECIPE, override])
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr

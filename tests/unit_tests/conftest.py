@@ -1,0 +1,12 @@
+import pytest
+
+
+@pytest.fixture(scope="session")
+def single_process_megatron():
+    """torch.distributed (gloo, world size 1) and Megatron-Core's parallel state, once."""
+    from megabridge import runtime
+
+    runtime.init_distributed()
+    runtime.init_model_parallel(1, 1)
+    runtime.seed_everything(1234)
+    yield

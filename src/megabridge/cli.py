@@ -128,7 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_EXTRA_COMMANDS: list = []
+def _register_conversion(sub) -> None:
+    from megabridge.conversion import commands
+
+    commands.register(sub)
+
+
+_EXTRA_COMMANDS = [_register_conversion]
 
 
 def main(argv: list[str] | None = None) -> int:

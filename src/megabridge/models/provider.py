@@ -174,4 +174,5 @@ def build_model(cfg: ModelConfig) -> list[torch.nn.Module]:
         torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
     )
     model.to(device)
+    model.megabridge_config = cfg  # what conversion and checkpoints need to know about it
     return [model]

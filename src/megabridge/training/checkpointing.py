@@ -326,3 +326,60 @@ def load(ckpt_dir: Path, model_chunks, optimizer=None, scheduler=None, model_onl
 def _layout_dict() -> dict:
     pp, _, tp, _ = _layout()
     return {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp}
+
+
+def save_model(
+    out: str | Path,
+    model_chunks,
+    model_cfg,
+    extra_metadata: dict | None = None,
+    overwrite: bool = False,
+    assets: Path | None = None,
+) -> Path:
+    """A model-only checkpoint folder at ``out`` (iteration 0), written atomically.
+
+    ``assets``: a folder whose HF sidecar files (tokenizer, generation config) are
+    kept in ``out/hf_assets`` so the checkpoint can become an HF folder again.
+    """
+    from megatron.core import dist_checkpointing
+
+    from megabridge.conversion.hf_io import SIDECAR_FILES
+    from megabridge.errors import UserError
+
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp")
+    rank0 = dist.get_rank() == 0
+    problem = [None]
+    if rank0:
+        if out.exists() and not overwrite:
+            problem[0] = f"output {out} already exists (pass --overwrite to replace it)"
+        else:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+    dist.broadcast_object_list(problem, src=0)  # every rank learns rank 0's verdict
+    if problem[0]:
+        raise UserError(problem[0])
+    dist_checkpointing.save(_sharded_state_dict(model_chunks), str(tmp))
+    dist.barrier()
+    if rank0:
+        if assets is not None:
+            (tmp / "hf_assets").mkdir()
+            for name in SIDECAR_FILES:
+                if (Path(assets) / name).is_file():
+                    shutil.copy2(Path(assets) / name, tmp / "hf_assets" / name)
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "iteration": 0,
+            "train_state": {},
+            "model": architecture(model_cfg),
+            "model_config": asdict(model_cfg),
+            "layout": _layout_dict(),
+            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            **(extra_metadata or {}),
+        }
+        write_json_atomic(tmp / METADATA, meta)
+        _replace_dir(tmp, out)
+    dist.barrier()
+    return out

@@ -1,0 +1,126 @@
+"""What every family bridge is: tables, and the code that reads them.
+
+A family (models/<family>/bridge.py) subclasses FamilyBridge and fills in:
+
+* ``CONFIG``: HF config attribute -> ModelConfig field (both directions);
+* ``MEGATRON_FIXED`` / ``HF_FIXED``: values the family always has on each side;
+* ``MAPPINGS``: the parameter mappings (renames plus a few fused ones);
+* ``IGNORED_HF``: HF tensors that carry nothing (e.g. rotary ``inv_freq``).
+
+and, only when a field cannot be a table entry, overrides ``adjust_model_config``
+/ ``adjust_hf_config``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, ClassVar
+
+from megabridge.conversion.mappings import Mapping
+from megabridge.errors import ConversionError
+from megabridge.training.config import ModelConfig
+
+# Fields most decoder-only HF configs share.
+COMMON_CONFIG = {
+    "num_hidden_layers": "num_layers",
+    "hidden_size": "hidden_size",
+    "intermediate_size": "ffn_hidden_size",
+    "num_attention_heads": "num_attention_heads",
+    "num_key_value_heads": "num_query_groups",
+    "head_dim": "kv_channels",
+    "vocab_size": "vocab_size",
+    "max_position_embeddings": "seq_length",
+    "rms_norm_eps": "layernorm_epsilon",
+    "tie_word_embeddings": "share_embeddings_and_output_weights",
+}
+
+
+class FamilyBridge:
+    family: ClassVar[str]
+    architectures: ClassVar[tuple[str, ...]]
+    hf_model_type: ClassVar[str]
+    CONFIG: ClassVar[dict[str, str]] = COMMON_CONFIG
+    MEGATRON_FIXED: ClassVar[dict[str, Any]] = {}
+    HF_FIXED: ClassVar[dict[str, Any]] = {}
+    MAPPINGS: ClassVar[list[Mapping]] = []
+    IGNORED_HF: ClassVar[tuple[str, ...]] = (r".*\.rotary_emb\.inv_freq$",)
+    # What `megabridge models` and the README table say about the family.
+    PARALLELISM: ClassVar[tuple[str, ...]] = ("TP", "PP")
+    NOTES: ClassVar[str] = ""
+
+    # ------------------------------------------------------------ configs
+
+    @classmethod
+    def model_config(cls, hf_config) -> ModelConfig:
+        """Our ModelConfig from a transformers config object."""
+        cfg = ModelConfig(family=cls.family)
+        for hf_field, field in cls.CONFIG.items():
+            value = getattr(hf_config, hf_field, None)
+            if value is not None:
+                setattr(cfg, field, value)
+        for field, value in cls.MEGATRON_FIXED.items():
+            setattr(cfg, field, value)
+        rope = dict(
+            getattr(hf_config, "rope_parameters", None)
+            or getattr(hf_config, "rope_scaling", None)
+            or {}
+        )
+        theta = rope.pop("rope_theta", None) or getattr(hf_config, "rope_theta", None)
+        if theta is not None:
+            cfg.rotary_base = float(theta)
+        if rope.get("rope_type", rope.get("type", "default")) != "default":
+            cfg.rope_scaling = rope
+        cls.adjust_model_config(hf_config, cfg)
+        return cfg
+
+    @classmethod
+    def hf_config_dict(cls, cfg: ModelConfig) -> dict:
+        """An HF config.json dict for ``cfg`` (for models that did not come from HF)."""
+        data: dict[str, Any] = {
+            "architectures": [cls.architectures[0]],
+            "model_type": cls.hf_model_type,
+        }
+        for hf_field, field in cls.CONFIG.items():
+            value = getattr(cfg, field)
+            if value is not None:
+                data[hf_field] = value
+        data.setdefault("num_key_value_heads", cfg.num_attention_heads)
+        data.update(cls.HF_FIXED)
+        rope = {"rope_theta": cfg.rotary_base, "rope_type": "default", **cfg.rope_scaling}
+        data["rope_parameters"] = rope
+        cls.adjust_hf_config(cfg, data)
+        return data
+
+    @classmethod
+    def adjust_model_config(cls, hf_config, cfg: ModelConfig) -> None:
+        """Family-specific fields that are not a plain table entry (default: none)."""
+
+    @classmethod
+    def adjust_hf_config(cls, cfg: ModelConfig, data: dict) -> None:
+        """Inverse of adjust_model_config for exported config.json (default: none)."""
+
+    # ------------------------------------------------------------ parameters
+
+    @classmethod
+    def resolve(cls, megatron_name: str) -> tuple[Mapping, tuple[str, ...]]:
+        """The mapping and HF names of a (global) Megatron parameter name."""
+        for mapping in cls.MAPPINGS:
+            hf_names = mapping.match(megatron_name)
+            if hf_names is not None:
+                return mapping, hf_names
+        raise ConversionError(
+            f"{cls.__name__} has no mapping for Megatron parameter {megatron_name!r}"
+        )
+
+    @classmethod
+    def is_ignored_hf(cls, hf_name: str) -> bool:
+        return any(re.match(p, hf_name) for p in cls.IGNORED_HF)
+
+    @classmethod
+    def describe(cls) -> dict:
+        return {
+            "family": cls.family,
+            "architectures": list(cls.architectures),
+            "parallelism": list(cls.PARALLELISM),
+            "notes": cls.NOTES,
+        }

@@ -1,0 +1,129 @@
+"""Reversible parameter mappings between HF names/layouts and Megatron-Core's.
+
+A mapping is a pure function on whole (unsharded) tensors, in both directions:
+``hf_to_megatron`` builds the Megatron tensor from its HF tensors,
+``megatron_to_hf`` inverts it exactly. Sharding over ranks is not their business
+(sharding.py does it). Names are patterns in which ``*`` stands for a layer (or
+expert) index; the n-th ``*`` of the Megatron pattern is the n-th of the HF ones.
+"""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import torch
+
+
+def _compile(pattern: str) -> re.Pattern:
+    return re.compile("^" + re.escape(pattern).replace(r"\*", r"(\d+)") + "$")
+
+
+def _fill(pattern: str, indices: tuple[str, ...]) -> str:
+    parts = pattern.split("*")
+    if len(parts) - 1 != len(indices):
+        raise ValueError(f"pattern {pattern!r} needs {len(parts) - 1} indices, got {indices}")
+    out = parts[0]
+    for index, part in zip(indices, parts[1:], strict=True):
+        out += index + part
+    return out
+
+
+@dataclass(frozen=True)
+class Mapping(ABC):
+    """One Megatron parameter <-> one or more HF tensors."""
+
+    megatron: str
+    hf: tuple[str, ...]
+    _regex: re.Pattern = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        if isinstance(self.hf, str):
+            object.__setattr__(self, "hf", (self.hf,))
+        object.__setattr__(self, "_regex", _compile(self.megatron))
+
+    def match(self, megatron_name: str) -> tuple[str, ...] | None:
+        """The HF names for ``megatron_name``, or None if this mapping is not for it."""
+        m = self._regex.match(megatron_name)
+        if m is None:
+            return None
+        return tuple(_fill(p, m.groups()) for p in self.hf)
+
+    def megatron_name(self, hf_name_of_first: str) -> str | None:
+        m = _compile(self.hf[0]).match(hf_name_of_first)
+        return None if m is None else _fill(self.megatron, m.groups())
+
+    @abstractmethod
+    def hf_to_megatron(self, tensors: list[torch.Tensor], cfg) -> torch.Tensor:
+        """The Megatron tensor from the HF tensors (in the order of ``hf``)."""
+
+    @abstractmethod
+    def megatron_to_hf(self, tensor: torch.Tensor, cfg) -> list[torch.Tensor]:
+        """The HF tensors (in the order of ``hf``) from the Megatron tensor; exact inverse."""
+
+
+class Rename(Mapping):
+    """Same tensor, another name."""
+
+    def hf_to_megatron(self, tensors, cfg):
+        (t,) = tensors
+        return t
+
+    def megatron_to_hf(self, tensor, cfg):
+        return [tensor]
+
+
+def _qkv_sizes(cfg) -> tuple[int, int, int]:
+    heads = cfg.num_attention_heads
+    groups = cfg.num_query_groups or heads
+    head_dim = cfg.kv_channels or cfg.hidden_size // heads
+    return groups, heads // groups * head_dim, head_dim
+
+
+class QKV(Mapping):
+    """HF q/k/v projections <-> Megatron's fused linear_qkv.
+
+    Megatron interleaves by query group: for each of the ``g`` groups, the rows
+    of its query heads, then its key head, then its value head. Tensor
+    parallelism then splits whole groups. Works for weights [out, in] and
+    biases [out].
+    q: [heads * d, ...], k, v: [groups * d, ...] -> [groups * (heads/groups + 2) * d, ...]
+    """
+
+    def hf_to_megatron(self, tensors, cfg):
+        q, k, v = tensors
+        groups, q_rows, d = _qkv_sizes(cfg)
+        rest = q.shape[1:]
+        fused = torch.cat(
+            [
+                q.reshape(groups, q_rows, *rest),
+                k.reshape(groups, d, *rest),
+                v.reshape(groups, d, *rest),
+            ],
+            dim=1,
+        )
+        return fused.reshape(-1, *rest)
+
+    def megatron_to_hf(self, tensor, cfg):
+        groups, q_rows, d = _qkv_sizes(cfg)
+        rest = tensor.shape[1:]
+        q, k, v = tensor.reshape(groups, q_rows + 2 * d, *rest).split([q_rows, d, d], dim=1)
+        return [q.reshape(-1, *rest), k.reshape(-1, *rest), v.reshape(-1, *rest)]
+
+
+class GatedMLP(Mapping):
+    """HF gate and up projections <-> Megatron's fused linear_fc1 = [gate; up]."""
+
+    def hf_to_megatron(self, tensors, cfg):
+        gate, up = tensors
+        return torch.cat([gate, up], dim=0)
+
+    def megatron_to_hf(self, tensor, cfg):
+        gate, up = tensor.chunk(2, dim=0)
+        return [gate, up]
+
+
+def renames(table: dict[str, str]) -> list[Mapping]:
+    """Rename mappings from a {megatron pattern: hf pattern} table."""
+    return [Rename(megatron, (hf,)) for megatron, hf in table.items()]

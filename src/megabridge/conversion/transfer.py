@@ -1,0 +1,183 @@
+"""Moving weights between an HF checkpoint and a (possibly sharded) Megatron model.
+
+Loading: every rank walks its own parameters, asks the family's mappings for
+the HF tensors, builds the whole Megatron tensor, checks its shape and keeps
+its shard. Completeness is checked over all ranks: every HF tensor consumed,
+every parameter filled, all problems named in one error.
+
+Exporting: all ranks walk one global list of parameters in the same order; the
+owners of each (the data-parallel replica 0 of its tensor-parallel group)
+gather it whole, the first of them broadcasts it, and every rank yields the
+HF tensors it maps to.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from megabridge.conversion import sharding
+from megabridge.errors import ConversionError
+
+_VOCAB_PARAMS = ("embedding.word_embeddings.weight", "output_layer.weight")
+
+
+def _tied_output(name: str, cfg) -> bool:
+    return name == "output_layer.weight" and cfg.share_embeddings_and_output_weights
+
+
+def _groups(local_name: str):
+    """(tensor-parallel group, replica rank) of a parameter: experts have their own."""
+    from megatron.core import parallel_state as ps
+
+    if ".experts." in local_name:
+        return ps.get_expert_tensor_parallel_group(), ps.get_expert_data_parallel_rank()
+    return ps.get_tensor_model_parallel_group(), ps.get_data_parallel_rank(
+        with_context_parallel=True
+    )
+
+
+def _full_shape(local_shape, how: sharding.Split, size: int) -> list[int]:
+    shape = list(local_shape)
+    if how in ("dim0", "gated_dim0"):
+        shape[0] *= size
+    elif how == "dim1":
+        shape[1] *= size
+    return shape
+
+
+def _local_params(chunks, cfg):
+    """(chunk, local name, global name, param) for this rank's parameters."""
+    for chunk in chunks:
+        for local_name, param in chunk.named_parameters():
+            yield chunk, local_name, sharding.global_name(chunk, local_name), param
+
+
+# ------------------------------------------------------------------ HF -> Megatron
+
+
+def _hf_source_names(bridge, name: str, cfg) -> tuple:
+    if _tied_output(name, cfg):  # the last stage's copy of the tied embedding
+        name = "embedding.word_embeddings.weight"
+    return bridge.resolve(name)
+
+
+@torch.no_grad()
+def load_hf_weights(chunks, bridge, reader, cfg) -> None:
+    """Fill this rank's parameters from ``reader`` (an HFCheckpoint)."""
+    plan, missing = [], []
+    for _, local_name, name, param in _local_params(chunks, cfg):
+        mapping, hf_names = _hf_source_names(bridge, name, cfg)
+        missing += [n for n in hf_names if n not in reader.weight_map]
+        plan.append((local_name, name, param, mapping, hf_names))
+    _raise_if_any(missing, "the HF checkpoint lacks tensors the model needs")
+    consumed = set()
+    for local_name, name, param, mapping, hf_names in plan:
+        full = mapping.hf_to_megatron([reader.get(n) for n in hf_names], cfg)
+        group, _ = _groups(local_name)
+        size, rank = dist.get_world_size(group), dist.get_rank(group)
+        how = sharding.param_split(local_name, param, cfg.gated)
+        expected = _full_shape(param.shape, how, size)
+        if name in _VOCAB_PARAMS or _tied_output(name, cfg):
+            full = _pad_vocab(full, expected[0])
+        if list(full.shape) != expected:
+            raise ConversionError(
+                f"shape mismatch for {name} (from {', '.join(hf_names)}): "
+                f"HF gives {tuple(full.shape)}, the model expects {tuple(expected)}"
+            )
+        param.copy_(sharding.split(full, how, rank, size))
+        consumed.update(hf_names)
+    _check_all_consumed(consumed, bridge, reader, cfg)
+
+
+def _pad_vocab(full: torch.Tensor, rows: int) -> torch.Tensor:
+    if full.shape[0] >= rows:
+        return full
+    return torch.cat([full, full.new_zeros(rows - full.shape[0], *full.shape[1:])])
+
+
+def _check_all_consumed(consumed: set, bridge, reader, cfg) -> None:
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, sorted(consumed))
+    used = set().union(*map(set, everyone))
+    optional = {"lm_head.weight"} if cfg.share_embeddings_and_output_weights else set()
+    unexpected = [
+        n
+        for n in reader.keys()
+        if n not in used and n not in optional and not bridge.is_ignored_hf(n)
+    ]
+    _raise_if_any(unexpected, "the HF checkpoint has tensors the model has no place for")
+
+
+def _raise_if_any(names: list[str], message: str) -> None:
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, sorted(set(names)))
+    all_names = sorted(set().union(*map(set, everyone)))
+    if all_names:
+        shown = ", ".join(all_names[:8]) + (
+            f" ... ({len(all_names)} in all)" if len(all_names) > 8 else ""
+        )
+        raise ConversionError(f"{message}: {shown}")
+
+
+# ------------------------------------------------------------------ Megatron -> HF
+
+
+@dataclass(frozen=True)
+class _Entry:
+    name: str  # global Megatron name
+    how: sharding.Split
+    full_shape: tuple[int, ...]
+    dtype: str
+    owner: int  # global rank that broadcasts the whole tensor
+
+
+def _catalogue(chunks, cfg) -> list[_Entry]:
+    """The global parameter list, identical on every rank."""
+    mine = []
+    for _, local_name, name, param in _local_params(chunks, cfg):
+        if _tied_output(name, cfg):
+            continue
+        group, replica = _groups(local_name)
+        how = sharding.param_split(local_name, param, cfg.gated)
+        shape = tuple(_full_shape(param.shape, how, dist.get_world_size(group)))
+        owner = replica == 0 and dist.get_rank(group) == 0
+        mine.append((name, how, shape, str(param.dtype).removeprefix("torch."), owner))
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    entries: dict[str, _Entry] = {}
+    for rank, items in enumerate(everyone):
+        for name, how, shape, dtype, owner in items:
+            if owner:
+                entries[name] = _Entry(name, how, shape, dtype, rank)
+    return list(entries.values())
+
+
+@torch.no_grad()
+def export_hf_weights(chunks, bridge, cfg, dtype_of=None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (hf_name, whole tensor) on every rank; a collective: all ranks must iterate it all.
+
+    ``dtype_of(hf_name)`` gives each output's dtype (None: keep the model's).
+    """
+    local = {name: (local_name, param) for _, local_name, name, param in _local_params(chunks, cfg)}
+    device = next(chunks[0].parameters()).device
+    for entry in _catalogue(chunks, cfg):
+        full = None
+        if entry.name in local:
+            local_name, param = local[entry.name]
+            group, replica = _groups(local_name)
+            if replica == 0:
+                full = sharding.gather(param.detach(), entry.how, group)
+        if full is None:
+            full = torch.empty(entry.full_shape, dtype=getattr(torch, entry.dtype), device=device)
+        if dist.get_world_size() > 1:
+            dist.broadcast(full, src=entry.owner)
+        if entry.name in _VOCAB_PARAMS:
+            full = full[: cfg.vocab_size]
+        mapping, hf_names = bridge.resolve(entry.name)
+        for hf_name, tensor in zip(hf_names, mapping.megatron_to_hf(full, cfg), strict=True):
+            dtype = dtype_of(hf_name) if dtype_of else None
+            yield hf_name, tensor.to(dtype) if dtype is not None else tensor

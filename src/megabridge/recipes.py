@@ -51,3 +51,41 @@ def get_recipe(name: str) -> ConfigContainer:
 def describe_recipe(name: str) -> str:
     doc = inspect.getdoc(all_recipes()[name]) or ""
     return doc.splitlines()[0] if doc else ""
+
+
+# --------------------------------------------------------------- building blocks for families
+
+
+def pretrain(name: str, model) -> ConfigContainer:
+    """A pretraining config on mock data for ``model`` (a ModelConfig)."""
+    cfg = ConfigContainer(name=name, model=model)
+    cfg.train.train_iters = 1000
+    cfg.train.global_batch_size, cfg.train.micro_batch_size = 32, 1
+    cfg.optimizer.lr, cfg.optimizer.min_lr = 3e-4, 3e-5
+    cfg.scheduler.lr_warmup_iters = 50
+    cfg.checkpoint.save_interval = 500
+    return cfg
+
+
+def finetune(name: str, model, pretrained: str | None = None) -> ConfigContainer:
+    """Full-parameter SFT from ``pretrained`` (an HF folder or a converted checkpoint)."""
+    cfg = pretrain(name, model)
+    cfg.checkpoint.pretrained_checkpoint = pretrained
+    cfg.train.train_iters = 200
+    cfg.train.global_batch_size = 16
+    cfg.optimizer.lr, cfg.optimizer.min_lr = 1e-5, 1e-6
+    cfg.optimizer.weight_decay = 0.0
+    cfg.scheduler.lr_warmup_iters = 10
+    cfg.checkpoint.save_interval = 100
+    cfg.dataset.type = "sft"
+    cfg.train.eval_interval = 50
+    return cfg
+
+
+def lora(name: str, model, pretrained: str | None = None) -> ConfigContainer:
+    """LoRA on the attention and MLP projections of ``pretrained``."""
+    cfg = finetune(name, model, pretrained)
+    cfg.peft.method = "lora"
+    cfg.peft.dim, cfg.peft.alpha = 16, 32.0
+    cfg.optimizer.lr, cfg.optimizer.min_lr = 1e-4, 1e-5
+    return cfg

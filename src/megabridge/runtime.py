@@ -151,15 +151,14 @@ def init_distributed(timeout_minutes: int = 10) -> Runtime:
         enable_cpu_backend()
         device, backend = _CPU, "gloo"
     if not dist.is_initialized():
-        if "MASTER_ADDR" not in os.environ:  # no launcher: a group of one
-            os.environ["MASTER_ADDR"] = "127.0.0.1"
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        dist.init_process_group(
-            backend=backend,
-            rank=rank,
-            world_size=world_size,
-            timeout=datetime.timedelta(minutes=timeout_minutes),
-        )
+        timeout = datetime.timedelta(minutes=timeout_minutes)
+        if "MASTER_ADDR" in os.environ:  # a launcher (torchrun, srun) set up the rendezvous
+            dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)
+        else:  # no launcher: a group of one, without touching the environment children inherit
+            dist.init_process_group(
+                backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
+                timeout=timeout,
+            )  # fmt: skip
     return Runtime(rank, world_size, local_rank, device, backend)
 
 

@@ -72,7 +72,7 @@ class AutoBridge:
 
         ckpt = checkpointing.resolve(path)
         meta = checkpointing.read_metadata(ckpt)
-        model_config = _model_config_from_dict(meta["model_config"])
+        model_config = checkpointing.model_config_from_dict(meta["model_config"])
         hf = meta.get("hf") or {}
         if hf.get("config"):
             family = registry.bridge_for(_architecture(hf["config"], ckpt))
@@ -111,13 +111,7 @@ class AutoBridge:
 
     def apply_to_model_config(self, cfg: ModelConfig) -> None:
         """Copy this model's architecture into ``cfg``, keeping its parallel and runtime fields."""
-        keep = {"tensor_model_parallel_size", "pipeline_model_parallel_size",
-                "expert_model_parallel_size", "sequence_parallel", "bf16", "transformer_impl",
-                "recompute_granularity", "recompute_method", "recompute_num_layers",
-                "hidden_dropout", "attention_dropout"}  # fmt: skip
-        for f in dataclasses.fields(ModelConfig):
-            if f.name not in keep:
-                setattr(cfg, f.name, copy.deepcopy(getattr(self.model_config, f.name)))
+        copy_architecture(self.model_config, cfg)
 
     def to_megatron_model(self, provider: ModelConfig | None = None, load_weights: bool = True):
         """Build this rank's model chunks (initialising torch.distributed if needed)."""
@@ -209,6 +203,20 @@ class AutoBridge:
 
 # ------------------------------------------------------------ helpers
 
+# ModelConfig fields that are about running, not about the model: a pretrained
+# checkpoint's architecture never overrides them.
+RUNTIME_FIELDS = frozenset({
+    "tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size",
+    "sequence_parallel", "bf16", "transformer_impl", "recompute_granularity", "recompute_method",
+    "recompute_num_layers", "hidden_dropout", "attention_dropout",
+})  # fmt: skip
+
+
+def copy_architecture(source: ModelConfig, target: ModelConfig) -> None:
+    for f in dataclasses.fields(ModelConfig):
+        if f.name not in RUNTIME_FIELDS:
+            setattr(target, f.name, copy.deepcopy(getattr(source, f.name)))
+
 
 def _layout_of(source: hf_io.HFCheckpoint) -> dict:
     return {
@@ -237,11 +245,6 @@ def _transformers_config(config_dict: dict, path: Path):
         return AutoConfig.from_pretrained(str(path), local_files_only=True)
     except Exception as e:  # noqa: BLE001 - any failure means transformers cannot read it
         raise UserError(f"transformers cannot read {path}/config.json: {e}") from None
-
-
-def _model_config_from_dict(data: dict) -> ModelConfig:
-    names = {f.name for f in dataclasses.fields(ModelConfig)}
-    return ModelConfig(**{k: v for k, v in data.items() if k in names})
 
 
 def _chunk_config(chunks) -> ModelConfig:

@@ -67,8 +67,23 @@ def iter_dirname(iteration: int) -> str:
 
 
 def architecture(model_cfg) -> dict:
+    """The shape-deciding fields, with defaults resolved (kv_channels None == hidden / heads)."""
     data = asdict(model_cfg)
+    data["num_query_groups"] = data["num_query_groups"] or data["num_attention_heads"]
+    data["kv_channels"] = data["kv_channels"] or data["hidden_size"] // data["num_attention_heads"]
+    if data["num_moe_experts"]:
+        data["moe_ffn_hidden_size"] = data["moe_ffn_hidden_size"] or data["ffn_hidden_size"]
     return {k: data[k] for k in ARCHITECTURE_FIELDS}
+
+
+def model_config_from_dict(data: dict):
+    """A ModelConfig from a checkpoint's megabridge.json (fields it does not know are dropped)."""
+    from dataclasses import fields
+
+    from megabridge.training.config import ModelConfig
+
+    names = {f.name for f in fields(ModelConfig)}
+    return ModelConfig(**{k: v for k, v in data.items() if k in names})
 
 
 def read_metadata(ckpt_dir: Path) -> dict:

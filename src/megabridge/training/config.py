@@ -362,6 +362,8 @@ def validate(cfg: ConfigContainer, world_size: int) -> None:
         problems.append(f"dataset.seq_length={seq} exceeds model.seq_length={m.seq_length}")
     if t.train_iters < 0:
         problems.append("train.train_iters must be >= 0")
+    if cfg.peft.method != "none":
+        problems.append(f"peft.method={cfg.peft.method} is not supported yet")
     if cfg.logger.log_interval < 1:
         problems.append("logger.log_interval must be >= 1")
     if problems:

@@ -247,12 +247,17 @@ def _resume_checkpoint(cfg: ConfigContainer, save_dir: Path) -> Path | None:
 
 
 def _adopt_pretrained_architecture(cfg: ConfigContainer) -> None:
-    """With an HF pretrained folder, the model's shape comes from its config.json."""
+    """The pretrained checkpoint (HF folder or Megatron checkpoint) decides the model's shape."""
     path = cfg.checkpoint.pretrained_checkpoint
-    if path and (Path(path) / "config.json").is_file():
-        from megabridge.conversion.auto_bridge import AutoBridge
+    if not path:
+        return
+    from megabridge.conversion.auto_bridge import AutoBridge, copy_architecture
 
+    if (Path(path) / "config.json").is_file():
         AutoBridge.from_hf_pretrained(path).apply_to_model_config(cfg.model)
+    else:
+        meta = checkpointing.read_metadata(checkpointing.resolve(path))
+        copy_architecture(checkpointing.model_config_from_dict(meta["model_config"]), cfg.model)
 
 
 def _load_pretrained(cfg: ConfigContainer, model: list) -> None:

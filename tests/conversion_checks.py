@@ -1,0 +1,87 @@
+"""The checks every model family passes: exact round trip, logits vs transformers, parallel layouts.
+
+A family's test file builds tiny HF models from transformers' own config classes
+(tests/hf_models.py) and calls these.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from tests.helpers import megabridge, torchrun
+
+ATOL_FP32 = 1e-4
+
+
+def assert_same_hf_folder(expected: Path, actual: Path) -> None:
+    """Same tensor names, dtypes and bytes; same config.json."""
+    from megabridge.conversion.hf_io import HFCheckpoint
+
+    a, b = HFCheckpoint(expected), HFCheckpoint(actual)
+    assert sorted(a.keys()) == sorted(b.keys()), set(a.keys()) ^ set(b.keys())
+    for name in a.keys():
+        ta, tb = a.get(name), b.get(name)
+        assert ta.dtype == tb.dtype, name
+        assert ta.shape == tb.shape, name
+        assert torch.equal(ta.view(torch.uint8) if ta.dtype != torch.bool else ta,
+                           tb.view(torch.uint8) if tb.dtype != torch.bool else tb), f"bytes differ: {name}"  # fmt: skip
+    assert json.loads((expected / "config.json").read_text()) == json.loads(
+        (actual / "config.json").read_text()
+    )
+
+
+def round_trip_in_process(hf_dir: Path, out: Path) -> None:
+    """HF -> Megatron model (this process, TP=1) -> HF folder; must be bit-exact."""
+    from megabridge.conversion.auto_bridge import AutoBridge
+
+    bridge = AutoBridge.from_hf_pretrained(hf_dir)
+    model = bridge.to_megatron_model()
+    bridge.save_hf_pretrained(model, out)
+    assert_same_hf_folder(hf_dir, out)
+
+
+def logits_in_process(hf_dir: Path, atol: float = ATOL_FP32):
+    from megabridge.conversion.verify import verify
+
+    result = verify(hf_dir, atol=atol)
+    assert result.ok, result
+    assert result.max_abs_diff <= atol and result.top1_agreement == 1.0, result
+    return result
+
+
+def perturbed_copy(hf_dir: Path, out: Path, scale: float = 1.05) -> Path:
+    """The same HF model with one weight matrix scaled: verify must reject it."""
+    from safetensors.torch import load_file, save_file
+
+    out.mkdir()
+    for f in hf_dir.iterdir():
+        if f.suffix == ".safetensors":
+            tensors = load_file(str(f))
+            name = next(n for n in sorted(tensors) if "layers.0." in n and tensors[n].dim() == 2)
+            tensors[name] = tensors[name] * scale
+            save_file(tensors, str(out / f.name), metadata={"format": "pt"})
+            scale = 1.0
+        else:
+            (out / f.name).write_bytes(f.read_bytes())
+    return out
+
+
+def verify_cli(hf_dir: Path, nproc: int = 1, extra: list[str] = ()) -> tuple[int, dict]:
+    args = ["verify", "--hf-path", str(hf_dir), "--json", *extra]
+    if nproc == 1:
+        result = megabridge(args)
+    else:
+        result = torchrun(nproc, ["-m", "megabridge", *args])
+    lines = result.stdout.strip().splitlines()
+    assert lines, result.stderr[-3000:]
+    return result.returncode, json.loads(lines[-1])
+
+
+def parallel_logits(hf_dir: Path, layout: list[str], nproc: int = 2) -> dict:
+    rc, data = verify_cli(hf_dir, nproc, [*layout, "--atol", str(ATOL_FP32)])
+    assert rc == 0 and data["ok"], data
+    assert data["max_abs_diff"] <= ATOL_FP32, data
+    return data

@@ -1,0 +1,76 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from megabridge.conversion import hf_io
+from megabridge.errors import ConversionError, UserError
+
+pytestmark = pytest.mark.unit
+
+
+def _folder(tmp_path, tensors):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    return tmp_path
+
+
+def test_reads_lazily_with_dtypes_and_shapes(tmp_path):
+    folder = _folder(tmp_path, {"a": torch.ones(2, 3, dtype=torch.bfloat16), "b": torch.zeros(4)})
+    ckpt = hf_io.HFCheckpoint(folder)
+    assert sorted(ckpt.keys()) == ["a", "b"]
+    assert ckpt.dtype("a") == torch.bfloat16 and ckpt.shape("a") == (2, 3)
+    assert torch.equal(ckpt.get("b"), torch.zeros(4))
+
+
+def test_truncated_file_is_named(tmp_path):
+    folder = _folder(tmp_path, {"a": torch.ones(64, 64)})
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ConversionError, match="model.safetensors is truncated"):
+        hf_io.HFCheckpoint(folder)
+
+
+def test_garbage_file_is_named(tmp_path):
+    folder = _folder(tmp_path, {"a": torch.ones(2)})
+    (folder / "model.safetensors").write_bytes(b"\xff" * 7)
+    with pytest.raises(ConversionError, match="not a valid safetensors file"):
+        hf_io.HFCheckpoint(folder)
+
+
+def test_missing_folder_and_missing_config(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        hf_io.HFCheckpoint(tmp_path / "nope")
+    with pytest.raises(UserError, match="no config.json"):
+        hf_io.HFCheckpoint(tmp_path)
+
+
+def test_atomic_output_dir_leaves_nothing_on_failure(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError):
+        with hf_io.atomic_output_dir(out) as tmp:
+            (tmp / "partial").write_text("x")
+            raise RuntimeError("killed midway")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_output_dir_refuses_existing_without_overwrite(tmp_path):
+    (tmp_path / "out").mkdir()
+    with pytest.raises(UserError, match="already exists"):
+        with hf_io.atomic_output_dir(tmp_path / "out"):
+            pass
+    with hf_io.atomic_output_dir(tmp_path / "out", overwrite=True) as tmp:
+        (tmp / "new").write_text("x")
+    assert (tmp_path / "out" / "new").is_file()
+
+
+def test_sharded_writer_greedy_and_index(tmp_path):
+    tensors = {f"t{i}": torch.full((256,), float(i)) for i in range(5)}  # 1 KiB each
+    hf_io.write_hf_folder(tmp_path, tensors.items(), {"a": 1}, max_shard_bytes=2048)
+    index = json.loads((tmp_path / hf_io.INDEX).read_text())
+    assert len(set(index["weight_map"].values())) == 3
+    ckpt = hf_io.HFCheckpoint(tmp_path)
+    for name, t in tensors.items():
+        assert torch.equal(ckpt.get(name), t)

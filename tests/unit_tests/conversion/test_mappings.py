@@ -1,0 +1,66 @@
+import pytest
+import torch
+
+from megabridge.conversion import sharding
+from megabridge.conversion.mappings import QKV, GatedMLP, Rename
+from megabridge.training.config import ModelConfig
+
+pytestmark = pytest.mark.unit
+
+
+def _cfg(heads=4, groups=2, hidden=16):
+    return ModelConfig(num_attention_heads=heads, num_query_groups=groups, hidden_size=hidden)
+
+
+def test_patterns_fill_layer_and_expert_indices():
+    m = Rename("decoder.layers.*.mlp.experts.local_experts.*.linear_fc1.weight",
+               "model.layers.*.experts.*.w1.weight")  # fmt: skip
+    assert m.match("decoder.layers.3.mlp.experts.local_experts.12.linear_fc1.weight") == (
+        "model.layers.3.experts.12.w1.weight",
+    )
+    assert m.match("decoder.layers.3.mlp.linear_fc1.weight") is None
+
+
+def test_qkv_interleaves_by_query_group():
+    cfg = _cfg(heads=4, groups=2, hidden=8)  # head dim 2, 2 query heads per group
+    d = 2
+    q = torch.arange(4 * d).float().repeat_interleave(8).view(4 * d, 8)
+    k = 100 + torch.arange(2 * d).float().repeat_interleave(8).view(2 * d, 8)
+    v = 200 + torch.arange(2 * d).float().repeat_interleave(8).view(2 * d, 8)
+    fused = QKV("x", ("q", "k", "v")).hf_to_megatron([q, k, v], cfg)
+    rows = fused[:, 0].tolist()
+    # group 0: q heads 0,1 (rows 0-3), k head 0 (100,101), v head 0 (200,201); then group 1
+    assert rows == [0, 1, 2, 3, 100, 101, 200, 201, 4, 5, 6, 7, 102, 103, 202, 203]
+
+
+@pytest.mark.parametrize("heads, groups", [(4, 4), (4, 2), (8, 1)])
+def test_qkv_round_trip_is_exact(heads, groups):
+    cfg = _cfg(heads, groups, hidden=32)
+    d = 32 // heads
+    tensors = [torch.randn(heads * d, 32), torch.randn(groups * d, 32), torch.randn(groups * d, 32)]
+    m = QKV("x", ("q", "k", "v"))
+    back = m.megatron_to_hf(m.hf_to_megatron(tensors, cfg), cfg)
+    for a, b in zip(tensors, back, strict=True):
+        assert torch.equal(a, b)
+    biases = [t[:, 0].clone() for t in tensors]
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(biases, m.megatron_to_hf(m.hf_to_megatron(biases, cfg), cfg), strict=True)
+    )
+
+
+def test_gated_mlp_round_trip_and_tp_split():
+    gate, up = torch.randn(8, 4), torch.randn(8, 4)
+    m = GatedMLP("x", ("g", "u"))
+    fused = m.hf_to_megatron([gate, up], None)
+    assert all(
+        torch.equal(a, b) for a, b in zip(m.megatron_to_hf(fused, None), [gate, up], strict=True)
+    )
+    # TP rank r holds [gate_r; up_r], so the activation pairs the right rows
+    local = sharding.split(fused, "gated_dim0", rank=1, size=2)
+    assert torch.equal(local, torch.cat([gate[4:], up[4:]]))
+
+
+def test_split_rejects_indivisible():
+    with pytest.raises(ValueError, match="not divisible"):
+        sharding.split(torch.zeros(5, 2), "dim0", 0, 2)

@@ -63,6 +63,7 @@ def transformer_config(cfg: ModelConfig):
             moe_token_dispatcher_type="alltoall",
             moe_grouped_gemm=False,
         )
+    fusions = _gpu_fusions(cfg)
     recompute = {}
     if cfg.recompute_granularity:
         recompute = dict(
@@ -82,7 +83,6 @@ def transformer_config(cfg: ModelConfig):
         layernorm_zero_centered_gamma=cfg.layernorm_zero_centered_gamma,
         gated_linear_unit=gated,
         activation_func=activation,
-        bias_activation_fusion=False,
         add_bias_linear=cfg.add_bias_linear,
         add_qkv_bias=cfg.add_qkv_bias,
         qk_layernorm=cfg.qk_layernorm,
@@ -111,11 +111,31 @@ def transformer_config(cfg: ModelConfig):
         masked_softmax_fusion=False,
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
-        apply_rope_fusion=False,
-        cross_entropy_loss_fusion=False,
         deallocate_pipeline_outputs=True,
+        **fusions,
         **moe,
         **recompute,
+    )
+
+
+def _gpu_fusions(cfg: ModelConfig) -> dict:
+    """Megatron-Core's compiled fusions, for the torch spec on GPU (off on CPU: exact numerics).
+
+    SwiGLU and the vocab-parallel cross entropy are compiled by Megatron-Core
+    itself (jit_fuser = torch.compile); RoPE by megabridge (torch_layers.fused_rope).
+    """
+    from megabridge.models.specs import resolve_impl
+
+    on = torch.cuda.is_available() and resolve_impl(cfg) == "torch"
+    if on and cfg.position_embedding_type == "rope":
+        from megabridge.models.torch_layers import install_fused_rope
+
+        install_fused_rope()
+    return dict(
+        bias_activation_fusion=on and cfg.activation == "swiglu",
+        apply_rope_fusion=on and cfg.position_embedding_type == "rope",
+        cross_entropy_loss_fusion=on,
+        cross_entropy_fusion_impl="native",
     )
 
 

@@ -128,7 +128,9 @@ class RMSNorm(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight + 1.0 if self.zero_centered else self.weight
-        if x.dtype == torch.float32:
+        if x.dtype == torch.float32 or x.is_cuda:
+            # One fused kernel on GPU (it accumulates in fp32 internally); on the CPU in
+            # fp32 this is exactly transformers' order of operations.
             return F.rms_norm(x, (x.shape[-1],), weight, self.eps)
         y = F.rms_norm(x.float(), (x.shape[-1],), None, self.eps).to(x.dtype)
         return y * weight
@@ -141,6 +143,51 @@ class LayerNorm(torch.nn.LayerNorm):
         super().__init__(hidden_size, eps=eps, dtype=config.params_dtype)
         for p in self.parameters():
             p.sequence_parallel = config.sequence_parallel
+
+
+def _rope_bshd(t: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    # t [s, b, n, d], freqs [s, 1, 1, rot]: the rotate-half RoPE in one fused pass.
+    rot = freqs.shape[-1]
+    x, rest = t[..., :rot], t[..., rot:]
+    cos, sin = torch.cos(freqs).to(t.dtype), torch.sin(freqs).to(t.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return torch.cat((x * cos + rotated * sin, rest), dim=-1)
+
+
+_compiled_rope = None
+
+
+def fused_rope(t: torch.Tensor, freqs: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
+    """RoPE as one compiled kernel forward and backward (Megatron's fused-RoPE signature)."""
+    global _compiled_rope
+    if interleaved:
+        raise ConfigError("interleaved RoPE is not supported by the torch layer spec")
+    if _compiled_rope is None:
+        _compiled_rope = torch.compile(_rope_bshd, dynamic=False)
+    return _compiled_rope(t, freqs)
+
+
+def rope_thd(t, cu_seqlens, freqs, cp_size: int = 1, cp_rank: int = 0):
+    """Packed (THD) RoPE: Megatron-Core's own per-segment implementation."""
+    from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_thd
+
+    return _apply_rotary_pos_emb_thd(t, cu_seqlens, freqs)
+
+
+def install_fused_rope() -> None:
+    """Give Megatron-Core's RoPE dispatcher a fused implementation without Transformer Engine.
+
+    rope_utils looks up ``fused_apply_rotary_pos_emb(_thd)`` (TE's, when TE is
+    installed) whenever ``config.apply_rope_fusion`` is set; without TE they are
+    None. The torch spec on GPU fills them with a compiled kernel.
+    """
+    from megatron.core.models.common.embeddings import rope_utils
+
+    if rope_utils.fused_apply_rotary_pos_emb is None:
+        rope_utils.fused_apply_rotary_pos_emb = fused_rope
+    if rope_utils.fused_apply_rotary_pos_emb_thd is None:
+        rope_utils.fused_apply_rotary_pos_emb_thd = rope_thd
 
 
 def norm_class(cfg):

@@ -52,7 +52,21 @@ def build_optimizer(cfg: ConfigContainer, model_chunks: list[torch.nn.Module]):
         params_dtype=torch.bfloat16 if use_bf16(cfg.model) else torch.float32,
         use_distributed_optimizer=o.use_distributed_optimizer,
     )
-    return get_megatron_optimizer(opt_config, model_chunks)
+    optimizer = get_megatron_optimizer(opt_config, model_chunks)
+    _use_fused_adam(optimizer)
+    return optimizer
+
+
+def _use_fused_adam(optimizer) -> None:
+    """Without TE/Apex, Megatron-Core falls back to torch.optim.AdamW with its default
+    multi-kernel (foreach) path; on GPU switch its param groups to torch's fused kernel."""
+    if not torch.cuda.is_available():
+        return
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if isinstance(inner, torch.optim.AdamW):
+            for group in inner.param_groups:
+                group["fused"], group["foreach"] = True, False
 
 
 def build_scheduler(cfg: ConfigContainer, optimizer):

@@ -59,7 +59,9 @@ def _time_steps(step, warmup: int, iters: int) -> list[float]:
     return times
 
 
-def _result(name: str, mbs: int, seq: int, times: list[float], flops_tok: float, ceiling: float) -> dict:
+def _result(
+    name: str, mbs: int, seq: int, times: list[float], flops_tok: float, ceiling: float
+) -> dict:
     step = statistics.median(times)
     tokens_s = mbs * seq / step
     tflops = tokens_s * flops_tok / 1e12
@@ -118,7 +120,9 @@ def run_hf(args, mbs: int) -> dict:
     model = AutoModelForCausalLM.from_config(hf_config).cuda().train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     gen = torch.Generator(device="cuda").manual_seed(0)
-    tokens = torch.randint(0, cfg.model.vocab_size, (mbs, args.seq + 1), device="cuda", generator=gen)
+    tokens = torch.randint(
+        0, cfg.model.vocab_size, (mbs, args.seq + 1), device="cuda", generator=gen
+    )
 
     def step(i):
         optimizer.zero_grad(set_to_none=True)
@@ -130,7 +134,9 @@ def run_hf(args, mbs: int) -> dict:
 
     try:
         times = _time_steps(step, args.warmup, args.iters)
-        return _result("hf", mbs, args.seq, times, flops_per_token(cfg.model, args.seq), args.ceiling)
+        return _result(
+            "hf", mbs, args.seq, times, flops_per_token(cfg.model, args.seq), args.ceiling
+        )
     finally:
         del model, optimizer
         gc.collect()
@@ -157,15 +163,23 @@ def _guarded(fn, args, mbs) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--recipe", default="llama32_1b_pretrain_config")
     p.add_argument("--mbs", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--ceiling", type=float, default=798.0, help="measured bf16 matmul TFLOP/s")
-    p.add_argument("--compare-hf", action="store_true", help="also time transformers (sdpa, autocast, fused AdamW)")
-    p.add_argument("--profile", action="store_true", help="print the top CUDA kernels of megabridge")
+    p.add_argument(
+        "--compare-hf",
+        action="store_true",
+        help="also time transformers (sdpa, autocast, fused AdamW)",
+    )
+    p.add_argument(
+        "--profile", action="store_true", help="print the top CUDA kernels of megabridge"
+    )
     p.add_argument("--json-out", help="write all results here")
     p.add_argument("overrides", nargs="*", help="section.field=value")
     args = p.parse_args()
@@ -178,8 +192,12 @@ def main() -> None:
         results.append(_guarded(run_megabridge, args, mbs))
         if args.compare_hf:
             results.append(_guarded(run_hf, args, mbs))
-    print(f"\n{torch.cuda.get_device_name()} | seq {args.seq} | recipe {args.recipe} {' '.join(args.overrides)}")
-    print("FLOPs: Megatron-Core's num_floating_point_operations (causal attention, gated MLP, logits)")
+    print(
+        f"\n{torch.cuda.get_device_name()} | seq {args.seq} | recipe {args.recipe} {' '.join(args.overrides)}"
+    )
+    print(
+        "FLOPs: Megatron-Core's num_floating_point_operations (causal attention, gated MLP, logits)"
+    )
     print(f"{'impl':11s} {'mbs':>3s} {'step ms':>8s} {'tokens/s':>10s} {'TFLOP/s':>8s} {'MFU/989':>8s} "
           f"{'MFU/ceil':>8s} {'peak GiB':>8s}")  # fmt: skip
     for r in results:
@@ -193,7 +211,9 @@ def main() -> None:
     if ours and hf:
         best_ours = max(r["tokens_per_s"] for r in ours)
         best_hf = max(r["tokens_per_s"] for r in hf)
-        print(f"best megabridge / best HF tokens/s: {best_ours:,.0f} / {best_hf:,.0f} = {best_ours / best_hf:.2f}x")
+        print(
+            f"best megabridge / best HF tokens/s: {best_ours:,.0f} / {best_hf:,.0f} = {best_ours / best_hf:.2f}x"
+        )
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(results, indent=2))
 

@@ -193,6 +193,8 @@ def build_model(cfg: ModelConfig) -> list[torch.nn.Module]:
     device = (
         torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
     )
-    model.to(device)
+    # Like Megatron-LM's Float16Module: every parameter in the model's dtype, including
+    # the few megatron-core creates in fp32 (learned position embeddings).
+    model.to(device=device, dtype=tconfig.params_dtype)
     model.megabridge_config = cfg  # what conversion and checkpoints need to know about it
     return [model]

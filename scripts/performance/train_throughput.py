@@ -97,10 +97,7 @@ def run_megabridge(args, mbs: int) -> dict:
                 _profile(step)
             return _result("megabridge", mbs, args.seq, times, flops_tok, args.ceiling)
         finally:
-            del s
             runtime.shutdown()
-            gc.collect()
-            torch.cuda.empty_cache()
 
 
 def run_hf(args, mbs: int) -> dict:
@@ -154,12 +151,14 @@ def _profile(step) -> None:
 
 
 def _guarded(fn, args, mbs) -> dict:
+    """Run one measurement; free its model before the next (the closures die on return)."""
     try:
         return fn(args, mbs)
     except torch.cuda.OutOfMemoryError:
+        return {"impl": fn.__name__.removeprefix("run_"), "micro_batch": mbs, "oom": True}
+    finally:
         gc.collect()
         torch.cuda.empty_cache()
-        return {"impl": fn.__name__.removeprefix("run_"), "micro_batch": mbs, "oom": True}
 
 
 def main() -> None:

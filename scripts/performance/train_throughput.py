@@ -129,15 +129,8 @@ def run_hf(args, mbs: int) -> dict:
         optimizer.step()
         out.loss.item()
 
-    try:
-        times = _time_steps(step, args.warmup, args.iters)
-        return _result(
-            "hf", mbs, args.seq, times, flops_per_token(cfg.model, args.seq), args.ceiling
-        )
-    finally:
-        del model, optimizer
-        gc.collect()
-        torch.cuda.empty_cache()
+    times = _time_steps(step, args.warmup, args.iters)
+    return _result("hf", mbs, args.seq, times, flops_per_token(cfg.model, args.seq), args.ceiling)
 
 
 def _profile(step) -> None:

@@ -215,6 +215,23 @@ def _sharded_state_dict(model_chunks, optimizer=None, scheduler=None, extra=None
 # ------------------------------------------------------------------------ save
 
 
+def _in_process_results_queue() -> None:
+    """Spare dist_checkpointing's results Manager on synchronous saves.
+
+    FileSystemWriterAsync collects its writer processes' results through a
+    multiprocessing Manager queue started with the 'spawn' method: a fresh
+    interpreter that re-imports __main__ (seconds, and half a GB, on every first
+    save). megabridge saves synchronously, so the results are produced and read
+    in this process and an in-process queue serves.
+    """
+    import queue
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is None:
+        filesystem_async._results_queue = queue.Queue()
+
+
 def save(
     root: str | Path,
     iteration: int,
@@ -242,6 +259,7 @@ def save(
     state = _sharded_state_dict(
         model_chunks, optimizer, scheduler, extra={"train_state": dict(train_state)}
     )
+    _in_process_results_queue()
     dist_checkpointing.save(state, str(tmp))
     dist.barrier()
     if rank0:
@@ -376,6 +394,7 @@ def save_model(
     dist.broadcast_object_list(problem, src=0)  # every rank learns rank 0's verdict
     if problem[0]:
         raise UserError(problem[0])
+    _in_process_results_queue()
     dist_checkpointing.save(_sharded_state_dict(model_chunks), str(tmp))
     dist.barrier()
     if rank0:

@@ -1,0 +1,133 @@
+"""Time and peak memory of `megabridge convert hf-to-megatron` against the plain floor.
+
+The floor: load every tensor with safetensors and torch.save it (one process).
+Peak memory is the proportional set size (PSS: shared pages split between the
+processes that map them, so forked writers are not counted twice) of the whole
+process tree, sampled every 20 ms; the script also prints the footprint of the
+same command's imports alone (python -c "import megabridge...") for reference.
+
+    uv run python scripts/performance/conversion_speed.py --hidden 2048 --layers 16   # ~2 GB bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import torch
+from safetensors.torch import save_file
+
+FLOOR = """
+import sys, torch
+from pathlib import Path
+from safetensors import safe_open
+src, out = Path(sys.argv[1]), Path(sys.argv[2])
+out.mkdir()
+with safe_open(str(src / "model.safetensors"), framework="pt") as f:
+    for name in f.keys():
+        torch.save(f.get_tensor(name), out / f"{name}.pt")
+"""
+
+IDLE = "import megabridge.cli, megatron.core, transformers, megabridge.conversion.auto_bridge"
+
+
+def make_llama(folder: Path, hidden: int, layers: int, vocab: int) -> int:
+    """A random bf16 Llama folder written tensor by tensor; returns its size in bytes."""
+    folder.mkdir(parents=True)
+    heads, kv, ffn = hidden // 64, max(hidden // 256, 1), hidden * 4
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(*shape):
+        return (torch.randn(*shape, generator=gen) * 0.02).to(torch.bfloat16)
+
+    tensors = {"model.embed_tokens.weight": rand(vocab, hidden), "model.norm.weight": rand(hidden),
+               "lm_head.weight": rand(vocab, hidden)}  # fmt: skip
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        tensors.update({
+            p + "input_layernorm.weight": rand(hidden), p + "post_attention_layernorm.weight": rand(hidden),
+            p + "self_attn.q_proj.weight": rand(hidden, hidden), p + "self_attn.k_proj.weight": rand(kv * 64, hidden),
+            p + "self_attn.v_proj.weight": rand(kv * 64, hidden), p + "self_attn.o_proj.weight": rand(hidden, hidden),
+            p + "mlp.gate_proj.weight": rand(ffn, hidden), p + "mlp.up_proj.weight": rand(ffn, hidden),
+            p + "mlp.down_proj.weight": rand(hidden, ffn),
+        })  # fmt: skip
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
+              "intermediate_size": ffn, "num_hidden_layers": layers, "num_attention_heads": heads,
+              "num_key_value_heads": kv, "vocab_size": vocab, "max_position_embeddings": 4096,
+              "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "torch_dtype": "bfloat16"}  # fmt: skip
+    (folder / "config.json").write_text(json.dumps(config))
+    return (folder / "model.safetensors").stat().st_size
+
+
+def measure(cmd: list[str]) -> tuple[float, int]:
+    """(seconds, peak resident bytes of the process tree)."""
+    start = time.perf_counter()
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    proc = psutil.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    peak, done = 0, threading.Event()
+
+    def sample():
+        nonlocal peak
+        while not done.is_set():
+            try:
+                procs = [proc, *proc.children(recursive=True)]
+                peak = max(peak, sum(p.memory_full_info().pss for p in procs if p.is_running()))
+            except psutil.Error:
+                pass
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    _, err = proc.communicate()
+    done.set()
+    thread.join()
+    if proc.returncode:
+        sys.exit(f"{cmd[:4]} failed:\n{err.decode()[-3000:]}")
+    return time.perf_counter() - start, peak
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--layers", type=int, default=16)
+    p.add_argument("--vocab", type=int, default=32768)
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        size = make_llama(root / "hf", args.hidden, args.layers, args.vocab)
+        floor_s, floor_mem = measure(
+            [sys.executable, "-c", FLOOR, str(root / "hf"), str(root / "floor")]
+        )
+        _, idle_mem = measure([sys.executable, "-c", IDLE])
+        conv_s, conv_mem = measure([sys.executable, "-m", "megabridge", "convert", "hf-to-megatron",
+                                    "--hf-path", str(root / "hf"), "--megatron-path", str(root / "mg")])  # fmt: skip
+    gib = 2**30
+    print(
+        f"model: {size / gib:.2f} GiB bf16 (hidden {args.hidden}, {args.layers} layers, vocab {args.vocab})"
+    )
+    print(
+        f"floor (safetensors load + torch.save per tensor): {floor_s:6.1f} s, peak PSS {floor_mem / gib:5.2f} GiB"
+    )
+    print(
+        f"megabridge convert hf-to-megatron:                 {conv_s:6.1f} s, peak PSS {conv_mem / gib:5.2f} GiB"
+    )
+    print(
+        f"imports alone (megabridge, megatron-core, transformers):  peak PSS {idle_mem / gib:5.2f} GiB"
+    )
+    print(f"time ratio {conv_s / floor_s:.2f}x (target <= 2x); peak memory above the imports / model "
+          f"size {(conv_mem - idle_mem) / size:.2f} (target < 0.5 for ~2 GB)")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -20,7 +20,6 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from megabridge.errors import ConversionError, UserError
@@ -56,7 +55,10 @@ _DTYPES = {
 
 
 def _read_header(path: Path) -> dict:
-    """The safetensors JSON header, after checking that the file holds every byte it lists."""
+    """The safetensors JSON header, after checking that the file holds every byte it lists.
+
+    The data offset (8 + header length) is kept under the key ``__data_start__``.
+    """
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -66,11 +68,12 @@ def _read_header(path: Path) -> dict:
             header = json.loads(f.read(n))
     except (OSError, ValueError, struct.error) as e:
         raise ConversionError(f"{path} is not a valid safetensors file ({e})") from None
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    end = max((v["data_offsets"][1] for k, v in header.items() if not k.startswith("__")), default=0)
     if 8 + n + end > size:
         raise ConversionError(
             f"{path} is truncated: its header lists {8 + n + end} bytes, the file has {size}"
         )
+    header["__data_start__"] = 8 + n
     return header
 
 
@@ -108,7 +111,7 @@ class HFCheckpoint:
         single = self.path / SINGLE
         if single.is_file():
             header = _read_header(single)
-            return {k: SINGLE for k in header if k != "__metadata__"}
+            return {k: SINGLE for k in header if not k.startswith("__")}
         if list(self.path.glob("*.bin")):
             raise UserError(
                 f"{self.path} holds PyTorch .bin weights; megabridge reads safetensors only "
@@ -131,12 +134,27 @@ class HFCheckpoint:
         return sum((self.path / f).stat().st_size for f in self._headers)
 
     def get(self, name: str) -> torch.Tensor:
+        """One tensor, read from disk into fresh memory.
+
+        Plain reads rather than a memory map: a map keeps every page read so far
+        resident in this process, so converting a model would hold a second copy
+        of it. Here only the tensor being converted is in memory.
+        """
         if name not in self.weight_map:
             raise ConversionError(f"tensor {name!r} is not in {self.path}")
         file = self.weight_map[name]
-        if file not in self._handles:
-            self._handles[file] = safe_open(str(self.path / file), framework="pt", device="cpu")
-        return self._handles[file].get_tensor(name)
+        header = self._headers[file]
+        info = header[name]
+        start, end = info["data_offsets"]
+        data = bytearray(end - start)
+        with open(self.path / file, "rb") as f:
+            f.seek(header["__data_start__"] + start)
+            if f.readinto(data) != len(data):
+                raise ConversionError(f"{self.path / file} ended early while reading {name}")
+        dtype = _DTYPES[info["dtype"]]
+        if not data:
+            return torch.empty(info["shape"], dtype=dtype)
+        return torch.frombuffer(data, dtype=dtype).reshape(info["shape"])
 
     def files_by_name(self) -> dict[str, str]:
         return dict(self.weight_map)

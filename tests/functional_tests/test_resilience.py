@@ -140,7 +140,7 @@ def test_second_identical_run_gives_bit_identical_losses(reference, tmp_path):
 def test_sigkill_between_checkpoints_then_resume_reproduces_losses(reference, tmp_path):
     ref, _ = reference
     live = Live([*RUN, *dirs(tmp_path, "ckpt")])
-    live.wait_for(f"iteration 6/{ITERS}")  # after the checkpoint of 4, before that of 8
+    live.wait_for(f"iteration 5/{ITERS}")  # after the checkpoint of 4, well before that of 8
     os.killpg(live.proc.pid, signal.SIGKILL)  # the whole node goes, writer processes too
     assert live.finish() == -signal.SIGKILL
     ckpt = tmp_path / "ckpt"
@@ -168,7 +168,7 @@ def test_sigterm_saves_where_it_was_then_resume_reproduces_losses(reference, tmp
     found = re.search(r"received SIGTERM: saved iteration (\d+) in (\S+); exiting", live.output)
     assert found, live.output[-4000:]
     stopped = int(found.group(1))
-    assert 5 <= stopped < 8 and Path(found.group(2)) == ckpt / f"iter_{stopped:07d}"
+    assert 5 <= stopped < ITERS and Path(found.group(2)) == ckpt / f"iter_{stopped:07d}"
     assert checkpointing.resolve(ckpt) == ckpt / f"iter_{stopped:07d}"
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text() == str(stopped)
 
@@ -180,7 +180,9 @@ def test_sigterm_saves_where_it_was_then_resume_reproduces_losses(reference, tmp
 def test_sigterm_to_torchrun_reaches_both_ranks_and_saves(tmp_path):
     ckpt = tmp_path / "ckpt"
     live = Live([*RUN, "train.train_iters=100", *dirs(tmp_path, "ckpt")], nproc=2)
-    live.wait_for("iteration 3/100")
+    # After a first save: torchrun SIGKILLs ranks that take over 30 s to exit, and a
+    # process's first save starts dist_checkpointing's helper process (slow on a busy CPU).
+    live.wait_for("iteration 5/100")
     live.proc.send_signal(signal.SIGTERM)  # to torchrun, which forwards it to each rank
     live.finish()
     found = re.search(r"received SIGTERM: saved iteration (\d+) in (\S+); exiting", live.output)

@@ -298,7 +298,13 @@ def save(
             shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(f"cannot write checkpoint {final}: {_one_line(e)}") from e
     dist.barrier()
-    meta = {
+    meta = _metadata(iteration, train_state, model_cfg, extra_metadata)
+    _on_rank0(lambda: _publish(tmp, final, meta, keep_last_n), f"cannot write checkpoint {final}")
+    return final
+
+
+def _metadata(iteration: int, train_state: dict, model_cfg, extra: dict | None) -> dict:
+    return {
         "format_version": FORMAT_VERSION,
         "iteration": iteration,
         "train_state": dict(train_state),
@@ -309,10 +315,8 @@ def save(
             "pipeline_model_parallel_size": model_cfg.pipeline_model_parallel_size,
         },
         "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        **(extra_metadata or {}),
+        **(extra or {}),
     }
-    _on_rank0(lambda: _publish(tmp, final, meta, keep_last_n), f"cannot write checkpoint {final}")
-    return final
 
 
 def ensure_writable(root: str | Path) -> None:

@@ -66,7 +66,7 @@ def _loop(s: Session, writer: MetricsWriter, signals: ExitSignalHandler, start: 
     from megabridge.training.step import train_step
 
     cfg, state, t = s.cfg, s.state, s.cfg.train
-    clock = _Clock(time.time())
+    clock = _Clock(start=time.time(), last_log=time.time())
     bad_in_a_row = 0
     while state.iteration < t.train_iters:
         loss, grad_norm, stepped, _ = train_step(
@@ -79,11 +79,8 @@ def _loop(s: Session, writer: MetricsWriter, signals: ExitSignalHandler, start: 
         _report(s, writer, clock, loss, grad_norm)
         if bad_in_a_row:
             _skipped_step(s, loss, grad_norm, bad_in_a_row)  # raises at the limit
-        if (
-            _every(cfg.checkpoint.save_interval, state.iteration)
-            and state.iteration < t.train_iters
-        ):
-            save(s)
+        if _every(cfg.checkpoint.save_interval, state.iteration):
+            save(s)  # the last one too: the save after the loop sees it is done
         reason = signals.should_exit(start, t.exit_duration_in_mins)
         if reason:
             _exit_early(s, reason)
@@ -98,10 +95,7 @@ def _every(interval: int | None, iteration: int) -> bool:
 @dataclasses.dataclass
 class _Clock:
     start: float
-    last_log: float = 0.0
-
-    def __post_init__(self) -> None:
-        self.last_log = self.start
+    last_log: float
 
 
 def _report(s: Session, writer: MetricsWriter, clock: _Clock, loss: float, grad_norm: float):

@@ -31,6 +31,8 @@ import logging
 import os
 import random
 import shutil
+import signal
+import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -287,6 +289,7 @@ def save(
     final = root / iter_dirname(iteration)
     tmp = root / f".tmp-{final.name}"
     _check_finite(model_chunks, final)
+    _start_writer_helper()
     _on_rank0(lambda: _fresh_dir(tmp), f"cannot write checkpoint {final}")
     state = _sharded_state_dict(
         model_chunks, optimizer, scheduler, extra={"train_state": dict(train_state)}
@@ -301,6 +304,44 @@ def save(
     meta = _metadata(iteration, train_state, model_cfg, extra_metadata)
     _on_rank0(lambda: _publish(tmp, final, meta, keep_last_n), f"cannot write checkpoint {final}")
     return final
+
+
+_WRITER_HELPER = None
+
+
+def _start_writer_helper() -> None:
+    """Start dist_checkpointing's helper process ourselves, deaf to SIGTERM and SIGUSR1.
+
+    Megatron-Core's filesystem writer sends its results through a multiprocessing
+    Manager that it spawns on the first save, into the worker's process group.
+    torchrun and Slurm signal that whole group on preemption: the helper died of
+    the very signal that asks for a checkpoint, and that save failed ("Broken
+    pipe"). Ours ignores the signal and leaves when its worker is gone.
+    """
+    global _WRITER_HELPER
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+    from torch import multiprocessing
+
+    if _WRITER_HELPER is not None or getattr(filesystem_async, "_results_queue", 1) is not None:
+        return  # ours already, or megatron-core no longer works this way
+    from multiprocessing.managers import SyncManager
+
+    _WRITER_HELPER = SyncManager(ctx=multiprocessing.get_context("spawn"))
+    _WRITER_HELPER.start(_writer_helper_init)
+    filesystem_async._results_queue = _WRITER_HELPER.Queue()
+
+
+def _writer_helper_init() -> None:
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+    parent = os.getppid()
+
+    def leave_with_parent() -> None:
+        while os.getppid() == parent:
+            time.sleep(1)
+        os._exit(0)
+
+    threading.Thread(target=leave_with_parent, daemon=True).start()
 
 
 def _metadata(iteration: int, train_state: dict, model_cfg, extra: dict | None) -> dict:

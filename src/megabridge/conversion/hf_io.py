@@ -68,7 +68,9 @@ def _read_header(path: Path) -> dict:
             header = json.loads(f.read(n))
     except (OSError, ValueError, struct.error) as e:
         raise ConversionError(f"{path} is not a valid safetensors file ({e})") from None
-    end = max((v["data_offsets"][1] for k, v in header.items() if not k.startswith("__")), default=0)
+    end = max(
+        (v["data_offsets"][1] for k, v in header.items() if not k.startswith("__")), default=0
+    )
     if 8 + n + end > size:
         raise ConversionError(
             f"{path} is truncated: its header lists {8 + n + end} bytes, the file has {size}"

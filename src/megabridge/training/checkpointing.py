@@ -9,8 +9,16 @@ Layout of ``checkpoint.save``::
 
 A checkpoint is written into a hidden ``.tmp-iter_*`` sibling and renamed into
 place only when every rank has finished: a crash mid-save leaves no folder that
-looks complete. ``megabridge.json`` records the model's architecture; a resume
-into a different model stops with the fields that differ.
+looks complete. ``megabridge.json`` is written last; it records the model's
+architecture (a resume into a different model stops with the fields that
+differ) and the size of every file of the checkpoint, so a folder that lost or
+truncated a file afterwards (a full disk, a bad copy) is recognised without
+reading it: ``resolve`` skips it, with a warning, for the previous complete one.
+
+Saving never waits forever and never half-succeeds: a folder that cannot be
+written (permissions, a full disk) raises CheckpointError on every rank, the
+temporary folder is removed, and the previous checkpoints stay as they were.
+Weights holding NaN or Inf are never written.
 
 A converted HF model (``megabridge convert hf-to-megatron``) is a single
 checkpoint folder of the same kind, at iteration 0.
@@ -98,27 +106,78 @@ def read_metadata(ckpt_dir: Path) -> dict:
         raise CheckpointError(f"{path} is corrupted: {e}") from None
 
 
+def verify(ckpt_dir: Path) -> str | None:
+    """Why ``ckpt_dir`` cannot be trusted as a complete checkpoint, or None when it can."""
+    ckpt_dir = Path(ckpt_dir)
+    if not (ckpt_dir / METADATA).is_file():
+        return f"no {METADATA} (the save did not finish)"
+    if not (ckpt_dir / "metadata.json").is_file():
+        return "no metadata.json (dist_checkpointing's)"
+    try:
+        meta = json.loads((ckpt_dir / METADATA).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        return f"{METADATA} is corrupted ({e})"
+    for name, size in meta.get("files", {}).items():  # absent in older checkpoints
+        path = ckpt_dir / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, {size} were written"
+    return None
+
+
 def is_complete(ckpt_dir: Path) -> bool:
-    return (ckpt_dir / METADATA).is_file() and (ckpt_dir / "metadata.json").is_file()
+    return verify(ckpt_dir) is None
+
+
+def _looks_like_checkpoint(path: Path) -> bool:
+    markers = (METADATA, "metadata.json", ".metadata", "common.pt")
+    return path.name.startswith("iter_") or any((path / m).exists() for m in markers)
+
+
+def _warn(message: str, *args) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:  # once, not once per rank
+        log.warning(message, *args)
+
+
+def _latest_named(root: Path) -> Path | None:
+    """The checkpoint ``latest_checkpointed_iteration.txt`` names, if it is readable."""
+    latest_file = root / LATEST
+    if not latest_file.is_file():
+        return None
+    try:
+        return root / iter_dirname(int(latest_file.read_text().strip()))
+    except ValueError:
+        _warn("ignoring %s: it holds no iteration number", latest_file)
+        return None
 
 
 def resolve(path: str | Path) -> Path:
-    """The checkpoint folder to load from ``path``: itself, or its latest complete one."""
+    """The checkpoint folder to load from ``path``: itself, or its latest complete one.
+
+    A checkpoint folder named directly must be complete. In a save folder, the
+    newest complete checkpoint (up to the one ``latest_checkpointed_iteration.txt``
+    names) wins; newer incomplete or damaged ones are skipped with a warning.
+    """
     root = Path(path)
-    if not root.exists():
+    if not root.is_dir():
         raise CheckpointError(f"checkpoint folder {root} does not exist")
-    if is_complete(root):
+    if _looks_like_checkpoint(root):
+        problem = verify(root)
+        if problem:
+            raise CheckpointError(f"checkpoint {root} is incomplete or damaged: {problem}")
         return root
+    for tmp in sorted(root.glob(".tmp-iter_*")):
+        _warn("ignoring %s: a save that did not finish", tmp)
     candidates = sorted(p for p in root.glob("iter_*") if p.is_dir())
-    latest_file = root / LATEST
-    if latest_file.is_file():
-        named = root / iter_dirname(int(latest_file.read_text().strip() or -1))
-        if named in candidates:
-            candidates = [p for p in candidates if p <= named]
+    named = _latest_named(root)
+    if named in candidates:
+        candidates = [p for p in candidates if p <= named]
     for ckpt in reversed(candidates):
-        if is_complete(ckpt):
+        problem = verify(ckpt)
+        if problem is None:
             return ckpt
-        log.warning("skipping incomplete checkpoint %s", ckpt)
+        _warn("skipping checkpoint %s: %s", ckpt, problem)
     raise CheckpointError(f"no complete checkpoint in {root}")
 
 
@@ -127,6 +186,11 @@ def latest(root: str | Path) -> Path | None:
         return resolve(root)
     except CheckpointError:
         return None
+
+
+def has_checkpoints(root: str | Path) -> bool:
+    """Whether ``root`` holds any ``iter_*`` folder, complete or not."""
+    return Path(root).is_dir() and any(p.is_dir() for p in Path(root).glob("iter_*"))
 
 
 def check_architecture(ckpt_dir: Path, model_cfg) -> dict:
@@ -243,46 +307,144 @@ def save(
     extra_metadata: dict | None = None,
     keep_last_n: int | None = None,
 ) -> Path:
-    """Write ``root/iter_<iteration>`` atomically; returns its path."""
+    """Write ``root/iter_<iteration>`` atomically; returns its path.
+
+    Raises CheckpointError on every rank when it cannot be written; nothing
+    that looks like a checkpoint is left behind then.
+    """
     from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
     root = Path(root)
     final = root / iter_dirname(iteration)
     tmp = root / f".tmp-{final.name}"
-    rank0 = dist.get_rank() == 0
-    if rank0:
-        root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-    dist.barrier()
+    _check_finite(model_chunks, final)
+    _in_process_results_queue()  # before rank 0 may raise: every rank gets here
+    _on_rank0(lambda: _fresh_dir(tmp), f"cannot write checkpoint {final}")
     state = _sharded_state_dict(
         model_chunks, optimizer, scheduler, extra={"train_state": dict(train_state)}
     )
-    _in_process_results_queue()
-    dist_checkpointing.save(state, str(tmp))
+    try:
+        dist_checkpointing.save(state, str(tmp))
+    except (Exception, CheckpointException) as e:  # a write failure raises on every rank
+        if dist.get_rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"cannot write checkpoint {final}: {_one_line(e)}") from e
     dist.barrier()
-    if rank0:
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "iteration": iteration,
-            "train_state": dict(train_state),
-            "model": architecture(model_cfg),
-            "model_config": asdict(model_cfg),
-            "layout": {
-                "tensor_model_parallel_size": model_cfg.tensor_model_parallel_size,
-                "pipeline_model_parallel_size": model_cfg.pipeline_model_parallel_size,
-            },
-            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            **(extra_metadata or {}),
-        }
-        write_json_atomic(tmp / METADATA, meta)
-        _replace_dir(tmp, final)
-        write_text_atomic(root / LATEST, str(iteration))
-        if keep_last_n:
-            prune(root, keep_last_n)
-    dist.barrier()
+    meta = _metadata(iteration, train_state, model_cfg, extra_metadata)
+    _on_rank0(lambda: _publish(tmp, final, meta, keep_last_n), f"cannot write checkpoint {final}")
     return final
+
+
+def _metadata(iteration: int, train_state: dict, model_cfg, extra: dict | None) -> dict:
+    return {
+        "format_version": FORMAT_VERSION,
+        "iteration": iteration,
+        "train_state": dict(train_state),
+        "model": architecture(model_cfg),
+        "model_config": asdict(model_cfg),
+        "layout": {
+            "tensor_model_parallel_size": model_cfg.tensor_model_parallel_size,
+            "pipeline_model_parallel_size": model_cfg.pipeline_model_parallel_size,
+        },
+        "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        **(extra or {}),
+    }
+
+
+def ensure_writable(root: str | Path) -> None:
+    """Fail now, on every rank, if checkpoints cannot be written under ``root``."""
+    root = Path(root)
+
+    def probe() -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(root / ".megabridge-write-test", "ok")
+        (root / ".megabridge-write-test").unlink()
+
+    _on_rank0(probe, f"checkpoint.save={root} is not writable")
+
+
+def _fresh_dir(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir()
+
+
+def _publish(tmp: Path, final: Path, meta: dict, keep_last_n: int | None) -> None:
+    """Rank 0, once every rank has written its part: seal, rename, point LATEST at it, prune."""
+    meta["files"] = _file_sizes(tmp)
+    try:
+        write_json_atomic(tmp / METADATA, meta)  # last: its presence marks a finished save
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)  # a full disk gets its space back
+        raise
+    _replace_dir(tmp, final)
+    _fsync_dir(final.parent)
+    write_text_atomic(final.parent / LATEST, str(meta["iteration"]))
+    if keep_last_n:
+        prune(final.parent, keep_last_n, newest=final)
+    for leftover in (*final.parent.glob(".tmp-iter_*"), *final.parent.glob(".trash-iter_*")):
+        shutil.rmtree(leftover, ignore_errors=True)  # of interrupted saves and deletes
+
+
+def _file_sizes(folder: Path) -> dict[str, int]:
+    """Every file's size, recorded so that a truncated or lost file is noticed on load."""
+    return {
+        str(p.relative_to(folder)): p.stat().st_size
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def _on_rank0(fn, what: str) -> None:
+    """Run the filesystem step ``fn`` on rank 0; if it fails, every rank raises CheckpointError.
+
+    The other ranks learn of the failure through a broadcast, instead of waiting
+    at the next collective for a rank that has gone.
+    """
+    error = None
+    if dist.get_rank() == 0:
+        try:
+            fn()
+        except OSError as e:
+            error = f"{what}: {_one_line(e)}"
+    box = [error]
+    if dist.get_world_size() > 1:
+        dist.broadcast_object_list(box, src=0)
+    if box[0]:
+        raise CheckpointError(box[0])
+
+
+def _check_finite(model_chunks, final: Path) -> None:
+    """Refuse, on every rank, to write weights that hold NaN or Inf."""
+    params = [p for chunk in model_chunks for p in chunk.parameters()]
+    finite = torch.stack([torch.isfinite(p).all() for p in params]).all()
+    bad = (~finite).to(torch.float32).reshape(1)
+    if dist.get_world_size() > 1:
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    if bad.item():
+        raise CheckpointError(f"refusing to write {final}: the weights hold NaN or Inf")
+
+
+def _one_line(e: BaseException) -> str:
+    """The root cause of ``e`` in one line: the OSError inside if there is one, else the
+    innermost error (dist_checkpointing wraps what each rank's writer processes raised)."""
+    todo, seen, innermost = [e], set(), e
+    while todo:
+        cur = todo.pop(0)
+        if not isinstance(cur, BaseException) or id(cur) in seen:
+            continue
+        seen.add(id(cur))
+        if isinstance(cur, OSError):
+            return str(cur)
+        innermost = cur
+        failures = getattr(cur, "failures", None) or {}  # CheckpointException: rank -> (e, tb)
+        todo += [cur.__cause__, cur.__context__, *(f[0] for f in failures.values())]
+    line = (str(innermost).strip().splitlines() or [""])[0]
+    if "[Errno " in line:  # an OSError that crossed a process boundary as text
+        return line[line.index("[Errno ") :]
+    return f"{type(innermost).__name__}: {line}"
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -298,6 +460,15 @@ def write_json_atomic(path: Path, data: dict) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, default=str))
 
 
+def _fsync_dir(path: Path) -> None:
+    """Make a rename in ``path`` survive a power cut."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _replace_dir(src: Path, dst: Path) -> None:
     if dst.exists():
         old = dst.with_name(f".old-{dst.name}")
@@ -310,11 +481,21 @@ def _replace_dir(src: Path, dst: Path) -> None:
         os.rename(src, dst)
 
 
-def prune(root: Path, keep_last_n: int) -> None:
-    """Delete all but the newest ``keep_last_n`` complete checkpoints (and stale temp dirs)."""
-    complete = sorted(p for p in root.glob("iter_*") if is_complete(p))
-    for old in complete[:-keep_last_n]:
-        shutil.rmtree(old, ignore_errors=True)
+def prune(root: Path, keep_last_n: int, newest: Path) -> None:
+    """Keep ``newest`` and the ``keep_last_n - 1`` complete checkpoints before it.
+
+    Called only once ``newest`` is complete, so there is always one to resume
+    from. Older ones are renamed out of sight before they are deleted: a crash
+    mid-delete leaves no damaged ``iter_*`` folder. Checkpoints newer than
+    ``newest`` (of a run that went back to an earlier one) are left alone.
+    """
+    older = sorted(p for p in root.glob("iter_*") if p.name < newest.name and is_complete(p))
+    doomed = older[: max(len(older) - (keep_last_n - 1), 0)]
+    for old in doomed:
+        trash = root / f".trash-{old.name}"
+        shutil.rmtree(trash, ignore_errors=True)
+        os.rename(old, trash)
+        shutil.rmtree(trash, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------ load
@@ -342,7 +523,7 @@ def load(ckpt_dir: Path, model_chunks, optimizer=None, scheduler=None, model_onl
     try:
         state = dist_checkpointing.load(sd, str(ckpt_dir))
     except Exception as e:  # noqa: BLE001 - any failure here means an unusable checkpoint
-        raise CheckpointError(f"cannot load checkpoint {ckpt_dir}: {type(e).__name__}: {e}") from e
+        raise CheckpointError(f"cannot load checkpoint {ckpt_dir}: {_one_line(e)}") from e
     (model,) = [unwrap_model(m) for m in model_chunks]
     model.load_state_dict(state["model"], strict=True)
     if model_only:
@@ -412,6 +593,7 @@ def save_model(
             "layout": _layout_dict(),
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
             **(extra_metadata or {}),
+            "files": _file_sizes(tmp),
         }
         write_json_atomic(tmp / METADATA, meta)
         _replace_dir(tmp, out)

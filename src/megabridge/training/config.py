@@ -38,7 +38,7 @@ class TrainConfig:
         True, "on SIGTERM/SIGUSR1: finish the iteration, save a checkpoint and exit 0"
     )
     exit_duration_in_mins: float | None = option(
-        None, "save and exit once the run has taken this many minutes"
+        None, "save and exit once the run has taken this many minutes (setup included)"
     )
     skip_nonfinite_limit: int = option(
         3, "consecutive iterations with a NaN/Inf loss or grad norm skipped before stopping"

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from megabridge import runtime
-from megabridge.errors import CheckpointError
+from megabridge.errors import CheckpointError, UserError
 from megabridge.training import checkpointing
 from megabridge.training.config import ConfigContainer
 from megabridge.training.metrics import MetricsWriter
@@ -42,103 +42,138 @@ class Session:
     state: TrainState
     save_dir: Path
     log_dir: Path
+    saved_iteration: int | None = None  # of the newest checkpoint in save_dir, once known
 
 
 def train(cfg: ConfigContainer) -> TrainState:
-    """Run ``cfg`` to ``train.train_iters`` (or until told to stop); returns the final state."""
-    s = setup(cfg)
-    writer = MetricsWriter(s.log_dir, enabled=s.rt.is_main, tensorboard=cfg.logger.tensorboard)
-    try:
-        with ExitSignalHandler(enabled=cfg.train.exit_signal_handler) as signals:
-            _loop(s, writer, signals)
-    finally:
-        writer.close()
+    """Run ``cfg`` to ``train.train_iters`` (or until told to stop); returns the final state.
+
+    The signal handler is on from the start, so SIGTERM while the model is being
+    built is not lost: the run stops with a checkpoint after its first iteration.
+    """
+    start = time.time()
+    with ExitSignalHandler(enabled=cfg.train.exit_signal_handler) as signals:
+        s = setup(cfg)
+        writer = MetricsWriter(s.log_dir, enabled=s.rt.is_main, tensorboard=cfg.logger.tensorboard)
+        try:
+            _loop(s, writer, signals, start)
+        finally:
+            writer.close()
     return s.state
 
 
-def _loop(s: Session, writer: MetricsWriter, signals: ExitSignalHandler) -> None:
-    from megabridge.training.step import evaluate, train_step
+def _loop(s: Session, writer: MetricsWriter, signals: ExitSignalHandler, start: float) -> None:
+    from megabridge.training.step import train_step
 
     cfg, state, t = s.cfg, s.state, s.cfg.train
-    seq = cfg.dataset.seq_length or cfg.model.seq_length
-    start = time.time()
-    last_log, consecutive_bad = time.time(), 0
+    clock = _Clock(start=time.time(), last_log=time.time())
+    bad_in_a_row = 0
     while state.iteration < t.train_iters:
-        loss, grad_norm, stepped, tokens = train_step(
+        loss, grad_norm, stepped, _ = train_step(
             cfg, s.model, s.optimizer, s.scheduler, s.train_data, state.consumed_samples
         )
         state.iteration += 1
         state.consumed_samples += t.global_batch_size
-        if stepped:
-            consecutive_bad = 0
-        else:
-            state.skipped_iterations += 1
-            consecutive_bad += 1
-            if s.rt.is_main:
-                log.warning(
-                    "iteration %d: non-finite loss %s / grad norm %s: update skipped (%d in a row)",
-                    state.iteration,
-                    loss,
-                    grad_norm,
-                    consecutive_bad,
-                )
-            if consecutive_bad >= t.skip_nonfinite_limit:
-                _stop_after_bad_steps(s, consecutive_bad)
-                return
-        if state.iteration % cfg.logger.log_interval == 0 or state.iteration == t.train_iters:
-            now = time.time()
-            iters = min(cfg.logger.log_interval, state.iteration) or 1
-            record = {
-                "iteration": state.iteration,
-                "loss": loss,
-                "lr": s.optimizer.param_groups[0]["lr"],
-                "grad_norm": grad_norm,
-                "tokens_per_s": iters * t.global_batch_size * seq / max(now - last_log, 1e-9),
-                "consumed_samples": state.consumed_samples,
-                "skipped_iterations": state.skipped_iterations,
-            }
-            last_log = now
-            if (
-                t.eval_interval
-                and s.valid_data is not None
-                and state.iteration % t.eval_interval == 0
-            ):
-                record["eval_loss"] = evaluate(cfg, s.model, s.valid_data)
-            writer.write(record, t.train_iters, now - start)
-        elif (
-            t.eval_interval and s.valid_data is not None and state.iteration % t.eval_interval == 0
-        ):
-            writer.write(
-                {"iteration": state.iteration, "eval_loss": evaluate(cfg, s.model, s.valid_data)},
-                t.train_iters,
-                time.time() - start,
-            )
-        interval = cfg.checkpoint.save_interval
-        if interval and state.iteration % interval == 0 and state.iteration < t.train_iters:
-            save(s)
+        bad_in_a_row = 0 if stepped else bad_in_a_row + 1
+        state.skipped_iterations += 0 if stepped else 1
+        _report(s, writer, clock, loss, grad_norm)
+        if bad_in_a_row:
+            _skipped_step(s, loss, grad_norm, bad_in_a_row)  # raises at the limit
+        if _every(cfg.checkpoint.save_interval, state.iteration):
+            save(s)  # the last one too: the save after the loop sees it is done
         reason = signals.should_exit(start, t.exit_duration_in_mins)
         if reason:
-            path = save(s)
-            if s.rt.is_main:
-                log.info("%s: saved %s at iteration %d; exiting", reason, path, state.iteration)
+            _exit_early(s, reason)
             return
     save(s)
 
 
-def _stop_after_bad_steps(s: Session, count: int) -> None:
-    """Too many non-finite steps: keep the last good checkpoint and stop loudly."""
-    from megabridge.errors import UserError
+def _every(interval: int | None, iteration: int) -> bool:
+    return bool(interval) and iteration % interval == 0
 
-    # The weights were never updated by a bad step, so they are the last good state.
+
+@dataclasses.dataclass
+class _Clock:
+    start: float
+    last_log: float
+
+
+def _report(s: Session, writer: MetricsWriter, clock: _Clock, loss: float, grad_norm: float):
+    """Metrics every logger.log_interval iterations; evaluation every train.eval_interval."""
+    from megabridge.training.step import evaluate
+
+    cfg, state, t = s.cfg, s.state, s.cfg.train
+    record: dict = {"iteration": state.iteration}
+    if _every(cfg.logger.log_interval, state.iteration) or state.iteration == t.train_iters:
+        now = time.time()
+        iters = min(cfg.logger.log_interval, state.iteration) or 1
+        seq = cfg.dataset.seq_length or cfg.model.seq_length
+        record.update(
+            loss=loss,
+            lr=s.optimizer.param_groups[0]["lr"],
+            grad_norm=grad_norm,
+            tokens_per_s=iters * t.global_batch_size * seq / max(now - clock.last_log, 1e-9),
+            consumed_samples=state.consumed_samples,
+            skipped_iterations=state.skipped_iterations,
+        )
+        clock.last_log = now
+    if s.valid_data is not None and _every(t.eval_interval, state.iteration):
+        record["eval_loss"] = evaluate(cfg, s.model, s.valid_data)
+    if len(record) > 1:
+        writer.write(record, t.train_iters, time.time() - clock.start)
+
+
+def _skipped_step(s: Session, loss: float, grad_norm: float, in_a_row: int) -> None:
+    """A step skipped for a NaN/Inf loss or grad norm: warn; at the limit, stop."""
+    limit = s.cfg.train.skip_nonfinite_limit
+    if s.rt.is_main:
+        log.warning(
+            "iteration %d: non-finite loss %s / grad norm %s: update skipped (%d in a row, limit %d)",
+            s.state.iteration,
+            loss,
+            grad_norm,
+            in_a_row,
+            limit,
+        )
+    if in_a_row >= limit:
+        _stop_after_bad_steps(s, in_a_row)
+
+
+def _stop_after_bad_steps(s: Session, count: int) -> None:
+    """Too many non-finite steps in a row: checkpoint the last good state and stop loudly.
+
+    Skipped steps changed neither the weights nor the optimizer, so stepping the
+    counters back by ``count`` gives the state after the last good step. A
+    resume from it replays the failing batches (with, say, a lower optimizer.lr).
+    """
+    state = s.state
+    state.iteration -= count
+    state.consumed_samples -= count * s.cfg.train.global_batch_size
+    state.skipped_iterations -= count
     path = save(s)
     raise UserError(
-        f"{count} consecutive iterations had a non-finite loss or gradient norm "
-        f"(limit train.skip_nonfinite_limit={s.cfg.train.skip_nonfinite_limit}); "
-        f"the last good state is saved in {path}"
+        f"iterations {state.iteration + 1}-{state.iteration + count} had a non-finite loss or "
+        f"gradient norm (train.skip_nonfinite_limit={s.cfg.train.skip_nonfinite_limit}); "
+        f"stopped with the last good state, iteration {state.iteration}, saved in {path}"
     )
 
 
+def _exit_early(s: Session, reason: str) -> None:
+    path = save(s)
+    if s.rt.is_main:
+        log.info(
+            "%s: saved iteration %d in %s; exiting (resume with checkpoint.load=%s)",
+            reason,
+            s.state.iteration,
+            path,
+            s.save_dir,
+        )
+
+
 def save(s: Session) -> Path:
+    """Checkpoint the current state, unless this very state is the newest checkpoint already."""
+    if s.saved_iteration == s.state.iteration:
+        return s.save_dir / checkpointing.iter_dirname(s.state.iteration)
     path = checkpointing.save(
         s.save_dir,
         s.state.iteration,
@@ -149,6 +184,7 @@ def save(s: Session) -> Path:
         s.cfg.model,
         keep_last_n=s.cfg.checkpoint.keep_last_n,
     )
+    s.saved_iteration = s.state.iteration
     if s.rt.is_main:
         log.info("saved checkpoint %s", path)
     return path
@@ -181,6 +217,7 @@ def setup(cfg: ConfigContainer) -> Session:
     )
     runtime.seed_everything(cfg.rng.seed)
     save_dir, log_dir = _run_dirs(cfg, rt)
+    checkpointing.ensure_writable(save_dir)
     resume_from = _resume_checkpoint(cfg, save_dir)
 
     model = build_model(m)
@@ -195,10 +232,12 @@ def setup(cfg: ConfigContainer) -> Session:
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer)
     connect_to_schedules(cfg, model, optimizer)
-    state = TrainState()
+    state, saved_iteration = TrainState(), None
     if resume_from is not None:
         saved = checkpointing.load(resume_from, model, optimizer, scheduler)
         state = TrainState(**{k: saved[k] for k in dataclasses.asdict(state) if k in saved})
+        if resume_from.parent.resolve() == save_dir.resolve():
+            saved_iteration = state.iteration
         if rt.is_main:
             log.info("resumed from %s at iteration %d", resume_from, state.iteration)
     train_data, valid_data = data.build(cfg)
@@ -207,9 +246,11 @@ def setup(cfg: ConfigContainer) -> Session:
         (log_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
         log.info("config: %s", json.dumps(cfg.to_dict(), sort_keys=True))
         log.info("checkpoints -> %s | logs -> %s", save_dir, log_dir)
-    return Session(
+    s = Session(
         cfg, rt, model, optimizer, scheduler, train_data, valid_data, state, save_dir, log_dir
     )
+    s.saved_iteration = saved_iteration
+    return s
 
 
 def _run_dirs(cfg: ConfigContainer, rt: runtime.Runtime) -> tuple[Path, Path]:
@@ -227,20 +268,24 @@ def _run_dirs(cfg: ConfigContainer, rt: runtime.Runtime) -> tuple[Path, Path]:
 
 
 def _resume_checkpoint(cfg: ConfigContainer, save_dir: Path) -> Path | None:
-    """The checkpoint to resume from, after checking it belongs to this model."""
+    """The checkpoint to resume from, after checking it belongs to this model.
+
+    With checkpoint.load, its newest complete checkpoint (damaged or unfinished
+    ones are skipped with a warning); a save folder that holds none yet is a
+    fresh start. Without, a save folder that holds checkpoints is refused.
+    """
     if cfg.checkpoint.load:
         load_root = Path(cfg.checkpoint.load)
-        ckpt = checkpointing.latest(load_root)
-        if ckpt is None:
-            if load_root.resolve() == save_dir.resolve():
-                return None  # auto-resume into an empty save folder: a fresh start
-            raise CheckpointError(f"checkpoint.load={load_root}: no complete checkpoint there")
+        is_save_dir = load_root.resolve() == save_dir.resolve()
+        if is_save_dir and not checkpointing.has_checkpoints(load_root):
+            return None
+        ckpt = checkpointing.resolve(load_root)
         checkpointing.check_architecture(ckpt, cfg.model)
         return ckpt
-    existing = checkpointing.latest(save_dir)
-    if existing is not None:
+    if checkpointing.has_checkpoints(save_dir):
+        newest = max(p.name for p in save_dir.glob("iter_*"))
         raise CheckpointError(
-            f"checkpoint.save={save_dir} already holds {existing.name}; resume with "
+            f"checkpoint.save={save_dir} already holds {newest}; resume with "
             f"checkpoint.load={save_dir} or choose another checkpoint.save"
         )
     return None

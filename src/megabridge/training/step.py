@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from functools import partial
 
 import torch
@@ -47,7 +48,9 @@ def _reduce_loss(losses_reduced: list[dict], device) -> tuple[float, float]:
     return (loss_sum / tokens if tokens else float("nan")), tokens
 
 
-def run_microbatches(cfg, model_chunks, dataset, consumed: int, forward_only: bool):
+def run_microbatches(
+    cfg, model_chunks, dataset, consumed: int, forward_only: bool, step_func=forward_step
+):
     """Forward (and backward) one global batch; returns (loss, tokens)."""
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -68,7 +71,7 @@ def run_microbatches(cfg, model_chunks, dataset, consumed: int, forward_only: bo
     )
     seq_length = cfg.dataset.seq_length or cfg.model.seq_length
     losses = get_forward_backward_func()(
-        forward_step_func=forward_step,
+        forward_step_func=step_func,
         data_iterator=data,
         model=model_chunks,
         num_microbatches=num_micro,
@@ -83,10 +86,11 @@ def train_step(cfg, model_chunks, optimizer, scheduler, dataset, consumed: int):
     """One optimizer step. Returns (loss, grad_norm, stepped, tokens)."""
     from megabridge.training.optim import guarded_step
 
+    step_func = _inject_faults(consumed // cfg.train.global_batch_size + 1)
     for chunk in model_chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
-    loss, tokens = run_microbatches(cfg, model_chunks, dataset, consumed, forward_only=False)
+    loss, tokens = run_microbatches(cfg, model_chunks, dataset, consumed, False, step_func)
     if not math.isfinite(loss):
         return loss, float("nan"), False, tokens
     stepped, grad_norm = guarded_step(optimizer)
@@ -109,3 +113,29 @@ def evaluate(cfg, model_chunks, dataset) -> float:
     for chunk in model_chunks:
         chunk.train()
     return total / tokens if tokens else float("nan")
+
+
+# ------------------------------------------------------------------ fault injection
+# Test hooks, read here and nowhere else (tests/functional_tests/test_resilience.py).
+# They make happen on demand what a diverging run or a dying node does:
+#   MEGABRIDGE_INJECT_NAN_AT=3,4    iterations 3 and 4 get a NaN loss (and NaN gradients)
+#   MEGABRIDGE_INJECT_EXIT_AT=1:3   rank 1 dies, os._exit(13), as iteration 3 begins
+INJECT_NAN_AT = "MEGABRIDGE_INJECT_NAN_AT"
+INJECT_EXIT_AT = "MEGABRIDGE_INJECT_EXIT_AT"
+INJECTED_EXIT_CODE = 13
+
+
+def _inject_faults(iteration: int):
+    """The forward step for ``iteration``: forward_step, unless a test asked for a fault."""
+    if os.environ.get(INJECT_EXIT_AT) == f"{dist.get_rank()}:{iteration}":
+        message = f"rank {dist.get_rank()}: {INJECT_EXIT_AT}: dying at iteration {iteration}\n"
+        os.write(2, message.encode())
+        os._exit(INJECTED_EXIT_CODE)
+    if str(iteration) in os.environ.get(INJECT_NAN_AT, "").split(","):
+        return _nan_forward_step
+    return forward_step
+
+
+def _nan_forward_step(data_iterator, model):
+    output, loss_func = forward_step(data_iterator, model)
+    return output * float("nan"), loss_func

@@ -128,7 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_EXTRA_COMMANDS: list = []
+def _register_data(sub) -> None:
+    from megabridge.training.data.preprocess import add_command
+
+    add_command(sub)
+
+
+_EXTRA_COMMANDS: list = [_register_data]
 
 
 def main(argv: list[str] | None = None) -> int:

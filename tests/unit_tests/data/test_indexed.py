@@ -78,3 +78,10 @@ def test_bad_blend_or_split_is_one_clear_error(prefixes, blend, split, message):
 def test_no_validation_split_means_no_eval_data(prefixes):
     train, valid = build(_config(prefixes[:1], split="1,0,0"))
     assert valid is None and len(train) >= 12
+
+
+def test_an_explicit_tokenizer_must_fit_the_model(prefixes, tokenizer_dir):
+    cfg = _config(prefixes[:1])
+    cfg.tokenizer.path, cfg.model.vocab_size = str(tokenizer_dir), 16
+    with pytest.raises(ConfigError, match="has 39 tokens but model.vocab_size=16"):
+        build(cfg)

@@ -30,7 +30,8 @@ def build(cfg):
         from megabridge.training.data import indexed
         from megabridge.training.data.tokenizer import tokenizer_for
 
-        return indexed.build(cfg, seq, tokenizer_for(cfg))
+        # Token ids need no tokenizer; an explicit one is still checked against the model.
+        return indexed.build(cfg, seq, tokenizer_for(cfg) if cfg.tokenizer.path else None)
     if kind == "sft":
         return _build_sft(cfg, seq)
     raise ConfigError(f"dataset.type={kind!r} is not supported")

@@ -21,6 +21,10 @@ def free_port() -> int:
 
 def cpu_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
+    # The single_process_megatron fixture puts its own rendezvous (and holds its port) in
+    # this process's environment; a child run without a launcher must pick its own.
+    for key in ("MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
     env.update(
         CUDA_VISIBLE_DEVICES="",
         OMP_NUM_THREADS="1",

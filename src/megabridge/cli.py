@@ -134,7 +134,13 @@ def _register_conversion(sub) -> None:
     commands.register(sub)
 
 
-_EXTRA_COMMANDS = [_register_conversion]
+def _register_data(sub) -> None:
+    from megabridge.training.data.preprocess import add_command
+
+    add_command(sub)
+
+
+_EXTRA_COMMANDS = [_register_conversion, _register_data]
 
 
 def main(argv: list[str] | None = None) -> int:

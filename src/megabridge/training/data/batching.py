@@ -8,6 +8,7 @@ uninterrupted run would have: nothing repeated, nothing skipped.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 
 import torch
@@ -15,6 +16,20 @@ import torch
 
 def collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return {key: torch.stack([s[key] for s in samples]) for key in samples[0]}
+
+
+def to_device(value, device: torch.device):
+    """A tensor, or a dataclass of tensors (PackedSeqParams), on ``device``; anything else as is."""
+    if torch.is_tensor(value):
+        return value.to(device, non_blocking=True)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        moved = {
+            f.name: getattr(value, f.name).to(device, non_blocking=True)
+            for f in dataclasses.fields(value)
+            if torch.is_tensor(getattr(value, f.name))
+        }
+        return dataclasses.replace(value, **moved)
+    return value
 
 
 def global_batch_indices(
@@ -39,7 +54,4 @@ def micro_batches(
     indices = global_batch_indices(consumed, global_batch_size, dp_rank, dp_size, len(dataset))
     for i in range(0, len(indices), micro_batch_size):
         batch = collate_fn([dataset[j] for j in indices[i : i + micro_batch_size]])
-        yield {
-            k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
-            for k, v in batch.items()
-        }
+        yield {k: to_device(v, device) for k, v in batch.items()}

@@ -192,6 +192,10 @@ def _sharded_state_dict(model_chunks, optimizer=None, scheduler=None, extra=None
 
     (model,) = [unwrap_model(m) for m in model_chunks]
     sd = {"model": model.sharded_state_dict()}
+    if _peft_of(model) is not None:  # the adapters only: the frozen base is the pretrained model's
+        from megabridge.peft import lora
+
+        sd["model"] = lora.adapter_state(model, sd["model"])
     if optimizer is not None:
         meta = {"distrib_optim_sharding_type": "fully_reshardable"}
         sd["optimizer"] = optimizer.sharded_state_dict(
@@ -228,6 +232,7 @@ def save(
 ) -> Path:
     """Write ``root/iter_<iteration>`` atomically; returns its path."""
     from megatron.core import dist_checkpointing
+    from megatron.core.utils import unwrap_model
 
     root = Path(root)
     final = root / iter_dirname(iteration)
@@ -258,6 +263,9 @@ def save(
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
             **(extra_metadata or {}),
         }
+        peft = _peft_of(unwrap_model(model_chunks[0]))
+        if peft is not None:
+            meta["peft"] = peft
         write_json_atomic(tmp / METADATA, meta)
         _replace_dir(tmp, final)
         write_text_atomic(root / LATEST, str(iteration))
@@ -312,6 +320,12 @@ def load(ckpt_dir: Path, model_chunks, optimizer=None, scheduler=None, model_onl
     from megatron.core.utils import unwrap_model
 
     meta = read_metadata(ckpt_dir)
+    (model,) = [unwrap_model(m) for m in model_chunks]
+    peft = _peft_of(model)
+    if peft is not None or "peft" in meta:
+        from megabridge.peft import lora
+
+        lora.check_checkpoint(meta.get("peft"), peft, ckpt_dir, resuming=not model_only)
     if model_only:
         sd = _sharded_state_dict(model_chunks)
     else:
@@ -325,8 +339,10 @@ def load(ckpt_dir: Path, model_chunks, optimizer=None, scheduler=None, model_onl
         state = dist_checkpointing.load(sd, str(ckpt_dir))
     except Exception as e:  # noqa: BLE001 - any failure here means an unusable checkpoint
         raise CheckpointError(f"cannot load checkpoint {ckpt_dir}: {type(e).__name__}: {e}") from e
-    (model,) = [unwrap_model(m) for m in model_chunks]
-    model.load_state_dict(state["model"], strict=True)
+    if peft is not None:
+        lora.load_adapter_state(model, state["model"], ckpt_dir)
+    else:
+        model.load_state_dict(state["model"], strict=True)
     if model_only:
         return {}
     if optimizer is not None:
@@ -336,6 +352,11 @@ def load(ckpt_dir: Path, model_chunks, optimizer=None, scheduler=None, model_onl
     if "rng_state" in state:
         _set_rng_state(state["rng_state"])
     return dict(state["train_state"])
+
+
+def _peft_of(model) -> dict | None:
+    """The adapter settings of a model with LoRA/DoRA adapters (peft/lora.py), else None."""
+    return getattr(model, "megabridge_peft", None)
 
 
 def _layout_dict() -> dict:

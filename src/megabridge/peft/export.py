@@ -200,10 +200,11 @@ def register(sub) -> None:
     p = sub.add_parser(
         "export",
         help="LoRA/DoRA checkpoint -> merged HF model and/or peft adapter",
-        description="Export a LoRA/DoRA training checkpoint. --hf-path: the adapters merged into "
-        "their base, a full HF model folder. --adapter-path: the adapters alone, in the format "
-        "peft loads (PeftModel.from_pretrained(base_model, PATH)). Full-model checkpoints go "
-        "through `megabridge convert megatron-to-hf`.",
+        description="Export a LoRA/DoRA training checkpoint.\n"
+        "  --hf-path       the adapters merged into their base: a full HF model folder\n"
+        "  --adapter-path  the adapters alone, as peft loads them:\n"
+        "                  PeftModel.from_pretrained(base_model, PATH)\n"
+        "Full-model checkpoints go through `megabridge convert megatron-to-hf`.",
         epilog="examples:\n  megabridge export --megatron-path runs/x/checkpoints --hf-path merged\n"
         "  megabridge export --megatron-path runs/x/checkpoints --adapter-path adapter\n"
         "  torchrun --nproc_per_node=2 -m megabridge export --megatron-path CKPT --hf-path OUT --tp 2",

@@ -6,7 +6,7 @@
     megabridge convert  hf-to-megatron | megatron-to-hf ...        convert checkpoints
     megabridge verify   --hf-path DIR [--megatron-path DIR]        compare logits with transformers
     megabridge data     preprocess ...                             JSONL -> Megatron .bin/.idx
-    megabridge export   ...                                        merged / adapter-only HF export
+    megabridge export   --megatron-path CKPT --hf-path | --adapter-path DIR   LoRA/DoRA -> HF / peft
 
 A user mistake (bad path, option, override or checkpoint) prints one line and
 exits with code 2.
@@ -140,7 +140,13 @@ def _register_data(sub) -> None:
     add_command(sub)
 
 
-_EXTRA_COMMANDS = [_register_conversion, _register_data]
+def _register_export(sub) -> None:
+    from megabridge.peft import export
+
+    export.register(sub)
+
+
+_EXTRA_COMMANDS = [_register_conversion, _register_data, _register_export]
 
 
 def main(argv: list[str] | None = None) -> int:

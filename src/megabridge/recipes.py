@@ -87,5 +87,7 @@ def lora(name: str, model, pretrained: str | None = None) -> ConfigContainer:
     cfg = finetune(name, model, pretrained)
     cfg.peft.method = "lora"
     cfg.peft.dim, cfg.peft.alpha = 16, 32.0
+    # The adapters wrap Megatron-Core's own parallel linears, not TE's layer-norm-fused ones.
+    cfg.model.transformer_impl = "torch"
     cfg.optimizer.lr, cfg.optimizer.min_lr = 1e-4, 1e-5
     return cfg

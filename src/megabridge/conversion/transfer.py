@@ -49,11 +49,12 @@ def _full_shape(local_shape, how: sharding.Split, size: int) -> list[int]:
     return shape
 
 
-def _local_params(chunks, cfg):
-    """(chunk, local name, global name, param) for this rank's parameters."""
+def _local_params(chunks, cfg, include=None):
+    """(chunk, local name, global name, param) for this rank's parameters (``include``d ones)."""
     for chunk in chunks:
         for local_name, param in chunk.named_parameters():
-            yield chunk, local_name, sharding.global_name(chunk, local_name), param
+            if include is None or include(local_name):
+                yield chunk, local_name, sharding.global_name(chunk, local_name), param
 
 
 # ------------------------------------------------------------------ HF -> Megatron
@@ -135,10 +136,10 @@ class _Entry:
     owner: int  # global rank that broadcasts the whole tensor
 
 
-def _catalogue(chunks, cfg) -> list[_Entry]:
+def _catalogue(chunks, cfg, include=None) -> list[_Entry]:
     """The global parameter list, identical on every rank."""
     mine = []
-    for _, local_name, name, param in _local_params(chunks, cfg):
+    for _, local_name, name, param in _local_params(chunks, cfg, include):
         if _tied_output(name, cfg):
             continue
         group, replica = _groups(local_name)
@@ -157,14 +158,20 @@ def _catalogue(chunks, cfg) -> list[_Entry]:
 
 
 @torch.no_grad()
-def export_hf_weights(chunks, bridge, cfg, dtype_of=None) -> Iterator[tuple[str, torch.Tensor]]:
+def export_hf_weights(
+    chunks, bridge, cfg, dtype_of=None, include=None
+) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (hf_name, whole tensor) on every rank; a collective: all ranks must iterate it all.
 
-    ``dtype_of(hf_name)`` gives each output's dtype (None: keep the model's).
+    ``dtype_of(hf_name)`` gives each output's dtype (None: keep the model's);
+    ``include(local_name)`` picks the parameters to export (None: all), e.g. LoRA adapters.
     """
-    local = {name: (local_name, param) for _, local_name, name, param in _local_params(chunks, cfg)}
+    local = {
+        name: (local_name, param)
+        for _, local_name, name, param in _local_params(chunks, cfg, include)
+    }
     device = next(chunks[0].parameters()).device
-    for entry in _catalogue(chunks, cfg):
+    for entry in _catalogue(chunks, cfg, include):
         full = None
         if entry.name in local:
             local_name, param = local[entry.name]

@@ -256,6 +256,10 @@ def _sharded_state_dict(model_chunks, optimizer=None, scheduler=None, extra=None
 
     (model,) = [unwrap_model(m) for m in model_chunks]
     sd = {"model": model.sharded_state_dict()}
+    if _peft_of(model) is not None:  # the adapters only: the frozen base is the pretrained model's
+        from megabridge.peft import lora
+
+        sd["model"] = lora.adapter_state(model, sd["model"])
     if optimizer is not None:
         meta = {"distrib_optim_sharding_type": "fully_reshardable"}
         sd["optimizer"] = optimizer.sharded_state_dict(
@@ -313,6 +317,7 @@ def save(
     that looks like a checkpoint is left behind then.
     """
     from megatron.core import dist_checkpointing
+    from megatron.core.utils import unwrap_model
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
     root = Path(root)
@@ -332,6 +337,9 @@ def save(
         raise CheckpointError(f"cannot write checkpoint {final}: {_one_line(e)}") from e
     dist.barrier()
     meta = _metadata(iteration, train_state, model_cfg, extra_metadata)
+    peft = _peft_of(unwrap_model(model_chunks[0]))
+    if peft is not None:
+        meta["peft"] = peft
     _on_rank0(lambda: _publish(tmp, final, meta, keep_last_n), f"cannot write checkpoint {final}")
     return final
 
@@ -511,6 +519,12 @@ def load(ckpt_dir: Path, model_chunks, optimizer=None, scheduler=None, model_onl
     from megatron.core.utils import unwrap_model
 
     meta = read_metadata(ckpt_dir)
+    (model,) = [unwrap_model(m) for m in model_chunks]
+    peft = _peft_of(model)
+    if peft is not None or "peft" in meta:
+        from megabridge.peft import lora
+
+        lora.check_checkpoint(meta.get("peft"), peft, ckpt_dir, resuming=not model_only)
     if model_only:
         sd = _sharded_state_dict(model_chunks)
     else:
@@ -524,8 +538,10 @@ def load(ckpt_dir: Path, model_chunks, optimizer=None, scheduler=None, model_onl
         state = dist_checkpointing.load(sd, str(ckpt_dir))
     except Exception as e:  # noqa: BLE001 - any failure here means an unusable checkpoint
         raise CheckpointError(f"cannot load checkpoint {ckpt_dir}: {_one_line(e)}") from e
-    (model,) = [unwrap_model(m) for m in model_chunks]
-    model.load_state_dict(state["model"], strict=True)
+    if peft is not None:
+        lora.load_adapter_state(model, state["model"], ckpt_dir)
+    else:
+        model.load_state_dict(state["model"], strict=True)
     if model_only:
         return {}
     if optimizer is not None:
@@ -535,6 +551,11 @@ def load(ckpt_dir: Path, model_chunks, optimizer=None, scheduler=None, model_onl
     if "rng_state" in state:
         _set_rng_state(state["rng_state"])
     return dict(state["train_state"])
+
+
+def _peft_of(model) -> dict | None:
+    """The adapter settings of a model with LoRA/DoRA adapters (peft/lora.py), else None."""
+    return getattr(model, "megabridge_peft", None)
 
 
 def _layout_dict() -> dict:

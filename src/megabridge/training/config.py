@@ -363,7 +363,9 @@ def validate(cfg: ConfigContainer, world_size: int) -> None:
     if t.train_iters < 0:
         problems.append("train.train_iters must be >= 0")
     if cfg.peft.method != "none":
-        problems.append(f"peft.method={cfg.peft.method} is not supported yet")
+        from megabridge.peft.lora import config_problems
+
+        problems += config_problems(cfg)
     if cfg.logger.log_interval < 1:
         problems.append("logger.log_interval must be >= 1")
     if problems:

@@ -222,8 +222,8 @@ def setup(cfg: ConfigContainer) -> Session:
 
     model = build_model(m)
     weight_init.initialize(model, m, cfg.rng.seed)
-    if cfg.checkpoint.pretrained_checkpoint and resume_from is None:
-        _load_pretrained(cfg, model)
+    if cfg.checkpoint.pretrained_checkpoint and (resume_from is None or cfg.peft.method != "none"):
+        _load_pretrained(cfg, model)  # a PEFT checkpoint holds only the adapters, not this base
     if cfg.peft.method != "none":
         from megabridge.peft import lora
 

@@ -1,0 +1,229 @@
+"""``megabridge export``: a LoRA/DoRA training checkpoint -> HF, merged and/or as a peft adapter.
+
+    megabridge export --megatron-path CKPT --hf-path OUT        base + adapters merged: an HF
+                                                                model folder transformers loads
+    megabridge export --megatron-path CKPT --adapter-path OUT   the adapters alone, as peft saves
+                                                                them (PeftModel.from_pretrained)
+
+Both at once is one command with both options. A PEFT checkpoint holds only the
+adapters; the frozen base is rebuilt from the pretrained model it records (an HF
+folder or a Megatron checkpoint; ``--base`` points elsewhere if it moved). The
+model is built in fp32: merging is W + s B A in fp32, cast to the output dtype
+(the base's own dtypes, or ``--dtype``). Any TP/PP layout works (torchrun).
+
+Adapter names come from the family's weight mappings, never from a family
+table here: the Megatron B of a fused layer goes through the same mapping as
+the base weight (QKV's per-group split, GatedMLP's [gate; up]) as if it were a
+weight; A, shared by every projection of the fused layer, is copied to each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megabridge.errors import UserError
+from megabridge.peft import lora
+
+log = logging.getLogger("megabridge.export")
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# Megatron adapter parameter -> the name of its tensor under a peft module.
+_PEFT_SUFFIX = {
+    "lora_a": "lora_A.weight",
+    "lora_b": "lora_B.weight",
+    "lora_magnitude": "lora_magnitude_vector",
+}
+
+
+class _Shared:
+    """A as a "mapping": the one A of a fused layer, copied to each of its HF projections."""
+
+    def __init__(self, count: int):
+        self.count = count
+
+    def megatron_to_hf(self, tensor: torch.Tensor, cfg) -> list[torch.Tensor]:
+        return [tensor.clone() for _ in range(self.count)]
+
+
+class _AdapterNames:
+    """Stands in for the family bridge in transfer.export_hf_weights: adapter -> peft names."""
+
+    def __init__(self, family):
+        self.family = family
+
+    def resolve(self, megatron_name: str):
+        layer, _, param = megatron_name.rpartition(".")
+        mapping, hf_weights = self.family.resolve(f"{layer}.weight")
+        modules = [f"base_model.model.{w.removesuffix('.weight')}" for w in hf_weights]
+        names = tuple(f"{m}.{_PEFT_SUFFIX[param]}" for m in modules)
+        return (_Shared(len(names)) if param == "lora_a" else mapping), names
+
+
+def adapter_config(settings: dict, family, base_name: str | None) -> dict:
+    """adapter_config.json for peft's LoraConfig (fields it does not get: its defaults)."""
+    by_target = lora.hf_names_by_target(family)
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_name,
+        "r": settings["dim"],
+        "lora_alpha": settings["alpha"],
+        "lora_dropout": settings["dropout"],
+        "use_dora": settings["method"] == "dora",
+        "use_rslora": False,
+        "target_modules": sorted(h for t in settings["target_modules"] for h in by_target[t]),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+    }
+
+
+def save_adapter(model, bridge, out, settings: dict, dtype=None, overwrite=False, base_name=None):
+    """Write ``out`` in peft's format (rank 0 writes; every rank must call it). Atomic."""
+    from safetensors.torch import save_file
+
+    from megabridge.conversion import hf_io, transfer
+    from megabridge.conversion.auto_bridge import _chunk_config
+
+    chunks = lora._unwrapped(model)
+    tensors = transfer.export_hf_weights(
+        chunks,
+        _AdapterNames(bridge.family),
+        _chunk_config(chunks),
+        (lambda name: dtype) if dtype is not None else None,
+        include=lora.is_adapter,
+    )
+    gathered = {name: t.detach().contiguous().cpu() for name, t in tensors}  # a collective
+    if dist.get_rank() == 0:
+        with hf_io.atomic_output_dir(out, overwrite) as tmp:
+            save_file(gathered, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+            config = adapter_config(settings, bridge.family, base_name)
+            (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    dist.barrier()
+    return Path(out)
+
+
+def _build_base(ckpt: Path, meta: dict, base: str | None, tp: int, pp: int):
+    """(bridge, model chunks) with the frozen base weights the adapters were trained on, in fp32."""
+    from megabridge.conversion.auto_bridge import AutoBridge
+    from megabridge.training import checkpointing
+
+    cfg = checkpointing.model_config_from_dict(meta["model_config"])
+    cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size = tp, pp
+    cfg.expert_model_parallel_size, cfg.sequence_parallel = 1, False
+    cfg.bf16 = False  # merge in fp32; the outputs take the base's dtypes (or --dtype)
+    if base is None:  # trained on megabridge's seeded initialisation
+        from megabridge.models import init as weight_init
+
+        bridge = AutoBridge.from_megatron_checkpoint(ckpt)
+        model = bridge.to_megatron_model(cfg, load_weights=False)
+        weight_init.initialize(model, cfg, meta["peft"]["seed"])
+        return bridge, model
+    if not Path(base).exists():
+        raise UserError(
+            f"the base model {base} (recorded in {ckpt}) does not exist; pass --base PATH"
+        )
+    if (Path(base) / "config.json").is_file():
+        bridge = AutoBridge.from_hf_pretrained(base)
+    else:
+        bridge = AutoBridge.from_megatron_checkpoint(base)
+    checkpointing.check_architecture(ckpt, bridge.model_config)
+    return bridge, bridge.to_megatron_model(cfg)
+
+
+def export_checkpoint(
+    megatron_path,
+    hf_path=None,
+    adapter_path=None,
+    base: str | None = None,
+    hf_reference=None,
+    tp: int = 1,
+    pp: int = 1,
+    dtype: torch.dtype | None = None,
+    overwrite: bool = False,
+) -> None:
+    """Export a PEFT training checkpoint: merged into its base (``hf_path``), alone (``adapter_path``)."""
+    from megabridge.training import checkpointing
+
+    if hf_path is None and adapter_path is None:
+        raise UserError("nothing to export: pass --hf-path (merged model) and/or --adapter-path")
+    for out in (hf_path, adapter_path):
+        if out is not None and Path(out).exists() and not overwrite:
+            raise UserError(f"output {out} already exists (pass --overwrite to replace it)")
+    ckpt = checkpointing.resolve(megatron_path)
+    meta = checkpointing.read_metadata(ckpt)
+    settings = meta.get("peft")
+    if settings is None:
+        raise UserError(
+            f"{ckpt} has no LoRA/DoRA adapters; export a full checkpoint with "
+            "`megabridge convert megatron-to-hf`"
+        )
+    base = str(Path(base).resolve()) if base else settings["base"]
+    bridge, model = _build_base(ckpt, meta, base, tp, pp)
+    if hf_reference:
+        bridge.use_hf_reference(hf_reference)
+    lora.add_adapters(model, settings)
+    checkpointing.load(ckpt, model, model_only=True)
+    if adapter_path is not None:
+        hf_base = base if base and (Path(base) / "config.json").is_file() else None
+        save_adapter(model, bridge, adapter_path, settings, dtype, overwrite, hf_base)
+        log.info("wrote %s adapter %s", settings["method"], adapter_path)
+    if hf_path is not None:
+        lora.merge_and_unload(model)
+        bridge.save_hf_pretrained(model, hf_path, dtype, overwrite, progress=True)
+        log.info("wrote merged HF model %s", hf_path)
+
+
+# ------------------------------------------------------------------ CLI
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from megabridge.conversion.commands import _dtype
+
+    export_checkpoint(
+        args.megatron_path, args.hf_path, args.adapter_path, args.base, args.hf_reference,
+        args.tp, args.pp, _dtype(args.dtype), args.overwrite,
+    )  # fmt: skip
+    return 0
+
+
+def register(sub) -> None:
+    from megabridge.conversion.commands import _with_runtime
+
+    p = sub.add_parser(
+        "export",
+        help="LoRA/DoRA checkpoint -> merged HF model and/or peft adapter",
+        description="Export a LoRA/DoRA training checkpoint.\n"
+        "  --hf-path       the adapters merged into their base: a full HF model folder\n"
+        "  --adapter-path  the adapters alone, as peft loads them:\n"
+        "                  PeftModel.from_pretrained(base_model, PATH)\n"
+        "Full-model checkpoints go through `megabridge convert megatron-to-hf`.",
+        epilog="examples:\n  megabridge export --megatron-path runs/x/checkpoints --hf-path merged\n"
+        "  megabridge export --megatron-path runs/x/checkpoints --adapter-path adapter\n"
+        "  torchrun --nproc_per_node=2 -m megabridge export --megatron-path CKPT --hf-path OUT --tp 2",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--megatron-path", required=True, help="PEFT checkpoint folder (or a training save folder)"
+    )
+    p.add_argument("--hf-path", help="output: HF model folder with the adapters merged in")
+    p.add_argument("--adapter-path", help="output: peft adapter folder (adapter_config.json + "
+                   "adapter_model.safetensors)")  # fmt: skip
+    p.add_argument(
+        "--base", help="the pretrained model the adapters were trained on (default: as recorded)"
+    )
+    p.add_argument(
+        "--hf-reference", help="HF folder whose config.json and tokenizer the merged model gets"
+    )
+    p.add_argument("--dtype", help="float32 or bfloat16 (default: the base's dtypes; adapter fp32)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output folders")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (default 1)")
+    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (default 1)")
+    p.set_defaults(func=_with_runtime(cmd_export))

@@ -41,8 +41,17 @@ def test_verify_rejects_perturbed_weights(olmo2_dirs, tmp_path):
 
 
 @pytest.mark.unit
-def test_config_round_trip():
+def test_config_round_trip_and_torch_spec_only():
     checks.config_round_trip(tiny_olmo2_config())
+    from megabridge.errors import ConfigError
+    from megabridge.models.olmo2.bridge import Olmo2Bridge
+    from megabridge.models.specs import resolve_impl
+
+    cfg = Olmo2Bridge.model_config(tiny_olmo2_config())
+    assert resolve_impl(cfg) == "torch"  # auto, with or without Transformer Engine
+    cfg.transformer_impl = "local"
+    with pytest.raises(ConfigError, match="cannot build norm_placement=post, qk_norm_across"):
+        resolve_impl(cfg)
 
 
 @pytest.mark.integration

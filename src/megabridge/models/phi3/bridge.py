@@ -41,7 +41,8 @@ class Phi3Bridge(FamilyBridge):
     @classmethod
     def adjust_model_config(cls, hf_config, cfg):
         rope = getattr(hf_config, "rope_parameters", None) or {}
-        cfg.rotary_percent = float(rope.get("partial_rotary_factor", 1.0))
+        factor = rope.get("partial_rotary_factor", getattr(hf_config, "partial_rotary_factor", 1.0))
+        cfg.rotary_percent = float(factor)
 
     @classmethod
     def adjust_hf_config(cls, cfg, data):

@@ -52,6 +52,19 @@ def logits_in_process(hf_dir: Path, atol: float = ATOL_FP32):
     return result
 
 
+def config_round_trip(hf_config) -> None:
+    """HF config -> ModelConfig -> exported config.json -> ModelConfig: nothing lost or changed."""
+    from transformers import AutoConfig
+
+    from megabridge.conversion.registry import bridge_for
+
+    bridge = bridge_for(hf_config.architectures[0])
+    cfg = bridge.model_config(hf_config)
+    data = bridge.hf_config_dict(cfg)
+    again = bridge.model_config(AutoConfig.for_model(data.pop("model_type"), **data))
+    assert again == cfg, (cfg, again)
+
+
 def perturbed_copy(hf_dir: Path, out: Path, scale: float = 1.05) -> Path:
     """The same HF model with one weight matrix scaled: verify must reject it."""
     from safetensors.torch import load_file, save_file
@@ -69,6 +82,30 @@ def perturbed_copy(hf_dir: Path, out: Path, scale: float = 1.05) -> Path:
     return out
 
 
+def to_megatron_checkpoint(hf_dir: Path, out: Path) -> Path:
+    """HF folder -> Megatron distributed checkpoint, in this process (TP=1)."""
+    from megabridge.conversion.auto_bridge import AutoBridge
+    from megabridge.training import checkpointing
+
+    bridge = AutoBridge.from_hf_pretrained(hf_dir)
+    model = bridge.to_megatron_model()
+    checkpointing.save_model(
+        out, model, bridge.model_config, bridge.checkpoint_metadata(), assets=bridge.sidecar_dir
+    )
+    return out
+
+
+def verify_rejects_perturbed_in_process(hf_dir: Path, tmp: Path, atol: float = ATOL_FP32):
+    """A Megatron checkpoint of the model passes verify against it; one of a perturbed copy fails."""
+    from megabridge.conversion.verify import verify
+
+    good = verify(hf_dir, megatron_path=to_megatron_checkpoint(hf_dir, tmp / "good"), atol=atol)
+    assert good.ok and good.max_abs_diff <= atol, good
+    bad_hf = perturbed_copy(hf_dir, tmp / "bad_hf")
+    bad = verify(hf_dir, megatron_path=to_megatron_checkpoint(bad_hf, tmp / "bad"), atol=atol)
+    assert not bad.ok and bad.max_abs_diff > 1e-3, bad
+
+
 def verify_cli(hf_dir: Path, nproc: int = 1, extra: list[str] = ()) -> tuple[int, dict]:
     args = ["verify", "--hf-path", str(hf_dir), "--json", *extra]
     if nproc == 1:
@@ -84,4 +121,16 @@ def parallel_logits(hf_dir: Path, layout: list[str], nproc: int = 2) -> dict:
     rc, data = verify_cli(hf_dir, nproc, [*layout, "--atol", str(ATOL_FP32)])
     assert rc == 0 and data["ok"], data
     assert data["max_abs_diff"] <= ATOL_FP32, data
+    return data
+
+
+def parallel_grads(hf_dir: Path, tp: int = 2, extra: list[str] = ()) -> dict:
+    """Logits and gradients vs transformers at TP=``tp`` (tests/parallel_check.py, torchrun)."""
+    script = Path(__file__).with_name("parallel_check.py")
+    result = torchrun(tp, [str(script), "--hf-path", str(hf_dir), "--tp", str(tp), *extra])
+    lines = result.stdout.strip().splitlines()
+    assert result.returncode == 0 and lines, result.stderr[-3000:]
+    data = json.loads(lines[-1])
+    assert data["max_abs_logit_diff"] <= ATOL_FP32, data
+    assert data["max_rel_grad_diff"] <= 1e-4, data
     return data

@@ -91,3 +91,14 @@ def lora(name: str, model, pretrained: str | None = None) -> ConfigContainer:
     cfg.model.transformer_impl = "torch"
     cfg.optimizer.lr, cfg.optimizer.min_lr = 1e-4, 1e-5
     return cfg
+
+
+def tiny_pretrain(name: str, model) -> ConfigContainer:
+    """pretrain() sized for tests and smoke runs: 20 short steps, no periodic checkpoints."""
+    cfg = pretrain(name, model)
+    cfg.model.seq_length = 128
+    cfg.train.train_iters, cfg.train.global_batch_size, cfg.train.micro_batch_size = 20, 8, 4
+    cfg.optimizer.lr = 3e-3
+    cfg.scheduler.lr_warmup_iters = 2
+    cfg.checkpoint.save_interval = None
+    return cfg

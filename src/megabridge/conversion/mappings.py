@@ -112,6 +112,23 @@ class QKV(Mapping):
         return [q.reshape(-1, *rest), k.reshape(-1, *rest), v.reshape(-1, *rest)]
 
 
+class FusedQKV(QKV):
+    """One HF projection with the rows of all queries, then all keys, then all values
+    (Phi-3's qkv_proj) <-> Megatron's linear_qkv: split into q, k, v, then as QKV.
+
+    [(heads + 2 * groups) * d, ...] -> [groups * (heads/groups + 2) * d, ...]
+    """
+
+    def hf_to_megatron(self, tensors, cfg):
+        (fused,) = tensors
+        groups, q_rows, d = _qkv_sizes(cfg)
+        q, k, v = fused.split([groups * q_rows, groups * d, groups * d], dim=0)
+        return super().hf_to_megatron([q, k, v], cfg)
+
+    def megatron_to_hf(self, tensor, cfg):
+        return [torch.cat(super().megatron_to_hf(tensor, cfg), dim=0)]
+
+
 class GatedMLP(Mapping):
     """HF gate and up projections <-> Megatron's fused linear_fc1 = [gate; up]."""
 

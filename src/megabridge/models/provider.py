@@ -86,6 +86,8 @@ def transformer_config(cfg: ModelConfig):
         add_bias_linear=cfg.add_bias_linear,
         add_qkv_bias=cfg.add_qkv_bias,
         qk_layernorm=cfg.qk_layernorm,
+        # HF's window counts the token itself; Megatron's (left, right) does not.
+        window_size=(cfg.sliding_window - 1, 0) if cfg.sliding_window else None,
         hidden_dropout=cfg.hidden_dropout,
         attention_dropout=cfg.attention_dropout,
         init_method_std=cfg.init_method_std,
@@ -157,6 +159,10 @@ def validate_model_config(cfg: ModelConfig) -> None:
         problems.append(
             f"num_layers={cfg.num_layers} is not divisible by pipeline_model_parallel_size={pp}"
         )
+    if cfg.qk_layernorm and cfg.qk_norm_across_heads:
+        problems.append("qk_layernorm (per head) and qk_norm_across_heads exclude each other")
+    if cfg.sliding_window is not None and cfg.sliding_window < 1:
+        problems.append(f"sliding_window={cfg.sliding_window} must be at least 1")
     if cfg.sequence_parallel and tp == 1:
         problems.append("sequence_parallel needs tensor_model_parallel_size > 1")
     if cfg.num_moe_experts and cfg.num_moe_experts % cfg.expert_model_parallel_size:

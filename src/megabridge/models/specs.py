@@ -20,10 +20,26 @@ def have_transformer_engine() -> bool:
     return importlib.util.find_spec("transformer_engine") is not None
 
 
+def torch_only_features(cfg) -> list[str]:
+    """Layer layouts that only the ``torch`` spec builds."""
+    features = []
+    if cfg.norm_placement != "pre":
+        features.append(f"norm_placement={cfg.norm_placement}")
+    if cfg.qk_norm_across_heads:
+        features.append("qk_norm_across_heads")
+    return features
+
+
 def resolve_impl(cfg) -> str:
     impl = cfg.transformer_impl
+    features = torch_only_features(cfg)
     if impl == "auto":
-        return "transformer_engine" if have_transformer_engine() else "torch"
+        return "transformer_engine" if have_transformer_engine() and not features else "torch"
+    if impl != "torch" and features:
+        raise ConfigError(
+            f"model.transformer_impl={impl} cannot build {', '.join(features)}; "
+            "use model.transformer_impl=torch"
+        )
     if impl == "transformer_engine" and not have_transformer_engine():
         raise ConfigError(
             "model.transformer_impl=transformer_engine but transformer_engine is not importable; "

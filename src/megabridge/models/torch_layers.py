@@ -6,13 +6,23 @@ memory-efficient kernels on GPU) with ``is_causal`` and native GQA, and runs
 packed (THD) sequences segment by segment, so no s x s mask ever exists.
 Parameter names are those of the local spec, so conversion mappings and
 checkpoints are shared.
+
+It also builds what Megatron-Core's specs do not: sliding-window attention
+(a mask only for sequences longer than the window), norms on the attention /
+MLP outputs (PostNormLayer, ModelConfig.norm_placement) and a q/k norm over
+all heads at once (AcrossHeadsRMSNorm, ModelConfig.qk_norm_across_heads).
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
+from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 from megatron.core.utils import divide
 
 from megabridge.errors import ConfigError
@@ -40,9 +50,16 @@ class SDPAttention(MegatronModule):
         super().__init__(config=config)
         if config.context_parallel_size != 1:
             raise ConfigError("context parallelism is not supported yet by the torch layer spec")
-        if config.window_size is not None:
-            raise ConfigError("sliding-window attention is not supported yet by the torch spec")
         from megatron.core import parallel_state
+        from megatron.core.transformer.utils import is_layer_window_attention
+
+        self.window_left = None  # a query sees itself and this many keys before it
+        if is_layer_window_attention(
+            config.window_size, config.window_attn_skip_freq, layer_number
+        ):
+            if config.window_size[1] != 0:
+                raise ConfigError("the torch spec supports only causal (left) attention windows")
+            self.window_left = config.window_size[0]
 
         tp = parallel_state.get_tensor_model_parallel_world_size()
         self.heads = divide(config.num_attention_heads, tp)
@@ -52,26 +69,29 @@ class SDPAttention(MegatronModule):
 
     def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # q [b, np, s, hn], k/v [b, ng, s, hn]
+        mask = self._window_mask(q.shape[-2], k.shape[-2], q.device)
+        kwargs = dict(
+            attn_mask=mask, is_causal=mask is None, dropout_p=self._p(), scale=self.softmax_scale
+        )
         if self.groups != self.heads:
             if q.device.type == "cpu":
                 # enable_gqa is not taken by every CPU kernel; repeat instead.
                 rep = self.heads // self.groups
                 k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-                return F.scaled_dot_product_attention(
-                    q, k, v, is_causal=True, dropout_p=self._p(), scale=self.softmax_scale
-                )
-            return F.scaled_dot_product_attention(
-                q,
-                k,
-                v,
-                is_causal=True,
-                dropout_p=self._p(),
-                scale=self.softmax_scale,
-                enable_gqa=True,
-            )
-        return F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self._p(), scale=self.softmax_scale
-        )
+            else:
+                kwargs["enable_gqa"] = True
+        return F.scaled_dot_product_attention(q, k, v, **kwargs)
+
+    def _window_mask(self, sq: int, sk: int, device) -> torch.Tensor | None:
+        """[sq, sk] True where a query may attend under a sliding window; None: plain causal.
+
+        Only sequences longer than the window need it (and pay for an s x s mask).
+        """
+        if self.window_left is None or sk <= self.window_left + 1:
+            return None
+        i = torch.arange(sk - sq, sk, device=device)[:, None]  # query positions
+        j = torch.arange(sk, device=device)[None, :]
+        return (j <= i) & (j >= i - self.window_left)
 
     def _p(self) -> float:
         return self.dropout if self.training else 0.0
@@ -190,6 +210,118 @@ def install_fused_rope() -> None:
         rope_utils.fused_apply_rotary_pos_emb_thd = rope_thd
 
 
+class _SumOverTP(torch.autograd.Function):
+    """All-reduce (sum) over the tensor-parallel group, forward and backward.
+
+    Every rank's output depends on every rank's input, so each input's gradient
+    is the sum of what all ranks send back (unlike Megatron's
+    reduce_from_tensor_model_parallel_region, whose backward is the identity).
+    """
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        x = x.clone()
+        torch.distributed.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        torch.distributed.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class AcrossHeadsRMSNorm(torch.nn.Module):
+    """RMSNorm over a whole query or key projection, all heads at once (OLMo 2's q_norm/k_norm).
+
+    Megatron-Core calls it where it calls a per-head q/k layernorm, on
+    [..., heads_here, hn]. The weight [heads * hn] is split over tensor-parallel
+    ranks like the heads (rank r holds its heads' slice), and the mean square is
+    summed over the ranks. ``heads``: "query" or "key" (which projection).
+    """
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, heads: str = "query", **_):
+        super().__init__()
+        from megatron.core import parallel_state
+        from megatron.core.tensor_parallel import set_tensor_model_parallel_attributes
+
+        self.group = parallel_state.get_tensor_model_parallel_group()
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        total = config.num_attention_heads if heads == "query" else config.num_query_groups
+        self.width, self.eps, self.tp = total * hidden_size, eps, tp
+        local = divide(total, tp) * hidden_size
+        self.weight = torch.nn.Parameter(torch.ones(local, dtype=config.params_dtype))
+        set_tensor_model_parallel_attributes(self.weight, is_parallel=True, dim=0, stride=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(*x.shape[:-2], -1).float()  # [..., heads_here * hn]
+        square_sum = flat.pow(2).sum(-1, keepdim=True)
+        if self.tp > 1:
+            square_sum = _SumOverTP.apply(square_sum, self.group)
+        y = flat * torch.rsqrt(square_sum / self.width + self.eps)
+        return (y * self.weight.float()).to(x.dtype).view_as(x)
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        """Checkpoint the weight as split over TP (not replicated, the default for norms)."""
+        from megatron.core import parallel_state
+        from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+        dp_cp = (metadata or {}).get("dp_cp_group") or parallel_state.get_data_parallel_group(
+            with_context_parallel=True
+        )
+        state = self.state_dict(prefix="", keep_vars=True)
+        return make_sharded_tensors_for_checkpoint(
+            state, prefix, {"weight": 0}, sharded_offsets, tp_group=self.group, dp_cp_group=dp_cp
+        )
+
+
+@dataclasses.dataclass
+class PostNormSubmodules(TransformerLayerSubmodules):
+    post_self_attn_layernorm: ModuleSpec | type = IdentityOp
+    post_mlp_layernorm: ModuleSpec | type = IdentityOp
+
+
+class PostNormLayer(TransformerLayer):
+    """A TransformerLayer that normalises each sublayer's output before the residual add.
+
+    x + post_self_attn_layernorm(attention(input_layernorm(x))), then the same for
+    the MLP. OLMo 2 has only these norms (its input_layernorm and pre_mlp_layernorm
+    are identities); Gemma 2 has both.
+    """
+
+    def __init__(self, config, submodules: PostNormSubmodules, *args, **kwargs):
+        super().__init__(config, submodules, *args, **kwargs)
+
+        def norm(spec):
+            return build_module(
+                spec, config=config, hidden_size=config.hidden_size, eps=config.layernorm_epsilon
+            )
+
+        self.post_self_attn_layernorm = norm(submodules.post_self_attn_layernorm)
+        self.post_mlp_layernorm = norm(submodules.post_mlp_layernorm)
+        # Megatron-Core adds the residual inside its bias-dropout-add functions; the
+        # norm goes in front of them (bound methods, so that deepcopy stays right).
+        self._attn_add, self._mlp_add = self.self_attn_bda, self.mlp_bda
+        self.self_attn_bda, self.mlp_bda = self._normed_attn_add, self._normed_mlp_add
+
+    def _normed_attn_add(self, training, fused):
+        return _norm_then(self._attn_add(training, fused), self.post_self_attn_layernorm)
+
+    def _normed_mlp_add(self, training, fused):
+        return _norm_then(self._mlp_add(training, fused), self.post_mlp_layernorm)
+
+
+def _norm_then(add, norm):
+    def apply(output_and_bias, residual, prob):
+        out, bias = output_and_bias
+        if bias is not None:  # the sublayer's own bias comes before the norm
+            out = out + bias
+        return add((norm(out), None), residual, prob)
+
+    return apply
+
+
 def norm_class(cfg):
     return RMSNorm if cfg.normalization == "RMSNorm" else LayerNorm
 
@@ -220,6 +352,25 @@ def block_spec(cfg, tconfig):
     if cfg.qk_layernorm:
         attn.q_layernorm = norm
         attn.k_layernorm = norm
+    if cfg.qk_norm_across_heads:
+        attn.q_layernorm = ModuleSpec(module=AcrossHeadsRMSNorm, params={"heads": "query"})
+        attn.k_layernorm = ModuleSpec(module=AcrossHeadsRMSNorm, params={"heads": "key"})
+    if cfg.norm_placement != "pre":
+        spec = _post_norm_spec(cfg, sub, norm)
     return TransformerBlockSubmodules(
         layer_specs=[spec] * get_num_layers_to_build(tconfig), layer_norm=norm
+    )
+
+
+def _post_norm_spec(cfg, sub, norm):
+    if cfg.num_moe_experts:
+        raise ConfigError(f"norm_placement={cfg.norm_placement} is not supported with MoE yet")
+    fields = {f.name: getattr(sub, f.name) for f in dataclasses.fields(sub)}
+    pre = norm if cfg.norm_placement == "pre_post" else IdentityOp
+    fields.update(input_layernorm=pre, pre_mlp_layernorm=pre)
+    return ModuleSpec(
+        module=PostNormLayer,
+        submodules=PostNormSubmodules(
+            **fields, post_self_attn_layernorm=norm, post_mlp_layernorm=norm
+        ),
     )

@@ -67,6 +67,21 @@ class ModelConfig:
     add_bias_linear: bool = option(False, "biases on all linear layers")
     add_qkv_bias: bool = option(False, "biases on the QKV projection only (Qwen2)")
     qk_layernorm: bool = option(False, "per-head RMSNorm on queries and keys (Qwen3)")
+    qk_norm_across_heads: bool = option(
+        False,
+        "RMSNorm on the whole query and key projections, all heads at once (OLMo 2); "
+        "its weight spans the heads and is split over TP ranks with them",
+    )
+    norm_placement: Literal["pre", "post", "pre_post"] = option(
+        "pre",
+        "the attention and MLP norms: 'pre' on the sublayer input (Llama), 'post' on its output "
+        "before the residual add (OLMo 2), 'pre_post' both (Gemma 2)",
+    )
+    sliding_window: int | None = option(
+        None,
+        "sliding-window attention: a token sees itself and the sliding_window - 1 tokens before "
+        "it (HF's sliding_window); None: full causal attention",
+    )
     position_embedding_type: Literal["rope", "learned_absolute", "none"] = option(
         "rope", "position embedding"
     )

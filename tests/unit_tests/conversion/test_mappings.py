@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from megabridge.conversion import sharding
-from megabridge.conversion.mappings import QKV, GatedMLP, Rename
+from megabridge.conversion.mappings import QKV, FusedQKV, GatedMLP, Rename
 from megabridge.training.config import ModelConfig
 
 pytestmark = pytest.mark.unit
@@ -47,6 +47,19 @@ def test_qkv_round_trip_is_exact(heads, groups):
         torch.equal(a, b)
         for a, b in zip(biases, m.megatron_to_hf(m.hf_to_megatron(biases, cfg), cfg), strict=True)
     )
+
+
+@pytest.mark.parametrize("heads, groups", [(4, 4), (4, 2)])
+def test_fused_qkv_is_qkv_of_its_row_blocks_and_round_trips(heads, groups):
+    cfg = _cfg(heads, groups, hidden=32)
+    d = 32 // heads
+    q, k, v = torch.randn(heads * d, 32), torch.randn(groups * d, 32), torch.randn(groups * d, 32)
+    fused_hf = torch.cat([q, k, v])  # Phi-3's qkv_proj: all q rows, then k, then v
+    m = FusedQKV("x", ("qkv",))
+    megatron = m.hf_to_megatron([fused_hf], cfg)
+    assert torch.equal(megatron, QKV("x", ("q", "k", "v")).hf_to_megatron([q, k, v], cfg))
+    (back,) = m.megatron_to_hf(megatron, cfg)
+    assert torch.equal(back, fused_hf)
 
 
 def test_gated_mlp_round_trip_and_tp_split():

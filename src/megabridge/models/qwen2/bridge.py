@@ -1,0 +1,32 @@
+"""Qwen2 / Qwen2.5: Llama's layout plus biases on the q, k and v projections (not on o_proj)."""
+
+from megabridge.conversion.mappings import QKV
+from megabridge.conversion.registry import register_bridge
+from megabridge.errors import UserError
+from megabridge.models.llama.bridge import HF_LAYER, LAYER, LlamaBridge
+
+
+@register_bridge
+class Qwen2Bridge(LlamaBridge):
+    family = "qwen2"
+    architectures = ("Qwen2ForCausalLM",)
+    hf_model_type = "qwen2"
+    MEGATRON_FIXED = {**LlamaBridge.MEGATRON_FIXED, "add_qkv_bias": True}
+    HF_FIXED = dict(hidden_act="silu", use_sliding_window=False)
+    MAPPINGS = [
+        *LlamaBridge.MAPPINGS,
+        QKV(
+            f"{LAYER}.self_attention.linear_qkv.bias",
+            tuple(f"{HF_LAYER}.self_attn.{p}_proj.bias" for p in "qkv"),
+        ),
+    ]
+    NOTES = "q/k/v biases; tied embeddings (0.5B-3B); no sliding-window layers"
+
+    @classmethod
+    def adjust_model_config(cls, hf_config, cfg):
+        # use_sliding_window puts windows on the layers from max_window_layers on
+        # only; released Qwen2/2.5/3 checkpoints all have it off.
+        if "sliding_attention" in (getattr(hf_config, "layer_types", None) or []):
+            raise UserError(
+                f"{cls.architectures[0]} with use_sliding_window=True is not supported yet"
+            )

@@ -20,10 +20,22 @@ def have_transformer_engine() -> bool:
     return importlib.util.find_spec("transformer_engine") is not None
 
 
+def torch_only_options(cfg) -> list[str]:
+    """The model options that only the torch spec implements."""
+    options = ("post_sublayer_norm", "sliding_window", "attn_logit_softcap", "local_rotary_base")
+    return [o for o in options if getattr(cfg, o) not in (None, False)]
+
+
 def resolve_impl(cfg) -> str:
     impl = cfg.transformer_impl
+    torch_only = torch_only_options(cfg)
     if impl == "auto":
-        return "transformer_engine" if have_transformer_engine() else "torch"
+        return "transformer_engine" if have_transformer_engine() and not torch_only else "torch"
+    if impl != "torch" and torch_only:
+        raise ConfigError(
+            f"model.transformer_impl={impl} does not implement {', '.join(torch_only)}; "
+            "use model.transformer_impl=torch (or auto)"
+        )
     if impl == "transformer_engine" and not have_transformer_engine():
         raise ConfigError(
             "model.transformer_impl=transformer_engine but transformer_engine is not importable; "

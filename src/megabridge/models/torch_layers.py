@@ -122,8 +122,9 @@ def sdpa(q, k, v, dropout_p: float, scale: float | None, mask=None) -> torch.Ten
     """
     kwargs = dict(dropout_p=dropout_p, scale=scale, is_causal=mask is None, attn_mask=mask)
     if k.shape[1] != q.shape[1]:
-        if q.device.type == "cpu":
-            # enable_gqa is not taken by every CPU kernel; repeat instead.
+        if q.device.type == "cpu" or mask is not None:
+            # enable_gqa is not taken by every CPU kernel, nor by the GPU kernels that take
+            # a mask (memory-efficient); repeat instead.
             rep = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         else:
@@ -131,8 +132,9 @@ def sdpa(q, k, v, dropout_p: float, scale: float | None, mask=None) -> torch.Ten
     return F.scaled_dot_product_attention(q, k, v, **kwargs)
 
 
-def chunked_attention(q, k, v, scale: float, window: int | None, softcap: float | None,
-                      dropout_p: float) -> torch.Tensor:  # fmt: skip
+def chunked_attention(
+    q, k, v, scale: float, window: int | None, softcap: float | None, dropout_p: float
+) -> torch.Tensor:
     """Causal attention with an optional sliding window and score soft-cap, no s x s tensor.
 
     q [b, np, s, hn], k/v [b, ng, s, hn] -> [b, np, s, hn]. Queries go in chunks of
@@ -155,11 +157,8 @@ def chunked_attention(q, k, v, scale: float, window: int | None, softcap: float 
             outs.append(sdpa(qc, kc, vc, dropout_p, scale, mask=allowed))
         elif torch.is_grad_enabled() and q.requires_grad:
             # Recompute the scores in backward instead of keeping every chunk's.
-            outs.append(
-                checkpoint(
-                    _capped, qc, kc, vc, allowed, scale, softcap, dropout_p, use_reentrant=False
-                )  # fmt: skip
-            )
+            args = (qc, kc, vc, allowed, scale, softcap, dropout_p)
+            outs.append(checkpoint(_capped, *args, use_reentrant=False))
         else:
             outs.append(_capped(qc, kc, vc, allowed, scale, softcap, dropout_p))
     return torch.cat(outs, dim=2)

@@ -63,3 +63,33 @@ def test_verify_rejects_perturbed_weights(gemma2_dirs, tmp_path):
 @pytest.mark.integration
 def test_tp2_logits(gemma2_dirs):
     checks.parallel_logits(gemma2_dirs["gemma2"], ["--tp", "2"])
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (dict(attention_bias=True), "attention_bias=True is not supported yet"),
+        (dict(hidden_activation="gelu"), "hidden_activation='gelu' is not supported yet"),
+        (dict(use_bidirectional_attention=True), "use_bidirectional_attention=True"),
+    ],
+)
+def test_unsupported_configs_are_named(override, message):
+    from megabridge.errors import UserError
+    from megabridge.models.gemma2.bridge import Gemma2Bridge
+
+    with pytest.raises(UserError, match=message):
+        Gemma2Bridge.model_config(tiny_gemma2_config(**override))
+
+
+@pytest.mark.unit
+def test_only_the_torch_spec_builds_gemma2():
+    from megabridge.errors import ConfigError
+    from megabridge.models import specs
+    from megabridge.models.gemma2.bridge import Gemma2Bridge
+
+    cfg = Gemma2Bridge.model_config(tiny_gemma2_config())
+    assert specs.resolve_impl(cfg) == "torch"  # auto, with or without Transformer Engine
+    cfg.transformer_impl = "local"
+    with pytest.raises(ConfigError, match="local does not implement post_sublayer_norm"):
+        specs.resolve_impl(cfg)

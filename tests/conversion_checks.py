@@ -65,15 +65,19 @@ def config_round_trip(hf_config) -> None:
     assert again == cfg, (cfg, again)
 
 
-def perturbed_copy(hf_dir: Path, out: Path, scale: float = 1.05) -> Path:
-    """The same HF model with one weight matrix scaled: verify must reject it."""
+def perturbed_copy(hf_dir: Path, out: Path, scale: float = 1.05, tensor: str = "layers.0.") -> Path:
+    """The same HF model with one weight matrix (the first named ``*tensor*``) scaled.
+
+    Pick one whose output does not reach a norm linearly: Gemma norms what o_proj
+    and down_proj produce, so scaling v/o/up/down_proj changes no logit.
+    """
     from safetensors.torch import load_file, save_file
 
     out.mkdir()
     for f in hf_dir.iterdir():
         if f.suffix == ".safetensors":
             tensors = load_file(str(f))
-            name = next(n for n in sorted(tensors) if "layers.0." in n and tensors[n].dim() == 2)
+            name = next(n for n in sorted(tensors) if tensor in n and tensors[n].dim() == 2)
             tensors[name] = tensors[name] * scale
             save_file(tensors, str(out / f.name), metadata={"format": "pt"})
             scale = 1.0
@@ -134,3 +138,50 @@ def parallel_grads(hf_dir: Path, tp: int = 2, extra: list[str] = ()) -> dict:
     assert data["max_abs_logit_diff"] <= ATOL_FP32, data
     assert data["max_rel_grad_diff"] <= 1e-4, data
     return data
+
+
+def perturbed_rejected_in_process(hf_dir: Path, out: Path, tensor: str = "layers.0.") -> float:
+    """A model converted from a perturbed copy of ``hf_dir`` fails the logits check against it."""
+    from megabridge.conversion.auto_bridge import AutoBridge
+    from megabridge.conversion.verify import compare, hf_logits, megatron_logits, sample_tokens
+
+    bridge = AutoBridge.from_hf_pretrained(perturbed_copy(hf_dir, out, tensor=tensor))
+    vocab = bridge.model_config.vocab_size
+    tokens = sample_tokens(vocab, 2, 32, seed=0)
+    logits = megatron_logits(bridge.to_megatron_model(), tokens)
+    reference = hf_logits(hf_dir, tokens, torch.float32, logits.device)
+    result = compare(reference, logits, vocab, torch.float32, ATOL_FP32, None)
+    assert not result.ok and result.max_abs_diff > 1e-3, result
+    return result.max_abs_diff
+
+
+def gradients_in_process(hf_dir: Path, rtol: float = 1e-4) -> float:
+    """Every weight's gradient of sum(logits * r), Megatron's mapped to HF names, vs transformers'.
+
+    Returns the largest difference relative to the largest gradient of its tensor.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from megabridge.conversion.auto_bridge import AutoBridge
+    from megabridge.conversion.verify import sample_tokens
+
+    bridge = AutoBridge.from_hf_pretrained(hf_dir)
+    cfg = bridge.model_config
+    tokens = sample_tokens(cfg.vocab_size, 2, 32, seed=0)
+    r = torch.randn(2, 32, cfg.vocab_size, generator=torch.Generator().manual_seed(1))
+    (model,) = bridge.to_megatron_model()
+    positions = torch.arange(32).expand(2, 32)
+    (model(tokens, positions, None)[..., : cfg.vocab_size] * r).sum().backward()
+    hf = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32)
+    (hf(input_ids=tokens).logits * r).sum().backward()
+    hf_grads = {name: p.grad for name, p in hf.named_parameters()}
+    worst, checked = 0.0, set()
+    for name, param in model.named_parameters():
+        mapping, hf_names = bridge.family.resolve(name)
+        for hf_name, grad in zip(hf_names, mapping.megatron_to_hf(param.grad, cfg), strict=True):
+            ref = hf_grads[hf_name]
+            worst = max(worst, ((grad - ref).abs().max() / ref.abs().max()).item())
+            checked.add(hf_name)
+    assert checked == set(hf_grads), set(hf_grads) ^ checked
+    assert worst <= rtol, worst
+    return worst

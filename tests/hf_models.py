@@ -74,3 +74,61 @@ def tiny_phi3_config(**overrides):
 
 def tiny_olmo2_config(**overrides):
     return _tiny("Olmo2Config", "Olmo2ForCausalLM", overrides, eos_token_id=1)
+
+
+def tiny_gemma2_config(**overrides):
+    """2 layers: sliding window then global; window and soft-caps small enough to bite."""
+    from transformers import Gemma2Config
+
+    kwargs = dict(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=24,  # not hidden / heads
+        query_pre_attn_scalar=20,  # not head_dim
+        sliding_window=8,
+        attn_logit_softcapping=2.0,
+        final_logit_softcapping=3.0,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        architectures=["Gemma2ForCausalLM"],
+    )
+    kwargs.update(overrides)
+    return Gemma2Config(**kwargs)
+
+
+def tiny_gemma3_config(**overrides):
+    """4 layers, the second global; local and global RoPE differ (theta, linear scaling)."""
+    from transformers import Gemma3TextConfig
+
+    kwargs = dict(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=24,
+        query_pre_attn_scalar=20,
+        sliding_window=8,
+        layer_types=[
+            "sliding_attention",
+            "full_attention",
+            "sliding_attention",
+            "sliding_attention",
+        ],
+        rope_parameters={
+            "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 100000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 1000.0},
+        },
+        max_position_embeddings=128,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        architectures=["Gemma3ForCausalLM"],
+    )
+    kwargs.update(overrides)
+    return Gemma3TextConfig(**kwargs)

@@ -86,8 +86,7 @@ def transformer_config(cfg: ModelConfig):
         add_bias_linear=cfg.add_bias_linear,
         add_qkv_bias=cfg.add_qkv_bias,
         qk_layernorm=cfg.qk_layernorm,
-        # HF's window counts the token itself; Megatron's (left, right) does not.
-        window_size=(cfg.sliding_window - 1, 0) if cfg.sliding_window else None,
+        softmax_scale=cfg.softmax_scale,
         hidden_dropout=cfg.hidden_dropout,
         attention_dropout=cfg.attention_dropout,
         init_method_std=cfg.init_method_std,
@@ -170,8 +169,25 @@ def validate_model_config(cfg: ModelConfig) -> None:
             f"num_moe_experts={cfg.num_moe_experts} is not divisible by "
             f"expert_model_parallel_size={cfg.expert_model_parallel_size}"
         )
+    problems += _variant_problems(cfg)
     if problems:
         raise ConfigError("model: " + "; ".join(problems))
+
+
+def _variant_problems(cfg: ModelConfig) -> list[str]:
+    problems = []
+    for name in ("softmax_scale", "attn_logit_softcap", "final_logit_softcap", "sliding_window"):
+        value = getattr(cfg, name)
+        if value is not None and value <= 0:
+            problems.append(f"{name}={value} must be positive")
+    bad = [i for i in cfg.sliding_window_layers or [] if not 0 <= i < cfg.num_layers]
+    if bad:
+        problems.append(
+            f"sliding_window_layers {bad} are not layers of a {cfg.num_layers}-layer model"
+        )
+    if cfg.local_rotary_base is not None and cfg.sliding_window is None:
+        problems.append("local_rotary_base needs sliding_window (it is the window layers' theta)")
+    return problems
 
 
 def build_model(cfg: ModelConfig) -> list[torch.nn.Module]:
@@ -179,7 +195,7 @@ def build_model(cfg: ModelConfig) -> list[torch.nn.Module]:
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
-    from megabridge.models import rope, specs
+    from megabridge.models import hooks, rope, specs
 
     validate_model_config(cfg)
     tconfig = transformer_config(cfg)
@@ -196,6 +212,7 @@ def build_model(cfg: ModelConfig) -> list[torch.nn.Module]:
         rotary_base=cfg.rotary_base,
     )
     rope.apply_rope_scaling(model, cfg)
+    hooks.apply(model, cfg)
     device = (
         torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
     )

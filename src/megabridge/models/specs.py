@@ -21,13 +21,12 @@ def have_transformer_engine() -> bool:
 
 
 def torch_only_features(cfg) -> list[str]:
-    """Layer layouts that only the ``torch`` spec builds."""
+    """The model options that only the ``torch`` spec builds."""
     features = []
     if cfg.norm_placement != "pre":
         features.append(f"norm_placement={cfg.norm_placement}")
-    if cfg.qk_norm_across_heads:
-        features.append("qk_norm_across_heads")
-    return features
+    options = ("qk_norm_across_heads", "sliding_window", "attn_logit_softcap", "local_rotary_base")
+    return features + [o for o in options if getattr(cfg, o) not in (None, False)]
 
 
 def resolve_impl(cfg) -> str:
@@ -38,7 +37,7 @@ def resolve_impl(cfg) -> str:
     if impl != "torch" and features:
         raise ConfigError(
             f"model.transformer_impl={impl} cannot build {', '.join(features)}; "
-            "use model.transformer_impl=torch"
+            "use model.transformer_impl=torch (or auto)"
         )
     if impl == "transformer_engine" and not have_transformer_engine():
         raise ConfigError(

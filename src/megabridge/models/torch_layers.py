@@ -5,33 +5,37 @@ its mask; this spec uses torch's scaled_dot_product_attention (flash /
 memory-efficient kernels on GPU) with ``is_causal`` and native GQA, and runs
 packed (THD) sequences segment by segment, so no s x s mask ever exists.
 Parameter names are those of the local spec, so conversion mappings and
-checkpoints are shared.
-
-It also builds what Megatron-Core's specs do not: sliding-window attention
-(a mask only for sequences longer than the window), norms on the attention /
-MLP outputs (PostNormLayer, ModelConfig.norm_placement) and a q/k norm over
-all heads at once (AcrossHeadsRMSNorm, ModelConfig.qk_norm_across_heads).
+checkpoints are shared. It also has what neither other spec has, chosen per
+layer: norms after attention and MLP, sliding-window attention, soft-capped
+attention scores and a per-layer RoPE theta (Gemma 2/3).
 """
 
 from __future__ import annotations
 
-import dataclasses
+import copy
+import functools
 
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.module import MegatronModule
-from megatron.core.transformer.spec_utils import ModuleSpec, build_module
-from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_layer import TransformerLayer as MegatronLayer
 from megatron.core.utils import divide
+from torch.utils.checkpoint import checkpoint
 
 from megabridge.errors import ConfigError
+
+# Queries per block in chunked_attention (module-level so that tests can shrink it).
+ATTENTION_CHUNK = 512
 
 
 class SDPAttention(MegatronModule):
     """Core attention (softmax(QK^T) V) through F.scaled_dot_product_attention.
 
-    Same constructor and call signature as megatron-core's DotProductAttention.
+    Same constructor and call signature as megatron-core's DotProductAttention, plus
+    this layer's ``sliding_window`` and score ``softcap`` (set by block_spec), which
+    SDPA has no argument for: such layers go through chunked_attention.
     query [sq, b, np, hn], key/value [sk, b, ng, hn] -> [sq, b, np * hn];
     packed THD: query [t, np, hn] -> [t, np * hn].
     """
@@ -46,52 +50,33 @@ class SDPAttention(MegatronModule):
         softmax_scale: float | None = None,
         cp_comm_type: str | None = None,
         pg_collection=None,
+        sliding_window: int | None = None,
+        softcap: float | None = None,
     ):
         super().__init__(config=config)
         if config.context_parallel_size != 1:
             raise ConfigError("context parallelism is not supported yet by the torch layer spec")
+        if config.window_size is not None:
+            raise ConfigError(
+                "TransformerConfig.window_size is not read by the torch spec; "
+                "set model.sliding_window instead"
+            )
         from megatron.core import parallel_state
-        from megatron.core.transformer.utils import is_layer_window_attention
-
-        self.window_left = None  # a query sees itself and this many keys before it
-        if is_layer_window_attention(
-            config.window_size, config.window_attn_skip_freq, layer_number
-        ):
-            if config.window_size[1] != 0:
-                raise ConfigError("the torch spec supports only causal (left) attention windows")
-            self.window_left = config.window_size[0]
 
         tp = parallel_state.get_tensor_model_parallel_world_size()
         self.heads = divide(config.num_attention_heads, tp)
         self.groups = divide(config.num_query_groups, tp)
         self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
         self.softmax_scale = softmax_scale  # None: 1/sqrt(hn), SDPA's default
+        self.sliding_window = sliding_window
+        self.softcap = softcap
 
-    def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        # q [b, np, s, hn], k/v [b, ng, s, hn]
-        mask = self._window_mask(q.shape[-2], k.shape[-2], q.device)
-        kwargs = dict(
-            attn_mask=mask, is_causal=mask is None, dropout_p=self._p(), scale=self.softmax_scale
-        )
-        if self.groups != self.heads:
-            if q.device.type == "cpu":
-                # enable_gqa is not taken by every CPU kernel; repeat instead.
-                rep = self.heads // self.groups
-                k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-            else:
-                kwargs["enable_gqa"] = True
-        return F.scaled_dot_product_attention(q, k, v, **kwargs)
-
-    def _window_mask(self, sq: int, sk: int, device) -> torch.Tensor | None:
-        """[sq, sk] True where a query may attend under a sliding window; None: plain causal.
-
-        Only sequences longer than the window need it (and pay for an s x s mask).
-        """
-        if self.window_left is None or sk <= self.window_left + 1:
-            return None
-        i = torch.arange(sk - sq, sk, device=device)[:, None]  # query positions
-        j = torch.arange(sk, device=device)[None, :]
-        return (j <= i) & (j >= i - self.window_left)
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        # q [b, np, s, hn], k/v [b, ng, s, hn] -> [b, np, s, hn]
+        if self.sliding_window is None and self.softcap is None:
+            return sdpa(q, k, v, self._p(), self.softmax_scale)
+        scale = q.shape[-1] ** -0.5 if self.softmax_scale is None else self.softmax_scale
+        return chunked_attention(q, k, v, scale, self.sliding_window, self.softcap, self._p())
 
     def _p(self) -> float:
         return self.dropout if self.training else 0.0
@@ -112,7 +97,7 @@ class SDPAttention(MegatronModule):
             return self._forward_packed(query, key, value, packed_seq_params)
         # [s, b, n, hn] -> [b, n, s, hn]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
-        out = self._sdpa(q, k, v)  # [b, np, sq, hn]
+        out = self._attend(q, k, v)  # [b, np, sq, hn]
         sq, b = query.shape[0], query.shape[1]
         return out.permute(2, 0, 1, 3).reshape(sq, b, -1)
 
@@ -124,7 +109,7 @@ class SDPAttention(MegatronModule):
             if end <= start:
                 continue
             q, k, v = (t[start:end].transpose(0, 1).unsqueeze(0) for t in (query, key, value))
-            outs.append(self._sdpa(q, k, v)[0].transpose(0, 1))  # [len, np, hn]
+            outs.append(self._attend(q, k, v)[0].transpose(0, 1))  # [len, np, hn]
         t = query.shape[0]
         out = torch.cat(outs, dim=0) if outs else query.new_zeros(0, self.heads, query.shape[-1])
         if out.shape[0] < t:  # padding after the last segment
@@ -132,10 +117,79 @@ class SDPAttention(MegatronModule):
         return out.reshape(t, -1)
 
 
+def sdpa(q, k, v, dropout_p: float, scale: float | None, mask=None) -> torch.Tensor:
+    """q [b, np, sq, hn], k/v [b, ng, sk, hn] -> [b, np, sq, hn].
+
+    Causal when ``mask`` is None, else ``mask`` [sq, sk] (True: may attend).
+    """
+    kwargs = dict(dropout_p=dropout_p, scale=scale, is_causal=mask is None, attn_mask=mask)
+    if k.shape[1] != q.shape[1]:
+        if q.device.type == "cpu" or mask is not None:
+            # enable_gqa is not taken by every CPU kernel, nor by the GPU kernels that take
+            # a mask (memory-efficient); repeat instead.
+            rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        else:
+            kwargs["enable_gqa"] = True
+    return F.scaled_dot_product_attention(q, k, v, **kwargs)
+
+
+def chunked_attention(
+    q, k, v, scale: float, window: int | None, softcap: float | None, dropout_p: float
+) -> torch.Tensor:
+    """Causal attention with an optional sliding window and score soft-cap, no s x s tensor.
+
+    q [b, np, s, hn], k/v [b, ng, s, hn] -> [b, np, s, hn]. Queries go in chunks of
+    ATTENTION_CHUNK, each against only the keys it may see: score blocks are at most
+    [b, np, chunk, chunk + window - 1] ([b, np, chunk, s] without a window). Window
+    semantics are transformers': query i sees keys j with i - window < j <= i.
+    """
+    s, chunk = q.shape[2], ATTENTION_CHUNK
+    outs = []
+    for start in range(0, s, chunk):
+        end = min(start + chunk, s)
+        first = 0 if window is None else max(0, start - window + 1)
+        q_pos = torch.arange(start, end, device=q.device)[:, None]
+        k_pos = torch.arange(first, end, device=q.device)[None, :]
+        allowed = k_pos <= q_pos  # [c, kc]
+        if window is not None:
+            allowed = allowed & (q_pos - k_pos < window)
+        qc, kc, vc = q[:, :, start:end], k[:, :, first:end], v[:, :, first:end]
+        if softcap is None:
+            outs.append(sdpa(qc, kc, vc, dropout_p, scale, mask=allowed))
+        elif torch.is_grad_enabled() and q.requires_grad:
+            # Recompute the scores in backward instead of keeping every chunk's.
+            args = (qc, kc, vc, allowed, scale, softcap, dropout_p)
+            outs.append(checkpoint(_capped, *args, use_reentrant=False))
+        else:
+            outs.append(_capped(qc, kc, vc, allowed, scale, softcap, dropout_p))
+    return torch.cat(outs, dim=2)
+
+
+def _capped(q, k, v, allowed, scale: float, softcap: float, dropout_p: float) -> torch.Tensor:
+    """Soft-capped attention in transformers' eager order: scale, cap, mask, fp32 softmax.
+
+    q [b, np, c, hn], k/v [b, ng, kc, hn], allowed [c, kc] -> [b, np, c, hn].
+    """
+    b, heads, c, d = q.shape
+    groups = k.shape[1]
+    q = q.reshape(b, groups, heads // groups, c, d)  # query heads grouped by their K/V head
+    k, v = k.unsqueeze(2), v.unsqueeze(2)  # [b, ng, 1, kc, hn]
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # [b, ng, np/ng, c, kc]
+    scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    if dropout_p:
+        probs = F.dropout(probs, p=dropout_p)
+    return torch.matmul(probs, v).reshape(b, heads, c, d)
+
+
 class RMSNorm(torch.nn.Module):
     """RMSNorm with an optional zero-centred weight (Gemma applies 1 + w).
 
-    Normalises in float32 and casts back, as transformers does.
+    Normalises in float32 and casts back, as transformers does: Llama-style norms
+    cast before multiplying by w; zero-centred (Gemma) ones multiply by (1 + w) in
+    float32 and cast after.
     """
 
     def __init__(self, config, hidden_size: int, eps: float = 1e-5, **_):
@@ -147,13 +201,15 @@ class RMSNorm(torch.nn.Module):
         self.weight.sequence_parallel = config.sequence_parallel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight + 1.0 if self.zero_centered else self.weight
+        if self.zero_centered:
+            y = F.rms_norm(x.float(), (x.shape[-1],), None, self.eps)
+            return (y * (1.0 + self.weight.float())).to(x.dtype)
         if x.dtype == torch.float32 or x.is_cuda:
             # One fused kernel on GPU (it accumulates in fp32 internally); on the CPU in
             # fp32 this is exactly transformers' order of operations.
-            return F.rms_norm(x, (x.shape[-1],), weight, self.eps)
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         y = F.rms_norm(x.float(), (x.shape[-1],), None, self.eps).to(x.dtype)
-        return y * weight
+        return y * self.weight
 
 
 class LayerNorm(torch.nn.LayerNorm):
@@ -276,66 +332,78 @@ class AcrossHeadsRMSNorm(torch.nn.Module):
         )
 
 
-@dataclasses.dataclass
-class PostNormSubmodules(TransformerLayerSubmodules):
-    post_self_attn_layernorm: ModuleSpec | type = IdentityOp
-    post_mlp_layernorm: ModuleSpec | type = IdentityOp
-
-
-class PostNormLayer(TransformerLayer):
-    """A TransformerLayer that normalises each sublayer's output before the residual add.
-
-    x + post_self_attn_layernorm(attention(input_layernorm(x))), then the same for
-    the MLP. OLMo 2 has only these norms (its input_layernorm and pre_mlp_layernorm
-    are identities); Gemma 2 has both.
-    """
-
-    def __init__(self, config, submodules: PostNormSubmodules, *args, **kwargs):
-        super().__init__(config, submodules, *args, **kwargs)
-
-        def norm(spec):
-            return build_module(
-                spec, config=config, hidden_size=config.hidden_size, eps=config.layernorm_epsilon
-            )
-
-        self.post_self_attn_layernorm = norm(submodules.post_self_attn_layernorm)
-        self.post_mlp_layernorm = norm(submodules.post_mlp_layernorm)
-        # Megatron-Core adds the residual inside its bias-dropout-add functions; the
-        # norm goes in front of them (bound methods, so that deepcopy stays right).
-        self._attn_add, self._mlp_add = self.self_attn_bda, self.mlp_bda
-        self.self_attn_bda, self.mlp_bda = self._normed_attn_add, self._normed_mlp_add
-
-    def _normed_attn_add(self, training, fused):
-        return _norm_then(self._attn_add(training, fused), self.post_self_attn_layernorm)
-
-    def _normed_mlp_add(self, training, fused):
-        return _norm_then(self._mlp_add(training, fused), self.post_mlp_layernorm)
-
-
-def _norm_then(add, norm):
-    def apply(output_and_bias, residual, prob):
-        out, bias = output_and_bias
-        if bias is not None:  # the sublayer's own bias comes before the norm
-            out = out + bias
-        return add((norm(out), None), residual, prob)
-
-    return apply
-
-
 def norm_class(cfg):
     return RMSNorm if cfg.normalization == "RMSNorm" else LayerNorm
 
 
-def block_spec(cfg, tconfig):
-    """The local spec with SDPA attention and megabridge's norms swapped in.
+class TransformerLayer(MegatronLayer):
+    """Megatron-Core's transformer layer with two per-layer options of the torch spec.
 
-    A whole-block spec, so that the final norm is megabridge's too.
+    * ``post_norm`` (a norm class): the attention and MLP outputs are normed before
+      each residual add, x + norm(attn(input_norm(x))) (Gemma 2/3), by the parameters
+      ``post_self_attn_layernorm`` and ``post_mlp_layernorm``;
+    * ``rotary_base``: this layer's own RoPE theta in place of the model's, unscaled
+      (Gemma 3's sliding-window layers).
+    """
+
+    def __init__(self, config, submodules, *args, post_norm=None, rotary_base=None, **kwargs):
+        super().__init__(config, submodules, *args, **kwargs)
+        if post_norm is not None:
+            for name in ("post_self_attn_layernorm", "post_mlp_layernorm"):
+                norm = post_norm(config, config.hidden_size, eps=config.layernorm_epsilon)
+                setattr(self, name, norm)
+            # Megatron's layer calls self.<x>_bda(training, fused)(output_with_bias,
+            # residual, dropout); the norm goes in front of that add.
+            self.self_attn_bda = functools.partial(
+                self._norm_then_add, self.self_attn_bda, "post_self_attn_layernorm"
+            )
+            self.mlp_bda = functools.partial(
+                self._norm_then_add, self.mlp_bda, "post_mlp_layernorm"
+            )
+        self.rotary_base = rotary_base
+
+    def _norm_then_add(self, bda, norm_name: str, training: bool, fused: bool):
+        add = bda(training, fused)
+        norm = getattr(self, norm_name)
+
+        def norm_then_add(output_with_bias, residual, prob):
+            output, bias = output_with_bias  # [s, b, h]
+            if bias is not None:
+                output = output + bias
+            return add((norm(output), None), residual, prob)
+
+        return norm_then_add
+
+    def forward(self, *args, **kwargs):
+        if self.rotary_base is not None and kwargs.get("rotary_pos_emb") is not None:
+            if kwargs.get("rotary_pos_cos") is not None:
+                raise ConfigError("a per-layer RoPE theta does not support fused-RoPE inference")
+            kwargs["rotary_pos_emb"] = self._own_rotary(kwargs["rotary_pos_emb"])
+        return super().forward(*args, **kwargs)
+
+    def _own_rotary(self, model_emb: torch.Tensor) -> torch.Tensor:
+        """The model's RoPE angles [s, 1, 1, dim] recomputed with this layer's theta."""
+        from megabridge.models import rope
+
+        inv = rope.inv_freq(model_emb.shape[-1], self.rotary_base, {}).to(model_emb.device)
+        positions = torch.arange(model_emb.shape[0], device=inv.device, dtype=inv.dtype)
+        freqs = torch.outer(positions, inv)  # [s, dim / 2]
+        return torch.cat((freqs, freqs), dim=-1)[:, None, None, :]
+
+
+def block_spec(cfg, tconfig):
+    """The local spec with megabridge's layer, SDPA attention and norms swapped in.
+
+    A whole-block spec, so that the final norm is megabridge's too, and one spec
+    per layer, so that each layer gets its own attention variant (sliding window or
+    not) from its global index.
     """
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.transformer_block import (
         TransformerBlockSubmodules,
         get_num_layers_to_build,
     )
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
     spec = get_gpt_layer_local_spec(
         num_experts=cfg.num_moe_experts,
@@ -343,6 +411,7 @@ def block_spec(cfg, tconfig):
         normalization=cfg.normalization,
     )
     norm = norm_class(cfg)
+    spec.module = TransformerLayer
     sub = spec.submodules
     sub.input_layernorm = norm
     if not cfg.num_moe_experts or sub.pre_mlp_layernorm is not None:
@@ -352,25 +421,25 @@ def block_spec(cfg, tconfig):
     if cfg.qk_layernorm:
         attn.q_layernorm = norm
         attn.k_layernorm = norm
-    if cfg.qk_norm_across_heads:
+    if cfg.qk_norm_across_heads:  # OLMo 2: one norm over all heads of the projection
         attn.q_layernorm = ModuleSpec(module=AcrossHeadsRMSNorm, params={"heads": "query"})
         attn.k_layernorm = ModuleSpec(module=AcrossHeadsRMSNorm, params={"heads": "key"})
-    if cfg.norm_placement != "pre":
-        spec = _post_norm_spec(cfg, sub, norm)
-    return TransformerBlockSubmodules(
-        layer_specs=[spec] * get_num_layers_to_build(tconfig), layer_norm=norm
-    )
+    if cfg.norm_placement == "post":  # OLMo 2: norms after the sublayers only
+        sub.input_layernorm = sub.pre_mlp_layernorm = IdentityOp
+    offset = get_transformer_layer_offset(tconfig)
+    layers = [_layer_spec(spec, cfg, offset + i) for i in range(get_num_layers_to_build(tconfig))]
+    return TransformerBlockSubmodules(layer_specs=layers, layer_norm=norm)
 
 
-def _post_norm_spec(cfg, sub, norm):
-    if cfg.num_moe_experts:
-        raise ConfigError(f"norm_placement={cfg.norm_placement} is not supported with MoE yet")
-    fields = {f.name: getattr(sub, f.name) for f in dataclasses.fields(sub)}
-    pre = norm if cfg.norm_placement == "pre_post" else IdentityOp
-    fields.update(input_layernorm=pre, pre_mlp_layernorm=pre)
-    return ModuleSpec(
-        module=PostNormLayer,
-        submodules=PostNormSubmodules(
-            **fields, post_self_attn_layernorm=norm, post_mlp_layernorm=norm
-        ),
+def _layer_spec(spec, cfg, layer: int):
+    """``spec`` with the options of 0-based global ``layer``."""
+    window = cfg.window_of_layer(layer)
+    spec = copy.deepcopy(spec)
+    spec.params = dict(
+        post_norm=norm_class(cfg) if cfg.norm_placement != "pre" else None,
+        rotary_base=cfg.local_rotary_base if window is not None else None,
     )
+    spec.submodules.self_attention.submodules.core_attention = functools.partial(
+        SDPAttention, sliding_window=window, softcap=cfg.attn_logit_softcap
+    )
+    return spec

@@ -75,12 +75,7 @@ class ModelConfig:
     norm_placement: Literal["pre", "post", "pre_post"] = option(
         "pre",
         "the attention and MLP norms: 'pre' on the sublayer input (Llama), 'post' on its output "
-        "before the residual add (OLMo 2), 'pre_post' both (Gemma 2)",
-    )
-    sliding_window: int | None = option(
-        None,
-        "sliding-window attention: a token sees itself and the sliding_window - 1 tokens before "
-        "it (HF's sliding_window); None: full causal attention",
+        "before the residual add (OLMo 2), 'pre_post' both (Gemma 2/3)",
     )
     position_embedding_type: Literal["rope", "learned_absolute", "none"] = option(
         "rope", "position embedding"
@@ -92,6 +87,28 @@ class ModelConfig:
     init_method_std: float = option(0.02, "std of the normal weight init")
     hidden_dropout: float = option(0.0, "dropout after attention and MLP")
     attention_dropout: float = option(0.0, "dropout on attention probabilities")
+    # attention and embedding variants (Gemma 2/3 use all of them)
+    softmax_scale: float | None = option(None, "attention score scale; None: 1/sqrt(kv_channels)")
+    attn_logit_softcap: float | None = option(
+        None, "soft-cap attention scores to cap * tanh(score / cap) (torch spec only)"
+    )
+    final_logit_softcap: float | None = option(
+        None, "soft-cap output logits to cap * tanh(logit / cap)"
+    )
+    sliding_window: int | None = option(
+        None,
+        "sliding-window attention: a token sees itself and the sliding_window - 1 tokens before "
+        "it (HF's sliding_window; torch spec only); None: full causal attention",
+    )
+    sliding_window_layers: list[int] | None = option(
+        None, "0-based layers that use sliding_window; None: every layer"
+    )
+    local_rotary_base: float | None = option(
+        None, "RoPE theta of the sliding-window layers (Gemma 3); None: rotary_base"
+    )
+    embedding_multiplier: float | None = option(
+        None, "multiply token embeddings by this, in their dtype (Gemma: sqrt(hidden_size))"
+    )
     # MoE
     num_moe_experts: int | None = option(None, "routed experts per MoE layer (None: dense)")
     moe_router_topk: int = option(2, "experts each token is routed to")
@@ -120,6 +137,14 @@ class ModelConfig:
     @property
     def gated(self) -> bool:
         return self.activation in ("swiglu", "geglu")
+
+    def window_of_layer(self, layer: int) -> int | None:
+        """The sliding window of 0-based ``layer``; None: full causal attention."""
+        if self.sliding_window is None:
+            return None
+        if self.sliding_window_layers is None or layer in self.sliding_window_layers:
+            return self.sliding_window
+        return None
 
 
 @dataclass

@@ -1,0 +1,58 @@
+"""Gemma 3 text (Gemma3ForCausalLM): Gemma 2 plus per-head (1 + w) QK norms, local layers with
+their own RoPE theta, global layers with scalable RoPE; no attention soft-capping."""
+
+from megabridge.conversion.mappings import renames
+from megabridge.conversion.registry import register_bridge
+from megabridge.errors import UserError
+from megabridge.models.gemma2.bridge import HF_LAYER, LAYER, Gemma2Bridge
+from megabridge.models.rope import rope_type
+
+
+@register_bridge
+class Gemma3Bridge(Gemma2Bridge):
+    family = "gemma3"
+    architectures = ("Gemma3ForCausalLM",)
+    hf_model_type = "gemma3_text"
+    # transformers' Gemma 3 attention never reads attn_logit_softcapping: neither do we.
+    CONFIG = {k: v for k, v in Gemma2Bridge.CONFIG.items() if k != "attn_logit_softcapping"}
+    MEGATRON_FIXED = {**Gemma2Bridge.MEGATRON_FIXED, "qk_layernorm": True}
+    MAPPINGS = [
+        *Gemma2Bridge.MAPPINGS,
+        *renames(
+            {
+                f"{LAYER}.self_attention.q_layernorm.weight": f"{HF_LAYER}.self_attn.q_norm.weight",
+                f"{LAYER}.self_attention.k_layernorm.weight": f"{HF_LAYER}.self_attn.k_norm.weight",
+            }
+        ),
+    ]
+    NOTES = (
+        "text only (Gemma3ForCausalLM); tied embeddings; sliding window with its own RoPE "
+        "theta, global RoPE scaling (torch spec)"
+    )
+
+    @classmethod
+    def adjust_model_config(cls, hf_config, cfg):
+        super().adjust_model_config(hf_config, cfg)
+        # rope_parameters: {"full_attention": {...}, "sliding_attention": {...}}
+        full = dict(hf_config.rope_parameters["full_attention"])
+        local = hf_config.rope_parameters["sliding_attention"]
+        if rope_type(local) != "default":
+            raise UserError(
+                f"Gemma3 with sliding-window rope_type {rope_type(local)!r} is not supported yet"
+            )
+        cfg.rotary_base = float(full.pop("rope_theta"))
+        cfg.rope_scaling = full if rope_type(full) != "default" else {}
+        cfg.local_rotary_base = float(local["rope_theta"])
+        cfg.attn_logit_softcap = None
+
+    @classmethod
+    def adjust_hf_config(cls, cfg, data):
+        if cfg.attn_logit_softcap is not None:
+            raise UserError("Gemma3 has no attention soft-capping; attn_logit_softcap must be None")
+        super().adjust_hf_config(cfg, data)
+        del data["attn_logit_softcapping"]
+        local = cfg.local_rotary_base or cfg.rotary_base
+        data["rope_parameters"] = {
+            "full_attention": {"rope_theta": cfg.rotary_base, "rope_type": "default", **cfg.rope_scaling},
+            "sliding_attention": {"rope_theta": local, "rope_type": "default"},
+        }  # fmt: skip

@@ -32,8 +32,24 @@ def resolve_impl(cfg) -> str:
     return impl
 
 
+def _megatron_without_te() -> None:
+    """Work around megatron-core 0.16 needing a TE name it only defines when TE imports.
+
+    moe/moe_utils.py imports ``te_general_gemm`` inside ``try: import
+    transformer_engine``, yet the MoE router's gating reads it unconditionally
+    (``if te_general_gemm is not None``): a NameError without TE. Defined as None,
+    the router takes its torch.mm path.
+    """
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
 def layer_spec(cfg, tconfig):
     impl = resolve_impl(cfg)
+    if not have_transformer_engine():
+        _megatron_without_te()
     if impl == "transformer_engine":
         from megatron.core.models.gpt.gpt_layer_specs import (
             get_gpt_layer_with_transformer_engine_spec,

@@ -45,3 +45,51 @@ def tiny_llama_config(**overrides):
     )
     kwargs.update(overrides)
     return LlamaConfig(**kwargs)
+
+
+# MoE families: 4 experts, top-2, small enough that two CPU processes run them in seconds.
+_TINY_MOE = dict(
+    vocab_size=256,
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+    num_experts_per_tok=2,
+)
+
+
+def tiny_mixtral_config(**overrides):
+    from transformers import MixtralConfig
+
+    kwargs = dict(
+        _TINY_MOE, intermediate_size=32, num_local_experts=4, architectures=["MixtralForCausalLM"]
+    )
+    kwargs.update(overrides)
+    return MixtralConfig(**kwargs)
+
+
+def tiny_qwen2_moe_config(**overrides):
+    """Layer 0 dense (decoder_sparse_step=2), layer 1 MoE with a gated shared expert."""
+    from transformers import Qwen2MoeConfig
+
+    kwargs = dict(
+        _TINY_MOE, intermediate_size=96, moe_intermediate_size=32,
+        shared_expert_intermediate_size=48, num_experts=4, decoder_sparse_step=2,
+        norm_topk_prob=False, architectures=["Qwen2MoeForCausalLM"],
+    )  # fmt: skip
+    kwargs.update(overrides)
+    return Qwen2MoeConfig(**kwargs)
+
+
+def tiny_qwen3_moe_config(**overrides):
+    from transformers import Qwen3MoeConfig
+
+    kwargs = dict(
+        _TINY_MOE, intermediate_size=96, moe_intermediate_size=32, num_experts=4, head_dim=32,
+        norm_topk_prob=True, architectures=["Qwen3MoeForCausalLM"],
+    )  # fmt: skip
+    kwargs.update(overrides)
+    return Qwen3MoeConfig(**kwargs)

@@ -33,11 +33,10 @@ def _groups(local_name: str):
     """(tensor-parallel group, replica rank) of a parameter: experts have their own."""
     from megatron.core import parallel_state as ps
 
-    if ".experts." in local_name:
-        return ps.get_expert_tensor_parallel_group(), ps.get_expert_data_parallel_rank()
-    return ps.get_tensor_model_parallel_group(), ps.get_data_parallel_rank(
-        with_context_parallel=True
-    )
+    group = sharding.tensor_parallel_group(local_name)
+    if ".experts." in f".{local_name}":
+        return group, ps.get_expert_data_parallel_rank()
+    return group, ps.get_data_parallel_rank(with_context_parallel=True)
 
 
 def _full_shape(local_shape, how: sharding.Split, size: int) -> list[int]:

@@ -60,8 +60,18 @@ def transformer_config(cfg: ModelConfig):
             moe_router_pre_softmax=cfg.moe_router_pre_softmax,
             moe_aux_loss_coeff=cfg.moe_aux_loss_coeff,
             moe_router_load_balancing_type=cfg.moe_router_load_balancing_type,
+            moe_layer_freq=cfg.moe_layer_freq if cfg.moe_layer_freq is not None else 1,
+            moe_shared_expert_gate=cfg.moe_shared_expert_gate,
+            moe_router_score_function=cfg.moe_router_score_function,
+            moe_router_topk_scaling_factor=cfg.moe_router_topk_scaling_factor,
+            moe_router_enable_expert_bias=cfg.moe_router_enable_expert_bias,
+            moe_router_num_groups=cfg.moe_router_num_groups,
+            moe_router_group_topk=cfg.moe_router_group_topk,
+            moe_router_dtype=cfg.moe_router_dtype,
             moe_token_dispatcher_type="alltoall",
             moe_grouped_gemm=False,
+            # Dropless: every token reaches its top-k experts (no capacity, no dropping).
+            moe_expert_capacity_factor=None,
         )
     recompute = {}
     if cfg.recompute_granularity:
@@ -143,6 +153,10 @@ def validate_model_config(cfg: ModelConfig) -> None:
         problems.append(
             f"num_moe_experts={cfg.num_moe_experts} is not divisible by "
             f"expert_model_parallel_size={cfg.expert_model_parallel_size}"
+        )
+    if cfg.moe_layer_freq is not None and len(cfg.moe_layer_freq) != cfg.num_layers:
+        problems.append(
+            f"moe_layer_freq has {len(cfg.moe_layer_freq)} entries for num_layers={cfg.num_layers}"
         )
     if problems:
         raise ConfigError("model: " + "; ".join(problems))

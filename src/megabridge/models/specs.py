@@ -50,22 +50,15 @@ def layer_spec(cfg, tconfig):
     impl = resolve_impl(cfg)
     if not have_transformer_engine():
         _megatron_without_te()
-    if impl == "transformer_engine":
-        from megatron.core.models.gpt.gpt_layer_specs import (
-            get_gpt_layer_with_transformer_engine_spec,
-        )
-
-        return get_gpt_layer_with_transformer_engine_spec(
-            num_experts=cfg.num_moe_experts, qk_layernorm=cfg.qk_layernorm
-        )
     if impl == "torch":
         from megabridge.models import torch_layers
 
         return torch_layers.block_spec(cfg, tconfig)
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    # Megatron-Core's own block spec: a dense or an MoE layer per moe_layer_freq.
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
-    return get_gpt_layer_local_spec(
-        num_experts=cfg.num_moe_experts,
-        qk_layernorm=cfg.qk_layernorm,
+    return get_gpt_decoder_block_spec(
+        tconfig,
+        use_transformer_engine=impl == "transformer_engine",
         normalization=cfg.normalization,
     )

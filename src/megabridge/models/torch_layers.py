@@ -148,31 +148,37 @@ def norm_class(cfg):
 
 
 def block_spec(cfg, tconfig):
-    """The local spec with SDPA attention and megabridge's norms swapped in.
+    """Megatron-Core's local block spec with SDPA attention and megabridge's norms swapped in.
 
-    A whole-block spec, so that the final norm is megabridge's too.
+    A whole-block spec, so that the final norm is megabridge's too. Layers are
+    dense or MoE as ``moe_layer_freq`` says (megatron-core reads it from tconfig).
     """
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_layer_specs
     from megatron.core.transformer.transformer_block import (
         TransformerBlockSubmodules,
         get_num_layers_to_build,
     )
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
-    spec = get_gpt_layer_local_spec(
-        num_experts=cfg.num_moe_experts,
-        qk_layernorm=cfg.qk_layernorm,
-        normalization=cfg.normalization,
+    layer_specs = get_gpt_decoder_layer_specs(
+        tconfig, use_transformer_engine=False, normalization=cfg.normalization
     )
     norm = norm_class(cfg)
+    for spec in {id(s): s for s in layer_specs}.values():  # the dense and the MoE spec
+        _use_megabridge_modules(spec, cfg, norm)
+    offset = get_transformer_layer_offset(tconfig)
+    return TransformerBlockSubmodules(
+        layer_specs=layer_specs[offset : offset + get_num_layers_to_build(tconfig)],
+        layer_norm=norm,
+    )
+
+
+def _use_megabridge_modules(spec, cfg, norm) -> None:
     sub = spec.submodules
     sub.input_layernorm = norm
-    if not cfg.num_moe_experts or sub.pre_mlp_layernorm is not None:
-        sub.pre_mlp_layernorm = norm
+    sub.pre_mlp_layernorm = norm
     attn = sub.self_attention.submodules
     attn.core_attention = SDPAttention
     if cfg.qk_layernorm:
         attn.q_layernorm = norm
         attn.k_layernorm = norm
-    return TransformerBlockSubmodules(
-        layer_specs=[spec] * get_num_layers_to_build(tconfig), layer_norm=norm
-    )

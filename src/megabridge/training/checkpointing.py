@@ -59,6 +59,8 @@ ARCHITECTURE_FIELDS = (
     "num_moe_experts",
     "moe_ffn_hidden_size",
     "moe_shared_expert_intermediate_size",
+    "moe_layer_freq",
+    "moe_shared_expert_gate",
 )
 
 

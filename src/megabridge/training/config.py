@@ -85,6 +85,26 @@ class ModelConfig:
     moe_router_pre_softmax: bool = option(False, "softmax before top-k (Mixtral: False)")
     moe_aux_loss_coeff: float = option(0.0, "load-balancing loss coefficient")
     moe_router_load_balancing_type: str = option("aux_loss", "aux_loss, seq_aux_loss or none")
+    moe_layer_freq: list[int] | None = option(
+        None, "per layer: 1 for an MoE layer, 0 for a dense MLP (None: every layer MoE)"
+    )
+    moe_shared_expert_gate: bool = option(
+        False, "sigmoid gate on the shared expert's output (Qwen2-MoE)"
+    )
+    moe_router_score_function: Literal["softmax", "sigmoid"] = option(
+        "softmax", "router score function (DeepSeek-V3: sigmoid)"
+    )
+    moe_router_topk_scaling_factor: float | None = option(
+        None, "multiplies the routed experts' weights (DeepSeek-V3's routed_scaling_factor)"
+    )
+    moe_router_enable_expert_bias: bool = option(
+        False, "per-expert bias on the scores used for selection only (aux-loss-free balancing)"
+    )
+    moe_router_num_groups: int | None = option(None, "expert groups for group-limited routing")
+    moe_router_group_topk: int | None = option(None, "groups each token may route to")
+    moe_router_dtype: Literal["fp32", "fp64"] | None = option(
+        None, "router logits and weights in this precision (None: the model's)"
+    )
     # parallelism and precision
     tensor_model_parallel_size: int = option(1, "tensor-parallel size")
     pipeline_model_parallel_size: int = option(1, "pipeline-parallel size")

@@ -16,6 +16,11 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> None:
                 p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen))
             else:
                 p.copy_(0.05 * torch.randn(p.shape, generator=gen))
+        # Saved buffers too (DeepSeek-V3's e_score_correction_bias): zeros would hide them.
+        params = dict(model.named_parameters())
+        for name, t in model.state_dict().items():
+            if name not in params and t.is_floating_point():
+                t.copy_(0.05 * torch.randn(t.shape, generator=gen))
 
 
 def save_tiny(config, path: Path, dtype: torch.dtype = torch.float32, seed: int = 0) -> Path:
@@ -93,3 +98,19 @@ def tiny_qwen3_moe_config(**overrides):
     )  # fmt: skip
     kwargs.update(overrides)
     return Qwen3MoeConfig(**kwargs)
+
+
+def tiny_deepseek_v3_config(**overrides):
+    """Layer 0 dense, layers 1-2 MoE: 4 experts in 2 groups (1 chosen), top-2, a shared expert."""
+    from transformers import DeepseekV3Config
+
+    kwargs = dict(
+        _TINY_MOE, num_hidden_layers=3, num_key_value_heads=4, intermediate_size=96,
+        moe_intermediate_size=32, n_routed_experts=4, n_shared_experts=1, n_group=2,
+        topk_group=1, routed_scaling_factor=2.5, first_k_dense_replace=1, q_lora_rank=32,
+        rms_norm_eps=1e-6,  # transformers' latent norms always use 1e-6
+        kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+        architectures=["DeepseekV3ForCausalLM"],
+    )  # fmt: skip
+    kwargs.update(overrides)
+    return DeepseekV3Config(**kwargs)

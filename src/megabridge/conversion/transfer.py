@@ -49,10 +49,21 @@ def _full_shape(local_shape, how: sharding.Split, size: int) -> list[int]:
 
 
 def _local_params(chunks, cfg):
-    """(chunk, local name, global name, param) for this rank's parameters."""
+    """(chunk, local name, global name, tensor) for this rank's parameters and persistent buffers.
+
+    Buffers count: some model state is not trained by gradients yet belongs to
+    the checkpoint (the MoE router's expert_bias, DeepSeek-V3's e_score_correction_bias).
+    """
     for chunk in chunks:
-        for local_name, param in chunk.named_parameters():
+        for local_name, param in [*chunk.named_parameters(), *_persistent_buffers(chunk)]:
             yield chunk, local_name, sharding.global_name(chunk, local_name), param
+
+
+def _persistent_buffers(module: torch.nn.Module):
+    for prefix, sub in module.named_modules():
+        for name, buffer in sub.named_buffers(recurse=False):
+            if buffer is not None and name not in sub._non_persistent_buffers_set:
+                yield f"{prefix}.{name}" if prefix else name, buffer
 
 
 # ------------------------------------------------------------------ HF -> Megatron

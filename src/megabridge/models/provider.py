@@ -80,7 +80,12 @@ def transformer_config(cfg: ModelConfig):
             recompute_method=cfg.recompute_method,
             recompute_num_layers=cfg.recompute_num_layers,
         )
-    return TransformerConfig(
+    config_class, mla = TransformerConfig, mla_fields(cfg)
+    if mla:
+        from megatron.core.transformer.transformer_config import MLATransformerConfig
+
+        config_class = MLATransformerConfig
+    return config_class(
         num_layers=cfg.num_layers,
         hidden_size=cfg.hidden_size,
         ffn_hidden_size=cfg.ffn_hidden_size,
@@ -126,7 +131,41 @@ def transformer_config(cfg: ModelConfig):
         deallocate_pipeline_outputs=True,
         **moe,
         **recompute,
+        **mla,
     )
+
+
+def mla_fields(cfg: ModelConfig) -> dict:
+    """MLATransformerConfig's own fields: latent sizes, and its RoPE (plain or YaRN)."""
+    if not cfg.multi_latent_attention:
+        return {}
+    fields = dict(
+        multi_latent_attention=True,
+        q_lora_rank=cfg.q_lora_rank,
+        kv_lora_rank=cfg.kv_lora_rank,
+        qk_head_dim=cfg.qk_head_dim,
+        qk_pos_emb_head_dim=cfg.qk_pos_emb_head_dim,
+        v_head_dim=cfg.v_head_dim,
+        rotary_base=cfg.rotary_base,
+        rotary_percent=cfg.rotary_percent,
+    )
+    rope = cfg.rope_scaling or {}
+    kind = rope.get("rope_type") or rope.get("type") or "default"
+    if kind == "default":
+        # MLA's softmax scale is mscale(factor, mscale_all_dim)^2 / sqrt(d): 1 / sqrt(d) here.
+        return {**fields, "rope_type": "rope", "rotary_scaling_factor": 1.0, "mscale_all_dim": 0.0}
+    if kind == "yarn":
+        return {
+            **fields,
+            "rope_type": "yarn",
+            "rotary_scaling_factor": float(rope["factor"]),
+            "original_max_position_embeddings": int(rope["original_max_position_embeddings"]),
+            "beta_fast": float(rope.get("beta_fast") or 32),
+            "beta_slow": float(rope.get("beta_slow") or 1),
+            "mscale": float(rope.get("mscale") or 1.0),
+            "mscale_all_dim": float(rope.get("mscale_all_dim") or 0.0),
+        }
+    raise ConfigError(f"multi-latent attention supports rope_type default or yarn, not {kind!r}")
 
 
 def validate_model_config(cfg: ModelConfig) -> None:

@@ -33,17 +33,24 @@ def resolve_impl(cfg) -> str:
 
 
 def _megatron_without_te() -> None:
-    """Work around megatron-core 0.16 needing a TE name it only defines when TE imports.
+    """Work around two megatron-core 0.16 modules that misjudge a missing TE.
 
-    moe/moe_utils.py imports ``te_general_gemm`` inside ``try: import
-    transformer_engine``, yet the MoE router's gating reads it unconditionally
-    (``if te_general_gemm is not None``): a NameError without TE. Defined as None,
-    the router takes its torch.mm path.
+    * moe/moe_utils.py imports ``te_general_gemm`` inside ``try: import
+      transformer_engine``, yet the MoE router's gating reads it unconditionally
+      (``if te_general_gemm is not None``): a NameError without TE. Defined as
+      None, the router takes its torch.mm path.
+    * multi_latent_attention.py sets ``HAVE_TE = True`` whenever
+      ``megatron.core.extensions.transformer_engine`` imports, which it does
+      without TE too, exporting MagicMock placeholders for TELinear & co; MLA's
+      constructor then fails on ``isinstance(linear_proj, TELinear)``. Its flag is
+      set to what it means: TE is not there.
     """
+    from megatron.core.transformer import multi_latent_attention
     from megatron.core.transformer.moe import moe_utils
 
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
+    multi_latent_attention.HAVE_TE = False
 
 
 def layer_spec(cfg, tconfig):

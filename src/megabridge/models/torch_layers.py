@@ -34,6 +34,8 @@ class SDPAttention(MegatronModule):
         attention_type: str,
         attention_dropout: float | None = None,
         softmax_scale: float | None = None,
+        k_channels: int | None = None,  # multi-latent attention: key and value head dims
+        v_channels: int | None = None,  # differ; SDPA takes them from the tensors
         cp_comm_type: str | None = None,
         pg_collection=None,
     ):
@@ -179,6 +181,7 @@ def _use_megabridge_modules(spec, cfg, norm) -> None:
     sub.pre_mlp_layernorm = norm
     attn = sub.self_attention.submodules
     attn.core_attention = SDPAttention
-    if cfg.qk_layernorm:
-        attn.q_layernorm = norm
-        attn.k_layernorm = norm
+    if cfg.qk_layernorm:  # multi-latent attention has q_layernorm and kv_layernorm
+        for field in ("q_layernorm", "k_layernorm", "kv_layernorm"):
+            if hasattr(attn, field):
+                setattr(attn, field, norm)

@@ -105,6 +105,13 @@ class ModelConfig:
     moe_router_dtype: Literal["fp32", "fp64"] | None = option(
         None, "router logits and weights in this precision (None: the model's)"
     )
+    # Multi-latent attention (DeepSeek-V2/V3): low-rank compressed queries and keys/values
+    multi_latent_attention: bool = option(False, "multi-latent attention (DeepSeek-V2/V3)")
+    q_lora_rank: int | None = option(None, "MLA: query compression rank (None: no compression)")
+    kv_lora_rank: int = option(512, "MLA: key/value compression rank")
+    qk_head_dim: int = option(128, "MLA: query/key head dimension without RoPE")
+    qk_pos_emb_head_dim: int = option(64, "MLA: query/key head dimension with RoPE")
+    v_head_dim: int = option(128, "MLA: value head dimension")
     # parallelism and precision
     tensor_model_parallel_size: int = option(1, "tensor-parallel size")
     pipeline_model_parallel_size: int = option(1, "pipeline-parallel size")

@@ -85,3 +85,30 @@ def parallel_logits(hf_dir: Path, layout: list[str], nproc: int = 2) -> dict:
     assert rc == 0 and data["ok"], data
     assert data["max_abs_diff"] <= ATOL_FP32, data
     return data
+
+
+def rejects_perturbed_in_process(hf_dir: Path, bad_dir: Path) -> None:
+    """A Megatron model converted from a perturbed copy of ``hf_dir`` must fail against ``hf_dir``."""
+    from megabridge.conversion.auto_bridge import AutoBridge
+    from megabridge.conversion.verify import compare, hf_logits, megatron_logits, sample_tokens
+
+    bridge = AutoBridge.from_hf_pretrained(perturbed_copy(hf_dir, bad_dir))
+    vocab = bridge.model_config.vocab_size
+    tokens = sample_tokens(vocab, 2, 32, seed=0)
+    logits = megatron_logits(bridge.to_megatron_model(), tokens)
+    reference = hf_logits(hf_dir, tokens, torch.float32, logits.device)
+    result = compare(reference, logits, vocab, torch.float32, ATOL_FP32, None)
+    assert not result.ok and result.max_abs_diff > 1e-3, result
+
+
+def parallel_round_trip(hf_dir: Path, tmp: Path, layout: list[str], nproc: int = 2) -> None:
+    """HF -> Megatron checkpoint -> HF, both conversions in ``layout``: must be bit-exact."""
+    convert = ["-m", "megabridge", "convert"]
+    mg, back = tmp / "mg", tmp / "back"
+    to_mg = torchrun(nproc, [*convert, "hf-to-megatron", "--hf-path", str(hf_dir),
+                             "--megatron-path", str(mg), *layout])  # fmt: skip
+    assert to_mg.returncode == 0, to_mg.stderr[-3000:]
+    to_hf = torchrun(nproc, [*convert, "megatron-to-hf", "--megatron-path", str(mg),
+                             "--hf-path", str(back), *layout])  # fmt: skip
+    assert to_hf.returncode == 0, to_hf.stderr[-3000:]
+    assert_same_hf_folder(hf_dir, back)

@@ -378,6 +378,17 @@ def validate(cfg: ConfigContainer, world_size: int) -> None:
     problems = []
     if world_size % model_parallel:
         problems.append(f"{world_size} processes are not divisible by TP x PP = {model_parallel}")
+    if m.num_moe_experts:
+        expert_parallel = m.expert_model_parallel_size * m.tensor_model_parallel_size
+        if world_size % (expert_parallel * m.pipeline_model_parallel_size):
+            problems.append(
+                f"{world_size} processes are not divisible by EP x TP x PP = "
+                f"{expert_parallel * m.pipeline_model_parallel_size} (experts are split over "
+                "EP x TP ranks within each pipeline stage)"
+            )
+        if m.tensor_model_parallel_size > 1 and not m.sequence_parallel:
+            problems.append("MoE with tensor_model_parallel_size > 1 trains only with "
+                            "model.sequence_parallel=true (megatron-core's rule)")  # fmt: skip
     dp = max(world_size // model_parallel, 1)
     if t.global_batch_size % (t.micro_batch_size * dp):
         problems.append(

@@ -26,7 +26,9 @@ HF_EXPERT = f"{HF_LAYER}.mlp.experts.*"
 
 
 def _gated(megatron: str, hf: str) -> GatedMLP:
-    return GatedMLP(f"{megatron}.linear_fc1.weight", (f"{hf}.gate_proj.weight", f"{hf}.up_proj.weight"))
+    return GatedMLP(
+        f"{megatron}.linear_fc1.weight", (f"{hf}.gate_proj.weight", f"{hf}.up_proj.weight")
+    )
 
 
 @register_bridge
@@ -68,7 +70,9 @@ class DeepseekV3Bridge(FamilyBridge):
         moe_router_load_balancing_type="seq_aux_loss",
         moe_aux_loss_coeff=1e-4,
     )
-    HF_FIXED = dict(hidden_act="silu", rope_interleave=True, attention_bias=False, norm_topk_prob=True)
+    HF_FIXED = dict(
+        hidden_act="silu", rope_interleave=True, attention_bias=False, norm_topk_prob=True
+    )
     MAPPINGS = [
         *renames(
             {

@@ -53,7 +53,9 @@ class MixtralBridge(FamilyBridge):
             f"{LAYER}.self_attention.linear_qkv.weight",
             tuple(f"{HF_LAYER}.self_attn.{p}_proj.weight" for p in "qkv"),
         ),
-        GatedMLP(f"{EXPERT}.linear_fc1.weight", (f"{HF_EXPERT}.w1.weight", f"{HF_EXPERT}.w3.weight")),
+        GatedMLP(
+            f"{EXPERT}.linear_fc1.weight", (f"{HF_EXPERT}.w1.weight", f"{HF_EXPERT}.w3.weight")
+        ),
     ]
     PARALLELISM = ("TP", "PP", "EP")
     NOTES = "softmax top-k routing, renormalised; dropless"

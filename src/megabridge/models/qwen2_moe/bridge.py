@@ -96,7 +96,10 @@ def moe_layer_freq(hf_config) -> list[int] | None:
 def hf_layer_fields(cfg) -> dict:
     """Inverse of moe_layer_freq: the dense layers listed one by one."""
     pattern = cfg.moe_layer_freq or [1] * cfg.num_layers
-    return {"decoder_sparse_step": 1, "mlp_only_layers": [i for i, m in enumerate(pattern) if not m]}
+    return {
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [i for i, m in enumerate(pattern) if not m],
+    }
 
 
 def check_no_sliding_window(hf_config, family: str) -> None:

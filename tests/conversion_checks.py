@@ -112,3 +112,20 @@ def parallel_round_trip(hf_dir: Path, tmp: Path, layout: list[str], nproc: int =
                              "--hf-path", str(back), *layout])  # fmt: skip
     assert to_hf.returncode == 0, to_hf.stderr[-3000:]
     assert_same_hf_folder(hf_dir, back)
+
+
+def export_from_scratch_in_process(recipe: str, out: Path) -> None:
+    """A freshly initialised model of ``recipe`` -> HF folder (config from the family's tables),
+    which transformers must load and run like the Megatron model."""
+    from megabridge.conversion.auto_bridge import AutoBridge
+    from megabridge.conversion.registry import bridge_for_family
+    from megabridge.models import init
+    from megabridge.recipes import get_recipe
+
+    cfg = get_recipe(recipe).model
+    family = bridge_for_family(cfg.family)
+    bridge = AutoBridge(family, cfg, family.hf_config_dict(cfg))
+    model = bridge.to_megatron_model(load_weights=False)
+    init.initialize(model, cfg, seed=1234)
+    bridge.save_hf_pretrained(model, out)
+    logits_in_process(out)

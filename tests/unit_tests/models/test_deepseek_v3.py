@@ -58,6 +58,12 @@ def test_unsupported_configs_are_refused(overrides, message):
         DeepseekV3Bridge.model_config(tiny_deepseek_v3_config(**overrides))
 
 
+@pytest.mark.unit
+@pytest.mark.usefixtures("single_process_megatron")
+def test_model_from_scratch_exports_to_transformers(tmp_path):
+    checks.export_from_scratch_in_process("deepseek_v3_tiny_pretrain_config", tmp_path / "hf")
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize("layout", [["--tp", "2"], ["--ep", "2"]], ids=["tp2", "ep2"])
 def test_parallel_logits(deepseek_dirs, layout):

@@ -24,6 +24,12 @@ def test_perturbed_weights_are_rejected(mixtral_dir, tmp_path):
     checks.rejects_perturbed_in_process(mixtral_dir, tmp_path / "bad")
 
 
+@pytest.mark.unit
+@pytest.mark.usefixtures("single_process_megatron")
+def test_model_from_scratch_exports_to_transformers(tmp_path):
+    checks.export_from_scratch_in_process("mixtral_tiny_pretrain_config", tmp_path / "hf")
+
+
 @pytest.mark.integration
 def test_ep2_logits(mixtral_dir):
     checks.parallel_logits(mixtral_dir, ["--ep", "2"])

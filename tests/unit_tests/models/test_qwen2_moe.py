@@ -32,6 +32,12 @@ def test_perturbed_weights_are_rejected(qwen2_moe_dirs, tmp_path):
     checks.rejects_perturbed_in_process(qwen2_moe_dirs["top_k_softmax"], tmp_path / "bad")
 
 
+@pytest.mark.unit
+@pytest.mark.usefixtures("single_process_megatron")
+def test_model_from_scratch_exports_to_transformers(tmp_path):
+    checks.export_from_scratch_in_process("qwen2_moe_tiny_pretrain_config", tmp_path / "hf")
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize("layout", [["--tp", "2"], ["--ep", "2"]], ids=["tp2", "ep2"])
 def test_parallel_logits(qwen2_moe_dirs, layout):

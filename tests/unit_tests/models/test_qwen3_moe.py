@@ -28,6 +28,12 @@ def test_perturbed_weights_are_rejected(qwen3_moe_dirs, tmp_path):
     checks.rejects_perturbed_in_process(qwen3_moe_dirs["all_moe"], tmp_path / "bad")
 
 
+@pytest.mark.unit
+@pytest.mark.usefixtures("single_process_megatron")
+def test_model_from_scratch_exports_to_transformers(tmp_path):
+    checks.export_from_scratch_in_process("qwen3_moe_tiny_pretrain_config", tmp_path / "hf")
+
+
 @pytest.mark.integration
 def test_ep2_logits(qwen3_moe_dirs):
     checks.parallel_logits(qwen3_moe_dirs["dense_layer_1"], ["--ep", "2"])

@@ -48,6 +48,7 @@ def test_perturbed_weights_are_rejected(deepseek_dirs, tmp_path):
         (dict(topk_group=2, n_group=2), "num_experts_per_tok = 2 x topk_group"),
         (dict(rms_norm_eps=1e-5), "rms_norm_eps=1e-05"),
         (dict(norm_topk_prob=False), "norm_topk_prob=False"),
+        (dict(quantization_config={"quant_method": "fp8"}), "FP8"),
     ],
 )
 def test_unsupported_configs_are_refused(overrides, message):

@@ -9,8 +9,7 @@ Routing: sigmoid scores; the correction bias (Megatron's ``expert_bias``) only
 picks the experts; groups ranked by the sum of their top-2 scores
 (Megatron: top topk/group_topk, so topk = 2 x topk_group); weights renormalised
 and multiplied by ``routed_scaling_factor``. The first ``first_k_dense_replace``
-layers have a dense MLP. Weights in the FP8 format of the original release
-(``weight_scale_inv`` tensors) must be dequantised to bf16 first.
+layers have a dense MLP. The original FP8 release must be dequantised to bf16 first.
 """
 
 from megabridge.conversion.family import FamilyBridge
@@ -107,6 +106,8 @@ class DeepseekV3Bridge(FamilyBridge):
 
     @classmethod
     def adjust_model_config(cls, hf_config, cfg):
+        if getattr(hf_config, "quantization_config", None):
+            raise UserError("DeepSeek-V3 in FP8 (quantization_config) is not supported: use bf16")
         if getattr(hf_config, "attention_bias", False):
             raise UserError("DeepSeek-V3 with attention_bias=True is not supported yet")
         if not getattr(hf_config, "rope_interleave", True):

@@ -99,7 +99,7 @@ def to_megatron_checkpoint(hf_dir: Path, out: Path) -> Path:
     return out
 
 
-def verify_rejects_perturbed_in_process(hf_dir: Path, tmp: Path, atol: float = ATOL_FP32):
+def verify_perturbed_rejected_in_process(hf_dir: Path, tmp: Path, atol: float = ATOL_FP32):
     """A Megatron checkpoint of the model passes verify against it; one of a perturbed copy fails."""
     from megabridge.conversion.verify import verify
 
@@ -185,3 +185,33 @@ def gradients_in_process(hf_dir: Path, rtol: float = 1e-4) -> float:
     assert checked == set(hf_grads), set(hf_grads) ^ checked
     assert worst <= rtol, worst
     return worst
+
+
+def parallel_round_trip(hf_dir: Path, tmp: Path, layout: list[str], nproc: int = 2) -> None:
+    """HF -> Megatron checkpoint -> HF, both conversions in ``layout``: must be bit-exact."""
+    convert = ["-m", "megabridge", "convert"]
+    mg, back = tmp / "mg", tmp / "back"
+    to_mg = torchrun(nproc, [*convert, "hf-to-megatron", "--hf-path", str(hf_dir),
+                             "--megatron-path", str(mg), *layout])  # fmt: skip
+    assert to_mg.returncode == 0, to_mg.stderr[-3000:]
+    to_hf = torchrun(nproc, [*convert, "megatron-to-hf", "--megatron-path", str(mg),
+                             "--hf-path", str(back), *layout])  # fmt: skip
+    assert to_hf.returncode == 0, to_hf.stderr[-3000:]
+    assert_same_hf_folder(hf_dir, back)
+
+
+def export_from_scratch_in_process(recipe: str, out: Path) -> None:
+    """A freshly initialised model of ``recipe`` -> HF folder (config from the family's tables),
+    which transformers must load and run like the Megatron model."""
+    from megabridge.conversion.auto_bridge import AutoBridge
+    from megabridge.conversion.registry import bridge_for_family
+    from megabridge.models import init
+    from megabridge.recipes import get_recipe
+
+    cfg = get_recipe(recipe).model
+    family = bridge_for_family(cfg.family)
+    bridge = AutoBridge(family, cfg, family.hf_config_dict(cfg))
+    model = bridge.to_megatron_model(load_weights=False)
+    init.initialize(model, cfg, seed=1234)
+    bridge.save_hf_pretrained(model, out)
+    logits_in_process(out)

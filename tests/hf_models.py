@@ -16,6 +16,11 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> None:
                 p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen))
             else:
                 p.copy_(0.05 * torch.randn(p.shape, generator=gen))
+        # Saved buffers too (DeepSeek-V3's e_score_correction_bias): zeros would hide them.
+        params = dict(model.named_parameters())
+        for name, t in model.state_dict().items():
+            if name not in params and t.is_floating_point():
+                t.copy_(0.05 * torch.randn(t.shape, generator=gen))
 
 
 def save_tiny(config, path: Path, dtype: torch.dtype = torch.float32, seed: int = 0) -> Path:
@@ -132,3 +137,67 @@ def tiny_gemma3_config(**overrides):
     )
     kwargs.update(overrides)
     return Gemma3TextConfig(**kwargs)
+
+
+# MoE families: 4 experts, top-2, small enough that two CPU processes run them in seconds.
+_TINY_MOE = dict(
+    vocab_size=256,
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+    num_experts_per_tok=2,
+)
+
+
+def tiny_mixtral_config(**overrides):
+    from transformers import MixtralConfig
+
+    kwargs = dict(
+        _TINY_MOE, intermediate_size=32, num_local_experts=4, architectures=["MixtralForCausalLM"]
+    )
+    kwargs.update(overrides)
+    return MixtralConfig(**kwargs)
+
+
+def tiny_qwen2_moe_config(**overrides):
+    """Layer 0 dense (decoder_sparse_step=2), layer 1 MoE with a gated shared expert."""
+    from transformers import Qwen2MoeConfig
+
+    kwargs = dict(
+        _TINY_MOE, intermediate_size=96, moe_intermediate_size=32,
+        shared_expert_intermediate_size=48, num_experts=4, decoder_sparse_step=2,
+        norm_topk_prob=False, architectures=["Qwen2MoeForCausalLM"],
+    )  # fmt: skip
+    kwargs.update(overrides)
+    return Qwen2MoeConfig(**kwargs)
+
+
+def tiny_qwen3_moe_config(**overrides):
+    from transformers import Qwen3MoeConfig
+
+    kwargs = dict(
+        _TINY_MOE, intermediate_size=96, moe_intermediate_size=32, num_experts=4, head_dim=32,
+        norm_topk_prob=True, architectures=["Qwen3MoeForCausalLM"],
+    )  # fmt: skip
+    kwargs.update(overrides)
+    return Qwen3MoeConfig(**kwargs)
+
+
+def tiny_deepseek_v3_config(**overrides):
+    """Layer 0 dense, layers 1-2 MoE: 4 experts in 2 groups (1 chosen), top-2, a shared expert."""
+    from transformers import DeepseekV3Config
+
+    kwargs = dict(
+        _TINY_MOE, num_hidden_layers=3, num_key_value_heads=4, intermediate_size=96,
+        moe_intermediate_size=32, n_routed_experts=4, n_shared_experts=1, n_group=2,
+        topk_group=1, routed_scaling_factor=2.5, first_k_dense_replace=1, q_lora_rank=32,
+        rms_norm_eps=1e-6,  # transformers' latent norms always use 1e-6
+        kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+        architectures=["DeepseekV3ForCausalLM"],
+    )  # fmt: skip
+    kwargs.update(overrides)
+    return DeepseekV3Config(**kwargs)

@@ -20,10 +20,19 @@ tests/unit_tests/runtime/test_cpu_backend.py:
   ``_get_cuda_rng_state`` / ``_set_cuda_rng_state``: routed to the CPU
   generator, which is the one that CPU kernels draw from.
 * ``torch.cuda.current_device`` / ``synchronize``: answer 0 / do nothing.
+* CUDA streams and events (the MoE all-to-all token dispatcher copies its
+  split sizes to the host on a side stream and waits on an event): CPU work is
+  synchronous, so ``torch.cuda.Stream`` / ``Event`` / ``stream()`` /
+  ``current_stream()`` become no-op stand-ins.
+* the same dispatcher turns its all-to-all split sizes into numpy arrays only
+  when they are CUDA tensors (``moe_utils.maybe_move_tensor_to_cpu``); CPU
+  tensors stay tensors, which gloo's ``all_to_all_single`` rejects. On the CPU
+  they are converted too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
@@ -77,6 +86,41 @@ class CudaToCpuMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+class _CpuStream:
+    """A CUDA stream or event on the CPU, where all work is already in order: no-ops."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, stream) -> None:
+        pass
+
+    def wait_event(self, event) -> None:
+        pass
+
+    def record_event(self, event=None) -> _CpuStream:
+        return _CpuStream()
+
+    def record(self, stream=None) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+
+_DEFAULT_STREAM = _CpuStream()
+
+
+def _host_copy(tensor, as_numpy: bool = False, record_stream: bool = False):
+    """moe_utils.maybe_move_tensor_to_cpu for tensors that are on the host already."""
+    if as_numpy and torch.is_tensor(tensor):
+        return tensor.numpy()
+    return tensor
+
+
 _cpu_backend_enabled = False
 
 
@@ -100,6 +144,7 @@ def enable_cpu_backend() -> None:
     if torch.cuda.is_available():
         raise RuntimeError("enable_cpu_backend() is only for machines without a GPU")
     from megatron.core.tensor_parallel import random as mcore_random
+    from megatron.core.transformer.moe import token_dispatcher
 
     CudaToCpuMode().__enter__()  # stays on for the life of the process
     torch.cuda.current_device = lambda: 0
@@ -107,6 +152,10 @@ def enable_cpu_backend() -> None:
     torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
     torch.cuda.set_rng_state = lambda new_state, device="cuda": torch.set_rng_state(new_state)
     torch.cuda.manual_seed = torch.manual_seed
+    torch.cuda.Stream = torch.cuda.Event = _CpuStream
+    torch.cuda.current_stream = lambda device=None: _DEFAULT_STREAM
+    torch.cuda.stream = lambda stream=None: contextlib.nullcontext()
+    token_dispatcher.maybe_move_tensor_to_cpu = _host_copy
     mcore_random._get_cuda_rng_state = lambda device="cuda", clone=False, graph_safe=False: (
         torch.get_rng_state()
     )
@@ -154,20 +203,11 @@ def init_distributed(timeout_minutes: int = 10) -> Runtime:
         timeout = datetime.timedelta(minutes=timeout_minutes)
         if "MASTER_ADDR" in os.environ:  # a launcher (torchrun, srun) set up the rendezvous
             dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)
-        else:  # no launcher: a group of one, without touching the environment children inherit
+        else:  # no launcher: a group of one, in memory (no port to race for, no env to leak)
             dist.init_process_group(
-                backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
-                timeout=timeout,
-            )  # fmt: skip
+                backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout
+            )
     return Runtime(rank, world_size, local_rank, device, backend)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def init_model_parallel(

@@ -208,7 +208,7 @@ class AutoBridge:
 RUNTIME_FIELDS = frozenset({
     "tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size",
     "sequence_parallel", "bf16", "transformer_impl", "recompute_granularity", "recompute_method",
-    "recompute_num_layers", "hidden_dropout", "attention_dropout",
+    "recompute_num_layers", "hidden_dropout", "attention_dropout", "moe_router_dtype",
 })  # fmt: skip
 
 

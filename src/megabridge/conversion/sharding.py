@@ -58,6 +58,15 @@ def gather(local: torch.Tensor, how: Split, group) -> torch.Tensor:
     return torch.cat(pieces, dim=0 if how == "dim0" else 1)
 
 
+def tensor_parallel_group(local_name: str):
+    """The group a parameter is tensor-parallel over: experts have their own (expert TP)."""
+    from megatron.core import parallel_state as ps
+
+    if ".experts." in f".{local_name}":
+        return ps.get_expert_tensor_parallel_group()
+    return ps.get_tensor_model_parallel_group()
+
+
 def global_name(model: torch.nn.Module, local_name: str) -> str:
     """A parameter's name as if the whole model were on one rank.
 

@@ -33,11 +33,10 @@ def _groups(local_name: str):
     """(tensor-parallel group, replica rank) of a parameter: experts have their own."""
     from megatron.core import parallel_state as ps
 
-    if ".experts." in local_name:
-        return ps.get_expert_tensor_parallel_group(), ps.get_expert_data_parallel_rank()
-    return ps.get_tensor_model_parallel_group(), ps.get_data_parallel_rank(
-        with_context_parallel=True
-    )
+    group = sharding.tensor_parallel_group(local_name)
+    if ".experts." in f".{local_name}":
+        return group, ps.get_expert_data_parallel_rank()
+    return group, ps.get_data_parallel_rank(with_context_parallel=True)
 
 
 def _full_shape(local_shape, how: sharding.Split, size: int) -> list[int]:
@@ -50,11 +49,23 @@ def _full_shape(local_shape, how: sharding.Split, size: int) -> list[int]:
 
 
 def _local_params(chunks, cfg, include=None):
-    """(chunk, local name, global name, param) for this rank's parameters (``include``d ones)."""
+    """(chunk, local name, global name, tensor) for this rank's parameters and persistent
+    buffers (``include``d ones).
+
+    Buffers count: some model state is not trained by gradients yet belongs to
+    the checkpoint (the MoE router's expert_bias, DeepSeek-V3's e_score_correction_bias).
+    """
     for chunk in chunks:
-        for local_name, param in chunk.named_parameters():
+        for local_name, param in [*chunk.named_parameters(), *_persistent_buffers(chunk)]:
             if include is None or include(local_name):
                 yield chunk, local_name, sharding.global_name(chunk, local_name), param
+
+
+def _persistent_buffers(module: torch.nn.Module):
+    for prefix, sub in module.named_modules():
+        for name, buffer in sub.named_buffers(recurse=False):
+            if buffer is not None and name not in sub._non_persistent_buffers_set:
+                yield f"{prefix}.{name}" if prefix else name, buffer
 
 
 # ------------------------------------------------------------------ HF -> Megatron

@@ -40,12 +40,14 @@ def _full_init(name: str, shape: torch.Size, cfg, seed: int, device) -> torch.Te
 @torch.no_grad()
 def initialize(model_chunks: list[torch.nn.Module], cfg, seed: int) -> None:
     """Fill every parameter of this rank from its layout-independent draw."""
-    from megatron.core import parallel_state
+    import torch.distributed as dist
 
-    tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    tp_size = parallel_state.get_tensor_model_parallel_world_size()
     for chunk in model_chunks:
         for local_name, param in chunk.named_parameters():
+            # Experts are split over the expert-TP group (which may differ from TP), and
+            # named by their global index, so every EP layout draws the same experts.
+            group = sharding.tensor_parallel_group(local_name)
+            tp_rank, tp_size = dist.get_rank(group), dist.get_world_size(group)
             name = sharding.global_name(chunk, local_name)
             if name == "output_layer.weight" and cfg.share_embeddings_and_output_weights:
                 name = "embedding.word_embeddings.weight"  # the tied copy on the last stage

@@ -60,8 +60,18 @@ def transformer_config(cfg: ModelConfig):
             moe_router_pre_softmax=cfg.moe_router_pre_softmax,
             moe_aux_loss_coeff=cfg.moe_aux_loss_coeff,
             moe_router_load_balancing_type=cfg.moe_router_load_balancing_type,
+            moe_layer_freq=cfg.moe_layer_freq if cfg.moe_layer_freq is not None else 1,
+            moe_shared_expert_gate=cfg.moe_shared_expert_gate,
+            moe_router_score_function=cfg.moe_router_score_function,
+            moe_router_topk_scaling_factor=cfg.moe_router_topk_scaling_factor,
+            moe_router_enable_expert_bias=cfg.moe_router_enable_expert_bias,
+            moe_router_num_groups=cfg.moe_router_num_groups,
+            moe_router_group_topk=cfg.moe_router_group_topk,
+            moe_router_dtype=cfg.moe_router_dtype,
             moe_token_dispatcher_type="alltoall",
             moe_grouped_gemm=False,
+            # Dropless: every token reaches its top-k experts (no capacity, no dropping).
+            moe_expert_capacity_factor=None,
         )
     fusions = _gpu_fusions(cfg)
     recompute = {}
@@ -71,7 +81,12 @@ def transformer_config(cfg: ModelConfig):
             recompute_method=cfg.recompute_method,
             recompute_num_layers=cfg.recompute_num_layers,
         )
-    return TransformerConfig(
+    config_class, mla = TransformerConfig, mla_fields(cfg)
+    if mla:
+        from megatron.core.transformer.transformer_config import MLATransformerConfig
+
+        config_class = MLATransformerConfig
+    return config_class(
         num_layers=cfg.num_layers,
         hidden_size=cfg.hidden_size,
         ffn_hidden_size=cfg.ffn_hidden_size,
@@ -116,6 +131,7 @@ def transformer_config(cfg: ModelConfig):
         **fusions,
         **moe,
         **recompute,
+        **mla,
     )
 
 
@@ -134,10 +150,45 @@ def _gpu_fusions(cfg: ModelConfig) -> dict:
         install_fused_rope()
     return dict(
         bias_activation_fusion=on and cfg.activation == "swiglu",
-        apply_rope_fusion=on and cfg.position_embedding_type == "rope",
+        apply_rope_fusion=on
+        and cfg.position_embedding_type == "rope"
+        and not cfg.multi_latent_attention,
         cross_entropy_loss_fusion=on,
         cross_entropy_fusion_impl="native",
     )
+
+
+def mla_fields(cfg: ModelConfig) -> dict:
+    """MLATransformerConfig's own fields: latent sizes, and its RoPE (plain or YaRN)."""
+    if not cfg.multi_latent_attention:
+        return {}
+    fields = dict(
+        multi_latent_attention=True,
+        q_lora_rank=cfg.q_lora_rank,
+        kv_lora_rank=cfg.kv_lora_rank,
+        qk_head_dim=cfg.qk_head_dim,
+        qk_pos_emb_head_dim=cfg.qk_pos_emb_head_dim,
+        v_head_dim=cfg.v_head_dim,
+        rotary_base=cfg.rotary_base,
+        rotary_percent=cfg.rotary_percent,
+    )
+    rope = cfg.rope_scaling or {}
+    kind = rope.get("rope_type") or rope.get("type") or "default"
+    if kind == "default":
+        # MLA's softmax scale is mscale(factor, mscale_all_dim)^2 / sqrt(d): 1 / sqrt(d) here.
+        return {**fields, "rope_type": "rope", "rotary_scaling_factor": 1.0, "mscale_all_dim": 0.0}
+    if kind == "yarn":
+        return {
+            **fields,
+            "rope_type": "yarn",
+            "rotary_scaling_factor": float(rope["factor"]),
+            "original_max_position_embeddings": int(rope["original_max_position_embeddings"]),
+            "beta_fast": float(rope.get("beta_fast") or 32),
+            "beta_slow": float(rope.get("beta_slow") or 1),
+            "mscale": float(rope.get("mscale") or 1.0),
+            "mscale_all_dim": float(rope.get("mscale_all_dim") or 0.0),
+        }
+    raise ConfigError(f"multi-latent attention supports rope_type default or yarn, not {kind!r}")
 
 
 def validate_model_config(cfg: ModelConfig) -> None:
@@ -168,6 +219,10 @@ def validate_model_config(cfg: ModelConfig) -> None:
         problems.append(
             f"num_moe_experts={cfg.num_moe_experts} is not divisible by "
             f"expert_model_parallel_size={cfg.expert_model_parallel_size}"
+        )
+    if cfg.moe_layer_freq is not None and len(cfg.moe_layer_freq) != cfg.num_layers:
+        problems.append(
+            f"moe_layer_freq has {len(cfg.moe_layer_freq)} entries for num_layers={cfg.num_layers}"
         )
     problems += _variant_problems(cfg)
     if problems:

@@ -47,24 +47,40 @@ def resolve_impl(cfg) -> str:
     return impl
 
 
+def _megatron_without_te() -> None:
+    """Work around two megatron-core 0.16 modules that misjudge a missing TE.
+
+    * moe/moe_utils.py imports ``te_general_gemm`` inside ``try: import
+      transformer_engine``, yet the MoE router's gating reads it unconditionally
+      (``if te_general_gemm is not None``): a NameError without TE. Defined as
+      None, the router takes its torch.mm path.
+    * multi_latent_attention.py sets ``HAVE_TE = True`` whenever
+      ``megatron.core.extensions.transformer_engine`` imports, which it does
+      without TE too, exporting MagicMock placeholders for TELinear & co; MLA's
+      constructor then fails on ``isinstance(linear_proj, TELinear)``. Its flag is
+      set to what it means: TE is not there.
+    """
+    from megatron.core.transformer import multi_latent_attention
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+    multi_latent_attention.HAVE_TE = False
+
+
 def layer_spec(cfg, tconfig):
     impl = resolve_impl(cfg)
-    if impl == "transformer_engine":
-        from megatron.core.models.gpt.gpt_layer_specs import (
-            get_gpt_layer_with_transformer_engine_spec,
-        )
-
-        return get_gpt_layer_with_transformer_engine_spec(
-            num_experts=cfg.num_moe_experts, qk_layernorm=cfg.qk_layernorm
-        )
+    if not have_transformer_engine():
+        _megatron_without_te()
     if impl == "torch":
         from megabridge.models import torch_layers
 
         return torch_layers.block_spec(cfg, tconfig)
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    # Megatron-Core's own block spec: a dense or an MoE layer per moe_layer_freq.
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
-    return get_gpt_layer_local_spec(
-        num_experts=cfg.num_moe_experts,
-        qk_layernorm=cfg.qk_layernorm,
+    return get_gpt_decoder_block_spec(
+        tconfig,
+        use_transformer_engine=impl == "transformer_engine",
         normalization=cfg.normalization,
     )

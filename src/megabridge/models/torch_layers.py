@@ -48,6 +48,8 @@ class SDPAttention(MegatronModule):
         attention_type: str,
         attention_dropout: float | None = None,
         softmax_scale: float | None = None,
+        k_channels: int | None = None,  # multi-latent attention: key and value head dims
+        v_channels: int | None = None,  # differ; SDPA takes them from the tensors
         cp_comm_type: str | None = None,
         pg_collection=None,
         sliding_window: int | None = None,
@@ -392,43 +394,50 @@ class TransformerLayer(MegatronLayer):
 
 
 def block_spec(cfg, tconfig):
-    """The local spec with megabridge's layer, SDPA attention and norms swapped in.
+    """Megatron-Core's local block spec with megabridge's layer, SDPA attention and norms.
 
-    A whole-block spec, so that the final norm is megabridge's too, and one spec
-    per layer, so that each layer gets its own attention variant (sliding window or
-    not) from its global index.
+    A whole-block spec, so that the final norm is megabridge's too. One spec per
+    layer: dense or MoE as ``moe_layer_freq`` says (megatron-core reads it from
+    tconfig), and each with its own attention variant (sliding window or not) from
+    its global index.
     """
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_layer_specs
     from megatron.core.transformer.transformer_block import (
         TransformerBlockSubmodules,
         get_num_layers_to_build,
     )
     from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
-    spec = get_gpt_layer_local_spec(
-        num_experts=cfg.num_moe_experts,
-        qk_layernorm=cfg.qk_layernorm,
-        normalization=cfg.normalization,
+    layer_specs = get_gpt_decoder_layer_specs(
+        tconfig, use_transformer_engine=False, normalization=cfg.normalization
     )
     norm = norm_class(cfg)
+    for spec in {id(s): s for s in layer_specs}.values():  # the dense and the MoE spec
+        _use_megabridge_modules(spec, cfg, norm)
+    offset = get_transformer_layer_offset(tconfig)
+    layers = [
+        _layer_spec(layer_specs[offset + i], cfg, offset + i)
+        for i in range(get_num_layers_to_build(tconfig))
+    ]
+    return TransformerBlockSubmodules(layer_specs=layers, layer_norm=norm)
+
+
+def _use_megabridge_modules(spec, cfg, norm) -> None:
     spec.module = TransformerLayer
     sub = spec.submodules
     sub.input_layernorm = norm
-    if not cfg.num_moe_experts or sub.pre_mlp_layernorm is not None:
-        sub.pre_mlp_layernorm = norm
+    sub.pre_mlp_layernorm = norm
+    if cfg.norm_placement == "post":  # OLMo 2: norms after the sublayers only
+        sub.input_layernorm = sub.pre_mlp_layernorm = IdentityOp
     attn = sub.self_attention.submodules
     attn.core_attention = SDPAttention
-    if cfg.qk_layernorm:
-        attn.q_layernorm = norm
-        attn.k_layernorm = norm
+    if cfg.qk_layernorm:  # multi-latent attention has q_layernorm and kv_layernorm
+        for field in ("q_layernorm", "k_layernorm", "kv_layernorm"):
+            if hasattr(attn, field):
+                setattr(attn, field, norm)
     if cfg.qk_norm_across_heads:  # OLMo 2: one norm over all heads of the projection
         attn.q_layernorm = ModuleSpec(module=AcrossHeadsRMSNorm, params={"heads": "query"})
         attn.k_layernorm = ModuleSpec(module=AcrossHeadsRMSNorm, params={"heads": "key"})
-    if cfg.norm_placement == "post":  # OLMo 2: norms after the sublayers only
-        sub.input_layernorm = sub.pre_mlp_layernorm = IdentityOp
-    offset = get_transformer_layer_offset(tconfig)
-    layers = [_layer_spec(spec, cfg, offset + i) for i in range(get_num_layers_to_build(tconfig))]
-    return TransformerBlockSubmodules(layer_specs=layers, layer_norm=norm)
 
 
 def _layer_spec(spec, cfg, layer: int):
@@ -439,7 +448,7 @@ def _layer_spec(spec, cfg, layer: int):
         post_norm=norm_class(cfg) if cfg.norm_placement != "pre" else None,
         rotary_base=cfg.local_rotary_base if window is not None else None,
     )
-    spec.submodules.self_attention.submodules.core_attention = functools.partial(
-        SDPAttention, sliding_window=window, softcap=cfg.attn_logit_softcap
+    spec.submodules.self_attention.submodules.core_attention = ModuleSpec(
+        module=SDPAttention, params={"sliding_window": window, "softcap": cfg.attn_logit_softcap}
     )
     return spec

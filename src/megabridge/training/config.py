@@ -117,6 +117,33 @@ class ModelConfig:
     moe_router_pre_softmax: bool = option(False, "softmax before top-k (Mixtral: False)")
     moe_aux_loss_coeff: float = option(0.0, "load-balancing loss coefficient")
     moe_router_load_balancing_type: str = option("aux_loss", "aux_loss, seq_aux_loss or none")
+    moe_layer_freq: list[int] | None = option(
+        None, "per layer: 1 for an MoE layer, 0 for a dense MLP (None: every layer MoE)"
+    )
+    moe_shared_expert_gate: bool = option(
+        False, "sigmoid gate on the shared expert's output (Qwen2-MoE)"
+    )
+    moe_router_score_function: Literal["softmax", "sigmoid"] = option(
+        "softmax", "router score function (DeepSeek-V3: sigmoid)"
+    )
+    moe_router_topk_scaling_factor: float | None = option(
+        None, "multiplies the routed experts' weights (DeepSeek-V3's routed_scaling_factor)"
+    )
+    moe_router_enable_expert_bias: bool = option(
+        False, "per-expert bias on the scores used for selection only (aux-loss-free balancing)"
+    )
+    moe_router_num_groups: int | None = option(None, "expert groups for group-limited routing")
+    moe_router_group_topk: int | None = option(None, "groups each token may route to")
+    moe_router_dtype: Literal["fp32", "fp64"] | None = option(
+        None, "router logits and weights in this precision (None: the model's)"
+    )
+    # Multi-latent attention (DeepSeek-V2/V3): low-rank compressed queries and keys/values
+    multi_latent_attention: bool = option(False, "multi-latent attention (DeepSeek-V2/V3)")
+    q_lora_rank: int | None = option(None, "MLA: query compression rank (None: no compression)")
+    kv_lora_rank: int = option(512, "MLA: key/value compression rank")
+    qk_head_dim: int = option(128, "MLA: query/key head dimension without RoPE")
+    qk_pos_emb_head_dim: int = option(64, "MLA: query/key head dimension with RoPE")
+    v_head_dim: int = option(128, "MLA: value head dimension")
     # parallelism and precision
     tensor_model_parallel_size: int = option(1, "tensor-parallel size")
     pipeline_model_parallel_size: int = option(1, "pipeline-parallel size")
@@ -391,6 +418,17 @@ def validate(cfg: ConfigContainer, world_size: int) -> None:
     problems = []
     if world_size % model_parallel:
         problems.append(f"{world_size} processes are not divisible by TP x PP = {model_parallel}")
+    if m.num_moe_experts:
+        expert_parallel = m.expert_model_parallel_size * m.tensor_model_parallel_size
+        if world_size % (expert_parallel * m.pipeline_model_parallel_size):
+            problems.append(
+                f"{world_size} processes are not divisible by EP x TP x PP = "
+                f"{expert_parallel * m.pipeline_model_parallel_size} (experts are split over "
+                "EP x TP ranks within each pipeline stage)"
+            )
+        if m.tensor_model_parallel_size > 1 and not m.sequence_parallel:
+            problems.append("MoE with tensor_model_parallel_size > 1 trains only with "
+                            "model.sequence_parallel=true (megatron-core's rule)")  # fmt: skip
     dp = max(world_size // model_parallel, 1)
     if t.global_batch_size % (t.micro_batch_size * dp):
         problems.append(

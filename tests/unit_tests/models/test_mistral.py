@@ -58,7 +58,7 @@ def test_bf16_round_trip_bit_exact(tmp_path):
 @pytest.mark.unit
 @pytest.mark.usefixtures("single_process_megatron")
 def test_verify_rejects_perturbed_weights(mistral_dirs, tmp_path):
-    checks.verify_rejects_perturbed_in_process(mistral_dirs["mistral_nemo_head_dim"], tmp_path)
+    checks.verify_perturbed_rejected_in_process(mistral_dirs["mistral_nemo_head_dim"], tmp_path)
 
 
 @pytest.mark.unit

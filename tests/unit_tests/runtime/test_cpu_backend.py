@@ -84,3 +84,24 @@ def test_rng_tracker_forks_a_separate_reproducible_stream():
 def test_current_device_and_synchronize_answer_on_cpu():
     assert torch.cuda.current_device() == 0
     torch.cuda.synchronize()  # no error
+
+
+def test_cuda_streams_and_events_are_no_ops():
+    # moe/token_dispatcher.py: a side stream for the host copies, an event to wait on them
+    stream = torch.cuda.Stream()
+    if torch.cuda.current_stream() != stream:
+        stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        x = torch.ones(2)
+    stream.record_event().synchronize()
+    assert x.sum().item() == 2.0
+
+
+def test_moe_all_to_all_split_sizes_become_numpy():
+    # token_dispatcher.py: maybe_move_tensor_to_cpu(splits, as_numpy=True) for all_to_all_single
+    from megatron.core.transformer.moe import token_dispatcher
+
+    splits = token_dispatcher.maybe_move_tensor_to_cpu(torch.tensor([3, 1]), as_numpy=True)
+    assert list(splits) == [3, 1] and not torch.is_tensor(splits)
+    counts = torch.tensor([2, 2])
+    assert token_dispatcher.maybe_move_tensor_to_cpu(counts) is counts

@@ -1,0 +1,153 @@
+"""DeepSeek-V3 (and its R1 / V3.1 checkpoints in bf16): multi-latent attention + sigmoid-routed MoE.
+
+Attention: Megatron-Core's MLASelfAttention holds the same matrices as transformers
+(q_a/q_b, kv_a_proj_with_mqa/kv_b, per head [no-RoPE, RoPE] and [key, value]),
+so every tensor is a rename. Both sides de-interleave the RoPE channels
+(``rope_interleave``) before rotating them.
+
+Routing: sigmoid scores; the correction bias (Megatron's ``expert_bias``) only
+picks the experts; groups ranked by the sum of their top-2 scores
+(Megatron: top topk/group_topk, so topk = 2 x topk_group); weights renormalised
+and multiplied by ``routed_scaling_factor``. The first ``first_k_dense_replace``
+layers have a dense MLP. The original FP8 release must be dequantised to bf16 first.
+"""
+
+from megabridge.conversion.family import FamilyBridge
+from megabridge.conversion.mappings import GatedMLP, renames
+from megabridge.conversion.registry import register_bridge
+from megabridge.errors import UserError
+
+LAYER = "decoder.layers.*"
+HF_LAYER = "model.layers.*"
+ATTN, HF_ATTN = f"{LAYER}.self_attention", f"{HF_LAYER}.self_attn"
+EXPERT = f"{LAYER}.mlp.experts.local_experts.*"
+HF_EXPERT = f"{HF_LAYER}.mlp.experts.*"
+
+
+def _gated(megatron: str, hf: str) -> GatedMLP:
+    return GatedMLP(
+        f"{megatron}.linear_fc1.weight", (f"{hf}.gate_proj.weight", f"{hf}.up_proj.weight")
+    )
+
+
+@register_bridge
+class DeepseekV3Bridge(FamilyBridge):
+    family = "deepseek_v3"
+    architectures = ("DeepseekV3ForCausalLM",)
+    hf_model_type = "deepseek_v3"
+    CONFIG = {
+        "num_hidden_layers": "num_layers",
+        "hidden_size": "hidden_size",
+        "intermediate_size": "ffn_hidden_size",
+        "num_attention_heads": "num_attention_heads",
+        "vocab_size": "vocab_size",
+        "max_position_embeddings": "seq_length",
+        "rms_norm_eps": "layernorm_epsilon",
+        "tie_word_embeddings": "share_embeddings_and_output_weights",
+        "q_lora_rank": "q_lora_rank",
+        "kv_lora_rank": "kv_lora_rank",
+        "qk_nope_head_dim": "qk_head_dim",
+        "qk_rope_head_dim": "qk_pos_emb_head_dim",
+        "v_head_dim": "v_head_dim",
+        "n_routed_experts": "num_moe_experts",
+        "num_experts_per_tok": "moe_router_topk",
+        "moe_intermediate_size": "moe_ffn_hidden_size",
+        "routed_scaling_factor": "moe_router_topk_scaling_factor",
+    }
+    MEGATRON_FIXED = dict(
+        normalization="RMSNorm",
+        activation="swiglu",
+        position_embedding_type="rope",
+        add_bias_linear=False,
+        multi_latent_attention=True,
+        qk_layernorm=True,  # q_a_layernorm and kv_a_layernorm
+        moe_router_score_function="sigmoid",
+        moe_router_enable_expert_bias=True,
+        moe_router_pre_softmax=False,
+        moe_router_dtype="fp32",  # transformers routes in fp32 too
+        # The paper's complementary sequence-wise balance loss (alpha = 1e-4) for training.
+        moe_router_load_balancing_type="seq_aux_loss",
+        moe_aux_loss_coeff=1e-4,
+    )
+    HF_FIXED = dict(
+        hidden_act="silu", rope_interleave=True, attention_bias=False, norm_topk_prob=True
+    )
+    MAPPINGS = [
+        *renames(
+            {
+                "embedding.word_embeddings.weight": "model.embed_tokens.weight",
+                "decoder.final_layernorm.weight": "model.norm.weight",
+                "output_layer.weight": "lm_head.weight",
+                f"{LAYER}.input_layernorm.weight": f"{HF_LAYER}.input_layernorm.weight",
+                f"{LAYER}.pre_mlp_layernorm.weight": f"{HF_LAYER}.post_attention_layernorm.weight",
+                f"{ATTN}.linear_q_proj.weight": f"{HF_ATTN}.q_proj.weight",
+                f"{ATTN}.linear_q_down_proj.weight": f"{HF_ATTN}.q_a_proj.weight",
+                f"{ATTN}.q_layernorm.weight": f"{HF_ATTN}.q_a_layernorm.weight",
+                f"{ATTN}.linear_q_up_proj.weight": f"{HF_ATTN}.q_b_proj.weight",
+                f"{ATTN}.linear_kv_down_proj.weight": f"{HF_ATTN}.kv_a_proj_with_mqa.weight",
+                f"{ATTN}.kv_layernorm.weight": f"{HF_ATTN}.kv_a_layernorm.weight",
+                f"{ATTN}.linear_kv_up_proj.weight": f"{HF_ATTN}.kv_b_proj.weight",
+                f"{ATTN}.linear_proj.weight": f"{HF_ATTN}.o_proj.weight",
+                f"{LAYER}.mlp.linear_fc2.weight": f"{HF_LAYER}.mlp.down_proj.weight",
+                f"{LAYER}.mlp.router.weight": f"{HF_LAYER}.mlp.gate.weight",
+                f"{LAYER}.mlp.router.expert_bias": f"{HF_LAYER}.mlp.gate.e_score_correction_bias",
+                f"{EXPERT}.linear_fc2.weight": f"{HF_EXPERT}.down_proj.weight",
+                f"{LAYER}.mlp.shared_experts.linear_fc2.weight": f"{HF_LAYER}.mlp.shared_experts.down_proj.weight",
+            }
+        ),
+        _gated(f"{LAYER}.mlp", f"{HF_LAYER}.mlp"),
+        _gated(EXPERT, HF_EXPERT),
+        _gated(f"{LAYER}.mlp.shared_experts", f"{HF_LAYER}.mlp.shared_experts"),
+    ]
+    # The release's multi-token-prediction module (layer 61), which transformers skips too.
+    IGNORED_HF = (r".*\.rotary_emb\.inv_freq$", r"model\.layers\.61\.")
+    PARALLELISM = ("TP", "PP", "EP")
+    NOTES = "MLA; sigmoid group-limited routing with expert bias; shared expert; dense first layers"
+
+    @classmethod
+    def adjust_model_config(cls, hf_config, cfg):
+        if getattr(hf_config, "quantization_config", None):
+            raise UserError("DeepSeek-V3 in FP8 (quantization_config) is not supported: use bf16")
+        if getattr(hf_config, "attention_bias", False):
+            raise UserError("DeepSeek-V3 with attention_bias=True is not supported yet")
+        if not getattr(hf_config, "rope_interleave", True):
+            # Megatron-Core's MLA always de-interleaves the RoPE channels first.
+            raise UserError("DeepSeek-V3 with rope_interleave=False is not supported yet")
+        if not hf_config.norm_topk_prob:
+            # Megatron-Core's sigmoid router always renormalises the top-k weights.
+            raise UserError("DeepSeek-V3 with norm_topk_prob=False is not supported yet")
+        if hf_config.rms_norm_eps != 1e-6:
+            # transformers' q_a / kv_a norms always use 1e-6; Megatron-Core has one epsilon.
+            raise UserError(
+                f"DeepSeek-V3 with rms_norm_eps={hf_config.rms_norm_eps} is not supported yet "
+                "(its latent norms use 1e-6 whatever the config says)"
+            )
+        dense = hf_config.first_k_dense_replace or 0
+        cfg.moe_layer_freq = [0] * dense + [1] * (cfg.num_layers - dense) if dense else None
+        shared = hf_config.n_shared_experts or 0
+        cfg.moe_shared_expert_intermediate_size = shared * cfg.moe_ffn_hidden_size or None
+        if (hf_config.n_group or 1) > 1:
+            if cfg.moe_router_topk != 2 * hf_config.topk_group:
+                # transformers ranks groups by their top-2 scores, Megatron-Core by their
+                # top (topk / topk_group): the same only when topk = 2 x topk_group.
+                raise UserError(
+                    f"DeepSeek-V3 group-limited routing needs num_experts_per_tok = 2 x "
+                    f"topk_group (got {cfg.moe_router_topk} and {hf_config.topk_group})"
+                )
+            cfg.moe_router_num_groups = hf_config.n_group
+            cfg.moe_router_group_topk = hf_config.topk_group
+
+    @classmethod
+    def adjust_hf_config(cls, cfg, data):
+        pattern = cfg.moe_layer_freq or [1] * cfg.num_layers
+        dense = pattern.index(1) if 1 in pattern else cfg.num_layers
+        if pattern != [0] * dense + [1] * (cfg.num_layers - dense):
+            raise UserError("DeepSeek-V3 has dense layers first, then MoE layers only")
+        shared = cfg.moe_shared_expert_intermediate_size or 0
+        data.update(
+            first_k_dense_replace=dense,
+            n_shared_experts=shared // cfg.moe_ffn_hidden_size,
+            n_group=cfg.moe_router_num_groups or 1,
+            topk_group=cfg.moe_router_group_topk or 1,
+            num_key_value_heads=cfg.num_attention_heads,
+        )

@@ -102,3 +102,14 @@ def tiny_pretrain(name: str, model) -> ConfigContainer:
     cfg.scheduler.lr_warmup_iters = 2
     cfg.checkpoint.save_interval = None
     return cfg
+
+
+def tiny_finetune(name: str, model) -> ConfigContainer:
+    """finetune() sized for tests and smoke runs: 20 steps of micro-batch 1, eval at 10."""
+    cfg = finetune(name, model)
+    cfg.train.train_iters, cfg.train.global_batch_size, cfg.train.micro_batch_size = 20, 8, 1
+    cfg.optimizer.lr = 1e-3
+    cfg.scheduler.lr_warmup_iters = 2
+    cfg.checkpoint.save_interval = None
+    cfg.train.eval_interval, cfg.train.eval_iters = 10, 1
+    return cfg

@@ -42,3 +42,13 @@ def test_example_1_pretrain(tmp_path):
                    f"checkpoint.run_dir={tmp_path}"], tmp_path)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert "done at iteration 3" in result.stdout
+
+
+def test_readme_family_table_is_the_registry():
+    from megabridge.conversion.auto_bridge import AutoBridge
+    from megabridge.conversion.commands import markdown_table
+
+    readme = (REPO / "README.md").read_text()
+    assert markdown_table(AutoBridge.list_supported()) in readme, (
+        "regenerate: megabridge models --markdown"
+    )

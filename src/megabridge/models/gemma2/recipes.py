@@ -1,7 +1,7 @@
 """Gemma 2 recipes. Point checkpoint.pretrained_checkpoint at a local HF folder (or a converted
 checkpoint): the architecture is then read from it, whatever the sizes below say."""
 
-from megabridge.recipes import finetune, lora, pretrain
+from megabridge.recipes import finetune, lora, tiny_finetune, tiny_pretrain
 from megabridge.training.config import ModelConfig
 
 
@@ -20,24 +20,12 @@ def _gemma2(layers, hidden, ffn, heads, groups, head_dim, query_scalar, vocab=25
 
 def gemma2_tiny_pretrain_config():
     """A tiny Gemma 2-shaped model on mock data (tests, smoke runs)."""
-    cfg = pretrain("gemma2_tiny", _gemma2(2, 64, 128, 4, 2, 24, 20, vocab=256, window=8))
-    cfg.model.seq_length = 128
-    cfg.train.train_iters, cfg.train.global_batch_size, cfg.train.micro_batch_size = 20, 8, 4
-    cfg.optimizer.lr = 3e-3
-    cfg.scheduler.lr_warmup_iters = 2
-    cfg.checkpoint.save_interval = None
-    return cfg
+    return tiny_pretrain("gemma2_tiny", _gemma2(2, 64, 128, 4, 2, 24, 20, vocab=256, window=8))
 
 
 def gemma2_tiny_finetune_config():
     """SFT of a tiny Gemma 2 from checkpoint.pretrained_checkpoint (tests, smoke runs)."""
-    cfg = finetune("gemma2_tiny_sft", gemma2_tiny_pretrain_config().model)
-    cfg.train.train_iters, cfg.train.global_batch_size, cfg.train.micro_batch_size = 20, 8, 1
-    cfg.optimizer.lr = 1e-3
-    cfg.scheduler.lr_warmup_iters = 2
-    cfg.checkpoint.save_interval = None
-    cfg.train.eval_interval, cfg.train.eval_iters = 10, 1
-    return cfg
+    return tiny_finetune("gemma2_tiny_sft", gemma2_tiny_pretrain_config().model)
 
 
 def gemma2_2b_finetune_config():

@@ -5,7 +5,7 @@ Only Gemma3ForCausalLM folders convert: google/gemma-3-1b-* is one; the 4B and l
 checkpoints are Gemma3ForConditionalGeneration (text + vision), not supported yet, so their
 recipes need a text-only Gemma3ForCausalLM folder (or start from scratch)."""
 
-from megabridge.recipes import finetune, lora, pretrain
+from megabridge.recipes import finetune, lora, tiny_finetune, tiny_pretrain
 from megabridge.training.config import ModelConfig
 
 
@@ -31,23 +31,12 @@ def gemma3_tiny_pretrain_config():
     """A tiny Gemma 3-shaped model on mock data (tests, smoke runs)."""
     model = _gemma3(4, 64, 128, 4, 2, 24, 20, vocab=256, window=8, seq_length=128)
     model.sliding_window_layers = [0, 2, 3]
-    cfg = pretrain("gemma3_tiny", model)
-    cfg.train.train_iters, cfg.train.global_batch_size, cfg.train.micro_batch_size = 20, 8, 4
-    cfg.optimizer.lr = 3e-3
-    cfg.scheduler.lr_warmup_iters = 2
-    cfg.checkpoint.save_interval = None
-    return cfg
+    return tiny_pretrain("gemma3_tiny", model)
 
 
 def gemma3_tiny_finetune_config():
     """SFT of a tiny Gemma 3 from checkpoint.pretrained_checkpoint (tests, smoke runs)."""
-    cfg = finetune("gemma3_tiny_sft", gemma3_tiny_pretrain_config().model)
-    cfg.train.train_iters, cfg.train.global_batch_size, cfg.train.micro_batch_size = 20, 8, 1
-    cfg.optimizer.lr = 1e-3
-    cfg.scheduler.lr_warmup_iters = 2
-    cfg.checkpoint.save_interval = None
-    cfg.train.eval_interval, cfg.train.eval_iters = 10, 1
-    return cfg
+    return tiny_finetune("gemma3_tiny_sft", gemma3_tiny_pretrain_config().model)
 
 
 def gemma3_1b_finetune_config():

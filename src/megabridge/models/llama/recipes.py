@@ -1,7 +1,7 @@
 """Llama recipes. Point checkpoint.pretrained_checkpoint at a local HF folder (or a converted
 checkpoint): the architecture is then read from it, whatever the sizes below say."""
 
-from megabridge.recipes import finetune, lora, pretrain
+from megabridge.recipes import finetune, lora, pretrain, tiny_finetune, tiny_pretrain
 from megabridge.training.config import ModelConfig
 
 
@@ -22,24 +22,12 @@ def _llama3_rope(factor: float) -> dict:
 
 def llama_tiny_pretrain_config():
     """A tiny Llama-shaped model on mock data (tests, smoke runs)."""
-    cfg = pretrain("llama_tiny", _llama(2, 64, 128, 4, 2, 256, tied=False, theta=10000.0))
-    cfg.model.seq_length = 128
-    cfg.train.train_iters, cfg.train.global_batch_size, cfg.train.micro_batch_size = 20, 8, 4
-    cfg.optimizer.lr = 3e-3
-    cfg.scheduler.lr_warmup_iters = 2
-    cfg.checkpoint.save_interval = None
-    return cfg
+    return tiny_pretrain("llama_tiny", _llama(2, 64, 128, 4, 2, 256, tied=False, theta=10000.0))
 
 
 def llama_tiny_finetune_config():
     """SFT of a tiny Llama from checkpoint.pretrained_checkpoint (tests, smoke runs)."""
-    cfg = finetune("llama_tiny_sft", llama_tiny_pretrain_config().model)
-    cfg.train.train_iters, cfg.train.global_batch_size, cfg.train.micro_batch_size = 20, 8, 1
-    cfg.optimizer.lr = 1e-3
-    cfg.scheduler.lr_warmup_iters = 2
-    cfg.checkpoint.save_interval = None
-    cfg.train.eval_interval, cfg.train.eval_iters = 10, 1
-    return cfg
+    return tiny_finetune("llama_tiny_sft", llama_tiny_pretrain_config().model)
 
 
 def llama32_1b_pretrain_config():

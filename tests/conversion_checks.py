@@ -87,16 +87,10 @@ def perturbed_copy(hf_dir: Path, out: Path, scale: float = 1.05, tensor: str = "
 
 
 def to_megatron_checkpoint(hf_dir: Path, out: Path) -> Path:
-    """HF folder -> Megatron distributed checkpoint, in this process (TP=1)."""
+    """HF folder -> Megatron distributed checkpoint, in this process (streamed)."""
     from megabridge.conversion.auto_bridge import AutoBridge
-    from megabridge.training import checkpointing
 
-    bridge = AutoBridge.from_hf_pretrained(hf_dir)
-    model = bridge.to_megatron_model()
-    checkpointing.save_model(
-        out, model, bridge.model_config, bridge.checkpoint_metadata(), assets=bridge.sidecar_dir
-    )
-    return out
+    return AutoBridge.from_hf_pretrained(hf_dir).save_megatron_checkpoint(out)
 
 
 def verify_perturbed_rejected_in_process(hf_dir: Path, tmp: Path, atol: float = ATOL_FP32):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -118,7 +119,7 @@ class AutoBridge:
         from megabridge.models.provider import build_model
 
         cfg = provider or self.to_megatron_provider()
-        _ensure_parallel_state(cfg)
+        ensure_parallel_state(cfg)
         model = build_model(cfg)
         if load_weights:
             self.load_weights(model, cfg)
@@ -142,6 +143,49 @@ class AutoBridge:
 
         chunks = [unwrap_model(m) for m in model]
         transfer.load_hf_weights(chunks, self.family, self.source, _chunk_config(chunks))
+
+    def save_megatron_checkpoint(
+        self,
+        out: str | Path,
+        provider: ModelConfig | None = None,
+        overwrite: bool = False,
+        progress: bool = False,
+    ) -> Path:
+        """Write a Megatron-Core checkpoint of the HF folder (it loads at any TP/PP). Atomic.
+
+        In one process the tensors stream from the HF files into the checkpoint one
+        at a time, with no model in memory; under a launcher every rank saves its
+        shard of a built model. ``provider`` sets the dtype (default: this model's).
+        """
+        from megabridge.training import checkpointing
+
+        if self.source is None:
+            raise UserError("this bridge has no HF folder to convert")
+        cfg = provider or self.to_megatron_provider()
+        save = functools.partial(
+            checkpointing.save_model,
+            out,
+            model_cfg=cfg,
+            extra_metadata=self.checkpoint_metadata(),
+            overwrite=overwrite,
+            assets=self.sidecar_dir,
+        )
+        plan = self._streaming_plan(cfg)
+        if plan is None:
+            return save(self.to_megatron_model(cfg))
+        return save(None, write=functools.partial(plan.write, progress=progress))
+
+    def _streaming_plan(self, cfg: ModelConfig):
+        from megabridge.conversion import streaming
+
+        ensure_parallel_state(cfg)
+        if dist.get_world_size() > 1:
+            return None
+        try:
+            return streaming.plan(self, cfg)
+        except streaming.NotStreamable as e:
+            log.info("building the model in memory to convert it (%s)", e)
+            return None
 
     # ------------------------------------------------------------ to HF
 
@@ -254,7 +298,7 @@ def _chunk_config(chunks) -> ModelConfig:
     return cfg
 
 
-def _ensure_parallel_state(cfg: ModelConfig) -> None:
+def ensure_parallel_state(cfg: ModelConfig) -> None:
     from megatron.core import parallel_state as ps
 
     from megabridge import runtime

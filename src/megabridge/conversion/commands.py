@@ -42,7 +42,6 @@ def _set_layout(provider, args) -> None:
 
 def cmd_hf_to_megatron(args) -> int:
     from megabridge.conversion.auto_bridge import AutoBridge
-    from megabridge.training import checkpointing
 
     out = Path(args.megatron_path)
     _check_output(out, args.overwrite)
@@ -51,15 +50,7 @@ def cmd_hf_to_megatron(args) -> int:
     _set_layout(provider, args)
     dtype = _dtype(args.dtype) or _source_dtype(bridge)
     provider.bf16 = dtype == torch.bfloat16
-    model = bridge.to_megatron_model(provider)
-    checkpointing.save_model(
-        out,
-        model,
-        provider,
-        bridge.checkpoint_metadata(),
-        args.overwrite,
-        assets=bridge.sidecar_dir,
-    )
+    bridge.save_megatron_checkpoint(out, provider, args.overwrite, progress=True)
     log.info("wrote Megatron checkpoint %s (%s)", out, str(dtype).removeprefix("torch."))
     return 0
 

@@ -48,7 +48,7 @@ def _full_shape(local_shape, how: sharding.Split, size: int) -> list[int]:
     return shape
 
 
-def _local_params(chunks, cfg, include=None):
+def local_params(chunks, cfg, include=None):
     """(chunk, local name, global name, tensor) for this rank's parameters and persistent
     buffers (``include``d ones).
 
@@ -71,38 +71,48 @@ def _persistent_buffers(module: torch.nn.Module):
 # ------------------------------------------------------------------ HF -> Megatron
 
 
-def _hf_source_names(bridge, name: str, cfg) -> tuple:
+def hf_source_names(bridge, name: str, cfg) -> tuple:
     if _tied_output(name, cfg):  # the last stage's copy of the tied embedding
         name = "embedding.word_embeddings.weight"
     return bridge.resolve(name)
 
 
+def check_sources(bridge, reader, names, cfg) -> None:
+    """Every HF tensor the parameters ``names`` are made of exists (all ranks' problems, named)."""
+    missing = []
+    for name in names:
+        missing += [n for n in hf_source_names(bridge, name, cfg)[1] if n not in reader.weight_map]
+    _raise_if_any(missing, "the HF checkpoint lacks tensors the model needs")
+
+
+def full_tensor(bridge, reader, name: str, expected, cfg) -> tuple[torch.Tensor, tuple]:
+    """The whole (TP=1) Megatron tensor ``name`` of shape ``expected``, and the HF names it used."""
+    mapping, hf_names = hf_source_names(bridge, name, cfg)
+    full = mapping.hf_to_megatron([reader.get(n) for n in hf_names], cfg)
+    if name in _VOCAB_PARAMS or _tied_output(name, cfg):
+        full = _pad_vocab(full, expected[0])
+    if list(full.shape) != list(expected):
+        raise ConversionError(
+            f"shape mismatch for {name} (from {', '.join(hf_names)}): "
+            f"HF gives {tuple(full.shape)}, the model expects {tuple(expected)}"
+        )
+    return full, hf_names
+
+
 @torch.no_grad()
 def load_hf_weights(chunks, bridge, reader, cfg) -> None:
     """Fill this rank's parameters from ``reader`` (an HFCheckpoint)."""
-    plan, missing = [], []
-    for _, local_name, name, param in _local_params(chunks, cfg):
-        mapping, hf_names = _hf_source_names(bridge, name, cfg)
-        missing += [n for n in hf_names if n not in reader.weight_map]
-        plan.append((local_name, name, param, mapping, hf_names))
-    _raise_if_any(missing, "the HF checkpoint lacks tensors the model needs")
+    params = [(local_name, name, param) for _, local_name, name, param in local_params(chunks, cfg)]
+    check_sources(bridge, reader, [name for _, name, _ in params], cfg)
     consumed = set()
-    for local_name, name, param, mapping, hf_names in plan:
-        full = mapping.hf_to_megatron([reader.get(n) for n in hf_names], cfg)
+    for local_name, name, param in params:
         group, _ = _groups(local_name)
         size, rank = dist.get_world_size(group), dist.get_rank(group)
         how = sharding.param_split(local_name, param, cfg.gated)
-        expected = _full_shape(param.shape, how, size)
-        if name in _VOCAB_PARAMS or _tied_output(name, cfg):
-            full = _pad_vocab(full, expected[0])
-        if list(full.shape) != expected:
-            raise ConversionError(
-                f"shape mismatch for {name} (from {', '.join(hf_names)}): "
-                f"HF gives {tuple(full.shape)}, the model expects {tuple(expected)}"
-            )
+        full, hf_names = full_tensor(bridge, reader, name, _full_shape(param.shape, how, size), cfg)
         param.copy_(sharding.split(full, how, rank, size))
         consumed.update(hf_names)
-    _check_all_consumed(consumed, bridge, reader, cfg)
+    check_all_consumed(consumed, bridge, reader, cfg)
 
 
 def _pad_vocab(full: torch.Tensor, rows: int) -> torch.Tensor:
@@ -111,7 +121,7 @@ def _pad_vocab(full: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.cat([full, full.new_zeros(rows - full.shape[0], *full.shape[1:])])
 
 
-def _check_all_consumed(consumed: set, bridge, reader, cfg) -> None:
+def check_all_consumed(consumed: set, bridge, reader, cfg) -> None:
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, sorted(consumed))
     used = set().union(*map(set, everyone))
@@ -150,7 +160,7 @@ class _Entry:
 def _catalogue(chunks, cfg, include=None) -> list[_Entry]:
     """The global parameter list, identical on every rank."""
     mine = []
-    for _, local_name, name, param in _local_params(chunks, cfg, include):
+    for _, local_name, name, param in local_params(chunks, cfg, include):
         if _tied_output(name, cfg):
             continue
         group, replica = _groups(local_name)
@@ -179,7 +189,7 @@ def export_hf_weights(
     """
     local = {
         name: (local_name, param)
-        for _, local_name, name, param in _local_params(chunks, cfg, include)
+        for _, local_name, name, param in local_params(chunks, cfg, include)
     }
     device = next(chunks[0].parameters()).device
     for entry in _catalogue(chunks, cfg, include):

@@ -7,11 +7,13 @@ fields that the layer spec (models/specs.py) reads, never through code here.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 
 import torch
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from megabridge.errors import ConfigError
 from megabridge.training.config import ModelConfig
@@ -245,8 +247,12 @@ def _variant_problems(cfg: ModelConfig) -> list[str]:
     return problems
 
 
-def build_model(cfg: ModelConfig) -> list[torch.nn.Module]:
-    """The model chunks of this pipeline rank (one chunk: no virtual pipeline yet)."""
+def build_model(cfg: ModelConfig, meta: bool = False) -> list[torch.nn.Module]:
+    """The model chunks of this pipeline rank (one chunk: no virtual pipeline yet).
+
+    ``meta``: shapes and dtypes only, no memory (tensors on the meta device), e.g.
+    to learn a checkpoint's layout without materialising the model.
+    """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
@@ -254,25 +260,53 @@ def build_model(cfg: ModelConfig) -> list[torch.nn.Module]:
 
     validate_model_config(cfg)
     tconfig = transformer_config(cfg)
-    model = GPTModel(
-        config=tconfig,
-        transformer_layer_spec=specs.layer_spec(cfg, tconfig),
-        vocab_size=padded_vocab_size(cfg),
-        max_sequence_length=cfg.seq_length,
-        pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=parallel_state.is_pipeline_last_stage(),
-        share_embeddings_and_output_weights=cfg.share_embeddings_and_output_weights,
-        position_embedding_type=cfg.position_embedding_type,
-        rotary_percent=cfg.rotary_percent,
-        rotary_base=cfg.rotary_base,
-    )
-    rope.apply_rope_scaling(model, cfg)
-    hooks.apply(model, cfg)
-    device = (
-        torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
-    )
-    # Like Megatron-LM's Float16Module: every parameter in the model's dtype, including
-    # the few megatron-core creates in fp32 (learned position embeddings).
-    model.to(device=device, dtype=tconfig.params_dtype)
+    with _OnMeta() if meta else contextlib.nullcontext():
+        model = GPTModel(
+            config=tconfig,
+            transformer_layer_spec=specs.layer_spec(cfg, tconfig),
+            vocab_size=padded_vocab_size(cfg),
+            max_sequence_length=cfg.seq_length,
+            pre_process=parallel_state.is_pipeline_first_stage(),
+            post_process=parallel_state.is_pipeline_last_stage(),
+            share_embeddings_and_output_weights=cfg.share_embeddings_and_output_weights,
+            position_embedding_type=cfg.position_embedding_type,
+            rotary_percent=cfg.rotary_percent,
+            rotary_base=cfg.rotary_base,
+        )
+        rope.apply_rope_scaling(model, cfg)
+        hooks.apply(model, cfg)
+    if meta:
+        model.to(dtype=tconfig.params_dtype)
+    else:
+        device = (
+            torch.device("cuda", torch.cuda.current_device())
+            if torch.cuda.is_available()
+            else "cpu"
+        )
+        # Like Megatron-LM's Float16Module: every parameter in the model's dtype, including
+        # the few megatron-core creates in fp32 (learned position embeddings).
+        model.to(device=device, dtype=tconfig.params_dtype)
     model.megabridge_config = cfg  # what conversion and checkpoints need to know about it
     return [model]
+
+
+_FACTORIES = frozenset({
+    torch.empty, torch.zeros, torch.ones, torch.full, torch.rand, torch.randn, torch.arange,
+    torch.empty_strided, torch.tensor, torch.linspace,
+})  # fmt: skip
+
+
+class _OnMeta(TorchFunctionMode):
+    """Every tensor created while active lives on the meta device, whatever device was asked for;
+    moves to another device are dropped (meta tensors have no data to move)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func in _FACTORIES:
+            kwargs["device"] = "meta"
+        elif func is torch.Tensor.cuda or func is torch.Tensor.cpu:
+            return args[0]
+        elif func is torch.Tensor.to:
+            kwargs.pop("device", None)
+            args = (args[0], *(a for a in args[1:] if not isinstance(a, (str, int, torch.device))))
+        return func(*args, **kwargs)

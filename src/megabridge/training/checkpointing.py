@@ -32,6 +32,7 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -578,11 +579,14 @@ def save_model(
     extra_metadata: dict | None = None,
     overwrite: bool = False,
     assets: Path | None = None,
+    write: Callable[[Path], None] | None = None,
 ) -> Path:
     """A model-only checkpoint folder at ``out`` (iteration 0), written atomically.
 
     ``assets``: a folder whose HF sidecar files (tokenizer, generation config) are
     kept in ``out/hf_assets`` so the checkpoint can become an HF folder again.
+    ``write(folder)``: writes the Megatron-Core checkpoint itself instead of
+    saving ``model_chunks`` (e.g. streamed from an HF folder, with no model built).
     """
     from megatron.core import dist_checkpointing
 
@@ -604,8 +608,16 @@ def save_model(
     dist.broadcast_object_list(problem, src=0)  # every rank learns rank 0's verdict
     if problem[0]:
         raise UserError(problem[0])
-    _in_process_results_queue()
-    dist_checkpointing.save(_sharded_state_dict(model_chunks), str(tmp))
+    try:
+        if write is not None:
+            write(tmp)
+        else:
+            _in_process_results_queue()
+            dist_checkpointing.save(_sharded_state_dict(model_chunks), str(tmp))
+    except BaseException:
+        if rank0:  # nothing half-written stays behind
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     dist.barrier()
     if rank0:
         if assets is not None:

@@ -1,0 +1,75 @@
+"""Streamed HF -> Megatron checkpoints hold exactly what saving a built model holds, every family."""
+
+import pytest
+import torch
+
+from tests import hf_models
+from tests.hf_models import save_tiny
+
+FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "phi3", "olmo2", "gemma2", "gemma3",
+            "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3"]  # fmt: skip
+
+
+def _dcp_layout(folder):
+    """{tensor key: (global size, dtype, sorted chunks)} and the byte entries of a checkpoint."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    meta = FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+    out = {}
+    for key, entry in meta.items():
+        if hasattr(entry, "chunks"):
+            chunks = sorted((tuple(c.offsets), tuple(c.sizes)) for c in entry.chunks)
+            out[key] = (tuple(entry.size), entry.properties.dtype, chunks)
+        else:
+            out[key] = "bytes"
+    return out
+
+
+@pytest.mark.unit
+@pytest.mark.usefixtures("single_process_megatron")
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_streamed_checkpoint_equals_saved_model(family, dtype, tmp_path):
+    from megabridge.conversion import streaming
+    from megabridge.conversion.auto_bridge import AutoBridge
+    from megabridge.training import checkpointing
+
+    config = getattr(hf_models, f"tiny_{family}_config")()
+    hf = save_tiny(config, tmp_path / "hf", dtype=dtype)
+    bridge = AutoBridge.from_hf_pretrained(hf)
+    cfg = bridge.to_megatron_provider()
+    cfg.bf16 = dtype == torch.bfloat16
+    assert isinstance(streaming.plan(bridge, cfg), streaming.Plan)  # no fallback to the model
+    streamed = bridge.save_megatron_checkpoint(tmp_path / "streamed", cfg)
+
+    model = bridge.to_megatron_model(cfg)
+    saved = checkpointing.save_model(tmp_path / "saved", model, cfg)
+    assert _dcp_layout(streamed) == _dcp_layout(saved)
+
+    loaded = bridge.to_megatron_model(cfg, load_weights=False)
+    checkpointing.load(streamed, loaded, model_only=True)
+    expected, actual = model[0].state_dict(), loaded[0].state_dict()
+    for name, tensor in expected.items():
+        if isinstance(tensor, torch.Tensor):
+            assert actual[name].dtype == tensor.dtype, name
+            assert torch.equal(actual[name], tensor), name
+    assert {p.dtype for p in loaded[0].parameters()} == {dtype}
+
+
+@pytest.mark.unit
+@pytest.mark.usefixtures("single_process_megatron")
+def test_streamed_conversion_names_a_misshapen_tensor_and_leaves_nothing(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from megabridge.conversion.auto_bridge import AutoBridge
+    from megabridge.errors import ConversionError
+
+    hf = save_tiny(hf_models.tiny_llama_config(), tmp_path / "hf")
+    weights = load_file(hf / "model.safetensors")
+    name = "model.layers.1.mlp.up_proj.weight"
+    weights[name] = weights[name][:-1]
+    save_file(weights, hf / "model.safetensors", metadata={"format": "pt"})
+    bridge = AutoBridge.from_hf_pretrained(hf)
+    with pytest.raises(ConversionError, match=r"shape mismatch .*up_proj"):
+        bridge.save_megatron_checkpoint(tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]

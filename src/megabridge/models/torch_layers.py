@@ -242,7 +242,10 @@ def fused_rope(t: torch.Tensor, freqs: torch.Tensor, interleaved: bool = False) 
     if interleaved:
         raise ConfigError("interleaved RoPE is not supported by the torch layer spec")
     if _compiled_rope is None:
-        _compiled_rope = torch.compile(_rope_bshd, dynamic=False)
+        # Automatic dynamic shapes: a second shape (keys have fewer heads than queries, another
+        # micro-batch or sequence length) compiles one kernel with symbolic sizes instead of one
+        # per shape, which would run into dynamo's recompile limit and fall back to eager.
+        _compiled_rope = torch.compile(_rope_bshd, dynamic=None)
     return _compiled_rope(t, freqs)
 
 

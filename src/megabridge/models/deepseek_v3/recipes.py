@@ -1,7 +1,7 @@
 """DeepSeek-V3 recipes. Point checkpoint.pretrained_checkpoint at a local HF folder in bf16 (or a
 converted checkpoint): the architecture is then read from it, whatever the sizes below say."""
 
-from megabridge.recipes import finetune, pretrain
+from megabridge.recipes import finetune, tiny_pretrain
 from megabridge.training.config import ModelConfig
 
 V3_YARN = {"rope_type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096,
@@ -30,13 +30,7 @@ def _deepseek_v3(layers, hidden, ffn, moe_ffn, heads, vocab, experts, topk, grou
 def deepseek_v3_tiny_pretrain_config():
     """A tiny DeepSeek-V3-shaped model (MLA, 4 sigmoid-routed experts) on mock data (tests)."""
     model = _deepseek_v3(3, 64, 96, 32, 4, 256, 4, 2, 2, 1, 1, 32, 16, 16, 8, 16, {})
-    cfg = pretrain("deepseek_v3_tiny", model)
-    cfg.model.seq_length = 128
-    cfg.train.train_iters, cfg.train.global_batch_size, cfg.train.micro_batch_size = 20, 8, 4
-    cfg.optimizer.lr = 3e-3
-    cfg.scheduler.lr_warmup_iters = 2
-    cfg.checkpoint.save_interval = None
-    return cfg
+    return tiny_pretrain("deepseek_v3_tiny", model)
 
 
 def deepseek_v3_finetune_config():

@@ -1,7 +1,7 @@
 """Mixtral recipes. Point checkpoint.pretrained_checkpoint at a local HF folder (or a converted
 checkpoint): the architecture is then read from it, whatever the sizes below say."""
 
-from megabridge.recipes import finetune, pretrain
+from megabridge.recipes import finetune, tiny_pretrain
 from megabridge.training.config import ModelConfig
 
 
@@ -17,13 +17,7 @@ def _mixtral(layers, hidden, ffn, heads, groups, vocab, experts, topk, aux_loss,
 
 def mixtral_tiny_pretrain_config():
     """A tiny Mixtral-shaped model (4 experts, top-2) on mock data (tests, smoke runs)."""
-    cfg = pretrain("mixtral_tiny", _mixtral(2, 64, 32, 4, 2, 256, 4, 2, 0.02, 10000.0))
-    cfg.model.seq_length = 128
-    cfg.train.train_iters, cfg.train.global_batch_size, cfg.train.micro_batch_size = 20, 8, 4
-    cfg.optimizer.lr = 3e-3
-    cfg.scheduler.lr_warmup_iters = 2
-    cfg.checkpoint.save_interval = None
-    return cfg
+    return tiny_pretrain("mixtral_tiny", _mixtral(2, 64, 32, 4, 2, 256, 4, 2, 0.02, 10000.0))
 
 
 def mixtral_8x7b_finetune_config():

@@ -1,7 +1,7 @@
 """Qwen1.5-MoE / Qwen2-MoE recipes. Point checkpoint.pretrained_checkpoint at a local HF folder
 (or a converted checkpoint): the architecture is then read from it."""
 
-from megabridge.recipes import finetune, pretrain
+from megabridge.recipes import finetune, tiny_pretrain
 from megabridge.training.config import ModelConfig
 
 
@@ -19,13 +19,7 @@ def _qwen2_moe(layers, hidden, ffn, moe_ffn, shared_ffn, heads, groups, vocab, e
 
 def qwen2_moe_tiny_pretrain_config():
     """A tiny Qwen2-MoE-shaped model (4 experts, top-2, gated shared expert) on mock data."""
-    cfg = pretrain("qwen2_moe_tiny", _qwen2_moe(2, 64, 96, 32, 48, 4, 2, 256, 4, 2))
-    cfg.model.seq_length = 128
-    cfg.train.train_iters, cfg.train.global_batch_size, cfg.train.micro_batch_size = 20, 8, 4
-    cfg.optimizer.lr = 3e-3
-    cfg.scheduler.lr_warmup_iters = 2
-    cfg.checkpoint.save_interval = None
-    return cfg
+    return tiny_pretrain("qwen2_moe_tiny", _qwen2_moe(2, 64, 96, 32, 48, 4, 2, 256, 4, 2))
 
 
 def qwen15_moe_a27b_finetune_config():

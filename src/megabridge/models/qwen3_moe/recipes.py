@@ -1,7 +1,7 @@
 """Qwen3-MoE recipes. Point checkpoint.pretrained_checkpoint at a local HF folder (or a converted
 checkpoint): the architecture is then read from it."""
 
-from megabridge.recipes import finetune, lora, pretrain
+from megabridge.recipes import finetune, lora, tiny_pretrain
 from megabridge.training.config import ModelConfig
 
 
@@ -18,13 +18,7 @@ def _qwen3_moe(layers, hidden, ffn, moe_ffn, heads, groups, head_dim, vocab, exp
 
 def qwen3_moe_tiny_pretrain_config():
     """A tiny Qwen3-MoE-shaped model (4 experts, top-2, QK-norm) on mock data (tests, smoke runs)."""
-    cfg = pretrain("qwen3_moe_tiny", _qwen3_moe(2, 64, 96, 32, 4, 2, 16, 256, 4, 2))
-    cfg.model.seq_length = 128
-    cfg.train.train_iters, cfg.train.global_batch_size, cfg.train.micro_batch_size = 20, 8, 4
-    cfg.optimizer.lr = 3e-3
-    cfg.scheduler.lr_warmup_iters = 2
-    cfg.checkpoint.save_interval = None
-    return cfg
+    return tiny_pretrain("qwen3_moe_tiny", _qwen3_moe(2, 64, 96, 32, 4, 2, 16, 256, 4, 2))
 
 
 def qwen3_30b_a3b_finetune_config():

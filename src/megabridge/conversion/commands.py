@@ -156,7 +156,10 @@ def register(sub) -> None:
         "hf-to-megatron",
         help="HF folder -> Megatron distributed checkpoint",
         description="Write a Megatron-Core distributed checkpoint that training loads at any "
-        "TP/PP (checkpoint.pretrained_checkpoint=DIR).",
+        "TP/PP (checkpoint.pretrained_checkpoint=DIR). In one process the tensors stream from the "
+        "HF files into the checkpoint, one at a time, without building the model (memory stays "
+        "far below the model's size); under torchrun each rank saves its shard of the model "
+        "built at --tp/--pp/--ep.",
     )
     c.add_argument("--hf-path", required=True, help="HF model folder (config.json + safetensors)")
     c.add_argument("--megatron-path", required=True, help="output checkpoint folder")

@@ -154,6 +154,13 @@ def _guarded(fn, args, mbs) -> dict:
         torch.cuda.empty_cache()
 
 
+def _row(r: dict) -> str:
+    if r.get("oom"):
+        return f"{r['impl']:11s} {r['micro_batch']:3d}   out of memory"
+    return (f"{r['impl']:11s} {r['micro_batch']:3d} {r['step_ms']:8.1f} {r['tokens_per_s']:10,.0f} "
+            f"{r['tflops_per_gpu']:8.1f} {r['mfu_989']:8.1%} {r['mfu_ceiling']:8.1%} {r['peak_mem_gib']:8.1f}")  # fmt: skip
+
+
 def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -181,9 +188,9 @@ def main() -> None:
     setup_logging()
     results = []
     for mbs in args.mbs:
-        results.append(_guarded(run_megabridge, args, mbs))
-        if args.compare_hf:
-            results.append(_guarded(run_hf, args, mbs))
+        for fn in (run_megabridge, run_hf) if args.compare_hf else (run_megabridge,):
+            results.append(_guarded(fn, args, mbs))
+            print("result:", _row(results[-1]), flush=True)  # kept even if a later size is cut off
     print(
         f"\n{torch.cuda.get_device_name()} | seq {args.seq} | recipe {args.recipe} {' '.join(args.overrides)}"
     )
@@ -193,11 +200,7 @@ def main() -> None:
     print(f"{'impl':11s} {'mbs':>3s} {'step ms':>8s} {'tokens/s':>10s} {'TFLOP/s':>8s} {'MFU/989':>8s} "
           f"{'MFU/ceil':>8s} {'peak GiB':>8s}")  # fmt: skip
     for r in results:
-        if r.get("oom"):
-            print(f"{r['impl']:11s} {r['micro_batch']:3d}   out of memory")
-            continue
-        print(f"{r['impl']:11s} {r['micro_batch']:3d} {r['step_ms']:8.1f} {r['tokens_per_s']:10,.0f} "
-              f"{r['tflops_per_gpu']:8.1f} {r['mfu_989']:8.1%} {r['mfu_ceiling']:8.1%} {r['peak_mem_gib']:8.1f}")  # fmt: skip
+        print(_row(r))
     ours = [r for r in results if r["impl"] == "megabridge" and not r.get("oom")]
     hf = [r for r in results if r["impl"] == "hf" and not r.get("oom")]
     if ours and hf:

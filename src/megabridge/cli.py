@@ -1,6 +1,7 @@
 """The ``megabridge`` command.
 
     megabridge train    --recipe NAME [section.field=value ...]   train (pretrain, SFT, LoRA)
+    megabridge finetune --recipe NAME --pretrained PATH [...]      SFT / LoRA of a pretrained model
     megabridge recipes                                             list recipes
     megabridge models                                              list supported HF families
     megabridge convert  hf-to-megatron | megatron-to-hf ...        convert checkpoints
@@ -33,6 +34,9 @@ _EXPECTED_WARNINGS = (
     r".*dynamic_context.py.*",
     r".*custom_layers.transformer_engine.*",
     r".*No CUDA runtime is found.*",
+    # Megatron-Core 0.16's own dist_checkpointing calls, deprecated by torch 2.6+.
+    r".*`load_state_dict` is deprecated.*",
+    r".*deprecating ShardedTensor.*",
 )
 
 
@@ -62,6 +66,20 @@ def setup_logging() -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from megabridge.training import loop
+
+    return _run_recipe(args, loop.train)
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from megabridge.training import loop
+
+    if args.pretrained:
+        args.overrides = [f"checkpoint.pretrained_checkpoint={args.pretrained}", *args.overrides]
+    return _run_recipe(args, loop.finetune)
+
+
+def _run_recipe(args: argparse.Namespace, run) -> int:
     from megabridge.recipes import get_recipe
     from megabridge.training.config import apply_overrides, describe
 
@@ -72,10 +90,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(describe(cfg))
         return 0
     from megabridge import runtime
-    from megabridge.training.loop import train
 
     try:
-        train(cfg)
+        run(cfg)
     finally:
         runtime.shutdown()
     return 0
@@ -114,11 +131,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--recipe", default=DEFAULT_RECIPE, help=f"recipe name (default: {DEFAULT_RECIPE})"
     )
-    p.add_argument(
-        "--help-config", action="store_true", help="list every config key with its value and help"
-    )
-    p.add_argument("overrides", nargs="*", help="section.field=value overrides")
+    _recipe_args(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "finetune",
+        help="SFT or LoRA of a pretrained model (train that refuses random weights)",
+        description="Fine-tune a pretrained model: an HF folder (converted on the fly) or a\n"
+        "converted Megatron checkpoint. The model's shape is read from it; the recipe gives\n"
+        "the rest (data, optimizer, LoRA settings). Several processes:\n"
+        "  python -m torch.distributed.run --nproc_per_node=N -m megabridge finetune ...",
+        epilog="examples:\n  megabridge finetune --recipe llama32_1b_finetune_config "
+        "--pretrained hf/Llama-3.2-1B dataset.path=chat.jsonl\n  megabridge finetune --recipe "
+        "qwen3_8b_lora_config --pretrained hf/Qwen3-8B dataset.path=sft_data/ peft.dim=32",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--recipe", required=True, help="a *_finetune_config or *_lora_config recipe")
+    p.add_argument(
+        "--pretrained",
+        metavar="PATH",
+        help="HF folder or converted checkpoint (same as checkpoint.pretrained_checkpoint=PATH)",
+    )
+    _recipe_args(p)
+    p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("recipes", help="list the recipes")
     p.set_defaults(func=cmd_recipes)
@@ -126,6 +161,13 @@ def build_parser() -> argparse.ArgumentParser:
     for register in _EXTRA_COMMANDS:
         register(sub)
     return parser
+
+
+def _recipe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--help-config", action="store_true", help="list every config key with its value and help"
+    )
+    p.add_argument("overrides", nargs="*", help="section.field=value overrides")
 
 
 def _register_conversion(sub) -> None:

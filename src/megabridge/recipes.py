@@ -83,10 +83,19 @@ def finetune(name: str, model, pretrained: str | None = None) -> ConfigContainer
 
 
 def lora(name: str, model, pretrained: str | None = None) -> ConfigContainer:
-    """LoRA on the attention and MLP projections of ``pretrained``."""
-    cfg = finetune(name, model, pretrained)
+    """LoRA on the attention and dense MLP projections of ``pretrained`` (lora.default_targets)."""
+    return as_lora(finetune(name, model, pretrained))
+
+
+def as_lora(cfg: ConfigContainer, name: str | None = None) -> ConfigContainer:
+    """A finetune config turned into LoRA of the same model and layout: a recipe's LoRA
+    variant is its SFT recipe with the adapters and their learning rate."""
+    from megabridge.peft.lora import default_targets
+
+    cfg.name = name or cfg.name
     cfg.peft.method = "lora"
     cfg.peft.dim, cfg.peft.alpha = 16, 32.0
+    cfg.peft.target_modules = default_targets(cfg.model)
     # The adapters wrap Megatron-Core's own parallel linears, not TE's layer-norm-fused ones.
     cfg.model.transformer_impl = "torch"
     cfg.optimizer.lr, cfg.optimizer.min_lr = 1e-4, 1e-5

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tests import conversion_checks as checks
-from tests.helpers import losses, megabridge, train
+from tests.helpers import losses, megabridge
 from tests.hf_models import save_tiny, tiny_llama_config
 
 pytestmark = pytest.mark.integration
@@ -57,11 +57,13 @@ def test_finetune_first_loss_equals_hf_loss(llama, converted, tmp_path, source):
     from megabridge.training.data.mock import MockDataset
 
     pretrained = converted if source == "megatron" else llama
-    run = train(1, "llama_tiny_finetune_config", [
-        f"checkpoint.pretrained_checkpoint={pretrained}", "dataset.type=mock", "train.train_iters=2",
-        "train.global_batch_size=2", "train.micro_batch_size=1", "train.eval_interval=None",
+    run = megabridge([
+        "finetune", "--recipe", "llama_tiny_finetune_config", "--pretrained", str(pretrained),
+        "dataset.type=mock", "train.train_iters=2", "train.global_batch_size=2",
+        "train.micro_batch_size=1", "train.eval_interval=None",
         f"logger.log_dir={tmp_path / 'logs'}", f"checkpoint.save={tmp_path / 'ckpt'}",
     ])  # fmt: skip
+    assert run.returncode == 0, run.stderr[-4000:]
     first = losses(tmp_path / "logs")[1]
     data = MockDataset(vocab_size=256, seq_length=128, seed=1234)
     tokens = torch.stack([data[i]["tokens"] for i in range(2)])
@@ -82,6 +84,11 @@ def _one_error_line(result, *needles):
     for needle in needles:
         assert needle in lines[0], lines[0]
     assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_finetune_without_a_pretrained_model_is_refused():
+    result = megabridge(["finetune", "--recipe", "llama_tiny_finetune_config"])
+    _one_error_line(result, "finetune needs a pretrained model", "--pretrained")
 
 
 def test_missing_folder(tmp_path):

@@ -56,6 +56,16 @@ _MAPPED = re.compile(r"\.(?:self_attention|mlp)\.(linear_\w+)\.weight$")
 # ------------------------------------------------------------------ which layers
 
 
+def default_targets(model) -> list[str]:
+    """What a LoRA recipe adapts in ``model`` (a ModelConfig): the attention projections, and the
+    dense MLPs where the model has any. Not adapted yet: MoE experts, and MLA's down/up
+    projections (megatron-core gathers their outputs inside its attention), so an MLA model
+    gets its output projection only."""
+    attention = ["linear_proj"] if model.multi_latent_attention else ["linear_qkv", "linear_proj"]
+    dense_mlp = not model.num_moe_experts or 0 in (model.moe_layer_freq or [])
+    return attention + (["linear_fc1", "linear_fc2"] if dense_mlp else [])
+
+
 def hf_names_by_target(family) -> dict[str, tuple[str, ...]]:
     """Megatron layer -> the HF module names fused into it, read from the family's mappings."""
     found: dict[str, tuple[str, ...]] = {}
@@ -361,8 +371,8 @@ def _wrap(name: str, module, target: str, s: dict, config):
 
 def add_adapters(model_chunks, s: dict) -> None:
     """Wrap the target layers of every chunk, initialise A, freeze the base (``s``: settings())."""
+    found = set()
     for chunk in _unwrapped(model_chunks):
-        found = set()
         for name, module in list(chunk.named_modules()):
             m = _LAYER.match(name)
             if m and m.group(1) in s["target_modules"]:
@@ -373,17 +383,29 @@ def add_adapters(model_chunks, s: dict) -> None:
                     _wrap(name, module, m.group(1), s, chunk.config),
                 )
                 found.add(m.group(1))
-        missing = [t for t in s["target_modules"] if t not in found]
-        if missing:
-            raise ConfigError(
-                f"peft.target_modules: this model has no {', '.join(missing)} layer to adapt "
-                "(only the dense attention and MLP projections of decoder layers are; "
-                "MoE experts are not supported yet)"
-            )
         for name, param in chunk.named_parameters():
             param.requires_grad_(is_adapter(name))
         _init_a(chunk, s["seed"])
         chunk.megabridge_peft = dict(s)
+    missing = [t for t in s["target_modules"] if t not in _on_any_stage(found)]
+    if missing:
+        raise ConfigError(
+            f"peft.target_modules: this model has no {', '.join(missing)} layer to adapt "
+            "(only the dense attention and MLP projections of decoder layers are; "
+            "MoE experts are not supported yet)"
+        )
+
+
+def _on_any_stage(found: set[str]) -> set[str]:
+    """The targets found on any pipeline stage: a stage holds only some of the layers (all of
+    DeepSeek-V3's dense MLPs are on the first stage), so one stage's lack is no error."""
+    from megatron.core import parallel_state as ps
+
+    if not ps.model_parallel_is_initialized() or ps.get_pipeline_model_parallel_world_size() == 1:
+        return found
+    stages = [None] * ps.get_pipeline_model_parallel_world_size()
+    dist.all_gather_object(stages, sorted(found), group=ps.get_pipeline_model_parallel_group())
+    return set().union(*stages)
 
 
 @torch.no_grad()

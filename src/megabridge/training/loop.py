@@ -12,7 +12,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from megabridge import runtime
-from megabridge.errors import CheckpointError, UserError
+from megabridge.errors import CheckpointError, ConfigError, UserError
 from megabridge.training import checkpointing
 from megabridge.training.config import ConfigContainer
 from megabridge.training.metrics import MetricsWriter
@@ -60,6 +60,16 @@ def train(cfg: ConfigContainer) -> TrainState:
         finally:
             writer.close()
     return s.state
+
+
+def finetune(cfg: ConfigContainer) -> TrainState:
+    """train() from a pretrained model (SFT or LoRA); refuses to start from random weights."""
+    if not (cfg.checkpoint.pretrained_checkpoint or cfg.checkpoint.load):
+        raise ConfigError(
+            "finetune needs a pretrained model: --pretrained / checkpoint.pretrained_checkpoint="
+            "<HF folder or converted checkpoint> (or checkpoint.load=<this run's save folder>)"
+        )
+    return train(cfg)
 
 
 def _loop(s: Session, writer: MetricsWriter, signals: ExitSignalHandler, start: float) -> None:

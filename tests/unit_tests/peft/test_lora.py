@@ -227,8 +227,7 @@ def test_model_without_the_layer_is_refused(hf_llama):
     from megabridge.conversion.auto_bridge import AutoBridge
     from megabridge.peft import lora
 
-    # Layers without an MLP, as in Megatron-Core's hybrid specs. (An MoE model lacks the dense
-    # linear_fc1 too, but Megatron-Core's MoE layer cannot be built on a CPU.)
+    # Layers without an MLP, as in Megatron-Core's hybrid specs.
     model = AutoBridge.from_hf_pretrained(hf_llama).to_megatron_model(load_weights=False)
     for layer in model[0].decoder.layers:
         layer.mlp = IdentityOp()
@@ -259,3 +258,68 @@ def test_export_refuses_a_full_checkpoint(tmp_path):
         export_checkpoint(full, hf_path=tmp_path / "out")
     with pytest.raises(UserError, match="nothing to export"):
         export_checkpoint(full)
+
+
+def test_moe_lora_recipe_adapts_the_attention_and_exports(tmp_path):
+    """An all-MoE model (Qwen3-MoE) has no dense MLP, so its LoRA recipe adapts the attention
+    only: that alone trains, and both exports reproduce the adapted Megatron model."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from megabridge.conversion.verify import megatron_logits, sample_tokens
+    from megabridge.peft.export import export_checkpoint
+    from megabridge.peft.lora import is_adapter
+    from megabridge.recipes import as_lora, get_recipe
+    from megabridge.training import loop
+    from megabridge.training.config import apply_overrides
+    from tests.hf_models import tiny_qwen3_moe_config
+
+    hf_dir = save_tiny(tiny_qwen3_moe_config(), tmp_path / "hf")
+    cfg = as_lora(get_recipe("qwen3_moe_tiny_pretrain_config"))
+    assert cfg.peft.target_modules == ["linear_qkv", "linear_proj"]
+    apply_overrides(cfg, [
+        f"checkpoint.pretrained_checkpoint={hf_dir}", "peft.dim=4", "optimizer.lr=1e-2",
+        "scheduler.lr_warmup_iters=0", "train.global_batch_size=2", "train.micro_batch_size=1",
+        "train.eval_interval=None", f"checkpoint.save={tmp_path / 'ckpt'}",
+        f"logger.log_dir={tmp_path / 'logs'}", "logger.tensorboard=false",
+    ])  # fmt: skip
+    s = loop.setup(cfg)
+    frozen = _params(s, trainable=False)
+    trainable = _params(s, trainable=True)
+    assert len(trainable) == 2 * 2 * 2  # 2 layers x (linear_qkv, linear_proj) x (A, B)
+    assert all(is_adapter(n) and ".self_attention." in n for n in trainable)
+    for it in range(3):
+        _step(s, it)
+    after = _params(s, trainable=False)
+    assert all(torch.equal(after[n], before) for n, before in frozen.items())
+    logits = megatron_logits(s.model, sample_tokens(**TOKENS))[..., :256]
+    s.state.iteration, s.state.consumed_samples = 3, 6
+    out = tmp_path / "export"
+    export_checkpoint(loop.save(s), hf_path=out / "merged", adapter_path=out / "adapter")
+
+    merged = _hf_logits(AutoModelForCausalLM.from_pretrained(str(out / "merged")))
+    assert (merged - logits).abs().max() <= ATOL
+    base = AutoModelForCausalLM.from_pretrained(str(hf_dir))
+    assert (_hf_logits(base) - logits).abs().max() > 1e-2  # the adapters do change the model
+    adapted = PeftModel.from_pretrained(base, str(out / "adapter"))
+    assert (_hf_logits(adapted) - logits).abs().max() <= ATOL
+
+
+def test_default_targets_follow_the_model():
+    from megabridge.peft.lora import default_targets
+    from megabridge.recipes import get_recipe
+
+    expected = {
+        "llama31_8b_lora_config": ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"],
+        "qwen3_30b_a3b_lora_config": ["linear_qkv", "linear_proj"],  # every layer MoE
+        "mixtral_8x7b_lora_config": ["linear_qkv", "linear_proj"],
+        "deepseek_v3_lora_config": ["linear_proj", "linear_fc1", "linear_fc2"],  # MLA, 3 dense
+    }
+    for name, targets in expected.items():
+        cfg = get_recipe(name)
+        assert cfg.peft.target_modules == targets == default_targets(cfg.model), name
+    # A LoRA recipe keeps its SFT recipe's layout and batch (DeepSeek-V3: 64 data-parallel ranks).
+    sft, adapted = get_recipe("deepseek_v3_finetune_config"), get_recipe("deepseek_v3_lora_config")
+    assert adapted.train.global_batch_size == sft.train.global_batch_size == 128
+    assert adapted.model.expert_model_parallel_size == 64
+    assert adapted.optimizer.use_distributed_optimizer

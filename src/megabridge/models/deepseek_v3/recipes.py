@@ -1,7 +1,7 @@
 """DeepSeek-V3 recipes. Point checkpoint.pretrained_checkpoint at a local HF folder in bf16 (or a
 converted checkpoint): the architecture is then read from it, whatever the sizes below say."""
 
-from megabridge.recipes import finetune, tiny_pretrain
+from megabridge.recipes import as_lora, finetune, tiny_pretrain
 from megabridge.training.config import ModelConfig
 
 V3_YARN = {"rope_type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096,
@@ -48,3 +48,12 @@ def deepseek_v3_finetune_config():
     m.recompute_granularity, m.recompute_method, m.recompute_num_layers = "full", "uniform", 1
     cfg.optimizer.use_distributed_optimizer = True
     return cfg
+
+
+def deepseek_v3_lora_config():
+    """LoRA of DeepSeek-V3 (671B) on 512+ GPUs: set checkpoint.pretrained_checkpoint and dataset.path.
+
+    Adapts MLA's output projection and the three dense layers' MLPs
+    (lora.default_targets): MLA's down/up projections and the experts not yet.
+    """
+    return as_lora(deepseek_v3_finetune_config(), "deepseek_v3_lora")

@@ -1,7 +1,7 @@
 """Gemma 2 recipes. Point checkpoint.pretrained_checkpoint at a local HF folder (or a converted
 checkpoint): the architecture is then read from it, whatever the sizes below say."""
 
-from megabridge.recipes import finetune, lora, tiny_finetune, tiny_pretrain
+from megabridge.recipes import as_lora, finetune, lora, tiny_finetune, tiny_pretrain
 from megabridge.training.config import ModelConfig
 
 
@@ -35,7 +35,7 @@ def gemma2_2b_finetune_config():
 
 def gemma2_2b_lora_config():
     """LoRA of Gemma 2 2B: set checkpoint.pretrained_checkpoint and dataset.path."""
-    return lora("gemma2_2b_lora", gemma2_2b_finetune_config().model)
+    return as_lora(gemma2_2b_finetune_config(), "gemma2_2b_lora")
 
 
 def gemma2_9b_finetune_config():

@@ -5,7 +5,7 @@ Only Gemma3ForCausalLM folders convert: google/gemma-3-1b-* is one; the 4B and l
 checkpoints are Gemma3ForConditionalGeneration (text + vision), not supported yet, so their
 recipes need a text-only Gemma3ForCausalLM folder (or start from scratch)."""
 
-from megabridge.recipes import finetune, lora, tiny_finetune, tiny_pretrain
+from megabridge.recipes import as_lora, finetune, tiny_finetune, tiny_pretrain
 from megabridge.training.config import ModelConfig
 
 
@@ -47,7 +47,7 @@ def gemma3_1b_finetune_config():
 
 def gemma3_1b_lora_config():
     """LoRA of Gemma 3 1B: set checkpoint.pretrained_checkpoint and dataset.path."""
-    return lora("gemma3_1b_lora", gemma3_1b_finetune_config().model)
+    return as_lora(gemma3_1b_finetune_config(), "gemma3_1b_lora")
 
 
 def gemma3_4b_finetune_config():
@@ -57,7 +57,7 @@ def gemma3_4b_finetune_config():
 
 def gemma3_4b_lora_config():
     """LoRA of Gemma 3 4B text (needs a Gemma3ForCausalLM folder): set the checkpoint and data."""
-    return lora("gemma3_4b_lora", gemma3_4b_finetune_config().model)
+    return as_lora(gemma3_4b_finetune_config(), "gemma3_4b_lora")
 
 
 def gemma3_12b_finetune_config():

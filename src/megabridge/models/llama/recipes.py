@@ -1,7 +1,7 @@
 """Llama recipes. Point checkpoint.pretrained_checkpoint at a local HF folder (or a converted
 checkpoint): the architecture is then read from it, whatever the sizes below say."""
 
-from megabridge.recipes import finetune, lora, pretrain, tiny_finetune, tiny_pretrain
+from megabridge.recipes import as_lora, finetune, lora, pretrain, tiny_finetune, tiny_pretrain
 from megabridge.training.config import ModelConfig
 
 
@@ -62,4 +62,4 @@ def llama31_8b_finetune_config():
 
 def llama31_8b_lora_config():
     """LoRA of Llama 3.1 8B on one GPU: set checkpoint.pretrained_checkpoint and dataset.path."""
-    return lora("llama31_8b_lora", llama31_8b_finetune_config().model)
+    return as_lora(llama31_8b_finetune_config(), "llama31_8b_lora")

@@ -1,7 +1,7 @@
 """Mistral recipes. Point checkpoint.pretrained_checkpoint at a local HF folder (or a converted
 checkpoint): the architecture is then read from it, whatever the sizes below say."""
 
-from megabridge.recipes import finetune, lora, tiny_pretrain
+from megabridge.recipes import as_lora, finetune, tiny_pretrain
 from megabridge.training.config import ModelConfig
 
 
@@ -28,4 +28,4 @@ def mistral_7b_finetune_config():
 
 def mistral_7b_lora_config():
     """LoRA of Mistral 7B v0.3 on one GPU: set checkpoint.pretrained_checkpoint and dataset.path."""
-    return lora("mistral_7b_lora", mistral_7b_finetune_config().model)
+    return as_lora(mistral_7b_finetune_config(), "mistral_7b_lora")

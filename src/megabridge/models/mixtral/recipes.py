@@ -1,7 +1,7 @@
 """Mixtral recipes. Point checkpoint.pretrained_checkpoint at a local HF folder (or a converted
 checkpoint): the architecture is then read from it, whatever the sizes below say."""
 
-from megabridge.recipes import finetune, tiny_pretrain
+from megabridge.recipes import as_lora, finetune, tiny_pretrain
 from megabridge.training.config import ModelConfig
 
 
@@ -31,3 +31,8 @@ def mixtral_8x7b_finetune_config():
     m.moe_router_dtype = "fp32"
     cfg.optimizer.use_distributed_optimizer = True
     return cfg
+
+
+def mixtral_8x7b_lora_config():
+    """LoRA of Mixtral 8x7B (PP=4, EP=8), attention only: set pretrained_checkpoint, dataset.path."""
+    return as_lora(mixtral_8x7b_finetune_config(), "mixtral_8x7b_lora")

@@ -2,7 +2,7 @@
 checkpoint.pretrained_checkpoint at a local HF folder (or a converted checkpoint): the
 architecture is then read from it, whatever the sizes below say."""
 
-from megabridge.recipes import finetune, lora, tiny_pretrain
+from megabridge.recipes import as_lora, finetune, tiny_pretrain
 from megabridge.training.config import ModelConfig
 
 
@@ -30,4 +30,4 @@ def olmo2_7b_finetune_config():
 
 def olmo2_7b_lora_config():
     """LoRA of OLMo 2 7B on one GPU: set checkpoint.pretrained_checkpoint and dataset.path."""
-    return lora("olmo2_7b_lora", olmo2_7b_finetune_config().model)
+    return as_lora(olmo2_7b_finetune_config(), "olmo2_7b_lora")

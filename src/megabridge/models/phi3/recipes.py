@@ -1,7 +1,7 @@
 """Phi-3 recipes. Point checkpoint.pretrained_checkpoint at a local HF folder (or a converted
 checkpoint): the architecture is then read from it, whatever the sizes below say."""
 
-from megabridge.recipes import finetune, lora, tiny_pretrain
+from megabridge.recipes import as_lora, finetune, tiny_pretrain
 from megabridge.training.config import ModelConfig
 
 
@@ -26,4 +26,4 @@ def phi3_mini_finetune_config():
 
 def phi3_mini_lora_config():
     """LoRA of Phi-3-mini-4k: set checkpoint.pretrained_checkpoint and dataset.path."""
-    return lora("phi3_mini_lora", phi3_mini_finetune_config().model)
+    return as_lora(phi3_mini_finetune_config(), "phi3_mini_lora")

@@ -1,7 +1,7 @@
 """Qwen2 / Qwen2.5 recipes. Point checkpoint.pretrained_checkpoint at a local HF folder (or a
 converted checkpoint): the architecture is then read from it, whatever the sizes below say."""
 
-from megabridge.recipes import finetune, lora, tiny_pretrain
+from megabridge.recipes import as_lora, finetune, tiny_pretrain
 from megabridge.training.config import ModelConfig
 
 
@@ -34,4 +34,4 @@ def qwen25_7b_finetune_config():
 
 def qwen25_7b_lora_config():
     """LoRA of Qwen2.5 7B on one GPU: set checkpoint.pretrained_checkpoint and dataset.path."""
-    return lora("qwen25_7b_lora", qwen25_7b_finetune_config().model)
+    return as_lora(qwen25_7b_finetune_config(), "qwen25_7b_lora")

@@ -1,7 +1,7 @@
 """Qwen1.5-MoE / Qwen2-MoE recipes. Point checkpoint.pretrained_checkpoint at a local HF folder
 (or a converted checkpoint): the architecture is then read from it."""
 
-from megabridge.recipes import finetune, tiny_pretrain
+from megabridge.recipes import as_lora, finetune, tiny_pretrain
 from megabridge.training.config import ModelConfig
 
 
@@ -32,3 +32,8 @@ def qwen15_moe_a27b_finetune_config():
     cfg.model.moe_router_dtype = "fp32"
     cfg.optimizer.use_distributed_optimizer = True
     return cfg
+
+
+def qwen15_moe_a27b_lora_config():
+    """LoRA of Qwen1.5-MoE-A2.7B (EP=4), attention only: set pretrained_checkpoint, dataset.path."""
+    return as_lora(qwen15_moe_a27b_finetune_config(), "qwen15_moe_a27b_lora")

@@ -1,7 +1,7 @@
 """Qwen3 (dense) recipes. Point checkpoint.pretrained_checkpoint at a local HF folder (or a
 converted checkpoint): the architecture is then read from it, whatever the sizes below say."""
 
-from megabridge.recipes import finetune, lora, tiny_pretrain
+from megabridge.recipes import as_lora, finetune, tiny_pretrain
 from megabridge.training.config import ModelConfig
 
 
@@ -35,4 +35,4 @@ def qwen3_8b_finetune_config():
 
 def qwen3_8b_lora_config():
     """LoRA of Qwen3 8B on one GPU: set checkpoint.pretrained_checkpoint and dataset.path."""
-    return lora("qwen3_8b_lora", qwen3_8b_finetune_config().model)
+    return as_lora(qwen3_8b_finetune_config(), "qwen3_8b_lora")

@@ -1,7 +1,7 @@
 """Qwen3-MoE recipes. Point checkpoint.pretrained_checkpoint at a local HF folder (or a converted
 checkpoint): the architecture is then read from it."""
 
-from megabridge.recipes import finetune, lora, tiny_pretrain
+from megabridge.recipes import as_lora, finetune, tiny_pretrain
 from megabridge.training.config import ModelConfig
 
 
@@ -35,4 +35,4 @@ def qwen3_30b_a3b_finetune_config():
 
 def qwen3_30b_a3b_lora_config():
     """LoRA of Qwen3-30B-A3B on 8 GPUs (EP=8): set checkpoint.pretrained_checkpoint and dataset.path."""
-    return lora("qwen3_30b_a3b_lora", qwen3_30b_a3b_finetune_config().model)
+    return as_lora(qwen3_30b_a3b_finetune_config(), "qwen3_30b_a3b_lora")

@@ -69,6 +69,26 @@ def test_parallel_losses_equal_single_process(tmp_path, layout):
     assert ref[4] < ref[1]
 
 
+@pytest.mark.parametrize("layout", ["tp1", "pp2"])
+def test_a_tp2_checkpoint_resumes_at_another_layout(tmp_path, layout):
+    """dist_checkpointing stores each tensor with its place in the whole one, so a run saved
+    at TP=2 (model, optimizer, RNG, data position) continues at TP=1 or PP=2 unchanged."""
+    base = [*QUICK, "train.train_iters=4", "scheduler.lr_decay_iters=4", *LLAMA_LIKE]
+    train(2, RECIPE, [
+        *base, "model.tensor_model_parallel_size=2", "checkpoint.save_interval=2",
+        f"logger.log_dir={tmp_path / 'tp2'}", f"checkpoint.save={tmp_path / 'tp2_ckpt'}",
+    ])  # fmt: skip
+    nproc, option = {"tp1": (1, []), "pp2": (2, ["model.pipeline_model_parallel_size=2"])}[layout]
+    resumed = train(nproc, RECIPE, [
+        *base, *option, f"checkpoint.load={tmp_path / 'tp2_ckpt' / 'iter_0000002'}",
+        f"logger.log_dir={tmp_path / layout}", f"checkpoint.save={tmp_path / (layout + '_ckpt')}",
+    ])  # fmt: skip
+    ref, got = losses(tmp_path / "tp2"), losses(tmp_path / layout)
+    assert sorted(got) == [3, 4], resumed.stdout[-2000:]
+    for it in got:
+        assert got[it] == pytest.approx(ref[it], rel=1e-4), (it, ref, got)
+
+
 def test_resume_matches_uninterrupted_run(tmp_path):
     common = [*QUICK, "scheduler.lr_decay_iters=10", "checkpoint.save_interval=5"]
     train(

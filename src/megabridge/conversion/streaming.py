@@ -81,6 +81,8 @@ class Plan:
         with _progress(len(self.sources), progress) as bar:
 
             def produce(key) -> torch.Tensor:
+                if errors:  # the conversion has failed: the other writers stop at their next tensor
+                    raise RuntimeError("stopped: another tensor failed")
                 name, (shape, stride, offset) = self.sources[key]
                 try:
                     out = tensors.view(name, shape, stride, offset)
@@ -90,7 +92,7 @@ class Plan:
                 bar.update()
                 return out
 
-            with _writer_thread_errors() as thread_errors:
+            with _writer_threads() as thread_errors:
                 try:
                     dist_checkpointing.save(
                         {"model": self.sharded},
@@ -106,19 +108,32 @@ class Plan:
 
 
 @contextlib.contextmanager
-def _writer_thread_errors():
-    """Collect the exceptions of torch's writer threads instead of printing them.
+def _writer_threads():
+    """Torch's checkpoint writer threads, held until every one has finished.
 
     torch.distributed.checkpoint lets a writer thread die with its exception (the
-    rest of the checkpoint is still written): the caller raises the first one.
+    rest of the checkpoint is still written), and when its calling thread fails it
+    returns without waiting for the others, which go on writing into the folder the
+    caller then deletes. Here their exceptions are collected instead of printed (the
+    caller raises the first one) and each thread started inside is joined on the way out.
     """
     caught: list[BaseException] = []
-    previous = threading.excepthook
+    started: list[threading.Thread] = []
+    previous_hook, start = threading.excepthook, threading.Thread.start
+
+    def start_and_keep(thread: threading.Thread) -> None:
+        started.append(thread)
+        start(thread)
+
     threading.excepthook = lambda args: caught.append(args.exc_value)
+    threading.Thread.start = start_and_keep
     try:
         yield caught
     finally:
-        threading.excepthook = previous
+        threading.Thread.start = start
+        for thread in started:
+            thread.join()
+        threading.excepthook = previous_hook
 
 
 def plan(bridge, cfg) -> Plan:

@@ -73,3 +73,38 @@ def test_streamed_conversion_names_a_misshapen_tensor_and_leaves_nothing(tmp_pat
     with pytest.raises(ConversionError, match=r"shape mismatch .*up_proj"):
         bridge.save_megatron_checkpoint(tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+
+
+@pytest.mark.unit
+@pytest.mark.usefixtures("single_process_megatron")
+def test_a_failed_conversion_stops_and_waits_for_its_other_writers(tmp_path, monkeypatch):
+    """torch's checkpoint writer returns on its own thread's error while its other threads
+    still build and write tensors: a folder removed then could be written into again. The
+    conversion raises only once every writer thread has finished."""
+    import threading
+    import time
+
+    from safetensors.torch import load_file, save_file
+
+    from megabridge.conversion import transfer
+    from megabridge.conversion.auto_bridge import AutoBridge
+    from megabridge.errors import ConversionError
+
+    hf = save_tiny(hf_models.tiny_llama_config(), tmp_path / "hf")
+    weights = load_file(hf / "model.safetensors")
+    name = "model.layers.0.mlp.down_proj.weight"
+    weights[name] = weights[name][:, :-1].contiguous()
+    save_file(weights, hf / "model.safetensors", metadata={"format": "pt"})
+    real_full_tensor = transfer.full_tensor
+
+    def slow_full_tensor(*args, **kwargs):
+        time.sleep(0.2)  # the other writers are mid-tensor when the bad one fails
+        return real_full_tensor(*args, **kwargs)
+
+    monkeypatch.setattr(transfer, "full_tensor", slow_full_tensor)
+    before = set(threading.enumerate())
+    with pytest.raises(ConversionError, match=r"shape mismatch .*down_proj"):
+        AutoBridge.from_hf_pretrained(hf).save_megatron_checkpoint(tmp_path / "out")
+    writers = [t for t in threading.enumerate() if t not in before and not t.daemon]  # not tqdm's
+    assert [t for t in writers if t.is_alive()] == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]

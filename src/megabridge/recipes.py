@@ -82,11 +82,6 @@ def finetune(name: str, model, pretrained: str | None = None) -> ConfigContainer
     return cfg
 
 
-def lora(name: str, model, pretrained: str | None = None) -> ConfigContainer:
-    """LoRA on the attention and dense MLP projections of ``pretrained`` (lora.default_targets)."""
-    return as_lora(finetune(name, model, pretrained))
-
-
 def as_lora(cfg: ConfigContainer, name: str | None = None) -> ConfigContainer:
     """A finetune config turned into LoRA of the same model and layout: a recipe's LoRA
     variant is its SFT recipe with the adapters and their learning rate."""

@@ -1,7 +1,7 @@
 """Gemma 2 recipes. Point checkpoint.pretrained_checkpoint at a local HF folder (or a converted
 checkpoint): the architecture is then read from it, whatever the sizes below say."""
 
-from megabridge.recipes import as_lora, finetune, lora, tiny_finetune, tiny_pretrain
+from megabridge.recipes import as_lora, finetune, tiny_finetune, tiny_pretrain
 from megabridge.training.config import ModelConfig
 
 
@@ -47,7 +47,7 @@ def gemma2_9b_finetune_config():
 
 def gemma2_9b_lora_config():
     """LoRA of Gemma 2 9B on one GPU: set checkpoint.pretrained_checkpoint and dataset.path."""
-    cfg = lora("gemma2_9b_lora", gemma2_9b_finetune_config().model)
+    cfg = as_lora(gemma2_9b_finetune_config(), "gemma2_9b_lora")
     cfg.model.tensor_model_parallel_size = 1
     return cfg
 

@@ -1,7 +1,7 @@
 """Llama recipes. Point checkpoint.pretrained_checkpoint at a local HF folder (or a converted
 checkpoint): the architecture is then read from it, whatever the sizes below say."""
 
-from megabridge.recipes import as_lora, finetune, lora, pretrain, tiny_finetune, tiny_pretrain
+from megabridge.recipes import as_lora, finetune, pretrain, tiny_finetune, tiny_pretrain
 from megabridge.training.config import ModelConfig
 
 
@@ -47,7 +47,7 @@ def llama32_1b_finetune_config():
 
 def llama32_1b_lora_config():
     """LoRA of Llama 3.2 1B: set checkpoint.pretrained_checkpoint and dataset.path."""
-    return lora("llama32_1b_lora", llama32_1b_pretrain_config().model)
+    return as_lora(llama32_1b_finetune_config(), "llama32_1b_lora")
 
 
 def llama31_8b_finetune_config():

@@ -10,9 +10,10 @@ from tests.data_helpers import chat_corpus, vocab_size
 pytestmark = pytest.mark.unit
 
 
-def _model(position_embedding_type: str):
+def _model(position_embedding_type: str, rope_fusion: bool = False):
     from megabridge.models import init as weight_init
     from megabridge.models.provider import build_model
+    from megabridge.models.torch_layers import install_fused_rope
 
     cfg = ModelConfig(
         num_layers=2,
@@ -29,6 +30,11 @@ def _model(position_embedding_type: str):
     )
     (model,) = build_model(cfg)
     weight_init.initialize([model], cfg, seed=7)
+    if rope_fusion:
+        # What the torch spec does on a GPU (models/provider._gpu_fusions): Megatron-Core's
+        # RoPE dispatcher calls megabridge's fused kernels, the packed one included.
+        install_fused_rope()
+        model.config.apply_rope_fusion = True
     return model.eval()
 
 
@@ -49,9 +55,12 @@ def _loss_sum_and_tokens(model, dataset, collate) -> tuple[float, float]:
     return float(total), tokens
 
 
-@pytest.mark.parametrize("position_embedding_type", ["rope", "learned_absolute"])
+@pytest.mark.parametrize(
+    "position_embedding_type, rope_fusion",
+    [("rope", False), ("rope", True), ("learned_absolute", False)],
+)
 def test_packed_and_padded_losses_match(
-    single_process_megatron, tokenizer, tmp_path, position_embedding_type
+    single_process_megatron, tokenizer, tmp_path, position_embedding_type, rope_fusion
 ):
     from megabridge.training.data.batching import collate
 
@@ -59,7 +68,7 @@ def test_packed_and_padded_losses_match(
     packed = packing.PackedSFTDataset(examples, 64, seed=0)
     padded = packing.PaddedSFTDataset(examples, 64, seed=0)
     assert len(packed) < len(padded) == 12
-    model = _model(position_embedding_type)
+    model = _model(position_embedding_type, rope_fusion)
     packed_sum, packed_tokens = _loss_sum_and_tokens(model, packed, packed.collate)
     padded_sum, padded_tokens = _loss_sum_and_tokens(model, padded, collate)
     assert packed_tokens == padded_tokens > 0

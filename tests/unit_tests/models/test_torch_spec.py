@@ -71,3 +71,18 @@ def test_packed_attention_does_not_cross_segments():
     first = attn(q[:4, None], k[:4, None], v[:4, None], None)
     second = attn(q[4:, None], k[4:, None], v[4:, None], None)
     torch.testing.assert_close(packed, torch.cat([first[:, 0], second[:, 0]]), atol=1e-6, rtol=1e-6)
+
+
+def test_packed_rope_restarts_positions_in_every_segment():
+    """The fused THD RoPE equals RoPE applied to each segment on its own, from position 0."""
+    from megabridge.models.torch_layers import _rope_bshd, rope_thd
+
+    gen = torch.Generator().manual_seed(0)
+    t = torch.randn(10, 4, 8, generator=gen)  # [tokens, heads, dim]
+    freqs = torch.randn(7, 1, 1, 6, generator=gen)  # the longest segment's angles, 6 rotated
+    cu = torch.tensor([0, 3, 3, 10], dtype=torch.int32)  # an empty segment in the middle
+    got = rope_thd(t, cu, freqs)
+    expected = torch.cat([_rope_bshd(t[:3, None], freqs[:3]), _rope_bshd(t[3:, None], freqs)])
+    torch.testing.assert_close(got, expected[:, 0], atol=0, rtol=0)
+    with pytest.raises(Exception, match="cu_seqlens ends at 9"):
+        rope_thd(t, torch.tensor([0, 9], dtype=torch.int32), freqs)

@@ -124,32 +124,32 @@ class SDPAttention(MegatronModule):
     def _varlen_ok(self, query) -> bool:
         """Whether torch's varlen flash kernel computes this layer's packed attention."""
         plain = self.sliding_window is None and self.softcap is None and self._p() == 0.0
-        return plain and varlen_supported(query, self.softmax_scale, self.heads != self.groups)
+        return plain and varlen_supported(query, self.softmax_scale)
 
 
 @functools.cache
 def _varlen_api() -> tuple | None:
     """(torch's varlen_attn, its keyword names), or None where this torch has none.
 
-    torch.nn.attention.varlen appeared in torch 2.9 with ``is_causal`` and no GQA or
-    scale; later versions take ``window_size=(-1, 0)`` for causal, ``scale`` and
-    ``enable_gqa`` instead. Both are flash kernels: CUDA, fp16 / bf16 only.
+    torch.nn.attention.varlen (torch 2.9+) changed between releases: causal masking
+    is ``is_causal=True`` in some and ``window_size=(-1, 0)`` in others; ``scale``
+    and ``enable_gqa`` exist only in some (torch 2.11 has window_size and scale, no
+    enable_gqa). A flash kernel: CUDA, fp16 / bf16 only.
     """
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         return None
-    return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
+    keywords = frozenset(inspect.signature(varlen_attn).parameters)
+    return (varlen_attn, keywords) if keywords & {"is_causal", "window_size"} else None
 
 
-def varlen_supported(query: torch.Tensor, scale: float | None, gqa: bool) -> bool:
+def varlen_supported(query: torch.Tensor, scale: float | None) -> bool:
     api = _varlen_api()
     if api is None or not query.is_cuda or query.dtype not in (torch.float16, torch.bfloat16):
         return False
-    if "window_size" in api[1]:
-        return True
-    # The first API has no scale argument (the default 1/sqrt(hn) only); GQA repeats K/V.
-    return "is_causal" in api[1] and (scale is None or scale == query.shape[-1] ** -0.5)
+    # Without a scale argument only the default 1/sqrt(hn) is available.
+    return "scale" in api[1] or scale is None or scale == query.shape[-1] ** -0.5
 
 
 def varlen_causal(query, key, value, params, scale: float | None) -> torch.Tensor:
@@ -161,16 +161,16 @@ def varlen_causal(query, key, value, params, scale: float | None) -> torch.Tenso
     varlen_attn, keywords = _varlen_api()
     cu = params.cu_seqlens_q.to(device=query.device, dtype=torch.int32)
     longest = int(params.max_seqlen_q) if params.max_seqlen_q else int((cu[1:] - cu[:-1]).max())
-    gqa = key.shape[1] != query.shape[1]
-    if "window_size" in keywords:
-        return varlen_attn(
-            query, key, value, cu, cu, longest, longest,
-            scale=scale, window_size=(-1, 0), enable_gqa=gqa,
-        )  # fmt: skip
-    if gqa:
-        rep = query.shape[1] // key.shape[1]
-        key, value = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
-    return varlen_attn(query, key, value, cu, cu, longest, longest, is_causal=True)
+    kwargs = {"window_size": (-1, 0)} if "window_size" in keywords else {"is_causal": True}
+    if "scale" in keywords:
+        kwargs["scale"] = scale
+    if key.shape[1] != query.shape[1]:
+        if "enable_gqa" in keywords:
+            kwargs["enable_gqa"] = True
+        else:  # [t, ng, hn] -> [t, np, hn]: each K/V head once per query head of its group
+            rep = query.shape[1] // key.shape[1]
+            key, value = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
+    return varlen_attn(query, key, value, cu, cu, longest, longest, **kwargs)
 
 
 def sdpa(q, k, v, dropout_p: float, scale: float | None, mask=None) -> torch.Tensor:

@@ -87,6 +87,7 @@ def test_packed_attention_does_not_cross_segments(device, dtype, atol, groups):
     whole = attn(q[:, None], k[:, None], v[:, None], None)[:, 0]
     assert (whole[4:] - expected[4:]).abs().max() > 10 * atol
 
+
 def test_packed_rope_restarts_positions_in_every_segment():
     """The fused THD RoPE equals RoPE applied to each segment on its own, from position 0."""
     from megabridge.models.torch_layers import _rope_bshd, rope_thd

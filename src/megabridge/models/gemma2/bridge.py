@@ -29,7 +29,7 @@ class Gemma2Bridge(FamilyBridge):
     HF_FIXED = dict(hidden_activation="gelu_pytorch_tanh", attention_bias=False)
     UNSUPPORTED = {
         "attention_bias": "a bias on o_proj as well as q/k/v",
-        "use_bidirectional_attention": "the causal mask is Megatron-Core's",
+        "use_bidirectional_attention": "Megatron-Core's GPT attention is causal only",
     }
     MAPPINGS = [
         *blocks.embeddings_and_head(),

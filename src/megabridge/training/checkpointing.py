@@ -41,6 +41,7 @@ import torch
 import torch.distributed as dist
 
 from megabridge.errors import CheckpointError
+from megabridge.training import trust
 
 log = logging.getLogger(__name__)
 
@@ -543,6 +544,7 @@ def load(ckpt_dir: Path, model_chunks, optimizer=None, scheduler=None, model_onl
         same_layout = meta.get("layout") == _layout_dict()
         if not same_layout:  # RNG streams are per (pp, tp) rank: only meaningful at the same layout
             sd.pop("rng_state")
+    trust.check_pickles(ckpt_dir)  # before Megatron-Core or torch unpickle anything of it
     try:
         state = dist_checkpointing.load(sd, str(ckpt_dir))
     except Exception as e:  # noqa: BLE001 - any failure here means an unusable checkpoint

@@ -5,6 +5,7 @@ unpickling creates a marker file, and checks that loading refuses the checkpoint
 line and that the marker does not exist (and, once, that plain pickle would have run it).
 """
 
+import json
 import os
 import pickle
 import shutil
@@ -120,6 +121,10 @@ def test_convert_refuses_a_crafted_checkpoint_in_one_line(copy, tmp_path):
     metadata = trust.read_metadata(copy)
     metadata.planner_data = _Payload(marker)
     (copy / ".metadata").write_bytes(pickle.dumps(metadata))
+    # an attacker records the new size too, so megabridge.json's file list still agrees
+    record = json.loads((copy / "megabridge.json").read_text())
+    record["files"][".metadata"] = (copy / ".metadata").stat().st_size
+    (copy / "megabridge.json").write_text(json.dumps(record))
     result = megabridge(["convert", "megatron-to-hf", "--megatron-path", str(copy),
                          "--hf-path", str(tmp_path / "out")])  # fmt: skip
     assert result.returncode == 2, result.stderr[-2000:]

@@ -11,7 +11,6 @@ for name, tensor in bridge.export_hf_weights(model): ...   # in memory, e.g. RL 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import functools
 import logging
 from collections.abc import Iterator
@@ -23,7 +22,7 @@ import torch.distributed as dist
 from megabridge.conversion import hf_io, registry, transfer
 from megabridge.conversion.family import FamilyBridge
 from megabridge.errors import UserError
-from megabridge.training.config import ModelConfig
+from megabridge.models.config import ModelConfig, copy_architecture, model_config_from_dict
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +72,7 @@ class AutoBridge:
 
         ckpt = checkpointing.resolve(path)
         meta = checkpointing.read_metadata(ckpt)
-        model_config = checkpointing.model_config_from_dict(meta["model_config"])
+        model_config = model_config_from_dict(meta["model_config"])
         hf = meta.get("hf") or {}
         if hf.get("config"):
             family = registry.bridge_for(_architecture(hf["config"], ckpt))
@@ -246,20 +245,6 @@ class AutoBridge:
 
 
 # ------------------------------------------------------------ helpers
-
-# ModelConfig fields that are about running, not about the model: a pretrained
-# checkpoint's architecture never overrides them.
-RUNTIME_FIELDS = frozenset({
-    "tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size",
-    "sequence_parallel", "bf16", "transformer_impl", "recompute_granularity", "recompute_method",
-    "recompute_num_layers", "hidden_dropout", "attention_dropout", "moe_router_dtype",
-})  # fmt: skip
-
-
-def copy_architecture(source: ModelConfig, target: ModelConfig) -> None:
-    for f in dataclasses.fields(ModelConfig):
-        if f.name not in RUNTIME_FIELDS:
-            setattr(target, f.name, copy.deepcopy(getattr(source, f.name)))
 
 
 def _layout_of(source: hf_io.HFCheckpoint) -> dict:

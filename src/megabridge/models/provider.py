@@ -1,6 +1,6 @@
 """ModelConfig -> Megatron-Core TransformerConfig -> GPTModel on this rank.
 
-Config is data (training/config.py); building happens here, once, for every
+Config is data (models/config.py); building happens here, once, for every
 family. A family that needs a different module says so through ModelConfig
 fields that the layer spec (models/specs.py) reads, never through code here.
 """
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from megabridge.errors import ConfigError
-from megabridge.training.config import ModelConfig
+from megabridge.models.config import ModelConfig
 
 _ACTIVATIONS = {
     "swiglu": (F.silu, True),

@@ -11,22 +11,27 @@ also in memory, so conversion mappings are written once.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 
 from megabridge.errors import ConfigError
+from megabridge.models.config import ModelConfig, torch_only_fields
+
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
 
 
 def have_transformer_engine() -> bool:
     return importlib.util.find_spec("transformer_engine") is not None
 
 
-def torch_only_features(cfg) -> list[str]:
-    """The model options that only the ``torch`` spec builds."""
+def torch_only_features(cfg: ModelConfig) -> list[str]:
+    """The model options that only the ``torch`` spec builds (fields marked torch_only)."""
     features = []
-    if cfg.norm_placement != "pre":
-        features.append(f"norm_placement={cfg.norm_placement}")
-    options = ("qk_norm_across_heads", "sliding_window", "attn_logit_softcap", "local_rotary_base")
-    return features + [o for o in options if getattr(cfg, o) not in (None, False)]
+    for name in torch_only_fields():
+        value, default = getattr(cfg, name), _DEFAULTS[name]
+        if value != default:
+            features.append(f"{name}={value}" if isinstance(default, str) else name)
+    return features
 
 
 def resolve_impl(cfg) -> str:

@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from megabridge.errors import UserError
+from megabridge.models.config import model_config_from_dict
 from megabridge.peft import lora
 
 log = logging.getLogger("megabridge.export")
@@ -115,7 +116,7 @@ def _build_base(ckpt: Path, meta: dict, base: str | None, tp: int, pp: int):
     from megabridge.conversion.auto_bridge import AutoBridge
     from megabridge.training import checkpointing
 
-    cfg = checkpointing.model_config_from_dict(meta["model_config"])
+    cfg = model_config_from_dict(meta["model_config"])
     cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size = tp, pp
     cfg.expert_model_parallel_size, cfg.sequence_parallel = 1, False
     cfg.bf16 = False  # merge in fp32; the outputs take the base's dtypes (or --dtype)

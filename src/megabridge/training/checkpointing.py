@@ -41,6 +41,7 @@ import torch
 import torch.distributed as dist
 
 from megabridge.errors import CheckpointError
+from megabridge.models.config import architecture
 
 log = logging.getLogger(__name__)
 
@@ -48,59 +49,9 @@ METADATA = "megabridge.json"
 LATEST = "latest_checkpointed_iteration.txt"
 FORMAT_VERSION = 1
 
-# ModelConfig fields that decide tensor names and shapes: a checkpoint made with
-# other values belongs to another model.
-ARCHITECTURE_FIELDS = (
-    "num_layers",
-    "hidden_size",
-    "ffn_hidden_size",
-    "num_attention_heads",
-    "num_query_groups",
-    "kv_channels",
-    "vocab_size",
-    "normalization",
-    "activation",
-    "add_bias_linear",
-    "add_qkv_bias",
-    "qk_layernorm",
-    "position_embedding_type",
-    "share_embeddings_and_output_weights",
-    "num_moe_experts",
-    "moe_ffn_hidden_size",
-    "moe_shared_expert_intermediate_size",
-    "moe_layer_freq",
-    "moe_shared_expert_gate",
-    "multi_latent_attention",
-    "q_lora_rank",
-    "kv_lora_rank",
-    "qk_head_dim",
-    "qk_pos_emb_head_dim",
-    "v_head_dim",
-)
-
 
 def iter_dirname(iteration: int) -> str:
     return f"iter_{iteration:07d}"
-
-
-def architecture(model_cfg) -> dict:
-    """The shape-deciding fields, with defaults resolved (kv_channels None == hidden / heads)."""
-    data = asdict(model_cfg)
-    data["num_query_groups"] = data["num_query_groups"] or data["num_attention_heads"]
-    data["kv_channels"] = data["kv_channels"] or data["hidden_size"] // data["num_attention_heads"]
-    if data["num_moe_experts"]:
-        data["moe_ffn_hidden_size"] = data["moe_ffn_hidden_size"] or data["ffn_hidden_size"]
-    return {k: data[k] for k in ARCHITECTURE_FIELDS}
-
-
-def model_config_from_dict(data: dict):
-    """A ModelConfig from a checkpoint's megabridge.json (fields it does not know are dropped)."""
-    from dataclasses import fields
-
-    from megabridge.training.config import ModelConfig
-
-    names = {f.name for f in fields(ModelConfig)}
-    return ModelConfig(**{k: v for k, v in data.items() if k in names})
 
 
 def read_metadata(ckpt_dir: Path) -> dict:

@@ -13,6 +13,7 @@ import torch.distributed as dist
 
 from megabridge import runtime
 from megabridge.errors import CheckpointError, ConfigError, UserError
+from megabridge.models.config import copy_architecture, model_config_from_dict
 from megabridge.training import checkpointing
 from megabridge.training.config import ConfigContainer
 from megabridge.training.metrics import MetricsWriter
@@ -306,13 +307,13 @@ def _adopt_pretrained_architecture(cfg: ConfigContainer) -> None:
     path = cfg.checkpoint.pretrained_checkpoint
     if not path:
         return
-    from megabridge.conversion.auto_bridge import AutoBridge, copy_architecture
+    from megabridge.conversion.auto_bridge import AutoBridge
 
     if (Path(path) / "config.json").is_file():
         AutoBridge.from_hf_pretrained(path).apply_to_model_config(cfg.model)
     else:
         meta = checkpointing.read_metadata(checkpointing.resolve(path))
-        copy_architecture(checkpointing.model_config_from_dict(meta["model_config"]), cfg.model)
+        copy_architecture(model_config_from_dict(meta["model_config"]), cfg.model)
 
 
 def _load_pretrained(cfg: ConfigContainer, model: list) -> None:

@@ -1,8 +1,8 @@
 """DeepSeek-V3 recipes. Point checkpoint.pretrained_checkpoint at a local HF folder in bf16 (or a
 converted checkpoint): the architecture is then read from it, whatever the sizes below say."""
 
+from megabridge.models.config import ModelConfig
 from megabridge.recipes import as_lora, finetune, tiny_pretrain
-from megabridge.training.config import ModelConfig
 
 V3_YARN = {"rope_type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096,
            "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}  # fmt: skip

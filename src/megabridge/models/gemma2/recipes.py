@@ -1,8 +1,8 @@
 """Gemma 2 recipes. Point checkpoint.pretrained_checkpoint at a local HF folder (or a converted
 checkpoint): the architecture is then read from it, whatever the sizes below say."""
 
+from megabridge.models.config import ModelConfig
 from megabridge.recipes import as_lora, finetune, tiny_finetune, tiny_pretrain
-from megabridge.training.config import ModelConfig
 
 
 def _gemma2(layers, hidden, ffn, heads, groups, head_dim, query_scalar, vocab=256000, window=4096):

@@ -5,8 +5,8 @@ Only Gemma3ForCausalLM folders convert: google/gemma-3-1b-* is one; the 4B and l
 checkpoints are Gemma3ForConditionalGeneration (text + vision), not supported yet, so their
 recipes need a text-only Gemma3ForCausalLM folder (or start from scratch)."""
 
+from megabridge.models.config import ModelConfig
 from megabridge.recipes import as_lora, finetune, tiny_finetune, tiny_pretrain
-from megabridge.training.config import ModelConfig
 
 
 def _gemma3(layers, hidden, ffn, heads, groups, head_dim=256, query_scalar=256,

@@ -1,8 +1,8 @@
 """Llama recipes. Point checkpoint.pretrained_checkpoint at a local HF folder (or a converted
 checkpoint): the architecture is then read from it, whatever the sizes below say."""
 
+from megabridge.models.config import ModelConfig
 from megabridge.recipes import as_lora, finetune, pretrain, tiny_finetune, tiny_pretrain
-from megabridge.training.config import ModelConfig
 
 
 def _llama(layers, hidden, ffn, heads, groups, vocab, tied, rope_scaling=None, theta=500000.0):

@@ -1,8 +1,8 @@
 """Mixtral recipes. Point checkpoint.pretrained_checkpoint at a local HF folder (or a converted
 checkpoint): the architecture is then read from it, whatever the sizes below say."""
 
+from megabridge.models.config import ModelConfig
 from megabridge.recipes import as_lora, finetune, tiny_pretrain
-from megabridge.training.config import ModelConfig
 
 
 def _mixtral(layers, hidden, ffn, heads, groups, vocab, experts, topk, aux_loss, theta):

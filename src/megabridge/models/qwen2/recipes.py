@@ -1,8 +1,8 @@
 """Qwen2 / Qwen2.5 recipes. Point checkpoint.pretrained_checkpoint at a local HF folder (or a
 converted checkpoint): the architecture is then read from it, whatever the sizes below say."""
 
+from megabridge.models.config import ModelConfig
 from megabridge.recipes import as_lora, finetune, tiny_pretrain
-from megabridge.training.config import ModelConfig
 
 
 def _qwen2(layers, hidden, ffn, heads, groups, vocab, tied, theta=1e6):

@@ -1,8 +1,8 @@
 """Qwen3 (dense) recipes. Point checkpoint.pretrained_checkpoint at a local HF folder (or a
 converted checkpoint): the architecture is then read from it, whatever the sizes below say."""
 
+from megabridge.models.config import ModelConfig
 from megabridge.recipes import as_lora, finetune, tiny_pretrain
-from megabridge.training.config import ModelConfig
 
 
 def _qwen3(layers, hidden, ffn, heads, groups, vocab, tied, head_dim=128, theta=1e6):

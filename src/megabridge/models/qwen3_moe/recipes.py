@@ -1,8 +1,8 @@
 """Qwen3-MoE recipes. Point checkpoint.pretrained_checkpoint at a local HF folder (or a converted
 checkpoint): the architecture is then read from it."""
 
+from megabridge.models.config import ModelConfig
 from megabridge.recipes import as_lora, finetune, tiny_pretrain
-from megabridge.training.config import ModelConfig
 
 
 def _qwen3_moe(layers, hidden, ffn, moe_ffn, heads, groups, head_dim, vocab, experts, topk):

@@ -19,10 +19,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from megabridge import runtime
 from megabridge.conversion import hf_io, registry, transfer
 from megabridge.conversion.family import FamilyBridge
-from megabridge.errors import UserError
+from megabridge.errors import ConfigError, UserError
 from megabridge.models.config import ModelConfig, copy_architecture, model_config_from_dict
+from megabridge.models.provider import build_model
 
 log = logging.getLogger(__name__)
 
@@ -113,15 +115,21 @@ class AutoBridge:
         """Copy this model's architecture into ``cfg``, keeping its parallel and runtime fields."""
         copy_architecture(self.model_config, cfg)
 
-    def to_megatron_model(self, provider: ModelConfig | None = None, load_weights: bool = True):
-        """Build this rank's model chunks (initialising torch.distributed if needed)."""
-        from megabridge.models.provider import build_model
+    def to_megatron_model(
+        self, provider: ModelConfig | None = None, load_weights: bool = True, seed: int = 1234
+    ):
+        """Build this rank's model chunks (initialising torch.distributed if needed).
 
+        ``seed`` seeds megatron-core's RNG tracker (dropout in tensor-parallel regions)
+        when no one has yet. The caller's torch RNG states are left as they were, and
+        an existing parallel state of another layout is an error, never replaced.
+        """
         cfg = provider or self.to_megatron_provider()
-        ensure_parallel_state(cfg)
-        model = build_model(cfg)
-        if load_weights:
-            self.load_weights(model, cfg)
+        with _callers_rng_kept():
+            ensure_parallel_state(cfg, seed)
+            model = build_model(cfg)
+            if load_weights:
+                self.load_weights(model, cfg)
         return model
 
     def load_weights(self, model, cfg: ModelConfig | None = None) -> None:
@@ -283,18 +291,42 @@ def _chunk_config(chunks) -> ModelConfig:
     return cfg
 
 
-def ensure_parallel_state(cfg: ModelConfig) -> None:
-    from megatron.core import parallel_state as ps
+def ensure_parallel_state(cfg: ModelConfig, seed: int = 1234) -> None:
+    """Set up torch.distributed and Megatron's parallel state for ``cfg``'s layout, if missing.
 
-    from megabridge import runtime
+    An existing parallel state must have that layout: rebuilding it would pull the
+    process groups from under whatever the caller built with them.
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core import tensor_parallel
 
     runtime.init_distributed()
-    sizes = (
-        ps.get_tensor_model_parallel_world_size() if ps.model_parallel_is_initialized() else None,
-        ps.get_pipeline_model_parallel_world_size() if ps.model_parallel_is_initialized() else None,
-        ps.get_expert_model_parallel_world_size() if ps.model_parallel_is_initialized() else None,
-    )
     wanted = tuple(getattr(cfg, f) for f in _PARALLEL_FIELDS)
-    if sizes != wanted:
+    if ps.model_parallel_is_initialized():
+        existing = (
+            ps.get_tensor_model_parallel_world_size(),
+            ps.get_pipeline_model_parallel_world_size(),
+            ps.get_expert_model_parallel_world_size(),
+        )
+        if existing != wanted:
+            raise ConfigError(
+                f"Megatron's parallel state is already set up for {_layout(existing)}; this "
+                f"model asks for {_layout(wanted)}: build it with that layout or in a fresh process"
+            )
+    else:
         runtime.init_model_parallel(*wanted)
-        runtime.seed_everything(1234)
+    if not tensor_parallel.get_cuda_rng_tracker().get_states():
+        # megatron-core seeds the tracker through the default CUDA generator (on the CPU
+        # backend: the CPU one), which is the caller's.
+        with _callers_rng_kept():
+            tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def _layout(sizes: tuple[int, int, int]) -> str:
+    return "TP={}, PP={}, EP={}".format(*sizes)
+
+
+def _callers_rng_kept():
+    """Restore torch's CPU (and this GPU's) RNG state on exit."""
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    return torch.random.fork_rng(devices=devices)

@@ -141,13 +141,6 @@ def resolve(path: str | Path) -> Path:
     raise CheckpointError(f"no complete checkpoint in {root}")
 
 
-def latest(root: str | Path) -> Path | None:
-    try:
-        return resolve(root)
-    except CheckpointError:
-        return None
-
-
 def has_checkpoints(root: str | Path) -> bool:
     """Whether ``root`` holds any ``iter_*`` folder, complete or not."""
     return Path(root).is_dir() and any(p.is_dir() for p in Path(root).glob("iter_*"))

@@ -74,7 +74,6 @@ class DatasetConfig:
     path: str | None = option(None, "sft: JSONL file or folder with train/validation JSONL")
     packed: bool = option(True, "sft: pack examples into full sequences")
     valid_fraction: float = option(0.05, "sft: fraction held out for eval when no valid file")
-    num_workers: int = option(0, "data-loader worker processes")
 
 
 @dataclass
@@ -142,18 +141,6 @@ class ConfigContainer:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> ConfigContainer:
-        cfg = cls()
-        for section, values in data.items():
-            if not isinstance(values, dict):
-                setattr(cfg, section, values)
-                continue
-            target = getattr(cfg, section)
-            for key, value in values.items():
-                setattr(target, key, value)
-        return cfg
 
 
 # ---------------------------------------------------------------- overrides

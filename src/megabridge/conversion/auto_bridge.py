@@ -20,11 +20,12 @@ import torch
 import torch.distributed as dist
 
 from megabridge import runtime
-from megabridge.conversion import hf_io, registry, transfer
+from megabridge.conversion import hf_io, registry, streaming, transfer
 from megabridge.conversion.family import FamilyBridge
 from megabridge.errors import ConfigError, UserError
 from megabridge.models.config import ModelConfig, copy_architecture, model_config_from_dict
 from megabridge.models.provider import build_model
+from megabridge.training import checkpointing
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +71,6 @@ class AutoBridge:
     @classmethod
     def from_megatron_checkpoint(cls, path: str | Path) -> AutoBridge:
         """A bridge for a megabridge Megatron checkpoint (its megabridge.json says which model)."""
-        from megabridge.training import checkpointing
-
         ckpt = checkpointing.resolve(path)
         meta = checkpointing.read_metadata(ckpt)
         model_config = model_config_from_dict(meta["model_config"])
@@ -138,7 +137,6 @@ class AutoBridge:
         if self.source is not None:
             transfer.load_hf_weights(model, self.family, self.source, cfg)
             return
-        from megabridge.training import checkpointing
 
         checkpointing.load(self.checkpoint_dir, model, model_only=True)
 
@@ -164,8 +162,6 @@ class AutoBridge:
         at a time, with no model in memory; under a launcher every rank saves its
         shard of a built model. ``provider`` sets the dtype (default: this model's).
         """
-        from megabridge.training import checkpointing
-
         if self.source is None:
             raise UserError("this bridge has no HF folder to convert")
         cfg = provider or self.to_megatron_provider()
@@ -183,13 +179,11 @@ class AutoBridge:
         return save(None, write=functools.partial(plan.write, progress=progress))
 
     def _streaming_plan(self, cfg: ModelConfig):
-        from megabridge.conversion import streaming
-
         ensure_parallel_state(cfg)
         if dist.get_world_size() > 1:
             return None
         try:
-            return streaming.plan(self, cfg)
+            return streaming.plan(self, cfg, *build_model(cfg, meta=True))
         except streaming.NotStreamable as e:
             log.info("building the model in memory to convert it (%s)", e)
             return None

@@ -24,6 +24,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from megabridge.errors import ConfigError
+
 ARCHITECTURE, RUNTIME, LAYOUT = "architecture", "runtime", "layout"
 
 
@@ -237,3 +239,57 @@ def model_config_from_dict(data: dict) -> ModelConfig:
     """A ModelConfig from a saved dict (a checkpoint's; fields it does not know are dropped)."""
     names = {f.name for f in dataclasses.fields(ModelConfig)}
     return ModelConfig(**{k: v for k, v in data.items() if k in names})
+
+
+def validate_model_config(cfg: ModelConfig) -> None:
+    heads, groups = cfg.num_attention_heads, cfg.num_query_groups or cfg.num_attention_heads
+    tp, pp = cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size
+    problems = []
+    if heads % groups:
+        problems.append(
+            f"num_attention_heads={heads} is not a multiple of num_query_groups={groups}"
+        )
+    if groups % tp:
+        problems.append(
+            f"num_query_groups={groups} is not divisible by tensor_model_parallel_size={tp}"
+        )
+    if cfg.ffn_hidden_size % tp:
+        problems.append(f"ffn_hidden_size={cfg.ffn_hidden_size} is not divisible by TP={tp}")
+    if cfg.num_layers % pp:
+        problems.append(
+            f"num_layers={cfg.num_layers} is not divisible by pipeline_model_parallel_size={pp}"
+        )
+    if cfg.qk_layernorm and cfg.qk_norm_across_heads:
+        problems.append("qk_layernorm (per head) and qk_norm_across_heads exclude each other")
+    if cfg.sliding_window is not None and cfg.sliding_window < 1:
+        problems.append(f"sliding_window={cfg.sliding_window} must be at least 1")
+    if cfg.sequence_parallel and tp == 1:
+        problems.append("sequence_parallel needs tensor_model_parallel_size > 1")
+    if cfg.num_moe_experts and cfg.num_moe_experts % cfg.expert_model_parallel_size:
+        problems.append(
+            f"num_moe_experts={cfg.num_moe_experts} is not divisible by "
+            f"expert_model_parallel_size={cfg.expert_model_parallel_size}"
+        )
+    if cfg.moe_layer_freq is not None and len(cfg.moe_layer_freq) != cfg.num_layers:
+        problems.append(
+            f"moe_layer_freq has {len(cfg.moe_layer_freq)} entries for num_layers={cfg.num_layers}"
+        )
+    problems += _variant_problems(cfg)
+    if problems:
+        raise ConfigError("model: " + "; ".join(problems))
+
+
+def _variant_problems(cfg: ModelConfig) -> list[str]:
+    problems = []
+    for name in ("softmax_scale", "attn_logit_softcap", "final_logit_softcap", "sliding_window"):
+        value = getattr(cfg, name)
+        if value is not None and value <= 0:
+            problems.append(f"{name}={value} must be positive")
+    bad = [i for i in cfg.sliding_window_layers or [] if not 0 <= i < cfg.num_layers]
+    if bad:
+        problems.append(
+            f"sliding_window_layers {bad} are not layers of a {cfg.num_layers}-layer model"
+        )
+    if cfg.local_rotary_base is not None and cfg.sliding_window is None:
+        problems.append("local_rotary_base needs sliding_window (it is the window layers' theta)")
+    return problems

@@ -40,8 +40,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megabridge.errors import CheckpointError
+from megabridge.conversion.hf_io import SIDECAR_FILES
+from megabridge.errors import CheckpointError, UserError
 from megabridge.models.config import architecture
+from megabridge.peft import lora
 
 log = logging.getLogger(__name__)
 
@@ -210,8 +212,6 @@ def _sharded_state_dict(model_chunks, optimizer=None, scheduler=None, extra=None
     (model,) = [unwrap_model(m) for m in model_chunks]
     sd = {"model": model.sharded_state_dict()}
     if _peft_of(model) is not None:  # the adapters only: the frozen base is the pretrained model's
-        from megabridge.peft import lora
-
         sd["model"] = lora.adapter_state(model, sd["model"])
     if optimizer is not None:
         meta = {"distrib_optim_sharding_type": "fully_reshardable"}
@@ -475,8 +475,6 @@ def load(ckpt_dir: Path, model_chunks, optimizer=None, scheduler=None, model_onl
     (model,) = [unwrap_model(m) for m in model_chunks]
     peft = _peft_of(model)
     if peft is not None or "peft" in meta:
-        from megabridge.peft import lora
-
         lora.check_checkpoint(meta.get("peft"), peft, ckpt_dir, resuming=not model_only)
     if model_only:
         sd = _sharded_state_dict(model_chunks)
@@ -533,9 +531,6 @@ def save_model(
     saving ``model_chunks`` (e.g. streamed from an HF folder, with no model built).
     """
     from megatron.core import dist_checkpointing
-
-    from megabridge.conversion.hf_io import SIDECAR_FILES
-    from megabridge.errors import UserError
 
     out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp")

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from megabridge.errors import ConfigError
-from megabridge.models.config import ModelConfig, option
+from megabridge.models.config import ModelConfig, option, validate_model_config
+from megabridge.peft.lora import config_problems
 
 
 @dataclass
@@ -264,8 +265,6 @@ def describe(cfg: ConfigContainer) -> str:
 
 def validate(cfg: ConfigContainer, world_size: int) -> None:
     """Raise ConfigError naming every inconsistency between sections."""
-    from megabridge.models.provider import validate_model_config
-
     validate_model_config(cfg.model)
     m, t = cfg.model, cfg.train
     model_parallel = m.tensor_model_parallel_size * m.pipeline_model_parallel_size
@@ -295,8 +294,6 @@ def validate(cfg: ConfigContainer, world_size: int) -> None:
     if t.train_iters < 0:
         problems.append("train.train_iters must be >= 0")
     if cfg.peft.method != "none":
-        from megabridge.peft.lora import config_problems
-
         problems += config_problems(cfg)
     if cfg.logger.log_interval < 1:
         problems.append("logger.log_interval must be >= 1")

@@ -5,12 +5,13 @@ resume check and the pretrained-override rule are derived from the roles.
 """
 
 import dataclasses
+import json
 import types
 import typing
 
 import pytest
 
-from megabridge.errors import ConfigError
+from megabridge.errors import CheckpointError, ConfigError
 from megabridge.models.config import (
     ARCHITECTURE,
     LAYOUT,
@@ -22,6 +23,7 @@ from megabridge.models.config import (
 )
 from megabridge.models.provider import build_model
 from megabridge.models.specs import resolve_impl
+from megabridge.training import checkpointing
 
 pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("single_process_megatron")]
 
@@ -125,6 +127,20 @@ def test_an_architecture_field_can_change_the_parameter_set(name):
 def test_a_resume_check_sees_the_fields_that_were_missing():
     for name in ("norm_placement", "qk_norm_across_heads", "moe_router_enable_expert_bias"):
         assert architecture(_changed(name)) != architecture(_base()), name
+
+
+@pytest.mark.parametrize(
+    "name", ["norm_placement", "qk_norm_across_heads", "moe_router_enable_expert_bias"]
+)
+def test_a_resume_into_another_model_stops_at_the_architecture_check(name, tmp_path):
+    saved = _base()
+    (tmp_path / checkpointing.METADATA).write_text(json.dumps({"model": architecture(saved)}))
+    assert checkpointing.check_architecture(tmp_path, _base())  # same model, other run: fine
+    with pytest.raises(CheckpointError, match=f"made for another model \\({name}: checkpoint"):
+        checkpointing.check_architecture(tmp_path, _changed(name))
+    relaid = _base()
+    relaid.tensor_model_parallel_size, relaid.hidden_dropout = 2, 0.1
+    assert checkpointing.check_architecture(tmp_path, relaid)  # layout and runtime may change
 
 
 def test_a_pretrained_model_sets_the_architecture_but_not_the_run():

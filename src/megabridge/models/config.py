@@ -7,7 +7,7 @@ depend on the role are derived from it here, never kept as lists elsewhere:
 * ``architecture``: what the model is and computes (sizes, norms, RoPE, routing).
   A pretrained checkpoint sets these fields (``copy_architecture``) and a resume
   must match them (``architecture``, recorded in every checkpoint). Every field
-  that changes the parameter set is one (tests/unit_tests/models/test_config.py).
+  that changes the parameter set is one (tests/unit_tests/models/test_model_config_roles.py).
 * ``runtime``: how this run computes it (dtype, kernels, recomputation,
   dropout): the recipe or the command line decides, a checkpoint never does.
 * ``layout``: how it is split over processes (TP / PP / EP / SP). Checkpoints
@@ -15,6 +15,7 @@ depend on the role are derived from it here, never kept as lists elsewhere:
 
 An architecture field marked ``torch_only`` is built only by megabridge's torch
 layer spec (models/specs.py says so when another spec is asked for).
+``validate_model_config`` checks a config on its own, before anything is built.
 """
 
 from __future__ import annotations

@@ -77,16 +77,16 @@ class ModelConfig:
     add_bias_linear: bool = architecture_field(False, "biases on all linear layers")
     add_qkv_bias: bool = architecture_field(False, "biases on the QKV projection only (Qwen2)")
     qk_layernorm: bool = architecture_field(False, "per-head RMSNorm on queries and keys (Qwen3)")
-    qk_norm_across_heads: bool = architecture_field(
-        False,
-        "RMSNorm on the whole query and key projections, all heads at once (OLMo 2); "
-        "its weight spans the heads and is split over TP ranks with them",
-        torch_only=True,
-    )
     norm_placement: Literal["pre", "post", "pre_post"] = architecture_field(
         "pre",
         "the attention and MLP norms: 'pre' on the sublayer input (Llama), 'post' on its output "
         "before the residual add (OLMo 2), 'pre_post' both (Gemma 2/3)",
+        torch_only=True,
+    )
+    qk_norm_across_heads: bool = architecture_field(
+        False,
+        "RMSNorm on the whole query and key projections, all heads at once (OLMo 2); "
+        "its weight spans the heads and is split over TP ranks with them",
         torch_only=True,
     )
     position_embedding_type: Literal["rope", "learned_absolute", "none"] = architecture_field(
@@ -107,17 +107,17 @@ class ModelConfig:
     softmax_scale: float | None = architecture_field(
         None, "attention score scale; None: 1/sqrt(kv_channels)"
     )
-    attn_logit_softcap: float | None = architecture_field(
-        None, "soft-cap attention scores to cap * tanh(score / cap)", torch_only=True
-    )
-    final_logit_softcap: float | None = architecture_field(
-        None, "soft-cap output logits to cap * tanh(logit / cap)"
-    )
     sliding_window: int | None = architecture_field(
         None,
         "sliding-window attention: a token sees itself and the sliding_window - 1 tokens before "
         "it (HF's sliding_window); None: full causal attention",
         torch_only=True,
+    )
+    attn_logit_softcap: float | None = architecture_field(
+        None, "soft-cap attention scores to cap * tanh(score / cap)", torch_only=True
+    )
+    final_logit_softcap: float | None = architecture_field(
+        None, "soft-cap output logits to cap * tanh(logit / cap)"
     )
     sliding_window_layers: list[int] | None = architecture_field(
         None, "0-based layers that use sliding_window; None: every layer"

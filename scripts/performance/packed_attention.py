@@ -34,8 +34,8 @@ def main() -> None:
 
     from megabridge import runtime
     from megabridge.models import torch_layers
+    from megabridge.models.config import ModelConfig
     from megabridge.models.provider import transformer_config
-    from megabridge.training.config import ModelConfig
 
     runtime.init_distributed()
     runtime.init_model_parallel(1, 1)

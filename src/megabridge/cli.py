@@ -16,12 +16,17 @@ exits with code 2.
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
 import warnings
 
+from megabridge import runtime
 from megabridge.errors import UserError
+from megabridge.recipes import DEFAULT_RECIPE, all_recipes, describe_recipe, get_recipe
+from megabridge.training.config import apply_overrides, describe
+from megabridge.training.data.preprocess import add_command as add_data_command
 
 # Megatron-Core announces at import every optional kernel it did not find. Without
 # TE/Apex those are expected, and megabridge picks its own layer spec instead.
@@ -65,6 +70,10 @@ def setup_logging() -> None:
 # ----------------------------------------------------------------------- train
 
 
+# The training loop is imported when a run starts: it loads megatron-core, which
+# `megabridge --help`, `recipes` and `--help-config` need not wait for.
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from megabridge.training import loop
 
@@ -80,17 +89,12 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def _run_recipe(args: argparse.Namespace, run) -> int:
-    from megabridge.recipes import get_recipe
-    from megabridge.training.config import apply_overrides, describe
-
     cfg = get_recipe(args.recipe)
     apply_overrides(cfg, args.overrides)
     if args.help_config:
         print(f"config keys of {args.recipe} (override with section.field=value):")
         print(describe(cfg))
         return 0
-    from megabridge import runtime
-
     try:
         run(cfg)
     finally:
@@ -99,8 +103,6 @@ def _run_recipe(args: argparse.Namespace, run) -> int:
 
 
 def cmd_recipes(args: argparse.Namespace) -> int:
-    from megabridge.recipes import all_recipes, describe_recipe
-
     for name in all_recipes():
         print(f"{name:40s} {describe_recipe(name)}")
     return 0
@@ -110,8 +112,6 @@ def cmd_recipes(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from megabridge.recipes import DEFAULT_RECIPE
-
     parser = argparse.ArgumentParser(
         prog="megabridge",
         description="Hugging Face <-> Megatron-Core: convert, verify and train.",
@@ -170,25 +170,126 @@ def _recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", help="section.field=value overrides")
 
 
+def _command(module: str, name: str):
+    """The handler ``module.name``, imported when its command runs: the conversion and
+    export modules load megatron-core, which ``megabridge --help`` need not wait for."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return getattr(importlib.import_module(module), name)(args)
+        finally:
+            runtime.shutdown()
+
+    return run
+
+
+def _layout_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (default 1)")
+    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (default 1)")
+    p.add_argument("--ep", type=int, default=1, help="expert-parallel size (default 1)")
+
+
 def _register_conversion(sub) -> None:
-    from megabridge.conversion import commands
+    p = sub.add_parser("convert", help="convert HF <-> Megatron checkpoints")
+    conv = p.add_subparsers(dest="direction", required=True, metavar="DIRECTION")
 
-    commands.register(sub)
+    c = conv.add_parser(
+        "hf-to-megatron",
+        help="HF folder -> Megatron distributed checkpoint",
+        description="Write a Megatron-Core distributed checkpoint that training loads at any "
+        "TP/PP (checkpoint.pretrained_checkpoint=DIR). In one process the tensors stream from the "
+        "HF files into the checkpoint, one at a time, without building the model (memory stays "
+        "far below the model's size); under torchrun each rank saves its shard of the model "
+        "built at --tp/--pp/--ep.",
+    )
+    c.add_argument("--hf-path", required=True, help="HF model folder (config.json + safetensors)")
+    c.add_argument("--megatron-path", required=True, help="output checkpoint folder")
+    c.add_argument("--dtype", help="float32 or bfloat16 (default: the source's dtype)")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    _layout_args(c)
+    c.set_defaults(func=_command("megabridge.conversion.commands", "cmd_hf_to_megatron"))
 
+    c = conv.add_parser(
+        "megatron-to-hf",
+        help="Megatron checkpoint -> HF folder",
+        description="Write an HF folder that transformers loads. Checkpoints converted from HF "
+        "carry their config and tokenizer; otherwise pass --hf-reference.",
+    )
+    c.add_argument(
+        "--megatron-path", required=True, help="checkpoint folder (or a training save folder)"
+    )
+    c.add_argument("--hf-path", required=True, help="output HF folder")
+    c.add_argument(
+        "--hf-reference", help="HF folder whose config.json, layout and tokenizer to use"
+    )
+    c.add_argument("--dtype", help="float32 or bfloat16 (default: the source's dtype)")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    _layout_args(c)
+    c.set_defaults(func=_command("megabridge.conversion.commands", "cmd_megatron_to_hf"))
 
-def _register_data(sub) -> None:
-    from megabridge.training.data.preprocess import add_command
+    p = sub.add_parser(
+        "verify",
+        help="compare Megatron logits with transformers'",
+        description="Run transformers' model and the Megatron model (converted from --hf-path, or "
+        "loaded from --megatron-path) on the same tokens. Exit 0 when they agree, 1 when not.",
+    )
+    p.add_argument("--hf-path", required=True, help="HF model folder (the reference)")
+    p.add_argument(
+        "--megatron-path", help="Megatron checkpoint to check (default: convert --hf-path)"
+    )
+    _layout_args(p)
+    p.add_argument("--dtype", default="float32", help="float32 (default) or bfloat16")
+    p.add_argument("--batch", type=int, default=2, help="sequences (default 2)")
+    p.add_argument("--seq-len", type=int, default=32, help="tokens per sequence (default 32)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random tokens")
+    p.add_argument(
+        "--atol", type=float, help="max |logit diff| allowed (default 1e-3 fp32, 0.25 bf16)"
+    )
+    p.add_argument(
+        "--min-top1", type=float, help="min top-1 agreement (default 0.99 fp32, 0.9 bf16)"
+    )
+    p.add_argument("--json", action="store_true", help="print the result as JSON on the last line")
+    p.set_defaults(func=_command("megabridge.conversion.commands", "cmd_verify"))
 
-    add_command(sub)
+    p = sub.add_parser("models", help="list the supported HF model families")
+    p.add_argument("--markdown", action="store_true", help="as a Markdown table (README)")
+    p.set_defaults(func=_command("megabridge.conversion.commands", "cmd_models"))
 
 
 def _register_export(sub) -> None:
-    from megabridge.peft import export
+    p = sub.add_parser(
+        "export",
+        help="LoRA/DoRA checkpoint -> merged HF model and/or peft adapter",
+        description="Export a LoRA/DoRA training checkpoint.\n"
+        "  --hf-path       the adapters merged into their base: a full HF model folder\n"
+        "  --adapter-path  the adapters alone, as peft loads them:\n"
+        "                  PeftModel.from_pretrained(base_model, PATH)\n"
+        "Full-model checkpoints go through `megabridge convert megatron-to-hf`.",
+        epilog="examples:\n  megabridge export --megatron-path runs/x/checkpoints --hf-path merged\n"
+        "  megabridge export --megatron-path runs/x/checkpoints --adapter-path adapter\n"
+        "  torchrun --nproc_per_node=2 -m megabridge export --megatron-path CKPT --hf-path OUT --tp 2",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--megatron-path", required=True, help="PEFT checkpoint folder (or a training save folder)"
+    )
+    p.add_argument("--hf-path", help="output: HF model folder with the adapters merged in")
+    p.add_argument("--adapter-path", help="output: peft adapter folder (adapter_config.json + "
+                   "adapter_model.safetensors)")  # fmt: skip
+    p.add_argument(
+        "--base", help="the pretrained model the adapters were trained on (default: as recorded)"
+    )
+    p.add_argument(
+        "--hf-reference", help="HF folder whose config.json and tokenizer the merged model gets"
+    )
+    p.add_argument("--dtype", help="float32 or bfloat16 (default: the base's dtypes; adapter fp32)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output folders")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (default 1)")
+    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (default 1)")
+    p.set_defaults(func=_command("megabridge.peft.export", "cmd_export"))
 
-    export.register(sub)
 
-
-_EXTRA_COMMANDS = [_register_conversion, _register_data, _register_export]
+_EXTRA_COMMANDS = [_register_conversion, add_data_command, _register_export]
 
 
 def main(argv: list[str] | None = None) -> int:

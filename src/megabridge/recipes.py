@@ -13,15 +13,16 @@ import inspect
 import pkgutil
 from collections.abc import Callable
 
+import megabridge.models as models_pkg
 from megabridge.errors import ConfigError
-from megabridge.training.config import ConfigContainer, ModelConfig
+from megabridge.models.config import ModelConfig
+from megabridge.peft.lora import default_targets
+from megabridge.training.config import ConfigContainer
 
 DEFAULT_RECIPE = "vanilla_gpt_pretrain_config"
 
 
 def all_recipes() -> dict[str, Callable[[], ConfigContainer]]:
-    import megabridge.models as models_pkg
-
     found: dict[str, Callable[[], ConfigContainer]] = {}
     for info in pkgutil.iter_modules(models_pkg.__path__):
         if not info.ispkg:
@@ -104,8 +105,6 @@ def finetune(name: str, model, pretrained: str | None = None) -> ConfigContainer
 def as_lora(cfg: ConfigContainer, name: str | None = None) -> ConfigContainer:
     """A finetune config turned into LoRA of the same model and layout: a recipe's LoRA
     variant is its SFT recipe with the adapters and their learning rate."""
-    from megabridge.peft.lora import default_targets
-
     cfg.name = name or cfg.name
     cfg.peft.method = "lora"
     cfg.peft.dim, cfg.peft.alpha = 16, 32.0

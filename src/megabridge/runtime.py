@@ -124,10 +124,6 @@ def _host_copy(tensor, as_numpy: bool = False, record_stream: bool = False):
 _cpu_backend_enabled = False
 
 
-def cpu_backend_enabled() -> bool:
-    return _cpu_backend_enabled
-
-
 class _DropRngContextWarning(logging.Filter):
     # On the CPU the "CUDA" generator the tracker forks *is* the CPU generator,
     # so megatron's "CPU RNG state changed within GPU RNG context" warning fires

@@ -11,7 +11,6 @@ for name, tensor in bridge.export_hf_weights(model): ...   # in memory, e.g. RL 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import functools
 import logging
 from collections.abc import Iterator
@@ -20,10 +19,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megabridge.conversion import hf_io, registry, transfer
+from megabridge import runtime
+from megabridge.conversion import hf_io, registry, streaming, transfer
 from megabridge.conversion.family import FamilyBridge
-from megabridge.errors import UserError
-from megabridge.training.config import ModelConfig
+from megabridge.errors import ConfigError, UserError
+from megabridge.models.config import ModelConfig, copy_architecture, model_config_from_dict
+from megabridge.models.provider import build_model
+from megabridge.training import checkpointing
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +71,9 @@ class AutoBridge:
     @classmethod
     def from_megatron_checkpoint(cls, path: str | Path) -> AutoBridge:
         """A bridge for a megabridge Megatron checkpoint (its megabridge.json says which model)."""
-        from megabridge.training import checkpointing
-
         ckpt = checkpointing.resolve(path)
         meta = checkpointing.read_metadata(ckpt)
-        model_config = checkpointing.model_config_from_dict(meta["model_config"])
+        model_config = model_config_from_dict(meta["model_config"])
         hf = meta.get("hf") or {}
         if hf.get("config"):
             family = registry.bridge_for(_architecture(hf["config"], ckpt))
@@ -114,15 +114,21 @@ class AutoBridge:
         """Copy this model's architecture into ``cfg``, keeping its parallel and runtime fields."""
         copy_architecture(self.model_config, cfg)
 
-    def to_megatron_model(self, provider: ModelConfig | None = None, load_weights: bool = True):
-        """Build this rank's model chunks (initialising torch.distributed if needed)."""
-        from megabridge.models.provider import build_model
+    def to_megatron_model(
+        self, provider: ModelConfig | None = None, load_weights: bool = True, seed: int = 1234
+    ):
+        """Build this rank's model chunks (initialising torch.distributed if needed).
 
+        ``seed`` seeds megatron-core's RNG tracker (dropout in tensor-parallel regions)
+        when no one has yet. The caller's torch RNG states are left as they were, and
+        an existing parallel state of another layout is an error, never replaced.
+        """
         cfg = provider or self.to_megatron_provider()
-        ensure_parallel_state(cfg)
-        model = build_model(cfg)
-        if load_weights:
-            self.load_weights(model, cfg)
+        with _callers_rng_kept():
+            ensure_parallel_state(cfg, seed)
+            model = build_model(cfg)
+            if load_weights:
+                self.load_weights(model, cfg)
         return model
 
     def load_weights(self, model, cfg: ModelConfig | None = None) -> None:
@@ -131,7 +137,6 @@ class AutoBridge:
         if self.source is not None:
             transfer.load_hf_weights(model, self.family, self.source, cfg)
             return
-        from megabridge.training import checkpointing
 
         checkpointing.load(self.checkpoint_dir, model, model_only=True)
 
@@ -157,8 +162,6 @@ class AutoBridge:
         at a time, with no model in memory; under a launcher every rank saves its
         shard of a built model. ``provider`` sets the dtype (default: this model's).
         """
-        from megabridge.training import checkpointing
-
         if self.source is None:
             raise UserError("this bridge has no HF folder to convert")
         cfg = provider or self.to_megatron_provider()
@@ -176,13 +179,11 @@ class AutoBridge:
         return save(None, write=functools.partial(plan.write, progress=progress))
 
     def _streaming_plan(self, cfg: ModelConfig):
-        from megabridge.conversion import streaming
-
         ensure_parallel_state(cfg)
         if dist.get_world_size() > 1:
             return None
         try:
-            return streaming.plan(self, cfg)
+            return streaming.plan(self, cfg, *build_model(cfg, meta=True))
         except streaming.NotStreamable as e:
             log.info("building the model in memory to convert it (%s)", e)
             return None
@@ -247,20 +248,6 @@ class AutoBridge:
 
 # ------------------------------------------------------------ helpers
 
-# ModelConfig fields that are about running, not about the model: a pretrained
-# checkpoint's architecture never overrides them.
-RUNTIME_FIELDS = frozenset({
-    "tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size",
-    "sequence_parallel", "bf16", "transformer_impl", "recompute_granularity", "recompute_method",
-    "recompute_num_layers", "hidden_dropout", "attention_dropout", "moe_router_dtype",
-})  # fmt: skip
-
-
-def copy_architecture(source: ModelConfig, target: ModelConfig) -> None:
-    for f in dataclasses.fields(ModelConfig):
-        if f.name not in RUNTIME_FIELDS:
-            setattr(target, f.name, copy.deepcopy(getattr(source, f.name)))
-
 
 def _layout_of(source: hf_io.HFCheckpoint) -> dict:
     return {
@@ -298,18 +285,42 @@ def _chunk_config(chunks) -> ModelConfig:
     return cfg
 
 
-def ensure_parallel_state(cfg: ModelConfig) -> None:
-    from megatron.core import parallel_state as ps
+def ensure_parallel_state(cfg: ModelConfig, seed: int = 1234) -> None:
+    """Set up torch.distributed and Megatron's parallel state for ``cfg``'s layout, if missing.
 
-    from megabridge import runtime
+    An existing parallel state must have that layout: rebuilding it would pull the
+    process groups from under whatever the caller built with them.
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core import tensor_parallel
 
     runtime.init_distributed()
-    sizes = (
-        ps.get_tensor_model_parallel_world_size() if ps.model_parallel_is_initialized() else None,
-        ps.get_pipeline_model_parallel_world_size() if ps.model_parallel_is_initialized() else None,
-        ps.get_expert_model_parallel_world_size() if ps.model_parallel_is_initialized() else None,
-    )
     wanted = tuple(getattr(cfg, f) for f in _PARALLEL_FIELDS)
-    if sizes != wanted:
+    if ps.model_parallel_is_initialized():
+        existing = (
+            ps.get_tensor_model_parallel_world_size(),
+            ps.get_pipeline_model_parallel_world_size(),
+            ps.get_expert_model_parallel_world_size(),
+        )
+        if existing != wanted:
+            raise ConfigError(
+                f"Megatron's parallel state is already set up for {_layout(existing)}; this "
+                f"model asks for {_layout(wanted)}: build it with that layout or in a fresh process"
+            )
+    else:
         runtime.init_model_parallel(*wanted)
-        runtime.seed_everything(1234)
+    if not tensor_parallel.get_cuda_rng_tracker().get_states():
+        # megatron-core seeds the tracker through the default CUDA generator (on the CPU
+        # backend: the CPU one), which is the caller's.
+        with _callers_rng_kept():
+            tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def _layout(sizes: tuple[int, int, int]) -> str:
+    return "TP={}, PP={}, EP={}".format(*sizes)
+
+
+def _callers_rng_kept():
+    """Restore torch's CPU (and this GPU's) RNG state on exit."""
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    return torch.random.fork_rng(devices=devices)

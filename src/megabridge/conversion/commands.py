@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 from pathlib import Path
 
 import torch
 
+from megabridge.conversion.auto_bridge import AutoBridge
+from megabridge.conversion.verify import verify
 from megabridge.errors import UserError
 
 log = logging.getLogger("megabridge.convert")
@@ -41,8 +42,6 @@ def _set_layout(provider, args) -> None:
 
 
 def cmd_hf_to_megatron(args) -> int:
-    from megabridge.conversion.auto_bridge import AutoBridge
-
     out = Path(args.megatron_path)
     _check_output(out, args.overwrite)
     bridge = AutoBridge.from_hf_pretrained(args.hf_path)
@@ -67,8 +66,6 @@ def _source_dtype(bridge) -> torch.dtype:
 
 
 def cmd_megatron_to_hf(args) -> int:
-    from megabridge.conversion.auto_bridge import AutoBridge
-
     out = Path(args.hf_path)
     _check_output(out, args.overwrite)
     bridge = AutoBridge.from_megatron_checkpoint(args.megatron_path)
@@ -83,8 +80,6 @@ def cmd_megatron_to_hf(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from megabridge.conversion.verify import verify
-
     dtype = _dtype(args.dtype) or torch.float32
     result = verify(
         args.hf_path, args.megatron_path, args.tp, args.pp, args.ep, dtype,
@@ -109,8 +104,6 @@ def _is_rank0() -> bool:
 
 
 def cmd_models(args) -> int:
-    from megabridge.conversion.auto_bridge import AutoBridge
-
     families = AutoBridge.list_supported()
     if args.markdown:
         print(markdown_table(families))
@@ -128,88 +121,3 @@ def markdown_table(families: list[dict]) -> str:
         archs = ", ".join(f"`{a}`" for a in f["architectures"])
         lines.append(f"| {f['family']} | {archs} | {', '.join(f['parallelism'])} | {f['notes']} |")
     return "\n".join(lines)
-
-
-def _with_runtime(fn):
-    def run(args: argparse.Namespace) -> int:
-        from megabridge import runtime
-
-        try:
-            return fn(args)
-        finally:
-            runtime.shutdown()
-
-    return run
-
-
-def _layout_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (default 1)")
-    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (default 1)")
-    p.add_argument("--ep", type=int, default=1, help="expert-parallel size (default 1)")
-
-
-def register(sub) -> None:
-    p = sub.add_parser("convert", help="convert HF <-> Megatron checkpoints")
-    conv = p.add_subparsers(dest="direction", required=True, metavar="DIRECTION")
-
-    c = conv.add_parser(
-        "hf-to-megatron",
-        help="HF folder -> Megatron distributed checkpoint",
-        description="Write a Megatron-Core distributed checkpoint that training loads at any "
-        "TP/PP (checkpoint.pretrained_checkpoint=DIR). In one process the tensors stream from the "
-        "HF files into the checkpoint, one at a time, without building the model (memory stays "
-        "far below the model's size); under torchrun each rank saves its shard of the model "
-        "built at --tp/--pp/--ep.",
-    )
-    c.add_argument("--hf-path", required=True, help="HF model folder (config.json + safetensors)")
-    c.add_argument("--megatron-path", required=True, help="output checkpoint folder")
-    c.add_argument("--dtype", help="float32 or bfloat16 (default: the source's dtype)")
-    c.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    _layout_args(c)
-    c.set_defaults(func=_with_runtime(cmd_hf_to_megatron))
-
-    c = conv.add_parser(
-        "megatron-to-hf",
-        help="Megatron checkpoint -> HF folder",
-        description="Write an HF folder that transformers loads. Checkpoints converted from HF "
-        "carry their config and tokenizer; otherwise pass --hf-reference.",
-    )
-    c.add_argument(
-        "--megatron-path", required=True, help="checkpoint folder (or a training save folder)"
-    )
-    c.add_argument("--hf-path", required=True, help="output HF folder")
-    c.add_argument(
-        "--hf-reference", help="HF folder whose config.json, layout and tokenizer to use"
-    )
-    c.add_argument("--dtype", help="float32 or bfloat16 (default: the source's dtype)")
-    c.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    _layout_args(c)
-    c.set_defaults(func=_with_runtime(cmd_megatron_to_hf))
-
-    p = sub.add_parser(
-        "verify",
-        help="compare Megatron logits with transformers'",
-        description="Run transformers' model and the Megatron model (converted from --hf-path, or "
-        "loaded from --megatron-path) on the same tokens. Exit 0 when they agree, 1 when not.",
-    )
-    p.add_argument("--hf-path", required=True, help="HF model folder (the reference)")
-    p.add_argument(
-        "--megatron-path", help="Megatron checkpoint to check (default: convert --hf-path)"
-    )
-    _layout_args(p)
-    p.add_argument("--dtype", default="float32", help="float32 (default) or bfloat16")
-    p.add_argument("--batch", type=int, default=2, help="sequences (default 2)")
-    p.add_argument("--seq-len", type=int, default=32, help="tokens per sequence (default 32)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random tokens")
-    p.add_argument(
-        "--atol", type=float, help="max |logit diff| allowed (default 1e-3 fp32, 0.25 bf16)"
-    )
-    p.add_argument(
-        "--min-top1", type=float, help="min top-1 agreement (default 0.99 fp32, 0.9 bf16)"
-    )
-    p.add_argument("--json", action="store_true", help="print the result as JSON on the last line")
-    p.set_defaults(func=_with_runtime(cmd_verify))
-
-    p = sub.add_parser("models", help="list the supported HF model families")
-    p.add_argument("--markdown", action="store_true", help="as a Markdown table (README)")
-    p.set_defaults(func=cmd_models)

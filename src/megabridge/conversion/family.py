@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 
 from megabridge.conversion.mappings import Mapping
 from megabridge.errors import ConversionError, UserError
-from megabridge.training.config import ModelConfig
+from megabridge.models.config import ModelConfig
 
 # Fields most decoder-only HF configs share.
 COMMON_CONFIG = {

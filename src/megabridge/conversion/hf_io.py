@@ -132,9 +132,6 @@ class HFCheckpoint:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._headers[self.weight_map[name]][name]["shape"])
 
-    def nbytes(self) -> int:
-        return sum((self.path / f).stat().st_size for f in self._headers)
-
     def get(self, name: str) -> torch.Tensor:
         """One tensor, read from disk into fresh memory.
 
@@ -163,17 +160,6 @@ class HFCheckpoint:
 
 
 # ------------------------------------------------------------------ writes
-
-
-def parse_size(text: str | int) -> int:
-    if isinstance(text, int):
-        return text
-    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
-    t = text.strip().upper()
-    for unit, factor in units.items():
-        if t.endswith(unit):
-            return int(float(t[: -len(unit)]) * factor)
-    return int(t)
 
 
 @contextlib.contextmanager

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
+import megabridge.models as models_pkg
 from megabridge.errors import UserError
 
 _BRIDGES: dict[str, type] = {}
@@ -22,8 +23,6 @@ def register_bridge(cls: type) -> type:
 
 
 def _import_families() -> None:
-    import megabridge.models as models_pkg
-
     for info in pkgutil.iter_modules(models_pkg.__path__):
         if info.ispkg:
             try:

@@ -136,14 +136,12 @@ def _writer_threads():
         threading.excepthook = previous_hook
 
 
-def plan(bridge, cfg) -> Plan:
-    """Trace every tensor of the checkpoint to its HF sources (builds a meta model: no memory).
+def plan(bridge, cfg, model) -> Plan:
+    """Trace every tensor of the checkpoint to its HF sources.
 
+    ``model``: the model of ``cfg`` built on the meta device (shapes only, no memory).
     Raises NotStreamable when some tensor is not a plain view of one parameter.
     """
-    from megabridge.models.provider import build_model
-
-    (model,) = build_model(cfg, meta=True)
     sharded = model.sharded_state_dict()
     apply_factories(sharded)
     params = {id(t): (name, t) for _, _, name, t in transfer.local_params([model], cfg)}

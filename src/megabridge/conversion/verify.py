@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.distributed as dist
 
+from megabridge.conversion.auto_bridge import AutoBridge
 from megabridge.errors import UserError
 
 DEFAULT_ATOL = {torch.float32: 1e-3, torch.bfloat16: 0.25}
@@ -122,8 +123,6 @@ def verify(
     min_top1: float | None = None,
 ) -> VerifyResult:
     """Build the Megatron model (from ``hf_path`` or ``megatron_path``) and compare; every rank returns the result."""
-    from megabridge.conversion.auto_bridge import AutoBridge
-
     hf_bridge = AutoBridge.from_hf_pretrained(hf_path)
     bridge = AutoBridge.from_megatron_checkpoint(megatron_path) if megatron_path else hf_bridge
     provider = bridge.to_megatron_provider()

@@ -1,8 +1,8 @@
 """ModelConfig -> Megatron-Core TransformerConfig -> GPTModel on this rank.
 
-Config is data (training/config.py); building happens here, once, for every
+Config is data (models/config.py); building happens here, once, for every
 family. A family that needs a different module says so through ModelConfig
-fields that the layer spec (models/specs.py) reads, never through code here.
+fields that the layer spec reads, never through code here.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from megabridge.errors import ConfigError
-from megabridge.training.config import ModelConfig
+from megabridge.models import hooks, rope, specs, torch_layers
+from megabridge.models.config import ModelConfig, validate_model_config
 
 _ACTIVATIONS = {
     "swiglu": (F.silu, True),
@@ -143,13 +144,9 @@ def _gpu_fusions(cfg: ModelConfig) -> dict:
     SwiGLU and the vocab-parallel cross entropy are compiled by Megatron-Core
     itself (jit_fuser = torch.compile); RoPE by megabridge (torch_layers.fused_rope).
     """
-    from megabridge.models.specs import resolve_impl
-
-    on = torch.cuda.is_available() and resolve_impl(cfg) == "torch"
+    on = torch.cuda.is_available() and specs.resolve_impl(cfg) == "torch"
     if on and cfg.position_embedding_type == "rope":
-        from megabridge.models.torch_layers import install_fused_rope
-
-        install_fused_rope()
+        torch_layers.install_fused_rope()
     return dict(
         bias_activation_fusion=on and cfg.activation == "swiglu",
         apply_rope_fusion=on
@@ -193,58 +190,41 @@ def mla_fields(cfg: ModelConfig) -> dict:
     raise ConfigError(f"multi-latent attention supports rope_type default or yarn, not {kind!r}")
 
 
-def validate_model_config(cfg: ModelConfig) -> None:
-    heads, groups = cfg.num_attention_heads, cfg.num_query_groups or cfg.num_attention_heads
-    tp, pp = cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size
-    problems = []
-    if heads % groups:
-        problems.append(
-            f"num_attention_heads={heads} is not a multiple of num_query_groups={groups}"
-        )
-    if groups % tp:
-        problems.append(
-            f"num_query_groups={groups} is not divisible by tensor_model_parallel_size={tp}"
-        )
-    if cfg.ffn_hidden_size % tp:
-        problems.append(f"ffn_hidden_size={cfg.ffn_hidden_size} is not divisible by TP={tp}")
-    if cfg.num_layers % pp:
-        problems.append(
-            f"num_layers={cfg.num_layers} is not divisible by pipeline_model_parallel_size={pp}"
-        )
-    if cfg.qk_layernorm and cfg.qk_norm_across_heads:
-        problems.append("qk_layernorm (per head) and qk_norm_across_heads exclude each other")
-    if cfg.sliding_window is not None and cfg.sliding_window < 1:
-        problems.append(f"sliding_window={cfg.sliding_window} must be at least 1")
-    if cfg.sequence_parallel and tp == 1:
-        problems.append("sequence_parallel needs tensor_model_parallel_size > 1")
-    if cfg.num_moe_experts and cfg.num_moe_experts % cfg.expert_model_parallel_size:
-        problems.append(
-            f"num_moe_experts={cfg.num_moe_experts} is not divisible by "
-            f"expert_model_parallel_size={cfg.expert_model_parallel_size}"
-        )
-    if cfg.moe_layer_freq is not None and len(cfg.moe_layer_freq) != cfg.num_layers:
-        problems.append(
-            f"moe_layer_freq has {len(cfg.moe_layer_freq)} entries for num_layers={cfg.num_layers}"
-        )
-    problems += _variant_problems(cfg)
-    if problems:
-        raise ConfigError("model: " + "; ".join(problems))
+def _megatron_without_te() -> None:
+    """Work around two megatron-core 0.16 modules that misjudge a missing TE.
+
+    * moe/moe_utils.py imports ``te_general_gemm`` inside ``try: import
+      transformer_engine``, yet the MoE router's gating reads it unconditionally
+      (``if te_general_gemm is not None``): a NameError without TE. Defined as
+      None, the router takes its torch.mm path.
+    * multi_latent_attention.py sets ``HAVE_TE = True`` whenever
+      ``megatron.core.extensions.transformer_engine`` imports, which it does
+      without TE too, exporting MagicMock placeholders for TELinear & co; MLA's
+      constructor then fails on ``isinstance(linear_proj, TELinear)``. Its flag is
+      set to what it means: TE is not there.
+    """
+    from megatron.core.transformer import multi_latent_attention
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+    multi_latent_attention.HAVE_TE = False
 
 
-def _variant_problems(cfg: ModelConfig) -> list[str]:
-    problems = []
-    for name in ("softmax_scale", "attn_logit_softcap", "final_logit_softcap", "sliding_window"):
-        value = getattr(cfg, name)
-        if value is not None and value <= 0:
-            problems.append(f"{name}={value} must be positive")
-    bad = [i for i in cfg.sliding_window_layers or [] if not 0 <= i < cfg.num_layers]
-    if bad:
-        problems.append(
-            f"sliding_window_layers {bad} are not layers of a {cfg.num_layers}-layer model"
-        )
-    if cfg.local_rotary_base is not None and cfg.sliding_window is None:
-        problems.append("local_rotary_base needs sliding_window (it is the window layers' theta)")
-    return problems
+def layer_spec(cfg, tconfig):
+    impl = specs.resolve_impl(cfg)
+    if not specs.have_transformer_engine():
+        _megatron_without_te()
+    if impl == "torch":
+        return torch_layers.block_spec(cfg, tconfig)
+    # Megatron-Core's own block spec: a dense or an MoE layer per moe_layer_freq.
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+
+    return get_gpt_decoder_block_spec(
+        tconfig,
+        use_transformer_engine=impl == "transformer_engine",
+        normalization=cfg.normalization,
+    )
 
 
 def build_model(cfg: ModelConfig, meta: bool = False) -> list[torch.nn.Module]:
@@ -256,14 +236,12 @@ def build_model(cfg: ModelConfig, meta: bool = False) -> list[torch.nn.Module]:
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
-    from megabridge.models import hooks, rope, specs
-
     validate_model_config(cfg)
     tconfig = transformer_config(cfg)
     with _OnMeta() if meta else contextlib.nullcontext():
         model = GPTModel(
             config=tconfig,
-            transformer_layer_spec=specs.layer_spec(cfg, tconfig),
+            transformer_layer_spec=layer_spec(cfg, tconfig),
             vocab_size=padded_vocab_size(cfg),
             max_sequence_length=cfg.seq_length,
             pre_process=parallel_state.is_pipeline_first_stage(),

@@ -11,22 +11,27 @@ also in memory, so conversion mappings are written once.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 
 from megabridge.errors import ConfigError
+from megabridge.models.config import ModelConfig, torch_only_fields
+
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
 
 
 def have_transformer_engine() -> bool:
     return importlib.util.find_spec("transformer_engine") is not None
 
 
-def torch_only_features(cfg) -> list[str]:
-    """The model options that only the ``torch`` spec builds."""
+def torch_only_features(cfg: ModelConfig) -> list[str]:
+    """The model options that only the ``torch`` spec builds (fields marked torch_only)."""
     features = []
-    if cfg.norm_placement != "pre":
-        features.append(f"norm_placement={cfg.norm_placement}")
-    options = ("qk_norm_across_heads", "sliding_window", "attn_logit_softcap", "local_rotary_base")
-    return features + [o for o in options if getattr(cfg, o) not in (None, False)]
+    for name in torch_only_fields():
+        value, default = getattr(cfg, name), _DEFAULTS[name]
+        if value != default:
+            features.append(f"{name}={value}" if isinstance(default, str) else name)
+    return features
 
 
 def resolve_impl(cfg) -> str:
@@ -45,42 +50,3 @@ def resolve_impl(cfg) -> str:
             "use model.transformer_impl=torch"
         )
     return impl
-
-
-def _megatron_without_te() -> None:
-    """Work around two megatron-core 0.16 modules that misjudge a missing TE.
-
-    * moe/moe_utils.py imports ``te_general_gemm`` inside ``try: import
-      transformer_engine``, yet the MoE router's gating reads it unconditionally
-      (``if te_general_gemm is not None``): a NameError without TE. Defined as
-      None, the router takes its torch.mm path.
-    * multi_latent_attention.py sets ``HAVE_TE = True`` whenever
-      ``megatron.core.extensions.transformer_engine`` imports, which it does
-      without TE too, exporting MagicMock placeholders for TELinear & co; MLA's
-      constructor then fails on ``isinstance(linear_proj, TELinear)``. Its flag is
-      set to what it means: TE is not there.
-    """
-    from megatron.core.transformer import multi_latent_attention
-    from megatron.core.transformer.moe import moe_utils
-
-    if not hasattr(moe_utils, "te_general_gemm"):
-        moe_utils.te_general_gemm = None
-    multi_latent_attention.HAVE_TE = False
-
-
-def layer_spec(cfg, tconfig):
-    impl = resolve_impl(cfg)
-    if not have_transformer_engine():
-        _megatron_without_te()
-    if impl == "torch":
-        from megabridge.models import torch_layers
-
-        return torch_layers.block_spec(cfg, tconfig)
-    # Megatron-Core's own block spec: a dense or an MoE layer per moe_layer_freq.
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
-
-    return get_gpt_decoder_block_spec(
-        tconfig,
-        use_transformer_engine=impl == "transformer_engine",
-        normalization=cfg.normalization,
-    )

@@ -26,6 +26,7 @@ from megatron.core.utils import divide
 from torch.utils.checkpoint import checkpoint
 
 from megabridge.errors import ConfigError
+from megabridge.models import rope
 
 # Queries per block in chunked_attention (module-level so that tests can shrink it).
 ATTENTION_CHUNK = 512
@@ -466,8 +467,6 @@ class TransformerLayer(MegatronLayer):
 
     def _own_rotary(self, model_emb: torch.Tensor) -> torch.Tensor:
         """The model's RoPE angles [s, 1, 1, dim] recomputed with this layer's theta."""
-        from megabridge.models import rope
-
         inv = rope.inv_freq(model_emb.shape[-1], self.rotary_base, {}).to(model_emb.device)
         positions = torch.arange(model_emb.shape[0], device=inv.device, dtype=inv.dtype)
         freqs = torch.outer(positions, inv)  # [s, dim / 2]

@@ -27,8 +27,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from megabridge.conversion import hf_io, transfer
+from megabridge.conversion.auto_bridge import AutoBridge, _chunk_config
+from megabridge.conversion.commands import _dtype
 from megabridge.errors import UserError
+from megabridge.models import init as weight_init
+from megabridge.models.config import model_config_from_dict
 from megabridge.peft import lora
+from megabridge.training import checkpointing
 
 log = logging.getLogger("megabridge.export")
 
@@ -89,9 +95,6 @@ def save_adapter(model, bridge, out, settings: dict, dtype=None, overwrite=False
     """Write ``out`` in peft's format (rank 0 writes; every rank must call it). Atomic."""
     from safetensors.torch import save_file
 
-    from megabridge.conversion import hf_io, transfer
-    from megabridge.conversion.auto_bridge import _chunk_config
-
     chunks = lora._unwrapped(model)
     tensors = transfer.export_hf_weights(
         chunks,
@@ -112,16 +115,11 @@ def save_adapter(model, bridge, out, settings: dict, dtype=None, overwrite=False
 
 def _build_base(ckpt: Path, meta: dict, base: str | None, tp: int, pp: int):
     """(bridge, model chunks) with the frozen base weights the adapters were trained on, in fp32."""
-    from megabridge.conversion.auto_bridge import AutoBridge
-    from megabridge.training import checkpointing
-
-    cfg = checkpointing.model_config_from_dict(meta["model_config"])
+    cfg = model_config_from_dict(meta["model_config"])
     cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size = tp, pp
     cfg.expert_model_parallel_size, cfg.sequence_parallel = 1, False
     cfg.bf16 = False  # merge in fp32; the outputs take the base's dtypes (or --dtype)
     if base is None:  # trained on megabridge's seeded initialisation
-        from megabridge.models import init as weight_init
-
         bridge = AutoBridge.from_megatron_checkpoint(ckpt)
         model = bridge.to_megatron_model(cfg, load_weights=False)
         weight_init.initialize(model, cfg, meta["peft"]["seed"])
@@ -150,8 +148,6 @@ def export_checkpoint(
     overwrite: bool = False,
 ) -> None:
     """Export a PEFT training checkpoint: merged into its base (``hf_path``), alone (``adapter_path``)."""
-    from megabridge.training import checkpointing
-
     if hf_path is None and adapter_path is None:
         raise UserError("nothing to export: pass --hf-path (merged model) and/or --adapter-path")
     for out in (hf_path, adapter_path):
@@ -185,45 +181,8 @@ def export_checkpoint(
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from megabridge.conversion.commands import _dtype
-
     export_checkpoint(
         args.megatron_path, args.hf_path, args.adapter_path, args.base, args.hf_reference,
         args.tp, args.pp, _dtype(args.dtype), args.overwrite,
     )  # fmt: skip
     return 0
-
-
-def register(sub) -> None:
-    from megabridge.conversion.commands import _with_runtime
-
-    p = sub.add_parser(
-        "export",
-        help="LoRA/DoRA checkpoint -> merged HF model and/or peft adapter",
-        description="Export a LoRA/DoRA training checkpoint.\n"
-        "  --hf-path       the adapters merged into their base: a full HF model folder\n"
-        "  --adapter-path  the adapters alone, as peft loads them:\n"
-        "                  PeftModel.from_pretrained(base_model, PATH)\n"
-        "Full-model checkpoints go through `megabridge convert megatron-to-hf`.",
-        epilog="examples:\n  megabridge export --megatron-path runs/x/checkpoints --hf-path merged\n"
-        "  megabridge export --megatron-path runs/x/checkpoints --adapter-path adapter\n"
-        "  torchrun --nproc_per_node=2 -m megabridge export --megatron-path CKPT --hf-path OUT --tp 2",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument(
-        "--megatron-path", required=True, help="PEFT checkpoint folder (or a training save folder)"
-    )
-    p.add_argument("--hf-path", help="output: HF model folder with the adapters merged in")
-    p.add_argument("--adapter-path", help="output: peft adapter folder (adapter_config.json + "
-                   "adapter_model.safetensors)")  # fmt: skip
-    p.add_argument(
-        "--base", help="the pretrained model the adapters were trained on (default: as recorded)"
-    )
-    p.add_argument(
-        "--hf-reference", help="HF folder whose config.json and tokenizer the merged model gets"
-    )
-    p.add_argument("--dtype", help="float32 or bfloat16 (default: the base's dtypes; adapter fp32)")
-    p.add_argument("--overwrite", action="store_true", help="replace existing output folders")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (default 1)")
-    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (default 1)")
-    p.set_defaults(func=_with_runtime(cmd_export))

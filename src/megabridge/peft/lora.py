@@ -43,7 +43,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from megabridge.conversion import registry, sharding
 from megabridge.errors import CheckpointError, ConfigError, UserError
+from megabridge.models.specs import resolve_impl
 
 MEGATRON_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
 ADAPTER_PARAMS = ("lora_a", "lora_b", "lora_magnitude")
@@ -79,8 +81,6 @@ def hf_names_by_target(family) -> dict[str, tuple[str, ...]]:
 
 
 def _family_names(family: str, hf_names: list[str]) -> dict[str, tuple[str, ...]]:
-    from megabridge.conversion import registry
-
     try:
         return hf_names_by_target(registry.bridge_for_family(family))
     except UserError:
@@ -125,8 +125,6 @@ def resolve_targets(names: list[str], family: str) -> list[str]:
 
 def config_problems(cfg) -> list[str]:
     """What is wrong with ``cfg.peft`` (for training/config.py's validate)."""
-    from megabridge.models.specs import resolve_impl
-
     p, problems = cfg.peft, []
     if p.dim < 1:
         problems.append(f"peft.dim={p.dim} must be >= 1")
@@ -413,8 +411,6 @@ def _init_a(chunk, seed: int) -> None:
     """A ~ U(+-1/sqrt(in)) (kaiming-uniform, as peft does), drawn whole from (seed, global name)
     and then split: every TP/PP layout starts from the same adapters, as models/init.py does."""
     from megatron.core import parallel_state as ps
-
-    from megabridge.conversion import sharding
 
     rank, size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
     for local_name, param in chunk.named_parameters():

@@ -40,7 +40,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megabridge.errors import CheckpointError
+from megabridge.conversion.hf_io import SIDECAR_FILES
+from megabridge.errors import CheckpointError, UserError
+from megabridge.models.config import architecture
+from megabridge.peft import lora
 from megabridge.training import trust
 
 log = logging.getLogger(__name__)
@@ -49,59 +52,9 @@ METADATA = "megabridge.json"
 LATEST = "latest_checkpointed_iteration.txt"
 FORMAT_VERSION = 1
 
-# ModelConfig fields that decide tensor names and shapes: a checkpoint made with
-# other values belongs to another model.
-ARCHITECTURE_FIELDS = (
-    "num_layers",
-    "hidden_size",
-    "ffn_hidden_size",
-    "num_attention_heads",
-    "num_query_groups",
-    "kv_channels",
-    "vocab_size",
-    "normalization",
-    "activation",
-    "add_bias_linear",
-    "add_qkv_bias",
-    "qk_layernorm",
-    "position_embedding_type",
-    "share_embeddings_and_output_weights",
-    "num_moe_experts",
-    "moe_ffn_hidden_size",
-    "moe_shared_expert_intermediate_size",
-    "moe_layer_freq",
-    "moe_shared_expert_gate",
-    "multi_latent_attention",
-    "q_lora_rank",
-    "kv_lora_rank",
-    "qk_head_dim",
-    "qk_pos_emb_head_dim",
-    "v_head_dim",
-)
-
 
 def iter_dirname(iteration: int) -> str:
     return f"iter_{iteration:07d}"
-
-
-def architecture(model_cfg) -> dict:
-    """The shape-deciding fields, with defaults resolved (kv_channels None == hidden / heads)."""
-    data = asdict(model_cfg)
-    data["num_query_groups"] = data["num_query_groups"] or data["num_attention_heads"]
-    data["kv_channels"] = data["kv_channels"] or data["hidden_size"] // data["num_attention_heads"]
-    if data["num_moe_experts"]:
-        data["moe_ffn_hidden_size"] = data["moe_ffn_hidden_size"] or data["ffn_hidden_size"]
-    return {k: data[k] for k in ARCHITECTURE_FIELDS}
-
-
-def model_config_from_dict(data: dict):
-    """A ModelConfig from a checkpoint's megabridge.json (fields it does not know are dropped)."""
-    from dataclasses import fields
-
-    from megabridge.training.config import ModelConfig
-
-    names = {f.name for f in fields(ModelConfig)}
-    return ModelConfig(**{k: v for k, v in data.items() if k in names})
 
 
 def read_metadata(ckpt_dir: Path) -> dict:
@@ -191,13 +144,6 @@ def resolve(path: str | Path) -> Path:
     raise CheckpointError(f"no complete checkpoint in {root}")
 
 
-def latest(root: str | Path) -> Path | None:
-    try:
-        return resolve(root)
-    except CheckpointError:
-        return None
-
-
 def has_checkpoints(root: str | Path) -> bool:
     """Whether ``root`` holds any ``iter_*`` folder, complete or not."""
     return Path(root).is_dir() and any(p.is_dir() for p in Path(root).glob("iter_*"))
@@ -267,8 +213,6 @@ def _sharded_state_dict(model_chunks, optimizer=None, scheduler=None, extra=None
     (model,) = [unwrap_model(m) for m in model_chunks]
     sd = {"model": model.sharded_state_dict()}
     if _peft_of(model) is not None:  # the adapters only: the frozen base is the pretrained model's
-        from megabridge.peft import lora
-
         sd["model"] = lora.adapter_state(model, sd["model"])
     if optimizer is not None:
         meta = {"distrib_optim_sharding_type": "fully_reshardable"}
@@ -532,8 +476,6 @@ def load(ckpt_dir: Path, model_chunks, optimizer=None, scheduler=None, model_onl
     (model,) = [unwrap_model(m) for m in model_chunks]
     peft = _peft_of(model)
     if peft is not None or "peft" in meta:
-        from megabridge.peft import lora
-
         lora.check_checkpoint(meta.get("peft"), peft, ckpt_dir, resuming=not model_only)
     if model_only:
         sd = _sharded_state_dict(model_chunks)
@@ -591,9 +533,6 @@ def save_model(
     saving ``model_chunks`` (e.g. streamed from an HF folder, with no model built).
     """
     from megatron.core import dist_checkpointing
-
-    from megabridge.conversion.hf_io import SIDECAR_FILES
-    from megabridge.errors import UserError
 
     out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp")

@@ -17,14 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from megabridge.errors import ConfigError
-
-
-def option(default: Any = dataclasses.MISSING, help: str = "", **kwargs: Any) -> Any:
-    """A dataclass field with a help string (mutable defaults go through default_factory)."""
-    if isinstance(default, list | dict):
-        kwargs["default_factory"] = lambda d=default: type(d)(d)
-        default = dataclasses.MISSING
-    return field(default=default, metadata={"help": help}, **kwargs)
+from megabridge.models.config import ModelConfig, option, validate_model_config
+from megabridge.peft.lora import config_problems
 
 
 @dataclass
@@ -43,135 +37,6 @@ class TrainConfig:
     skip_nonfinite_limit: int = option(
         3, "consecutive iterations with a NaN/Inf loss or grad norm skipped before stopping"
     )
-
-
-@dataclass
-class ModelConfig:
-    family: str = option("gpt", "model family (a folder under megabridge/models)")
-    num_layers: int = option(2, "transformer layers")
-    hidden_size: int = option(64, "hidden size")
-    ffn_hidden_size: int = option(256, "MLP intermediate size (per expert for MoE)")
-    num_attention_heads: int = option(4, "query heads")
-    num_query_groups: int | None = option(None, "key/value heads (GQA); None: as many as heads")
-    kv_channels: int | None = option(None, "head dimension; None: hidden_size / heads")
-    vocab_size: int = option(1024, "vocabulary size (padded to a multiple of the TP size)")
-    seq_length: int = option(128, "maximum sequence length the model is built for")
-    normalization: Literal["RMSNorm", "LayerNorm"] = option("RMSNorm", "norm type")
-    layernorm_epsilon: float = option(1e-5, "norm epsilon")
-    layernorm_zero_centered_gamma: bool = option(
-        False, "norm weight stored as w and applied as (1 + w), as in Gemma"
-    )
-    activation: Literal["swiglu", "gelu", "geglu", "relu", "squared_relu"] = option(
-        "swiglu", "MLP activation (swiglu/geglu are gated)"
-    )
-    add_bias_linear: bool = option(False, "biases on all linear layers")
-    add_qkv_bias: bool = option(False, "biases on the QKV projection only (Qwen2)")
-    qk_layernorm: bool = option(False, "per-head RMSNorm on queries and keys (Qwen3)")
-    qk_norm_across_heads: bool = option(
-        False,
-        "RMSNorm on the whole query and key projections, all heads at once (OLMo 2); "
-        "its weight spans the heads and is split over TP ranks with them",
-    )
-    norm_placement: Literal["pre", "post", "pre_post"] = option(
-        "pre",
-        "the attention and MLP norms: 'pre' on the sublayer input (Llama), 'post' on its output "
-        "before the residual add (OLMo 2), 'pre_post' both (Gemma 2/3)",
-    )
-    position_embedding_type: Literal["rope", "learned_absolute", "none"] = option(
-        "rope", "position embedding"
-    )
-    rotary_base: float = option(10000.0, "RoPE theta")
-    rotary_percent: float = option(1.0, "fraction of the head dimension rotated")
-    rope_scaling: dict = option({}, "HF rope_scaling / rope_parameters dict (llama3, linear, ...)")
-    share_embeddings_and_output_weights: bool = option(False, "tie input and output embeddings")
-    init_method_std: float = option(0.02, "std of the normal weight init")
-    hidden_dropout: float = option(0.0, "dropout after attention and MLP")
-    attention_dropout: float = option(0.0, "dropout on attention probabilities")
-    # attention and embedding variants (Gemma 2/3 use all of them)
-    softmax_scale: float | None = option(None, "attention score scale; None: 1/sqrt(kv_channels)")
-    attn_logit_softcap: float | None = option(
-        None, "soft-cap attention scores to cap * tanh(score / cap) (torch spec only)"
-    )
-    final_logit_softcap: float | None = option(
-        None, "soft-cap output logits to cap * tanh(logit / cap)"
-    )
-    sliding_window: int | None = option(
-        None,
-        "sliding-window attention: a token sees itself and the sliding_window - 1 tokens before "
-        "it (HF's sliding_window; torch spec only); None: full causal attention",
-    )
-    sliding_window_layers: list[int] | None = option(
-        None, "0-based layers that use sliding_window; None: every layer"
-    )
-    local_rotary_base: float | None = option(
-        None, "RoPE theta of the sliding-window layers (Gemma 3); None: rotary_base"
-    )
-    embedding_multiplier: float | None = option(
-        None, "multiply token embeddings by this, in their dtype (Gemma: sqrt(hidden_size))"
-    )
-    # MoE
-    num_moe_experts: int | None = option(None, "routed experts per MoE layer (None: dense)")
-    moe_router_topk: int = option(2, "experts each token is routed to")
-    moe_ffn_hidden_size: int | None = option(None, "expert MLP size (None: ffn_hidden_size)")
-    moe_shared_expert_intermediate_size: int | None = option(None, "shared expert MLP size")
-    moe_router_pre_softmax: bool = option(False, "softmax before top-k (Mixtral: False)")
-    moe_aux_loss_coeff: float = option(0.0, "load-balancing loss coefficient")
-    moe_router_load_balancing_type: str = option("aux_loss", "aux_loss, seq_aux_loss or none")
-    moe_layer_freq: list[int] | None = option(
-        None, "per layer: 1 for an MoE layer, 0 for a dense MLP (None: every layer MoE)"
-    )
-    moe_shared_expert_gate: bool = option(
-        False, "sigmoid gate on the shared expert's output (Qwen2-MoE)"
-    )
-    moe_router_score_function: Literal["softmax", "sigmoid"] = option(
-        "softmax", "router score function (DeepSeek-V3: sigmoid)"
-    )
-    moe_router_topk_scaling_factor: float | None = option(
-        None, "multiplies the routed experts' weights (DeepSeek-V3's routed_scaling_factor)"
-    )
-    moe_router_enable_expert_bias: bool = option(
-        False, "per-expert bias on the scores used for selection only (aux-loss-free balancing)"
-    )
-    moe_router_num_groups: int | None = option(None, "expert groups for group-limited routing")
-    moe_router_group_topk: int | None = option(None, "groups each token may route to")
-    moe_router_dtype: Literal["fp32", "fp64"] | None = option(
-        None, "router logits and weights in this precision (None: the model's)"
-    )
-    # Multi-latent attention (DeepSeek-V2/V3): low-rank compressed queries and keys/values
-    multi_latent_attention: bool = option(False, "multi-latent attention (DeepSeek-V2/V3)")
-    q_lora_rank: int | None = option(None, "MLA: query compression rank (None: no compression)")
-    kv_lora_rank: int = option(512, "MLA: key/value compression rank")
-    qk_head_dim: int = option(128, "MLA: query/key head dimension without RoPE")
-    qk_pos_emb_head_dim: int = option(64, "MLA: query/key head dimension with RoPE")
-    v_head_dim: int = option(128, "MLA: value head dimension")
-    # parallelism and precision
-    tensor_model_parallel_size: int = option(1, "tensor-parallel size")
-    pipeline_model_parallel_size: int = option(1, "pipeline-parallel size")
-    expert_model_parallel_size: int = option(1, "expert-parallel size (MoE)")
-    sequence_parallel: bool = option(False, "sequence parallelism (needs TP > 1)")
-    bf16: bool | None = option(None, "bf16 weights and compute; None: on GPU yes, on CPU no")
-    transformer_impl: Literal["auto", "transformer_engine", "torch", "local"] = option(
-        "auto",
-        "layer implementation: auto (TE if importable, else torch), transformer_engine, torch "
-        "(SDPA attention, megabridge's fast spec) or local (megatron-core's unfused spec)",
-    )
-    recompute_granularity: Literal["full", "selective"] | None = option(
-        None, "activation recomputation"
-    )
-    recompute_method: Literal["uniform", "block"] | None = option(None, "for full recompute")
-    recompute_num_layers: int | None = option(None, "layers per recompute unit / block")
-
-    @property
-    def gated(self) -> bool:
-        return self.activation in ("swiglu", "geglu")
-
-    def window_of_layer(self, layer: int) -> int | None:
-        """The sliding window of 0-based ``layer``; None: full causal attention."""
-        if self.sliding_window is None:
-            return None
-        if self.sliding_window_layers is None or layer in self.sliding_window_layers:
-            return self.sliding_window
-        return None
 
 
 @dataclass
@@ -210,7 +75,6 @@ class DatasetConfig:
     path: str | None = option(None, "sft: JSONL file or folder with train/validation JSONL")
     packed: bool = option(True, "sft: pack examples into full sequences")
     valid_fraction: float = option(0.05, "sft: fraction held out for eval when no valid file")
-    num_workers: int = option(0, "data-loader worker processes")
 
 
 @dataclass
@@ -278,18 +142,6 @@ class ConfigContainer:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> ConfigContainer:
-        cfg = cls()
-        for section, values in data.items():
-            if not isinstance(values, dict):
-                setattr(cfg, section, values)
-                continue
-            target = getattr(cfg, section)
-            for key, value in values.items():
-                setattr(target, key, value)
-        return cfg
 
 
 # ---------------------------------------------------------------- overrides
@@ -404,14 +256,15 @@ def describe(cfg: ConfigContainer) -> str:
     for key, (owner, f) in all_keys(cfg).items():
         tp = typing.get_type_hints(type(owner))[f.name]
         value = getattr(owner, f.name)
-        lines.append(f"  {key} = {value!r}  [{_type_name(tp)}]\n      {f.metadata.get('help', '')}")
+        help = f.metadata.get("help", "") + (
+            " (torch spec only)" if f.metadata.get("torch_only") else ""
+        )
+        lines.append(f"  {key} = {value!r}  [{_type_name(tp)}]\n      {help}")
     return "\n".join(lines)
 
 
 def validate(cfg: ConfigContainer, world_size: int) -> None:
     """Raise ConfigError naming every inconsistency between sections."""
-    from megabridge.models.provider import validate_model_config
-
     validate_model_config(cfg.model)
     m, t = cfg.model, cfg.train
     model_parallel = m.tensor_model_parallel_size * m.pipeline_model_parallel_size
@@ -441,8 +294,6 @@ def validate(cfg: ConfigContainer, world_size: int) -> None:
     if t.train_iters < 0:
         problems.append("train.train_iters must be >= 0")
     if cfg.peft.method != "none":
-        from megabridge.peft.lora import config_problems
-
         problems += config_problems(cfg)
     if cfg.logger.log_interval < 1:
         problems.append("logger.log_interval must be >= 1")

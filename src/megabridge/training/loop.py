@@ -12,11 +12,23 @@ from pathlib import Path
 import torch.distributed as dist
 
 from megabridge import runtime
+from megabridge.conversion.auto_bridge import AutoBridge
 from megabridge.errors import CheckpointError, ConfigError, UserError
-from megabridge.training import checkpointing
-from megabridge.training.config import ConfigContainer
+from megabridge.models import init as weight_init
+from megabridge.models.config import copy_architecture, model_config_from_dict
+from megabridge.models.provider import build_model
+from megabridge.peft import lora
+from megabridge.training import checkpointing, data
+from megabridge.training.config import ConfigContainer, validate
 from megabridge.training.metrics import MetricsWriter
+from megabridge.training.optim import (
+    build_optimizer,
+    build_scheduler,
+    connect_to_schedules,
+    wrap_ddp,
+)
 from megabridge.training.signals import ExitSignalHandler
+from megabridge.training.step import evaluate, train_step
 
 log = logging.getLogger("megabridge.train")
 
@@ -73,8 +85,6 @@ def finetune(cfg: ConfigContainer) -> TrainState:
 
 
 def _loop(s: Session, writer: MetricsWriter, signals: ExitSignalHandler, start: float) -> None:
-    from megabridge.training.step import train_step
-
     cfg, state, t = s.cfg, s.state, s.cfg.train
     clock = _Clock(start=time.time(), last_log=time.time())
     bad_in_a_row = 0
@@ -110,8 +120,6 @@ class _Clock:
 
 def _report(s: Session, writer: MetricsWriter, clock: _Clock, loss: float, grad_norm: float):
     """Metrics every logger.log_interval iterations; evaluation every train.eval_interval."""
-    from megabridge.training.step import evaluate
-
     cfg, state, t = s.cfg, s.state, s.cfg.train
     record: dict = {"iteration": state.iteration}
     if _every(cfg.logger.log_interval, state.iteration) or state.iteration == t.train_iters:
@@ -204,17 +212,6 @@ def save(s: Session) -> Path:
 
 
 def setup(cfg: ConfigContainer) -> Session:
-    from megabridge.models import init as weight_init
-    from megabridge.models.provider import build_model
-    from megabridge.training import data
-    from megabridge.training.config import validate
-    from megabridge.training.optim import (
-        build_optimizer,
-        build_scheduler,
-        connect_to_schedules,
-        wrap_ddp,
-    )
-
     _adopt_pretrained_architecture(cfg)
     validate(cfg, int(os.environ.get("WORLD_SIZE", 1)))
     rt = runtime.init_distributed(cfg.dist.distributed_timeout_minutes)
@@ -235,8 +232,6 @@ def setup(cfg: ConfigContainer) -> Session:
     if cfg.checkpoint.pretrained_checkpoint and (resume_from is None or cfg.peft.method != "none"):
         _load_pretrained(cfg, model)  # a PEFT checkpoint holds only the adapters, not this base
     if cfg.peft.method != "none":
-        from megabridge.peft import lora
-
         lora.apply(model, cfg)
     model = wrap_ddp(cfg, model)
     optimizer = build_optimizer(cfg, model)
@@ -306,20 +301,17 @@ def _adopt_pretrained_architecture(cfg: ConfigContainer) -> None:
     path = cfg.checkpoint.pretrained_checkpoint
     if not path:
         return
-    from megabridge.conversion.auto_bridge import AutoBridge, copy_architecture
 
     if (Path(path) / "config.json").is_file():
         AutoBridge.from_hf_pretrained(path).apply_to_model_config(cfg.model)
     else:
         meta = checkpointing.read_metadata(checkpointing.resolve(path))
-        copy_architecture(checkpointing.model_config_from_dict(meta["model_config"]), cfg.model)
+        copy_architecture(model_config_from_dict(meta["model_config"]), cfg.model)
 
 
 def _load_pretrained(cfg: ConfigContainer, model: list) -> None:
     path = Path(cfg.checkpoint.pretrained_checkpoint)
     if (path / "config.json").is_file():
-        from megabridge.conversion.auto_bridge import AutoBridge
-
         AutoBridge.from_hf_pretrained(path).load_hf_weights(model)
         return
     ckpt = checkpointing.resolve(path)

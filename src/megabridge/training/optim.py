@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from megabridge.models.provider import use_bf16
 from megabridge.training.config import ConfigContainer
 
 
@@ -35,8 +36,6 @@ def wrap_ddp(cfg: ConfigContainer, model_chunks: list[torch.nn.Module]) -> list[
 
 def build_optimizer(cfg: ConfigContainer, model_chunks: list[torch.nn.Module]):
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-
-    from megabridge.models.provider import use_bf16
 
     o = cfg.optimizer
     opt_config = OptimizerConfig(

@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from megabridge.training.data.batching import collate, micro_batches
+from megabridge.training.optim import guarded_step
 
 
 def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
@@ -84,8 +85,6 @@ def run_microbatches(
 
 def train_step(cfg, model_chunks, optimizer, scheduler, dataset, consumed: int):
     """One optimizer step. Returns (loss, grad_norm, stepped, tokens)."""
-    from megabridge.training.optim import guarded_step
-
     step_func = _inject_faults(consumed // cfg.train.global_batch_size + 1)
     for chunk in model_chunks:
         chunk.zero_grad_buffer()

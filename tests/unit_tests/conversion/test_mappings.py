@@ -3,7 +3,7 @@ import torch
 
 from megabridge.conversion import sharding
 from megabridge.conversion.mappings import QKV, FusedQKV, GatedMLP, Rename
-from megabridge.training.config import ModelConfig
+from megabridge.models.config import ModelConfig
 
 pytestmark = pytest.mark.unit
 

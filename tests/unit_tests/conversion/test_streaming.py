@@ -32,6 +32,7 @@ def _dcp_layout(folder):
 def test_streamed_checkpoint_equals_saved_model(family, dtype, tmp_path):
     from megabridge.conversion import streaming
     from megabridge.conversion.auto_bridge import AutoBridge
+    from megabridge.models.provider import build_model
     from megabridge.training import checkpointing
 
     config = getattr(hf_models, f"tiny_{family}_config")()
@@ -39,7 +40,8 @@ def test_streamed_checkpoint_equals_saved_model(family, dtype, tmp_path):
     bridge = AutoBridge.from_hf_pretrained(hf)
     cfg = bridge.to_megatron_provider()
     cfg.bf16 = dtype == torch.bfloat16
-    assert isinstance(streaming.plan(bridge, cfg), streaming.Plan)  # no fallback to the model
+    plan = streaming.plan(bridge, cfg, *build_model(cfg, meta=True))
+    assert isinstance(plan, streaming.Plan)  # no fallback to the model
     streamed = bridge.save_megatron_checkpoint(tmp_path / "streamed", cfg)
 
     model = bridge.to_megatron_model(cfg)

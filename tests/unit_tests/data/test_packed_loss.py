@@ -8,7 +8,7 @@ attention) against its padded one.
 import pytest
 import torch
 
-from megabridge.training.config import ModelConfig
+from megabridge.models.config import ModelConfig
 from megabridge.training.data import packing, sft
 from tests.data_helpers import chat_corpus, vocab_size
 

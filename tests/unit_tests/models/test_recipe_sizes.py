@@ -18,8 +18,8 @@ import pytest
 from transformers import AutoConfig
 
 from megabridge.conversion.registry import bridge_for_family, bridges
+from megabridge.models.config import ModelConfig
 from megabridge.recipes import all_recipes
-from megabridge.training.config import ModelConfig
 
 pytestmark = pytest.mark.unit
 

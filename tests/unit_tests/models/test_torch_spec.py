@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from megabridge.models import init as weight_init
+from megabridge.models.config import ModelConfig
 from megabridge.models.provider import build_model
-from megabridge.training.config import ModelConfig
 
 pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("single_process_megatron")]
 

@@ -1,7 +1,9 @@
+import re
+
 import pytest
 
 from megabridge.errors import ConfigError
-from megabridge.recipes import all_recipes, get_recipe
+from megabridge.recipes import all_recipes, describe_recipe, get_recipe
 from megabridge.training.config import ConfigContainer, apply_overrides, describe, validate
 
 pytestmark = pytest.mark.unit
@@ -82,3 +84,26 @@ def test_every_recipe_builds_a_valid_config():
 def test_unknown_recipe_lists_close_ones():
     with pytest.raises(ConfigError, match="did you mean vanilla_gpt_pretrain_config"):
         get_recipe("vanilla_gpt_pretrain")
+
+
+_GPU_CLAIM = re.compile(r"\bon (one|\d+)\+? GPUs?\b")
+
+
+def _gpus_needed(cfg: ConfigContainer) -> int:
+    """The fewest processes the recipe's layout runs on (validate's divisibility rules)."""
+    m = cfg.model
+    model_parallel = m.tensor_model_parallel_size * m.pipeline_model_parallel_size
+    return model_parallel * (m.expert_model_parallel_size if m.num_moe_experts else 1)
+
+
+def test_a_recipe_that_names_its_gpu_count_has_that_layout():
+    checked = 0
+    for name, fn in all_recipes().items():
+        claim = _GPU_CLAIM.search(describe_recipe(name))
+        if claim is None:
+            continue
+        said = 1 if claim[1] == "one" else int(claim[1])
+        needed = _gpus_needed(fn())
+        assert needed == said, f"{name} says {claim[0]!r} but its layout needs {needed}"
+        checked += 1
+    assert checked >= 10  # the check reads what the descriptions say

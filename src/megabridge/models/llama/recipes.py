@@ -60,4 +60,6 @@ def llama31_8b_finetune_config():
 
 def llama31_8b_lora_config():
     """LoRA of Llama 3.1 8B on one GPU: set checkpoint.pretrained_checkpoint and dataset.path."""
-    return as_lora(llama31_8b_finetune_config(), "llama31_8b_lora")
+    cfg = as_lora(llama31_8b_finetune_config(), "llama31_8b_lora")
+    cfg.model.tensor_model_parallel_size = 1  # frozen weights and adapters fit one GPU
+    return cfg

@@ -30,4 +30,6 @@ def mistral_7b_finetune_config():
 
 def mistral_7b_lora_config():
     """LoRA of Mistral 7B v0.3 on one GPU: set checkpoint.pretrained_checkpoint and dataset.path."""
-    return as_lora(mistral_7b_finetune_config(), "mistral_7b_lora")
+    cfg = as_lora(mistral_7b_finetune_config(), "mistral_7b_lora")
+    cfg.model.tensor_model_parallel_size = 1  # frozen weights and adapters fit one GPU
+    return cfg

@@ -30,4 +30,6 @@ def olmo2_7b_finetune_config():
 
 def olmo2_7b_lora_config():
     """LoRA of OLMo 2 7B on one GPU: set checkpoint.pretrained_checkpoint and dataset.path."""
-    return as_lora(olmo2_7b_finetune_config(), "olmo2_7b_lora")
+    cfg = as_lora(olmo2_7b_finetune_config(), "olmo2_7b_lora")
+    cfg.model.tensor_model_parallel_size = 1  # frozen weights and adapters fit one GPU
+    return cfg

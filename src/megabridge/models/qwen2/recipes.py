@@ -37,4 +37,6 @@ def qwen25_7b_finetune_config():
 
 def qwen25_7b_lora_config():
     """LoRA of Qwen2.5 7B on one GPU: set checkpoint.pretrained_checkpoint and dataset.path."""
-    return as_lora(qwen25_7b_finetune_config(), "qwen25_7b_lora")
+    cfg = as_lora(qwen25_7b_finetune_config(), "qwen25_7b_lora")
+    cfg.model.tensor_model_parallel_size = 1  # frozen weights and adapters fit one GPU
+    return cfg

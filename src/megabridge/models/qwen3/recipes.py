@@ -37,4 +37,6 @@ def qwen3_8b_finetune_config():
 
 def qwen3_8b_lora_config():
     """LoRA of Qwen3 8B on one GPU: set checkpoint.pretrained_checkpoint and dataset.path."""
-    return as_lora(qwen3_8b_finetune_config(), "qwen3_8b_lora")
+    cfg = as_lora(qwen3_8b_finetune_config(), "qwen3_8b_lora")
+    cfg.model.tensor_model_parallel_size = 1  # frozen weights and adapters fit one GPU
+    return cfg

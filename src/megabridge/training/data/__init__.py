@@ -14,6 +14,10 @@ samples each rank reads.
 from __future__ import annotations
 
 from megabridge.errors import ConfigError
+from megabridge.models.specs import resolve_impl
+from megabridge.training.data import indexed, packing, sft
+from megabridge.training.data.mock import MockDataset
+from megabridge.training.data.tokenizer import tokenizer_for
 
 
 def build(cfg):
@@ -21,15 +25,10 @@ def build(cfg):
     seq = cfg.dataset.seq_length or cfg.model.seq_length
     kind = cfg.dataset.type
     if kind == "mock":
-        from megabridge.training.data.mock import MockDataset
-
         train = MockDataset(cfg.model.vocab_size, seq, cfg.rng.seed)
         valid = MockDataset(cfg.model.vocab_size, seq, cfg.rng.seed + 1)
         return train, valid
     if kind == "indexed":
-        from megabridge.training.data import indexed
-        from megabridge.training.data.tokenizer import tokenizer_for
-
         # Token ids need no tokenizer; an explicit one is still checked against the model.
         return indexed.build(cfg, seq, tokenizer_for(cfg) if cfg.tokenizer.path else None)
     if kind == "sft":
@@ -41,7 +40,6 @@ def validate_sft(cfg) -> None:
     """Packed SFT needs one packed sample per micro-batch and a THD-capable attention."""
     if not cfg.dataset.packed:
         return
-    from megabridge.models.specs import resolve_impl
 
     if cfg.train.micro_batch_size != 1:
         raise ConfigError(
@@ -57,9 +55,6 @@ def validate_sft(cfg) -> None:
 
 
 def _build_sft(cfg, seq: int):
-    from megabridge.training.data import packing, sft
-    from megabridge.training.data.tokenizer import tokenizer_for
-
     validate_sft(cfg)
     tokenizer = tokenizer_for(cfg, required_by="dataset.type=sft")
     train, valid = sft.load(cfg, tokenizer, seq)

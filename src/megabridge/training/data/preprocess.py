@@ -23,6 +23,7 @@ from pathlib import Path
 
 from megabridge.errors import UserError
 from megabridge.training.data import jsonl
+from megabridge.training.data.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +45,6 @@ _worker: dict = {}
 
 
 def _init_worker(tokenizer_dir: str, source: str, text_key: str, append_eod: bool) -> None:
-    from megabridge.training.data.tokenizer import load_tokenizer
-
     tokenizer = load_tokenizer(tokenizer_dir, what="--tokenizer")
     _worker.update(
         tokenizer=tokenizer,
@@ -130,8 +129,6 @@ def preprocess(
     import numpy as np
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
     from tqdm import tqdm
-
-    from megabridge.training.data.tokenizer import load_tokenizer
 
     source, prefix = Path(source), Path(output_prefix)
     if not source.is_file():

@@ -1,0 +1,296 @@
+"""ModelConfig: what a model is, how it runs, and how it is split.
+
+The bottom layer of megabridge: it imports nothing of megabridge but errors.py.
+Every field declares its role next to its help string, and the rules that
+depend on the role are derived from it here, never kept as lists elsewhere:
+
+* ``architecture``: what the model is and computes (sizes, norms, RoPE, routing).
+  A pretrained checkpoint sets these fields (``copy_architecture``) and a resume
+  must match them (``architecture``, recorded in every checkpoint). Every field
+  that changes the parameter set is one (tests/unit_tests/models/test_model_config_roles.py).
+* ``runtime``: how this run computes it (dtype, kernels, recomputation,
+  dropout): the recipe or the command line decides, a checkpoint never does.
+* ``layout``: how it is split over processes (TP / PP / EP / SP). Checkpoints
+  load at any layout, so a resume may change it.
+
+An architecture field marked ``torch_only`` is built only by megabridge's torch
+layer spec (models/specs.py says so when another spec is asked for).
+``validate_model_config`` checks a config on its own, before anything is built.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from megabridge.errors import ConfigError
+
+ARCHITECTURE, RUNTIME, LAYOUT = "architecture", "runtime", "layout"
+
+
+def option(default: Any = dataclasses.MISSING, help: str = "", **metadata: Any) -> Any:
+    """A dataclass field with a help string (mutable defaults go through default_factory)."""
+    kwargs: dict[str, Any] = {}
+    if isinstance(default, list | dict):
+        kwargs["default_factory"] = lambda d=default: type(d)(d)
+        default = dataclasses.MISSING
+    return field(default=default, metadata={"help": help, **metadata}, **kwargs)
+
+
+def architecture_field(default: Any, help: str, torch_only: bool = False) -> Any:
+    return option(default, help, role=ARCHITECTURE, torch_only=torch_only)
+
+
+def runtime_field(default: Any, help: str) -> Any:
+    return option(default, help, role=RUNTIME)
+
+
+def layout_field(default: Any, help: str) -> Any:
+    return option(default, help, role=LAYOUT)
+
+
+@dataclass
+class ModelConfig:
+    family: str = architecture_field("gpt", "model family (a folder under megabridge/models)")
+    num_layers: int = architecture_field(2, "transformer layers")
+    hidden_size: int = architecture_field(64, "hidden size")
+    ffn_hidden_size: int = architecture_field(256, "MLP intermediate size (per expert for MoE)")
+    num_attention_heads: int = architecture_field(4, "query heads")
+    num_query_groups: int | None = architecture_field(
+        None, "key/value heads (GQA); None: as many as heads"
+    )
+    kv_channels: int | None = architecture_field(None, "head dimension; None: hidden_size / heads")
+    vocab_size: int = architecture_field(
+        1024, "vocabulary size (padded to a multiple of the TP size)"
+    )
+    seq_length: int = architecture_field(128, "maximum sequence length the model is built for")
+    normalization: Literal["RMSNorm", "LayerNorm"] = architecture_field("RMSNorm", "norm type")
+    layernorm_epsilon: float = architecture_field(1e-5, "norm epsilon")
+    layernorm_zero_centered_gamma: bool = architecture_field(
+        False, "norm weight stored as w and applied as (1 + w), as in Gemma"
+    )
+    activation: Literal["swiglu", "gelu", "geglu", "relu", "squared_relu"] = architecture_field(
+        "swiglu", "MLP activation (swiglu/geglu are gated)"
+    )
+    add_bias_linear: bool = architecture_field(False, "biases on all linear layers")
+    add_qkv_bias: bool = architecture_field(False, "biases on the QKV projection only (Qwen2)")
+    qk_layernorm: bool = architecture_field(False, "per-head RMSNorm on queries and keys (Qwen3)")
+    norm_placement: Literal["pre", "post", "pre_post"] = architecture_field(
+        "pre",
+        "the attention and MLP norms: 'pre' on the sublayer input (Llama), 'post' on its output "
+        "before the residual add (OLMo 2), 'pre_post' both (Gemma 2/3)",
+        torch_only=True,
+    )
+    qk_norm_across_heads: bool = architecture_field(
+        False,
+        "RMSNorm on the whole query and key projections, all heads at once (OLMo 2); "
+        "its weight spans the heads and is split over TP ranks with them",
+        torch_only=True,
+    )
+    position_embedding_type: Literal["rope", "learned_absolute", "none"] = architecture_field(
+        "rope", "position embedding"
+    )
+    rotary_base: float = architecture_field(10000.0, "RoPE theta")
+    rotary_percent: float = architecture_field(1.0, "fraction of the head dimension rotated")
+    rope_scaling: dict = architecture_field(
+        {}, "HF rope_scaling / rope_parameters dict (llama3, linear, ...)"
+    )
+    share_embeddings_and_output_weights: bool = architecture_field(
+        False, "tie input and output embeddings"
+    )
+    init_method_std: float = architecture_field(0.02, "std of the normal weight init")
+    hidden_dropout: float = runtime_field(0.0, "dropout after attention and MLP")
+    attention_dropout: float = runtime_field(0.0, "dropout on attention probabilities")
+    # attention and embedding variants (Gemma 2/3 use all of them)
+    softmax_scale: float | None = architecture_field(
+        None, "attention score scale; None: 1/sqrt(kv_channels)"
+    )
+    sliding_window: int | None = architecture_field(
+        None,
+        "sliding-window attention: a token sees itself and the sliding_window - 1 tokens before "
+        "it (HF's sliding_window); None: full causal attention",
+        torch_only=True,
+    )
+    attn_logit_softcap: float | None = architecture_field(
+        None, "soft-cap attention scores to cap * tanh(score / cap)", torch_only=True
+    )
+    final_logit_softcap: float | None = architecture_field(
+        None, "soft-cap output logits to cap * tanh(logit / cap)"
+    )
+    sliding_window_layers: list[int] | None = architecture_field(
+        None, "0-based layers that use sliding_window; None: every layer"
+    )
+    local_rotary_base: float | None = architecture_field(
+        None,
+        "RoPE theta of the sliding-window layers (Gemma 3); None: rotary_base",
+        torch_only=True,
+    )
+    embedding_multiplier: float | None = architecture_field(
+        None, "multiply token embeddings by this, in their dtype (Gemma: sqrt(hidden_size))"
+    )
+    # MoE
+    num_moe_experts: int | None = architecture_field(
+        None, "routed experts per MoE layer (None: dense)"
+    )
+    moe_router_topk: int = architecture_field(2, "experts each token is routed to")
+    moe_ffn_hidden_size: int | None = architecture_field(
+        None, "expert MLP size (None: ffn_hidden_size)"
+    )
+    moe_shared_expert_intermediate_size: int | None = architecture_field(
+        None, "shared expert MLP size"
+    )
+    moe_router_pre_softmax: bool = architecture_field(
+        False, "softmax before top-k (Mixtral: False)"
+    )
+    moe_aux_loss_coeff: float = architecture_field(0.0, "load-balancing loss coefficient")
+    moe_router_load_balancing_type: str = architecture_field(
+        "aux_loss", "aux_loss, seq_aux_loss or none"
+    )
+    moe_layer_freq: list[int] | None = architecture_field(
+        None, "per layer: 1 for an MoE layer, 0 for a dense MLP (None: every layer MoE)"
+    )
+    moe_shared_expert_gate: bool = architecture_field(
+        False, "sigmoid gate on the shared expert's output (Qwen2-MoE)"
+    )
+    moe_router_score_function: Literal["softmax", "sigmoid"] = architecture_field(
+        "softmax", "router score function (DeepSeek-V3: sigmoid)"
+    )
+    moe_router_topk_scaling_factor: float | None = architecture_field(
+        None, "multiplies the routed experts' weights (DeepSeek-V3's routed_scaling_factor)"
+    )
+    moe_router_enable_expert_bias: bool = architecture_field(
+        False, "per-expert bias on the scores used for selection only (aux-loss-free balancing)"
+    )
+    moe_router_num_groups: int | None = architecture_field(
+        None, "expert groups for group-limited routing"
+    )
+    moe_router_group_topk: int | None = architecture_field(None, "groups each token may route to")
+    moe_router_dtype: Literal["fp32", "fp64"] | None = runtime_field(
+        None, "router logits and weights in this precision (None: the model's)"
+    )
+    # Multi-latent attention (DeepSeek-V2/V3): low-rank compressed queries and keys/values
+    multi_latent_attention: bool = architecture_field(
+        False, "multi-latent attention (DeepSeek-V2/V3)"
+    )
+    q_lora_rank: int | None = architecture_field(
+        None, "MLA: query compression rank (None: no compression)"
+    )
+    kv_lora_rank: int = architecture_field(512, "MLA: key/value compression rank")
+    qk_head_dim: int = architecture_field(128, "MLA: query/key head dimension without RoPE")
+    qk_pos_emb_head_dim: int = architecture_field(64, "MLA: query/key head dimension with RoPE")
+    v_head_dim: int = architecture_field(128, "MLA: value head dimension")
+    # parallelism and precision
+    tensor_model_parallel_size: int = layout_field(1, "tensor-parallel size")
+    pipeline_model_parallel_size: int = layout_field(1, "pipeline-parallel size")
+    expert_model_parallel_size: int = layout_field(1, "expert-parallel size (MoE)")
+    sequence_parallel: bool = layout_field(False, "sequence parallelism (needs TP > 1)")
+    bf16: bool | None = runtime_field(None, "bf16 weights and compute; None: on GPU yes, on CPU no")
+    transformer_impl: Literal["auto", "transformer_engine", "torch", "local"] = runtime_field(
+        "auto",
+        "layer implementation: auto (TE if importable, else torch), transformer_engine, torch "
+        "(SDPA attention, megabridge's fast spec) or local (megatron-core's unfused spec)",
+    )
+    recompute_granularity: Literal["full", "selective"] | None = runtime_field(
+        None, "activation recomputation"
+    )
+    recompute_method: Literal["uniform", "block"] | None = runtime_field(None, "for full recompute")
+    recompute_num_layers: int | None = runtime_field(None, "layers per recompute unit / block")
+
+    @property
+    def gated(self) -> bool:
+        return self.activation in ("swiglu", "geglu")
+
+    def window_of_layer(self, layer: int) -> int | None:
+        """The sliding window of 0-based ``layer``; None: full causal attention."""
+        if self.sliding_window is None:
+            return None
+        if self.sliding_window_layers is None or layer in self.sliding_window_layers:
+            return self.sliding_window
+        return None
+
+
+def fields_with_role(role: str) -> tuple[str, ...]:
+    """The names of the ModelConfig fields that declare ``role``, in declaration order."""
+    return tuple(f.name for f in dataclasses.fields(ModelConfig) if f.metadata["role"] == role)
+
+
+def torch_only_fields() -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(ModelConfig) if f.metadata.get("torch_only"))
+
+
+def architecture(cfg: ModelConfig) -> dict:
+    """The architecture fields, with defaults resolved (kv_channels None == hidden / heads)."""
+    data = {name: copy.deepcopy(getattr(cfg, name)) for name in fields_with_role(ARCHITECTURE)}
+    data["num_query_groups"] = data["num_query_groups"] or data["num_attention_heads"]
+    data["kv_channels"] = data["kv_channels"] or data["hidden_size"] // data["num_attention_heads"]
+    if data["num_moe_experts"]:
+        data["moe_ffn_hidden_size"] = data["moe_ffn_hidden_size"] or data["ffn_hidden_size"]
+    return data
+
+
+def copy_architecture(source: ModelConfig, target: ModelConfig) -> None:
+    """Make ``target`` the model ``source`` is, keeping its runtime and layout fields."""
+    for name in fields_with_role(ARCHITECTURE):
+        setattr(target, name, copy.deepcopy(getattr(source, name)))
+
+
+def model_config_from_dict(data: dict) -> ModelConfig:
+    """A ModelConfig from a saved dict (a checkpoint's; fields it does not know are dropped)."""
+    names = {f.name for f in dataclasses.fields(ModelConfig)}
+    return ModelConfig(**{k: v for k, v in data.items() if k in names})
+
+
+def validate_model_config(cfg: ModelConfig) -> None:
+    heads, groups = cfg.num_attention_heads, cfg.num_query_groups or cfg.num_attention_heads
+    tp, pp = cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size
+    problems = []
+    if heads % groups:
+        problems.append(
+            f"num_attention_heads={heads} is not a multiple of num_query_groups={groups}"
+        )
+    if groups % tp:
+        problems.append(
+            f"num_query_groups={groups} is not divisible by tensor_model_parallel_size={tp}"
+        )
+    if cfg.ffn_hidden_size % tp:
+        problems.append(f"ffn_hidden_size={cfg.ffn_hidden_size} is not divisible by TP={tp}")
+    if cfg.num_layers % pp:
+        problems.append(
+            f"num_layers={cfg.num_layers} is not divisible by pipeline_model_parallel_size={pp}"
+        )
+    if cfg.qk_layernorm and cfg.qk_norm_across_heads:
+        problems.append("qk_layernorm (per head) and qk_norm_across_heads exclude each other")
+    if cfg.sliding_window is not None and cfg.sliding_window < 1:
+        problems.append(f"sliding_window={cfg.sliding_window} must be at least 1")
+    if cfg.sequence_parallel and tp == 1:
+        problems.append("sequence_parallel needs tensor_model_parallel_size > 1")
+    if cfg.num_moe_experts and cfg.num_moe_experts % cfg.expert_model_parallel_size:
+        problems.append(
+            f"num_moe_experts={cfg.num_moe_experts} is not divisible by "
+            f"expert_model_parallel_size={cfg.expert_model_parallel_size}"
+        )
+    if cfg.moe_layer_freq is not None and len(cfg.moe_layer_freq) != cfg.num_layers:
+        problems.append(
+            f"moe_layer_freq has {len(cfg.moe_layer_freq)} entries for num_layers={cfg.num_layers}"
+        )
+    problems += _variant_problems(cfg)
+    if problems:
+        raise ConfigError("model: " + "; ".join(problems))
+
+
+def _variant_problems(cfg: ModelConfig) -> list[str]:
+    problems = []
+    for name in ("softmax_scale", "attn_logit_softcap", "final_logit_softcap", "sliding_window"):
+        value = getattr(cfg, name)
+        if value is not None and value <= 0:
+            problems.append(f"{name}={value} must be positive")
+    bad = [i for i in cfg.sliding_window_layers or [] if not 0 <= i < cfg.num_layers]
+    if bad:
+        problems.append(
+            f"sliding_window_layers {bad} are not layers of a {cfg.num_layers}-layer model"
+        )
+    if cfg.local_rotary_base is not None and cfg.sliding_window is None:
+        problems.append("local_rotary_base needs sliding_window (it is the window layers' theta)")
+    return problems

@@ -1,21 +1,25 @@
-"""The multi-process half of the conformance suite: every parallel check of one family, one launch.
+"""The multi-process half of the conformance suite: every parallel check, one launch.
 
     python -m torch.distributed.run --nproc_per_node=2 tests/parallel_check.py PLAN.json
 
 PLAN.json (written by tests/unit_tests/models/test_conformance.py):
 
-    {"family": "llama",
-     "layouts": {"tp2": {"tp": 2, "pp": 1, "ep": 1}, ...},
-     "variants": {"base": {"hf_dir": ..., "work": ..., "tp1_checkpoint": ... or null}, ...}}
+    {"families": [{"family": "llama",
+                   "layouts": {"tp2": {"tp": 2, "pp": 1, "ep": 1}, ...},
+                   "variants": {"base": {"hf_dir": ..., "work": ...,
+                                         "tp1_checkpoint": ... or null}, ...}}, ...]}
 
 For every variant and layout: HF -> Megatron checkpoint -> HF with both conversions
 at that layout (written to ``work``; the pytest side compares the bytes), and the
-logits of the model loaded from that checkpoint vs transformers' in fp32. For a variant with a ``tp1_checkpoint``: logits and gradients
-at TP=2 of the model loaded from it (resharded). Starting a process and importing
-megatron-core is most of the cost, hence one launch for all of it.
+logits of the model loaded from that checkpoint vs transformers' in fp32. For a variant
+with a ``tp1_checkpoint``: logits and gradients at TP=2 of the model loaded from it
+(resharded). Starting a process and importing megatron-core costs more than all the
+checks of a family, hence one launch for all of them.
 
-Rank 0 prints one line per check, ``RESULT {json}``, as soon as it is done. A check that
-raises prints ``RESULT {"error": ...}`` naming the check, and ends the launch.
+Rank 0 prints ``STARTED <family>`` before a family and one line per check,
+``RESULT {json}``, as soon as it is done. A check that raises prints
+``RESULT {"error": ...}`` naming the check, and ends the launch: the ranks may no
+longer agree on which collective comes next.
 """
 
 from __future__ import annotations
@@ -146,6 +150,13 @@ def gradients(hf_dir: str, megatron_path: str, tp: int = 2) -> dict:
 
 
 def run(plan: dict) -> None:
+    for family in plan["families"]:
+        if dist.get_rank() == 0:
+            print(f"STARTED {family['family']}", flush=True)
+        run_family(family)
+
+
+def run_family(plan: dict) -> None:
     for variant, case in plan["variants"].items():
         checks = [(name, at_layout, (case["hf_dir"], Path(case["work"]) / name, layout))
                   for name, layout in plan["layouts"].items()]  # fmt: skip

@@ -33,6 +33,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from megatron.core import parallel_state as ps
+from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+from transformers import AutoModelForCausalLM
+
+from megabridge import runtime
+from megabridge.conversion import sharding
+from megabridge.conversion.auto_bridge import AutoBridge
+from megabridge.conversion.verify import compare, hf_logits, megatron_logits, sample_tokens
 
 ATOL_FP32 = 1e-4
 
@@ -56,9 +64,6 @@ def at_layout(hf_dir: str, work: Path, layout: dict) -> dict:
     Saving under a launcher builds the model from the HF folder at ``layout`` (the path
     that verify and training take), so the bytes that come back check that path too.
     """
-    from megabridge.conversion.auto_bridge import AutoBridge
-    from megabridge.conversion.verify import compare, hf_logits, megatron_logits, sample_tokens
-
     bridge = AutoBridge.from_hf_pretrained(hf_dir)
     cfg = bridge.to_megatron_provider()
     _set_layout(cfg, layout)
@@ -85,8 +90,6 @@ def at_layout(hf_dir: str, work: Path, layout: dict) -> dict:
 
 
 def _hf_loss_and_grads(hf_path, tokens):
-    from transformers import AutoModelForCausalLM
-
     model = AutoModelForCausalLM.from_pretrained(str(hf_path), dtype=torch.float32)
     logits = model(input_ids=tokens).logits
     F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten()).backward()
@@ -103,13 +106,6 @@ def gradients(hf_dir: str, megatron_path: str, tp: int = 2) -> dict:
     gradient shard is compared with transformers' gradients mapped and split the same way.
     Used for layers whose backward pass megabridge implements itself (models/torch_layers.py).
     """
-    from megatron.core import parallel_state as ps
-    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
-
-    from megabridge.conversion import sharding
-    from megabridge.conversion.auto_bridge import AutoBridge
-    from megabridge.conversion.verify import sample_tokens
-
     bridge = AutoBridge.from_hf_pretrained(hf_dir)
     source = AutoBridge.from_megatron_checkpoint(megatron_path)
     cfg = source.to_megatron_provider()
@@ -174,8 +170,6 @@ def run_family(plan: dict) -> None:
 
 
 def main() -> None:
-    from megabridge import runtime
-
     runtime.init_distributed()
     run(json.loads(Path(sys.argv[1]).read_text()))
     dist.barrier()

@@ -22,6 +22,7 @@ import torch
 from megabridge.conversion.registry import bridge_for_family
 from megabridge.conversion.tiny import families, tiny_config, tiny_module, variants
 from megabridge.errors import UserError
+from megabridge.models import torch_layers
 from tests import conversion_checks as checks
 from tests.helpers import torchrun
 from tests.hf_models import save_tiny
@@ -88,8 +89,6 @@ def hf_dir(tmp_path_factory):
 @pytest.fixture
 def small_attention_chunks(monkeypatch):
     """Attention in chunks of 5 queries: sliding windows (8) straddle chunk boundaries."""
-    from megabridge.models import torch_layers
-
     monkeypatch.setattr(torch_layers, "ATTENTION_CHUNK", 5)
 
 

@@ -10,9 +10,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from megabridge.conversion.auto_bridge import AutoBridge
 from megabridge.conversion.registry import bridge_for_family
 from megabridge.conversion.tiny import tiny_config
+from megabridge.conversion.verify import compare, hf_logits, megatron_logits, sample_tokens
 from megabridge.errors import ConfigError, UserError
+from megabridge.models.provider import build_model
+from megabridge.models.specs import resolve_impl
 from tests import conversion_checks as checks
 from tests.hf_models import save_tiny
 
@@ -71,8 +75,6 @@ def test_unsupported_configs_are_refused(family, overrides, message):
 @pytest.mark.usefixtures("single_process_megatron")
 @pytest.mark.parametrize("family, overrides, message", REFUSED_AT_BUILD, ids=_ids(REFUSED_AT_BUILD))
 def test_unsupported_configs_are_refused_at_build(family, overrides, message):
-    from megabridge.models.provider import build_model
-
     cfg = bridge_for_family(family).model_config(tiny_config(family, **overrides))
     with pytest.raises(ConfigError, match=message):
         build_model(cfg)
@@ -81,8 +83,6 @@ def test_unsupported_configs_are_refused_at_build(family, overrides, message):
 @pytest.mark.unit
 @pytest.mark.parametrize("family, message", TORCH_SPEC_ONLY, ids=[c[0] for c in TORCH_SPEC_ONLY])
 def test_only_the_torch_spec_builds(family, message):
-    from megabridge.models.specs import resolve_impl
-
     cfg = bridge_for_family(family).model_config(tiny_config(family))
     assert resolve_impl(cfg) == "torch"  # auto, with or without Transformer Engine
     cfg.transformer_impl = "local"
@@ -96,9 +96,6 @@ def test_only_the_torch_spec_builds(family, message):
 def test_sliding_window_changes_logits(family, variant, tmp_path):
     """The conformance logits check of a windowed variant means something: without the
     window, the logits differ."""
-    from megabridge.conversion.auto_bridge import AutoBridge
-    from megabridge.conversion.verify import compare, hf_logits, megatron_logits, sample_tokens
-
     hf_dir = save_tiny(tiny_config(family, variant), tmp_path / "hf")
     bridge = AutoBridge.from_hf_pretrained(hf_dir)
     provider = bridge.to_megatron_provider()

@@ -6,6 +6,7 @@ family folder with a recipes.py adds its recipes.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import importlib
 import inspect
@@ -13,7 +14,7 @@ import pkgutil
 from collections.abc import Callable
 
 from megabridge.errors import ConfigError
-from megabridge.training.config import ConfigContainer
+from megabridge.training.config import ConfigContainer, ModelConfig
 
 DEFAULT_RECIPE = "vanilla_gpt_pretrain_config"
 
@@ -54,6 +55,24 @@ def describe_recipe(name: str) -> str:
 
 
 # --------------------------------------------------------------- building blocks for families
+
+
+def sized(bridge, size: dict, seq_length: int = 4096) -> ModelConfig:
+    """The ModelConfig of one of a family's sizes.
+
+    ``size`` holds HF config.json fields (its SIZES table in recipes.py); the family's
+    ``bridge`` reads them exactly as it reads a checkpoint's config.json, so a size's
+    shapes have one source, and a recipe trains the model that converting the released
+    checkpoint gives. ``seq_length`` is the length the recipe trains at, not the
+    model's maximum (max_position_embeddings).
+    """
+    from transformers import AutoConfig  # heavy: only when a recipe is built
+
+    # A copy: transformers writes into the dicts it is given (rope_scaling), not into SIZES.
+    hf_config = AutoConfig.for_model(bridge.hf_model_type, **copy.deepcopy(size))
+    cfg = bridge.model_config(hf_config)
+    cfg.seq_length = seq_length
+    return cfg
 
 
 def pretrain(name: str, model) -> ConfigContainer:

@@ -4,8 +4,9 @@ A family (models/<family>/bridge.py) subclasses FamilyBridge and fills in:
 
 * ``CONFIG``: HF config attribute -> ModelConfig field (both directions);
 * ``MEGATRON_FIXED`` / ``HF_FIXED``: values the family always has on each side;
-* ``MAPPINGS``: the parameter mappings (renames plus a few fused ones);
-* ``IGNORED_HF``: HF tensors that carry nothing (e.g. rotary ``inv_freq``).
+* ``MAPPINGS``: the parameter mappings, composed from the blocks in blocks.py;
+* ``IGNORED_HF``: HF tensors that carry nothing (e.g. rotary ``inv_freq``);
+* ``UNSUPPORTED``: HF config flags that, when set, the family cannot convert yet.
 
 and, only when a field cannot be a table entry, overrides ``adjust_model_config``
 / ``adjust_hf_config``.
@@ -17,7 +18,7 @@ import re
 from typing import Any, ClassVar
 
 from megabridge.conversion.mappings import Mapping
-from megabridge.errors import ConversionError
+from megabridge.errors import ConversionError, UserError
 from megabridge.training.config import ModelConfig
 
 # Fields most decoder-only HF configs share.
@@ -34,6 +35,14 @@ COMMON_CONFIG = {
     "tie_word_embeddings": "share_embeddings_and_output_weights",
 }
 
+# What a Llama-like decoder always is on the Megatron side.
+LLAMA_LIKE = dict(
+    normalization="RMSNorm",
+    activation="swiglu",
+    position_embedding_type="rope",
+    add_bias_linear=False,
+)
+
 
 class FamilyBridge:
     family: ClassVar[str]
@@ -44,6 +53,11 @@ class FamilyBridge:
     HF_FIXED: ClassVar[dict[str, Any]] = {}
     MAPPINGS: ClassVar[list[Mapping]] = []
     IGNORED_HF: ClassVar[tuple[str, ...]] = (r".*\.rotary_emb\.inv_freq$",)
+    # HF config flag -> why it cannot be converted yet. A config with the flag set is
+    # refused with one line: "<NAME> with <flag>=<value> is not supported yet".
+    UNSUPPORTED: ClassVar[dict[str, str]] = {}
+    # The family's name in messages (default: its first architecture).
+    NAME: ClassVar[str] = ""
     # What `megabridge models` and the README table say about the family.
     PARALLELISM: ClassVar[tuple[str, ...]] = ("TP", "PP")
     NOTES: ClassVar[str] = ""
@@ -53,6 +67,10 @@ class FamilyBridge:
     @classmethod
     def model_config(cls, hf_config) -> ModelConfig:
         """Our ModelConfig from a transformers config object."""
+        for flag in cls.UNSUPPORTED:
+            value = getattr(hf_config, flag, None)
+            if value:
+                raise UserError(f"{cls.display_name()} with {flag}={value!r} is not supported yet")
         cfg = ModelConfig(family=cls.family)
         for hf_field, field in cls.CONFIG.items():
             value = getattr(hf_config, hf_field, None)
@@ -90,6 +108,10 @@ class FamilyBridge:
         data["rope_parameters"] = rope
         cls.adjust_hf_config(cfg, data)
         return data
+
+    @classmethod
+    def display_name(cls) -> str:
+        return cls.NAME or cls.architectures[0]
 
     @classmethod
     def adjust_model_config(cls, hf_config, cfg: ModelConfig) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
 
 import torch
 import torch.nn.functional as F
@@ -105,18 +106,71 @@ class SDPAttention(MegatronModule):
 
     def _forward_packed(self, query, key, value, params):
         # THD: [t, n, hn]; each segment attends causally to itself only.
+        t = query.shape[0]
+        if self._varlen_ok(query):
+            return varlen_causal(query, key, value, params, self.softmax_scale).reshape(t, -1)
         bounds = params.cu_seqlens_q.tolist()
         outs = []
         for start, end in zip(bounds[:-1], bounds[1:], strict=True):
             if end <= start:
                 continue
-            q, k, v = (t[start:end].transpose(0, 1).unsqueeze(0) for t in (query, key, value))
+            q, k, v = (x[start:end].transpose(0, 1).unsqueeze(0) for x in (query, key, value))
             outs.append(self._attend(q, k, v)[0].transpose(0, 1))  # [len, np, hn]
-        t = query.shape[0]
         out = torch.cat(outs, dim=0) if outs else query.new_zeros(0, self.heads, query.shape[-1])
         if out.shape[0] < t:  # padding after the last segment
             out = torch.cat([out, out.new_zeros(t - out.shape[0], *out.shape[1:])])
         return out.reshape(t, -1)
+
+    def _varlen_ok(self, query) -> bool:
+        """Whether torch's varlen flash kernel computes this layer's packed attention."""
+        plain = self.sliding_window is None and self.softcap is None and self._p() == 0.0
+        return plain and varlen_supported(query, self.softmax_scale)
+
+
+@functools.cache
+def _varlen_api() -> tuple | None:
+    """(torch's varlen_attn, its keyword names), or None where this torch has none.
+
+    torch.nn.attention.varlen (torch 2.9+) changed between releases: causal masking
+    is ``is_causal=True`` in some and ``window_size=(-1, 0)`` in others; ``scale``
+    and ``enable_gqa`` exist only in some (torch 2.11 has window_size and scale, no
+    enable_gqa). A flash kernel: CUDA, fp16 / bf16 only.
+    """
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    keywords = frozenset(inspect.signature(varlen_attn).parameters)
+    return (varlen_attn, keywords) if keywords & {"is_causal", "window_size"} else None
+
+
+def varlen_supported(query: torch.Tensor, scale: float | None) -> bool:
+    api = _varlen_api()
+    if api is None or not query.is_cuda or query.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    # Without a scale argument only the default 1/sqrt(hn) is available.
+    return "scale" in api[1] or scale is None or scale == query.shape[-1] ** -0.5
+
+
+def varlen_causal(query, key, value, params, scale: float | None) -> torch.Tensor:
+    """Causal attention inside each packed segment, one flash kernel for all of them.
+
+    query [t, np, hn], key/value [t, ng, hn] -> [t, np, hn]. The segments are
+    params.cu_seqlens_q (int32, on the device).
+    """
+    varlen_attn, keywords = _varlen_api()
+    cu = params.cu_seqlens_q.to(device=query.device, dtype=torch.int32)
+    longest = int(params.max_seqlen_q) if params.max_seqlen_q else int((cu[1:] - cu[:-1]).max())
+    kwargs = {"window_size": (-1, 0)} if "window_size" in keywords else {"is_causal": True}
+    if "scale" in keywords:
+        kwargs["scale"] = scale
+    if key.shape[1] != query.shape[1]:
+        if "enable_gqa" in keywords:
+            kwargs["enable_gqa"] = True
+        else:  # [t, ng, hn] -> [t, np, hn]: each K/V head once per query head of its group
+            rep = query.shape[1] // key.shape[1]
+            key, value = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
+    return varlen_attn(query, key, value, cu, cu, longest, longest, **kwargs)
 
 
 def sdpa(q, k, v, dropout_p: float, scale: float | None, mask=None) -> torch.Tensor:
@@ -237,10 +291,16 @@ _compiled_rope = None
 
 
 def fused_rope(t: torch.Tensor, freqs: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
-    """RoPE as one compiled kernel forward and backward (Megatron's fused-RoPE signature)."""
+    """RoPE as one compiled kernel forward and backward (Megatron's fused-RoPE signature).
+
+    t [s, b, n, d], freqs [s, 1, 1, rot]. Compiled on the GPU only; on the CPU (tests
+    that route through this path) the same function runs eagerly.
+    """
     global _compiled_rope
     if interleaved:
         raise ConfigError("interleaved RoPE is not supported by the torch layer spec")
+    if not t.is_cuda:
+        return _rope_bshd(t, freqs)
     if _compiled_rope is None:
         # Automatic dynamic shapes: a second shape (keys have fewer heads than queries, another
         # micro-batch or sequence length) compiles one kernel with symbolic sizes instead of one
@@ -249,11 +309,29 @@ def fused_rope(t: torch.Tensor, freqs: torch.Tensor, interleaved: bool = False) 
     return _compiled_rope(t, freqs)
 
 
-def rope_thd(t, cu_seqlens, freqs, cp_size: int = 1, cp_rank: int = 0):
-    """Packed (THD) RoPE: Megatron-Core's own per-segment implementation."""
-    from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_thd
+def packed_freqs(cu_seqlens: torch.Tensor, freqs: torch.Tensor, total: int) -> torch.Tensor:
+    """The RoPE angles of every packed token: positions restart at 0 in each segment.
 
-    return _apply_rotary_pos_emb_thd(t, cu_seqlens, freqs)
+    cu_seqlens [segments + 1], freqs [max_len, 1, 1, rot] -> [total, 1, 1, rot].
+    """
+    cu = cu_seqlens.to(device=freqs.device, dtype=torch.long)
+    if int(cu[-1]) != total:
+        raise ConfigError(f"packed sequence: cu_seqlens ends at {int(cu[-1])}, not at {total}")
+    starts = torch.repeat_interleave(cu[:-1], cu[1:] - cu[:-1], output_size=total)
+    return freqs[torch.arange(total, device=freqs.device) - starts]
+
+
+def rope_thd(t, cu_seqlens, freqs, cp_size: int = 1, cp_rank: int = 0):
+    """Packed (THD) RoPE, the fused kernel over all segments at once: t [t, n, d] -> [t, n, d].
+
+    Megatron-Core 0.16's dispatcher (rope_utils.apply_rotary_pos_emb) hands a fused THD
+    kernel only cp_size and cp_rank, while its own _apply_rotary_pos_emb_thd requires
+    the context-parallel group itself ("cp_group must be provided"): calling it from
+    here failed every packed step on the GPU. The torch spec has no context parallelism.
+    """
+    if cp_size != 1:
+        raise ConfigError("context parallelism is not supported yet by the torch layer spec")
+    return fused_rope(t.unsqueeze(1), packed_freqs(cu_seqlens, freqs, t.shape[0])).squeeze(1)
 
 
 def install_fused_rope() -> None:

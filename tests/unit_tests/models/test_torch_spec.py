@@ -47,27 +47,57 @@ def test_rope_kernel_matches_megatron_rope():
     )
 
 
-def test_packed_attention_does_not_cross_segments():
+# On a GPU (scripts/gpu_smoke.sh runs this file there) also bf16, which takes torch's varlen
+# flash kernel; fp32 takes the per-segment SDPA path everywhere.
+PACKED_CASES = [("cpu", torch.float32, 1e-6)]
+if torch.cuda.is_available():
+    PACKED_CASES += [("cuda", torch.float32, 1e-5), ("cuda", torch.bfloat16, 2e-2)]
+
+
+@pytest.mark.parametrize("device, dtype, atol", PACKED_CASES)
+@pytest.mark.parametrize("groups", [4, 2])
+def test_packed_attention_does_not_cross_segments(device, dtype, atol, groups):
     from megatron.core.packed_seq_params import PackedSeqParams
 
     from megabridge.models.provider import transformer_config
     from megabridge.models.torch_layers import SDPAttention
 
     cfg = transformer_config(
-        ModelConfig(num_layers=1, hidden_size=32, num_attention_heads=4, bf16=False)
+        ModelConfig(
+            num_layers=1, hidden_size=64, num_attention_heads=4, num_query_groups=groups, bf16=False
+        )
     )
     attn = SDPAttention(cfg, layer_number=1, attn_mask_type=None, attention_type="self")
     gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(10, 4, 8, generator=gen) for _ in range(3))
-    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
-    packed = attn(
-        q,
-        k,
-        v,
-        None,
-        packed_seq_params=PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu),
+    q = torch.randn(10, 4, 16, generator=gen).to(device, dtype)
+    k, v = (torch.randn(10, groups, 16, generator=gen).to(device, dtype) for _ in range(2))
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32, device=device)
+    params = PackedSeqParams(
+        qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=6, max_seqlen_kv=6
     )
+    # bf16 on a GPU goes through the varlen kernel (if this torch has it, as 2.9+ does)
+    assert attn._varlen_ok(q) == (dtype == torch.bfloat16)
+    packed = attn(q, k, v, None, packed_seq_params=params)
     # each segment alone, as a batch of one [s, b=1, n, d]
     first = attn(q[:4, None], k[:4, None], v[:4, None], None)
     second = attn(q[4:, None], k[4:, None], v[4:, None], None)
-    torch.testing.assert_close(packed, torch.cat([first[:, 0], second[:, 0]]), atol=1e-6, rtol=1e-6)
+    expected = torch.cat([first[:, 0], second[:, 0]])
+    torch.testing.assert_close(packed, expected, atol=atol, rtol=atol)
+    # attention across the boundary gives something else: the check can tell
+    whole = attn(q[:, None], k[:, None], v[:, None], None)[:, 0]
+    assert (whole[4:] - expected[4:]).abs().max() > 10 * atol
+
+
+def test_packed_rope_restarts_positions_in_every_segment():
+    """The fused THD RoPE equals RoPE applied to each segment on its own, from position 0."""
+    from megabridge.models.torch_layers import _rope_bshd, rope_thd
+
+    gen = torch.Generator().manual_seed(0)
+    t = torch.randn(10, 4, 8, generator=gen)  # [tokens, heads, dim]
+    freqs = torch.randn(7, 1, 1, 6, generator=gen)  # the longest segment's angles, 6 rotated
+    cu = torch.tensor([0, 3, 3, 10], dtype=torch.int32)  # an empty segment in the middle
+    got = rope_thd(t, cu, freqs)
+    expected = torch.cat([_rope_bshd(t[:3, None], freqs[:3]), _rope_bshd(t[3:, None], freqs)])
+    torch.testing.assert_close(got, expected[:, 0], atol=0, rtol=0)
+    with pytest.raises(Exception, match="cu_seqlens ends at 9"):
+        rope_thd(t, torch.tensor([0, 9], dtype=torch.int32), freqs)

@@ -12,22 +12,10 @@ and multiplied by ``routed_scaling_factor``. The first ``first_k_dense_replace``
 layers have a dense MLP. The original FP8 release must be dequantised to bf16 first.
 """
 
-from megabridge.conversion.family import FamilyBridge
-from megabridge.conversion.mappings import GatedMLP, renames
+from megabridge.conversion import blocks
+from megabridge.conversion.family import COMMON_CONFIG, LLAMA_LIKE, FamilyBridge
 from megabridge.conversion.registry import register_bridge
 from megabridge.errors import UserError
-
-LAYER = "decoder.layers.*"
-HF_LAYER = "model.layers.*"
-ATTN, HF_ATTN = f"{LAYER}.self_attention", f"{HF_LAYER}.self_attn"
-EXPERT = f"{LAYER}.mlp.experts.local_experts.*"
-HF_EXPERT = f"{HF_LAYER}.mlp.experts.*"
-
-
-def _gated(megatron: str, hf: str) -> GatedMLP:
-    return GatedMLP(
-        f"{megatron}.linear_fc1.weight", (f"{hf}.gate_proj.weight", f"{hf}.up_proj.weight")
-    )
 
 
 @register_bridge
@@ -35,15 +23,10 @@ class DeepseekV3Bridge(FamilyBridge):
     family = "deepseek_v3"
     architectures = ("DeepseekV3ForCausalLM",)
     hf_model_type = "deepseek_v3"
+    NAME = "DeepSeek-V3"
+    # No num_key_value_heads / head_dim: MLA's heads are shaped by the ranks and head dims.
     CONFIG = {
-        "num_hidden_layers": "num_layers",
-        "hidden_size": "hidden_size",
-        "intermediate_size": "ffn_hidden_size",
-        "num_attention_heads": "num_attention_heads",
-        "vocab_size": "vocab_size",
-        "max_position_embeddings": "seq_length",
-        "rms_norm_eps": "layernorm_epsilon",
-        "tie_word_embeddings": "share_embeddings_and_output_weights",
+        **{k: v for k, v in COMMON_CONFIG.items() if v not in ("num_query_groups", "kv_channels")},
         "q_lora_rank": "q_lora_rank",
         "kv_lora_rank": "kv_lora_rank",
         "qk_nope_head_dim": "qk_head_dim",
@@ -55,10 +38,7 @@ class DeepseekV3Bridge(FamilyBridge):
         "routed_scaling_factor": "moe_router_topk_scaling_factor",
     }
     MEGATRON_FIXED = dict(
-        normalization="RMSNorm",
-        activation="swiglu",
-        position_embedding_type="rope",
-        add_bias_linear=False,
+        **LLAMA_LIKE,
         multi_latent_attention=True,
         qk_layernorm=True,  # q_a_layernorm and kv_a_layernorm
         moe_router_score_function="sigmoid",
@@ -72,32 +52,16 @@ class DeepseekV3Bridge(FamilyBridge):
     HF_FIXED = dict(
         hidden_act="silu", rope_interleave=True, attention_bias=False, norm_topk_prob=True
     )
+    UNSUPPORTED = {"attention_bias": "MLA's projections have no biases in Megatron-Core"}
     MAPPINGS = [
-        *renames(
-            {
-                "embedding.word_embeddings.weight": "model.embed_tokens.weight",
-                "decoder.final_layernorm.weight": "model.norm.weight",
-                "output_layer.weight": "lm_head.weight",
-                f"{LAYER}.input_layernorm.weight": f"{HF_LAYER}.input_layernorm.weight",
-                f"{LAYER}.pre_mlp_layernorm.weight": f"{HF_LAYER}.post_attention_layernorm.weight",
-                f"{ATTN}.linear_q_proj.weight": f"{HF_ATTN}.q_proj.weight",
-                f"{ATTN}.linear_q_down_proj.weight": f"{HF_ATTN}.q_a_proj.weight",
-                f"{ATTN}.q_layernorm.weight": f"{HF_ATTN}.q_a_layernorm.weight",
-                f"{ATTN}.linear_q_up_proj.weight": f"{HF_ATTN}.q_b_proj.weight",
-                f"{ATTN}.linear_kv_down_proj.weight": f"{HF_ATTN}.kv_a_proj_with_mqa.weight",
-                f"{ATTN}.kv_layernorm.weight": f"{HF_ATTN}.kv_a_layernorm.weight",
-                f"{ATTN}.linear_kv_up_proj.weight": f"{HF_ATTN}.kv_b_proj.weight",
-                f"{ATTN}.linear_proj.weight": f"{HF_ATTN}.o_proj.weight",
-                f"{LAYER}.mlp.linear_fc2.weight": f"{HF_LAYER}.mlp.down_proj.weight",
-                f"{LAYER}.mlp.router.weight": f"{HF_LAYER}.mlp.gate.weight",
-                f"{LAYER}.mlp.router.expert_bias": f"{HF_LAYER}.mlp.gate.e_score_correction_bias",
-                f"{EXPERT}.linear_fc2.weight": f"{HF_EXPERT}.down_proj.weight",
-                f"{LAYER}.mlp.shared_experts.linear_fc2.weight": f"{HF_LAYER}.mlp.shared_experts.down_proj.weight",
-            }
-        ),
-        _gated(f"{LAYER}.mlp", f"{HF_LAYER}.mlp"),
-        _gated(EXPERT, HF_EXPERT),
-        _gated(f"{LAYER}.mlp.shared_experts", f"{HF_LAYER}.mlp.shared_experts"),
+        *blocks.embeddings_and_head(),
+        *blocks.final_norm(),
+        *blocks.pre_norms(),
+        *blocks.mla_attention(),
+        *blocks.gated_mlp(),  # the first_k_dense_replace dense layers
+        *blocks.router(expert_bias=True),
+        *blocks.routed_experts(),
+        *blocks.shared_experts(),
     ]
     # The release's multi-token-prediction module (layer 61), which transformers skips too.
     IGNORED_HF = (r".*\.rotary_emb\.inv_freq$", r"model\.layers\.61\.")
@@ -108,8 +72,6 @@ class DeepseekV3Bridge(FamilyBridge):
     def adjust_model_config(cls, hf_config, cfg):
         if getattr(hf_config, "quantization_config", None):
             raise UserError("DeepSeek-V3 in FP8 (quantization_config) is not supported: use bf16")
-        if getattr(hf_config, "attention_bias", False):
-            raise UserError("DeepSeek-V3 with attention_bias=True is not supported yet")
         if not getattr(hf_config, "rope_interleave", True):
             # Megatron-Core's MLA always de-interleaves the RoPE channels first.
             raise UserError("DeepSeek-V3 with rope_interleave=False is not supported yet")

@@ -1,13 +1,11 @@
 """Gemma 2: (1 + w) RMSNorms, four per layer; GeGLU; embeddings scaled by sqrt(hidden);
 soft-capped attention scores and logits; sliding-window layers between global ones."""
 
-from megabridge.conversion.family import COMMON_CONFIG, FamilyBridge
-from megabridge.conversion.mappings import QKV, GatedMLP, renames
+from megabridge.conversion import blocks
+from megabridge.conversion.family import COMMON_CONFIG, LLAMA_LIKE, FamilyBridge
 from megabridge.conversion.registry import register_bridge
 from megabridge.errors import UserError
 
-LAYER = "decoder.layers.*"
-HF_LAYER = "model.layers.*"
 LAYER_TYPES = ("sliding_attention", "full_attention")
 
 
@@ -22,46 +20,29 @@ class Gemma2Bridge(FamilyBridge):
         "attn_logit_softcapping": "attn_logit_softcap",
         "final_logit_softcapping": "final_logit_softcap",
     }
-    MEGATRON_FIXED = dict(
-        normalization="RMSNorm",
-        layernorm_zero_centered_gamma=True,
-        norm_placement="pre_post",
-        activation="geglu",
-        position_embedding_type="rope",
-        add_bias_linear=False,
-    )
+    MEGATRON_FIXED = {
+        **LLAMA_LIKE,
+        "layernorm_zero_centered_gamma": True,
+        "norm_placement": "pre_post",
+        "activation": "geglu",
+    }
     HF_FIXED = dict(hidden_activation="gelu_pytorch_tanh", attention_bias=False)
+    UNSUPPORTED = {
+        "attention_bias": "a bias on o_proj as well as q/k/v",
+        "use_bidirectional_attention": "Megatron-Core's GPT attention is causal only",
+    }
     MAPPINGS = [
-        *renames(
-            {
-                "embedding.word_embeddings.weight": "model.embed_tokens.weight",
-                "decoder.final_layernorm.weight": "model.norm.weight",
-                "output_layer.weight": "lm_head.weight",
-                f"{LAYER}.input_layernorm.weight": f"{HF_LAYER}.input_layernorm.weight",
-                f"{LAYER}.post_self_attn_layernorm.weight": f"{HF_LAYER}.post_attention_layernorm.weight",
-                f"{LAYER}.pre_mlp_layernorm.weight": f"{HF_LAYER}.pre_feedforward_layernorm.weight",
-                f"{LAYER}.post_mlp_layernorm.weight": f"{HF_LAYER}.post_feedforward_layernorm.weight",
-                f"{LAYER}.self_attention.linear_proj.weight": f"{HF_LAYER}.self_attn.o_proj.weight",
-                f"{LAYER}.mlp.linear_fc2.weight": f"{HF_LAYER}.mlp.down_proj.weight",
-            }
-        ),  # fmt: skip
-        QKV(
-            f"{LAYER}.self_attention.linear_qkv.weight",
-            tuple(f"{HF_LAYER}.self_attn.{p}_proj.weight" for p in "qkv"),
-        ),
-        GatedMLP(
-            f"{LAYER}.mlp.linear_fc1.weight",
-            (f"{HF_LAYER}.mlp.gate_proj.weight", f"{HF_LAYER}.mlp.up_proj.weight"),
-        ),
+        *blocks.embeddings_and_head(),
+        *blocks.final_norm(),
+        *blocks.pre_post_norms(),
+        *blocks.attention(),
+        *blocks.gated_mlp(),
     ]
     NOTES = "tied embeddings; sliding window, attention and final logit soft-capping (torch spec)"
 
     @classmethod
     def adjust_model_config(cls, hf_config, cfg):
-        name = cls.architectures[0]
-        for flag in ("attention_bias", "use_bidirectional_attention"):
-            if getattr(hf_config, flag, False):
-                raise UserError(f"{name} with {flag}=True is not supported yet")
+        name = cls.display_name()
         act = getattr(hf_config, "hidden_activation", None) or "gelu_pytorch_tanh"
         if act != "gelu_pytorch_tanh":
             raise UserError(

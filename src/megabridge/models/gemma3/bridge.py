@@ -1,30 +1,24 @@
 """Gemma 3 text (Gemma3ForCausalLM): Gemma 2 plus per-head (1 + w) QK norms, local layers with
 their own RoPE theta, global layers with scalable RoPE; no attention soft-capping."""
 
-from megabridge.conversion.mappings import renames
+from megabridge.conversion import blocks
 from megabridge.conversion.registry import register_bridge
 from megabridge.errors import UserError
-from megabridge.models.gemma2.bridge import HF_LAYER, LAYER, Gemma2Bridge
+from megabridge.models.gemma2.bridge import Gemma2Bridge
 from megabridge.models.rope import rope_type
 
 
 @register_bridge
 class Gemma3Bridge(Gemma2Bridge):
+    """Gemma 2 plus QK norm and per-kind RoPE, minus attention soft-capping."""
+
     family = "gemma3"
     architectures = ("Gemma3ForCausalLM",)
     hf_model_type = "gemma3_text"
     # transformers' Gemma 3 attention never reads attn_logit_softcapping: neither do we.
     CONFIG = {k: v for k, v in Gemma2Bridge.CONFIG.items() if k != "attn_logit_softcapping"}
     MEGATRON_FIXED = {**Gemma2Bridge.MEGATRON_FIXED, "qk_layernorm": True}
-    MAPPINGS = [
-        *Gemma2Bridge.MAPPINGS,
-        *renames(
-            {
-                f"{LAYER}.self_attention.q_layernorm.weight": f"{HF_LAYER}.self_attn.q_norm.weight",
-                f"{LAYER}.self_attention.k_layernorm.weight": f"{HF_LAYER}.self_attn.k_norm.weight",
-            }
-        ),
-    ]
+    MAPPINGS = [*Gemma2Bridge.MAPPINGS, *blocks.qk_norm()]
     NOTES = (
         "text only (Gemma3ForCausalLM); tied embeddings; sliding window with its own RoPE "
         "theta, global RoPE scaling (torch spec)"

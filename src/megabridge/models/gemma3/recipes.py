@@ -5,33 +5,39 @@ Only Gemma3ForCausalLM folders convert: google/gemma-3-1b-* is one; the 4B and l
 checkpoints are Gemma3ForConditionalGeneration (text + vision), not supported yet, so their
 recipes need a text-only Gemma3ForCausalLM folder (or start from scratch)."""
 
-from megabridge.recipes import as_lora, finetune, tiny_finetune, tiny_pretrain
-from megabridge.training.config import ModelConfig
+from megabridge.models.gemma3.bridge import Gemma3Bridge
+from megabridge.recipes import as_lora, finetune, sized, tiny_finetune, tiny_pretrain
 
-
-def _gemma3(layers, hidden, ffn, heads, groups, head_dim=256, query_scalar=256,
-            vocab=262208, window=1024, rope_scaling=None, seq_length=4096):  # fmt: skip
-    return ModelConfig(
-        family="gemma3", num_layers=layers, hidden_size=hidden, ffn_hidden_size=ffn,
-        num_attention_heads=heads, num_query_groups=groups, kv_channels=head_dim,
-        vocab_size=vocab, seq_length=seq_length, normalization="RMSNorm", layernorm_epsilon=1e-6,
-        layernorm_zero_centered_gamma=True, norm_placement="pre_post", qk_layernorm=True,
-        activation="geglu", position_embedding_type="rope", rotary_base=1_000_000.0,
-        rope_scaling=rope_scaling or {}, local_rotary_base=10_000.0,
-        share_embeddings_and_output_weights=True, embedding_multiplier=hidden**0.5,
-        softmax_scale=query_scalar**-0.5, sliding_window=window,
-        sliding_window_layers=[i for i in range(layers) if (i + 1) % 6],  # every 6th: global
-    )  # fmt: skip
-
-
+# Every 6th layer global, the others sliding-window (transformers' default layer_types);
+# RoPE theta 1M on the global layers, 10k on the local ones.
+_GEMMA3 = dict(vocab_size=262208, rms_norm_eps=1e-6, rope_theta=1e6, rope_local_base_freq=1e4,
+               sliding_window=1024, head_dim=256, query_pre_attn_scalar=256,
+               tie_word_embeddings=True)  # fmt: skip
 _LINEAR_8 = {"rope_type": "linear", "factor": 8.0}  # the global layers of 4B and up
+# HF config.json fields of each size; tests/data/hf_configs/<size>.json is the released one.
+SIZES = {
+    "gemma3_1b": dict(_GEMMA3, num_hidden_layers=26, hidden_size=1152, intermediate_size=6912,
+                      num_attention_heads=4, num_key_value_heads=1, vocab_size=262144,
+                      sliding_window=512),
+    "gemma3_4b": dict(_GEMMA3, num_hidden_layers=34, hidden_size=2560, intermediate_size=10240,
+                      num_attention_heads=8, num_key_value_heads=4, rope_scaling=_LINEAR_8),
+    "gemma3_12b": dict(_GEMMA3, num_hidden_layers=48, hidden_size=3840, intermediate_size=15360,
+                       num_attention_heads=16, num_key_value_heads=8, rope_scaling=_LINEAR_8),
+    # 27B: head_dim 128, scores scaled by (hidden / heads)**-0.5 = 168**-0.5.
+    "gemma3_27b": dict(_GEMMA3, num_hidden_layers=62, hidden_size=5376, intermediate_size=21504,
+                       num_attention_heads=32, num_key_value_heads=16, head_dim=128,
+                       query_pre_attn_scalar=168, rope_scaling=_LINEAR_8),
+}  # fmt: skip
+_LOCAL, _GLOBAL = "sliding_attention", "full_attention"
+TINY = dict(_GEMMA3, num_hidden_layers=4, hidden_size=64, intermediate_size=128,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=24, query_pre_attn_scalar=20,
+            vocab_size=256, sliding_window=8,
+            layer_types=[_LOCAL, _GLOBAL, _LOCAL, _LOCAL])  # fmt: skip
 
 
 def gemma3_tiny_pretrain_config():
     """A tiny Gemma 3-shaped model on mock data (tests, smoke runs)."""
-    model = _gemma3(4, 64, 128, 4, 2, 24, 20, vocab=256, window=8, seq_length=128)
-    model.sliding_window_layers = [0, 2, 3]
-    return tiny_pretrain("gemma3_tiny", model)
+    return tiny_pretrain("gemma3_tiny", sized(Gemma3Bridge, TINY))
 
 
 def gemma3_tiny_finetune_config():
@@ -41,8 +47,7 @@ def gemma3_tiny_finetune_config():
 
 def gemma3_1b_finetune_config():
     """SFT of Gemma 3 1B: set checkpoint.pretrained_checkpoint and dataset.path."""
-    model = _gemma3(26, 1152, 6912, 4, 1, vocab=262144, window=512)
-    return finetune("gemma3_1b_sft", model)
+    return finetune("gemma3_1b_sft", sized(Gemma3Bridge, SIZES["gemma3_1b"]))
 
 
 def gemma3_1b_lora_config():
@@ -52,7 +57,7 @@ def gemma3_1b_lora_config():
 
 def gemma3_4b_finetune_config():
     """SFT of Gemma 3 4B text (needs a Gemma3ForCausalLM folder): set the checkpoint and data."""
-    return finetune("gemma3_4b_sft", _gemma3(34, 2560, 10240, 8, 4, rope_scaling=_LINEAR_8))
+    return finetune("gemma3_4b_sft", sized(Gemma3Bridge, SIZES["gemma3_4b"]))
 
 
 def gemma3_4b_lora_config():
@@ -62,15 +67,13 @@ def gemma3_4b_lora_config():
 
 def gemma3_12b_finetune_config():
     """SFT of Gemma 3 12B text (TP=4; needs a Gemma3ForCausalLM folder): set checkpoint and data."""
-    cfg = finetune("gemma3_12b_sft", _gemma3(48, 3840, 15360, 16, 8, rope_scaling=_LINEAR_8))
+    cfg = finetune("gemma3_12b_sft", sized(Gemma3Bridge, SIZES["gemma3_12b"]))
     cfg.model.tensor_model_parallel_size = 4
     return cfg
 
 
 def gemma3_27b_finetune_config():
     """SFT of Gemma 3 27B text (TP=8; needs a Gemma3ForCausalLM folder): set checkpoint and data."""
-    # 27B: head_dim 128, scores scaled by (hidden / heads)**-0.5 = 168**-0.5.
-    model = _gemma3(62, 5376, 21504, 32, 16, head_dim=128, query_scalar=168, rope_scaling=_LINEAR_8)
-    cfg = finetune("gemma3_27b_sft", model)
+    cfg = finetune("gemma3_27b_sft", sized(Gemma3Bridge, SIZES["gemma3_27b"]))
     cfg.model.tensor_model_parallel_size = 8
     return cfg

@@ -1,18 +1,8 @@
 """Llama recipes. Point checkpoint.pretrained_checkpoint at a local HF folder (or a converted
 checkpoint): the architecture is then read from it, whatever the sizes below say."""
 
-from megabridge.recipes import as_lora, finetune, pretrain, tiny_finetune, tiny_pretrain
-from megabridge.training.config import ModelConfig
-
-
-def _llama(layers, hidden, ffn, heads, groups, vocab, tied, rope_scaling=None, theta=500000.0):
-    return ModelConfig(
-        family="llama", num_layers=layers, hidden_size=hidden, ffn_hidden_size=ffn,
-        num_attention_heads=heads, num_query_groups=groups, vocab_size=vocab, seq_length=4096,
-        normalization="RMSNorm", activation="swiglu", position_embedding_type="rope",
-        rotary_base=theta, rope_scaling=rope_scaling or {}, layernorm_epsilon=1e-5,
-        share_embeddings_and_output_weights=tied,
-    )  # fmt: skip
+from megabridge.models.llama.bridge import LlamaBridge
+from megabridge.recipes import as_lora, finetune, pretrain, sized, tiny_finetune, tiny_pretrain
 
 
 def _llama3_rope(factor: float) -> dict:
@@ -20,9 +10,23 @@ def _llama3_rope(factor: float) -> dict:
             "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}  # fmt: skip
 
 
+_LLAMA3 = dict(num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+               rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=131072)  # fmt: skip
+# HF config.json fields of each size; tests/data/hf_configs/<size>.json is the released one.
+SIZES = {
+    "llama32_1b": dict(_LLAMA3, num_hidden_layers=16, hidden_size=2048, intermediate_size=8192,
+                       head_dim=64, rope_scaling=_llama3_rope(32.0), tie_word_embeddings=True),
+    "llama31_8b": dict(_LLAMA3, num_hidden_layers=32, hidden_size=4096, intermediate_size=14336,
+                       rope_scaling=_llama3_rope(8.0), tie_word_embeddings=False),
+}  # fmt: skip
+TINY = dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=256, rms_norm_eps=1e-5, rope_theta=10000.0,
+            tie_word_embeddings=False)  # fmt: skip
+
+
 def llama_tiny_pretrain_config():
     """A tiny Llama-shaped model on mock data (tests, smoke runs)."""
-    return tiny_pretrain("llama_tiny", _llama(2, 64, 128, 4, 2, 256, tied=False, theta=10000.0))
+    return tiny_pretrain("llama_tiny", sized(LlamaBridge, TINY))
 
 
 def llama_tiny_finetune_config():
@@ -32,10 +36,7 @@ def llama_tiny_finetune_config():
 
 def llama32_1b_pretrain_config():
     """Llama 3.2 1B from scratch on mock data (bf16 on GPU)."""
-    cfg = pretrain(
-        "llama32_1b",
-        _llama(16, 2048, 8192, 32, 8, 128256, tied=True, rope_scaling=_llama3_rope(32.0)),
-    )
+    cfg = pretrain("llama32_1b", sized(LlamaBridge, SIZES["llama32_1b"]))
     cfg.train.micro_batch_size = 4
     return cfg
 
@@ -52,10 +53,7 @@ def llama32_1b_lora_config():
 
 def llama31_8b_finetune_config():
     """SFT of Llama 3.1 8B (TP=2 by default): set checkpoint.pretrained_checkpoint and dataset.path."""
-    cfg = finetune(
-        "llama31_8b_sft",
-        _llama(32, 4096, 14336, 32, 8, 128256, tied=False, rope_scaling=_llama3_rope(8.0)),
-    )
+    cfg = finetune("llama31_8b_sft", sized(LlamaBridge, SIZES["llama31_8b"]))
     cfg.model.tensor_model_parallel_size = 2
     return cfg
 

@@ -7,6 +7,8 @@ from megabridge.models.llama.bridge import LlamaBridge
 
 @register_bridge
 class MistralBridge(LlamaBridge):
+    """Llama plus a sliding window."""
+
     family = "mistral"
     architectures = ("MistralForCausalLM",)
     hf_model_type = "mistral"

@@ -1,31 +1,30 @@
 """Mixtral recipes. Point checkpoint.pretrained_checkpoint at a local HF folder (or a converted
 checkpoint): the architecture is then read from it, whatever the sizes below say."""
 
-from megabridge.recipes import as_lora, finetune, tiny_pretrain
-from megabridge.training.config import ModelConfig
+from megabridge.models.mixtral.bridge import MixtralBridge
+from megabridge.recipes import as_lora, finetune, sized, tiny_pretrain
 
-
-def _mixtral(layers, hidden, ffn, heads, groups, vocab, experts, topk, aux_loss, theta):
-    return ModelConfig(
-        family="mixtral", num_layers=layers, hidden_size=hidden, ffn_hidden_size=ffn,
-        num_attention_heads=heads, num_query_groups=groups, vocab_size=vocab, seq_length=4096,
-        normalization="RMSNorm", activation="swiglu", position_embedding_type="rope",
-        rotary_base=theta, layernorm_epsilon=1e-5, num_moe_experts=experts,
-        moe_router_topk=topk, moe_aux_loss_coeff=aux_loss,
-    )  # fmt: skip
+_MIXTRAL = dict(rms_norm_eps=1e-5, num_experts_per_tok=2, router_aux_loss_coef=0.02,
+                sliding_window=None, tie_word_embeddings=False)  # fmt: skip
+# HF config.json fields of each size; tests/data/hf_configs/<size>.json is the released one.
+SIZES = {
+    "mixtral_8x7b": dict(_MIXTRAL, num_hidden_layers=32, hidden_size=4096, intermediate_size=14336,
+                         num_attention_heads=32, num_key_value_heads=8, vocab_size=32000,
+                         num_local_experts=8, rope_theta=1e6),
+}  # fmt: skip
+TINY = dict(_MIXTRAL, num_hidden_layers=2, hidden_size=64, intermediate_size=32,
+            num_attention_heads=4, num_key_value_heads=2, vocab_size=256, num_local_experts=4,
+            rope_theta=1e4)  # fmt: skip
 
 
 def mixtral_tiny_pretrain_config():
     """A tiny Mixtral-shaped model (4 experts, top-2) on mock data (tests, smoke runs)."""
-    return tiny_pretrain("mixtral_tiny", _mixtral(2, 64, 32, 4, 2, 256, 4, 2, 0.02, 10000.0))
+    return tiny_pretrain("mixtral_tiny", sized(MixtralBridge, TINY))
 
 
 def mixtral_8x7b_finetune_config():
     """SFT of Mixtral 8x7B on 32 GPUs (PP=4, EP=8): set pretrained_checkpoint and dataset.path."""
-    cfg = finetune(
-        "mixtral_8x7b_sft",
-        _mixtral(32, 4096, 14336, 32, 8, 32000, 8, 2, 0.02, 1000000.0),
-    )
+    cfg = finetune("mixtral_8x7b_sft", sized(MixtralBridge, SIZES["mixtral_8x7b"]))
     m = cfg.model
     m.pipeline_model_parallel_size, m.expert_model_parallel_size = 4, 8
     m.moe_router_dtype = "fp32"

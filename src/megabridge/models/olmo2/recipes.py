@@ -2,28 +2,28 @@
 checkpoint.pretrained_checkpoint at a local HF folder (or a converted checkpoint): the
 architecture is then read from it, whatever the sizes below say."""
 
-from megabridge.recipes import as_lora, finetune, tiny_pretrain
-from megabridge.training.config import ModelConfig
+from megabridge.models.olmo2.bridge import Olmo2Bridge
+from megabridge.recipes import as_lora, finetune, sized, tiny_pretrain
 
-
-def _olmo2(layers, hidden, ffn, heads, groups, vocab):
-    return ModelConfig(
-        family="olmo2", num_layers=layers, hidden_size=hidden, ffn_hidden_size=ffn,
-        num_attention_heads=heads, num_query_groups=groups, vocab_size=vocab, seq_length=4096,
-        normalization="RMSNorm", activation="swiglu", position_embedding_type="rope",
-        rotary_base=500000.0, layernorm_epsilon=1e-6, norm_placement="post",
-        qk_norm_across_heads=True,
-    )  # fmt: skip
+_OLMO2 = dict(rms_norm_eps=1e-6, rope_theta=500000.0, tie_word_embeddings=False)
+# HF config.json fields of each size; tests/data/hf_configs/<size>.json is the released one.
+SIZES = {
+    "olmo2_7b": dict(_OLMO2, num_hidden_layers=32, hidden_size=4096, intermediate_size=11008,
+                     num_attention_heads=32, num_key_value_heads=32, vocab_size=100352),
+}  # fmt: skip
+TINY = dict(_OLMO2, num_hidden_layers=2, hidden_size=64, intermediate_size=128,
+            num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+            eos_token_id=1)  # fmt: skip
 
 
 def olmo2_tiny_pretrain_config():
     """A tiny OLMo-2-shaped model on mock data (tests, smoke runs)."""
-    return tiny_pretrain("olmo2_tiny", _olmo2(2, 64, 128, 4, 2, 256))
+    return tiny_pretrain("olmo2_tiny", sized(Olmo2Bridge, TINY))
 
 
 def olmo2_7b_finetune_config():
     """SFT of OLMo 2 7B (TP=2): set checkpoint.pretrained_checkpoint and dataset.path."""
-    cfg = finetune("olmo2_7b_sft", _olmo2(32, 4096, 11008, 32, 32, 100352))
+    cfg = finetune("olmo2_7b_sft", sized(Olmo2Bridge, SIZES["olmo2_7b"]))
     cfg.model.tensor_model_parallel_size = 2
     return cfg
 

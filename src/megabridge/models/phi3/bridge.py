@@ -5,10 +5,9 @@ HF's qkv_proj holds all query rows, then all key rows, then all value rows
 very layout of Megatron's linear_fc1, so that one is a plain rename.
 """
 
-from megabridge.conversion.family import COMMON_CONFIG, FamilyBridge
-from megabridge.conversion.mappings import FusedQKV, renames
+from megabridge.conversion import blocks
+from megabridge.conversion.family import COMMON_CONFIG, LLAMA_LIKE, FamilyBridge
 from megabridge.conversion.registry import register_bridge
-from megabridge.models.llama.bridge import HF_LAYER, LAYER, LlamaBridge
 
 
 @register_bridge
@@ -17,24 +16,14 @@ class Phi3Bridge(FamilyBridge):
     architectures = ("Phi3ForCausalLM",)
     hf_model_type = "phi3"
     CONFIG = {**COMMON_CONFIG, "sliding_window": "sliding_window"}
-    MEGATRON_FIXED = LlamaBridge.MEGATRON_FIXED
+    MEGATRON_FIXED = LLAMA_LIKE
     HF_FIXED = dict(hidden_act="silu")
     MAPPINGS = [
-        *renames(
-            {
-                "embedding.word_embeddings.weight": "model.embed_tokens.weight",
-                "decoder.final_layernorm.weight": "model.norm.weight",
-                "output_layer.weight": "lm_head.weight",
-                f"{LAYER}.input_layernorm.weight": f"{HF_LAYER}.input_layernorm.weight",
-                f"{LAYER}.pre_mlp_layernorm.weight": f"{HF_LAYER}.post_attention_layernorm.weight",
-                f"{LAYER}.self_attention.linear_proj.weight": f"{HF_LAYER}.self_attn.o_proj.weight",
-                f"{LAYER}.mlp.linear_fc1.weight": f"{HF_LAYER}.mlp.gate_up_proj.weight",
-                f"{LAYER}.mlp.linear_fc2.weight": f"{HF_LAYER}.mlp.down_proj.weight",
-            }
-        ),
-        FusedQKV(
-            f"{LAYER}.self_attention.linear_qkv.weight", f"{HF_LAYER}.self_attn.qkv_proj.weight"
-        ),
+        *blocks.embeddings_and_head(),
+        *blocks.final_norm(),
+        *blocks.pre_norms(),
+        *blocks.fused_qkv_attention(),
+        *blocks.fused_gated_mlp(),
     ]
     NOTES = "fused qkv/gate_up; sliding window (4k); partial rotary; longrope (128k, 3.5) not yet"
 

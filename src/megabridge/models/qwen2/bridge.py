@@ -1,25 +1,22 @@
 """Qwen2 / Qwen2.5: Llama's layout plus biases on the q, k and v projections (not on o_proj)."""
 
-from megabridge.conversion.mappings import QKV
+from megabridge.conversion import blocks
 from megabridge.conversion.registry import register_bridge
 from megabridge.errors import UserError
-from megabridge.models.llama.bridge import HF_LAYER, LAYER, LlamaBridge
+from megabridge.models.llama.bridge import LlamaBridge
 
 
 @register_bridge
 class Qwen2Bridge(LlamaBridge):
+    """Llama plus q/k/v biases."""
+
     family = "qwen2"
     architectures = ("Qwen2ForCausalLM",)
     hf_model_type = "qwen2"
+    UNSUPPORTED = {}  # transformers' Qwen2 has no o_proj or MLP biases to refuse
     MEGATRON_FIXED = {**LlamaBridge.MEGATRON_FIXED, "add_qkv_bias": True}
     HF_FIXED = dict(hidden_act="silu", use_sliding_window=False)
-    MAPPINGS = [
-        *LlamaBridge.MAPPINGS,
-        QKV(
-            f"{LAYER}.self_attention.linear_qkv.bias",
-            tuple(f"{HF_LAYER}.self_attn.{p}_proj.bias" for p in "qkv"),
-        ),
-    ]
+    MAPPINGS = [*LlamaBridge.MAPPINGS, *blocks.qkv_bias()]
     NOTES = "q/k/v biases; tied embeddings (0.5B-3B); no sliding-window layers"
 
     @classmethod

@@ -1,7 +1,7 @@
-"""The checks every model family passes: exact round trip, logits vs transformers, parallel layouts.
+"""Checks on converted models: exact round trips, logits and gradients vs transformers.
 
-A family's test file builds tiny HF models from transformers' own config classes
-(tests/hf_models.py) and calls these.
+The conformance suite (tests/unit_tests/models/test_conformance.py) runs them on every
+family's tiny models; its multi-process half is tests/parallel_check.py.
 """
 
 from __future__ import annotations
@@ -14,10 +14,11 @@ import torch
 from tests.helpers import megabridge, torchrun
 
 ATOL_FP32 = 1e-4
+INDEX = "model.safetensors.index.json"
 
 
 def assert_same_hf_folder(expected: Path, actual: Path) -> None:
-    """Same tensor names, dtypes and bytes; same config.json."""
+    """Same tensor names, dtypes and bytes; same config.json; the same shards if sharded."""
     from megabridge.conversion.hf_io import HFCheckpoint
 
     a, b = HFCheckpoint(expected), HFCheckpoint(actual)
@@ -31,6 +32,9 @@ def assert_same_hf_folder(expected: Path, actual: Path) -> None:
     assert json.loads((expected / "config.json").read_text()) == json.loads(
         (actual / "config.json").read_text()
     )
+    if (expected / INDEX).exists():
+        weight_map = json.loads((expected / INDEX).read_text())["weight_map"]
+        assert json.loads((actual / INDEX).read_text())["weight_map"] == weight_map
 
 
 def round_trip_in_process(hf_dir: Path, out: Path) -> None:
@@ -73,14 +77,15 @@ def perturbed_copy(hf_dir: Path, out: Path, scale: float = 1.05, tensor: str = "
     """
     from safetensors.torch import load_file, save_file
 
+    files = {f: load_file(str(f)) for f in hf_dir.glob("*.safetensors")}
+    names = sorted(n for t in files.values() for n in t if tensor in n and t[n].dim() == 2)
+    assert names, f"no matrix named *{tensor}* in {hf_dir}"
     out.mkdir()
     for f in hf_dir.iterdir():
-        if f.suffix == ".safetensors":
-            tensors = load_file(str(f))
-            name = next(n for n in sorted(tensors) if tensor in n and tensors[n].dim() == 2)
-            tensors[name] = tensors[name] * scale
+        if names[0] in files.get(f, {}):
+            tensors = files[f]
+            tensors[names[0]] = tensors[names[0]] * scale
             save_file(tensors, str(out / f.name), metadata={"format": "pt"})
-            scale = 1.0
         else:
             (out / f.name).write_bytes(f.read_bytes())
     return out
@@ -93,15 +98,18 @@ def to_megatron_checkpoint(hf_dir: Path, out: Path) -> Path:
     return AutoBridge.from_hf_pretrained(hf_dir).save_megatron_checkpoint(out)
 
 
-def verify_perturbed_rejected_in_process(hf_dir: Path, tmp: Path, atol: float = ATOL_FP32):
+def verify_perturbed_rejected_in_process(
+    hf_dir: Path, tmp: Path, atol: float = ATOL_FP32, tensor: str = "layers.0."
+) -> float:
     """A Megatron checkpoint of the model passes verify against it; one of a perturbed copy fails."""
     from megabridge.conversion.verify import verify
 
     good = verify(hf_dir, megatron_path=to_megatron_checkpoint(hf_dir, tmp / "good"), atol=atol)
     assert good.ok and good.max_abs_diff <= atol, good
-    bad_hf = perturbed_copy(hf_dir, tmp / "bad_hf")
+    bad_hf = perturbed_copy(hf_dir, tmp / "bad_hf", tensor=tensor)
     bad = verify(hf_dir, megatron_path=to_megatron_checkpoint(bad_hf, tmp / "bad"), atol=atol)
     assert not bad.ok and bad.max_abs_diff > 1e-3, bad
+    return bad.max_abs_diff
 
 
 def verify_cli(hf_dir: Path, nproc: int = 1, extra: list[str] = ()) -> tuple[int, dict]:
@@ -113,40 +121,6 @@ def verify_cli(hf_dir: Path, nproc: int = 1, extra: list[str] = ()) -> tuple[int
     lines = result.stdout.strip().splitlines()
     assert lines, result.stderr[-3000:]
     return result.returncode, json.loads(lines[-1])
-
-
-def parallel_logits(hf_dir: Path, layout: list[str], nproc: int = 2) -> dict:
-    rc, data = verify_cli(hf_dir, nproc, [*layout, "--atol", str(ATOL_FP32)])
-    assert rc == 0 and data["ok"], data
-    assert data["max_abs_diff"] <= ATOL_FP32, data
-    return data
-
-
-def parallel_grads(hf_dir: Path, tp: int = 2, extra: list[str] = ()) -> dict:
-    """Logits and gradients vs transformers at TP=``tp`` (tests/parallel_check.py, torchrun)."""
-    script = Path(__file__).with_name("parallel_check.py")
-    result = torchrun(tp, [str(script), "--hf-path", str(hf_dir), "--tp", str(tp), *extra])
-    lines = result.stdout.strip().splitlines()
-    assert result.returncode == 0 and lines, result.stderr[-3000:]
-    data = json.loads(lines[-1])
-    assert data["max_abs_logit_diff"] <= ATOL_FP32, data
-    assert data["max_rel_grad_diff"] <= 1e-4, data
-    return data
-
-
-def perturbed_rejected_in_process(hf_dir: Path, out: Path, tensor: str = "layers.0.") -> float:
-    """A model converted from a perturbed copy of ``hf_dir`` fails the logits check against it."""
-    from megabridge.conversion.auto_bridge import AutoBridge
-    from megabridge.conversion.verify import compare, hf_logits, megatron_logits, sample_tokens
-
-    bridge = AutoBridge.from_hf_pretrained(perturbed_copy(hf_dir, out, tensor=tensor))
-    vocab = bridge.model_config.vocab_size
-    tokens = sample_tokens(vocab, 2, 32, seed=0)
-    logits = megatron_logits(bridge.to_megatron_model(), tokens)
-    reference = hf_logits(hf_dir, tokens, torch.float32, logits.device)
-    result = compare(reference, logits, vocab, torch.float32, ATOL_FP32, None)
-    assert not result.ok and result.max_abs_diff > 1e-3, result
-    return result.max_abs_diff
 
 
 def gradients_in_process(hf_dir: Path, rtol: float = 1e-4) -> float:
@@ -179,19 +153,6 @@ def gradients_in_process(hf_dir: Path, rtol: float = 1e-4) -> float:
     assert checked == set(hf_grads), set(hf_grads) ^ checked
     assert worst <= rtol, worst
     return worst
-
-
-def parallel_round_trip(hf_dir: Path, tmp: Path, layout: list[str], nproc: int = 2) -> None:
-    """HF -> Megatron checkpoint -> HF, both conversions in ``layout``: must be bit-exact."""
-    convert = ["-m", "megabridge", "convert"]
-    mg, back = tmp / "mg", tmp / "back"
-    to_mg = torchrun(nproc, [*convert, "hf-to-megatron", "--hf-path", str(hf_dir),
-                             "--megatron-path", str(mg), *layout])  # fmt: skip
-    assert to_mg.returncode == 0, to_mg.stderr[-3000:]
-    to_hf = torchrun(nproc, [*convert, "megatron-to-hf", "--megatron-path", str(mg),
-                             "--hf-path", str(back), *layout])  # fmt: skip
-    assert to_hf.returncode == 0, to_hf.stderr[-3000:]
-    assert_same_hf_folder(hf_dir, back)
 
 
 def export_from_scratch_in_process(recipe: str, out: Path) -> None:

@@ -1,27 +1,95 @@
-"""Logits and gradients of a converted model vs transformers', on any TP layout (run by torchrun).
+"""The multi-process half of the conformance suite: every parallel check, one launch.
 
-    python -m torch.distributed.run --nproc_per_node=2 tests/parallel_check.py \
-        --hf-path DIR --tp 2 [--megatron-path CKPT]
+    python -m torch.distributed.run --nproc_per_node=2 tests/parallel_check.py PLAN.json
 
-Gradients go through the same mappings as weights (they are linear), so every
-Megatron parameter's gradient shard is compared with transformers' gradients
-mapped and split the same way. Prints one JSON line (rank 0). Used for layers
-whose backward pass megabridge implements itself (models/torch_layers.py).
+PLAN.json (written by tests/unit_tests/models/test_conformance.py):
+
+    {"families": [{"family": "llama",
+                   "layouts": {"tp2": {"tp": 2, "pp": 1, "ep": 1}, ...},
+                   "variants": {"base": {"hf_dir": ..., "work": ...,
+                                         "tp1_checkpoint": ... or null}, ...}}, ...]}
+
+For every variant and layout: HF -> Megatron checkpoint -> HF with both conversions
+at that layout (written to ``work``; the pytest side compares the bytes), and the
+logits of the model loaded from that checkpoint vs transformers' in fp32. For a variant
+with a ``tp1_checkpoint``: logits and gradients at TP=2 of the model loaded from it
+(resharded). Starting a process and importing megatron-core costs more than all the
+checks of a family, hence one launch for all of them.
+
+Rank 0 prints ``STARTED <family>`` before a family and one line per check,
+``RESULT {json}``, as soon as it is done. A check that raises prints
+``RESULT {"error": ...}`` naming the check, and ends the launch: the ranks may no
+longer agree on which collective comes next.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
+import sys
+import time
+import traceback
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from megatron.core import parallel_state as ps
+from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+from transformers import AutoModelForCausalLM
+
+from megabridge import runtime
+from megabridge.conversion import sharding
+from megabridge.conversion.auto_bridge import AutoBridge
+from megabridge.conversion.verify import compare, hf_logits, megatron_logits, sample_tokens
+
+ATOL_FP32 = 1e-4
+
+
+def _report(record: dict) -> None:
+    if dist.get_rank() == 0:
+        print("RESULT " + json.dumps(record), flush=True)
+
+
+def _set_layout(cfg, layout: dict) -> None:
+    cfg.tensor_model_parallel_size = layout["tp"]
+    cfg.pipeline_model_parallel_size = layout["pp"]
+    cfg.expert_model_parallel_size = layout["ep"]
+    cfg.bf16 = False
+
+
+def at_layout(hf_dir: str, work: Path, layout: dict) -> dict:
+    """HF -> Megatron checkpoint -> model -> HF (``work``/back), all at ``layout``; the
+    loaded model's logits vs transformers'.
+
+    Saving under a launcher builds the model from the HF folder at ``layout`` (the path
+    that verify and training take), so the bytes that come back check that path too.
+    """
+    bridge = AutoBridge.from_hf_pretrained(hf_dir)
+    cfg = bridge.to_megatron_provider()
+    _set_layout(cfg, layout)
+    bridge.save_megatron_checkpoint(work / "mg", cfg)
+    back = AutoBridge.from_megatron_checkpoint(work / "mg")
+    cfg = back.to_megatron_provider()
+    _set_layout(cfg, layout)
+    model = back.to_megatron_model(cfg)
+    tokens = sample_tokens(cfg.vocab_size, 2, 32, seed=0)
+    logits = megatron_logits(model, tokens)
+    mine = None
+    if logits is not None:  # the last pipeline stage
+        reference = hf_logits(hf_dir, tokens, torch.float32, logits.device)
+        mine = compare(reference, logits, cfg.vocab_size, torch.float32, ATOL_FP32, None)
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    result = next(r for r in everyone if r is not None)
+    back.save_hf_pretrained(model, work / "back")
+    return {
+        "max_abs_diff": result.max_abs_diff,
+        "top1_agreement": result.top1_agreement,
+        "hf_dir": str(work / "back"),
+    }
 
 
 def _hf_loss_and_grads(hf_path, tokens):
-    from transformers import AutoModelForCausalLM
-
     model = AutoModelForCausalLM.from_pretrained(str(hf_path), dtype=torch.float32)
     logits = model(input_ids=tokens).logits
     F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten()).backward()
@@ -31,34 +99,25 @@ def _hf_loss_and_grads(hf_path, tokens):
     return logits.detach(), grads
 
 
-def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--hf-path", required=True)
-    p.add_argument("--megatron-path")
-    p.add_argument("--tp", type=int, default=1)
-    args = p.parse_args()
+def gradients(hf_dir: str, megatron_path: str, tp: int = 2) -> dict:
+    """Logits and every parameter's gradient shard at TP=``tp`` vs transformers'.
 
-    from megatron.core import parallel_state as ps
-    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
-
-    from megabridge.conversion import sharding
-    from megabridge.conversion.auto_bridge import AutoBridge
-    from megabridge.conversion.verify import sample_tokens
-
-    bridge = AutoBridge.from_hf_pretrained(args.hf_path)
-    source = (
-        AutoBridge.from_megatron_checkpoint(args.megatron_path) if args.megatron_path else bridge
-    )
+    Gradients go through the same mappings as weights (they are linear), so each Megatron
+    gradient shard is compared with transformers' gradients mapped and split the same way.
+    Used for layers whose backward pass megabridge implements itself (models/torch_layers.py).
+    """
+    bridge = AutoBridge.from_hf_pretrained(hf_dir)
+    source = AutoBridge.from_megatron_checkpoint(megatron_path)
     cfg = source.to_megatron_provider()
-    cfg.tensor_model_parallel_size, cfg.bf16 = args.tp, False
+    _set_layout(cfg, {"tp": tp, "pp": 1, "ep": 1})
     (model,) = source.to_megatron_model(cfg)
     tokens = sample_tokens(cfg.vocab_size, 2, 32, seed=0)
     positions = torch.arange(32).expand_as(tokens)
-    logits = gather_from_tensor_model_parallel_region(model(tokens, positions, None))
-    logits = logits[..., : cfg.vocab_size]
-    F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten()).backward()
+    out = gather_from_tensor_model_parallel_region(model(tokens, positions, None))
+    out = out[..., : cfg.vocab_size]
+    F.cross_entropy(out[:, :-1].flatten(0, 1), tokens[:, 1:].flatten()).backward()
 
-    hf_logits, hf_grads = _hf_loss_and_grads(args.hf_path, tokens)
+    hf_logits, hf_grads = _hf_loss_and_grads(hf_dir, tokens)
     group = ps.get_tensor_model_parallel_group()
     rank, size = dist.get_rank(group), dist.get_world_size(group)
     worst = (0.0, "")
@@ -75,16 +134,45 @@ def main() -> None:
         scale = expected.abs().max().item() + 1e-12
         worst = max(worst, ((grad - expected).abs().max().item() / scale, name))
     mine = {
-        "max_abs_logit_diff": (logits.detach() - hf_logits).abs().max().item(),
+        "max_abs_diff": (out.detach() - hf_logits).abs().max().item(),
         "max_rel_grad_diff": worst[0],
         "worst_grad": worst[1],
     }
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
-    if dist.get_rank() == 0:
-        result = max(everyone, key=lambda r: r["max_rel_grad_diff"])
-        result["max_abs_logit_diff"] = max(r["max_abs_logit_diff"] for r in everyone)
-        print(json.dumps(result))
+    result = max(everyone, key=lambda r: r["max_rel_grad_diff"])
+    result["max_abs_diff"] = max(r["max_abs_diff"] for r in everyone)
+    return result
+
+
+def run(plan: dict) -> None:
+    for family in plan["families"]:
+        if dist.get_rank() == 0:
+            print(f"STARTED {family['family']}", flush=True)
+        run_family(family)
+
+
+def run_family(plan: dict) -> None:
+    for variant, case in plan["variants"].items():
+        checks = [(name, at_layout, (case["hf_dir"], Path(case["work"]) / name, layout))
+                  for name, layout in plan["layouts"].items()]  # fmt: skip
+        if case.get("tp1_checkpoint"):
+            checks.append(("gradients_tp2", gradients, (case["hf_dir"], case["tp1_checkpoint"])))
+        for check, fn, args in checks:
+            where = {"family": plan["family"], "variant": variant, "check": check}
+            start = time.perf_counter()
+            try:
+                record = fn(*args)
+                _report({**where, **record, "seconds": round(time.perf_counter() - start, 2)})
+            except Exception:
+                _report({**where, "error": traceback.format_exc()[-3000:]})
+                raise
+
+
+def main() -> None:
+    runtime.init_distributed()
+    run(json.loads(Path(sys.argv[1]).read_text()))
+    dist.barrier()
 
 
 if __name__ == "__main__":

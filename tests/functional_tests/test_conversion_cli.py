@@ -5,16 +5,17 @@ import json
 import pytest
 import torch
 
+from megabridge.conversion.tiny import tiny_config
 from tests import conversion_checks as checks
 from tests.helpers import losses, megabridge
-from tests.hf_models import save_tiny, tiny_llama_config
+from tests.hf_models import save_tiny
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
-    return save_tiny(tiny_llama_config(), tmp_path_factory.mktemp("hf") / "llama")
+    return save_tiny(tiny_config("llama"), tmp_path_factory.mktemp("hf") / "llama")
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +49,17 @@ def test_checkpoint_loads_at_tp2_with_matching_logits(llama, converted):
         llama, nproc=2, extra=["--megatron-path", str(converted), "--tp", "2", "--atol", "1e-4"]
     )
     assert rc == 0 and data["ok"] and data["max_abs_diff"] <= 1e-4, data
+
+
+def test_verify_fails_with_exit_code_1_on_perturbed_weights(llama, tmp_path):
+    bad = checks.perturbed_copy(llama, tmp_path / "bad")
+    mg = tmp_path / "mg"
+    conv = megabridge(
+        ["convert", "hf-to-megatron", "--hf-path", str(bad), "--megatron-path", str(mg)]
+    )
+    assert conv.returncode == 0, conv.stderr
+    rc, data = checks.verify_cli(llama, extra=["--megatron-path", str(mg)])
+    assert rc == 1 and not data["ok"] and data["max_abs_diff"] > 1e-3, data
 
 
 @pytest.mark.parametrize("source", ["megatron", "hf"])

@@ -5,8 +5,9 @@ import json
 import pytest
 import torch
 
+from megabridge.conversion.tiny import tiny_config
 from tests.helpers import losses, megabridge, read_metrics, torchrun, train
-from tests.hf_models import save_tiny, tiny_llama_config
+from tests.hf_models import save_tiny
 
 pytestmark = pytest.mark.integration
 
@@ -25,7 +26,7 @@ def _run(llama, root, *extra):
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
-    return save_tiny(tiny_llama_config(), tmp_path_factory.mktemp("hf") / "llama")
+    return save_tiny(tiny_config("llama"), tmp_path_factory.mktemp("hf") / "llama")
 
 
 @pytest.fixture(scope="module")

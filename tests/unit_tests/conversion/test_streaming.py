@@ -3,11 +3,10 @@
 import pytest
 import torch
 
-from tests import hf_models
+from megabridge.conversion.tiny import families, tiny_config
 from tests.hf_models import save_tiny
 
-FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "phi3", "olmo2", "gemma2", "gemma3",
-            "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3"]  # fmt: skip
+FAMILIES = families()
 
 
 def _dcp_layout(folder):
@@ -35,7 +34,7 @@ def test_streamed_checkpoint_equals_saved_model(family, dtype, tmp_path):
     from megabridge.models.provider import build_model
     from megabridge.training import checkpointing
 
-    config = getattr(hf_models, f"tiny_{family}_config")()
+    config = tiny_config(family)
     hf = save_tiny(config, tmp_path / "hf", dtype=dtype)
     bridge = AutoBridge.from_hf_pretrained(hf)
     cfg = bridge.to_megatron_provider()
@@ -66,7 +65,7 @@ def test_streamed_conversion_names_a_misshapen_tensor_and_leaves_nothing(tmp_pat
     from megabridge.conversion.auto_bridge import AutoBridge
     from megabridge.errors import ConversionError
 
-    hf = save_tiny(hf_models.tiny_llama_config(), tmp_path / "hf")
+    hf = save_tiny(tiny_config("llama"), tmp_path / "hf")
     weights = load_file(hf / "model.safetensors")
     name = "model.layers.1.mlp.up_proj.weight"
     weights[name] = weights[name][:-1]
@@ -92,7 +91,7 @@ def test_a_failed_conversion_stops_and_waits_for_its_other_writers(tmp_path, mon
     from megabridge.conversion.auto_bridge import AutoBridge
     from megabridge.errors import ConversionError
 
-    hf = save_tiny(hf_models.tiny_llama_config(), tmp_path / "hf")
+    hf = save_tiny(tiny_config("llama"), tmp_path / "hf")
     weights = load_file(hf / "model.safetensors")
     name = "model.layers.0.mlp.down_proj.weight"
     weights[name] = weights[name][:, :-1].contiguous()

@@ -12,8 +12,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from megabridge.conversion.tiny import tiny_config
 from megabridge.errors import CheckpointError, ConfigError
-from tests.hf_models import save_tiny, tiny_llama_config
+from tests.hf_models import save_tiny
 
 pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("single_process_megatron")]
 
@@ -24,7 +25,7 @@ TOKENS = dict(vocab_size=256, batch=2, seq_len=16, seed=0)
 
 @pytest.fixture(scope="module")
 def hf_llama(tmp_path_factory):
-    return save_tiny(tiny_llama_config(), tmp_path_factory.mktemp("hf") / "llama")
+    return save_tiny(tiny_config("llama"), tmp_path_factory.mktemp("hf") / "llama")
 
 
 def _config(hf_dir, method, root, *extra):
@@ -272,9 +273,8 @@ def test_moe_lora_recipe_adapts_the_attention_and_exports(tmp_path):
     from megabridge.recipes import as_lora, get_recipe
     from megabridge.training import loop
     from megabridge.training.config import apply_overrides
-    from tests.hf_models import tiny_qwen3_moe_config
 
-    hf_dir = save_tiny(tiny_qwen3_moe_config(), tmp_path / "hf")
+    hf_dir = save_tiny(tiny_config("qwen3_moe"), tmp_path / "hf")
     cfg = as_lora(get_recipe("qwen3_moe_tiny_pretrain_config"))
     assert cfg.peft.target_modules == ["linear_qkv", "linear_proj"]
     apply_overrides(cfg, [

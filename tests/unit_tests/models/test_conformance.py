@@ -21,7 +21,6 @@ import torch
 
 from megabridge.conversion.registry import bridge_for_family
 from megabridge.conversion.tiny import families, tiny_config, tiny_module, variants
-from megabridge.errors import UserError
 from megabridge.models import torch_layers
 from tests import conversion_checks as checks
 from tests.helpers import torchrun
@@ -158,19 +157,9 @@ def test_verify_rejects_perturbed_weights(hf_dir, family, tmp_path):
     assert diff > 1e-3
 
 
-# Phi3Config's default pad_token_id (32000) is exported unchanged and lies outside the tiny
-# recipe's vocabulary (256), so transformers refuses the config; the phi3 bridge should export
-# a pad_token_id inside the vocabulary. Strict: this fails loudly once fixed.
-SCRATCH_EXPORT_BROKEN = {"phi3": "exported pad_token_id=32000 >= vocab_size=256"}
-KNOWN_BROKEN = {f: pytest.mark.xfail(raises=UserError, strict=True, reason=why)
-                for f, why in SCRATCH_EXPORT_BROKEN.items()}  # fmt: skip
-
-
 @pytest.mark.unit
 @pytest.mark.usefixtures("single_process_megatron")
-@pytest.mark.parametrize(
-    "family", [pytest.param(f, marks=KNOWN_BROKEN.get(f, ())) for f in FAMILIES]
-)
+@pytest.mark.parametrize("family", FAMILIES)
 def test_model_from_scratch_exports_to_transformers(family, tmp_path):
     checks.export_from_scratch_in_process(f"{family}_tiny_pretrain_config", tmp_path / "hf")
 

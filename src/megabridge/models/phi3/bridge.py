@@ -37,3 +37,6 @@ class Phi3Bridge(FamilyBridge):
     def adjust_hf_config(cls, cfg, data):
         data["rope_parameters"]["partial_rotary_factor"] = cfg.rotary_percent
         data.setdefault("sliding_window", None)
+        # Phi3Config's default pad_token_id is 32000, a padding row that a model of another
+        # vocabulary does not have (transformers then refuses the config): none was trained.
+        data.setdefault("pad_token_id", None)

@@ -106,6 +106,14 @@ class HFCheckpoint:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError) as e:
                 raise ConversionError(f"{index} is not a valid safetensors index: {e}") from None
+            root = self.path.resolve()
+            outside = sorted(
+                {f for f in weight_map.values() if not (root / f).resolve().is_relative_to(root)}
+            )
+            if outside:  # "../x", "/abs/x", or a link that points out of the folder
+                raise ConversionError(
+                    f"{index} names shard files outside {self.path}: {', '.join(outside)}"
+                )
             missing = sorted({f for f in weight_map.values() if not (self.path / f).is_file()})
             if missing:
                 raise ConversionError(f"{index} names missing shard files: {', '.join(missing)}")

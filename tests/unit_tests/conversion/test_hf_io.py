@@ -74,3 +74,16 @@ def test_sharded_writer_greedy_and_index(tmp_path):
     ckpt = hf_io.HFCheckpoint(tmp_path)
     for name, t in tensors.items():
         assert torch.equal(ckpt.get(name), t)
+
+
+@pytest.mark.parametrize("shard", ["../outside.safetensors", "/tmp/elsewhere.safetensors", "link"])
+def test_index_naming_files_outside_the_folder_is_refused(tmp_path, shard):
+    outside = _folder(tmp_path / "outside", {"a": torch.ones(2)}) / "model.safetensors"
+    folder = _folder(tmp_path / "model", {"a": torch.ones(2)})
+    (folder / "link").symlink_to(outside)  # a link inside that leads out
+    if shard != "link":
+        shard = shard.replace("/tmp/elsewhere.safetensors", str(outside))
+        (folder / "../outside.safetensors").write_bytes(outside.read_bytes())
+    (folder / hf_io.INDEX).write_text(json.dumps({"weight_map": {"a": shard}}))
+    with pytest.raises(ConversionError, match="names shard files outside"):
+        hf_io.HFCheckpoint(folder)

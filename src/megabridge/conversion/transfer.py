@@ -90,6 +90,11 @@ def full_tensor(bridge, reader, name: str, expected, cfg) -> tuple[torch.Tensor,
     mapping, hf_names = hf_source_names(bridge, name, cfg)
     full = mapping.hf_to_megatron([reader.get(n) for n in hf_names], cfg)
     if name in _VOCAB_PARAMS or _tied_output(name, cfg):
+        if full.shape[0] != cfg.vocab_size:  # only TP's padding rows are ours to add
+            raise ConversionError(
+                f"{hf_names[0]} has {full.shape[0]} rows, but config.json says "
+                f"vocab_size={cfg.vocab_size}"
+            )
         full = _pad_vocab(full, expected[0])
     if list(full.shape) != list(expected):
         raise ConversionError(

@@ -109,3 +109,26 @@ def test_a_failed_conversion_stops_and_waits_for_its_other_writers(tmp_path, mon
     writers = [t for t in threading.enumerate() if t not in before and not t.daemon]  # not tqdm's
     assert [t for t in writers if t.is_alive()] == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+
+
+@pytest.mark.unit
+@pytest.mark.usefixtures("single_process_megatron")
+@pytest.mark.parametrize("streamed", [False, True], ids=["model", "streamed"])
+def test_vocab_size_beyond_the_embedding_rows_is_refused(tmp_path, streamed):
+    """config.json's vocab_size larger than the embedding: an error, not zero rows added."""
+    import json
+
+    from megabridge.conversion.auto_bridge import AutoBridge
+    from megabridge.errors import ConversionError
+
+    hf = save_tiny(tiny_config("llama"), tmp_path / "hf")
+    config = json.loads((hf / "config.json").read_text())
+    config["vocab_size"] += 8
+    (hf / "config.json").write_text(json.dumps(config))
+    bridge = AutoBridge.from_hf_pretrained(hf)
+    with pytest.raises(ConversionError, match="has 256 rows, but config.json says vocab_size=264"):
+        if streamed:
+            bridge.save_megatron_checkpoint(tmp_path / "mcore")
+        else:
+            bridge.to_megatron_model()
+    assert not (tmp_path / "mcore").exists()

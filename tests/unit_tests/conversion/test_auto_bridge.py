@@ -9,8 +9,9 @@ from megatron.core import tensor_parallel
 
 from megabridge import runtime
 from megabridge.conversion.auto_bridge import AutoBridge
+from megabridge.conversion.tiny import tiny_config
 from megabridge.errors import ConfigError
-from tests.hf_models import save_tiny, tiny_llama_config
+from tests.hf_models import save_tiny
 
 pytestmark = pytest.mark.unit
 
@@ -18,7 +19,7 @@ pytestmark = pytest.mark.unit
 @pytest.fixture(scope="module")
 def bridge(tmp_path_factory):
     return AutoBridge.from_hf_pretrained(
-        save_tiny(tiny_llama_config(), tmp_path_factory.mktemp("llama"))
+        save_tiny(tiny_config("llama"), tmp_path_factory.mktemp("llama"))
     )
 
 

@@ -51,10 +51,24 @@ def _report(record: dict) -> None:
 
 
 def _set_layout(cfg, layout: dict) -> None:
+    """``cfg`` at ``layout``, and Megatron's parallel state rebuilt for it.
+
+    This process checks one layout after another, so it replaces its own parallel
+    state between them (AutoBridge refuses to replace a state of another layout).
+    """
     cfg.tensor_model_parallel_size = layout["tp"]
     cfg.pipeline_model_parallel_size = layout["pp"]
     cfg.expert_model_parallel_size = layout["ep"]
     cfg.bf16 = False
+    runtime.init_distributed()
+    wanted = (layout["tp"], layout["pp"], layout["ep"])
+    existing = (
+        ps.get_tensor_model_parallel_world_size(),
+        ps.get_pipeline_model_parallel_world_size(),
+        ps.get_expert_model_parallel_world_size(),
+    ) if ps.model_parallel_is_initialized() else None  # fmt: skip
+    if existing != wanted:
+        runtime.init_model_parallel(*wanted)
 
 
 def at_layout(hf_dir: str, work: Path, layout: dict) -> dict:

@@ -189,6 +189,13 @@ def _layout_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ep", type=int, default=1, help="expert-parallel size (default 1)")
 
 
+def _conversion_output_args(p: argparse.ArgumentParser) -> None:
+    """What both conversion directions take after their paths: dtype, overwrite, layout."""
+    p.add_argument("--dtype", help="float32 or bfloat16 (default: the source's dtype)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    _layout_args(p)
+
+
 def _register_conversion(sub) -> None:
     p = sub.add_parser("convert", help="convert HF <-> Megatron checkpoints")
     conv = p.add_subparsers(dest="direction", required=True, metavar="DIRECTION")
@@ -204,9 +211,7 @@ def _register_conversion(sub) -> None:
     )
     c.add_argument("--hf-path", required=True, help="HF model folder (config.json + safetensors)")
     c.add_argument("--megatron-path", required=True, help="output checkpoint folder")
-    c.add_argument("--dtype", help="float32 or bfloat16 (default: the source's dtype)")
-    c.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    _layout_args(c)
+    _conversion_output_args(c)
     c.set_defaults(func=_command("megabridge.conversion.commands", "cmd_hf_to_megatron"))
 
     c = conv.add_parser(
@@ -222,9 +227,7 @@ def _register_conversion(sub) -> None:
     c.add_argument(
         "--hf-reference", help="HF folder whose config.json, layout and tokenizer to use"
     )
-    c.add_argument("--dtype", help="float32 or bfloat16 (default: the source's dtype)")
-    c.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    _layout_args(c)
+    _conversion_output_args(c)
     c.set_defaults(func=_command("megabridge.conversion.commands", "cmd_megatron_to_hf"))
 
     p = sub.add_parser(

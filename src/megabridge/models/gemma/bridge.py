@@ -29,7 +29,7 @@ class GemmaBridge(FamilyBridge):
         *blocks.attention(),
         *blocks.gated_mlp(),
     ]
-    NOTES = "(1 + w) RMSNorm; GeGLU; embeddings scaled by sqrt(hidden); tied embeddings"
+    NOTES = "(1 + w) RMSNorm; GeGLU; scaled embeddings; tied; 2B (one KV head) at TP=1 only"
 
     @classmethod
     def adjust_model_config(cls, hf_config, cfg):

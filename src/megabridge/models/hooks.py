@@ -5,9 +5,9 @@
 * ``logits_divisor``: logits divided by a constant (Granite's logits_scaling), before any cap.
 
 GPTModel builds its embedding and output layer itself (no spec reaches them), so
-these are hooks; being hooks, they work with every layer implementation. Both are
+these are hooks; being hooks, they work with every layer implementation. All are
 elementwise, so they act on tensor- or sequence-parallel pieces unchanged, and the
-training loss sees the capped logits, as in transformers.
+training loss sees the scaled and capped logits, as in transformers.
 """
 
 from __future__ import annotations

@@ -46,6 +46,12 @@ REFUSED = [
     ("seed_oss", dict(attention_out_bias=True), "attention_out_bias=True is not supported yet"),
     ("smollm3", dict(layer_types=["chunked_attention"] * 4), "chunked_attention"),
     ("exaone4", dict(layer_types=["chunked_attention"] * 4), "chunked_attention"),
+    # The long-context OLMo 3 releases scale the global layers' RoPE with YaRN.
+    ("olmo3", dict(rope_parameters={
+        "full_attention": {"rope_type": "yarn", "factor": 8.0, "rope_theta": 5e5,
+                           "original_max_position_embeddings": 64},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 5e5}}),
+     "rope_type 'yarn' on its full_attention layers is not supported yet"),
 ]  # fmt: skip
 
 # (family, config overrides, the error's words): converted, but refused when built.

@@ -70,8 +70,6 @@ class DeepseekV3Bridge(FamilyBridge):
 
     @classmethod
     def adjust_model_config(cls, hf_config, cfg):
-        if getattr(hf_config, "quantization_config", None):
-            raise UserError("DeepSeek-V3 in FP8 (quantization_config) is not supported: use bf16")
         if not getattr(hf_config, "rope_interleave", True):
             # Megatron-Core's MLA always de-interleaves the RoPE channels first.
             raise UserError("DeepSeek-V3 with rope_interleave=False is not supported yet")

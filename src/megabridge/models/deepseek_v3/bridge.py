@@ -68,4 +68,6 @@ class DeepseekV3Bridge(MlaMoeBridge):
     @classmethod
     def adjust_hf_config(cls, cfg, data):
         super().adjust_hf_config(cfg, data)
-        data.update(n_group=cfg.moe_router_num_groups or 1, topk_group=cfg.moe_router_group_topk or 1)
+        data.update(
+            n_group=cfg.moe_router_num_groups or 1, topk_group=cfg.moe_router_group_topk or 1
+        )

@@ -150,7 +150,7 @@ def test_kimi_k2_config_reads_as_deepseek_v3(tmp_path):
     run) converts as DeepSeek-V3 and exports with its own model_type."""
     import json
 
-    hf_dir = save_tiny(tiny_config("deepseek_v3", "kimi_k2"), tmp_path / "hf")
+    hf_dir = save_tiny(tiny_config("deepseek_v3", "kimi_k2_yarn"), tmp_path / "hf")
     config = json.loads((hf_dir / "config.json").read_text())
     expected = AutoBridge.from_hf_pretrained(hf_dir).model_config
     auto_map = {"AutoConfig": "configuration_deepseek.DeepseekV3Config"}

@@ -145,7 +145,7 @@ class HFCheckpoint:
         return list(self.weight_map)
 
     def dtype(self, name: str) -> torch.dtype:
-        if len(self._parts[name]) > 1:  # dequantized
+        if len(self._parts[name]) > 1:  # dequantized (in float32): exported in bf16
             return quantized.DEQUANTIZED_DTYPE
         return _DTYPES[self._headers[self.weight_map[name]][name]["dtype"]]
 

@@ -14,9 +14,12 @@ Formats, one table entry each (``FORMATS``: quant_method -> builder):
 * ``fp8``: DeepSeek-V3 / Kimi-K2 block-scaled FP8. Each quantized ``X.weight``
   (float8_e4m3fn, [rows, cols]) has ``X.weight_scale_inv`` (float32,
   [ceil(rows / br), ceil(cols / bc)] for ``weight_block_size`` [br, bc]):
-  weight = fp8 * scale of its block, computed in float32 and rounded to bf16
-  once, as transformers' Fp8Dequantize and DeepSeek's weight_dequant do. Edge
-  blocks may be partial (576 rows of kv_a_proj_with_mqa in 128-row blocks).
+  weight = fp8 * scale of its block, in float32, as transformers' Fp8Dequantize
+  computes it. The reader hands out that float32 weight and says its dtype is
+  bf16: a bf16 model or export rounds it once, which is DeepSeek's weight_dequant
+  and transformers' bf16 load, and an fp32 model keeps it unrounded, as
+  transformers does when it loads the checkpoint in fp32 (on a CPU it dequantizes).
+  Edge blocks may be partial (576 rows of kv_a_proj_with_mqa in 128-row blocks).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import torch
 
 from megabridge.errors import UserError
 
-# The dtype a dequantized weight has (the releases' own compute dtype).
+# The dtype a dequantized weight is stored in (the releases' own compute dtype).
 DEQUANTIZED_DTYPE = torch.bfloat16
 
 
@@ -92,7 +95,7 @@ def _fp8(config: dict) -> Dequantizer:
 def fp8_block_dequantize(
     name: str, weight: torch.Tensor, scale_inv: torch.Tensor, block_rows: int, block_cols: int
 ) -> torch.Tensor:
-    """[rows, cols] bf16 from an FP8 weight and its [ceil(rows/br), ceil(cols/bc)] block scales."""
+    """[rows, cols] float32 from an FP8 weight and its [ceil(rows/br), ceil(cols/bc)] scales."""
     if weight.dim() != 2:
         raise UserError(f"{name}: an FP8 block-scaled weight must be a matrix, got {weight.shape}")
     rows, cols = weight.shape
@@ -104,7 +107,7 @@ def fp8_block_dequantize(
         )
     # Each block's scale repeated over the block, the partial edge blocks cut to size.
     scales = scale_inv.float().repeat_interleave(block_rows, 0).repeat_interleave(block_cols, 1)
-    return (weight.float() * scales[:rows, :cols]).to(DEQUANTIZED_DTYPE)
+    return weight.float() * scales[:rows, :cols]
 
 
 # ------------------------------------------------------------------ the table

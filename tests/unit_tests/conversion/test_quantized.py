@@ -3,7 +3,8 @@
 A tiny DeepSeek-V3 is quantized here the way the FP8 release stores it (float8_e4m3fn
 weights, float32 ``weight_scale_inv`` per 2-D block, partial edge blocks included),
 then converted: its weights must be the reference dequantization, its logits those of
-transformers on the dequantized weights, and its export a plain bf16 checkpoint.
+transformers (on the dequantized weights, and on the FP8 folder itself), and its export
+a plain bf16 checkpoint.
 """
 
 import json
@@ -42,14 +43,14 @@ def quantize(weight: torch.Tensor, block=BLOCK) -> tuple[torch.Tensor, torch.Ten
 
 
 def reference_dequantize(q: torch.Tensor, scale: torch.Tensor, block=BLOCK) -> torch.Tensor:
-    """Block by block: each block times its scale in float32, rounded to bf16 once."""
+    """Block by block: each block times its scale, in float32."""
     br, bc = block
     out = torch.empty(q.shape)
     for i in range(scale.shape[0]):
         for j in range(scale.shape[1]):
             rows, cols = slice(i * br, (i + 1) * br), slice(j * bc, (j + 1) * bc)
             out[rows, cols] = q[rows, cols].float() * scale[i, j]
-    return out.to(torch.bfloat16)
+    return out
 
 
 def _is_quantized(name: str) -> bool:
@@ -90,8 +91,9 @@ def test_fp8_dequantization_equals_transformers_where_blocks_divide():
     weight = torch.randn(64, 96)
     q, scale = quantize(weight)
     ours = quantized.fp8_block_dequantize("w", q, scale, *BLOCK)
-    theirs = Fp8Dequantize(None)._dequantize_one(q, scale, output_dtype=torch.bfloat16)
-    assert ours.dtype == torch.bfloat16 and torch.equal(ours, theirs)
+    for dtype in (torch.float32, torch.bfloat16):  # the dtype transformers loads into
+        theirs = Fp8Dequantize(None)._dequantize_one(q, scale, output_dtype=dtype)
+        assert torch.equal(ours.to(dtype), theirs), dtype
     assert torch.equal(ours, reference_dequantize(q, scale))
     assert (ours.float() - weight).abs().max() < 0.1 * weight.abs().max()  # it is the weight
 
@@ -110,7 +112,7 @@ def test_reader_hides_scales_and_dequantizes(fp8_and_reference):
     reader, ref = hf_io.HFCheckpoint(fp8), hf_io.HFCheckpoint(reference)
     assert sorted(reader.keys()) == sorted(ref.keys())  # no *_scale_inv
     for name in names:
-        assert reader.dtype(name) == torch.bfloat16
+        assert reader.dtype(name) == torch.bfloat16  # how it is exported
         assert torch.equal(reader.get(name), ref.get(name)), name
     plain = "model.embed_tokens.weight"
     assert reader.dtype(plain) == torch.float32 and torch.equal(reader.get(plain), ref.get(plain))
@@ -134,11 +136,11 @@ def test_unsupported_quantization_is_one_line(fp8_and_reference, tmp_path, qconf
 
 @pytest.mark.usefixtures("single_process_megatron")
 def test_fp8_deepseek_v3_converts_to_the_dequantized_model(fp8_and_reference, tmp_path):
-    """Logits = transformers on the dequantized weights; both conversion paths (in memory and
-    streamed into a Megatron checkpoint) export the reference bf16 weights, without scales
-    and without quantization_config."""
+    """Logits = transformers on the dequantized weights, and on the FP8 folder (which it
+    dequantizes on a CPU); both conversion paths (in memory and streamed into a Megatron
+    checkpoint) export the reference weights in bf16, without scales or quantization_config."""
     from megabridge.conversion.auto_bridge import AutoBridge
-    from megabridge.conversion.verify import hf_logits, megatron_logits, sample_tokens
+    from megabridge.conversion.verify import hf_logits, megatron_logits, sample_tokens, verify
     from tests.conversion_checks import ATOL_FP32
 
     fp8, reference, names = fp8_and_reference
@@ -147,6 +149,8 @@ def test_fp8_deepseek_v3_converts_to_the_dequantized_model(fp8_and_reference, tm
     tokens = sample_tokens(256, 2, 16, seed=0)
     diff = megatron_logits(model, tokens) - hf_logits(reference, tokens, torch.float32, "cpu")
     assert diff.abs().max() <= ATOL_FP32
+    result = verify(fp8, atol=ATOL_FP32)
+    assert result.ok and result.top1_agreement == 1.0, result
 
     bridge.save_hf_pretrained(model, tmp_path / "in_memory")
     ckpt = bridge.save_megatron_checkpoint(tmp_path / "megatron")  # streamed, tensor by tensor
@@ -157,8 +161,9 @@ def test_fp8_deepseek_v3_converts_to_the_dequantized_model(fp8_and_reference, tm
         exported = hf_io.HFCheckpoint(out)
         assert sorted(exported.keys()) == sorted(ref.keys())
         for name in ref.keys():
-            assert exported.dtype(name) == ref.dtype(name), name
-            assert torch.equal(exported.get(name), ref.get(name)), name
+            want = ref.get(name).to(torch.bfloat16) if name in names else ref.get(name)
+            assert exported.dtype(name) == want.dtype, name
+            assert torch.equal(exported.get(name), want), name
         config = json.loads((out / "config.json").read_text())
         assert "quantization_config" not in config
         assert config.get("dtype", config.get("torch_dtype")) == "bfloat16"

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from megabridge import runtime
-from megabridge.conversion import hf_io, registry, streaming, transfer
+from megabridge.conversion import hf_io, quantized, registry, streaming, transfer
 from megabridge.conversion.family import FamilyBridge
 from megabridge.errors import ConfigError, UserError
 from megabridge.models.config import ModelConfig, copy_architecture, model_config_from_dict
@@ -64,9 +64,11 @@ class AutoBridge:
     def from_hf_pretrained(cls, path: str | Path) -> AutoBridge:
         """A bridge for a local HF model folder (config.json + safetensors)."""
         source = hf_io.HFCheckpoint(path)
-        hf_config = _transformers_config(source.config_dict, source.path)
         family = registry.bridge_for(_architecture(source.config_dict, source.path))
-        return cls(family, family.model_config(hf_config), source.config_dict, source)
+        hf_config = _transformers_config(source.config_dict, source.path, family)
+        # A quantized source is read dequantized (hf_io), and exports as such.
+        config_dict = quantized.full_precision_config(source.config_dict)
+        return cls(family, family.model_config(hf_config), config_dict, source)
 
     @classmethod
     def from_megatron_checkpoint(cls, path: str | Path) -> AutoBridge:
@@ -90,7 +92,7 @@ class AutoBridge:
     def use_hf_reference(self, path: str | Path) -> None:
         """Take config.json, shard layout, dtypes and tokenizer files from a reference HF folder."""
         ref = hf_io.HFCheckpoint(path)
-        self.hf_config = ref.config_dict
+        self.hf_config = quantized.full_precision_config(ref.config_dict)
         self.source_layout = _layout_of(ref)
         self.sidecar_dir = ref.path
 
@@ -269,10 +271,15 @@ def _architecture(config_dict: dict, where) -> str:
     return archs[0]
 
 
-def _transformers_config(config_dict: dict, path: Path):
+def _transformers_config(config_dict: dict, path: Path, family: type[FamilyBridge]):
     from transformers import AutoConfig
 
     try:
+        if config_dict.get("model_type") in family.HF_MODEL_TYPE_ALIASES:
+            # A release of the family's architecture under its own model_type (Kimi-K2's
+            # "kimi_k2"), which transformers does not know: read as the family's config.
+            fields = {k: v for k, v in config_dict.items() if k not in ("model_type", "auto_map")}
+            return AutoConfig.for_model(family.hf_model_type, **fields)
         return AutoConfig.from_pretrained(str(path), local_files_only=True)
     except Exception as e:  # noqa: BLE001 - any failure means transformers cannot read it
         raise UserError(f"transformers cannot read {path}/config.json: {e}") from None

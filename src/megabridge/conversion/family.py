@@ -48,6 +48,9 @@ class FamilyBridge:
     family: ClassVar[str]
     architectures: ClassVar[tuple[str, ...]]
     hf_model_type: ClassVar[str]
+    # Other model_types of releases with this architecture that transformers does not
+    # know (Kimi-K2's "kimi_k2"): their config.json is read as hf_model_type's.
+    HF_MODEL_TYPE_ALIASES: ClassVar[tuple[str, ...]] = ()
     CONFIG: ClassVar[dict[str, str]] = COMMON_CONFIG
     MEGATRON_FIXED: ClassVar[dict[str, Any]] = {}
     HF_FIXED: ClassVar[dict[str, Any]] = {}

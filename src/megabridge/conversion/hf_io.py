@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from megabridge.conversion import quantized
 from megabridge.errors import ConversionError, UserError
 
 INDEX = "model.safetensors.index.json"
@@ -51,6 +52,8 @@ _DTYPES = {
     "I8": torch.int8,
     "U8": torch.uint8,
     "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,  # quantized releases (conversion/quantized.py)
+    "F8_E5M2": torch.float8_e5m2,
 }
 
 
@@ -93,10 +96,17 @@ class HFCheckpoint:
             self.config_dict = json.loads(config_file.read_text())
         except json.JSONDecodeError as e:
             raise UserError(f"{config_file} is not valid JSON: {e}") from None
-        self.weight_map = self._weight_map()
-        self._headers = {
-            f: _read_header(self.path / f) for f in sorted(set(self.weight_map.values()))
-        }
+        stored = self._weight_map()
+        self._headers = {f: _read_header(self.path / f) for f in sorted(set(stored.values()))}
+        self._stored = stored
+        # A quantized checkpoint reads as its full-precision weights: weight name -> the
+        # stored tensors it is made of (itself, or a quantized tensor and its scales).
+        self._dequantizer = quantized.dequantizer(self.config_dict.get("quantization_config"))
+        if self._dequantizer is None:
+            self._parts = {name: (name,) for name in stored}
+        else:
+            self._parts = self._dequantizer.weights(stored)
+        self.weight_map = {name: stored[parts[0]] for name, parts in self._parts.items()}
         self._handles: dict[str, object] = {}
 
     def _weight_map(self) -> dict[str, str]:
@@ -135,21 +145,29 @@ class HFCheckpoint:
         return list(self.weight_map)
 
     def dtype(self, name: str) -> torch.dtype:
+        if len(self._parts[name]) > 1:  # dequantized (in float32): exported in bf16
+            return quantized.DEQUANTIZED_DTYPE
         return _DTYPES[self._headers[self.weight_map[name]][name]["dtype"]]
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._headers[self.weight_map[name]][name]["shape"])
+        stored = self._parts[name][0]  # a dequantized weight has its quantized tensor's shape
+        return tuple(self._headers[self._stored[stored]][stored]["shape"])
 
     def get(self, name: str) -> torch.Tensor:
-        """One tensor, read from disk into fresh memory.
+        """One tensor, read from disk into fresh memory (a quantized one dequantized).
 
         Plain reads rather than a memory map: a map keeps every page read so far
         resident in this process, so converting a model would hold a second copy
         of it. Here only the tensor being converted is in memory.
         """
-        if name not in self.weight_map:
+        if name not in self._parts:
             raise ConversionError(f"tensor {name!r} is not in {self.path}")
-        file = self.weight_map[name]
+        if self._dequantizer is None:
+            return self._read(name)
+        return self._dequantizer.dequantize(name, [self._read(p) for p in self._parts[name]])
+
+    def _read(self, name: str) -> torch.Tensor:
+        file = self._stored[name]
         header = self._headers[file]
         info = header[name]
         start, end = info["data_offsets"]

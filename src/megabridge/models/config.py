@@ -127,6 +127,12 @@ class ModelConfig:
         "RoPE theta of the sliding-window layers (Gemma 3); None: rotary_base",
         torch_only=True,
     )
+    latent_norm_epsilon: float | None = architecture_field(
+        None,
+        "epsilon of multi-latent attention's q/kv latent norms (transformers: always 1e-6); "
+        "None: layernorm_epsilon",
+        torch_only=True,
+    )
     embedding_multiplier: float | None = architecture_field(
         None, "multiply token embeddings by this, in their dtype (Gemma: sqrt(hidden_size))"
     )
@@ -178,6 +184,11 @@ class ModelConfig:
         None, "expert groups for group-limited routing"
     )
     moe_router_group_topk: int | None = architecture_field(None, "groups each token may route to")
+    moe_router_group_score: Literal["top_sum", "max"] = architecture_field(
+        "top_sum",
+        "how groups are ranked: by the sum of their top (topk / group_topk) scores "
+        "(Megatron-Core, DeepSeek-V3) or by their best score (DeepSeek-V2's group_limited_greedy)",
+    )
     moe_router_dtype: Literal["fp32", "fp64"] | None = runtime_field(
         None, "router logits and weights in this precision (None: the model's)"
     )

@@ -269,6 +269,17 @@ class RMSNorm(torch.nn.Module):
         return y * self.weight
 
 
+class LatentRMSNorm(RMSNorm):
+    """Multi-latent attention's q/kv latent norms with an epsilon of their own.
+
+    Megatron-Core gives them the layers' epsilon; transformers' DeepSeek models always
+    use 1e-6 there, whatever rms_norm_eps says (Moonlight: 1e-5).
+    """
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, latent_eps=None, **_):
+        super().__init__(config, hidden_size, eps=eps if latent_eps is None else latent_eps)
+
+
 class LayerNorm(torch.nn.LayerNorm):
     def __init__(self, config, hidden_size: int, eps: float = 1e-5, **_):
         if config.layernorm_zero_centered_gamma:
@@ -536,6 +547,9 @@ def _use_megabridge_modules(spec, cfg, norm) -> None:
         for field in ("q_layernorm", "k_layernorm", "kv_layernorm"):
             if hasattr(attn, field):
                 setattr(attn, field, norm)
+    if cfg.latent_norm_epsilon is not None:
+        latent = ModuleSpec(module=LatentRMSNorm, params={"latent_eps": cfg.latent_norm_epsilon})
+        attn.q_layernorm = attn.kv_layernorm = latent
     if cfg.qk_norm_across_heads:  # OLMo 2: one norm over all heads of the projection
         attn.q_layernorm = ModuleSpec(module=AcrossHeadsRMSNorm, params={"heads": "query"})
         attn.k_layernorm = ModuleSpec(module=AcrossHeadsRMSNorm, params={"heads": "key"})

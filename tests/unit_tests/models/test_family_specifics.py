@@ -31,9 +31,9 @@ LONGROPE = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0
 # (family, config overrides, the error's words): refused by the bridge's model_config.
 REFUSED = [
     ("deepseek_v3", dict(topk_group=2, n_group=2), "num_experts_per_tok = 2 x topk_group"),
-    ("deepseek_v3", dict(rms_norm_eps=1e-5), "rms_norm_eps=1e-05"),
     ("deepseek_v3", dict(norm_topk_prob=False), "norm_topk_prob=False"),
-    ("deepseek_v3", dict(quantization_config={"quant_method": "fp8"}), "FP8"),
+    ("deepseek_v2", dict(norm_topk_prob=True), "norm_topk_prob=True is not supported yet"),
+    ("deepseek_v2", dict(topk_method="noaux_tc"), "topk_method='noaux_tc' is not supported"),
     ("gemma2", dict(attention_bias=True), "attention_bias=True is not supported yet"),
     ("gemma2", dict(hidden_activation="gelu"), "hidden_activation='gelu' is not supported yet"),
     ("gemma2", dict(use_bidirectional_attention=True), "use_bidirectional_attention=True"),
@@ -74,6 +74,13 @@ WINDOWED = [("mistral", "window"), ("phi3", "base"), ("smollm3", "nope_02_window
 
 # (family, variant) with layers without RoPE (NoPE).
 NOPE = [("smollm3", "base"), ("exaone4", "base")]
+
+# (family, variant, ModelConfig field, a value without the variant's option): the
+# conformance logits check of the variant means something, as the logits differ without it.
+OPTION_MATTERS = [
+    # Megatron-Core's own group ranking (top-2 sum) picks other experts than V2's (best score).
+    ("deepseek_v2", "group_limited", "moe_router_group_score", "top_sum"),
+]
 
 # (family, variant, layout) at four processes, beyond the suite's two-process layouts.
 FOUR_PROCESSES = [
@@ -168,3 +175,38 @@ def test_logits_at_four_processes(family, variant, layout, tmp_path):
     rc, data = checks.verify_cli(hf_dir, nproc=4, extra=[*layout, "--atol", str(checks.ATOL_FP32)])
     assert rc == 0 and data["ok"], data
     assert data["max_abs_diff"] <= checks.ATOL_FP32 and data["top1_agreement"] == 1.0, data
+
+
+@pytest.mark.unit
+@pytest.mark.usefixtures("single_process_megatron")
+@pytest.mark.parametrize(
+    "family, variant, field, value", OPTION_MATTERS, ids=["-".join(c[:2]) for c in OPTION_MATTERS]
+)
+def test_variant_option_changes_logits(family, variant, field, value, tmp_path):
+    hf_dir = save_tiny(tiny_config(family, variant), tmp_path / "hf")
+    bridge = AutoBridge.from_hf_pretrained(hf_dir)
+    provider = bridge.to_megatron_provider()
+    assert getattr(provider, field) != value
+    setattr(provider, field, value)
+    tokens = sample_tokens(provider.vocab_size, 2, 32, seed=0)
+    logits = megatron_logits(bridge.to_megatron_model(provider), tokens)
+    reference = hf_logits(hf_dir, tokens, torch.float32, "cpu")
+    result = compare(reference, logits, provider.vocab_size, torch.float32, 1e-4, None)
+    assert result.max_abs_diff > 1e-2, result
+
+
+@pytest.mark.unit
+def test_kimi_k2_config_reads_as_deepseek_v3(tmp_path):
+    """Kimi-K2's config.json (model_type kimi_k2, remote code that transformers does not
+    run) converts as DeepSeek-V3 and exports with its own model_type."""
+    import json
+
+    hf_dir = save_tiny(tiny_config("deepseek_v3", "kimi_k2_yarn"), tmp_path / "hf")
+    config = json.loads((hf_dir / "config.json").read_text())
+    expected = AutoBridge.from_hf_pretrained(hf_dir).model_config
+    auto_map = {"AutoConfig": "configuration_deepseek.DeepseekV3Config"}
+    kimi = {**config, "model_type": "kimi_k2", "auto_map": auto_map}
+    (hf_dir / "config.json").write_text(json.dumps(kimi))
+    bridge = AutoBridge.from_hf_pretrained(hf_dir)
+    assert bridge.family.family == "deepseek_v3" and bridge.model_config == expected
+    assert bridge.hf_config_for_export()["model_type"] == "kimi_k2"

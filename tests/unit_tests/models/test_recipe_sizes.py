@@ -15,8 +15,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from transformers import AutoConfig
 
+from megabridge.conversion.auto_bridge import _transformers_config
 from megabridge.conversion.registry import bridge_for_family, bridges
 from megabridge.models.config import ModelConfig
 from megabridge.recipes import all_recipes
@@ -65,8 +65,10 @@ def _released(size: str, tmp_path: Path) -> ModelConfig:
     folder = tmp_path / size
     folder.mkdir()
     shutil.copy(path, folder / "config.json")
-    hf_config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
-    return bridge_for_family(SIZES[size][0]).model_config(hf_config)
+    bridge = bridge_for_family(SIZES[size][0])
+    # As AutoBridge reads it: a release under another model_type (kimi_k2) included.
+    hf_config = _transformers_config(json.loads(path.read_text()), folder, bridge)
+    return bridge.model_config(hf_config)
 
 
 def _architecture(cfg: ModelConfig) -> dict:

@@ -1,50 +1,35 @@
-"""DeepSeek-V3 (and its R1 / V3.1 checkpoints in bf16): multi-latent attention + sigmoid-routed MoE.
+"""DeepSeek-V3 (R1, V3.1, Kimi-K2, Moonlight): multi-latent attention + sigmoid-routed MoE.
 
-Attention: Megatron-Core's MLASelfAttention holds the same matrices as transformers
-(q_a/q_b, kv_a_proj_with_mqa/kv_b, per head [no-RoPE, RoPE] and [key, value]),
-so every tensor is a rename. Both sides de-interleave the RoPE channels
-(``rope_interleave``) before rotating them.
-
+The layout (MLA, dense first layers, shared experts) is conversion/mla_moe.py's.
 Routing: sigmoid scores; the correction bias (Megatron's ``expert_bias``) only
-picks the experts; groups ranked by the sum of their top-2 scores
-(Megatron: top topk/group_topk, so topk = 2 x topk_group); weights renormalised
-and multiplied by ``routed_scaling_factor``. The first ``first_k_dense_replace``
-layers have a dense MLP. The original FP8 release must be dequantised to bf16 first.
+picks the experts; groups ranked by the sum of their top-2 scores (Megatron: top
+topk/group_topk, so topk = 2 x topk_group; Kimi-K2 and Moonlight have one group);
+weights renormalised and multiplied by ``routed_scaling_factor``.
+
+Releases: the FP8 ones (DeepSeek-V3, Kimi-K2) are dequantized to bf16 while read
+(conversion/quantized.py) and export in bf16 without quantization_config. Kimi-K2's
+config.json says model_type "kimi_k2", which transformers does not know: it is read
+as a DeepSeek-V3 config. The multi-token-prediction layer (layer num_hidden_layers,
+61 in the releases), which transformers skips too, is skipped.
 """
 
-from megabridge.conversion import blocks
-from megabridge.conversion.family import COMMON_CONFIG, LLAMA_LIKE, FamilyBridge
+from megabridge.conversion.mla_moe import MLA_MOE_FIXED, MlaMoeBridge, mla_moe_mappings
 from megabridge.conversion.registry import register_bridge
 from megabridge.errors import UserError
 
 
 @register_bridge
-class DeepseekV3Bridge(FamilyBridge):
+class DeepseekV3Bridge(MlaMoeBridge):
     family = "deepseek_v3"
     architectures = ("DeepseekV3ForCausalLM",)
     hf_model_type = "deepseek_v3"
+    HF_MODEL_TYPE_ALIASES = ("kimi_k2",)
     NAME = "DeepSeek-V3"
-    # No num_key_value_heads / head_dim: MLA's heads are shaped by the ranks and head dims.
-    CONFIG = {
-        **{k: v for k, v in COMMON_CONFIG.items() if v not in ("num_query_groups", "kv_channels")},
-        "q_lora_rank": "q_lora_rank",
-        "kv_lora_rank": "kv_lora_rank",
-        "qk_nope_head_dim": "qk_head_dim",
-        "qk_rope_head_dim": "qk_pos_emb_head_dim",
-        "v_head_dim": "v_head_dim",
-        "n_routed_experts": "num_moe_experts",
-        "num_experts_per_tok": "moe_router_topk",
-        "moe_intermediate_size": "moe_ffn_hidden_size",
-        "routed_scaling_factor": "moe_router_topk_scaling_factor",
-    }
     MEGATRON_FIXED = dict(
-        **LLAMA_LIKE,
-        multi_latent_attention=True,
-        qk_layernorm=True,  # q_a_layernorm and kv_a_layernorm
+        **MLA_MOE_FIXED,
         moe_router_score_function="sigmoid",
         moe_router_enable_expert_bias=True,
         moe_router_pre_softmax=False,
-        moe_router_dtype="fp32",  # transformers routes in fp32 too
         # The paper's complementary sequence-wise balance loss (alpha = 1e-4) for training.
         moe_router_load_balancing_type="seq_aux_loss",
         moe_aux_loss_coeff=1e-4,
@@ -52,42 +37,23 @@ class DeepseekV3Bridge(FamilyBridge):
     HF_FIXED = dict(
         hidden_act="silu", rope_interleave=True, attention_bias=False, norm_topk_prob=True
     )
-    UNSUPPORTED = {"attention_bias": "MLA's projections have no biases in Megatron-Core"}
-    MAPPINGS = [
-        *blocks.embeddings_and_head(),
-        *blocks.final_norm(),
-        *blocks.pre_norms(),
-        *blocks.mla_attention(),
-        *blocks.gated_mlp(),  # the first_k_dense_replace dense layers
-        *blocks.router(expert_bias=True),
-        *blocks.routed_experts(),
-        *blocks.shared_experts(),
-    ]
-    # The release's multi-token-prediction module (layer 61), which transformers skips too.
+    MAPPINGS = mla_moe_mappings(expert_bias=True)
+    # The releases' multi-token-prediction module (layer 61), which transformers skips too.
     IGNORED_HF = (r".*\.rotary_emb\.inv_freq$", r"model\.layers\.61\.")
-    PARALLELISM = ("TP", "PP", "EP")
-    NOTES = "MLA; sigmoid group-limited routing with expert bias; shared expert; dense first layers"
+    NOTES = (
+        "MLA; sigmoid group-limited routing with expert bias; shared expert; dense first "
+        "layers; FP8 releases dequantized to bf16; Kimi-K2 (kimi_k2) and Moonlight too"
+    )
 
     @classmethod
     def adjust_model_config(cls, hf_config, cfg):
-        if getattr(hf_config, "quantization_config", None):
-            raise UserError("DeepSeek-V3 in FP8 (quantization_config) is not supported: use bf16")
+        super().adjust_model_config(hf_config, cfg)
         if not getattr(hf_config, "rope_interleave", True):
             # Megatron-Core's MLA always de-interleaves the RoPE channels first.
             raise UserError("DeepSeek-V3 with rope_interleave=False is not supported yet")
         if not hf_config.norm_topk_prob:
             # Megatron-Core's sigmoid router always renormalises the top-k weights.
             raise UserError("DeepSeek-V3 with norm_topk_prob=False is not supported yet")
-        if hf_config.rms_norm_eps != 1e-6:
-            # transformers' q_a / kv_a norms always use 1e-6; Megatron-Core has one epsilon.
-            raise UserError(
-                f"DeepSeek-V3 with rms_norm_eps={hf_config.rms_norm_eps} is not supported yet "
-                "(its latent norms use 1e-6 whatever the config says)"
-            )
-        dense = hf_config.first_k_dense_replace or 0
-        cfg.moe_layer_freq = [0] * dense + [1] * (cfg.num_layers - dense) if dense else None
-        shared = hf_config.n_shared_experts or 0
-        cfg.moe_shared_expert_intermediate_size = shared * cfg.moe_ffn_hidden_size or None
         if (hf_config.n_group or 1) > 1:
             if cfg.moe_router_topk != 2 * hf_config.topk_group:
                 # transformers ranks groups by their top-2 scores, Megatron-Core by their
@@ -101,15 +67,7 @@ class DeepseekV3Bridge(FamilyBridge):
 
     @classmethod
     def adjust_hf_config(cls, cfg, data):
-        pattern = cfg.moe_layer_freq or [1] * cfg.num_layers
-        dense = pattern.index(1) if 1 in pattern else cfg.num_layers
-        if pattern != [0] * dense + [1] * (cfg.num_layers - dense):
-            raise UserError("DeepSeek-V3 has dense layers first, then MoE layers only")
-        shared = cfg.moe_shared_expert_intermediate_size or 0
+        super().adjust_hf_config(cfg, data)
         data.update(
-            first_k_dense_replace=dense,
-            n_shared_experts=shared // cfg.moe_ffn_hidden_size,
-            n_group=cfg.moe_router_num_groups or 1,
-            topk_group=cfg.moe_router_group_topk or 1,
-            num_key_value_heads=cfg.num_attention_heads,
+            n_group=cfg.moe_router_num_groups or 1, topk_group=cfg.moe_router_group_topk or 1
         )

@@ -2,7 +2,11 @@
 
 Layer 0 dense, layers 1-3 MoE (four layers, so two pipeline stages): 4 experts in 2
 groups (1 chosen), top-2, a shared expert; MLA with a query low-rank projection.
-rms_norm_eps is 1e-6 because transformers' latent norms always use 1e-6.
+"kimi_k2_yarn": Kimi-K2's one expert group and its YaRN (beta_fast = beta_slow = 1,
+factor 32), with mscale_all_dim 0.8 instead of Kimi-K2's 1.0, so that both the
+rotary factor (mscale / mscale_all_dim) and the softmax scale (mscale_all_dim's,
+squared) count. "moonlight": no query low-rank projection, one group, rms_norm_eps
+1e-5 (the latent norms keep transformers' 1e-6).
 """
 
 from megabridge.conversion.tiny import MOE
@@ -14,11 +18,15 @@ BASE = {**MOE, "num_hidden_layers": 4, "num_key_value_heads": 4, "intermediate_s
         "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16,
         "rms_norm_eps": 1e-6}  # fmt: skip
 
-YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "beta_fast": 32,
-        "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0,
-        "original_max_position_embeddings": 32}  # fmt: skip
+KIMI_K2_YARN = {"rope_type": "yarn", "rope_theta": 50000.0, "factor": 32.0, "beta_fast": 1.0,
+                "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 0.8,
+                "original_max_position_embeddings": 4}  # fmt: skip
 
 TINY = {
     "base": BASE,
-    "yarn": {**BASE, "rope_parameters": YARN},
-}
+    "kimi_k2_yarn": {**BASE, "n_group": 1, "topk_group": 1, "routed_scaling_factor": 2.827,
+                     "rope_parameters": KIMI_K2_YARN},
+    "moonlight": {**BASE, "q_lora_rank": None, "n_group": 1, "topk_group": 1,
+                  "n_shared_experts": 2, "routed_scaling_factor": 2.446, "rms_norm_eps": 1e-5,
+                  "rope_parameters": {"rope_type": "default", "rope_theta": 50000.0}},
+}  # fmt: skip

@@ -227,6 +227,11 @@ def _register_conversion(sub) -> None:
     c.add_argument(
         "--hf-reference", help="HF folder whose config.json, layout and tokenizer to use"
     )
+    c.add_argument(
+        "--hf-config",
+        help="HF model folder or config.json describing a Megatron-LM / Megatron-Bridge / NeMo 2 "
+        "checkpoint that carries no model description megabridge can read",
+    )
     _conversion_output_args(c)
     c.set_defaults(func=_command("megabridge.conversion.commands", "cmd_megatron_to_hf"))
 

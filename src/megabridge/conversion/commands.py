@@ -68,9 +68,14 @@ def _source_dtype(bridge) -> torch.dtype:
 def cmd_megatron_to_hf(args) -> int:
     out = Path(args.hf_path)
     _check_output(out, args.overwrite)
-    bridge = AutoBridge.from_megatron_checkpoint(args.megatron_path)
+    bridge = AutoBridge.from_megatron_checkpoint(args.megatron_path, args.hf_config)
     if args.hf_reference:
         bridge.use_hf_reference(args.hf_reference)
+    if (args.tp, args.pp, args.ep) == (1, 1, 1) and bridge.save_hf_from_checkpoint(
+        out, _dtype(args.dtype), args.overwrite, progress=True
+    ):
+        log.info("wrote HF model %s (streamed)", out)
+        return 0
     provider = bridge.to_megatron_provider()
     _set_layout(provider, args)
     model = bridge.to_megatron_model(provider)

@@ -148,3 +148,27 @@ def _add_tool_files(kind: str, root: Path, iter_dir: Path, cfg) -> None:
         train_state = {"step": torch.tensor(ITERATION), "floating_point_operations_so_far": 0.0}
         torch.save(train_state, iter_dir / "train_state.pt")
         torch.save(train_state, root / "latest_train_state.pt")
+
+
+def main(argv=None) -> None:
+    """``[torchrun ...] python -m tests.foreign_checkpoints HF_DIR OUT_DIR [--tp N] [--bf16]``:
+    writes every kind under OUT_DIR/<kind>, from the model loaded at TP=N."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("hf")
+    parser.add_argument("out")
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--bf16", action="store_true")
+    args = parser.parse_args(argv)
+
+    from megabridge.conversion.auto_bridge import AutoBridge
+
+    bridge = AutoBridge.from_hf_pretrained(args.hf)
+    cfg = bridge.to_megatron_provider()
+    cfg.tensor_model_parallel_size, cfg.bf16 = args.tp, args.bf16
+    model = bridge.to_megatron_model(cfg)
+    for kind in KINDS:
+        write(kind, Path(args.out) / kind, model, cfg)
+
+
+if __name__ == "__main__":  # dist_checkpointing.save starts processes that re-import __main__
+    main()

@@ -11,6 +11,7 @@ import torch
 from megabridge.conversion.auto_bridge import AutoBridge
 from megabridge.conversion.verify import verify
 from megabridge.errors import UserError
+from megabridge.training import megatron_layout
 
 log = logging.getLogger("megabridge.convert")
 
@@ -50,6 +51,8 @@ def cmd_hf_to_megatron(args) -> int:
     dtype = _dtype(args.dtype) or _source_dtype(bridge)
     provider.bf16 = dtype == torch.bfloat16
     bridge.save_megatron_checkpoint(out, provider, args.overwrite, progress=True)
+    if args.megatron_layout and _is_rank0():
+        megatron_layout.write(out, provider)
     log.info("wrote Megatron checkpoint %s (%s)", out, str(dtype).removeprefix("torch."))
     return 0
 

@@ -114,7 +114,9 @@ class ExportPlan:
         for item, view in p.pieces:
             # the chunk as stored: Megatron's prepended axes (layer, expert) are dimensions of 1
             sizes = (1,) * item.prepend_axis_num + tuple(item.local_shape)
-            regions.append((item.key, tuple(item.global_offset), full.as_strided(*view).view(sizes)))
+            regions.append(
+                (item.key, tuple(item.global_offset), full.as_strided(*view).view(sizes))
+            )
         with warnings.catch_warnings():  # torch.distributed.checkpoint's one-process notes
             warnings.simplefilter("ignore", UserWarning)
             dcp_load({}, storage_reader=self.reader, planner=_RegionPlanner(regions), no_dist=True)

@@ -100,3 +100,33 @@ def test_a_legacy_pickle_checkpoint_is_refused_unread(tmp_path):
     assert "legacy (non-distributed) Megatron-LM checkpoint" in result.stderr
     assert "Traceback" not in result.stderr
     assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+@pytest.mark.usefixtures("single_process_megatron")
+def test_megatron_layout_is_a_save_folder_both_tools_describe(tmp_path):
+    from megabridge.conversion.auto_bridge import AutoBridge
+    from megabridge.models.config import architecture
+    from megabridge.training import checkpointing, foreign, megatron_layout, trust
+
+    hf = save_tiny(tiny_config("llama"), tmp_path / "hf", dtype=torch.bfloat16)
+    bridge = AutoBridge.from_hf_pretrained(hf)
+    cfg = bridge.to_megatron_provider()
+    cfg.bf16 = True
+    out = bridge.save_megatron_checkpoint(tmp_path / "mg", cfg)
+    megatron_layout.write(out, cfg)
+    ckpt = checkpointing.resolve(out)  # megabridge.json sealed again with every file
+    assert ckpt == out / "iter_0000000"
+    assert (out / "latest_checkpointed_iteration.txt").read_text() == "0"
+    args = trust.load_common_state(ckpt)["args"]  # what Megatron-LM reads, read safely
+    assert (args.num_layers, args.num_query_groups, args.padded_vocab_size) == (2, 2, 256)
+    bridge_back = AutoBridge.from_megatron_checkpoint(out)
+    bridge_back.save_hf_from_checkpoint(tmp_path / "back")
+    assert_same_tensors(hf, tmp_path / "back")
+
+    for kind, stray in (("megatron-bridge", None), ("megatron-lm", "run_config.yaml")):
+        (ckpt / checkpointing.METADATA).unlink(missing_ok=True)  # as the tools see it
+        if stray:
+            (ckpt / stray).unlink()
+        meta = foreign.metadata(ckpt)
+        assert meta["foreign"]["kind"] == kind
+        assert meta["model"] == architecture(cfg) | {"vocab_size": 256}

@@ -486,6 +486,9 @@ def load(ckpt_dir: Path, model_chunks, optimizer=None, scheduler=None, model_onl
 
     meta = read_metadata(ckpt_dir)
     prefix = meta.get("foreign", {}).get("key_prefix", "")  # NeMo 2's keys start with module.
+    if "foreign" in meta and not model_only:  # another tool's optimizer state is not ours
+        _warn("%s was written by %s: loading its weights only", ckpt_dir, meta["foreign"]["kind"])
+        model_only = True
     (model,) = [unwrap_model(m) for m in model_chunks]
     peft = _peft_of(model)
     if peft is not None or "peft" in meta:

@@ -19,6 +19,17 @@ INDEX = "model.safetensors.index.json"
 
 def assert_same_hf_folder(expected: Path, actual: Path) -> None:
     """Same tensor names, dtypes and bytes; same config.json; the same shards if sharded."""
+    assert_same_tensors(expected, actual)
+    assert json.loads((expected / "config.json").read_text()) == json.loads(
+        (actual / "config.json").read_text()
+    )
+    if (expected / INDEX).exists():
+        weight_map = json.loads((expected / INDEX).read_text())["weight_map"]
+        assert json.loads((actual / INDEX).read_text())["weight_map"] == weight_map
+
+
+def assert_same_tensors(expected: Path, actual: Path) -> None:
+    """Same tensor names, dtypes and bytes."""
     from megabridge.conversion.hf_io import HFCheckpoint
 
     a, b = HFCheckpoint(expected), HFCheckpoint(actual)
@@ -29,12 +40,23 @@ def assert_same_hf_folder(expected: Path, actual: Path) -> None:
         assert ta.shape == tb.shape, name
         assert torch.equal(ta.view(torch.uint8) if ta.dtype != torch.bool else ta,
                            tb.view(torch.uint8) if tb.dtype != torch.bool else tb), f"bytes differ: {name}"  # fmt: skip
-    assert json.loads((expected / "config.json").read_text()) == json.loads(
-        (actual / "config.json").read_text()
-    )
-    if (expected / INDEX).exists():
-        weight_map = json.loads((expected / INDEX).read_text())["weight_map"]
-        assert json.loads((actual / INDEX).read_text())["weight_map"] == weight_map
+
+
+def hf_first_loss(hf_dir: Path, samples: int = 2) -> float:
+    """transformers' loss of the HF model on the mock data's first samples (the tiny recipes')."""
+    from transformers import AutoModelForCausalLM
+
+    from megabridge.training.data.mock import MockDataset
+
+    data = MockDataset(vocab_size=256, seq_length=128, seed=1234)
+    tokens = torch.stack([data[i]["tokens"] for i in range(samples)])
+    labels = torch.stack([data[i]["labels"] for i in range(samples)])
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32)
+    with torch.no_grad():
+        logits = model(input_ids=tokens).logits
+    return torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
+    ).item()
 
 
 def round_trip_in_process(hf_dir: Path, out: Path) -> None:

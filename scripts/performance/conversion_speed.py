@@ -1,4 +1,5 @@
-"""Time and peak memory of `megabridge convert hf-to-megatron` against the plain floor.
+"""Time and peak memory of `megabridge convert hf-to-megatron` and of the streamed
+`convert megatron-to-hf` back, against the plain floor.
 
 The floor: load every tensor with safetensors and torch.save it (one process).
 Peak memory is the proportional set size (PSS: shared pages split between the
@@ -113,6 +114,8 @@ def main() -> None:
         idle_s, idle_mem = measure([sys.executable, "-c", IDLE])
         conv_s, conv_mem = measure([sys.executable, "-m", "megabridge", "convert", "hf-to-megatron",
                                     "--hf-path", str(root / "hf"), "--megatron-path", str(root / "mg")])  # fmt: skip
+        back_s, back_mem = measure([sys.executable, "-m", "megabridge", "convert", "megatron-to-hf",
+                                    "--megatron-path", str(root / "mg"), "--hf-path", str(root / "back")])  # fmt: skip
     gib = 2**30
     print(
         f"model: {size / gib:.2f} GiB bf16 (hidden {args.hidden}, {args.layers} layers, vocab {args.vocab})"
@@ -124,12 +127,18 @@ def main() -> None:
         f"megabridge convert hf-to-megatron:                 {conv_s:6.1f} s, peak PSS {conv_mem / gib:5.2f} GiB"
     )
     print(
+        f"megabridge convert megatron-to-hf (streamed):     {back_s:6.1f} s, peak PSS {back_mem / gib:5.2f} GiB"
+    )
+    print(
         f"imports alone (megabridge, megatron-core, transformers): {idle_s:6.1f} s, peak PSS {idle_mem / gib:5.2f} GiB"
     )
     print(f"time ratio {conv_s / floor_s:.2f}x (target <= 2x); without the imports' fixed cost "
           f"{(conv_s - idle_s) / floor_s:.2f}x")  # fmt: skip
     print(f"peak memory above the imports / model size {(conv_mem - idle_mem) / size:.2f} "
           f"(target < 0.5 for ~2 GB); whole process / model size {conv_mem / size:.2f}")  # fmt: skip
+    print(f"export: time ratio {back_s / floor_s:.2f}x, without the imports {(back_s - idle_s) / floor_s:.2f}x "
+          f"(target <= 1.5x); peak above the imports / model size {(back_mem - idle_mem) / size:.2f} "
+          f"(target < 0.5 at ~2 GB, < 0.25 larger); whole process / model {back_mem / size:.2f}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -211,6 +211,12 @@ def _register_conversion(sub) -> None:
     )
     c.add_argument("--hf-path", required=True, help="HF model folder (config.json + safetensors)")
     c.add_argument("--megatron-path", required=True, help="output checkpoint folder")
+    c.add_argument(
+        "--megatron-layout",
+        action="store_true",
+        help="make the output a save folder that Megatron-LM and Megatron-Bridge also load "
+        "(iter_0000000/ with their args, run_config.yaml and train state; see the README)",
+    )
     _conversion_output_args(c)
     c.set_defaults(func=_command("megabridge.conversion.commands", "cmd_hf_to_megatron"))
 
@@ -226,6 +232,11 @@ def _register_conversion(sub) -> None:
     c.add_argument("--hf-path", required=True, help="output HF folder")
     c.add_argument(
         "--hf-reference", help="HF folder whose config.json, layout and tokenizer to use"
+    )
+    c.add_argument(
+        "--hf-config",
+        help="HF model folder or config.json describing a Megatron-LM / Megatron-Bridge / NeMo 2 "
+        "checkpoint that carries no model description megabridge can read",
     )
     _conversion_output_args(c)
     c.set_defaults(func=_command("megabridge.conversion.commands", "cmd_megatron_to_hf"))

@@ -20,12 +20,12 @@ import torch
 import torch.distributed as dist
 
 from megabridge import runtime
-from megabridge.conversion import hf_io, quantized, registry, streaming, transfer
+from megabridge.conversion import hf_io, quantized, registry, streaming, streaming_export, transfer
 from megabridge.conversion.family import FamilyBridge
 from megabridge.errors import ConfigError, UserError
 from megabridge.models.config import ModelConfig, copy_architecture, model_config_from_dict
 from megabridge.models.provider import build_model
-from megabridge.training import checkpointing
+from megabridge.training import checkpointing, foreign, trust
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,7 @@ class AutoBridge:
         self.checkpoint_dir: Path | None = (
             None  # set when the weights live in a Megatron checkpoint
         )
+        self.checkpoint_meta: dict = {}  # its megabridge.json (or what stands for it)
         # tokenizer / generation files to ship with an export
         self.sidecar_dir: Path | None = source.path if source is not None else None
         # {"weight_map": {name: file}, "dtypes": {name: dtype}} of the HF folder we came from
@@ -71,10 +72,15 @@ class AutoBridge:
         return cls(family, family.model_config(hf_config), config_dict, source)
 
     @classmethod
-    def from_megatron_checkpoint(cls, path: str | Path) -> AutoBridge:
-        """A bridge for a megabridge Megatron checkpoint (its megabridge.json says which model)."""
+    def from_megatron_checkpoint(
+        cls, path: str | Path, hf_config: str | Path | None = None
+    ) -> AutoBridge:
+        """A bridge for a Megatron checkpoint: megabridge's (its megabridge.json says which
+        model) or one Megatron-LM, Megatron-Bridge or NeMo 2 wrote (the model from what it
+        carries, or from ``hf_config``: an HF model folder or config.json)."""
         ckpt = checkpointing.resolve(path)
-        meta = checkpointing.read_metadata(ckpt)
+        described_by = hf_config
+        meta = checkpointing.read_metadata(ckpt, described_by)
         model_config = model_config_from_dict(meta["model_config"])
         hf = meta.get("hf") or {}
         if hf.get("config"):
@@ -85,8 +91,11 @@ class AutoBridge:
             hf_config = family.hf_config_dict(model_config)
         bridge = cls(family, model_config, hf_config, source_layout=hf.get("layout"))
         bridge.checkpoint_dir = ckpt
+        bridge.checkpoint_meta = meta
         assets = ckpt / HF_ASSETS
         bridge.sidecar_dir = assets if assets.is_dir() else None
+        if described_by is not None and Path(described_by).is_dir():  # its tokenizer files too
+            bridge.sidecar_dir = Path(described_by)
         return bridge
 
     def use_hf_reference(self, path: str | Path) -> None:
@@ -241,6 +250,46 @@ class AutoBridge:
                 tmp, tensors, self.hf_config_for_export(dtype), self.sidecar_dir, layout
             )
         dist.barrier()
+        return Path(out)
+
+    def save_hf_from_checkpoint(
+        self,
+        out: str | Path,
+        dtype: torch.dtype | None = None,
+        overwrite: bool = False,
+        progress: bool = False,
+    ) -> Path | None:
+        """Write this bridge's Megatron checkpoint as an HF folder, streamed tensor by tensor
+        (no model in memory). Atomic. Returns None, writing nothing, when the checkpoint
+        cannot be streamed (several processes, a PEFT checkpoint, an unusual layout):
+        then build the model and use save_hf_pretrained."""
+        meta = self.checkpoint_meta
+        if self.checkpoint_dir is None or "peft" in meta:
+            return None
+        cfg = self.to_megatron_provider()
+        for field in _PARALLEL_FIELDS:
+            setattr(cfg, field, 1)
+        ensure_parallel_state(cfg)
+        if dist.get_world_size() > 1:
+            return None
+        weights = foreign.dist_dir(self.checkpoint_dir)
+        trust.check_pickles(weights)  # before torch unpickles anything of it
+        try:
+            export = streaming_export.plan(
+                self.family, cfg, *build_model(cfg, meta=True), weights,
+                prefix=meta.get("foreign", {}).get("key_prefix", ""),
+                vocab=self.hf_config.get("vocab_size"), dtype_of=self._dtype_of(dtype),
+            )  # fmt: skip
+        except streaming.NotStreamable as e:
+            log.info("building the model in memory to export it (%s)", e)
+            return None
+        layout = (self.source_layout or {}).get("weight_map") if dtype is None else None
+        bar = functools.partial(_progress, total=len(export.params), desc="export")
+        with hf_io.atomic_output_dir(out, overwrite) as tmp:
+            streaming_export.write_hf_folder(
+                export, tmp, self.hf_config_for_export(dtype), self.sidecar_dir, layout,
+                progress=bar if progress else iter,
+            )  # fmt: skip
         return Path(out)
 
     def checkpoint_metadata(self) -> dict:

@@ -11,6 +11,7 @@ import torch
 from megabridge.conversion.auto_bridge import AutoBridge
 from megabridge.conversion.verify import verify
 from megabridge.errors import UserError
+from megabridge.training import megatron_layout
 
 log = logging.getLogger("megabridge.convert")
 
@@ -50,6 +51,8 @@ def cmd_hf_to_megatron(args) -> int:
     dtype = _dtype(args.dtype) or _source_dtype(bridge)
     provider.bf16 = dtype == torch.bfloat16
     bridge.save_megatron_checkpoint(out, provider, args.overwrite, progress=True)
+    if args.megatron_layout and _is_rank0():
+        megatron_layout.write(out, provider)
     log.info("wrote Megatron checkpoint %s (%s)", out, str(dtype).removeprefix("torch."))
     return 0
 
@@ -68,9 +71,14 @@ def _source_dtype(bridge) -> torch.dtype:
 def cmd_megatron_to_hf(args) -> int:
     out = Path(args.hf_path)
     _check_output(out, args.overwrite)
-    bridge = AutoBridge.from_megatron_checkpoint(args.megatron_path)
+    bridge = AutoBridge.from_megatron_checkpoint(args.megatron_path, args.hf_config)
     if args.hf_reference:
         bridge.use_hf_reference(args.hf_reference)
+    if (args.tp, args.pp, args.ep) == (1, 1, 1) and bridge.save_hf_from_checkpoint(
+        out, _dtype(args.dtype), args.overwrite, progress=True
+    ):
+        log.info("wrote HF model %s (streamed)", out)
+        return 0
     provider = bridge.to_megatron_provider()
     _set_layout(provider, args)
     model = bridge.to_megatron_model(provider)

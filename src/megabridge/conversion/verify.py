@@ -109,6 +109,17 @@ def compare(
     )
 
 
+def _megatron_bridge(megatron_path, hf_path) -> AutoBridge:
+    """The checkpoint's bridge; one that carries no model description (a foreign checkpoint)
+    is described by the HF model it is compared with."""
+    try:
+        return AutoBridge.from_megatron_checkpoint(megatron_path)
+    except UserError as e:
+        if "--hf-config" not in str(e):
+            raise
+        return AutoBridge.from_megatron_checkpoint(megatron_path, hf_config=hf_path)
+
+
 def verify(
     hf_path,
     megatron_path=None,
@@ -124,7 +135,7 @@ def verify(
 ) -> VerifyResult:
     """Build the Megatron model (from ``hf_path`` or ``megatron_path``) and compare; every rank returns the result."""
     hf_bridge = AutoBridge.from_hf_pretrained(hf_path)
-    bridge = AutoBridge.from_megatron_checkpoint(megatron_path) if megatron_path else hf_bridge
+    bridge = _megatron_bridge(megatron_path, hf_path) if megatron_path else hf_bridge
     provider = bridge.to_megatron_provider()
     provider.tensor_model_parallel_size = tp
     provider.pipeline_model_parallel_size = pp

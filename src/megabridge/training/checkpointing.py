@@ -44,7 +44,7 @@ from megabridge.conversion.hf_io import SIDECAR_FILES
 from megabridge.errors import CheckpointError, UserError
 from megabridge.models.config import architecture
 from megabridge.peft import lora
-from megabridge.training import trust
+from megabridge.training import foreign, trust
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +57,12 @@ def iter_dirname(iteration: int) -> str:
     return f"iter_{iteration:07d}"
 
 
-def read_metadata(ckpt_dir: Path) -> dict:
+def read_metadata(ckpt_dir: Path, hf_config: str | Path | None = None) -> dict:
+    """megabridge.json, or for a checkpoint Megatron-LM / Megatron-Bridge / NeMo 2 wrote,
+    the same made from what it carries (``hf_config``: an HF config that describes it)."""
     path = Path(ckpt_dir) / METADATA
+    if not path.is_file() and foreign.kind(ckpt_dir) is not None:
+        return foreign.metadata(ckpt_dir, hf_config)
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
@@ -72,6 +76,8 @@ def read_metadata(ckpt_dir: Path) -> dict:
 def verify(ckpt_dir: Path) -> str | None:
     """Why ``ckpt_dir`` cannot be trusted as a complete checkpoint, or None when it can."""
     ckpt_dir = Path(ckpt_dir)
+    if not (ckpt_dir / METADATA).is_file() and foreign.kind(ckpt_dir) is not None:
+        return foreign.verify(ckpt_dir)
     if not (ckpt_dir / METADATA).is_file():
         return f"no {METADATA} (the save did not finish)"
     if not (ckpt_dir / "metadata.json").is_file():
@@ -95,7 +101,11 @@ def is_complete(ckpt_dir: Path) -> bool:
 
 def _looks_like_checkpoint(path: Path) -> bool:
     markers = (METADATA, "metadata.json", ".metadata", "common.pt")
-    return path.name.startswith("iter_") or any((path / m).exists() for m in markers)
+    return (
+        path.name.startswith("iter_")
+        or any((path / m).exists() for m in markers)
+        or foreign.looks_like_checkpoint(path)
+    )
 
 
 def _warn(message: str, *args) -> None:
@@ -205,13 +215,15 @@ def _layout() -> tuple[int, int, int, int]:
     )
 
 
-def _sharded_state_dict(model_chunks, optimizer=None, scheduler=None, extra=None, loading=False):
+def _sharded_state_dict(
+    model_chunks, optimizer=None, scheduler=None, extra=None, loading=False, prefix=""
+):
     from megatron.core import parallel_state as ps
     from megatron.core.dist_checkpointing.mapping import ShardedObject
     from megatron.core.utils import unwrap_model
 
     (model,) = [unwrap_model(m) for m in model_chunks]
-    sd = {"model": model.sharded_state_dict()}
+    sd = {"model": model.sharded_state_dict(prefix=prefix)}
     if _peft_of(model) is not None:  # the adapters only: the frozen base is the pretrained model's
         sd["model"] = lora.adapter_state(model, sd["model"])
     if optimizer is not None:
@@ -473,12 +485,16 @@ def load(ckpt_dir: Path, model_chunks, optimizer=None, scheduler=None, model_onl
     from megatron.core.utils import unwrap_model
 
     meta = read_metadata(ckpt_dir)
+    prefix = meta.get("foreign", {}).get("key_prefix", "")  # NeMo 2's keys start with module.
+    if "foreign" in meta and not model_only:  # another tool's optimizer state is not ours
+        _warn("%s was written by %s: loading its weights only", ckpt_dir, meta["foreign"]["kind"])
+        model_only = True
     (model,) = [unwrap_model(m) for m in model_chunks]
     peft = _peft_of(model)
     if peft is not None or "peft" in meta:
         lora.check_checkpoint(meta.get("peft"), peft, ckpt_dir, resuming=not model_only)
     if model_only:
-        sd = _sharded_state_dict(model_chunks)
+        sd = _sharded_state_dict(model_chunks, prefix=prefix)
     else:
         sd = _sharded_state_dict(
             model_chunks, optimizer, scheduler, extra={"train_state": {}}, loading=True
@@ -486,11 +502,15 @@ def load(ckpt_dir: Path, model_chunks, optimizer=None, scheduler=None, model_onl
         same_layout = meta.get("layout") == _layout_dict()
         if not same_layout:  # RNG streams are per (pp, tp) rank: only meaningful at the same layout
             sd.pop("rng_state")
+    ckpt_dir = foreign.dist_dir(ckpt_dir)  # NeMo 2: its weights/ folder
     trust.check_pickles(ckpt_dir)  # before Megatron-Core or torch unpickle anything of it
     try:
-        state = dist_checkpointing.load(sd, str(ckpt_dir))
+        with trust.common_state_globals():  # Megatron-LM's args in common.pt
+            state = dist_checkpointing.load(sd, str(ckpt_dir))
     except Exception as e:  # noqa: BLE001 - any failure here means an unusable checkpoint
         raise CheckpointError(f"cannot load checkpoint {ckpt_dir}: {_one_line(e)}") from e
+    if prefix:
+        state["model"] = {k.removeprefix(prefix): v for k, v in state["model"].items()}
     if peft is not None:
         lora.load_adapter_state(model, state["model"], ckpt_dir)
     else:

@@ -19,6 +19,7 @@ in one line otherwise. The real load then reads the same, vetted, bytes.
 
 from __future__ import annotations
 
+import argparse
 import collections
 import dataclasses
 import enum
@@ -90,12 +91,49 @@ _NUMPY_GLOBALS = [
 ]
 
 
-def _weights_only(data: bytes, what: str) -> None:
-    with torch.serialization.safe_globals(_NUMPY_GLOBALS):
+def _megatron_lm_globals() -> list:
+    """What Megatron-LM's common state adds: its run arguments (an argparse Namespace that
+    holds Megatron-Core enums, e.g. attention_backend)."""
+    from megatron.core.transformer import enums
+
+    return [argparse.Namespace, *(v for v in vars(enums).values() if _is_enum(v))]
+
+
+def common_state_globals():
+    """A context in which torch.load (Megatron-Core's load of common.pt) accepts what
+    check_pickles accepted there: Megatron-LM's run arguments."""
+    return torch.serialization.safe_globals([*_NUMPY_GLOBALS, *_megatron_lm_globals()])
+
+
+def _is_enum(value) -> bool:
+    return isinstance(value, type) and issubclass(value, enum.Enum)
+
+
+def _weights_only(data: bytes, what: str):
+    with torch.serialization.safe_globals([*_NUMPY_GLOBALS, *_megatron_lm_globals()]):
         try:
-            torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
             raise CheckpointError(f"refusing to load {what}: {_why(e)}") from None
+
+
+def load_common_state(ckpt_dir: Path):
+    """The checkpoint's common (non-sharded) state, unpickled with the allow-list: common.pt,
+    or, as newer Megatron-Core stores it, the ``common_state`` byte item; None without either."""
+    root = Path(ckpt_dir)
+    if (root / "common.pt").is_file():
+        return _weights_only((root / "common.pt").read_bytes(), str(root / "common.pt"))
+    metadata = read_metadata(root)
+    for index, info in (metadata.storage_data or {}).items():
+        if index.fqn == "common_state":
+            path = (root / info.relative_path).resolve()
+            if not path.is_relative_to(root.resolve()):
+                raise CheckpointError(f"refusing to load {root}: .metadata names {path}")
+            with open(path, "rb") as f:
+                f.seek(info.offset)
+                state = _weights_only(f.read(info.length), f"{path.name} (common_state)")
+            return state[0] if isinstance(state, list) and len(state) == 1 else state
+    return None
 
 
 def _why(e: Exception) -> str:

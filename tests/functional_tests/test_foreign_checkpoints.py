@@ -1,0 +1,53 @@
+"""Checkpoints Megatron-LM, Megatron-Bridge and NeMo 2 wrote at TP=2: `megabridge convert
+megatron-to-hf` exports them bit-exact, and fine-tuning from one starts at the HF model's loss."""
+
+import pytest
+
+from megabridge.conversion.tiny import tiny_config
+from tests import conversion_checks as checks
+from tests import foreign_checkpoints
+from tests.helpers import megabridge, torchrun
+from tests.hf_models import save_tiny
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    return save_tiny(tiny_config("llama"), tmp_path_factory.mktemp("hf") / "llama")
+
+
+@pytest.fixture(scope="module")
+def foreign_tp2(llama, tmp_path_factory):
+    """Every kind, saved by a model loaded at TP=2 (one 2-process launch)."""
+    out = tmp_path_factory.mktemp("foreign")
+    result = torchrun(2, ["-m", "tests.foreign_checkpoints", str(llama), str(out), "--tp", "2"])
+    assert result.returncode == 0, result.stderr[-4000:]
+    return out
+
+
+@pytest.mark.parametrize("kind", foreign_checkpoints.KINDS)
+def test_a_tp2_foreign_checkpoint_exports_bit_exact(llama, foreign_tp2, kind, tmp_path):
+    result = megabridge(
+        ["convert", "megatron-to-hf", "--megatron-path", str(foreign_tp2 / kind),
+         "--hf-path", str(tmp_path / "back")]
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "(streamed)" in result.stdout + result.stderr
+    checks.assert_same_tensors(llama, tmp_path / "back")
+
+
+def test_finetune_from_a_megatron_bridge_checkpoint_starts_at_the_hf_loss(
+    llama, foreign_tp2, tmp_path
+):
+    from tests.helpers import losses
+
+    run = megabridge([
+        "finetune", "--recipe", "llama_tiny_finetune_config",
+        "--pretrained", str(foreign_tp2 / "megatron-bridge"),
+        "dataset.type=mock", "train.train_iters=2", "train.global_batch_size=2",
+        "train.micro_batch_size=1", "train.eval_interval=None",
+        f"logger.log_dir={tmp_path / 'logs'}", f"checkpoint.save={tmp_path / 'ckpt'}",
+    ])  # fmt: skip
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert losses(tmp_path / "logs")[1] == pytest.approx(checks.hf_first_loss(llama), abs=1e-4)

@@ -1,0 +1,132 @@
+"""Checkpoints Megatron-LM, Megatron-Bridge and NeMo 2 wrote export bit-exact to the HF model
+they came from, streamed and through a built model; legacy pickles are refused unread."""
+
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from megabridge.conversion.tiny import tiny_config
+from tests import foreign_checkpoints
+from tests.helpers import megabridge
+from tests.hf_models import save_tiny
+
+pytestmark = pytest.mark.unit
+
+
+def hf_tensors(folder):
+    out = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(str(file)))
+    return out
+
+
+def assert_same_tensors(expected_dir, actual_dir):
+    expected, actual = hf_tensors(expected_dir), hf_tensors(actual_dir)
+    assert sorted(actual) == sorted(expected)
+    for name, tensor in expected.items():
+        assert actual[name].dtype == tensor.dtype, name
+        assert torch.equal(actual[name], tensor), name
+
+
+def make_foreign(kind, tmp_path, dtype):
+    from megabridge.conversion.auto_bridge import AutoBridge
+
+    hf = save_tiny(tiny_config("llama"), tmp_path / "hf", dtype=dtype)
+    bridge = AutoBridge.from_hf_pretrained(hf)
+    cfg = bridge.to_megatron_provider()
+    cfg.bf16 = dtype == torch.bfloat16
+    model = bridge.to_megatron_model(cfg)
+    return hf, foreign_checkpoints.write(kind, tmp_path / kind, model, cfg)
+
+
+@pytest.mark.usefixtures("single_process_megatron")
+@pytest.mark.parametrize("kind", foreign_checkpoints.KINDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_a_foreign_checkpoint_exports_bit_exact_streamed_and_built(kind, dtype, tmp_path):
+    from megabridge.conversion.auto_bridge import AutoBridge
+    from megabridge.training import checkpointing
+
+    hf, ckpt = make_foreign(kind, tmp_path, dtype)
+    bridge = AutoBridge.from_megatron_checkpoint(ckpt)
+    assert bridge.checkpoint_meta["foreign"]["kind"] == kind
+    assert bridge.model_config.family == "llama"
+    assert bridge.save_hf_from_checkpoint(tmp_path / "streamed") is not None
+    assert_same_tensors(hf, tmp_path / "streamed")
+
+    model = bridge.to_megatron_model()  # through checkpointing.load, as training loads it
+    bridge.save_hf_pretrained(model, tmp_path / "built")
+    assert_same_tensors(hf, tmp_path / "built")
+    checkpointing.check_architecture(checkpointing.resolve(ckpt), bridge.model_config)
+
+
+@pytest.mark.usefixtures("single_process_megatron")
+def test_hf_config_stands_in_for_a_missing_description(tmp_path):
+    from megabridge.conversion.auto_bridge import AutoBridge
+    from megabridge.errors import UserError
+
+    hf, ckpt = make_foreign("megatron-bridge", tmp_path, torch.float32)
+    run_config = ckpt / "iter_0000010" / "run_config.yaml"
+    run_config.write_text("train: {train_iters: 10}\n")  # no model section
+    with pytest.raises(UserError, match="pass --hf-config"):
+        AutoBridge.from_megatron_checkpoint(ckpt)
+    bridge = AutoBridge.from_megatron_checkpoint(ckpt, hf_config=hf / "config.json")
+    bridge.save_hf_from_checkpoint(tmp_path / "out")
+    assert_same_tensors(hf, tmp_path / "out")
+
+
+class _Plant:
+    """Unpickling this creates a marker file: what a crafted checkpoint could do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_legacy_pickle_checkpoint_is_refused_unread(tmp_path):
+    marker = tmp_path / "code-ran"
+    rank_dir = tmp_path / "ckpt" / "iter_0000010" / "mp_rank_00"
+    rank_dir.mkdir(parents=True)
+    (rank_dir / "model_optim_rng.pt").write_bytes(pickle.dumps({"model": _Plant(marker)}))
+    (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").write_text("10")
+    result = megabridge(
+        ["convert", "megatron-to-hf", "--megatron-path", str(tmp_path / "ckpt"),
+         "--hf-path", str(tmp_path / "out")]
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert "legacy (non-distributed) Megatron-LM checkpoint" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+@pytest.mark.usefixtures("single_process_megatron")
+def test_megatron_layout_is_a_save_folder_both_tools_describe(tmp_path):
+    from megabridge.conversion.auto_bridge import AutoBridge
+    from megabridge.models.config import architecture
+    from megabridge.training import checkpointing, foreign, megatron_layout, trust
+
+    hf = save_tiny(tiny_config("llama"), tmp_path / "hf", dtype=torch.bfloat16)
+    bridge = AutoBridge.from_hf_pretrained(hf)
+    cfg = bridge.to_megatron_provider()
+    cfg.bf16 = True
+    out = bridge.save_megatron_checkpoint(tmp_path / "mg", cfg)
+    megatron_layout.write(out, cfg)
+    ckpt = checkpointing.resolve(out)  # megabridge.json sealed again with every file
+    assert ckpt == out / "iter_0000000"
+    assert (out / "latest_checkpointed_iteration.txt").read_text() == "0"
+    args = trust.load_common_state(ckpt)["args"]  # what Megatron-LM reads, read safely
+    assert (args.num_layers, args.num_query_groups, args.padded_vocab_size) == (2, 2, 256)
+    bridge_back = AutoBridge.from_megatron_checkpoint(out)
+    bridge_back.save_hf_from_checkpoint(tmp_path / "back")
+    assert_same_tensors(hf, tmp_path / "back")
+
+    for kind, stray in (("megatron-bridge", None), ("megatron-lm", "run_config.yaml")):
+        (ckpt / checkpointing.METADATA).unlink(missing_ok=True)  # as the tools see it
+        if stray:
+            (ckpt / stray).unlink()
+        meta = foreign.metadata(ckpt)
+        assert meta["foreign"]["kind"] == kind
+        assert meta["model"] == architecture(cfg) | {"vocab_size": 256}

@@ -8,6 +8,7 @@
     megabridge verify   --hf-path DIR [--megatron-path DIR]        compare logits with transformers
     megabridge data     preprocess ...                             JSONL -> Megatron .bin/.idx
     megabridge export   --megatron-path CKPT --hf-path | --adapter-path DIR   LoRA/DoRA -> HF / peft
+    megabridge checkpoint verify PATH                              check sizes and checksums
 
 A user mistake (bad path, option, override or checkpoint) prints one line and
 exits with code 2.
@@ -292,7 +293,21 @@ def _register_export(sub) -> None:
     p.set_defaults(func=_command("megabridge.peft.export", "cmd_export"))
 
 
-_EXTRA_COMMANDS = [_register_conversion, add_data_command, _register_export]
+def _register_checkpoint(sub) -> None:
+    p = sub.add_parser("checkpoint", help="inspect Megatron checkpoints without loading them")
+    ops = p.add_subparsers(dest="operation", required=True, metavar="OPERATION")
+    c = ops.add_parser(
+        "verify",
+        help="check every file of a checkpoint against its recorded sizes and checksums",
+        description="Read every file of a megabridge checkpoint (or of each iter_* folder of a "
+        "training save folder) and compare it with the sizes and checksums recorded when it was "
+        "saved. Prints one line per problem; exit 0 when whole, 2 when damaged.",
+    )
+    c.add_argument("path", help="checkpoint folder or training save folder")
+    c.set_defaults(func=_command("megabridge.training.integrity", "cmd_checkpoint_verify"))
+
+
+_EXTRA_COMMANDS = [_register_conversion, add_data_command, _register_export, _register_checkpoint]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megabridge import runtime
+from megabridge import outputs, runtime
 from megabridge.conversion import hf_io, registry, streaming, transfer
 from megabridge.conversion.family import FamilyBridge
 from megabridge.errors import ConfigError, UserError
@@ -93,6 +93,11 @@ class AutoBridge:
         self.hf_config = ref.config_dict
         self.source_layout = _layout_of(ref)
         self.sidecar_dir = ref.path
+
+    def inputs(self) -> list[Path]:
+        """The folders this bridge reads from: an output may not overlap them."""
+        folders = (self.source.path if self.source else None, self.checkpoint_dir, self.sidecar_dir)
+        return [Path(f) for f in folders if f is not None]
 
     @staticmethod
     def list_supported() -> list[dict]:
@@ -172,6 +177,7 @@ class AutoBridge:
             extra_metadata=self.checkpoint_metadata(),
             overwrite=overwrite,
             assets=self.sidecar_dir,
+            inputs=self.inputs(),
         )
         plan = self._streaming_plan(cfg)
         if plan is None:
@@ -234,7 +240,7 @@ class AutoBridge:
         layout = (self.source_layout or {}).get("weight_map") if dtype is None else None
         if progress:
             tensors = _progress(tensors, total=len(layout) if layout else None, desc="export")
-        with hf_io.atomic_output_dir(out, overwrite) as tmp:
+        with outputs.output_folder(out, overwrite, self.inputs()) as tmp:
             hf_io.write_hf_folder(
                 tmp, tensors, self.hf_config_for_export(dtype), self.sidecar_dir, layout
             )

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 
 import torch
 
+from megabridge import outputs
 from megabridge.conversion.auto_bridge import AutoBridge
 from megabridge.conversion.verify import verify
 from megabridge.errors import UserError
@@ -30,11 +30,6 @@ def _dtype(text: str | None) -> torch.dtype | None:
     return DTYPES[text]
 
 
-def _check_output(path: Path, overwrite: bool) -> None:
-    if path.exists() and not overwrite:
-        raise UserError(f"output {path} already exists (pass --overwrite to replace it)")
-
-
 def _set_layout(provider, args) -> None:
     provider.tensor_model_parallel_size = args.tp
     provider.pipeline_model_parallel_size = args.pp
@@ -42,8 +37,7 @@ def _set_layout(provider, args) -> None:
 
 
 def cmd_hf_to_megatron(args) -> int:
-    out = Path(args.megatron_path)
-    _check_output(out, args.overwrite)
+    out = outputs.check_output(args.megatron_path, args.overwrite, inputs=[args.hf_path])
     bridge = AutoBridge.from_hf_pretrained(args.hf_path)
     provider = bridge.to_megatron_provider()
     _set_layout(provider, args)
@@ -66,8 +60,8 @@ def _source_dtype(bridge) -> torch.dtype:
 
 
 def cmd_megatron_to_hf(args) -> int:
-    out = Path(args.hf_path)
-    _check_output(out, args.overwrite)
+    inputs = [args.megatron_path, *filter(None, [args.hf_reference])]
+    out = outputs.check_output(args.hf_path, args.overwrite, inputs)
     bridge = AutoBridge.from_megatron_checkpoint(args.megatron_path)
     if args.hf_reference:
         bridge.use_hf_reference(args.hf_reference)

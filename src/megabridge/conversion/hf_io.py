@@ -1,22 +1,19 @@
-"""Hugging Face folders: streaming safetensors reads, sharded writes, atomic output folders.
+"""Hugging Face folders: streaming safetensors reads and sharded writes.
 
 Reading opens every shard memory-mapped and hands out one tensor at a time.
 Writing streams tensors into shards of at most ``max_shard_bytes`` (or the
 source's own shard layout, for a faithful round trip), writes
 model.safetensors.index.json, and copies tokenizer and generation files.
-Every output folder is built under a temporary sibling and renamed into place
-when complete.
+Output folders are claimed, staged and published by megabridge.outputs.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
 import struct
-import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -168,28 +165,6 @@ class HFCheckpoint:
 
 
 # ------------------------------------------------------------------ writes
-
-
-@contextlib.contextmanager
-def atomic_output_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """A temporary sibling of ``path`` to write into; renamed to ``path`` on success only."""
-    final = Path(path)
-    if final.exists() and not overwrite:
-        raise UserError(f"output {final} already exists (pass --overwrite to replace it)")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.rename(final, old)
-        os.rename(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, final)
 
 
 class ShardedWriter:

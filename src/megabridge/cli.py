@@ -171,15 +171,17 @@ def _recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", help="section.field=value overrides")
 
 
-def _command(module: str, name: str):
+def _command(module: str, name: str, distributed: bool = True):
     """The handler ``module.name``, imported when its command runs: the conversion and
-    export modules load megatron-core, which ``megabridge --help`` need not wait for."""
+    export modules load megatron-core, which ``megabridge --help`` need not wait for.
+    ``distributed``: the command may set up torch.distributed, torn down after it."""
 
     def run(args: argparse.Namespace) -> int:
         try:
             return getattr(importlib.import_module(module), name)(args)
         finally:
-            runtime.shutdown()
+            if distributed:
+                runtime.shutdown()
 
     return run
 
@@ -304,7 +306,9 @@ def _register_checkpoint(sub) -> None:
         "saved. Prints one line per problem; exit 0 when whole, 2 when damaged.",
     )
     c.add_argument("path", help="checkpoint folder or training save folder")
-    c.set_defaults(func=_command("megabridge.training.integrity", "cmd_checkpoint_verify"))
+    c.set_defaults(
+        func=_command("megabridge.training.integrity", "cmd_checkpoint_verify", distributed=False)
+    )
 
 
 _EXTRA_COMMANDS = [_register_conversion, add_data_command, _register_export, _register_checkpoint]

@@ -323,7 +323,8 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except UserError as e:
         if int(os.environ.get("RANK", 0)) == 0:
-            print(f"megabridge: error: {e}", file=sys.stderr)
+            one_line = " ".join(str(e).split())  # a message that quotes a multi-line error
+            print(f"megabridge: error: {one_line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("megabridge: interrupted", file=sys.stderr)

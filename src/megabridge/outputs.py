@@ -52,10 +52,10 @@ def check_output(path: str | Path, overwrite: bool, inputs: Iterable[str | Path]
 class OutputFolder:
     """One run's claim on an output folder; see the module docstring."""
 
-    def __init__(self, path: str | Path, overwrite: bool = False, inputs: Iterable = ()):
+    def __init__(self, path: str | Path, overwrite: bool = False, inputs: Iterable | None = ()):
         self.final = Path(path)
         self.overwrite = overwrite
-        self.inputs = list(inputs)
+        self.inputs = list(inputs or ())
         self.staging: Path | None = None
         self._lock_fd: int | None = None
 

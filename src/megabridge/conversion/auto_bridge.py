@@ -23,7 +23,12 @@ from megabridge import outputs, runtime
 from megabridge.conversion import hf_io, registry, streaming, transfer
 from megabridge.conversion.family import FamilyBridge
 from megabridge.errors import ConfigError, UserError
-from megabridge.models.config import ModelConfig, copy_architecture, model_config_from_dict
+from megabridge.models.config import (
+    ModelConfig,
+    copy_architecture,
+    model_config_from_dict,
+    validate_model_config,
+)
 from megabridge.models.provider import build_model
 from megabridge.training import checkpointing
 
@@ -66,7 +71,13 @@ class AutoBridge:
         source = hf_io.HFCheckpoint(path)
         hf_config = _transformers_config(source.config_dict, source.path)
         family = registry.bridge_for(_architecture(source.config_dict, source.path))
-        return cls(family, family.model_config(hf_config), source.config_dict, source)
+        try:
+            model_config = family.model_config(hf_config)
+        except (TypeError, ValueError, KeyError, AttributeError, ZeroDivisionError) as e:
+            # a value of the wrong kind that transformers let through (a string for a size)
+            raise ConfigError(f"{source.path}/config.json: {type(e).__name__}: {e}") from None
+        validate_model_config(model_config)  # sizes must be positive and divide, before any use
+        return cls(family, model_config, source.config_dict, source)
 
     @classmethod
     def from_megatron_checkpoint(cls, path: str | Path) -> AutoBridge:
@@ -281,7 +292,9 @@ def _transformers_config(config_dict: dict, path: Path):
     try:
         return AutoConfig.from_pretrained(str(path), local_files_only=True)
     except Exception as e:  # noqa: BLE001 - any failure means transformers cannot read it
-        raise UserError(f"transformers cannot read {path}/config.json: {e}") from None
+        # its messages run to several lines (an unknown model_type adds install advice)
+        first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+        raise UserError(f"transformers cannot read {path}/config.json: {first}") from None
 
 
 def _chunk_config(chunks) -> ModelConfig:
@@ -300,6 +313,7 @@ def ensure_parallel_state(cfg: ModelConfig, seed: int = 1234) -> None:
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
 
+    validate_model_config(cfg)  # sizes and layout, before anything is built from them
     runtime.init_distributed()
     wanted = tuple(getattr(cfg, f) for f in _PARALLEL_FIELDS)
     if ps.model_parallel_is_initialized():

@@ -30,7 +30,16 @@ def _dtype(text: str | None) -> torch.dtype | None:
     return DTYPES[text]
 
 
+def _check_positive(args, *names: str) -> None:
+    for name in names:
+        value = getattr(args, name)
+        if value < 1:
+            flag = "--" + name.replace("_", "-")
+            raise UserError(f"{flag} {value}: must be a positive integer")
+
+
 def _set_layout(provider, args) -> None:
+    _check_positive(args, "tp", "pp", "ep")
     provider.tensor_model_parallel_size = args.tp
     provider.pipeline_model_parallel_size = args.pp
     provider.expert_model_parallel_size = args.ep
@@ -74,6 +83,7 @@ def cmd_megatron_to_hf(args) -> int:
 
 
 def cmd_verify(args) -> int:
+    _check_positive(args, "tp", "pp", "ep", "batch", "seq_len")
     dtype = _dtype(args.dtype) or torch.float32
     result = verify(
         args.hf_path, args.megatron_path, args.tp, args.pp, args.ep, dtype,

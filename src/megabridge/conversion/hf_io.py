@@ -10,6 +10,7 @@ Output folders are claimed, staged and published by megabridge.outputs.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import struct
@@ -52,7 +53,8 @@ _DTYPES = {
 
 
 def _read_header(path: Path) -> dict:
-    """The safetensors JSON header, after checking that the file holds every byte it lists.
+    """The safetensors JSON header, after checking that it describes the file truthfully:
+    a JSON object of known dtypes whose byte ranges match their shapes and lie in the file.
 
     The data offset (8 + header length) is kept under the key ``__data_start__``.
     """
@@ -63,17 +65,48 @@ def _read_header(path: Path) -> dict:
             if n > size - 8:
                 raise ValueError("header longer than the file")
             header = json.loads(f.read(n))
-    except (OSError, ValueError, struct.error) as e:
+    except (OSError, ValueError, struct.error, RecursionError) as e:
         raise ConversionError(f"{path} is not a valid safetensors file ({e})") from None
-    end = max(
-        (v["data_offsets"][1] for k, v in header.items() if not k.startswith("__")), default=0
-    )
+    if not isinstance(header, dict):
+        raise ConversionError(
+            f"{path} is not a valid safetensors file (its header is not an object)"
+        )
+    end = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        problem = _entry_problem(info)
+        if problem:
+            raise ConversionError(f"{path} is not a valid safetensors file ({name!r}: {problem})")
+        end = max(end, info["data_offsets"][1])
     if 8 + n + end > size:
         raise ConversionError(
             f"{path} is truncated: its header lists {8 + n + end} bytes, the file has {size}"
         )
     header["__data_start__"] = 8 + n
     return header
+
+
+def _entry_problem(info) -> str | None:
+    """What is wrong with one tensor's header entry, or None."""
+    if not isinstance(info, dict):
+        return "not an object"
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if dtype not in _DTYPES:
+        return f"unsupported dtype {dtype!r}"
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        return f"shape {shape!r} is not a list of non-negative integers"
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_count, offsets))):
+        return f"data_offsets {offsets!r} are not two non-negative integers"
+    start, end = offsets
+    nbytes = math.prod(shape) * _DTYPES[dtype].itemsize
+    if end - start != nbytes:
+        return f"data_offsets {offsets} hold {end - start} bytes, its shape {shape} needs {nbytes}"
+    return None
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 class HFCheckpoint:

@@ -196,6 +196,11 @@ def _conversion_output_args(p: argparse.ArgumentParser) -> None:
     """What both conversion directions take after their paths: dtype, overwrite, layout."""
     p.add_argument("--dtype", help="float32 or bfloat16 (default: the source's dtype)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument(
+        "--allow-non-finite",
+        action="store_true",
+        help="convert weights that hold NaN or Inf (refused by default)",
+    )
     _layout_args(p)
 
 

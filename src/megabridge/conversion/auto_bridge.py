@@ -62,6 +62,13 @@ class AutoBridge:
         self.sidecar_dir: Path | None = source.path if source is not None else None
         # {"weight_map": {name: file}, "dtypes": {name: dtype}} of the HF folder we came from
         self.source_layout = source_layout or (_layout_of(source) if source is not None else None)
+        self.allow_non_finite = False  # see allow_non_finite_weights()
+
+    def allow_non_finite_weights(self) -> None:
+        """Convert weights holding NaN or Inf instead of refusing them (--allow-non-finite)."""
+        self.allow_non_finite = True
+        if self.source is not None:
+            self.source.allow_non_finite = True
 
     # ------------------------------------------------------------ constructors
 
@@ -253,8 +260,9 @@ class AutoBridge:
             tensors = _progress(tensors, total=len(layout) if layout else None, desc="export")
         with outputs.output_folder(out, overwrite, self.inputs()) as tmp:
             hf_io.write_hf_folder(
-                tmp, tensors, self.hf_config_for_export(dtype), self.sidecar_dir, layout
-            )
+                tmp, tensors, self.hf_config_for_export(dtype), self.sidecar_dir, layout,
+                allow_non_finite=self.allow_non_finite,
+            )  # fmt: skip
         dist.barrier()
         return Path(out)
 

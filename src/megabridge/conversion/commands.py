@@ -48,6 +48,8 @@ def _set_layout(provider, args) -> None:
 def cmd_hf_to_megatron(args) -> int:
     out = outputs.check_output(args.megatron_path, args.overwrite, inputs=[args.hf_path])
     bridge = AutoBridge.from_hf_pretrained(args.hf_path)
+    if args.allow_non_finite:
+        bridge.allow_non_finite_weights()
     provider = bridge.to_megatron_provider()
     _set_layout(provider, args)
     dtype = _dtype(args.dtype) or _source_dtype(bridge)
@@ -74,6 +76,8 @@ def cmd_megatron_to_hf(args) -> int:
     bridge = AutoBridge.from_megatron_checkpoint(args.megatron_path)
     if args.hf_reference:
         bridge.use_hf_reference(args.hf_reference)
+    if args.allow_non_finite:
+        bridge.allow_non_finite_weights()
     provider = bridge.to_megatron_provider()
     _set_layout(provider, args)
     model = bridge.to_megatron_model(provider)

@@ -128,6 +128,8 @@ class HFCheckpoint:
             f: _read_header(self.path / f) for f in sorted(set(self.weight_map.values()))
         }
         self._handles: dict[str, object] = {}
+        # NaN / Inf in a source weight is refused unless the user asks (--allow-non-finite)
+        self.allow_non_finite = False
 
     def _weight_map(self) -> dict[str, str]:
         index = self.path / INDEX
@@ -191,10 +193,21 @@ class HFCheckpoint:
         dtype = _DTYPES[info["dtype"]]
         if not data:
             return torch.empty(info["shape"], dtype=dtype)
-        return torch.frombuffer(data, dtype=dtype).reshape(info["shape"])
+        tensor = torch.frombuffer(data, dtype=dtype).reshape(info["shape"])
+        if not self.allow_non_finite:
+            check_finite(tensor, f"{self.path / file}: tensor {name!r}")
+        return tensor
 
     def files_by_name(self) -> dict[str, str]:
         return dict(self.weight_map)
+
+
+def check_finite(tensor: torch.Tensor, what: str) -> None:
+    """ConversionError when a floating-point tensor holds NaN or Inf."""
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        raise ConversionError(
+            f"{what} holds NaN or Inf (pass --allow-non-finite to convert it anyway)"
+        )
 
 
 # ------------------------------------------------------------------ writes
@@ -208,8 +221,15 @@ class ShardedWriter:
     Otherwise shards are filled greedily up to ``max_shard_bytes``.
     """
 
-    def __init__(self, folder: Path, max_shard_bytes: int, file_of: dict[str, str] | None = None):
+    def __init__(
+        self,
+        folder: Path,
+        max_shard_bytes: int,
+        file_of: dict[str, str] | None = None,
+        allow_non_finite: bool = False,
+    ):
         self.folder = folder
+        self.allow_non_finite = allow_non_finite
         self.max_shard_bytes = max_shard_bytes
         self.file_of = file_of
         self._pending: dict[str, dict[str, torch.Tensor]] = {}
@@ -227,6 +247,8 @@ class ShardedWriter:
         if name in self.weight_map or name in self._greedy:
             raise ConversionError(f"tensor {name!r} was produced twice")
         tensor = tensor.detach().contiguous().cpu()
+        if not self.allow_non_finite:
+            check_finite(tensor, f"exported tensor {name!r}")
         size = tensor.numel() * tensor.element_size()
         self.tensor_bytes += size
         if self.file_of is not None:
@@ -292,9 +314,10 @@ def write_hf_folder(
     source: Path | None = None,
     file_of: dict[str, str] | None = None,
     max_shard_bytes: int = 5 * 10**9,
+    allow_non_finite: bool = False,
 ) -> None:
     """Fill ``out`` (an empty folder) with weights, config.json and the source's sidecar files."""
-    writer = ShardedWriter(out, max_shard_bytes, file_of)
+    writer = ShardedWriter(out, max_shard_bytes, file_of, allow_non_finite)
     for name, tensor in tensors:
         writer.add(name, tensor)
     writer.close()

@@ -138,10 +138,7 @@ class HFCheckpoint:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError) as e:
                 raise ConversionError(f"{index} is not a valid safetensors index: {e}") from None
-            root = self.path.resolve()
-            outside = sorted(
-                {f for f in weight_map.values() if not (root / f).resolve().is_relative_to(root)}
-            )
+            outside = sorted({f for f in weight_map.values() if not self._inside(f)})
             if outside:  # "../x", "/abs/x", or a link that points out of the folder
                 raise ConversionError(
                     f"{index} names shard files outside {self.path}: {', '.join(outside)}"
@@ -152,6 +149,8 @@ class HFCheckpoint:
             return weight_map
         single = self.path / SINGLE
         if single.is_file():
+            if not self._inside(SINGLE):
+                raise ConversionError(f"{single} is a link to a file outside {self.path}")
             header = _read_header(single)
             return {k: SINGLE for k in header if not k.startswith("__")}
         if list(self.path.glob("*.bin")):
@@ -160,6 +159,16 @@ class HFCheckpoint:
                 "(convert with transformers: model.save_pretrained(dir, safe_serialization=True))"
             )
         raise UserError(f"{self.path} has no safetensors weights")
+
+    def _inside(self, name: str) -> bool:
+        """Whether ``name`` resolves inside the folder. A Hugging Face cache snapshot
+        (``<repo>/snapshots/<rev>/``) links its files to ``<repo>/blobs/``: inside, too."""
+        root = self.path.resolve()
+        roots = [root]
+        if root.parent.name == "snapshots":
+            roots.append(root.parent.parent / "blobs")
+        target = (root / name).resolve()
+        return any(target.is_relative_to(r) for r in roots)
 
     # ------------------------------------------------------------------ reads
 

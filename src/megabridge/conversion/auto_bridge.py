@@ -80,10 +80,10 @@ class AutoBridge:
         family = registry.bridge_for(_architecture(source.config_dict, source.path))
         try:
             model_config = family.model_config(hf_config)
+            validate_model_config(model_config)  # sizes must be positive and divide
         except (TypeError, ValueError, KeyError, AttributeError, ZeroDivisionError) as e:
             # a value of the wrong kind that transformers let through (a string for a size)
             raise ConfigError(f"{source.path}/config.json: {type(e).__name__}: {e}") from None
-        validate_model_config(model_config)  # sizes must be positive and divide, before any use
         return cls(family, model_config, source.config_dict, source)
 
     @classmethod

@@ -92,7 +92,7 @@ def _entry_problem(info) -> str | None:
     if not isinstance(info, dict):
         return "not an object"
     dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-    if dtype not in _DTYPES:
+    if not isinstance(dtype, str) or dtype not in _DTYPES:
         return f"unsupported dtype {dtype!r}"
     if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
         return f"shape {shape!r} is not a list of non-negative integers"
@@ -121,8 +121,10 @@ class HFCheckpoint:
             raise UserError(f"{self.path} has no config.json: not an HF model folder")
         try:
             self.config_dict = json.loads(config_file.read_text())
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
             raise UserError(f"{config_file} is not valid JSON: {e}") from None
+        if not isinstance(self.config_dict, dict):
+            raise UserError(f"{config_file} does not hold a JSON object")
         self.weight_map = self._weight_map()
         self._headers = {
             f: _read_header(self.path / f) for f in sorted(set(self.weight_map.values()))
@@ -136,7 +138,9 @@ class HFCheckpoint:
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
+                if not all(isinstance(v, str) for v in weight_map.values()):
+                    raise TypeError("weight_map values must be file names")
+            except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
                 raise ConversionError(f"{index} is not a valid safetensors index: {e}") from None
             outside = sorted({f for f in weight_map.values() if not self._inside(f)})
             if outside:  # "../x", "/abs/x", or a link that points out of the folder

@@ -11,9 +11,10 @@ A checkpoint is written into a hidden ``.tmp-iter_*`` sibling and renamed into
 place only when every rank has finished: a crash mid-save leaves no folder that
 looks complete. ``megabridge.json`` is written last; it records the model's
 architecture (a resume into a different model stops with the fields that
-differ) and the size of every file of the checkpoint, so a folder that lost or
-truncated a file afterwards (a full disk, a bad copy) is recognised without
-reading it: ``resolve`` skips it, with a warning, for the previous complete one.
+differ) and the size and checksum of every file of the checkpoint, so a folder
+that lost, truncated or damaged a file afterwards (a full disk, a bad copy, a bad
+disk) is recognised before it is loaded (training/integrity.py): ``resolve`` skips
+it, with a warning, for the previous complete one.
 
 Saving never waits forever and never half-succeeds: a folder that cannot be
 written (permissions, a full disk) raises CheckpointError on every rank, the
@@ -21,7 +22,8 @@ temporary folder is removed, and the previous checkpoints stay as they were.
 Weights holding NaN or Inf are never written.
 
 A converted HF model (``megabridge convert hf-to-megatron``) is a single
-checkpoint folder of the same kind, at iteration 0.
+checkpoint folder of the same kind, at iteration 0, written through
+megabridge.outputs (locked while written, never replacing what it may not).
 """
 
 from __future__ import annotations

@@ -112,23 +112,37 @@ class OutputFolder:
         """Rename the staging folder to the output (see the module docstring)."""
         assert self.staging is not None, "publish() before claim()"
         final = self.final
-        if final.exists() or final.is_symlink():
-            if not self.overwrite:
-                self.abandon()
-                raise UserError(
-                    f"output {final} appeared while this run was writing it; left it as it is "
-                    "(pass --overwrite to replace it)"
-                )
-            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
-            os.rename(final, old / "previous")
-            os.rename(self.staging, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(self.staging, final)
-        _fsync_dir(final.parent)
+        if (final.exists() or final.is_symlink()) and not self.overwrite:
+            self.abandon()
+            raise UserError(
+                f"output {final} appeared while this run was writing it; left it as it is "
+                "(pass --overwrite to replace it)"
+            )
+        try:
+            self._rename_into_place()
+            _fsync_dir(final.parent)
+        except OSError as e:
+            self.abandon()
+            raise UserError(f"cannot write output {final}: {e.strerror or e}") from None
         self.staging = None
         self.release()
         return final
+
+    def _rename_into_place(self) -> None:
+        final = self.final
+        if not (final.exists() or final.is_symlink()):
+            os.rename(self.staging, final)
+            return
+        # --overwrite: the old output steps aside, and comes back if the new one cannot go in
+        old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+        os.rename(final, old / "previous")
+        try:
+            os.rename(self.staging, final)
+        except OSError:
+            os.rename(old / "previous", final)
+            raise
+        finally:
+            shutil.rmtree(old, ignore_errors=True)
 
     def abandon(self) -> None:
         """Remove the staging folder and let go of the output; the output is left as it was."""

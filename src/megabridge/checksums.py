@@ -46,9 +46,12 @@ def problems(folder: Path, recorded: dict, first_only: bool = False) -> list[str
     if recorded.get("algorithm") != ALGORITHM:
         return [f"checksums of an unknown algorithm {recorded.get('algorithm')!r}"]
     found = []
+    root = folder.resolve()
     for name, expected in recorded.get("files", {}).items():
         path = folder / name
-        if not path.is_file():
+        if not path.resolve().is_relative_to(root):
+            found.append(f"the checksums name {name}, which is outside the checkpoint")
+        elif not path.is_file():
             found.append(f"{name} is missing")
         elif digest(path) != expected:
             found.append(f"{name} is damaged: its content differs from what was saved (checksum)")

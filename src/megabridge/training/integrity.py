@@ -42,6 +42,10 @@ def verify_all(ckpt_dir: Path, content: bool = True, first_only: bool = False) -
         meta = json.loads((ckpt_dir / METADATA).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         return [f"{METADATA} is corrupted ({e})"]
+    if not isinstance(meta, dict) or not all(
+        isinstance(meta.get(key, {}), dict) for key in ("files", "checksums")
+    ):
+        return [f"{METADATA} is corrupted (not the layout megabridge writes)"]
     found = []
     for name, size in meta.get("files", {}).items():  # absent in older checkpoints
         path = ckpt_dir / name

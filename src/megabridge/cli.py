@@ -8,6 +8,7 @@
     megabridge verify   --hf-path DIR [--megatron-path DIR]        compare logits with transformers
     megabridge data     preprocess ...                             JSONL -> Megatron .bin/.idx
     megabridge export   --megatron-path CKPT --hf-path | --adapter-path DIR   LoRA/DoRA -> HF / peft
+    megabridge checkpoint verify PATH                              check sizes and checksums
 
 A user mistake (bad path, option, override or checkpoint) prints one line and
 exits with code 2.
@@ -170,15 +171,17 @@ def _recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", help="section.field=value overrides")
 
 
-def _command(module: str, name: str):
+def _command(module: str, name: str, distributed: bool = True):
     """The handler ``module.name``, imported when its command runs: the conversion and
-    export modules load megatron-core, which ``megabridge --help`` need not wait for."""
+    export modules load megatron-core, which ``megabridge --help`` need not wait for.
+    ``distributed``: the command may set up torch.distributed, torn down after it."""
 
     def run(args: argparse.Namespace) -> int:
         try:
             return getattr(importlib.import_module(module), name)(args)
         finally:
-            runtime.shutdown()
+            if distributed:
+                runtime.shutdown()
 
     return run
 
@@ -193,6 +196,11 @@ def _conversion_output_args(p: argparse.ArgumentParser) -> None:
     """What both conversion directions take after their paths: dtype, overwrite, layout."""
     p.add_argument("--dtype", help="float32 or bfloat16 (default: the source's dtype)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument(
+        "--allow-non-finite",
+        action="store_true",
+        help="convert weights that hold NaN or Inf (refused by default)",
+    )
     _layout_args(p)
 
 
@@ -303,7 +311,23 @@ def _register_export(sub) -> None:
     p.set_defaults(func=_command("megabridge.peft.export", "cmd_export"))
 
 
-_EXTRA_COMMANDS = [_register_conversion, add_data_command, _register_export]
+def _register_checkpoint(sub) -> None:
+    p = sub.add_parser("checkpoint", help="inspect Megatron checkpoints without loading them")
+    ops = p.add_subparsers(dest="operation", required=True, metavar="OPERATION")
+    c = ops.add_parser(
+        "verify",
+        help="check every file of a checkpoint against its recorded sizes and checksums",
+        description="Read every file of a megabridge checkpoint (or of each iter_* folder of a "
+        "training save folder) and compare it with the sizes and checksums recorded when it was "
+        "saved. Prints one line per problem; exit 0 when whole, 2 when damaged.",
+    )
+    c.add_argument("path", help="checkpoint folder or training save folder")
+    c.set_defaults(
+        func=_command("megabridge.training.integrity", "cmd_checkpoint_verify", distributed=False)
+    )
+
+
+_EXTRA_COMMANDS = [_register_conversion, add_data_command, _register_export, _register_checkpoint]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -315,7 +339,8 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except UserError as e:
         if int(os.environ.get("RANK", 0)) == 0:
-            print(f"megabridge: error: {e}", file=sys.stderr)
+            one_line = " ".join(str(e).split())  # a message that quotes a multi-line error
+            print(f"megabridge: error: {one_line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("megabridge: interrupted", file=sys.stderr)

@@ -19,11 +19,16 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megabridge import runtime
+from megabridge import outputs, runtime
 from megabridge.conversion import hf_io, quantized, registry, streaming, streaming_export, transfer
 from megabridge.conversion.family import FamilyBridge
 from megabridge.errors import ConfigError, UserError
-from megabridge.models.config import ModelConfig, copy_architecture, model_config_from_dict
+from megabridge.models.config import (
+    ModelConfig,
+    copy_architecture,
+    model_config_from_dict,
+    validate_model_config,
+)
 from megabridge.models.provider import build_model
 from megabridge.training import checkpointing, foreign, trust
 
@@ -58,6 +63,13 @@ class AutoBridge:
         self.sidecar_dir: Path | None = source.path if source is not None else None
         # {"weight_map": {name: file}, "dtypes": {name: dtype}} of the HF folder we came from
         self.source_layout = source_layout or (_layout_of(source) if source is not None else None)
+        self.allow_non_finite = False  # see allow_non_finite_weights()
+
+    def allow_non_finite_weights(self) -> None:
+        """Convert weights holding NaN or Inf instead of refusing them (--allow-non-finite)."""
+        self.allow_non_finite = True
+        if self.source is not None:
+            self.source.allow_non_finite = True
 
     # ------------------------------------------------------------ constructors
 
@@ -67,9 +79,15 @@ class AutoBridge:
         source = hf_io.HFCheckpoint(path)
         family = registry.bridge_for(_architecture(source.config_dict, source.path))
         hf_config = _transformers_config(source.config_dict, source.path, family)
+        try:
+            model_config = family.model_config(hf_config)
+            validate_model_config(model_config)  # sizes must be positive and divide
+        except (TypeError, ValueError, KeyError, AttributeError, ZeroDivisionError) as e:
+            # a value of the wrong kind that transformers let through (a string for a size)
+            raise ConfigError(f"{source.path}/config.json: {type(e).__name__}: {e}") from None
         # A quantized source is read dequantized (hf_io), and exports as such.
         config_dict = quantized.full_precision_config(source.config_dict)
-        return cls(family, family.model_config(hf_config), config_dict, source)
+        return cls(family, model_config, config_dict, source)
 
     @classmethod
     def from_megatron_checkpoint(
@@ -104,6 +122,11 @@ class AutoBridge:
         self.hf_config = quantized.full_precision_config(ref.config_dict)
         self.source_layout = _layout_of(ref)
         self.sidecar_dir = ref.path
+
+    def inputs(self) -> list[Path]:
+        """The folders this bridge reads from: an output may not overlap them."""
+        folders = (self.source.path if self.source else None, self.checkpoint_dir, self.sidecar_dir)
+        return [Path(f) for f in folders if f is not None]
 
     @staticmethod
     def list_supported() -> list[dict]:
@@ -183,6 +206,7 @@ class AutoBridge:
             extra_metadata=self.checkpoint_metadata(),
             overwrite=overwrite,
             assets=self.sidecar_dir,
+            inputs=self.inputs(),
         )
         plan = self._streaming_plan(cfg)
         if plan is None:
@@ -245,10 +269,11 @@ class AutoBridge:
         layout = (self.source_layout or {}).get("weight_map") if dtype is None else None
         if progress:
             tensors = _progress(tensors, total=len(layout) if layout else None, desc="export")
-        with hf_io.atomic_output_dir(out, overwrite) as tmp:
+        with outputs.output_folder(out, overwrite, self.inputs()) as tmp:
             hf_io.write_hf_folder(
-                tmp, tensors, self.hf_config_for_export(dtype), self.sidecar_dir, layout
-            )
+                tmp, tensors, self.hf_config_for_export(dtype), self.sidecar_dir, layout,
+                allow_non_finite=self.allow_non_finite,
+            )  # fmt: skip
         dist.barrier()
         return Path(out)
 
@@ -285,10 +310,10 @@ class AutoBridge:
             return None
         layout = (self.source_layout or {}).get("weight_map") if dtype is None else None
         bar = functools.partial(_progress, total=len(export.params), desc="export")
-        with hf_io.atomic_output_dir(out, overwrite) as tmp:
+        with outputs.output_folder(out, overwrite, self.inputs()) as tmp:
             streaming_export.write_hf_folder(
                 export, tmp, self.hf_config_for_export(dtype), self.sidecar_dir, layout,
-                progress=bar if progress else iter,
+                progress=bar if progress else iter, allow_non_finite=self.allow_non_finite,
             )  # fmt: skip
         return Path(out)
 
@@ -331,7 +356,9 @@ def _transformers_config(config_dict: dict, path: Path, family: type[FamilyBridg
             return AutoConfig.for_model(family.hf_model_type, **fields)
         return AutoConfig.from_pretrained(str(path), local_files_only=True)
     except Exception as e:  # noqa: BLE001 - any failure means transformers cannot read it
-        raise UserError(f"transformers cannot read {path}/config.json: {e}") from None
+        # its messages run to several lines (an unknown model_type adds install advice)
+        first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+        raise UserError(f"transformers cannot read {path}/config.json: {first}") from None
 
 
 def _chunk_config(chunks) -> ModelConfig:
@@ -350,6 +377,7 @@ def ensure_parallel_state(cfg: ModelConfig, seed: int = 1234) -> None:
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
 
+    validate_model_config(cfg)  # sizes and layout, before anything is built from them
     runtime.init_distributed()
     wanted = tuple(getattr(cfg, f) for f in _PARALLEL_FIELDS)
     if ps.model_parallel_is_initialized():

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 
 import torch
 
+from megabridge import outputs
 from megabridge.conversion.auto_bridge import AutoBridge
 from megabridge.conversion.verify import verify
 from megabridge.errors import UserError
@@ -31,21 +31,26 @@ def _dtype(text: str | None) -> torch.dtype | None:
     return DTYPES[text]
 
 
-def _check_output(path: Path, overwrite: bool) -> None:
-    if path.exists() and not overwrite:
-        raise UserError(f"output {path} already exists (pass --overwrite to replace it)")
+def _check_positive(args, *names: str) -> None:
+    for name in names:
+        value = getattr(args, name)
+        if value < 1:
+            flag = "--" + name.replace("_", "-")
+            raise UserError(f"{flag} {value}: must be a positive integer")
 
 
 def _set_layout(provider, args) -> None:
+    _check_positive(args, "tp", "pp", "ep")
     provider.tensor_model_parallel_size = args.tp
     provider.pipeline_model_parallel_size = args.pp
     provider.expert_model_parallel_size = args.ep
 
 
 def cmd_hf_to_megatron(args) -> int:
-    out = Path(args.megatron_path)
-    _check_output(out, args.overwrite)
+    out = outputs.check_output(args.megatron_path, args.overwrite, inputs=[args.hf_path])
     bridge = AutoBridge.from_hf_pretrained(args.hf_path)
+    if args.allow_non_finite:
+        bridge.allow_non_finite_weights()
     provider = bridge.to_megatron_provider()
     _set_layout(provider, args)
     dtype = _dtype(args.dtype) or _source_dtype(bridge)
@@ -69,11 +74,13 @@ def _source_dtype(bridge) -> torch.dtype:
 
 
 def cmd_megatron_to_hf(args) -> int:
-    out = Path(args.hf_path)
-    _check_output(out, args.overwrite)
+    inputs = [args.megatron_path, *filter(None, [args.hf_reference, args.hf_config])]
+    out = outputs.check_output(args.hf_path, args.overwrite, inputs)
     bridge = AutoBridge.from_megatron_checkpoint(args.megatron_path, args.hf_config)
     if args.hf_reference:
         bridge.use_hf_reference(args.hf_reference)
+    if args.allow_non_finite:
+        bridge.allow_non_finite_weights()
     if (args.tp, args.pp, args.ep) == (1, 1, 1) and bridge.save_hf_from_checkpoint(
         out, _dtype(args.dtype), args.overwrite, progress=True
     ):
@@ -88,6 +95,7 @@ def cmd_megatron_to_hf(args) -> int:
 
 
 def cmd_verify(args) -> int:
+    _check_positive(args, "tp", "pp", "ep", "batch", "seq_len")
     dtype = _dtype(args.dtype) or torch.float32
     result = verify(
         args.hf_path, args.megatron_path, args.tp, args.pp, args.ep, dtype,

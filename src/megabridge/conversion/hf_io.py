@@ -1,22 +1,20 @@
-"""Hugging Face folders: streaming safetensors reads, sharded writes, atomic output folders.
+"""Hugging Face folders: streaming safetensors reads and sharded writes.
 
 Reading opens every shard memory-mapped and hands out one tensor at a time.
 Writing streams tensors into shards of at most ``max_shard_bytes`` (or the
 source's own shard layout, for a faithful round trip), writes
 model.safetensors.index.json, and copies tokenizer and generation files.
-Every output folder is built under a temporary sibling and renamed into place
-when complete.
+Output folders are claimed, staged and published by megabridge.outputs.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
+import math
 import os
 import shutil
 import struct
-import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -58,7 +56,8 @@ _DTYPES = {
 
 
 def _read_header(path: Path) -> dict:
-    """The safetensors JSON header, after checking that the file holds every byte it lists.
+    """The safetensors JSON header, after checking that it describes the file truthfully:
+    a JSON object of known dtypes whose byte ranges match their shapes and lie in the file.
 
     The data offset (8 + header length) is kept under the key ``__data_start__``.
     """
@@ -69,17 +68,48 @@ def _read_header(path: Path) -> dict:
             if n > size - 8:
                 raise ValueError("header longer than the file")
             header = json.loads(f.read(n))
-    except (OSError, ValueError, struct.error) as e:
+    except (OSError, ValueError, struct.error, RecursionError) as e:
         raise ConversionError(f"{path} is not a valid safetensors file ({e})") from None
-    end = max(
-        (v["data_offsets"][1] for k, v in header.items() if not k.startswith("__")), default=0
-    )
+    if not isinstance(header, dict):
+        raise ConversionError(
+            f"{path} is not a valid safetensors file (its header is not an object)"
+        )
+    end = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        problem = _entry_problem(info)
+        if problem:
+            raise ConversionError(f"{path} is not a valid safetensors file ({name!r}: {problem})")
+        end = max(end, info["data_offsets"][1])
     if 8 + n + end > size:
         raise ConversionError(
             f"{path} is truncated: its header lists {8 + n + end} bytes, the file has {size}"
         )
     header["__data_start__"] = 8 + n
     return header
+
+
+def _entry_problem(info) -> str | None:
+    """What is wrong with one tensor's header entry, or None."""
+    if not isinstance(info, dict):
+        return "not an object"
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in _DTYPES:
+        return f"unsupported dtype {dtype!r}"
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        return f"shape {shape!r} is not a list of non-negative integers"
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_count, offsets))):
+        return f"data_offsets {offsets!r} are not two non-negative integers"
+    start, end = offsets
+    nbytes = math.prod(shape) * _DTYPES[dtype].itemsize
+    if end - start != nbytes:
+        return f"data_offsets {offsets} hold {end - start} bytes, its shape {shape} needs {nbytes}"
+    return None
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 class HFCheckpoint:
@@ -94,8 +124,10 @@ class HFCheckpoint:
             raise UserError(f"{self.path} has no config.json: not an HF model folder")
         try:
             self.config_dict = json.loads(config_file.read_text())
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
             raise UserError(f"{config_file} is not valid JSON: {e}") from None
+        if not isinstance(self.config_dict, dict):
+            raise UserError(f"{config_file} does not hold a JSON object")
         stored = self._weight_map()
         self._headers = {f: _read_header(self.path / f) for f in sorted(set(stored.values()))}
         self._stored = stored
@@ -108,18 +140,19 @@ class HFCheckpoint:
             self._parts = self._dequantizer.weights(stored)
         self.weight_map = {name: stored[parts[0]] for name, parts in self._parts.items()}
         self._handles: dict[str, object] = {}
+        # NaN / Inf in a source weight is refused unless the user asks (--allow-non-finite)
+        self.allow_non_finite = False
 
     def _weight_map(self) -> dict[str, str]:
         index = self.path / INDEX
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
+                if not all(isinstance(v, str) for v in weight_map.values()):
+                    raise TypeError("weight_map values must be file names")
+            except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
                 raise ConversionError(f"{index} is not a valid safetensors index: {e}") from None
-            root = self.path.resolve()
-            outside = sorted(
-                {f for f in weight_map.values() if not (root / f).resolve().is_relative_to(root)}
-            )
+            outside = sorted({f for f in weight_map.values() if not self._inside(f)})
             if outside:  # "../x", "/abs/x", or a link that points out of the folder
                 raise ConversionError(
                     f"{index} names shard files outside {self.path}: {', '.join(outside)}"
@@ -130,6 +163,8 @@ class HFCheckpoint:
             return weight_map
         single = self.path / SINGLE
         if single.is_file():
+            if not self._inside(SINGLE):
+                raise ConversionError(f"{single} is a link to a file outside {self.path}")
             header = _read_header(single)
             return {k: SINGLE for k in header if not k.startswith("__")}
         if list(self.path.glob("*.bin")):
@@ -138,6 +173,16 @@ class HFCheckpoint:
                 "(convert with transformers: model.save_pretrained(dir, safe_serialization=True))"
             )
         raise UserError(f"{self.path} has no safetensors weights")
+
+    def _inside(self, name: str) -> bool:
+        """Whether ``name`` resolves inside the folder. A Hugging Face cache snapshot
+        (``<repo>/snapshots/<rev>/``) links its files to ``<repo>/blobs/``: inside, too."""
+        root = self.path.resolve()
+        roots = [root]
+        if root.parent.name == "snapshots":
+            roots.append(root.parent.parent / "blobs")
+        target = (root / name).resolve()
+        return any(target.is_relative_to(r) for r in roots)
 
     # ------------------------------------------------------------------ reads
 
@@ -179,35 +224,24 @@ class HFCheckpoint:
         dtype = _DTYPES[info["dtype"]]
         if not data:
             return torch.empty(info["shape"], dtype=dtype)
-        return torch.frombuffer(data, dtype=dtype).reshape(info["shape"])
+        tensor = torch.frombuffer(data, dtype=dtype).reshape(info["shape"])
+        if not self.allow_non_finite:
+            check_finite(tensor, f"{self.path / file}: tensor {name!r}")
+        return tensor
 
     def files_by_name(self) -> dict[str, str]:
         return dict(self.weight_map)
 
 
+def check_finite(tensor: torch.Tensor, what: str) -> None:
+    """ConversionError when a floating-point tensor holds NaN or Inf."""
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        raise ConversionError(
+            f"{what} holds NaN or Inf (pass --allow-non-finite to convert it anyway)"
+        )
+
+
 # ------------------------------------------------------------------ writes
-
-
-@contextlib.contextmanager
-def atomic_output_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """A temporary sibling of ``path`` to write into; renamed to ``path`` on success only."""
-    final = Path(path)
-    if final.exists() and not overwrite:
-        raise UserError(f"output {final} already exists (pass --overwrite to replace it)")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.rename(final, old)
-        os.rename(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, final)
 
 
 class ShardedWriter:
@@ -218,8 +252,15 @@ class ShardedWriter:
     Otherwise shards are filled greedily up to ``max_shard_bytes``.
     """
 
-    def __init__(self, folder: Path, max_shard_bytes: int, file_of: dict[str, str] | None = None):
+    def __init__(
+        self,
+        folder: Path,
+        max_shard_bytes: int,
+        file_of: dict[str, str] | None = None,
+        allow_non_finite: bool = False,
+    ):
         self.folder = folder
+        self.allow_non_finite = allow_non_finite
         self.max_shard_bytes = max_shard_bytes
         self.file_of = file_of
         self._pending: dict[str, dict[str, torch.Tensor]] = {}
@@ -237,6 +278,8 @@ class ShardedWriter:
         if name in self.weight_map or name in self._greedy:
             raise ConversionError(f"tensor {name!r} was produced twice")
         tensor = tensor.detach().contiguous().cpu()
+        if not self.allow_non_finite:
+            check_finite(tensor, f"exported tensor {name!r}")
         size = tensor.numel() * tensor.element_size()
         self.tensor_bytes += size
         if self.file_of is not None:
@@ -302,9 +345,10 @@ def write_hf_folder(
     source: Path | None = None,
     file_of: dict[str, str] | None = None,
     max_shard_bytes: int = 5 * 10**9,
+    allow_non_finite: bool = False,
 ) -> None:
     """Fill ``out`` (an empty folder) with weights, config.json and the source's sidecar files."""
-    writer = ShardedWriter(out, max_shard_bytes, file_of)
+    writer = ShardedWriter(out, max_shard_bytes, file_of, allow_non_finite)
     for name, tensor in tensors:
         writer.add(name, tensor)
     writer.close()

@@ -86,7 +86,10 @@ class ExportPlan:
             dtype = self.dtype_of(hf_name) if self.dtype_of else None
             yield hf_name, tensor.to(dtype) if dtype is not None else tensor
 
-    def write(self, out: Path, file_of: dict[str, str] | None, max_shard_bytes: int, progress):
+    def write(
+        self, out: Path, file_of: dict[str, str] | None, max_shard_bytes: int, progress,
+        allow_non_finite: bool = False,
+    ):  # fmt: skip
         """Fill the (empty) folder ``out`` with the safetensors files and their index."""
         files = _assign_files(self.outputs, file_of, max_shard_bytes)
         file_of_name = {n: f for f, names in files.items() for n in names}
@@ -94,6 +97,8 @@ class ExportPlan:
         try:
             for p in progress(self.params):
                 for hf_name, tensor in self._hf_tensors(p.name, self._read(p)):
+                    if not allow_non_finite:  # as hf_io's writer: NaN / Inf only on request
+                        hf_io.check_finite(tensor, f"exported tensor {hf_name!r}")
                     writers[file_of_name[hf_name]].write(hf_name, tensor)
         finally:
             for writer in writers.values():
@@ -284,9 +289,10 @@ def write_hf_folder(
     file_of: dict | None,
     progress: Callable = iter,
     max_shard_bytes: int = 5 * 10**9,
+    allow_non_finite: bool = False,
 ) -> None:
     """Fill ``out`` (an empty folder) like hf_io.write_hf_folder, streaming the weights."""
-    export.write(out, file_of, max_shard_bytes, progress)
+    export.write(out, file_of, max_shard_bytes, progress, allow_non_finite)
     (out / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
     if source is not None:
         for name in hf_io.SIDECAR_FILES:

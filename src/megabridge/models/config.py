@@ -264,7 +264,37 @@ def model_config_from_dict(data: dict) -> ModelConfig:
     return ModelConfig(**{k: v for k, v in data.items() if k in names})
 
 
+# Sizes that must be positive integers (None, where allowed, means "derived"); checked first,
+# since every divisibility rule below divides by some of them.
+_POSITIVE_SIZES = (
+    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+    "kv_channels", "vocab_size", "seq_length", "num_moe_experts", "moe_router_topk",
+    "moe_ffn_hidden_size", "tensor_model_parallel_size", "pipeline_model_parallel_size",
+    "expert_model_parallel_size",
+)  # fmt: skip
+
+
+def _size_problems(cfg: ModelConfig) -> list[str]:
+    problems = []
+    for name in _POSITIVE_SIZES:
+        value = getattr(cfg, name)
+        if value is None and name in ("num_query_groups", "kv_channels", "num_moe_experts",
+                                      "moe_ffn_hidden_size"):  # fmt: skip
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            problems.append(f"{name}={value!r} must be a positive integer")
+    if not problems and cfg.kv_channels is None and cfg.hidden_size % cfg.num_attention_heads:
+        problems.append(
+            f"hidden_size={cfg.hidden_size} is not divisible by num_attention_heads="
+            f"{cfg.num_attention_heads} (or set kv_channels, the head dimension)"
+        )
+    return problems
+
+
 def validate_model_config(cfg: ModelConfig) -> None:
+    problems = _size_problems(cfg)
+    if problems:
+        raise ConfigError("model: " + "; ".join(problems))
     heads, groups = cfg.num_attention_heads, cfg.num_query_groups or cfg.num_attention_heads
     tp, pp = cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size
     problems = []

@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megabridge.conversion import hf_io, transfer
+from megabridge import outputs
+from megabridge.conversion import transfer
 from megabridge.conversion.auto_bridge import AutoBridge, _chunk_config
 from megabridge.conversion.commands import _dtype
 from megabridge.errors import UserError
@@ -105,7 +106,7 @@ def save_adapter(model, bridge, out, settings: dict, dtype=None, overwrite=False
     )
     gathered = {name: t.detach().contiguous().cpu() for name, t in tensors}  # a collective
     if dist.get_rank() == 0:
-        with hf_io.atomic_output_dir(out, overwrite) as tmp:
+        with outputs.output_folder(out, overwrite, bridge.inputs()) as tmp:
             save_file(gathered, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
             config = adapter_config(settings, bridge.family, base_name)
             (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
@@ -151,8 +152,8 @@ def export_checkpoint(
     if hf_path is None and adapter_path is None:
         raise UserError("nothing to export: pass --hf-path (merged model) and/or --adapter-path")
     for out in (hf_path, adapter_path):
-        if out is not None and Path(out).exists() and not overwrite:
-            raise UserError(f"output {out} already exists (pass --overwrite to replace it)")
+        if out is not None:
+            outputs.check_output(out, overwrite, inputs=[megatron_path, *filter(None, [base])])
     ckpt = checkpointing.resolve(megatron_path)
     meta = checkpointing.read_metadata(ckpt)
     settings = meta.get("peft")

@@ -11,9 +11,10 @@ A checkpoint is written into a hidden ``.tmp-iter_*`` sibling and renamed into
 place only when every rank has finished: a crash mid-save leaves no folder that
 looks complete. ``megabridge.json`` is written last; it records the model's
 architecture (a resume into a different model stops with the fields that
-differ) and the size of every file of the checkpoint, so a folder that lost or
-truncated a file afterwards (a full disk, a bad copy) is recognised without
-reading it: ``resolve`` skips it, with a warning, for the previous complete one.
+differ) and the size and checksum of every file of the checkpoint, so a folder
+that lost, truncated or damaged a file afterwards (a full disk, a bad copy, a bad
+disk) is recognised before it is loaded (training/integrity.py): ``resolve`` skips
+it, with a warning, for the previous complete one.
 
 Saving never waits forever and never half-succeeds: a folder that cannot be
 written (permissions, a full disk) raises CheckpointError on every rank, the
@@ -21,7 +22,8 @@ temporary folder is removed, and the previous checkpoints stay as they were.
 Weights holding NaN or Inf are never written.
 
 A converted HF model (``megabridge convert hf-to-megatron``) is a single
-checkpoint folder of the same kind, at iteration 0.
+checkpoint folder of the same kind, at iteration 0, written through
+megabridge.outputs (locked while written, never replacing what it may not).
 """
 
 from __future__ import annotations
@@ -40,15 +42,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megabridge import outputs
 from megabridge.conversion.hf_io import SIDECAR_FILES
 from megabridge.errors import CheckpointError, UserError
 from megabridge.models.config import architecture
 from megabridge.peft import lora
-from megabridge.training import foreign, trust
+from megabridge.training import foreign, integrity, trust
+from megabridge.training.integrity import METADATA, verify
 
 log = logging.getLogger(__name__)
 
-METADATA = "megabridge.json"
 LATEST = "latest_checkpointed_iteration.txt"
 FORMAT_VERSION = 1
 
@@ -71,28 +74,6 @@ def read_metadata(ckpt_dir: Path, hf_config: str | Path | None = None) -> dict:
         ) from None
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path} is corrupted: {e}") from None
-
-
-def verify(ckpt_dir: Path) -> str | None:
-    """Why ``ckpt_dir`` cannot be trusted as a complete checkpoint, or None when it can."""
-    ckpt_dir = Path(ckpt_dir)
-    if not (ckpt_dir / METADATA).is_file() and foreign.kind(ckpt_dir) is not None:
-        return foreign.verify(ckpt_dir)
-    if not (ckpt_dir / METADATA).is_file():
-        return f"no {METADATA} (the save did not finish)"
-    if not (ckpt_dir / "metadata.json").is_file():
-        return "no metadata.json (dist_checkpointing's)"
-    try:
-        meta = json.loads((ckpt_dir / METADATA).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        return f"{METADATA} is corrupted ({e})"
-    for name, size in meta.get("files", {}).items():  # absent in older checkpoints
-        path = ckpt_dir / name
-        if not path.is_file():
-            return f"{name} is missing"
-        if path.stat().st_size != size:
-            return f"{name} has {path.stat().st_size} bytes, {size} were written"
-    return None
 
 
 def is_complete(ckpt_dir: Path) -> bool:
@@ -136,10 +117,10 @@ def resolve(path: str | Path) -> Path:
     if not root.is_dir():
         raise CheckpointError(f"checkpoint folder {root} does not exist")
     if _looks_like_checkpoint(root):
-        problem = verify(root)
+        problem = integrity.verify_once(root)
         if problem:
             raise CheckpointError(f"checkpoint {root} is incomplete or damaged: {problem}")
-        return root
+        return _warn_unchecked(root)
     for tmp in sorted(root.glob(".tmp-iter_*")):
         _warn("ignoring %s: a save that did not finish", tmp)
     candidates = sorted(p for p in root.glob("iter_*") if p.is_dir())
@@ -147,11 +128,18 @@ def resolve(path: str | Path) -> Path:
     if named in candidates:
         candidates = [p for p in candidates if p <= named]
     for ckpt in reversed(candidates):
-        problem = verify(ckpt)
+        problem = integrity.verify_once(ckpt)
         if problem is None:
-            return ckpt
+            return _warn_unchecked(ckpt)
         _warn("skipping checkpoint %s: %s", ckpt, problem)
     raise CheckpointError(f"no complete checkpoint in {root}")
+
+
+def _warn_unchecked(ckpt: Path) -> Path:
+    if not integrity.has_checksums(ckpt):
+        _warn("%s has no checksums (written before megabridge recorded them): its content "
+              "is not verified", ckpt)  # fmt: skip
+    return ckpt
 
 
 def has_checkpoints(root: str | Path) -> bool:
@@ -347,7 +335,7 @@ def _fresh_dir(path: Path) -> None:
 
 def _publish(tmp: Path, final: Path, meta: dict, keep_last_n: int | None) -> None:
     """Rank 0, once every rank has written its part: seal, rename, point LATEST at it, prune."""
-    meta["files"] = _file_sizes(tmp)
+    meta.update(integrity.file_records(tmp))
     try:
         write_json_atomic(tmp / METADATA, meta)  # last: its presence marks a finished save
     except OSError:
@@ -360,15 +348,6 @@ def _publish(tmp: Path, final: Path, meta: dict, keep_last_n: int | None) -> Non
         prune(final.parent, keep_last_n, newest=final)
     for leftover in (*final.parent.glob(".tmp-iter_*"), *final.parent.glob(".trash-iter_*")):
         shutil.rmtree(leftover, ignore_errors=True)  # of interrupted saves and deletes
-
-
-def _file_sizes(folder: Path) -> dict[str, int]:
-    """Every file's size, recorded so that a truncated or lost file is noticed on load."""
-    return {
-        str(p.relative_to(folder)): p.stat().st_size
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    }
 
 
 def _on_rank0(fn, what: str) -> None:
@@ -483,6 +462,7 @@ def load(ckpt_dir: Path, model_chunks, optimizer=None, scheduler=None, model_onl
     """
     from megatron.core import dist_checkpointing
     from megatron.core.utils import unwrap_model
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
     meta = read_metadata(ckpt_dir)
     prefix = meta.get("foreign", {}).get("key_prefix", "")  # NeMo 2's keys start with module.
@@ -507,7 +487,7 @@ def load(ckpt_dir: Path, model_chunks, optimizer=None, scheduler=None, model_onl
     try:
         with trust.common_state_globals():  # Megatron-LM's args in common.pt
             state = dist_checkpointing.load(sd, str(ckpt_dir))
-    except Exception as e:  # noqa: BLE001 - any failure here means an unusable checkpoint
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - any failure here means an unusable checkpoint
         raise CheckpointError(f"cannot load checkpoint {ckpt_dir}: {_one_line(e)}") from e
     if prefix:
         state["model"] = {k.removeprefix(prefix): v for k, v in state["model"].items()}
@@ -544,6 +524,7 @@ def save_model(
     overwrite: bool = False,
     assets: Path | None = None,
     write: Callable[[Path], None] | None = None,
+    inputs: list | None = None,
 ) -> Path:
     """A model-only checkpoint folder at ``out`` (iteration 0), written atomically.
 
@@ -551,53 +532,57 @@ def save_model(
     kept in ``out/hf_assets`` so the checkpoint can become an HF folder again.
     ``write(folder)``: writes the Megatron-Core checkpoint itself instead of
     saving ``model_chunks`` (e.g. streamed from an HF folder, with no model built).
+    ``inputs``: folders ``out`` may not overlap. Rank 0 locks ``out`` while it is written
+    (megabridge.outputs): a concurrent writer of the same path fails with one line.
     """
     from megatron.core import dist_checkpointing
 
-    out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp")
+    folder = outputs.OutputFolder(out, overwrite, inputs)
+    box: list = [None, None]  # rank 0's verdict: (problem, staging folder)
+    if dist.get_rank() == 0:
+        try:
+            box[1] = str(folder.claim())
+        except UserError as e:
+            box[0] = str(e)
+    dist.broadcast_object_list(box, src=0)  # every rank learns rank 0's verdict
+    if box[0]:
+        raise UserError(box[0])
+    tmp = Path(box[1])
     rank0 = dist.get_rank() == 0
-    problem = [None]
-    if rank0:
-        if out.exists() and not overwrite:
-            problem[0] = f"output {out} already exists (pass --overwrite to replace it)"
-        else:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir()
-    dist.broadcast_object_list(problem, src=0)  # every rank learns rank 0's verdict
-    if problem[0]:
-        raise UserError(problem[0])
     try:
         if write is not None:
             write(tmp)
         else:
             _in_process_results_queue()
             dist_checkpointing.save(_sharded_state_dict(model_chunks), str(tmp))
+        dist.barrier()
+        if rank0:
+            _seal_model(tmp, model_cfg, extra_metadata, assets)
+            folder.publish()
     except BaseException:
         if rank0:  # nothing half-written stays behind
-            shutil.rmtree(tmp, ignore_errors=True)
+            folder.abandon()
         raise
     dist.barrier()
-    if rank0:
-        if assets is not None:
-            (tmp / "hf_assets").mkdir()
-            for name in SIDECAR_FILES:
-                if (Path(assets) / name).is_file():
-                    shutil.copy2(Path(assets) / name, tmp / "hf_assets" / name)
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "iteration": 0,
-            "train_state": {},
-            "model": architecture(model_cfg),
-            "model_config": asdict(model_cfg),
-            "layout": _layout_dict(),
-            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            **(extra_metadata or {}),
-            "files": _file_sizes(tmp),
-        }
-        write_json_atomic(tmp / METADATA, meta)
-        _replace_dir(tmp, out)
-    dist.barrier()
-    return out
+    return Path(out)
+
+
+def _seal_model(tmp: Path, model_cfg, extra_metadata: dict | None, assets: Path | None) -> None:
+    """Rank 0: the HF sidecar files, then megabridge.json (sizes and checksums) last."""
+    if assets is not None:
+        (tmp / "hf_assets").mkdir()
+        for name in SIDECAR_FILES:
+            if (Path(assets) / name).is_file():
+                shutil.copy2(Path(assets) / name, tmp / "hf_assets" / name)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "iteration": 0,
+        "train_state": {},
+        "model": architecture(model_cfg),
+        "model_config": asdict(model_cfg),
+        "layout": _layout_dict(),
+        "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        **(extra_metadata or {}),
+        **integrity.file_records(tmp),
+    }
+    write_json_atomic(tmp / METADATA, meta)

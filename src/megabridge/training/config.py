@@ -295,6 +295,11 @@ def validate(cfg: ConfigContainer, world_size: int) -> None:
             problems.append("MoE with tensor_model_parallel_size > 1 trains only with "
                             "model.sequence_parallel=true (megatron-core's rule)")  # fmt: skip
     dp = max(world_size // model_parallel, 1)
+    for name in ("micro_batch_size", "global_batch_size", "train_iters"):
+        if getattr(t, name) < 1:
+            problems.append(f"train.{name}={getattr(t, name)} must be at least 1")
+    if problems:
+        raise ConfigError("; ".join(problems))
     if t.global_batch_size % (t.micro_batch_size * dp):
         problems.append(
             f"train.global_batch_size={t.global_batch_size} is not divisible by "
@@ -303,8 +308,6 @@ def validate(cfg: ConfigContainer, world_size: int) -> None:
     seq = cfg.dataset.seq_length or m.seq_length
     if seq > m.seq_length and m.position_embedding_type == "learned_absolute":
         problems.append(f"dataset.seq_length={seq} exceeds model.seq_length={m.seq_length}")
-    if t.train_iters < 0:
-        problems.append("train.train_iters must be >= 0")
     if cfg.peft.method != "none":
         problems += config_problems(cfg)
     if cfg.logger.log_interval < 1:

@@ -47,25 +47,6 @@ def test_missing_folder_and_missing_config(tmp_path):
         hf_io.HFCheckpoint(tmp_path)
 
 
-def test_atomic_output_dir_leaves_nothing_on_failure(tmp_path):
-    out = tmp_path / "out"
-    with pytest.raises(RuntimeError):
-        with hf_io.atomic_output_dir(out) as tmp:
-            (tmp / "partial").write_text("x")
-            raise RuntimeError("killed midway")
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_atomic_output_dir_refuses_existing_without_overwrite(tmp_path):
-    (tmp_path / "out").mkdir()
-    with pytest.raises(UserError, match="already exists"):
-        with hf_io.atomic_output_dir(tmp_path / "out"):
-            pass
-    with hf_io.atomic_output_dir(tmp_path / "out", overwrite=True) as tmp:
-        (tmp / "new").write_text("x")
-    assert (tmp_path / "out" / "new").is_file()
-
-
 def test_sharded_writer_greedy_and_index(tmp_path):
     tensors = {f"t{i}": torch.full((256,), float(i)) for i in range(5)}  # 1 KiB each
     hf_io.write_hf_folder(tmp_path, tensors.items(), {"a": 1}, max_shard_bytes=2048)

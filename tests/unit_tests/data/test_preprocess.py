@@ -108,3 +108,14 @@ def test_cli_reports_bad_input_in_one_line_with_exit_2(tokenizer_dir, tmp_path, 
     src.write_text(json.dumps({"text": "the cat"}) + "\n")
     assert run() == 0
     assert "1 documents, 3 tokens" in capsys.readouterr().out
+
+
+def test_a_failed_run_leaves_no_output_folder_it_made(tokenizer_dir, tmp_path):
+    src = write_jsonl(tmp_path / "c.jsonl", [{"text": "a"}, {"body": "b"}])
+    with pytest.raises(UserError, match="missing key 'text'"):
+        preprocess(src, tokenizer_dir, tmp_path / "new" / "deeper" / "c")
+    assert not (tmp_path / "new").exists(), "the folders made for the output are removed"
+    (tmp_path / "kept").mkdir()  # a folder that was there before is left alone
+    with pytest.raises(UserError, match="missing key 'text'"):
+        preprocess(src, tokenizer_dir, tmp_path / "kept" / "sub" / "c")
+    assert (tmp_path / "kept").is_dir() and not (tmp_path / "kept" / "sub").exists()

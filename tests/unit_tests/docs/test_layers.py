@@ -4,7 +4,8 @@ The layers, bottom to top (CONTRIBUTING.md draws them):
 
 0. the model config: errors.py, models/config.py
 1. the conversion machinery: mappings, the family base, safetensors IO, sharding,
-   streaming, the family registry; runtime.py (process groups, the CPU backend)
+   streaming, the family registry; runtime.py (process groups, the CPU backend);
+   outputs.py (locked, staged output folders), checksums.py (file checksums)
 2. the family folders (bridge.py) and the model builder: models/provider.py, specs,
    torch_layers, ...
 3. the public entry points (AutoBridge, the convert / verify commands, the CLI) and
@@ -36,7 +37,7 @@ def layer_of(module: str) -> int:
         "megabridge.models.config",
     ):
         return 0
-    if module == "megabridge.runtime":
+    if module in ("megabridge.runtime", "megabridge.outputs", "megabridge.checksums"):
         return 1
     if parts[1] == "conversion":
         return 3 if len(parts) > 2 and parts[2] in ENTRY_POINTS else 1

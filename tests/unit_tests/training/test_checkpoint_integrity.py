@@ -5,20 +5,26 @@ code a real save uses (``checkpointing._publish``); real saves are exercised in
 tests/functional_tests/test_resilience.py.
 """
 
+import json
 import logging
 import os
+import pickle
 from pathlib import Path
 
 import pytest
 import torch
+from torch.distributed.checkpoint.metadata import Metadata
 
+from megabridge import checksums, cli
 from megabridge.errors import CheckpointError
 from megabridge.training import checkpointing
 from megabridge.training.checkpointing import resolve, verify
 
 pytestmark = pytest.mark.unit
 
-SHARDS = {"__0_0.distcp": 300, "__0_1.distcp": 200, ".metadata": 50, "common.pt": 20}
+SHARDS = {"__0_0.distcp": 300, "__0_1.distcp": 200, "common.pt": 20}
+# a readable torch .metadata (resolve() reads it, through the allow-list, before trusting a folder)
+DCP_METADATA = pickle.dumps(Metadata(state_dict_metadata={}))
 
 
 def publish(root: Path, iteration: int, keep_last_n: int | None = None) -> Path:
@@ -27,6 +33,7 @@ def publish(root: Path, iteration: int, keep_last_n: int | None = None) -> Path:
     tmp.mkdir(parents=True)
     for name, size in SHARDS.items():
         (tmp / name).write_bytes(b"x" * size)
+    (tmp / ".metadata").write_bytes(DCP_METADATA)
     (tmp / "metadata.json").write_text('{"sharded_backend": "torch_dist"}')
     final = root / checkpointing.iter_dirname(iteration)
     checkpointing._publish(tmp, final, {"iteration": iteration}, keep_last_n)
@@ -40,7 +47,8 @@ def names(root: Path) -> list[str]:
 def test_a_sealed_checkpoint_records_every_file_and_verifies(tmp_path):
     ckpt = publish(tmp_path, 5)
     files = checkpointing.read_metadata(ckpt)["files"]
-    assert files == {**SHARDS, "metadata.json": 33}
+    assert files == {**SHARDS, ".metadata": len(DCP_METADATA), "metadata.json": 33}
+    assert set(checkpointing.read_metadata(ckpt)["checksums"]["files"]) == set(files)
     assert verify(ckpt) is None
     assert names(tmp_path) == ["iter_0000005", "latest_checkpointed_iteration.txt"]
 
@@ -158,3 +166,74 @@ def test_an_unwritable_folder_is_one_clear_error_and_the_previous_checkpoint_sta
     assert names(tmp_path) == ["iter_0000004", "latest_checkpointed_iteration.txt"]
     with pytest.raises(CheckpointError, match="is not writable: \\[Errno 13\\] Permission denied"):
         checkpointing.ensure_writable(tmp_path / "new")
+
+
+# ------------------------------------------------- content checksums (issue 12, item 3)
+
+
+def flip_bytes(path: Path, offset: int = 10) -> None:
+    """Damage that keeps the file's size: only a checksum notices it."""
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    data[offset + 1] ^= 0x0F
+    path.write_bytes(bytes(data))
+
+
+def test_flipped_bytes_are_caught_by_the_checksum_and_resume_falls_back(tmp_path, caplog):
+    publish(tmp_path, 4)
+    newest = publish(tmp_path, 8)
+    flip_bytes(newest / "__0_1.distcp")
+    assert verify(newest) is None, "sizes alone cannot see it (pruning's cheap check)"
+    problem = verify(newest, content=True)
+    assert problem.startswith("__0_1.distcp is damaged: its content differs")
+    with caplog.at_level(logging.WARNING):
+        assert resolve(tmp_path) == tmp_path / "iter_0000004"
+    assert f"skipping checkpoint {newest}: __0_1.distcp is damaged" in caplog.text
+    with pytest.raises(CheckpointError, match=r"iter_0000008 is incomplete or damaged: __0_1"):
+        resolve(newest)
+
+
+def test_an_unreadable_dcp_metadata_is_damage_and_resume_falls_back(tmp_path, caplog):
+    publish(tmp_path, 4)
+    newest = publish(tmp_path, 8)
+    # a .metadata that was wrong when saved (its checksum agrees): torch could not read it
+    (newest / ".metadata").write_bytes(b"\x80\x04garbage")
+    record = checkpointing.read_metadata(newest)
+    record["files"][".metadata"] = 9
+    record["checksums"]["files"][".metadata"] = checksums.digest(newest / ".metadata")
+    (newest / "megabridge.json").write_text(json.dumps(record))
+    with caplog.at_level(logging.WARNING):
+        assert resolve(tmp_path) == tmp_path / "iter_0000004"
+    assert "cannot read" in caplog.text and ".metadata" in caplog.text
+
+
+def test_a_checkpoint_without_checksums_still_loads_with_a_warning(tmp_path, caplog):
+    ckpt = publish(tmp_path, 4)
+    record = checkpointing.read_metadata(ckpt)
+    del record["checksums"]  # as written before megabridge recorded them
+    (ckpt / "megabridge.json").write_text(json.dumps(record))
+    flip_bytes(ckpt / "__0_0.distcp")  # then nothing can notice this
+    with caplog.at_level(logging.WARNING):
+        assert resolve(tmp_path) == ckpt
+    assert "has no checksums (written before megabridge recorded them)" in caplog.text
+
+
+def test_checkpoint_verify_command(tmp_path, capsys):
+    good = publish(tmp_path / "runs", 4)
+    bad = publish(tmp_path / "runs", 8)
+    assert cli.main(["checkpoint", "verify", str(good)]) == 0
+    assert capsys.readouterr().out.strip() == f"{good}: OK"
+    flip_bytes(bad / "__0_0.distcp")
+    os.truncate(bad / "common.pt", 3)
+    assert cli.main(["checkpoint", "verify", str(tmp_path / "runs")]) == 2
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines == [f"{good}: OK", f"{bad}: common.pt has 3 bytes, 20 were written"]
+    os.truncate(bad / "common.pt", 20)  # the size is right again; the content is not
+    assert cli.main(["checkpoint", "verify", str(bad)]) == 2
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split(": ", 1)[1].split(":")[0] for line in lines] == [
+        "__0_0.distcp is damaged",
+        "common.pt is damaged",
+    ]
+    assert cli.main(["checkpoint", "verify", str(tmp_path / "nowhere")]) == 2
+    assert "does not exist" in capsys.readouterr().err

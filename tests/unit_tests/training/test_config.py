@@ -107,3 +107,25 @@ def test_a_recipe_that_names_its_gpu_count_has_that_layout():
         assert needed == said, f"{name} says {claim[0]!r} but its layout needs {needed}"
         checked += 1
     assert checked >= 10  # the check reads what the descriptions say
+
+
+@pytest.mark.parametrize(
+    "override, problem",
+    [
+        ("train.micro_batch_size=0", "train.micro_batch_size=0 must be at least 1"),
+        ("train.global_batch_size=-8", "train.global_batch_size=-8 must be at least 1"),
+        (
+            "train.train_iters=0",
+            "train.train_iters=0 must be at least 1",
+        ),  # would save random weights
+        ("model.tensor_model_parallel_size=0", "tensor_model_parallel_size=0 must be a positive"),
+        ("model.hidden_size=-64", "hidden_size=-64 must be a positive integer"),
+        ("model.num_attention_heads=5", "hidden_size=64 is not divisible by num_attention_heads=5"),
+    ],
+)
+def test_non_positive_or_non_dividing_sizes_are_one_line(override, problem):
+    cfg = ConfigContainer()
+    apply_overrides(cfg, [override])
+    with pytest.raises(ConfigError) as err:
+        validate(cfg, world_size=1)
+    assert problem in str(err.value) and "\n" not in str(err.value), str(err.value)

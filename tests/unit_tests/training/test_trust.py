@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch.distributed.checkpoint import metadata as dcp_metadata
 
+from megabridge import checksums
 from megabridge.errors import CheckpointError
 from megabridge.training import trust
 from tests.helpers import megabridge
@@ -124,6 +125,7 @@ def test_convert_refuses_a_crafted_checkpoint_in_one_line(copy, tmp_path):
     # an attacker records the new size too, so megabridge.json's file list still agrees
     record = json.loads((copy / "megabridge.json").read_text())
     record["files"][".metadata"] = (copy / ".metadata").stat().st_size
+    record["checksums"]["files"][".metadata"] = checksums.digest(copy / ".metadata")
     (copy / "megabridge.json").write_text(json.dumps(record))
     result = megabridge(["convert", "megatron-to-hf", "--megatron-path", str(copy),
                          "--hf-path", str(tmp_path / "out")])  # fmt: skip
@@ -131,3 +133,22 @@ def test_convert_refuses_a_crafted_checkpoint_in_one_line(copy, tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "posix.system" in lines[0], result.stderr[-2000:]
     assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def test_convert_refuses_a_shard_with_flipped_bytes_in_one_line(copy, tmp_path):
+    """Damage that keeps the size (a bad disk, a bad copy): only the checksum sees it."""
+    shard = sorted(copy.glob("*.distcp"))[0]
+    size = shard.stat().st_size
+    with open(shard, "r+b") as f:
+        f.seek(size // 2)
+        byte = f.read(1)
+        f.seek(size // 2)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    assert shard.stat().st_size == size
+    result = megabridge(["convert", "megatron-to-hf", "--megatron-path", str(copy),
+                         "--hf-path", str(tmp_path / "out")])  # fmt: skip
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr[-2000:]
+    assert f"{shard.name} is damaged: its content differs" in lines[0]
+    assert not (tmp_path / "out").exists()

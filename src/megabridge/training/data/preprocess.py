@@ -96,14 +96,30 @@ def _tokenized(source: Path, tokenizer_dir: str, text_key: str, append_eod: bool
 # ---------------------------------------------------------------------- writing
 
 
-def _check_outputs(prefix: Path, overwrite: bool) -> tuple[Path, Path]:
+def _check_outputs(prefix: Path, overwrite: bool) -> tuple[Path, Path, Path | None]:
+    """The .bin and .idx paths, and the outermost folder made for them (None if none was)."""
     bin_path, idx_path = Path(f"{prefix}.bin"), Path(f"{prefix}.idx")
     for path in (bin_path, idx_path):
         if path.exists() and not overwrite:
             raise UserError(f"{path} already exists; pass --overwrite to replace it")
-    if not prefix.parent.exists():
-        prefix.parent.mkdir(parents=True)
-    return bin_path, idx_path
+    made = next((p for p in reversed(prefix.parents) if not p.exists()), None)
+    try:
+        prefix.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot write {prefix.parent}: {e.strerror or e}") from None
+    return bin_path, idx_path, made
+
+
+def _remove_made_folders(prefix: Path, made: Path | None) -> None:
+    """After a failure: the folders _check_outputs made, if nothing else was put in them."""
+    if made is None:
+        return
+    folder = prefix.parent
+    while folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
+        if folder == made:
+            break
+        folder = folder.parent
 
 
 def _forget_cached_indices(prefix: Path) -> None:
@@ -138,7 +154,7 @@ def preprocess(
     tokenizer = load_tokenizer(tokenizer_dir, what="--tokenizer")
     if append_eod and tokenizer.eos_token_id is None:
         raise UserError(f"--tokenizer {tokenizer_dir} has no EOS token; pass --no-append-eod")
-    bin_path, idx_path = _check_outputs(prefix, overwrite)
+    bin_path, idx_path, made = _check_outputs(prefix, overwrite)
     suffix = f".partial-{os.getpid()}"
     tmp_bin, tmp_idx = Path(f"{bin_path}{suffix}"), Path(f"{idx_path}{suffix}")
     documents = tokens = empty = 0
@@ -170,6 +186,7 @@ def preprocess(
         if not done:
             for path in (tmp_bin, tmp_idx):
                 path.unlink(missing_ok=True)
+            _remove_made_folders(prefix, made)  # a failed run leaves no empty output folder
     return Summary(documents, tokens, empty, bin_path, idx_path)
 
 

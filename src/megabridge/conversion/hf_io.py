@@ -170,12 +170,16 @@ class HFCheckpoint:
 # ------------------------------------------------------------------ writes
 
 
+def check_output_free(path: str | Path, overwrite: bool) -> None:
+    if Path(path).exists() and not overwrite:
+        raise UserError(f"output {path} already exists (pass --overwrite to replace it)")
+
+
 @contextlib.contextmanager
 def atomic_output_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """A temporary sibling of ``path`` to write into; renamed to ``path`` on success only."""
     final = Path(path)
-    if final.exists() and not overwrite:
-        raise UserError(f"output {final} already exists (pass --overwrite to replace it)")
+    check_output_free(final, overwrite)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:

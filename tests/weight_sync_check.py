@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -202,7 +203,7 @@ def error_cases(s, bridge, case: dict, tokens) -> dict:
 
 
 def run_case(case: dict) -> None:
-    where = {"case": case["name"]}
+    where, start = {"case": case["name"]}, time.perf_counter()
     try:
         s = loop.setup(_config(case))
         bridge = save_hf.bridge_for_run(s.cfg)
@@ -212,7 +213,7 @@ def run_case(case: dict) -> None:
         record.update(saved_hf(s, case, tokens, reference))
         if case.get("errors"):
             record["errors"] = error_cases(s, bridge, case, tokens)
-        _report({**where, **record})
+        _report({**where, **record, "seconds": round(time.perf_counter() - start, 1)})
     except Exception:
         _report({**where, "error": traceback.format_exc()[-3000:]})
         raise

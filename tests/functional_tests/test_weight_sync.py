@@ -1,5 +1,5 @@
-"""Weight sync into a live transformers model and checkpoint.save_hf, at TP=2, PP=2, EP=2 and
-with LoRA: one 2-process launch of tests/weight_sync_check.py runs every case."""
+"""Weight sync into a live transformers model and checkpoint.save_hf, at TP=2, PP=2 (with LoRA)
+and EP=2: one 2-process launch of tests/weight_sync_check.py runs every case."""
 
 import json
 
@@ -15,9 +15,8 @@ ATOL = 1e-4
 LLAMA = "llama_tiny_finetune_config"
 CASES = [  # name, recipe, family, layout (tp, pp, ep), dst (None: every rank), lora, errors
     ("tp2", LLAMA, "llama", (2, 1, 1), None, False, True),
-    ("pp2", LLAMA, "llama", (1, 2, 1), 0, False, False),
+    ("pp2_lora", LLAMA, "llama", (1, 2, 1), 0, True, False),  # rank 1's stage sent to rank 0
     ("ep2", "qwen3_moe_tiny_pretrain_config", "qwen3_moe", (1, 1, 2), 1, False, False),
-    ("tp2_lora", LLAMA, "llama", (2, 1, 1), 0, True, False),
 ]
 
 

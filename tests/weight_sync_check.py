@@ -69,6 +69,9 @@ def _config(case: dict):
     cfg.optimizer.lr = 1e-2  # weights that visibly move in a few steps
     cfg.scheduler.lr_decay_style = "constant"
     cfg.peft.method = "lora" if case["lora"] else "none"
+    if case.get("overlap_param_gather"):  # the weights are complete only after a gather
+        cfg.optimizer.use_distributed_optimizer = True
+        cfg.dist.overlap_param_gather = True
     return cfg
 
 

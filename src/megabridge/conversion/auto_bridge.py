@@ -214,6 +214,7 @@ class AutoBridge:
         adapters are merged on the fly unless ``merge_lora=False`` (base weights
         only). ``dtype`` None keeps the model's. See conversion/weight_sync.py.
         """
+        weight_sync.gather_pending_params(model)
         chunks = _unwrapped(model)
         cfg = _chunk_config(chunks)
         return weight_sync.stream(chunks, self.family, cfg, dtype, merge_lora, dst)

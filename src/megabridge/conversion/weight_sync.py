@@ -73,6 +73,20 @@ def sync_params(chunks, cfg, merge_lora: bool = True) -> list[transfer.ExportPar
     return out
 
 
+def gather_pending_params(model) -> None:
+    """Complete the weights that the distributed optimizer has not all-gathered yet.
+
+    With ``dist.overlap_param_gather``, Megatron-Core's DDP gathers the updated
+    parameters in the next forward's pre-hooks, so right after a step each rank holds
+    only its shard of them; here they are gathered now, as Megatron-LM does before
+    evaluating (the hooks stay, and the next forward gathers the same values again).
+    """
+    for chunk in model:
+        if getattr(chunk, "use_forward_hook", False):
+            chunk.disable_forward_pre_hook(param_sync=True)
+            chunk.enable_forward_pre_hook()
+
+
 def _merged(module, dtype: torch.dtype):
     return lambda: module.merged_weight().to(dtype)
 

@@ -41,6 +41,7 @@ import torch.distributed as dist
 
 from megabridge.conversion import transfer
 from megabridge.errors import ConversionError, UserError
+from megabridge.peft import lora
 
 DEFAULT_BUCKET_BYTES = 512 << 20
 
@@ -54,8 +55,6 @@ class WeightConsumer(Protocol):
 def sync_params(chunks, cfg, merge_lora: bool = True) -> list[transfer.ExportParam]:
     """This rank's parameters as the HF export sees them: LoRA layers as their base
     weights (merged with the adapter when ``merge_lora``), the adapters themselves left out."""
-    from megabridge.peft import lora
-
     out = []
     for chunk, local_name, name, param in transfer.local_params(chunks, cfg):
         if lora.is_adapter(local_name):

@@ -22,6 +22,8 @@ from pathlib import Path
 
 from megabridge.conversion.auto_bridge import AutoBridge
 from megabridge.conversion.registry import bridge_for_family
+from megabridge.peft.export import save_adapter
+from megabridge.training.data.tokenizer import tokenizer_path
 
 log = logging.getLogger("megabridge.train")
 
@@ -32,8 +34,6 @@ ADAPTER_DIR = "hf_adapter"
 def bridge_for_run(cfg) -> AutoBridge:
     """The bridge that names the run's weights the HF way: from the pretrained model if
     there is one (its config.json, shard layout, dtypes, tokenizer), else from the recipe."""
-    from megabridge.training.data.tokenizer import tokenizer_path
-
     pretrained = cfg.checkpoint.pretrained_checkpoint
     if pretrained and (Path(pretrained) / "config.json").is_file():
         bridge = AutoBridge.from_hf_pretrained(pretrained)
@@ -55,8 +55,6 @@ def writer(cfg, bridge: AutoBridge, model) -> Callable[[Path], None]:
         start = time.perf_counter()
         settings = _peft_settings(model)
         if settings is not None:
-            from megabridge.peft.export import save_adapter
-
             base = settings.get("base")
             hf_base = base if base and (Path(base) / "config.json").is_file() else None
             save_adapter(model, bridge, folder / ADAPTER_DIR, settings, base_name=hf_base)

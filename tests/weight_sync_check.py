@@ -35,7 +35,7 @@ from megabridge.conversion.verify import megatron_logits, sample_tokens
 from megabridge.conversion.weight_sync import HFModelConsumer
 from megabridge.errors import ConversionError
 from megabridge.recipes import get_recipe
-from megabridge.training import loop, save_hf
+from megabridge.training import checkpointing, loop, save_hf
 from megabridge.training.step import train_step
 
 STEPS = 2
@@ -147,8 +147,10 @@ def saved_hf(s, case: dict, tokens, reference) -> dict:
             model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
         diff = (_hf_logits(model, tokens) - reference).abs().max().item()
         files = sorted(p.name for p in folder.iterdir())
-    dist.barrier()
-    return {"saved_hf_max_abs_diff": diff, "saved_hf_files": files}
+    # the checkpoint with its HF copy inside is still complete and loads
+    resolved = checkpointing.resolve(path.parent) == path
+    checkpointing.load(path, s.model, s.optimizer, s.scheduler)
+    return {"saved_hf_max_abs_diff": diff, "saved_hf_files": files, "resumable": resolved}
 
 
 def _attempt(bridge, model, consumer, dst) -> str | None:

@@ -5,7 +5,8 @@ provider = bridge.to_megatron_provider()        # a ModelConfig: set parallel si
 provider.tensor_model_parallel_size = 2
 model = bridge.to_megatron_model(provider)      # this rank's shard, weights loaded
 bridge.save_hf_pretrained(model, "out/")        # bit-exact HF folder again
-for name, tensor in bridge.export_hf_weights(model): ...   # in memory, e.g. RL weight sync
+for name, tensor in bridge.stream_hf_weights(model): ...   # in memory, e.g. RL weight sync
+bridge.sync_weights(model, consumer)            # into a transformers model / an engine
 """
 
 from __future__ import annotations
@@ -20,9 +21,17 @@ import torch
 import torch.distributed as dist
 
 from megabridge import outputs, runtime
-from megabridge.conversion import hf_io, quantized, registry, streaming, streaming_export, transfer
+from megabridge.conversion import (
+    hf_io,
+    quantized,
+    registry,
+    streaming,
+    streaming_export,
+    transfer,
+    weight_sync,
+)
 from megabridge.conversion.family import FamilyBridge
-from megabridge.errors import ConfigError, UserError
+from megabridge.errors import ConfigError, ConversionError, UserError
 from megabridge.models.config import (
     ModelConfig,
     copy_architecture,
@@ -229,12 +238,44 @@ class AutoBridge:
         self, model, dtype: torch.dtype | None = None
     ) -> Iterator[tuple[str, torch.Tensor]]:
         """(hf_name, tensor) for every HF tensor, whole, on every rank (a collective)."""
-        from megatron.core.utils import unwrap_model
-
-        chunks = [unwrap_model(m) for m in model]
+        chunks = _unwrapped(model)
         return transfer.export_hf_weights(
             chunks, self.family, _chunk_config(chunks), self._dtype_of(dtype)
         )
+
+    def stream_hf_weights(
+        self,
+        model,
+        dtype: torch.dtype | None = None,
+        merge_lora: bool = True,
+        dst: int | None = None,
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """(hf_name, whole tensor) for every HF tensor, one parameter gathered at a time.
+
+        A collective: every rank iterates it to the end (or closes it). ``dst=None``:
+        every rank yields everything; ``dst=r``: rank ``r`` alone does. LoRA/DoRA
+        adapters are merged on the fly unless ``merge_lora=False`` (base weights
+        only). ``dtype`` None keeps the model's. See conversion/weight_sync.py.
+        """
+        weight_sync.gather_pending_params(model)
+        chunks = _unwrapped(model)
+        cfg = _chunk_config(chunks)
+        return weight_sync.stream(chunks, self.family, cfg, dtype, merge_lora, dst)
+
+    def sync_weights(
+        self,
+        model,
+        consumer,
+        dtype: torch.dtype | None = None,
+        bucket_bytes: int = weight_sync.DEFAULT_BUCKET_BYTES,
+        merge_lora: bool = True,
+        dst: int | None = None,
+    ) -> dict:
+        """Feed the model's HF weights to ``consumer.load_weights`` (None on ranks without
+        one) in buckets of at most ``bucket_bytes``; every rank calls it. A failure on any
+        rank raises the same ConversionError on every rank."""
+        tensors = self.stream_hf_weights(model, dtype, merge_lora, dst)
+        return weight_sync.sync_weights(tensors, consumer, bucket_bytes)
 
     def _dtype_of(self, dtype: torch.dtype | None):
         if dtype is not None:
@@ -259,13 +300,29 @@ class AutoBridge:
         overwrite: bool = False,
         progress: bool = False,
     ) -> Path | None:
-        """Write an HF folder (rank 0 writes; every rank must call it). Atomic."""
-        tensors = self.export_hf_weights(model, dtype)
-        if dist.get_rank() != 0:
-            for _ in tensors:  # take part in the collectives
-                pass
-            dist.barrier()
-            return None
+        """Write an HF folder; every rank must call it. Atomic.
+
+        Rank 0 writes each shard as its tensors arrive, one parameter gathered at a
+        time (never the whole model on one rank). LoRA/DoRA adapters are merged in.
+        """
+        chunks = _unwrapped(model)
+        cfg = _chunk_config(chunks)
+        _agree_on_rank0(lambda: outputs.check_output(out, overwrite, self.inputs()))
+        tensors = transfer.export_hf_weights(
+            chunks, self.family, cfg, self._dtype_of(dtype),
+            params=weight_sync.sync_params(chunks, cfg), dst=0,
+        )  # fmt: skip
+        error = None
+        with tensors:  # a failure on rank 0 still runs the collectives the others wait on
+            if dist.get_rank() == 0:
+                try:
+                    self._write_hf(tensors, out, dtype, overwrite, progress)
+                except Exception as e:  # noqa: BLE001 - raised below, on every rank
+                    error = e
+        _agree_on_rank0(lambda: _reraise(error))
+        return Path(out) if dist.get_rank() == 0 else None
+
+    def _write_hf(self, tensors, out, dtype, overwrite: bool, progress: bool) -> None:
         layout = (self.source_layout or {}).get("weight_map") if dtype is None else None
         if progress:
             tensors = _progress(tensors, total=len(layout) if layout else None, desc="export")
@@ -274,8 +331,6 @@ class AutoBridge:
                 tmp, tensors, self.hf_config_for_export(dtype), self.sidecar_dir, layout,
                 allow_non_finite=self.allow_non_finite,
             )  # fmt: skip
-        dist.barrier()
-        return Path(out)
 
     def save_hf_from_checkpoint(
         self,
@@ -325,6 +380,30 @@ class AutoBridge:
 # ------------------------------------------------------------ helpers
 
 
+def _agree_on_rank0(check) -> None:
+    """Run ``check`` on rank 0; if it raises, every rank raises (rank 0 its own error,
+    the others a UserError, or ConversionError for another failure, with its message)."""
+    box = [None]
+    if dist.get_rank() == 0:
+        try:
+            check()
+        except Exception as e:
+            box = [(isinstance(e, UserError), f"{e}")]
+            if dist.get_world_size() > 1:
+                dist.broadcast_object_list(box, src=0)
+            raise
+    if dist.get_world_size() > 1:
+        dist.broadcast_object_list(box, src=0)
+    if box[0]:
+        user, message = box[0]
+        raise (UserError if user else ConversionError)(f"rank 0: {message}")
+
+
+def _reraise(error: BaseException | None) -> None:
+    if error is not None:
+        raise error
+
+
 def _layout_of(source: hf_io.HFCheckpoint) -> dict:
     return {
         "weight_map": source.files_by_name(),
@@ -359,6 +438,12 @@ def _transformers_config(config_dict: dict, path: Path, family: type[FamilyBridg
         # its messages run to several lines (an unknown model_type adds install advice)
         first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
         raise UserError(f"transformers cannot read {path}/config.json: {first}") from None
+
+
+def _unwrapped(model) -> list:
+    from megatron.core.utils import unwrap_model
+
+    return [unwrap_model(m) for m in model]
 
 
 def _chunk_config(chunks) -> ModelConfig:

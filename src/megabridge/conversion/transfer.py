@@ -7,13 +7,13 @@ every parameter filled, all problems named in one error.
 
 Exporting: all ranks walk one global list of parameters in the same order; the
 owners of each (the data-parallel replica 0 of its tensor-parallel group)
-gather it whole, the first of them broadcasts it, and every rank yields the
-HF tensors it maps to.
+gather it whole, the first of them broadcasts it (or sends it to the one rank
+that asked for everything), and the receiving ranks yield the HF tensors it
+maps to. One tensor is whole at a time: never the whole model on one rank.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -159,20 +159,42 @@ class _Entry:
     how: sharding.Split
     full_shape: tuple[int, ...]
     dtype: str
-    owner: int  # global rank that broadcasts the whole tensor
+    owner: int  # global rank that holds the whole tensor once gathered
 
 
-def _catalogue(chunks, cfg, include=None) -> list[_Entry]:
+@dataclass(frozen=True)
+class ExportParam:
+    """One parameter of this rank as the export sees it.
+
+    ``param`` carries the tensor-parallel layout (and shape, dtype); ``value()`` gives
+    the local piece to gather (the parameter itself, or e.g. a LoRA-merged weight
+    made only when its turn comes).
+    """
+
+    local_name: str
+    name: str  # global Megatron name, as the family's mappings know it
+    param: torch.Tensor
+    value: object = None  # callable -> local tensor; None: the parameter itself
+
+    def local(self) -> torch.Tensor:
+        return self.param.detach() if self.value is None else self.value()
+
+
+def export_params(chunks, cfg, include=None) -> list[ExportParam]:
+    return [ExportParam(ln, n, p) for _, ln, n, p in local_params(chunks, cfg, include)]
+
+
+def _catalogue(params: list[ExportParam], cfg) -> list[_Entry]:
     """The global parameter list, identical on every rank."""
     mine = []
-    for _, local_name, name, param in local_params(chunks, cfg, include):
-        if _tied_output(name, cfg):
+    for p in params:
+        if _tied_output(p.name, cfg):
             continue
-        group, replica = _groups(local_name)
-        how = sharding.param_split(local_name, param, cfg.gated)
-        shape = tuple(_full_shape(param.shape, how, dist.get_world_size(group)))
+        group, replica = _groups(p.local_name)
+        how = sharding.param_split(p.local_name, p.param, cfg.gated)
+        shape = tuple(_full_shape(p.param.shape, how, dist.get_world_size(group)))
         owner = replica == 0 and dist.get_rank(group) == 0
-        mine.append((name, how, shape, str(param.dtype).removeprefix("torch."), owner))
+        mine.append((p.name, how, shape, str(p.param.dtype).removeprefix("torch."), owner))
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
     entries: dict[str, _Entry] = {}
@@ -183,34 +205,95 @@ def _catalogue(chunks, cfg, include=None) -> list[_Entry]:
     return list(entries.values())
 
 
-@torch.no_grad()
 def export_hf_weights(
-    chunks, bridge, cfg, dtype_of=None, include=None
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (hf_name, whole tensor) on every rank; a collective: all ranks must iterate it all.
+    chunks, bridge, cfg, dtype_of=None, include=None, params=None, dst=None
+) -> HFStream:
+    """(hf_name, whole tensor) pairs; a collective: every rank iterates it to the end or
+    closes it (``close()`` / ``with``: the collectives left then run without yielding).
 
     ``dtype_of(hf_name)`` gives each output's dtype (None: keep the model's);
-    ``include(local_name)`` picks the parameters to export (None: all), e.g. LoRA adapters.
+    ``include(local_name)`` picks the parameters to export (None: all), e.g. LoRA adapters;
+    ``params`` (ExportParams) replaces this rank's parameter list. ``dst`` None: every
+    rank yields every tensor (broadcast from its owner); a rank number: only that rank
+    yields, the owner sends it each tensor point to point, the others yield nothing.
     """
-    local = {
-        name: (local_name, param)
-        for _, local_name, name, param in local_params(chunks, cfg, include)
-    }
+    params = export_params(chunks, cfg, include) if params is None else params
     device = next(chunks[0].parameters()).device
-    for entry in _catalogue(chunks, cfg, include):
-        full = None
-        if entry.name in local:
-            local_name, param = local[entry.name]
-            group, replica = _groups(local_name)
-            if replica == 0:
-                full = sharding.gather(param.detach(), entry.how, group)
-        if full is None:
-            full = torch.empty(entry.full_shape, dtype=getattr(torch, entry.dtype), device=device)
-        if dist.get_world_size() > 1:
-            dist.broadcast(full, src=entry.owner)
-        if entry.name in _VOCAB_PARAMS:
-            full = full[: cfg.vocab_size]
-        mapping, hf_names = bridge.resolve(entry.name)
-        for hf_name, tensor in zip(hf_names, mapping.megatron_to_hf(full, cfg), strict=True):
-            dtype = dtype_of(hf_name) if dtype_of else None
-            yield hf_name, tensor.to(dtype) if dtype is not None else tensor
+    return HFStream(_catalogue(params, cfg), {p.name: p for p in params}, device, dst,
+                    lambda full, name: _to_hf(bridge, cfg, dtype_of, full, name))  # fmt: skip
+
+
+class HFStream:
+    """Iterator over the exported HF tensors that can be closed early without a hang."""
+
+    def __init__(self, entries: list[_Entry], local: dict, device, dst, convert):
+        self._entries, self._local, self._device, self._dst = entries, local, device, dst
+        self._convert = convert
+        self._index, self._ready = 0, []
+
+    def __iter__(self):
+        return self
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @torch.no_grad()
+    def __next__(self) -> tuple[str, torch.Tensor]:
+        while not self._ready:
+            if self._index == len(self._entries):
+                raise StopIteration
+            full = self._step()
+            if full is not None:
+                self._ready = self._convert(full, self._entries[self._index - 1].name)
+        return self._ready.pop(0)
+
+    def _step(self) -> torch.Tensor | None:
+        entry = self._entries[self._index]
+        self._index += 1
+        return _whole(entry, self._local.get(entry.name), self._device, self._dst)
+
+    @torch.no_grad()
+    def close(self) -> None:
+        """Take part in the collectives left (the other ranks wait on them), yielding nothing."""
+        self._ready = []
+        while self._index < len(self._entries):
+            self._step()
+
+
+def _to_hf(bridge, cfg, dtype_of, full: torch.Tensor, name: str) -> list:
+    if name in _VOCAB_PARAMS:
+        full = full[: cfg.vocab_size]
+    mapping, hf_names = bridge.resolve(name)
+    out = []
+    for hf_name, tensor in zip(hf_names, mapping.megatron_to_hf(full, cfg), strict=True):
+        dtype = dtype_of(hf_name) if dtype_of else None
+        out.append((hf_name, tensor.to(dtype) if dtype is not None else tensor))
+    return out
+
+
+def _whole(entry: _Entry, mine: ExportParam | None, device, dst) -> torch.Tensor | None:
+    """The whole tensor of ``entry`` on the ranks that yield it (None elsewhere)."""
+    full = None
+    if mine is not None:
+        group, replica = _groups(mine.local_name)
+        if replica == 0:
+            full = sharding.gather(mine.local(), entry.how, group)
+    me, world = dist.get_rank(), dist.get_world_size()
+    if world == 1:
+        return full
+    if full is None and (dst is None or me == dst):
+        full = torch.empty(entry.full_shape, dtype=getattr(torch, entry.dtype), device=device)
+    if dst is None:
+        dist.broadcast(full, src=entry.owner)
+        return full
+    if dst == entry.owner:
+        return full if me == dst else None
+    if me == entry.owner:
+        dist.send(full.contiguous(), dst=dst)
+    elif me == dst:
+        dist.recv(full, src=entry.owner)
+        return full
+    return None

@@ -264,11 +264,14 @@ def save(
     model_cfg,
     extra_metadata: dict | None = None,
     keep_last_n: int | None = None,
+    write_extra: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write ``root/iter_<iteration>`` atomically; returns its path.
 
-    Raises CheckpointError on every rank when it cannot be written; nothing
-    that looks like a checkpoint is left behind then.
+    ``write_extra(folder)``, called on every rank before the checkpoint is sealed,
+    adds files to it (the HF copy of checkpoint.save_hf); it must fail on every
+    rank or on none. Raises CheckpointError on every rank when it cannot be
+    written; nothing that looks like a checkpoint is left behind then.
     """
     from megatron.core import dist_checkpointing
     from megatron.core.utils import unwrap_model
@@ -290,6 +293,13 @@ def save(
             shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(f"cannot write checkpoint {final}: {_one_line(e)}") from e
     dist.barrier()
+    if write_extra is not None:
+        try:
+            write_extra(tmp)
+        except (UserError, OSError) as e:
+            if dist.get_rank() == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(f"cannot write checkpoint {final}: {_one_line(e)}") from e
     meta = _metadata(iteration, train_state, model_cfg, extra_metadata)
     peft = _peft_of(unwrap_model(model_chunks[0]))
     if peft is not None:

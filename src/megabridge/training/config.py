@@ -111,6 +111,9 @@ class CheckpointConfig:
         None, "start from these weights: an HF model folder or a Megatron checkpoint"
     )
     run_dir: str = option("runs", "parent of the default per-run folder")
+    save_hf: bool = option(
+        False, "also write an HF copy into each checkpoint: hf/ (LoRA/DoRA: hf_adapter/, peft's)"
+    )
 
 
 @dataclass

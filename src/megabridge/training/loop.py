@@ -19,7 +19,7 @@ from megabridge.models import init as weight_init
 from megabridge.models.config import copy_architecture, model_config_from_dict
 from megabridge.models.provider import build_model, use_bf16
 from megabridge.peft import lora
-from megabridge.training import checkpointing, data
+from megabridge.training import checkpointing, data, save_hf
 from megabridge.training.config import ConfigContainer, validate
 from megabridge.training.flops import bf16_peak_tflops, flops_per_token
 from megabridge.training.metrics import MetricsWriter
@@ -58,6 +58,7 @@ class Session:
     save_dir: Path
     log_dir: Path
     saved_iteration: int | None = None  # of the newest checkpoint in save_dir, once known
+    hf_writer: object = None  # checkpoint.save_hf: adds the HF copy to each checkpoint
 
 
 def train(cfg: ConfigContainer) -> TrainState:
@@ -218,6 +219,7 @@ def save(s: Session) -> Path:
         dataclasses.asdict(s.state),
         s.cfg.model,
         keep_last_n=s.cfg.checkpoint.keep_last_n,
+        write_extra=s.hf_writer,
     )
     s.saved_iteration = s.state.iteration
     if s.rt.is_main:
@@ -272,6 +274,8 @@ def setup(cfg: ConfigContainer) -> Session:
         cfg, rt, model, optimizer, scheduler, train_data, valid_data, state, save_dir, log_dir
     )
     s.saved_iteration = saved_iteration
+    if cfg.checkpoint.save_hf:
+        s.hf_writer = save_hf.writer(cfg, save_hf.bridge_for_run(cfg), model)
     return s
 
 

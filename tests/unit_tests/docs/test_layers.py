@@ -8,7 +8,7 @@ The layers, bottom to top (CONTRIBUTING.md draws them):
    outputs.py (locked, staged output folders), checksums.py (file checksums)
 2. the family folders (bridge.py) and the model builder: models/provider.py, specs,
    torch_layers, ...
-3. the public entry points (AutoBridge, the convert / verify commands, the CLI) and
+3. the public entry points (AutoBridge, the convert / verify commands, weight sync, the CLI) and
    training: training/, peft/, recipes.py and each family's recipes.py (training configs)
 
 A module imports megabridge at module level; the CLI alone imports its commands
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.unit
 
 SRC = Path(__file__).resolve().parents[3] / "src"
 LAYER_NAMES = ("model config", "conversion machinery", "families and builder", "entry points")
-ENTRY_POINTS = {"auto_bridge", "commands", "verify"}
+ENTRY_POINTS = {"auto_bridge", "commands", "verify", "weight_sync"}
 LAZY_IMPORTS_ALLOWED = {"megabridge.cli"}
 
 

@@ -146,3 +146,34 @@ class FamilyBridge:
             "parallelism": list(cls.PARALLELISM),
             "notes": cls.NOTES,
         }
+
+
+# ------------------------------------------------------------ per-layer sliding windows
+
+HF_LAYER_KINDS = ("full_attention", "sliding_attention")
+
+
+def read_window_layers(name: str, hf_config, cfg: ModelConfig) -> None:
+    """Which layers slide, from HF's ``layer_types`` (Qwen2/3 derive it from
+    use_sliding_window and max_window_layers: the layers from max_window_layers on)."""
+    kinds = list(getattr(hf_config, "layer_types", None) or [])
+    unknown = sorted(set(kinds) - set(HF_LAYER_KINDS))
+    if unknown:
+        raise UserError(f"{name} layer_types {unknown} are not supported yet")
+    sliding = [i for i, kind in enumerate(kinds) if kind == "sliding_attention"]
+    if sliding and getattr(hf_config, "sliding_window", None):
+        cfg.sliding_window = int(hf_config.sliding_window)
+        cfg.sliding_window_layers = sliding
+
+
+def write_window_layers(cfg: ModelConfig, data: dict) -> None:
+    """Inverse of read_window_layers, into a config.json dict (Qwen2/3 field names)."""
+    sliding = [i for i in range(cfg.num_layers) if cfg.window_of_layer(i) is not None]
+    if not sliding:
+        data["use_sliding_window"] = False
+        return
+    data["use_sliding_window"] = True
+    data["sliding_window"] = cfg.sliding_window
+    # max_window_layers says "from this layer on"; layer_types also covers any other pattern.
+    data["max_window_layers"] = sliding[0]
+    data["layer_types"] = [HF_LAYER_KINDS[i in sliding] for i in range(cfg.num_layers)]

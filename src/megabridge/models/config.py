@@ -97,6 +97,12 @@ class ModelConfig:
     rope_scaling: dict = architecture_field(
         {}, "HF rope_scaling / rope_parameters dict (llama3, linear, ...)"
     )
+    rotary_attention_scaling: float | None = architecture_field(
+        None,
+        "multiply the rotated part of queries and keys by this after RoPE (transformers' "
+        "attention_scaling of cos and sin: longrope's attention_factor); None: 1",
+        torch_only=True,
+    )
     share_embeddings_and_output_weights: bool = architecture_field(
         False, "tie input and output embeddings"
     )

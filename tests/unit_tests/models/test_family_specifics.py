@@ -20,8 +20,7 @@ from megabridge.models.specs import resolve_impl
 from tests import conversion_checks as checks
 from tests.hf_models import save_tiny
 
-LONGROPE = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 8,
-            "long_factor": [2.0] * 8, "original_max_position_embeddings": 64}  # fmt: skip
+DYNAMIC = {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}
 
 # (family, config overrides, the error's words): refused by the bridge's model_config.
 REFUSED = [
@@ -32,15 +31,14 @@ REFUSED = [
     ("gemma2", dict(attention_bias=True), "attention_bias=True is not supported yet"),
     ("gemma2", dict(hidden_activation="gelu"), "hidden_activation='gelu' is not supported yet"),
     ("gemma2", dict(use_bidirectional_attention=True), "use_bidirectional_attention=True"),
-    ("qwen2", dict(use_sliding_window=True, sliding_window=16, max_window_layers=1),
-     "use_sliding_window=True is not supported yet"),
+    ("qwen2", dict(layer_types=["chunked_attention", "full_attention"]),
+     r"layer_types \['chunked_attention'\] are not supported yet"),
     ("qwen3", dict(attention_bias=True), "attention_bias=True is not supported yet"),
 ]  # fmt: skip
 
 # (family, config overrides, the error's words): converted, but refused when built.
 REFUSED_AT_BUILD = [
-    # Phi-3.5-mini and the 128k models use longrope.
-    ("phi3", dict(rope_parameters=LONGROPE), "rope_type 'longrope' is not supported yet"),
+    ("llama", dict(rope_parameters=DYNAMIC), "rope_type 'dynamic' is not supported yet"),
 ]
 
 # (family, the error's words for transformer_impl="local"): layers only the torch spec has.
@@ -50,7 +48,7 @@ TORCH_SPEC_ONLY = [
 ]
 
 # (family, variant) with a sliding window shorter than the verify sequences.
-WINDOWED = [("mistral", "window"), ("phi3", "base")]
+WINDOWED = [("mistral", "window"), ("phi3", "base"), ("qwen2", "window"), ("qwen3", "window")]
 
 # (family, variant, layout) at four processes, beyond the suite's two-process layouts.
 FOUR_PROCESSES = [
@@ -117,3 +115,18 @@ def test_logits_at_four_processes(family, variant, layout, tmp_path):
     rc, data = checks.verify_cli(hf_dir, nproc=4, extra=[*layout, "--atol", str(checks.ATOL_FP32)])
     assert rc == 0 and data["ok"], data
     assert data["max_abs_diff"] <= checks.ATOL_FP32 and data["top1_agreement"] == 1.0, data
+
+
+@pytest.mark.unit
+@pytest.mark.usefixtures("single_process_megatron")
+def test_longrope_short_sequences_match_transformers(tmp_path):
+    """Sequences up to original_max_position_embeddings (16) take longrope's short factors
+    (the conformance suite's 32-token ones take the long factors): logits as transformers'."""
+    hf_dir = save_tiny(tiny_config("phi3", "longrope"), tmp_path / "hf")
+    bridge = AutoBridge.from_hf_pretrained(hf_dir)
+    model = bridge.to_megatron_model()
+    for length in (16, 17):  # the last short length, the first long one
+        tokens = sample_tokens(bridge.model_config.vocab_size, 2, length, seed=length)
+        reference = hf_logits(hf_dir, tokens, torch.float32, "cpu")
+        result = compare(reference, megatron_logits(model, tokens), 256, torch.float32, 1e-4, None)
+        assert result.max_abs_diff <= checks.ATOL_FP32, (length, result)

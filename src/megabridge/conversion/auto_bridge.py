@@ -65,8 +65,13 @@ class AutoBridge:
         """A bridge for a local HF model folder (config.json + safetensors)."""
         source = hf_io.HFCheckpoint(path)
         hf_config = _transformers_config(source.config_dict, source.path)
-        family = registry.bridge_for(_architecture(source.config_dict, source.path))
-        return cls(family, family.model_config(hf_config), source.config_dict, source)
+        architecture = _architecture(source.config_dict, source.path)
+        family = registry.bridge_for(architecture)
+        config_dict = source.config_dict
+        tower = family.text_tower(architecture)
+        if tower is not None:
+            hf_config, config_dict = _read_text_tower(family, tower, hf_config, source)
+        return cls(family, family.model_config(hf_config), config_dict, source)
 
     @classmethod
     def from_megatron_checkpoint(cls, path: str | Path) -> AutoBridge:
@@ -267,6 +272,27 @@ def _architecture(config_dict: dict, where) -> str:
     if not archs:
         raise UserError(f"{where}/config.json names no architectures")
     return archs[0]
+
+
+def _read_text_tower(family, tower, hf_config, source: hf_io.HFCheckpoint):
+    """The language model of a multimodal checkpoint: its transformers config, and the
+    config.json of the text-only model it exports as; ``source`` then reads its tensors
+    under the text-only names and leaves the other towers' out."""
+    text_config = getattr(hf_config, tower.config_key)
+    left_out = source.read_renamed(tower.renames, tower.ignored)
+    log.warning(
+        "%s: reading the language model only (%d tensors of other towers left out); "
+        "it exports as a text-only %s",
+        tower.architecture,
+        len(left_out),
+        family.architectures[0],
+    )
+    config_dict = text_config.to_dict()
+    config_dict.update(architectures=[family.architectures[0]], model_type=family.hf_model_type)
+    for key in ("dtype", "torch_dtype"):  # the checkpoint's dtype is written at the top level
+        if key in source.config_dict:
+            config_dict[key] = source.config_dict[key]
+    return text_config, config_dict
 
 
 def _transformers_config(config_dict: dict, path: Path):

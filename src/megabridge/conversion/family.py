@@ -15,6 +15,7 @@ and, only when a field cannot be a table entry, overrides ``adjust_model_config`
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from megabridge.conversion.mappings import Mapping
@@ -44,6 +45,18 @@ LLAMA_LIKE = dict(
 )
 
 
+@dataclass(frozen=True)
+class TextTower:
+    """A multimodal architecture read as its text-only language model: the config under
+    ``config_key``, the tensors under the prefixes of ``renames`` (stored prefix -> the
+    text-only model's), those under ``ignored`` left out. Its export is text-only."""
+
+    architecture: str
+    config_key: str
+    renames: dict[str, str]
+    ignored: tuple[str, ...]
+
+
 class FamilyBridge:
     family: ClassVar[str]
     architectures: ClassVar[tuple[str, ...]]
@@ -58,6 +71,8 @@ class FamilyBridge:
     UNSUPPORTED: ClassVar[dict[str, str]] = {}
     # The family's name in messages (default: its first architecture).
     NAME: ClassVar[str] = ""
+    # Multimodal architectures whose language model the family reads (see TextTower).
+    TEXT_TOWERS: ClassVar[tuple[TextTower, ...]] = ()
     # What `megabridge models` and the README table say about the family.
     PARALLELISM: ClassVar[tuple[str, ...]] = ("TP", "PP")
     NOTES: ClassVar[str] = ""
@@ -108,6 +123,10 @@ class FamilyBridge:
         data["rope_parameters"] = rope
         cls.adjust_hf_config(cfg, data)
         return data
+
+    @classmethod
+    def text_tower(cls, architecture: str) -> TextTower | None:
+        return next((t for t in cls.TEXT_TOWERS if t.architecture == architecture), None)
 
     @classmethod
     def display_name(cls) -> str:

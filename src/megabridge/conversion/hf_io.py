@@ -98,6 +98,23 @@ class HFCheckpoint:
             f: _read_header(self.path / f) for f in sorted(set(self.weight_map.values()))
         }
         self._handles: dict[str, object] = {}
+        self._stored_names: dict[str, str] = {}  # name read as -> name in the files
+
+    def read_renamed(self, renames: dict[str, str], dropped: tuple[str, ...]) -> list[str]:
+        """Read tensors under the prefixes of ``renames`` by their new prefixes, and leave out
+        those under ``dropped`` (e.g. the vision tower of a checkpoint read as its language
+        model); the names left out are returned. Other names stay as they are."""
+        weight_map, left_out = {}, []
+        for name, file in self.weight_map.items():
+            if name.startswith(dropped):
+                left_out.append(name)
+                continue
+            old = next((p for p in renames if name.startswith(p)), None)
+            new = name if old is None else renames[old] + name.removeprefix(old)
+            weight_map[new] = file
+            self._stored_names[new] = name
+        self.weight_map = weight_map
+        return left_out
 
     def _weight_map(self) -> dict[str, str]:
         index = self.path / INDEX
@@ -135,10 +152,13 @@ class HFCheckpoint:
         return list(self.weight_map)
 
     def dtype(self, name: str) -> torch.dtype:
-        return _DTYPES[self._headers[self.weight_map[name]][name]["dtype"]]
+        return _DTYPES[self._info(name)["dtype"]]
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._headers[self.weight_map[name]][name]["shape"])
+        return tuple(self._info(name)["shape"])
+
+    def _info(self, name: str) -> dict:
+        return self._headers[self.weight_map[name]][self._stored_names.get(name, name)]
 
     def get(self, name: str) -> torch.Tensor:
         """One tensor, read from disk into fresh memory.
@@ -151,7 +171,7 @@ class HFCheckpoint:
             raise ConversionError(f"tensor {name!r} is not in {self.path}")
         file = self.weight_map[name]
         header = self._headers[file]
-        info = header[name]
+        info = header[self._stored_names.get(name, name)]
         start, end = info["data_offsets"]
         data = bytearray(end - start)
         with open(self.path / file, "rb") as f:

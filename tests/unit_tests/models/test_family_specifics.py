@@ -18,7 +18,7 @@ from megabridge.errors import ConfigError, UserError
 from megabridge.models.provider import build_model
 from megabridge.models.specs import resolve_impl
 from tests import conversion_checks as checks
-from tests.hf_models import save_tiny
+from tests.hf_models import randomize, save_tiny
 
 DYNAMIC = {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}
 
@@ -130,3 +130,49 @@ def test_longrope_short_sequences_match_transformers(tmp_path):
         reference = hf_logits(hf_dir, tokens, torch.float32, "cpu")
         result = compare(reference, megatron_logits(model, tokens), 256, torch.float32, 1e-4, None)
         assert result.max_abs_diff <= checks.ATOL_FP32, (length, result)
+
+
+def _tiny_gemma3_multimodal(path):
+    """A tiny Gemma3ForConditionalGeneration (Gemma 3 4B's layout: text + SigLIP vision)."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                  num_attention_heads=2, image_size=28, patch_size=14)  # fmt: skip
+    text = tiny_config("gemma3").to_dict()
+    config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4)
+    torch.manual_seed(0)
+    model = Gemma3ForConditionalGeneration(config)
+    randomize(model)
+    model.save_pretrained(str(path))
+    return model.eval()
+
+
+@pytest.mark.unit
+@pytest.mark.usefixtures("single_process_megatron")
+def test_gemma3_multimodal_reads_as_its_language_model(tmp_path):
+    from safetensors.torch import load_file
+    from transformers import Gemma3ForCausalLM
+
+    hf_model = _tiny_gemma3_multimodal(tmp_path / "mm")
+    bridge = AutoBridge.from_hf_pretrained(tmp_path / "mm")
+    assert bridge.model_config == bridge_for_family("gemma3").model_config(tiny_config("gemma3"))
+    model = bridge.to_megatron_model()
+    tokens = sample_tokens(256, 2, 32, seed=0)
+    with torch.no_grad():
+        reference = hf_model(input_ids=tokens).logits.float()
+    result = compare(reference, megatron_logits(model, tokens), 256, torch.float32, 1e-4, None)
+    assert result.max_abs_diff <= checks.ATOL_FP32, result
+
+    # The export is a text-only Gemma3ForCausalLM holding the language model's tensors as they were.
+    out = bridge.save_hf_pretrained(model, tmp_path / "text")
+    exported = Gemma3ForCausalLM.from_pretrained(str(out)).eval()
+    assert exported.config.architectures == ["Gemma3ForCausalLM"]
+    source = load_file(str(tmp_path / "mm" / "model.safetensors"))
+    tensors = {n: t for f in out.glob("*.safetensors") for n, t in load_file(str(f)).items()}
+    text_names = {n.replace("language_model.model.", "model.") for n in source
+                  if n.startswith("language_model.")}  # fmt: skip
+    assert set(tensors) == text_names
+    for name, tensor in tensors.items():
+        assert torch.equal(tensor, source[name.replace("model.", "language_model.model.", 1)])
+    with torch.no_grad():
+        assert torch.allclose(exported(input_ids=tokens).logits, reference, atol=1e-5)

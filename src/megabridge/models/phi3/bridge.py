@@ -53,6 +53,10 @@ class Phi3Bridge(FamilyBridge):
             if rope_type(cfg.rope_scaling) != "longrope":
                 raise UserError("Phi3 scales attention after RoPE only with longrope")
             data["rope_parameters"]["attention_factor"] = cfg.rotary_attention_scaling
+        if "original_max_position_embeddings" in cfg.rope_scaling:
+            # Phi3Config copies its top-level field (default 4096) into rope_parameters.
+            original = cfg.rope_scaling["original_max_position_embeddings"]
+            data["original_max_position_embeddings"] = original
         data.setdefault("sliding_window", None)
         # Phi3Config's default pad_token_id is 32000, a padding row that a model of another
         # vocabulary does not have (transformers then refuses the config): none was trained.

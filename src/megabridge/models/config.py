@@ -94,6 +94,11 @@ class ModelConfig:
     )
     rotary_base: float = architecture_field(10000.0, "RoPE theta")
     rotary_percent: float = architecture_field(1.0, "fraction of the head dimension rotated")
+    rotary_interleaved: bool = architecture_field(
+        False,
+        "RoPE rotates adjacent channel pairs (0, 1), (2, 3) ... (GLM-4) instead of the two "
+        "halves of the rotated channels (Llama)",
+    )
     rope_scaling: dict = architecture_field(
         {}, "HF rope_scaling / rope_parameters dict (llama3, linear, ...)"
     )

@@ -13,3 +13,7 @@ TINY = {
                             "rope_parameters": {"rope_type": "default", "rope_theta": 1e4,
                                                 "partial_rotary_factor": 1.0}},
 }  # fmt: skip
+
+# GLM-4 norms what o_proj and down_proj produce (post_self_attn / post_mlp_layernorm), so
+# scaling them changes no logit; gate_up_proj goes through SiLU first.
+PERTURB_TENSOR = "layers.0.mlp.gate_up_proj"

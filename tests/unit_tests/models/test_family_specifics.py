@@ -34,6 +34,8 @@ REFUSED = [
     ("qwen2", dict(layer_types=["chunked_attention", "full_attention"]),
      r"layer_types \['chunked_attention'\] are not supported yet"),
     ("qwen3", dict(attention_bias=True), "attention_bias=True is not supported yet"),
+    ("glm4_moe", dict(norm_topk_prob=False), "norm_topk_prob=False is not supported yet"),
+    ("glm4_moe", dict(n_group=2, topk_group=2), "num_experts_per_tok = 2 x topk_group"),
 ]  # fmt: skip
 
 # (family, config overrides, the error's words): converted, but refused when built.

@@ -14,6 +14,7 @@ layers have a dense MLP. The original FP8 release must be dequantised to bf16 fi
 
 from megabridge.conversion import blocks
 from megabridge.conversion.family import COMMON_CONFIG, LLAMA_LIKE, FamilyBridge
+from megabridge.conversion.moe import grouped_sigmoid_routing_fields, read_grouped_sigmoid_routing
 from megabridge.conversion.registry import register_bridge
 from megabridge.errors import UserError
 
@@ -75,41 +76,15 @@ class DeepseekV3Bridge(FamilyBridge):
         if not getattr(hf_config, "rope_interleave", True):
             # Megatron-Core's MLA always de-interleaves the RoPE channels first.
             raise UserError("DeepSeek-V3 with rope_interleave=False is not supported yet")
-        if not hf_config.norm_topk_prob:
-            # Megatron-Core's sigmoid router always renormalises the top-k weights.
-            raise UserError("DeepSeek-V3 with norm_topk_prob=False is not supported yet")
         if hf_config.rms_norm_eps != 1e-6:
             # transformers' q_a / kv_a norms always use 1e-6; Megatron-Core has one epsilon.
             raise UserError(
                 f"DeepSeek-V3 with rms_norm_eps={hf_config.rms_norm_eps} is not supported yet "
                 "(its latent norms use 1e-6 whatever the config says)"
             )
-        dense = hf_config.first_k_dense_replace or 0
-        cfg.moe_layer_freq = [0] * dense + [1] * (cfg.num_layers - dense) if dense else None
-        shared = hf_config.n_shared_experts or 0
-        cfg.moe_shared_expert_intermediate_size = shared * cfg.moe_ffn_hidden_size or None
-        if (hf_config.n_group or 1) > 1:
-            if cfg.moe_router_topk != 2 * hf_config.topk_group:
-                # transformers ranks groups by their top-2 scores, Megatron-Core by their
-                # top (topk / topk_group): the same only when topk = 2 x topk_group.
-                raise UserError(
-                    f"DeepSeek-V3 group-limited routing needs num_experts_per_tok = 2 x "
-                    f"topk_group (got {cfg.moe_router_topk} and {hf_config.topk_group})"
-                )
-            cfg.moe_router_num_groups = hf_config.n_group
-            cfg.moe_router_group_topk = hf_config.topk_group
+        read_grouped_sigmoid_routing(cls.display_name(), hf_config, cfg)
 
     @classmethod
     def adjust_hf_config(cls, cfg, data):
-        pattern = cfg.moe_layer_freq or [1] * cfg.num_layers
-        dense = pattern.index(1) if 1 in pattern else cfg.num_layers
-        if pattern != [0] * dense + [1] * (cfg.num_layers - dense):
-            raise UserError("DeepSeek-V3 has dense layers first, then MoE layers only")
-        shared = cfg.moe_shared_expert_intermediate_size or 0
-        data.update(
-            first_k_dense_replace=dense,
-            n_shared_experts=shared // cfg.moe_ffn_hidden_size,
-            n_group=cfg.moe_router_num_groups or 1,
-            topk_group=cfg.moe_router_group_topk or 1,
-            num_key_value_heads=cfg.num_attention_heads,
-        )
+        data.update(grouped_sigmoid_routing_fields(cls.display_name(), cfg))
+        data["num_key_value_heads"] = cfg.num_attention_heads

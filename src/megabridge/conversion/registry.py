@@ -10,6 +10,25 @@ from megabridge.errors import UserError
 
 _BRIDGES: dict[str, type] = {}
 
+# HF architectures known and refused, with why: converting them would not reproduce
+# transformers' numbers with Megatron-Core's modules (bridge_for names the reason).
+NOT_SUPPORTED_YET = {
+    "PhimoeForCausalLM": (
+        "Phi-3.5-MoE routes with sparsemixer (each of its two experts picked from a softmax "
+        "over the logits within a jitter margin of the best), which Megatron-Core's top-k "
+        "router cannot reproduce"
+    ),
+    "GraniteMoeForCausalLM": (
+        "GraniteMoE stores all experts of a layer in one tensor (block_sparse_moe.input_linear "
+        "[experts, 2 * ffn, hidden]); the converter maps one tensor per expert"
+    ),
+    "Ernie4_5_MoeForCausalLM": (
+        "ERNIE 4.5 MoE selects experts by softmax scores plus a correction bias, which "
+        "Megatron-Core 0.16 applies to sigmoid routing only, and rotates q/k in interleaved "
+        "pairs, which the torch layer spec does not"
+    ),
+}
+
 
 def register_bridge(cls: type) -> type:
     """Class decorator: make ``cls`` the bridge for each of its ``architectures``."""
@@ -40,6 +59,10 @@ def bridges() -> dict[str, type]:
 
 def bridge_for(architecture: str) -> type:
     table = bridges()
+    if architecture in NOT_SUPPORTED_YET:
+        raise UserError(
+            f"architecture {architecture!r} is not supported yet: {NOT_SUPPORTED_YET[architecture]}"
+        )
     if architecture not in table:
         raise UserError(
             f"architecture {architecture!r} is not supported; supported: {', '.join(table)}"

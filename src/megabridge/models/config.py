@@ -141,6 +141,17 @@ class ModelConfig:
     embedding_multiplier: float | None = architecture_field(
         None, "multiply token embeddings by this, in their dtype (Gemma: sqrt(hidden_size))"
     )
+    no_rope_layers: list[int] | None = architecture_field(
+        None, "0-based layers without RoPE (NoPE; SmolLM3: every 4th); None: RoPE everywhere"
+    )
+    residual_multiplier: float | None = architecture_field(
+        None,
+        "multiply each attention and MLP output by this before its residual add (Granite)",
+        torch_only=True,
+    )
+    logits_divisor: float | None = architecture_field(
+        None, "divide the output logits by this (Granite's logits_scaling)"
+    )
     # MoE
     num_moe_experts: int | None = architecture_field(
         None, "routed experts per MoE layer (None: dense)"
@@ -293,7 +304,8 @@ def validate_model_config(cfg: ModelConfig) -> None:
 
 def _variant_problems(cfg: ModelConfig) -> list[str]:
     problems = []
-    for name in ("softmax_scale", "attn_logit_softcap", "final_logit_softcap", "sliding_window"):
+    for name in ("softmax_scale", "attn_logit_softcap", "final_logit_softcap", "sliding_window",
+                 "logits_divisor"):  # fmt: skip
         value = getattr(cfg, name)
         if value is not None and value <= 0:
             problems.append(f"{name}={value} must be positive")
@@ -302,6 +314,9 @@ def _variant_problems(cfg: ModelConfig) -> list[str]:
         problems.append(
             f"sliding_window_layers {bad} are not layers of a {cfg.num_layers}-layer model"
         )
+    bad = [i for i in cfg.no_rope_layers or [] if not 0 <= i < cfg.num_layers]
+    if bad:
+        problems.append(f"no_rope_layers {bad} are not layers of a {cfg.num_layers}-layer model")
     if cfg.local_rotary_base is not None and cfg.sliding_window is None:
         problems.append("local_rotary_base needs sliding_window (it is the window layers' theta)")
     return problems

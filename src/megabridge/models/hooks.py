@@ -2,11 +2,12 @@
 
 * ``embedding_multiplier``: token embeddings times a constant (Gemma: sqrt(hidden_size)).
 * ``final_logit_softcap``: logits squashed to cap * tanh(logits / cap) (Gemma 2).
+* ``logits_divisor``: logits divided by a constant (Granite's logits_scaling), before any cap.
 
 GPTModel builds its embedding and output layer itself (no spec reaches them), so
-these are hooks; being hooks, they work with every layer implementation. Both are
+these are hooks; being hooks, they work with every layer implementation. All are
 elementwise, so they act on tensor- or sequence-parallel pieces unchanged, and the
-training loss sees the capped logits, as in transformers.
+training loss sees the scaled and capped logits, as in transformers.
 """
 
 from __future__ import annotations
@@ -22,6 +23,11 @@ def apply(model: torch.nn.Module, cfg) -> None:
         hook = functools.partial(_scale_embeddings, multiplier=cfg.embedding_multiplier)
         embedding.word_embeddings.register_forward_hook(hook)
     output_layer = getattr(model, "output_layer", None)  # last pipeline stage only
+    # Registered first, so it runs before the soft-cap.
+    if cfg.logits_divisor is not None and output_layer is not None:
+        output_layer.register_forward_hook(
+            functools.partial(_divide_logits, divisor=cfg.logits_divisor)
+        )
     if cfg.final_logit_softcap is not None and output_layer is not None:
         output_layer.register_forward_hook(
             functools.partial(_softcap_logits, cap=cfg.final_logit_softcap)
@@ -38,3 +44,8 @@ def _scale_embeddings(module, args, output: torch.Tensor, multiplier: float) -> 
 def _softcap_logits(module, args, output, cap: float):
     logits, bias = output  # [s, b, vocab / tp]; ColumnParallelLinear returns (output, bias)
     return torch.tanh(logits / cap) * cap, bias
+
+
+def _divide_logits(module, args, output, divisor: float):
+    logits, bias = output  # [s, b, vocab / tp], as in _softcap_logits
+    return logits / divisor, bias

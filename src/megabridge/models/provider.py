@@ -106,6 +106,7 @@ def transformer_config(cfg: ModelConfig):
         qk_layernorm=cfg.qk_layernorm,
         rotary_interleaved=cfg.rotary_interleaved,
         softmax_scale=cfg.softmax_scale,
+        no_rope_freq=_no_rope_pattern(cfg),
         hidden_dropout=cfg.hidden_dropout,
         attention_dropout=cfg.attention_dropout,
         init_method_std=cfg.init_method_std,
@@ -137,6 +138,13 @@ def transformer_config(cfg: ModelConfig):
         **recompute,
         **mla,
     )
+
+
+def _no_rope_pattern(cfg: ModelConfig) -> list[int] | None:
+    """Megatron-Core's no_rope_freq as a list: 1 for a layer that skips RoPE (NoPE)."""
+    if not cfg.no_rope_layers:
+        return None
+    return [int(i in cfg.no_rope_layers) for i in range(cfg.num_layers)]
 
 
 def _gpu_fusions(cfg: ModelConfig) -> dict:

@@ -440,11 +440,20 @@ class TransformerLayer(MegatronLayer):
       each residual add, x + norm(attn(input_norm(x))) (Gemma 2/3), by the parameters
       ``post_self_attn_layernorm`` and ``post_mlp_layernorm``;
     * ``rotary_base``: this layer's own RoPE theta in place of the model's, unscaled
-      (Gemma 3's sliding-window layers).
+      (Gemma 3's sliding-window layers);
+    * ``residual_multiplier``: the attention and MLP outputs (after any post norm) are
+      multiplied by it before each residual add, x + m * attn(norm(x)) (Granite).
     """
 
-    def __init__(self, config, submodules, *args, post_norm=None, rotary_base=None, **kwargs):
+    def __init__(
+        self, config, submodules, *args, post_norm=None, rotary_base=None,
+        residual_multiplier=None, **kwargs,
+    ):  # fmt: skip
         super().__init__(config, submodules, *args, **kwargs)
+        if residual_multiplier is not None:  # innermost: a post norm goes in front of it
+            for name in ("self_attn_bda", "mlp_bda"):
+                bda = functools.partial(_scale_then_add, getattr(self, name), residual_multiplier)
+                setattr(self, name, bda)
         if post_norm is not None:
             for name in ("post_self_attn_layernorm", "post_mlp_layernorm"):
                 norm = post_norm(config, config.hidden_size, eps=config.layernorm_epsilon)
@@ -484,6 +493,18 @@ class TransformerLayer(MegatronLayer):
         positions = torch.arange(model_emb.shape[0], device=inv.device, dtype=inv.dtype)
         freqs = torch.outer(positions, inv)  # [s, dim / 2]
         return torch.cat((freqs, freqs), dim=-1)[:, None, None, :]
+
+
+def _scale_then_add(bda, multiplier: float, training: bool, fused: bool):
+    add = bda(training, fused)
+
+    def scale_then_add(output_with_bias, residual, prob):
+        output, bias = output_with_bias  # [s, b, h]
+        if bias is not None:
+            output = output + bias
+        return add((output * multiplier, None), residual, prob)
+
+    return scale_then_add
 
 
 def block_spec(cfg, tconfig):
@@ -540,6 +561,7 @@ def _layer_spec(spec, cfg, layer: int):
     spec.params = dict(
         post_norm=norm_class(cfg) if cfg.norm_placement != "pre" else None,
         rotary_base=cfg.local_rotary_base if window is not None else None,
+        residual_multiplier=cfg.residual_multiplier,
     )
     spec.submodules.self_attention.submodules.core_attention = ModuleSpec(
         module=SDPAttention,

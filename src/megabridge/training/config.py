@@ -87,6 +87,18 @@ class LoggerConfig:
     log_interval: int = option(1, "print and record metrics every N iterations")
     log_dir: str | None = option(None, "metrics.jsonl + TensorBoard (None: <run dir>/logs)")
     tensorboard: bool = option(True, "write TensorBoard events")
+    wandb_project: str | None = option(None, "log to this W&B project (extra: megabridge[wandb])")
+    wandb_entity: str | None = option(None, "W&B entity (user or team; None: your default)")
+    wandb_exp_name: str | None = option(None, "W&B run name (None: W&B picks one)")
+    wandb_save_dir: str | None = option(None, "W&B's local files (None: logger.log_dir)")
+    wandb_mode: Literal["online", "offline", "disabled"] | None = option(
+        None, "online, offline or disabled (None: the WANDB_MODE variable, else online)"
+    )
+    mlflow_tracking_uri: str | None = option(
+        None, "log to this MLflow store: http(s)://server or sqlite:///file (extra: [mlflow])"
+    )
+    mlflow_experiment: str = option("megabridge", "MLflow experiment (created if missing)")
+    mlflow_run_name: str | None = option(None, "MLflow run name (None: MLflow picks one)")
 
 
 @dataclass

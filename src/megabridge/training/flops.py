@@ -10,6 +10,17 @@ from __future__ import annotations
 
 H100_BF16_PEAK_TFLOPS = 989.0
 
+# Dense bf16 peaks (TFLOP/s, no sparsity) by a fragment of torch.cuda.get_device_name().
+BF16_PEAK_TFLOPS = {"H100": H100_BF16_PEAK_TFLOPS, "H200": 989.0, "H20": 148.0, "A100": 312.0}
+
+
+def bf16_peak_tflops(device_name: str) -> float | None:
+    """The GPU's dense bf16 peak, or None when we do not know this GPU (then no MFU is logged)."""
+    for fragment, peak in BF16_PEAK_TFLOPS.items():
+        if fragment in device_name:
+            return peak
+    return None
+
 
 def flops_per_token(cfg, seq_length: int, vocab_size: int | None = None) -> float:
     """Training FLOPs (forward + backward) per token of ``cfg`` (a ModelConfig)."""

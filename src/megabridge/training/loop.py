@@ -9,6 +9,7 @@ import os
 import time
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 from megabridge import runtime
@@ -16,10 +17,11 @@ from megabridge.conversion.auto_bridge import AutoBridge
 from megabridge.errors import CheckpointError, ConfigError, UserError
 from megabridge.models import init as weight_init
 from megabridge.models.config import copy_architecture, model_config_from_dict
-from megabridge.models.provider import build_model
+from megabridge.models.provider import build_model, use_bf16
 from megabridge.peft import lora
 from megabridge.training import checkpointing, data
 from megabridge.training.config import ConfigContainer, validate
+from megabridge.training.flops import bf16_peak_tflops, flops_per_token
 from megabridge.training.metrics import MetricsWriter
 from megabridge.training.optim import (
     build_optimizer,
@@ -29,6 +31,7 @@ from megabridge.training.optim import (
 )
 from megabridge.training.signals import ExitSignalHandler
 from megabridge.training.step import evaluate, train_step
+from megabridge.training.trackers import open_trackers
 
 log = logging.getLogger("megabridge.train")
 
@@ -66,7 +69,10 @@ def train(cfg: ConfigContainer) -> TrainState:
     start = time.time()
     with ExitSignalHandler(enabled=cfg.train.exit_signal_handler) as signals:
         s = setup(cfg)
-        writer = MetricsWriter(s.log_dir, enabled=s.rt.is_main, tensorboard=cfg.logger.tensorboard)
+        trackers = open_trackers(cfg.logger, cfg.to_dict(), s.log_dir) if s.rt.is_main else []
+        writer = MetricsWriter(
+            s.log_dir, s.rt.is_main, tensorboard=cfg.logger.tensorboard, trackers=trackers
+        )
         try:
             _loop(s, writer, signals, start)
         finally:
@@ -135,10 +141,21 @@ def _report(s: Session, writer: MetricsWriter, clock: _Clock, loss: float, grad_
             skipped_iterations=state.skipped_iterations,
         )
         clock.last_log = now
+        peak = _peak_flops(s)
+        if peak:
+            record["mfu"] = record["tokens_per_s"] * flops_per_token(cfg.model, seq) / peak
     if s.valid_data is not None and _every(t.eval_interval, state.iteration):
         record["eval_loss"] = evaluate(cfg, s.model, s.valid_data)
     if len(record) > 1:
         writer.write(record, t.train_iters, time.time() - clock.start)
+
+
+def _peak_flops(s: Session) -> float | None:
+    """The GPU's bf16 peak in FLOP/s (per process), for MFU; None on CPU or an unknown GPU."""
+    if s.rt.device.type != "cuda" or not use_bf16(s.cfg.model):
+        return None
+    peak = bf16_peak_tflops(torch.cuda.get_device_name(s.rt.device))
+    return peak * 1e12 * s.rt.world_size if peak else None
 
 
 def _skipped_step(s: Session, loss: float, grad_norm: float, in_a_row: int) -> None:

@@ -1,4 +1,5 @@
-"""What a run reports: one readable line, one JSON line and TensorBoard scalars per log step."""
+"""What a run reports per log step: one readable line, one JSON line, TensorBoard scalars,
+and the same record to any experiment tracker (training/trackers.py)."""
 
 from __future__ import annotations
 
@@ -19,11 +20,12 @@ def _fmt(x: float) -> str:
 class MetricsWriter:
     """Writes metrics on rank 0 only; other ranks get a writer that does nothing."""
 
-    def __init__(self, log_dir: str | Path, enabled: bool, tensorboard: bool = True):
+    def __init__(self, log_dir: str | Path, enabled: bool, tensorboard: bool = True, trackers=()):
         self.enabled = enabled
         self.log_dir = Path(log_dir)
         self._tb = None
         self._jsonl = None
+        self._trackers = list(trackers) if enabled else []
         if not enabled:
             return
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -56,9 +58,17 @@ class MetricsWriter:
                 if key != "iteration" and isinstance(value, int | float):
                     self._tb.add_scalar(f"train/{key}", value, it)
             self._tb.flush()
+        for tracker in list(self._trackers):
+            try:
+                tracker.log(record, it)
+            except Exception as e:  # a tracker's outage must not stop training
+                log.warning("%s failed (%s); it logs nothing more", type(tracker).__name__, e)
+                self._trackers.remove(tracker)
 
     def close(self) -> None:
         if self._jsonl is not None:
             self._jsonl.close()
         if self._tb is not None:
             self._tb.close()
+        for tracker in self._trackers:
+            tracker.close()

@@ -11,7 +11,12 @@ import pytest
 import torch
 
 from megabridge.conversion.auto_bridge import AutoBridge
-from megabridge.conversion.registry import bridge_for_family
+from megabridge.conversion.registry import (
+    NOT_SUPPORTED_YET,
+    bridge_for,
+    bridge_for_family,
+    bridges,
+)
 from megabridge.conversion.tiny import tiny_config
 from megabridge.conversion.verify import compare, hf_logits, megatron_logits, sample_tokens
 from megabridge.errors import ConfigError, UserError
@@ -36,6 +41,18 @@ REFUSED = [
     ("qwen3", dict(attention_bias=True), "attention_bias=True is not supported yet"),
     ("glm4_moe", dict(norm_topk_prob=False), "norm_topk_prob=False is not supported yet"),
     ("glm4_moe", dict(n_group=2, topk_group=2), "num_experts_per_tok = 2 x topk_group"),
+    ("gemma", dict(hidden_act="relu"), "hidden_act='relu' is not supported yet"),
+    ("granite", dict(mlp_bias=True), "mlp_bias=True is not supported yet"),
+    ("olmoe", dict(clip_qkv=8.0), "clip_qkv=8.0 is not supported yet"),
+    ("seed_oss", dict(attention_out_bias=True), "attention_out_bias=True is not supported yet"),
+    ("smollm3", dict(layer_types=["chunked_attention"] * 4), "chunked_attention"),
+    ("exaone4", dict(layer_types=["chunked_attention"] * 4), "chunked_attention"),
+    # The long-context OLMo 3 releases scale the global layers' RoPE with YaRN.
+    ("olmo3", dict(rope_parameters={
+        "full_attention": {"rope_type": "yarn", "factor": 8.0, "rope_theta": 5e5,
+                           "original_max_position_embeddings": 64},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 5e5}}),
+     "rope_type 'yarn' on its full_attention layers is not supported yet"),
 ]  # fmt: skip
 
 # (family, config overrides, the error's words): converted, but refused when built.
@@ -47,10 +64,16 @@ REFUSED_AT_BUILD = [
 TORCH_SPEC_ONLY = [
     ("gemma2", "local cannot build norm_placement=pre_post"),
     ("olmo2", "cannot build norm_placement=post, qk_norm_across"),
+    ("granite", "cannot build residual_multiplier"),
+    ("exaone4", "cannot build norm_placement=post, sliding_window"),
 ]
 
 # (family, variant) with a sliding window shorter than the verify sequences.
-WINDOWED = [("mistral", "window"), ("phi3", "base"), ("qwen2", "window"), ("qwen3", "window")]
+WINDOWED = [("mistral", "window"), ("phi3", "base"), ("smollm3", "nope_02_windowed"),
+            ("exaone4", "base"), ("qwen2", "window"), ("qwen3", "window")]  # fmt: skip
+
+# (family, variant) with layers without RoPE (NoPE).
+NOPE = [("smollm3", "base"), ("exaone4", "base")]
 
 # (family, variant, layout) at four processes, beyond the suite's two-process layouts.
 FOUR_PROCESSES = [
@@ -106,6 +129,34 @@ def test_sliding_window_changes_logits(family, variant, tmp_path):
     reference = hf_logits(hf_dir, tokens, torch.float32, "cpu")
     result = compare(reference, logits, provider.vocab_size, torch.float32, 1e-4, None)
     assert result.max_abs_diff > 1e-2, result
+
+
+@pytest.mark.unit
+@pytest.mark.usefixtures("single_process_megatron")
+@pytest.mark.parametrize("family, variant", NOPE, ids=["-".join(c) for c in NOPE])
+def test_nope_layers_change_logits(family, variant, tmp_path):
+    """The conformance logits check of a variant with NoPE layers means something: with
+    RoPE on every layer, the logits differ."""
+    hf_dir = save_tiny(tiny_config(family, variant), tmp_path / "hf")
+    bridge = AutoBridge.from_hf_pretrained(hf_dir)
+    provider = bridge.to_megatron_provider()
+    assert provider.no_rope_layers
+    provider.no_rope_layers = None
+    tokens = sample_tokens(provider.vocab_size, 2, 32, seed=0)
+    logits = megatron_logits(bridge.to_megatron_model(provider), tokens)
+    reference = hf_logits(hf_dir, tokens, torch.float32, "cpu")
+    result = compare(reference, logits, provider.vocab_size, torch.float32, 1e-4, None)
+    assert result.max_abs_diff > 1e-3, result  # 10x the conformance tolerance at least
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("architecture", sorted(NOT_SUPPORTED_YET))
+def test_known_unsupported_architectures_say_why(architecture):
+    """Refused in one line with the reason, not with the list of supported ones."""
+    assert architecture not in bridges()
+    with pytest.raises(UserError, match=f"{architecture}' is not supported yet: .+") as e:
+        bridge_for(architecture)
+    assert "\n" not in str(e.value)
 
 
 @pytest.mark.integration

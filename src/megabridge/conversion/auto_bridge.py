@@ -86,16 +86,20 @@ class AutoBridge:
     def from_hf_pretrained(cls, path: str | Path) -> AutoBridge:
         """A bridge for a local HF model folder (config.json + safetensors)."""
         source = hf_io.HFCheckpoint(path)
-        family = registry.bridge_for(_architecture(source.config_dict, source.path))
+        architecture = _architecture(source.config_dict, source.path)
+        family = registry.bridge_for(architecture)
         hf_config = _transformers_config(source.config_dict, source.path, family)
+        # A quantized source is read dequantized (hf_io), and exports as such.
+        config_dict = quantized.full_precision_config(source.config_dict)
+        tower = family.text_tower(architecture)
+        if tower is not None:
+            hf_config, config_dict = _read_text_tower(family, tower, hf_config, source)
         try:
             model_config = family.model_config(hf_config)
             validate_model_config(model_config)  # sizes must be positive and divide
         except (TypeError, ValueError, KeyError, AttributeError, ZeroDivisionError) as e:
             # a value of the wrong kind that transformers let through (a string for a size)
             raise ConfigError(f"{source.path}/config.json: {type(e).__name__}: {e}") from None
-        # A quantized source is read dequantized (hf_io), and exports as such.
-        config_dict = quantized.full_precision_config(source.config_dict)
         return cls(family, model_config, config_dict, source)
 
     @classmethod
@@ -422,6 +426,27 @@ def _architecture(config_dict: dict, where) -> str:
     if not archs:
         raise UserError(f"{where}/config.json names no architectures")
     return archs[0]
+
+
+def _read_text_tower(family, tower, hf_config, source: hf_io.HFCheckpoint):
+    """The language model of a multimodal checkpoint: its transformers config, and the
+    config.json of the text-only model it exports as; ``source`` then reads its tensors
+    under the text-only names and leaves the other towers' out."""
+    text_config = getattr(hf_config, tower.config_key)
+    left_out = source.read_renamed(tower.renames, tower.ignored)
+    log.warning(
+        "%s: reading the language model only (%d tensors of other towers left out); "
+        "it exports as a text-only %s",
+        tower.architecture,
+        len(left_out),
+        family.architectures[0],
+    )
+    config_dict = text_config.to_dict()
+    config_dict.update(architectures=[family.architectures[0]], model_type=family.hf_model_type)
+    for key in ("dtype", "torch_dtype"):  # the checkpoint's dtype is written at the top level
+        if key in source.config_dict:
+            config_dict[key] = source.config_dict[key]
+    return text_config, config_dict
 
 
 def _transformers_config(config_dict: dict, path: Path, family: type[FamilyBridge]):

@@ -79,6 +79,21 @@ def pre_post_norms(hf_layer: str = HF_LAYER) -> list[Mapping]:
     return [*renames(pre), *post_norms(hf_layer)]
 
 
+def sandwich_norms(hf_layer: str = HF_LAYER) -> list[Mapping]:
+    """GLM-4's four norms a layer, Gemma's placement under other names: HF's
+    ``post_attention_layernorm`` is the MLP's input norm (as in pre_norms), and the
+    sublayer outputs are normed by ``post_self_attn_layernorm`` / ``post_mlp_layernorm``."""
+    return [
+        *pre_norms(hf_layer),
+        *renames(
+            {
+                f"{LAYER}.post_self_attn_layernorm.weight": f"{hf_layer}.post_self_attn_layernorm.weight",
+                f"{LAYER}.post_mlp_layernorm.weight": f"{hf_layer}.post_mlp_layernorm.weight",
+            }
+        ),
+    ]
+
+
 # ------------------------------------------------------------------ attention
 
 

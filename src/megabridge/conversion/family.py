@@ -15,6 +15,7 @@ and, only when a field cannot be a table entry, overrides ``adjust_model_config`
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from megabridge.conversion.mappings import Mapping
@@ -44,6 +45,18 @@ LLAMA_LIKE = dict(
 )
 
 
+@dataclass(frozen=True)
+class TextTower:
+    """A multimodal architecture read as its text-only language model: the config under
+    ``config_key``, the tensors under the prefixes of ``renames`` (stored prefix -> the
+    text-only model's), those under ``ignored`` left out. Its export is text-only."""
+
+    architecture: str
+    config_key: str
+    renames: dict[str, str]
+    ignored: tuple[str, ...]
+
+
 class FamilyBridge:
     family: ClassVar[str]
     architectures: ClassVar[tuple[str, ...]]
@@ -61,6 +74,8 @@ class FamilyBridge:
     UNSUPPORTED: ClassVar[dict[str, str]] = {}
     # The family's name in messages (default: its first architecture).
     NAME: ClassVar[str] = ""
+    # Multimodal architectures whose language model the family reads (see TextTower).
+    TEXT_TOWERS: ClassVar[tuple[TextTower, ...]] = ()
     # What `megabridge models` and the README table say about the family.
     PARALLELISM: ClassVar[tuple[str, ...]] = ("TP", "PP")
     NOTES: ClassVar[str] = ""
@@ -113,6 +128,10 @@ class FamilyBridge:
         return data
 
     @classmethod
+    def text_tower(cls, architecture: str) -> TextTower | None:
+        return next((t for t in cls.TEXT_TOWERS if t.architecture == architecture), None)
+
+    @classmethod
     def display_name(cls) -> str:
         return cls.NAME or cls.architectures[0]
 
@@ -149,3 +168,34 @@ class FamilyBridge:
             "parallelism": list(cls.PARALLELISM),
             "notes": cls.NOTES,
         }
+
+
+# ------------------------------------------------------------ per-layer sliding windows
+
+HF_LAYER_KINDS = ("full_attention", "sliding_attention")
+
+
+def read_window_layers(name: str, hf_config, cfg: ModelConfig) -> None:
+    """Which layers slide, from HF's ``layer_types`` (Qwen2/3 derive it from
+    use_sliding_window and max_window_layers: the layers from max_window_layers on)."""
+    kinds = list(getattr(hf_config, "layer_types", None) or [])
+    unknown = sorted(set(kinds) - set(HF_LAYER_KINDS))
+    if unknown:
+        raise UserError(f"{name} layer_types {unknown} are not supported yet")
+    sliding = [i for i, kind in enumerate(kinds) if kind == "sliding_attention"]
+    if sliding and getattr(hf_config, "sliding_window", None):
+        cfg.sliding_window = int(hf_config.sliding_window)
+        cfg.sliding_window_layers = sliding
+
+
+def write_window_layers(cfg: ModelConfig, data: dict) -> None:
+    """Inverse of read_window_layers, into a config.json dict (Qwen2/3 field names)."""
+    sliding = [i for i in range(cfg.num_layers) if cfg.window_of_layer(i) is not None]
+    if not sliding:
+        data["use_sliding_window"] = False
+        return
+    data["use_sliding_window"] = True
+    data["sliding_window"] = cfg.sliding_window
+    # max_window_layers says "from this layer on"; layer_types also covers any other pattern.
+    data["max_window_layers"] = sliding[0]
+    data["layer_types"] = [HF_LAYER_KINDS[i in sliding] for i in range(cfg.num_layers)]

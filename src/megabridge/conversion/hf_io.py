@@ -143,6 +143,22 @@ class HFCheckpoint:
         # NaN / Inf in a source weight is refused unless the user asks (--allow-non-finite)
         self.allow_non_finite = False
 
+    def read_renamed(self, renames: dict[str, str], dropped: tuple[str, ...]) -> list[str]:
+        """Read tensors under the prefixes of ``renames`` by their new prefixes, and leave out
+        those under ``dropped`` (e.g. the vision tower of a checkpoint read as its language
+        model); the names left out are returned. Other names stay as they are."""
+        parts, left_out = {}, []
+        for name, stored in self._parts.items():
+            if name.startswith(dropped):
+                left_out.append(name)
+                continue
+            old = next((p for p in renames if name.startswith(p)), None)
+            new = name if old is None else renames[old] + name.removeprefix(old)
+            parts[new] = stored  # read under the new name, from the tensors as stored
+        self._parts = parts
+        self.weight_map = {name: self._stored[stored[0]] for name, stored in parts.items()}
+        return left_out
+
     def _weight_map(self) -> dict[str, str]:
         index = self.path / INDEX
         if index.is_file():

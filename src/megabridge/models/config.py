@@ -94,8 +94,19 @@ class ModelConfig:
     )
     rotary_base: float = architecture_field(10000.0, "RoPE theta")
     rotary_percent: float = architecture_field(1.0, "fraction of the head dimension rotated")
+    rotary_interleaved: bool = architecture_field(
+        False,
+        "RoPE rotates adjacent channel pairs (0, 1), (2, 3) ... (GLM-4) instead of the two "
+        "halves of the rotated channels (Llama)",
+    )
     rope_scaling: dict = architecture_field(
         {}, "HF rope_scaling / rope_parameters dict (llama3, linear, ...)"
+    )
+    rotary_attention_scaling: float | None = architecture_field(
+        None,
+        "multiply the rotated part of queries and keys by this after RoPE (transformers' "
+        "attention_scaling of cos and sin: longrope's attention_factor); None: 1",
+        torch_only=True,
     )
     share_embeddings_and_output_weights: bool = architecture_field(
         False, "tie input and output embeddings"

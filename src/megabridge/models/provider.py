@@ -104,6 +104,7 @@ def transformer_config(cfg: ModelConfig):
         add_bias_linear=cfg.add_bias_linear,
         add_qkv_bias=cfg.add_qkv_bias,
         qk_layernorm=cfg.qk_layernorm,
+        rotary_interleaved=cfg.rotary_interleaved,
         softmax_scale=cfg.softmax_scale,
         no_rope_freq=_no_rope_pattern(cfg),
         hidden_dropout=cfg.hidden_dropout,
@@ -157,9 +158,11 @@ def _gpu_fusions(cfg: ModelConfig) -> dict:
         torch_layers.install_fused_rope()
     return dict(
         bias_activation_fusion=on and cfg.activation == "swiglu",
+        # torch_layers.fused_rope rotates halves only: interleaved RoPE (GLM-4) stays unfused.
         apply_rope_fusion=on
         and cfg.position_embedding_type == "rope"
-        and not cfg.multi_latent_attention,
+        and not cfg.multi_latent_attention
+        and not cfg.rotary_interleaved,
         cross_entropy_loss_fusion=on,
         cross_entropy_fusion_impl="native",
     )

@@ -14,7 +14,7 @@ import torch
 
 from megabridge.errors import ConfigError
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 
 
 def rope_type(params: dict) -> str:
@@ -39,6 +39,8 @@ def inv_freq(dim: int, base: float, params: dict) -> torch.Tensor:
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
         return torch.where(medium, smoothed, scaled)
+    if kind == "longrope":  # the short factors: sequences up to original_max_position_embeddings
+        return _longrope_inv_freq(dim, base, params["short_factor"])
     raise ConfigError(
         f"rope_type {kind!r} is not supported yet (supported: {', '.join(SUPPORTED_ROPE_TYPES)})"
     )
@@ -54,3 +56,47 @@ def apply_rope_scaling(model: torch.nn.Module, cfg) -> None:
         return
     dim = 2 * emb.inv_freq.numel()
     emb.inv_freq = inv_freq(dim, cfg.rotary_base, params).to(emb.inv_freq.device)
+    if rope_type(params) == "longrope":
+        _switch_longrope_factors(emb, dim, cfg.rotary_base, params)
+
+
+# ------------------------------------------------------------ longrope (Phi-3 128k, Phi-4-mini)
+
+
+def _longrope_inv_freq(dim: int, base: float, factors) -> torch.Tensor:
+    # transformers' formula term for term (1 / (factor * base**x)), so the fp32 values agree.
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+    return 1.0 / (torch.tensor(factors, dtype=torch.float32) * base**exponents)
+
+
+def longrope_attention_scaling(params: dict, max_position_embeddings: int) -> float:
+    """What transformers multiplies longrope's cos and sin by (its attention_factor):
+    given, or sqrt(1 + ln(factor) / ln(original max)) with factor = max / original max."""
+    if params.get("attention_factor") is not None:
+        return float(params["attention_factor"])
+    original = params["original_max_position_embeddings"]
+    factor = params.get("factor") or max_position_embeddings / original
+    return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+
+
+def _switch_longrope_factors(emb: torch.nn.Module, dim: int, base: float, params: dict) -> None:
+    """Pick longrope's factors per forward, as transformers does: the long ones when the
+    sequence (its longest segment, when packed) is longer than original_max_position_embeddings.
+
+    Megatron-Core's RotaryEmbedding.forward(max_seq_len, offset, ...) is memoised on its
+    arguments; the choice depends on those alone, so every memoised result stays right.
+    """
+    original = int(params["original_max_position_embeddings"])
+    factors = {
+        False: emb.inv_freq,
+        True: _longrope_inv_freq(dim, base, params["long_factor"]).to(emb.inv_freq.device),
+    }
+
+    def pick(module, args, kwargs):
+        seq_len = args[0] if args else kwargs["max_seq_len"]
+        offset = args[1] if len(args) > 1 else kwargs.get("offset", 0)
+        long = seq_len + offset > original
+        factors[long] = factors[long].to(module.inv_freq.device)  # moved once, kept there
+        module.inv_freq = factors[long]
+
+    emb.register_forward_pre_hook(pick, with_kwargs=True)

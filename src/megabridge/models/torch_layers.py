@@ -56,6 +56,7 @@ class SDPAttention(MegatronModule):
         pg_collection=None,
         sliding_window: int | None = None,
         softcap: float | None = None,
+        rotary_scaling: tuple[int, float] | None = None,
     ):
         super().__init__(config=config)
         if config.context_parallel_size != 1:
@@ -74,6 +75,10 @@ class SDPAttention(MegatronModule):
         self.softmax_scale = softmax_scale  # None: 1/sqrt(hn), SDPA's default
         self.sliding_window = sliding_window
         self.softcap = softcap
+        # (rotated dims, factor): queries and keys come here after RoPE, so the factor that
+        # transformers puts on cos and sin (both q and k) is factor**2 on the rotated
+        # dims of q alone. Applied before any attention path (SDPA, chunked, varlen).
+        self.rotary_scaling = rotary_scaling
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # q [b, np, s, hn], k/v [b, ng, s, hn] -> [b, np, s, hn]
@@ -97,6 +102,8 @@ class SDPAttention(MegatronModule):
     ):
         if attention_bias is not None:
             raise ConfigError("attention bias is not supported by the torch layer spec")
+        if self.rotary_scaling is not None:
+            query = scale_rotated_dims(query, *self.rotary_scaling)
         if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":
             return self._forward_packed(query, key, value, packed_seq_params)
         # [s, b, n, hn] -> [b, n, s, hn]
@@ -126,6 +133,12 @@ class SDPAttention(MegatronModule):
         """Whether torch's varlen flash kernel computes this layer's packed attention."""
         plain = self.sliding_window is None and self.softcap is None and self._p() == 0.0
         return plain and varlen_supported(query, self.softmax_scale)
+
+
+def scale_rotated_dims(query: torch.Tensor, dims: int, factor: float) -> torch.Tensor:
+    """query [..., hn] with its first ``dims`` (rotated) channels times factor**2."""
+    rotated, rest = query[..., :dims], query[..., dims:]
+    return torch.cat([rotated * factor**2, rest], dim=-1)
 
 
 @functools.cache
@@ -565,6 +578,20 @@ def _layer_spec(spec, cfg, layer: int):
         residual_multiplier=cfg.residual_multiplier,
     )
     spec.submodules.self_attention.submodules.core_attention = ModuleSpec(
-        module=SDPAttention, params={"sliding_window": window, "softcap": cfg.attn_logit_softcap}
+        module=SDPAttention,
+        params={
+            "sliding_window": window,
+            "softcap": cfg.attn_logit_softcap,
+            "rotary_scaling": _rotary_scaling(cfg),
+        },
     )
     return spec
+
+
+def _rotary_scaling(cfg) -> tuple[int, float] | None:
+    """(rotated channels per head, factor) of cfg.rotary_attention_scaling, as Megatron-Core's
+    RotaryEmbedding sizes its rotation; None when there is nothing to scale."""
+    if cfg.rotary_attention_scaling in (None, 1.0) or cfg.position_embedding_type != "rope":
+        return None
+    head_dim = cfg.kv_channels or cfg.hidden_size // cfg.num_attention_heads
+    return int(head_dim * cfg.rotary_percent), float(cfg.rotary_attention_scaling)

@@ -23,10 +23,9 @@ from megabridge.errors import ConfigError, UserError
 from megabridge.models.provider import build_model
 from megabridge.models.specs import resolve_impl
 from tests import conversion_checks as checks
-from tests.hf_models import save_tiny
+from tests.hf_models import randomize, save_tiny
 
-LONGROPE = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 8,
-            "long_factor": [2.0] * 8, "original_max_position_embeddings": 64}  # fmt: skip
+DYNAMIC = {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}
 
 # (family, config overrides, the error's words): refused by the bridge's model_config.
 REFUSED = [
@@ -37,9 +36,11 @@ REFUSED = [
     ("gemma2", dict(attention_bias=True), "attention_bias=True is not supported yet"),
     ("gemma2", dict(hidden_activation="gelu"), "hidden_activation='gelu' is not supported yet"),
     ("gemma2", dict(use_bidirectional_attention=True), "use_bidirectional_attention=True"),
-    ("qwen2", dict(use_sliding_window=True, sliding_window=16, max_window_layers=1),
-     "use_sliding_window=True is not supported yet"),
+    ("qwen2", dict(layer_types=["chunked_attention", "full_attention"]),
+     r"layer_types \['chunked_attention'\] are not supported yet"),
     ("qwen3", dict(attention_bias=True), "attention_bias=True is not supported yet"),
+    ("glm4_moe", dict(norm_topk_prob=False), "norm_topk_prob=False is not supported yet"),
+    ("glm4_moe", dict(n_group=2, topk_group=2), "num_experts_per_tok = 2 x topk_group"),
     ("gemma", dict(hidden_act="relu"), "hidden_act='relu' is not supported yet"),
     ("granite", dict(mlp_bias=True), "mlp_bias=True is not supported yet"),
     ("olmoe", dict(clip_qkv=8.0), "clip_qkv=8.0 is not supported yet"),
@@ -56,8 +57,7 @@ REFUSED = [
 
 # (family, config overrides, the error's words): converted, but refused when built.
 REFUSED_AT_BUILD = [
-    # Phi-3.5-mini and the 128k models use longrope.
-    ("phi3", dict(rope_parameters=LONGROPE), "rope_type 'longrope' is not supported yet"),
+    ("llama", dict(rope_parameters=DYNAMIC), "rope_type 'dynamic' is not supported yet"),
 ]
 
 # (family, the error's words for transformer_impl="local"): layers only the torch spec has.
@@ -70,7 +70,7 @@ TORCH_SPEC_ONLY = [
 
 # (family, variant) with a sliding window shorter than the verify sequences.
 WINDOWED = [("mistral", "window"), ("phi3", "base"), ("smollm3", "nope_02_windowed"),
-            ("exaone4", "base")]  # fmt: skip
+            ("exaone4", "base"), ("qwen2", "window"), ("qwen3", "window")]  # fmt: skip
 
 # (family, variant) with layers without RoPE (NoPE).
 NOPE = [("smollm3", "base"), ("exaone4", "base")]
@@ -210,3 +210,64 @@ def test_kimi_k2_config_reads_as_deepseek_v3(tmp_path):
     bridge = AutoBridge.from_hf_pretrained(hf_dir)
     assert bridge.family.family == "deepseek_v3" and bridge.model_config == expected
     assert bridge.hf_config_for_export()["model_type"] == "kimi_k2"
+
+
+@pytest.mark.unit
+@pytest.mark.usefixtures("single_process_megatron")
+def test_longrope_short_sequences_match_transformers(tmp_path):
+    """Sequences up to original_max_position_embeddings (16) take longrope's short factors
+    (the conformance suite's 32-token ones take the long factors): logits as transformers'."""
+    hf_dir = save_tiny(tiny_config("phi3", "longrope"), tmp_path / "hf")
+    bridge = AutoBridge.from_hf_pretrained(hf_dir)
+    model = bridge.to_megatron_model()
+    for length in (16, 17):  # the last short length, the first long one
+        tokens = sample_tokens(bridge.model_config.vocab_size, 2, length, seed=length)
+        reference = hf_logits(hf_dir, tokens, torch.float32, "cpu")
+        result = compare(reference, megatron_logits(model, tokens), 256, torch.float32, 1e-4, None)
+        assert result.max_abs_diff <= checks.ATOL_FP32, (length, result)
+
+
+def _tiny_gemma3_multimodal(path):
+    """A tiny Gemma3ForConditionalGeneration (Gemma 3 4B's layout: text + SigLIP vision)."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                  num_attention_heads=2, image_size=28, patch_size=14)  # fmt: skip
+    text = tiny_config("gemma3").to_dict()
+    config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4)
+    torch.manual_seed(0)
+    model = Gemma3ForConditionalGeneration(config)
+    randomize(model)
+    model.save_pretrained(str(path))
+    return model.eval()
+
+
+@pytest.mark.unit
+@pytest.mark.usefixtures("single_process_megatron")
+def test_gemma3_multimodal_reads_as_its_language_model(tmp_path):
+    from safetensors.torch import load_file
+    from transformers import Gemma3ForCausalLM
+
+    hf_model = _tiny_gemma3_multimodal(tmp_path / "mm")
+    bridge = AutoBridge.from_hf_pretrained(tmp_path / "mm")
+    assert bridge.model_config == bridge_for_family("gemma3").model_config(tiny_config("gemma3"))
+    model = bridge.to_megatron_model()
+    tokens = sample_tokens(256, 2, 32, seed=0)
+    with torch.no_grad():
+        reference = hf_model(input_ids=tokens).logits.float()
+    result = compare(reference, megatron_logits(model, tokens), 256, torch.float32, 1e-4, None)
+    assert result.max_abs_diff <= checks.ATOL_FP32, result
+
+    # The export is a text-only Gemma3ForCausalLM holding the language model's tensors as they were.
+    out = bridge.save_hf_pretrained(model, tmp_path / "text")
+    exported = Gemma3ForCausalLM.from_pretrained(str(out)).eval()
+    assert exported.config.architectures == ["Gemma3ForCausalLM"]
+    source = load_file(str(tmp_path / "mm" / "model.safetensors"))
+    tensors = {n: t for f in out.glob("*.safetensors") for n, t in load_file(str(f)).items()}
+    text_names = {n.replace("language_model.model.", "model.") for n in source
+                  if n.startswith("language_model.")}  # fmt: skip
+    assert set(tensors) == text_names
+    for name, tensor in tensors.items():
+        assert torch.equal(tensor, source[name.replace("model.", "language_model.model.", 1)])
+    with torch.no_grad():
+        assert torch.allclose(exported(input_ids=tokens).logits, reference, atol=1e-5)

@@ -14,6 +14,7 @@ as a DeepSeek-V3 config. The multi-token-prediction layer (layer num_hidden_laye
 """
 
 from megabridge.conversion.mla_moe import MLA_MOE_FIXED, MlaMoeBridge, mla_moe_mappings
+from megabridge.conversion.moe import read_grouped_sigmoid_routing
 from megabridge.conversion.registry import register_bridge
 from megabridge.errors import UserError
 
@@ -51,19 +52,7 @@ class DeepseekV3Bridge(MlaMoeBridge):
         if not getattr(hf_config, "rope_interleave", True):
             # Megatron-Core's MLA always de-interleaves the RoPE channels first.
             raise UserError("DeepSeek-V3 with rope_interleave=False is not supported yet")
-        if not hf_config.norm_topk_prob:
-            # Megatron-Core's sigmoid router always renormalises the top-k weights.
-            raise UserError("DeepSeek-V3 with norm_topk_prob=False is not supported yet")
-        if (hf_config.n_group or 1) > 1:
-            if cfg.moe_router_topk != 2 * hf_config.topk_group:
-                # transformers ranks groups by their top-2 scores, Megatron-Core by their
-                # top (topk / topk_group): the same only when topk = 2 x topk_group.
-                raise UserError(
-                    f"DeepSeek-V3 group-limited routing needs num_experts_per_tok = 2 x "
-                    f"topk_group (got {cfg.moe_router_topk} and {hf_config.topk_group})"
-                )
-            cfg.moe_router_num_groups = hf_config.n_group
-            cfg.moe_router_group_topk = hf_config.topk_group
+        read_grouped_sigmoid_routing(cls.display_name(), hf_config, cfg)
 
     @classmethod
     def adjust_hf_config(cls, cfg, data):

@@ -2,6 +2,7 @@
 their own RoPE theta, global layers with scalable RoPE; no attention soft-capping."""
 
 from megabridge.conversion import blocks
+from megabridge.conversion.family import TextTower
 from megabridge.conversion.registry import register_bridge
 from megabridge.errors import UserError
 from megabridge.models.gemma2.bridge import Gemma2Bridge
@@ -13,15 +14,36 @@ class Gemma3Bridge(Gemma2Bridge):
     """Gemma 2 plus QK norm and per-kind RoPE, minus attention soft-capping."""
 
     family = "gemma3"
-    architectures = ("Gemma3ForCausalLM",)
+    architectures = ("Gemma3ForCausalLM", "Gemma3ForConditionalGeneration")
     hf_model_type = "gemma3_text"
     # transformers' Gemma 3 attention never reads attn_logit_softcapping: neither do we.
     CONFIG = {k: v for k, v in Gemma2Bridge.CONFIG.items() if k != "attn_logit_softcapping"}
     MEGATRON_FIXED = {**Gemma2Bridge.MEGATRON_FIXED, "qk_layernorm": True}
     MAPPINGS = [*Gemma2Bridge.MAPPINGS, *blocks.qk_norm()]
+    # 4B and up on the Hub: text + vision. Hub files (transformers 4.x names, also written by
+    # 5.x) keep the language model under language_model.*; 5.x's in-memory names under
+    # model.language_model.*. The vision tower and projector are left out.
+    TEXT_TOWERS = (
+        TextTower(
+            architecture="Gemma3ForConditionalGeneration",
+            config_key="text_config",
+            renames={
+                "language_model.model.": "model.",
+                "language_model.lm_head.": "lm_head.",
+                "model.language_model.": "model.",
+            },
+            ignored=(
+                "vision_tower.",
+                "multi_modal_projector.",
+                "model.vision_tower.",
+                "model.multi_modal_projector.",
+            ),
+        ),
+    )
     NOTES = (
-        "text only (Gemma3ForCausalLM); tied embeddings; sliding window with its own RoPE "
-        "theta, global RoPE scaling (torch spec)"
+        "tied embeddings; sliding window with its own RoPE theta, global RoPE scaling (torch "
+        "spec); Gemma3ForConditionalGeneration read as its language model (vision tower left "
+        "out), exported as a text-only Gemma3ForCausalLM"
     )
 
     @classmethod

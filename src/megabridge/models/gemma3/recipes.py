@@ -1,9 +1,9 @@
 """Gemma 3 (text) recipes. Point checkpoint.pretrained_checkpoint at a local HF folder (or a
 converted checkpoint): the architecture is then read from it, whatever the sizes below say.
 
-Only Gemma3ForCausalLM folders convert: google/gemma-3-1b-* is one; the 4B and larger Hub
-checkpoints are Gemma3ForConditionalGeneration (text + vision), not supported yet, so their
-recipes need a text-only Gemma3ForCausalLM folder (or start from scratch)."""
+google/gemma-3-1b-* is a Gemma3ForCausalLM; the 4B and larger Hub checkpoints are
+Gemma3ForConditionalGeneration (text + vision): they are read as their language model (the
+vision tower left out) and export as a text-only Gemma3ForCausalLM."""
 
 from megabridge.models.gemma3.bridge import Gemma3Bridge
 from megabridge.recipes import as_lora, finetune, sized, tiny_finetune, tiny_pretrain
@@ -56,24 +56,24 @@ def gemma3_1b_lora_config():
 
 
 def gemma3_4b_finetune_config():
-    """SFT of Gemma 3 4B text (needs a Gemma3ForCausalLM folder): set the checkpoint and data."""
+    """SFT of Gemma 3 4B text: set checkpoint.pretrained_checkpoint and dataset.path."""
     return finetune("gemma3_4b_sft", sized(Gemma3Bridge, SIZES["gemma3_4b"]))
 
 
 def gemma3_4b_lora_config():
-    """LoRA of Gemma 3 4B text (needs a Gemma3ForCausalLM folder): set the checkpoint and data."""
+    """LoRA of Gemma 3 4B text: set checkpoint.pretrained_checkpoint and dataset.path."""
     return as_lora(gemma3_4b_finetune_config(), "gemma3_4b_lora")
 
 
 def gemma3_12b_finetune_config():
-    """SFT of Gemma 3 12B text (TP=4; needs a Gemma3ForCausalLM folder): set checkpoint and data."""
+    """SFT of Gemma 3 12B text (TP=4): set checkpoint.pretrained_checkpoint and dataset.path."""
     cfg = finetune("gemma3_12b_sft", sized(Gemma3Bridge, SIZES["gemma3_12b"]))
     cfg.model.tensor_model_parallel_size = 4
     return cfg
 
 
 def gemma3_27b_finetune_config():
-    """SFT of Gemma 3 27B text (TP=8; needs a Gemma3ForCausalLM folder): set checkpoint and data."""
+    """SFT of Gemma 3 27B text (TP=8): set checkpoint.pretrained_checkpoint and dataset.path."""
     cfg = finetune("gemma3_27b_sft", sized(Gemma3Bridge, SIZES["gemma3_27b"]))
     cfg.model.tensor_model_parallel_size = 8
     return cfg

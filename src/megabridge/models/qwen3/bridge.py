@@ -8,7 +8,7 @@ from megabridge.models.qwen2.bridge import Qwen2Bridge
 
 @register_bridge
 class Qwen3Bridge(Qwen2Bridge):
-    """Qwen2 without the q/k/v biases, with QK norm (and Qwen2's check of sliding windows)."""
+    """Qwen2 without the q/k/v biases, with QK norm (and Qwen2's sliding-window layers)."""
 
     family = "qwen3"
     architectures = ("Qwen3ForCausalLM",)
@@ -26,4 +26,4 @@ class Qwen3Bridge(Qwen2Bridge):
         *blocks.qk_norm(),
         *blocks.gated_mlp(),
     ]
-    NOTES = "per-head QK norm; head_dim != hidden/heads; tied embeddings (0.6B-4B)"
+    NOTES = "per-head QK norm; head_dim != hidden/heads; tied embeddings (0.6B-4B); sliding-window layers"

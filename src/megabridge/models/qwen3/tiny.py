@@ -9,4 +9,6 @@ TINY = {
     "base": BASE,
     "tied": {**BASE, "tie_word_embeddings": True,
              "rope_parameters": {"rope_type": "default", "rope_theta": 1e6}},
+    # use_sliding_window: layer 1 slides (window 8), layer 0 stays full.
+    "window": {**BASE, "use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1},
 }  # fmt: skip

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megabridge import runtime
+from megabridge import catalog, runtime
 from megabridge.conversion import hf_io, registry, streaming, transfer
 from megabridge.conversion.family import FamilyBridge
 from megabridge.errors import ConfigError, UserError
@@ -97,12 +97,7 @@ class AutoBridge:
     @staticmethod
     def list_supported() -> list[dict]:
         """One entry per family: its HF architectures, parallelisms and notes."""
-        seen, out = set(), []
-        for family in registry.bridges().values():
-            if family not in seen:
-                seen.add(family)
-                out.append(family.describe())
-        return out
+        return catalog.families()
 
     # ------------------------------------------------------------ to Megatron
 

@@ -18,7 +18,7 @@ from megabridge.models import init as weight_init
 from megabridge.models.config import copy_architecture, model_config_from_dict
 from megabridge.models.provider import build_model
 from megabridge.peft import lora
-from megabridge.training import checkpointing, data
+from megabridge.training import checkpointing, console, data
 from megabridge.training.config import ConfigContainer, validate
 from megabridge.training.metrics import MetricsWriter
 from megabridge.training.optim import (
@@ -246,11 +246,17 @@ def setup(cfg: ConfigContainer) -> Session:
         if rt.is_main:
             log.info("resumed from %s at iteration %d", resume_from, state.iteration)
     train_data, valid_data = data.build(cfg)
+    # collective: every rank counts its share
+    params = console.parameter_counts(
+        model,
+        m.tensor_model_parallel_size,
+        m.pipeline_model_parallel_size,
+        m.expert_model_parallel_size,
+    )
     if rt.is_main:
         log_dir.mkdir(parents=True, exist_ok=True)
         (log_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-        log.info("config: %s", json.dumps(cfg.to_dict(), sort_keys=True))
-        log.info("checkpoints -> %s | logs -> %s", save_dir, log_dir)
+        log.info("starting\n%s", console.start_of_run(cfg, params, save_dir, log_dir))
     s = Session(
         cfg, rt, model, optimizer, scheduler, train_data, valid_data, state, save_dir, log_dir
     )

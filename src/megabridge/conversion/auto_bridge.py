@@ -25,6 +25,7 @@ from megabridge.conversion.family import FamilyBridge
 from megabridge.errors import ConfigError, UserError
 from megabridge.models.config import ModelConfig, copy_architecture, model_config_from_dict
 from megabridge.models.provider import build_model
+from megabridge.progress import Progress
 from megabridge.training import checkpointing
 
 log = logging.getLogger(__name__)
@@ -251,10 +252,11 @@ def _layout_of(source: hf_io.HFCheckpoint) -> dict:
     }
 
 
-def _progress(iterable, total, desc):
-    from tqdm import tqdm
-
-    yield from tqdm(iterable, total=total, desc=desc, unit="tensor", disable=None)
+def _progress(tensors, total, desc):
+    with Progress(desc, total=total) as bar:
+        for name, tensor in tensors:
+            yield name, tensor
+            bar.update(nbytes=tensor.numel() * tensor.element_size())
 
 
 def _architecture(config_dict: dict, where) -> str:

@@ -18,6 +18,7 @@ from megabridge.models import init as weight_init
 from megabridge.models.config import copy_architecture, model_config_from_dict
 from megabridge.models.provider import build_model
 from megabridge.peft import lora
+from megabridge.progress import Waiting
 from megabridge.training import checkpointing, console, data
 from megabridge.training.config import ConfigContainer, validate
 from megabridge.training.metrics import MetricsWriter
@@ -192,16 +193,17 @@ def save(s: Session) -> Path:
     """Checkpoint the current state, unless this very state is the newest checkpoint already."""
     if s.saved_iteration == s.state.iteration:
         return s.save_dir / checkpointing.iter_dirname(s.state.iteration)
-    path = checkpointing.save(
-        s.save_dir,
-        s.state.iteration,
-        s.model,
-        s.optimizer,
-        s.scheduler,
-        dataclasses.asdict(s.state),
-        s.cfg.model,
-        keep_last_n=s.cfg.checkpoint.keep_last_n,
-    )
+    with Waiting(f"saving checkpoint of iteration {s.state.iteration}", enabled=s.rt.is_main):
+        path = checkpointing.save(
+            s.save_dir,
+            s.state.iteration,
+            s.model,
+            s.optimizer,
+            s.scheduler,
+            dataclasses.asdict(s.state),
+            s.cfg.model,
+            keep_last_n=s.cfg.checkpoint.keep_last_n,
+        )
     s.saved_iteration = s.state.iteration
     if s.rt.is_main:
         log.info("saved checkpoint %s", path)

@@ -2,7 +2,7 @@
 
 The layers, bottom to top (CONTRIBUTING.md draws them):
 
-0. the model config: errors.py, models/config.py
+0. the model config: errors.py, models/config.py; progress.py (progress lines)
 1. the conversion machinery: mappings, the family base, safetensors IO, sharding,
    streaming, the family registry; runtime.py (process groups, the CPU backend)
 2. the family folders (bridge.py) and the model builder: models/provider.py, specs,
@@ -36,6 +36,7 @@ def layer_of(module: str) -> int:
         "megabridge.errors",
         "megabridge.models",
         "megabridge.models.config",
+        "megabridge.progress",
     ):
         return 0
     if module == "megabridge.runtime":

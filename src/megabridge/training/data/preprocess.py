@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from megabridge.errors import UserError
+from megabridge.progress import Progress
 from megabridge.training.data import jsonl
 from megabridge.training.data.tokenizer import load_tokenizer
 
@@ -128,7 +129,6 @@ def preprocess(
     """Tokenize ``source`` into ``output_prefix``.bin/.idx; returns what was written."""
     import numpy as np
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
-    from tqdm import tqdm
 
     source, prefix = Path(source), Path(output_prefix)
     if not source.is_file():
@@ -146,7 +146,7 @@ def preprocess(
     builder = IndexedDatasetBuilder(str(tmp_bin), dtype=DType.optimal_dtype(len(tokenizer)))
     results = _tokenized(source, str(tokenizer_dir), text_key, append_eod, workers)
     try:
-        with tqdm(unit="doc", desc=source.name, disable=None) as bar:  # None: off without a TTY
+        with Progress(source.name, unit="document") as bar:
             for chunk in results:
                 for ids in chunk:
                     if ids is None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import importlib.metadata as metadata
+import logging
 import os
 import platform
 import shutil
@@ -132,6 +133,8 @@ def fast_paths(found: dict, on_gpu: bool) -> list[tuple[str, str]]:
 
 
 def _probe() -> list[tuple[str, str]]:
+    # "No CUDA runtime is found": expected on a machine without a GPU, and said below.
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     import torch
 
     from megabridge.models.torch_layers import _varlen_api

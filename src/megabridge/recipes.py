@@ -14,12 +14,9 @@ from collections.abc import Callable
 
 import megabridge.models as models_pkg
 from megabridge import catalog
-from megabridge.catalog import DEFAULT_RECIPE
 from megabridge.models.config import ModelConfig
 from megabridge.peft.lora import default_targets
 from megabridge.training.config import ConfigContainer
-
-__all__ = ["DEFAULT_RECIPE", "all_recipes", "get_recipe", "describe_recipe"]
 
 
 def all_recipes() -> dict[str, Callable[[], ConfigContainer]]:

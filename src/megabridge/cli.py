@@ -8,6 +8,7 @@
     megabridge verify   --hf-path DIR [--megatron-path DIR]        compare logits with transformers
     megabridge data     preprocess ...                             JSONL -> Megatron .bin/.idx
     megabridge export   --megatron-path CKPT --hf-path | --adapter-path DIR   LoRA/DoRA -> HF / peft
+    megabridge doctor   [--probe]                                  versions, GPUs, fast paths
 
 A user mistake (bad path, option, override or checkpoint) prints one line and
 exits with code 2.

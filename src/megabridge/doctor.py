@@ -22,9 +22,14 @@ import subprocess
 # pass. The first row is uv.lock: CI runs every test on it. The others were run with
 #   uv run --locked --with transformers==X pytest tests/unit_tests/models/test_conformance.py
 #       -k "llama or qwen3"
+_CONFORMANCE = "conformance: Llama, Qwen3, Qwen3-MoE (53 tests, TP/PP/EP=2 included)"
 TESTED = [
     {"torch": "2.15.0", "transformers": "5.24.0", "megatron-core": "0.16.1", "python": "3.11",
      "checked": "the lock (uv.lock): CI, every test"},
+    {"torch": "2.15.0", "transformers": "5.20.2", "megatron-core": "0.16.1", "python": "3.11",
+     "checked": _CONFORMANCE},
+    {"torch": "2.15.0", "transformers": "5.0.0", "megatron-core": "0.16.1", "python": "3.11",
+     "checked": _CONFORMANCE},
 ]  # fmt: skip
 # Transformer Engine's distributions (the PyPI name changed between releases).
 _TE_DISTRIBUTIONS = ("transformer-engine", "transformer-engine-torch", "transformer_engine")

@@ -20,8 +20,8 @@ import subprocess
 
 # Combinations on which the conformance tests (tests/unit_tests/models/test_conformance.py)
 # pass. The first row is uv.lock: CI runs every test on it. The others were run with
-#   uv run --locked --with transformers==X pytest tests/unit_tests/models/test_conformance.py
-#       -k "llama or qwen3"
+#   uv run --locked --with transformers==X (or torch==X) \
+#       pytest tests/unit_tests/models/test_conformance.py -k "llama or qwen3"
 _CONFORMANCE = "conformance: Llama, Qwen3, Qwen3-MoE (53 tests, TP/PP/EP=2 included)"
 TESTED = [
     {"torch": "2.15.0", "transformers": "5.24.0", "megatron-core": "0.16.1", "python": "3.11",
@@ -29,6 +29,8 @@ TESTED = [
     {"torch": "2.15.0", "transformers": "5.20.2", "megatron-core": "0.16.1", "python": "3.11",
      "checked": _CONFORMANCE},
     {"torch": "2.15.0", "transformers": "5.0.0", "megatron-core": "0.16.1", "python": "3.11",
+     "checked": _CONFORMANCE},
+    {"torch": "2.9.1", "transformers": "5.24.0", "megatron-core": "0.16.1", "python": "3.11",
      "checked": _CONFORMANCE},
 ]  # fmt: skip
 # Transformer Engine's distributions (the PyPI name changed between releases).

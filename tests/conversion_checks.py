@@ -62,11 +62,14 @@ def hf_first_loss(hf_dir: Path, samples: int = 2) -> float:
 def round_trip_in_process(hf_dir: Path, out: Path) -> None:
     """HF -> Megatron model (this process, TP=1) -> HF folder; must be bit-exact."""
     from megabridge.conversion.auto_bridge import AutoBridge
+    from megabridge.training.console import parameter_counts
 
     bridge = AutoBridge.from_hf_pretrained(hf_dir)
     model = bridge.to_megatron_model()
     bridge.save_hf_pretrained(model, out)
     assert_same_hf_folder(hf_dir, out)
+    # the count a training run's summary prints
+    assert parameter_counts(model, 1, 1, 1)[0] == hf_parameter_count(hf_dir)
 
 
 def logits_in_process(hf_dir: Path, atol: float = ATOL_FP32):
@@ -192,3 +195,11 @@ def export_from_scratch_in_process(recipe: str, out: Path) -> None:
     init.initialize(model, cfg, seed=1234)
     bridge.save_hf_pretrained(model, out)
     logits_in_process(out)
+
+
+def hf_parameter_count(hf_dir: Path) -> int:
+    """Parameters of transformers' own model of ``hf_dir`` (tied ones once)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32)
+    return sum(p.numel() for p in model.parameters())

@@ -41,6 +41,7 @@ from megabridge import runtime
 from megabridge.conversion import sharding
 from megabridge.conversion.auto_bridge import AutoBridge
 from megabridge.conversion.verify import compare, hf_logits, megatron_logits, sample_tokens
+from megabridge.training import console
 
 ATOL_FP32 = 1e-4
 
@@ -96,7 +97,9 @@ def at_layout(hf_dir: str, work: Path, layout: dict) -> dict:
     dist.all_gather_object(everyone, mine)
     result = next(r for r in everyone if r is not None)
     back.save_hf_pretrained(model, work / "back")
+    parameters = console.parameter_counts(model, layout["tp"], layout["pp"], layout["ep"])
     return {
+        "parameters": parameters[0],
         "max_abs_diff": result.max_abs_diff,
         "top1_agreement": result.top1_agreement,
         "hf_dir": str(work / "back"),

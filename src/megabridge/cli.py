@@ -9,6 +9,7 @@
     megabridge data     preprocess ...                             JSONL -> Megatron .bin/.idx
     megabridge export   --megatron-path CKPT --hf-path | --adapter-path DIR   LoRA/DoRA -> HF / peft
     megabridge checkpoint verify PATH                              check sizes and checksums
+    megabridge doctor   [--probe]                                  versions, GPUs, fast paths
 
 A user mistake (bad path, option, override or checkpoint) prints one line and
 exits with code 2.
@@ -23,11 +24,11 @@ import os
 import sys
 import warnings
 
-from megabridge import runtime
+# Only light imports at module level: `megabridge --help`, `models`, `recipes`, `doctor`
+# and argument errors answer without torch, Megatron-Core or transformers (seconds on a
+# loaded machine). Each command imports what it needs when it runs (_command below).
+from megabridge import catalog
 from megabridge.errors import UserError
-from megabridge.recipes import DEFAULT_RECIPE, all_recipes, describe_recipe, get_recipe
-from megabridge.training.config import apply_overrides, describe
-from megabridge.training.data.preprocess import add_command as add_data_command
 
 # Megatron-Core announces at import every optional kernel it did not find. Without
 # TE/Apex those are expected, and megabridge picks its own layer spec instead.
@@ -71,25 +72,24 @@ def setup_logging() -> None:
 # ----------------------------------------------------------------------- train
 
 
-# The training loop is imported when a run starts: it loads megatron-core, which
-# `megabridge --help`, `recipes` and `--help-config` need not wait for.
-
-
 def cmd_train(args: argparse.Namespace) -> int:
-    from megabridge.training import loop
-
-    return _run_recipe(args, loop.train)
+    return _run_recipe(args, "train")
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from megabridge.training import loop
-
     if args.pretrained:
         args.overrides = [f"checkpoint.pretrained_checkpoint={args.pretrained}", *args.overrides]
-    return _run_recipe(args, loop.finetune)
+    return _run_recipe(args, "finetune")
 
 
-def _run_recipe(args: argparse.Namespace, run) -> int:
+def _run_recipe(args: argparse.Namespace, entry: str) -> int:
+    catalog.check_recipe(args.recipe)  # a misspelt name fails before the heavy imports
+    setup_logging()
+    from megabridge import runtime
+    from megabridge.recipes import get_recipe
+    from megabridge.training import loop
+    from megabridge.training.config import apply_overrides, describe
+
     cfg = get_recipe(args.recipe)
     apply_overrides(cfg, args.overrides)
     if args.help_config:
@@ -97,15 +97,9 @@ def _run_recipe(args: argparse.Namespace, run) -> int:
         print(describe(cfg))
         return 0
     try:
-        run(cfg)
+        getattr(loop, entry)(cfg)
     finally:
         runtime.shutdown()
-    return 0
-
-
-def cmd_recipes(args: argparse.Namespace) -> int:
-    for name in all_recipes():
-        print(f"{name:40s} {describe_recipe(name)}")
     return 0
 
 
@@ -130,7 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
-        "--recipe", default=DEFAULT_RECIPE, help=f"recipe name (default: {DEFAULT_RECIPE})"
+        "--recipe",
+        default=catalog.DEFAULT_RECIPE,
+        help=f"recipe name (default: {catalog.DEFAULT_RECIPE})",
     )
     _recipe_args(p)
     p.set_defaults(func=cmd_train)
@@ -157,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("recipes", help="list the recipes")
-    p.set_defaults(func=cmd_recipes)
+    p.set_defaults(func=catalog.cmd_recipes)
 
     for register in _EXTRA_COMMANDS:
         register(sub)
@@ -172,11 +168,14 @@ def _recipe_args(p: argparse.ArgumentParser) -> None:
 
 
 def _command(module: str, name: str, distributed: bool = True):
-    """The handler ``module.name``, imported when its command runs: the conversion and
-    export modules load megatron-core, which ``megabridge --help`` need not wait for.
-    ``distributed``: the command may set up torch.distributed, torn down after it."""
+    """The handler ``module.name``, imported when its command runs: the conversion, data
+    and export modules load torch and megatron-core, which ``megabridge --help`` need not
+    wait for. ``distributed``: the command may set up torch.distributed, torn down after it."""
 
     def run(args: argparse.Namespace) -> int:
+        setup_logging()
+        from megabridge import runtime
+
         try:
             return getattr(importlib.import_module(module), name)(args)
         finally:
@@ -275,7 +274,7 @@ def _register_conversion(sub) -> None:
 
     p = sub.add_parser("models", help="list the supported HF model families")
     p.add_argument("--markdown", action="store_true", help="as a Markdown table (README)")
-    p.set_defaults(func=_command("megabridge.conversion.commands", "cmd_models"))
+    p.set_defaults(func=catalog.cmd_models)
 
 
 def _register_export(sub) -> None:
@@ -327,12 +326,69 @@ def _register_checkpoint(sub) -> None:
     )
 
 
-_EXTRA_COMMANDS = [_register_conversion, add_data_command, _register_export, _register_checkpoint]
+def _register_data(sub) -> None:
+    data = sub.add_parser("data", help="prepare training data (JSONL -> Megatron .bin/.idx)")
+    actions = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    p = actions.add_parser(
+        "preprocess",
+        help="tokenize a JSONL corpus into a Megatron-Core indexed dataset",
+        description="Tokenize one text field of every JSONL line into PREFIX.bin and "
+        "PREFIX.idx, for dataset.type=indexed dataset.blend=PREFIX.",
+        epilog="example:\n  megabridge data preprocess --input corpus.jsonl.gz "
+        "--tokenizer hf_model/ --output-prefix data/corpus --workers 8",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--input", required=True, help="JSONL file, optionally .gz-compressed")
+    p.add_argument("--tokenizer", required=True, help="HF tokenizer (or model) folder")
+    p.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx")
+    p.add_argument("--text-key", default="text", help="the JSON key holding the text (text)")
+    p.add_argument("--workers", type=int, default=1, help="tokenizer processes (1)")
+    p.add_argument(
+        "--append-eod",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="end every document with the tokenizer's EOS token (default: yes)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing PREFIX.bin/.idx")
+    p.set_defaults(func=_command("megabridge.training.data.preprocess", "cmd_preprocess"))
+
+
+def _register_doctor(sub) -> None:
+    p = sub.add_parser(
+        "doctor",
+        help="versions, devices, fast paths, and whether this combination is a tested one",
+        description="Report the installed versions (read from package metadata, nothing "
+        "heavy imported), the GPUs nvidia-smi sees, which fast paths training will take, and "
+        "whether these versions are a combination the project tests (README's compatibility "
+        "table). --probe also imports torch to ask CUDA and NCCL themselves.",
+    )
+    p.add_argument("--probe", action="store_true", help="import torch: CUDA, NCCL, devices")
+    p.add_argument(
+        "--markdown", action="store_true", help="print the tested combinations (README table)"
+    )
+    p.set_defaults(func=_light_command("megabridge.doctor", "cmd_doctor"))
+
+
+def _light_command(module: str, name: str):
+    """A handler whose module is torch-free: imported when its command runs, no logging setup."""
+
+    def run(args: argparse.Namespace) -> int:
+        return getattr(importlib.import_module(module), name)(args)
+
+    return run
+
+
+_EXTRA_COMMANDS = [
+    _register_conversion,
+    _register_data,
+    _register_export,
+    _register_checkpoint,
+    _register_doctor,
+]
 
 
 def main(argv: list[str] | None = None) -> int:
     quiet_expected_warnings()
-    setup_logging()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

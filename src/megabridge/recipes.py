@@ -7,19 +7,16 @@ family folder with a recipes.py adds its recipes.
 from __future__ import annotations
 
 import copy
-import difflib
 import importlib
 import inspect
 import pkgutil
 from collections.abc import Callable
 
 import megabridge.models as models_pkg
-from megabridge.errors import ConfigError
+from megabridge import catalog
 from megabridge.models.config import ModelConfig
 from megabridge.peft.lora import default_targets
 from megabridge.training.config import ConfigContainer
-
-DEFAULT_RECIPE = "vanilla_gpt_pretrain_config"
 
 
 def all_recipes() -> dict[str, Callable[[], ConfigContainer]]:
@@ -40,14 +37,8 @@ def all_recipes() -> dict[str, Callable[[], ConfigContainer]]:
 
 
 def get_recipe(name: str) -> ConfigContainer:
-    recipes = all_recipes()
-    if name not in recipes:
-        close = difflib.get_close_matches(name, recipes, n=3, cutoff=0.4)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise ConfigError(
-            f"unknown recipe {name!r}{hint} (`megabridge recipes` lists all {len(recipes)})"
-        )
-    return recipes[name]()
+    catalog.check_recipe(name)
+    return all_recipes()[name]()
 
 
 def describe_recipe(name: str) -> str:

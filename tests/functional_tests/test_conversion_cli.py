@@ -1,6 +1,7 @@
 """`megabridge convert` / `verify` end to end: round trips, layouts, bad input, fine-tuning from a conversion."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -42,6 +43,9 @@ def test_cli_round_trip_is_bit_exact(llama, converted, tmp_path):
     assert result.returncode == 0, result.stderr
     checks.assert_same_hf_folder(llama, tmp_path / "back")
     assert (tmp_path / "back" / "generation_config.json").is_file()
+    # not a terminal: plain progress lines, the last one with tensors, bytes and rate
+    done = [line for line in result.stderr.splitlines() if line.startswith("export: ")]
+    assert re.fullmatch(r"export: (\d+)/\1 tensors, [\d.]+ [KMG]?B, .*/s in \d+s", done[-1]), done
 
 
 def test_checkpoint_loads_at_tp2_with_matching_logits(llama, converted):

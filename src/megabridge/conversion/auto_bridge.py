@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megabridge import outputs, runtime
+from megabridge import catalog, outputs, runtime
 from megabridge.conversion import (
     hf_io,
     quantized,
@@ -39,6 +39,7 @@ from megabridge.models.config import (
     validate_model_config,
 )
 from megabridge.models.provider import build_model
+from megabridge.progress import Progress
 from megabridge.training import checkpointing, foreign, trust
 
 log = logging.getLogger(__name__)
@@ -144,12 +145,7 @@ class AutoBridge:
     @staticmethod
     def list_supported() -> list[dict]:
         """One entry per family: its HF architectures, parallelisms and notes."""
-        seen, out = set(), []
-        for family in registry.bridges().values():
-            if family not in seen:
-                seen.add(family)
-                out.append(family.describe())
-        return out
+        return catalog.families()
 
     # ------------------------------------------------------------ to Megatron
 
@@ -368,7 +364,7 @@ class AutoBridge:
             log.info("building the model in memory to export it (%s)", e)
             return None
         layout = (self.source_layout or {}).get("weight_map") if dtype is None else None
-        bar = functools.partial(_progress, total=len(export.params), desc="export")
+        bar = functools.partial(_counted, total=len(export.params), desc="export")
         with outputs.output_folder(out, overwrite, self.inputs()) as tmp:
             streaming_export.write_hf_folder(
                 export, tmp, self.hf_config_for_export(dtype), self.sidecar_dir, layout,
@@ -415,10 +411,19 @@ def _layout_of(source: hf_io.HFCheckpoint) -> dict:
     }
 
 
-def _progress(iterable, total, desc):
-    from tqdm import tqdm
+def _progress(tensors, total, desc):
+    with Progress(desc, total=total) as bar:
+        for name, tensor in tensors:
+            yield name, tensor
+            bar.update(nbytes=tensor.numel() * tensor.element_size())
 
-    yield from tqdm(iterable, total=total, desc=desc, unit="tensor", disable=None)
+
+def _counted(items, total, desc):
+    """Progress over the streamed export's parameters (each one read, mapped and written)."""
+    with Progress(desc, total=total, unit="parameter") as bar:
+        for item in items:
+            yield item
+            bar.update()
 
 
 def _architecture(config_dict: dict, where) -> str:

@@ -117,23 +117,3 @@ def _is_rank0() -> bool:
     import torch.distributed as dist
 
     return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def cmd_models(args) -> int:
-    families = AutoBridge.list_supported()
-    if args.markdown:
-        print(markdown_table(families))
-        return 0
-    for f in families:
-        print(
-            f"{f['family']:12s} {', '.join(f['architectures']):45s} {'/'.join(f['parallelism']):10s} {f['notes']}"
-        )
-    return 0
-
-
-def markdown_table(families: list[dict]) -> str:
-    lines = ["| family | HF architectures | parallelism | notes |", "|---|---|---|---|"]
-    for f in families:
-        archs = ", ".join(f"`{a}`" for a in f["architectures"])
-        lines.append(f"| {f['family']} | {archs} | {', '.join(f['parallelism'])} | {f['notes']} |")
-    return "\n".join(lines)

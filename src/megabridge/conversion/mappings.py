@@ -12,8 +12,12 @@ from __future__ import annotations
 import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
+# torch is imported where a mapping runs, not here: every family bridge imports this
+# module, and `megabridge models` lists the bridges without paying torch's ~5 s import.
+if TYPE_CHECKING:
+    import torch
 
 
 def _compile(pattern: str) -> re.Pattern:
@@ -92,6 +96,8 @@ class QKV(Mapping):
     """
 
     def hf_to_megatron(self, tensors, cfg):
+        import torch
+
         q, k, v = tensors
         groups, q_rows, d = _qkv_sizes(cfg)
         rest = q.shape[1:]
@@ -126,6 +132,8 @@ class FusedQKV(QKV):
         return super().hf_to_megatron([q, k, v], cfg)
 
     def megatron_to_hf(self, tensor, cfg):
+        import torch
+
         return [torch.cat(super().megatron_to_hf(tensor, cfg), dim=0)]
 
 
@@ -133,6 +141,8 @@ class GatedMLP(Mapping):
     """HF gate and up projections <-> Megatron's fused linear_fc1 = [gate; up]."""
 
     def hf_to_megatron(self, tensors, cfg):
+        import torch
+
         gate, up = tensors
         return torch.cat([gate, up], dim=0)
 

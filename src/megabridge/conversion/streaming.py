@@ -50,6 +50,7 @@ from torch.distributed.checkpoint.planner import (
 )
 
 from megabridge.conversion import transfer
+from megabridge.progress import Progress
 
 _WRITE_THREADS = 4
 
@@ -78,7 +79,8 @@ class Plan:
             return full.to(meta.dtype).contiguous()
 
         tensors = _Tensors(build, Counter(name for name, _ in self.sources.values()))
-        with _progress(len(self.sources), progress) as bar:
+        total = len(self.sources)
+        with Progress("hf-to-megatron", total=total, enabled=progress) as bar:
 
             def produce(key) -> torch.Tensor:
                 if errors:  # the conversion has failed: the other writers stop at their next tensor
@@ -89,7 +91,7 @@ class Plan:
                 except BaseException as e:
                     errors.append(e)
                     raise
-                bar.update()
+                bar.update(nbytes=out.numel() * out.element_size())
                 return out
 
             with _writer_threads() as thread_errors:
@@ -197,14 +199,6 @@ class _Tensors:
             if self._left[name] == 0:
                 del self._entries[name]
         return full.as_strided(shape, stride, offset)
-
-
-def _progress(total: int, enabled: bool):
-    from tqdm import tqdm
-
-    return tqdm(
-        total=total, desc="hf-to-megatron", unit="tensor", disable=None if enabled else True
-    )
 
 
 class _LazySaveStrategy(SaveShardedStrategy):

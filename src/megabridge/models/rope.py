@@ -9,10 +9,14 @@ transformers exactly.
 from __future__ import annotations
 
 import math
-
-import torch
+from typing import TYPE_CHECKING
 
 from megabridge.errors import ConfigError
+
+# torch is imported where frequencies are computed: family bridges import rope_type
+# from here, and listing them (`megabridge models`) must not load torch.
+if TYPE_CHECKING:
+    import torch
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 
@@ -23,6 +27,8 @@ def rope_type(params: dict) -> str:
 
 def inv_freq(dim: int, base: float, params: dict) -> torch.Tensor:
     """[dim / 2] inverse frequencies for head dimension ``dim`` (float32)."""
+    import torch
+
     freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
     kind = rope_type(params)
     if kind == "default":
@@ -64,6 +70,8 @@ def apply_rope_scaling(model: torch.nn.Module, cfg) -> None:
 
 
 def _longrope_inv_freq(dim: int, base: float, factors) -> torch.Tensor:
+    import torch
+
     # transformers' formula term for term (1 / (factor * base**x)), so the fp32 values agree.
     exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
     return 1.0 / (torch.tensor(factors, dtype=torch.float32) * base**exponents)

@@ -19,7 +19,8 @@ from megabridge.models import init as weight_init
 from megabridge.models.config import copy_architecture, model_config_from_dict
 from megabridge.models.provider import build_model, use_bf16
 from megabridge.peft import lora
-from megabridge.training import checkpointing, data, save_hf
+from megabridge.progress import Waiting
+from megabridge.training import checkpointing, console, data, save_hf
 from megabridge.training.config import ConfigContainer, validate
 from megabridge.training.flops import bf16_peak_tflops, flops_per_token
 from megabridge.training.metrics import MetricsWriter
@@ -210,17 +211,18 @@ def save(s: Session) -> Path:
     """Checkpoint the current state, unless this very state is the newest checkpoint already."""
     if s.saved_iteration == s.state.iteration:
         return s.save_dir / checkpointing.iter_dirname(s.state.iteration)
-    path = checkpointing.save(
-        s.save_dir,
-        s.state.iteration,
-        s.model,
-        s.optimizer,
-        s.scheduler,
-        dataclasses.asdict(s.state),
-        s.cfg.model,
-        keep_last_n=s.cfg.checkpoint.keep_last_n,
-        write_extra=s.hf_writer,
-    )
+    with Waiting(f"saving checkpoint of iteration {s.state.iteration}", enabled=s.rt.is_main):
+        path = checkpointing.save(
+            s.save_dir,
+            s.state.iteration,
+            s.model,
+            s.optimizer,
+            s.scheduler,
+            dataclasses.asdict(s.state),
+            s.cfg.model,
+            keep_last_n=s.cfg.checkpoint.keep_last_n,
+            write_extra=s.hf_writer,
+        )
     s.saved_iteration = s.state.iteration
     if s.rt.is_main:
         log.info("saved checkpoint %s", path)
@@ -265,11 +267,17 @@ def setup(cfg: ConfigContainer) -> Session:
         if rt.is_main:
             log.info("resumed from %s at iteration %d", resume_from, state.iteration)
     train_data, valid_data = data.build(cfg)
+    # collective: every rank counts its share
+    params = console.parameter_counts(
+        model,
+        m.tensor_model_parallel_size,
+        m.pipeline_model_parallel_size,
+        m.expert_model_parallel_size,
+    )
     if rt.is_main:
         log_dir.mkdir(parents=True, exist_ok=True)
         (log_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-        log.info("config: %s", json.dumps(cfg.to_dict(), sort_keys=True))
-        log.info("checkpoints -> %s | logs -> %s", save_dir, log_dir)
+        log.info("starting\n%s", console.start_of_run(cfg, params, save_dir, log_dir))
     s = Session(
         cfg, rt, model, optimizer, scheduler, train_data, valid_data, state, save_dir, log_dir
     )

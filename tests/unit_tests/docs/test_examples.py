@@ -45,8 +45,8 @@ def test_example_1_pretrain(tmp_path):
 
 
 def test_readme_family_table_is_the_registry():
+    from megabridge.catalog import markdown_table
     from megabridge.conversion.auto_bridge import AutoBridge
-    from megabridge.conversion.commands import markdown_table
 
     readme = (REPO / "README.md").read_text()
     assert markdown_table(AutoBridge.list_supported()) in readme, (

@@ -2,17 +2,19 @@
 
 The layers, bottom to top (CONTRIBUTING.md draws them):
 
-0. the model config: errors.py, models/config.py
+0. the model config: errors.py, models/config.py; progress.py (progress lines)
 1. the conversion machinery: mappings, the family base, safetensors IO, sharding,
    streaming, the family registry; runtime.py (process groups, the CPU backend);
    outputs.py (locked, staged output folders), checksums.py (file checksums)
 2. the family folders (bridge.py) and the model builder: models/provider.py, specs,
    torch_layers, ...
-3. the public entry points (AutoBridge, the convert / verify commands, weight sync, the CLI) and
-   training: training/, peft/, recipes.py and each family's recipes.py (training configs)
+3. the public entry points (AutoBridge, the convert / verify commands, weight sync, the CLI,
+   its torch-free listings catalog.py and doctor.py) and training: training/, peft/,
+   recipes.py and each family's recipes.py (training configs)
 
 A module imports megabridge at module level; the CLI alone imports its commands
-inside functions, so that ``megabridge --help`` does not load torch and Megatron.
+inside functions, so that ``megabridge --help`` does not load torch and Megatron, and
+doctor.py its torch probe (``--probe``).
 """
 
 import ast
@@ -25,7 +27,7 @@ pytestmark = pytest.mark.unit
 SRC = Path(__file__).resolve().parents[3] / "src"
 LAYER_NAMES = ("model config", "conversion machinery", "families and builder", "entry points")
 ENTRY_POINTS = {"auto_bridge", "commands", "verify", "weight_sync"}
-LAZY_IMPORTS_ALLOWED = {"megabridge.cli"}
+LAZY_IMPORTS_ALLOWED = {"megabridge.cli", "megabridge.doctor"}
 
 
 def layer_of(module: str) -> int:
@@ -35,6 +37,7 @@ def layer_of(module: str) -> int:
         "megabridge.errors",
         "megabridge.models",
         "megabridge.models.config",
+        "megabridge.progress",
     ):
         return 0
     if module in ("megabridge.runtime", "megabridge.outputs", "megabridge.checksums"):
@@ -43,7 +46,7 @@ def layer_of(module: str) -> int:
         return 3 if len(parts) > 2 and parts[2] in ENTRY_POINTS else 1
     if parts[1] == "models":
         return 3 if parts[-1] == "recipes" else 2
-    if parts[1] in ("training", "peft", "cli", "__main__", "recipes"):
+    if parts[1] in ("training", "peft", "cli", "__main__", "recipes", "catalog", "doctor"):
         return 3
     raise AssertionError(f"{module} is in no layer: add it to tests/unit_tests/docs/test_layers.py")
 

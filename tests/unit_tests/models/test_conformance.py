@@ -233,3 +233,5 @@ def test_parallel(parallel_results, hf_dir, family, variant, check):
         return
     assert record["top1_agreement"] == 1.0, record
     checks.assert_same_hf_folder(hf_dir(family, variant), Path(record["hf_dir"]))
+    # what a training run's summary reports: counted over the ranks, once each
+    assert record["parameters"] == checks.hf_parameter_count(hf_dir(family, variant)), record

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from megabridge.errors import UserError
+from megabridge.progress import Progress
 from megabridge.training.data import jsonl
 from megabridge.training.data.tokenizer import load_tokenizer
 
@@ -144,7 +145,6 @@ def preprocess(
     """Tokenize ``source`` into ``output_prefix``.bin/.idx; returns what was written."""
     import numpy as np
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
-    from tqdm import tqdm
 
     source, prefix = Path(source), Path(output_prefix)
     if not source.is_file():
@@ -162,7 +162,7 @@ def preprocess(
     builder = IndexedDatasetBuilder(str(tmp_bin), dtype=DType.optimal_dtype(len(tokenizer)))
     results = _tokenized(source, str(tokenizer_dir), text_key, append_eod, workers)
     try:
-        with tqdm(unit="doc", desc=source.name, disable=None) as bar:  # None: off without a TTY
+        with Progress(source.name, unit="document") as bar:
             for chunk in results:
                 for ids in chunk:
                     if ids is None:
@@ -209,31 +209,3 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
         f"{skipped}, {summary.tokens} tokens"
     )
     return 0
-
-
-def add_command(sub) -> None:
-    """Register ``megabridge data preprocess`` on the CLI's subparsers."""
-    data = sub.add_parser("data", help="prepare training data (JSONL -> Megatron .bin/.idx)")
-    actions = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
-    p = actions.add_parser(
-        "preprocess",
-        help="tokenize a JSONL corpus into a Megatron-Core indexed dataset",
-        description="Tokenize one text field of every JSONL line into PREFIX.bin and "
-        "PREFIX.idx, for dataset.type=indexed dataset.blend=PREFIX.",
-        epilog="example:\n  megabridge data preprocess --input corpus.jsonl.gz "
-        "--tokenizer hf_model/ --output-prefix data/corpus --workers 8",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--input", required=True, help="JSONL file, optionally .gz-compressed")
-    p.add_argument("--tokenizer", required=True, help="HF tokenizer (or model) folder")
-    p.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx")
-    p.add_argument("--text-key", default="text", help="the JSON key holding the text (text)")
-    p.add_argument("--workers", type=int, default=1, help="tokenizer processes (1)")
-    p.add_argument(
-        "--append-eod",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="end every document with the tokenizer's EOS token (default: yes)",
-    )
-    p.add_argument("--overwrite", action="store_true", help="replace an existing PREFIX.bin/.idx")
-    p.set_defaults(func=cmd_preprocess)

@@ -64,7 +64,9 @@ def save_random(bridge, fields: dict, folder: Path) -> tuple[int, float]:
         bridge.hf_model_type, architectures=[bridge.architectures[0]], **fields
     )
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    # All bf16: transformers keeps some tensors (a router's correction bias) in fp32, and a
+    # mixed-dtype folder needs --dtype, which would make the round trip change those.
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).to(torch.bfloat16)
     model.save_pretrained(str(folder), max_shard_size="2GB")
     del model
     size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import functools
 import logging
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -364,7 +365,7 @@ class AutoBridge:
             log.info("building the model in memory to export it (%s)", e)
             return None
         layout = (self.source_layout or {}).get("weight_map") if dtype is None else None
-        bar = functools.partial(_counted, total=len(export.params), desc="export")
+        bar = functools.partial(_counted, export=export, desc="export")
         with outputs.output_folder(out, overwrite, self.inputs()) as tmp:
             streaming_export.write_hf_folder(
                 export, tmp, self.hf_config_for_export(dtype), self.sidecar_dir, layout,
@@ -418,18 +419,20 @@ def _progress(tensors, total, desc):
             bar.update(nbytes=tensor.numel() * tensor.element_size())
 
 
-def _counted(items, total, desc):
-    """Progress over the streamed export's parameters (each one read, mapped and written)."""
-    with Progress(desc, total=total, unit="parameter") as bar:
-        for item in items:
-            yield item
-            bar.update()
+def _counted(params, export, desc):
+    """Progress over the streamed export's parameters (each read, mapped and written)."""
+    with Progress(desc, total=len(export.params)) as bar:
+        for p in params:
+            yield p
+            bar.update(nbytes=math.prod(p.shape) * export.stored_dtype[p.name].itemsize)
 
 
 def _architecture(config_dict: dict, where) -> str:
     archs = config_dict.get("architectures") or []
     if not archs:
         raise UserError(f"{where}/config.json names no architectures")
+    if not isinstance(archs, list) or not isinstance(archs[0], str):
+        raise UserError(f"{where}/config.json: architectures must be a list of class names")
     return archs[0]
 
 

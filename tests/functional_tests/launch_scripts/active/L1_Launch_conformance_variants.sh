@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Nightly: every family's non-base tiny variants at TP=2 / PP=2 (EP=2 for MoE), one launch.
+# CI runs the base variants there and every variant at TP=1 (tests/unit_tests/models/test_conformance.py).
+set -euo pipefail
+cd "$(dirname "$0")/../../../.."
+uv run pytest tests/unit_tests/models/test_conformance.py -k test_parallel -m skipduringci -v "$@"

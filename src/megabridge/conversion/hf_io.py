@@ -208,7 +208,8 @@ class HFCheckpoint:
     def dtype(self, name: str) -> torch.dtype:
         if len(self._parts[name]) > 1:  # dequantized (in float32): exported in bf16
             return quantized.DEQUANTIZED_DTYPE
-        return _DTYPES[self._headers[self.weight_map[name]][name]["dtype"]]
+        stored = self._parts[name][0]  # the name in the files (a read_renamed one differs)
+        return _DTYPES[self._headers[self._stored[stored]][stored]["dtype"]]
 
     def shape(self, name: str) -> tuple[int, ...]:
         stored = self._parts[name][0]  # a dequantized weight has its quantized tensor's shape
@@ -224,7 +225,7 @@ class HFCheckpoint:
         if name not in self._parts:
             raise ConversionError(f"tensor {name!r} is not in {self.path}")
         if self._dequantizer is None:
-            return self._read(name)
+            return self._read(self._parts[name][0])
         return self._dequantizer.dequantize(name, [self._read(p) for p in self._parts[name]])
 
     def _read(self, name: str) -> torch.Tensor:

@@ -28,7 +28,7 @@ import torch
 import yaml
 
 from megabridge.errors import UserError
-from megabridge.training import checkpointing, trust
+from megabridge.training import checkpointing, integrity, trust
 
 ITER = "iter_0000000"
 # Megatron-Bridge's provider class of each family; others are described as a plain GPT.
@@ -155,11 +155,11 @@ def write(out: Path, cfg) -> Path:
     _save_atomic(train_state(), ckpt / "train_state.pt")
     _save_atomic(train_state(), staging / "latest_train_state.pt")
     meta = json.loads((ckpt / checkpointing.METADATA).read_text())
-    meta["files"] = {
-        name: size
-        for name, size in checkpointing._file_sizes(ckpt).items()
-        if name != checkpointing.METADATA
-    }
+    # re-sealed: the files added here get their sizes and checksums recorded too
+    records, sealed = integrity.file_records(ckpt), checkpointing.METADATA
+    meta["files"] = {n: size for n, size in records["files"].items() if n != sealed}
+    sums = records["checksums"]
+    meta["checksums"] = {**sums, "files": {n: d for n, d in sums["files"].items() if n != sealed}}
     checkpointing.write_json_atomic(ckpt / checkpointing.METADATA, meta)
     checkpointing.write_text_atomic(staging / checkpointing.LATEST, "0")
     os.rename(staging, out)

@@ -7,6 +7,7 @@ exports against the Megatron model's logits.
 """
 
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -247,14 +248,17 @@ def test_adapter_checkpoint_is_not_a_full_checkpoint(trained, hf_llama):
         checkpointing.load(trained.ckpt, model, model_only=True)
 
 
-def test_export_refuses_a_full_checkpoint(tmp_path):
+def test_export_refuses_a_full_checkpoint(tmp_path, monkeypatch):
     from megabridge.errors import UserError
     from megabridge.peft.export import export_checkpoint
+    from megabridge.training import checkpointing
 
     full = tmp_path / "full"  # what a full-model checkpoint's metadata says: no "peft"
     full.mkdir()
     (full / "megabridge.json").write_text(json.dumps({"model_config": {}, "iteration": 0}))
     (full / "metadata.json").write_text("{}")
+    # only megabridge.json here: skip the integrity check (tested in training/) to reach export's
+    monkeypatch.setattr(checkpointing, "resolve", Path)
     with pytest.raises(UserError, match="has no LoRA/DoRA adapters.*convert megatron-to-hf"):
         export_checkpoint(full, hf_path=tmp_path / "out")
     with pytest.raises(UserError, match="nothing to export"):

@@ -32,6 +32,8 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # peers.py
 
+import peers  # noqa: E402
+
 from megabridge.cli import quiet_expected_warnings, setup_logging  # noqa: E402
 from megabridge.training.flops import H100_BF16_PEAK_TFLOPS, flops_per_token  # noqa: E402
 
@@ -108,8 +110,6 @@ def run_megabridge(args, mbs: int, fp8: str | None = None) -> dict:
 
 
 def run_peer(name: str, args, mbs: int) -> dict:
-    import peers
-
     from megabridge.recipes import get_recipe
     from megabridge.training.config import apply_overrides
 
@@ -138,7 +138,7 @@ def _guarded(name: str, fn, args, mbs) -> dict:
         return fn(args, mbs)
     except torch.cuda.OutOfMemoryError:
         return {"impl": name, "micro_batch": mbs, "oom": True}
-    except Exception as e:  # a peer that cannot run here must not cost the other rows
+    except Exception as e:  # one failing stack must not cost the other rows; exit 1 at the end
         print(f"{name} mbs {mbs} failed: {type(e).__name__}: {e}", flush=True)
         return {"impl": name, "micro_batch": mbs, "error": f"{type(e).__name__}: {e}"[:200]}
     finally:
@@ -152,6 +152,9 @@ def _stacks(args) -> list[tuple[str, object]]:
     stacks = [("megabridge", run_megabridge)]
     stacks += [(f"megabridge-fp8-{r}", functools.partial(run_megabridge, fp8=r)) for r in args.fp8]
     names = [n for n in args.compare.split(",") if n]
+    unknown = sorted(set(names) - set(peers.PEERS))
+    if unknown:
+        sys.exit(f"--compare: unknown {', '.join(unknown)}; known: {', '.join(peers.PEERS)}")
     order = {"hf": 1, "hf-liger": 2}
     for name in sorted(names, key=lambda n: order.get(n, 0)):
         stacks.append((name, functools.partial(run_peer, name)))
@@ -205,12 +208,13 @@ def main() -> None:
     p.add_argument("--json-out", help="write all results here")
     p.add_argument("overrides", nargs="*", help="section.field=value")
     args = p.parse_args()
+    stacks = _stacks(args)
     if not torch.cuda.is_available():
         sys.exit("train_throughput.py needs a GPU")
     quiet_expected_warnings()
     setup_logging()
     results = []
-    for name, fn in _stacks(args):
+    for name, fn in stacks:
         for mbs in args.mbs:
             results.append(_guarded(name, fn, args, mbs))
             print("result:", _row(results[-1]), flush=True)  # kept even if a later one is cut off
@@ -227,6 +231,8 @@ def main() -> None:
     _print_ratios(results)
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(results, indent=2))
+    if any(r.get("error") for r in results):
+        sys.exit("some rows failed (see their lines above)")
 
 
 if __name__ == "__main__":

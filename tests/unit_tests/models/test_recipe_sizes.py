@@ -35,6 +35,7 @@ RECIPE_CHOICES = {
     "expert_model_parallel_size",
     "sequence_parallel",
     "bf16",
+    "fp8",
     "transformer_impl",
     "recompute_granularity",
     "recompute_method",

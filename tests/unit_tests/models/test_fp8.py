@@ -64,6 +64,25 @@ def test_fp8_linear_forward_and_backward_are_close_to_bf16(recipe):
     assert _rel(y, y_ref) > 1e-4  # it did round: the reference is not what was computed
 
 
+@pytest.mark.parametrize("recipe", fp8.RECIPES)
+def test_the_scaled_mm_operand_layouts_match_the_emulation(monkeypatch, recipe):
+    """torch._scaled_mm (it has a CPU kernel) takes the operands as laid out for the GPU's:
+    left row-major, right column-major, in all three GEMMs; results equal the emulation."""
+    monkeypatch.setattr(fp8, "_quantize_fn", lambda emulate: fp8.quantize)  # no compile here
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(64, 32, generator=gen).to(torch.bfloat16)
+    w = (torch.randn(48, 32, generator=gen) * 0.1).to(torch.bfloat16)
+    grad_y = torch.randn(64, 48, generator=gen).to(torch.bfloat16)
+    outs = []
+    for emulate in (False, True):
+        xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = fp8.FP8Linear.apply(xi, wi, recipe, emulate)
+        y.backward(grad_y)
+        outs.append((y, xi.grad, wi.grad))
+    for real, emulated in zip(*outs, strict=True):
+        torch.testing.assert_close(real, emulated, atol=1e-2, rtol=1e-2)
+
+
 def test_rowwise_keeps_an_outlier_row_from_spoiling_the_others():
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(32, 64, generator=gen)

@@ -18,6 +18,6 @@ if ! python3 -c "import torchtitan, megatron.core" >/dev/null 2>&1 && compgen -G
 fi
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 # Options only after the script's name; the overrides go after "--" (the model shape of 12-02).
-exec python3 scripts/performance/train_throughput.py --fp8 tensorwise rowwise \
+exec python3 scripts/performance/train_throughput.py --fp8 tensorwise rowwise --recompute-swiglu \
   --compare torchtitan,torchtitan-float8,hf,hf-liger "$@" \
   -- model.vocab_size=32768 model.share_embeddings_and_output_weights=false

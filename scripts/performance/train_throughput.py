@@ -84,14 +84,14 @@ def _result(
     }
 
 
-def run_megabridge(args, mbs: int, fp8: str | None = None) -> dict:
+def run_megabridge(args, mbs: int, fp8: str | None = None, recompute_swiglu: bool = False) -> dict:
     from megabridge import runtime
     from megabridge.training.loop import setup
     from megabridge.training.step import train_step
 
     with tempfile.TemporaryDirectory() as workdir:
         cfg = _config(args, mbs, workdir)
-        cfg.model.fp8 = fp8
+        cfg.model.fp8, cfg.model.recompute_swiglu = fp8, recompute_swiglu
         torch.cuda.reset_peak_memory_stats()
         s = setup(cfg)
         flops_tok = flops_per_token(cfg.model, args.seq)
@@ -104,6 +104,7 @@ def run_megabridge(args, mbs: int, fp8: str | None = None) -> dict:
             if args.profile:
                 _profile(step)
             name = "megabridge" if fp8 is None else f"megabridge-fp8-{fp8}"
+            name += "-recompute-swiglu" if recompute_swiglu else ""
             return _result(name, mbs, args.seq, times, flops_tok, args.ceiling)
         finally:
             runtime.shutdown()
@@ -151,6 +152,9 @@ def _stacks(args) -> list[tuple[str, object]]:
     whose kernels patch transformers for the rest of the process."""
     stacks = [("megabridge", run_megabridge)]
     stacks += [(f"megabridge-fp8-{r}", functools.partial(run_megabridge, fp8=r)) for r in args.fp8]
+    if args.recompute_swiglu:
+        recompute = functools.partial(run_megabridge, recompute_swiglu=True)
+        stacks.append(("megabridge-recompute-swiglu", recompute))
     names = [n for n in args.compare.split(",") if n]
     unknown = sorted(set(names) - set(peers.PEERS))
     if unknown:
@@ -201,6 +205,10 @@ def main() -> None:
     p.add_argument(
         "--fp8", nargs="*", default=[], choices=("tensorwise", "rowwise"),
         help="also time megabridge with model.fp8 set to each of these",
+    )  # fmt: skip
+    p.add_argument(
+        "--recompute-swiglu", action="store_true",
+        help="also time megabridge with model.recompute_swiglu=true (less activation memory)",
     )  # fmt: skip
     p.add_argument(
         "--profile", action="store_true", help="print the top CUDA kernels of megabridge"

@@ -568,6 +568,24 @@ def _use_megabridge_modules(spec, cfg, norm) -> None:
         attn.k_layernorm = ModuleSpec(module=AcrossHeadsRMSNorm, params={"heads": "key"})
     if cfg.fp8 is not None:
         _use_fp8_linears(sub, cfg)
+    if cfg.recompute_swiglu:
+        _use_recomputed_swiglu(sub, cfg)
+
+
+def _use_recomputed_swiglu(sub, cfg) -> None:
+    """A dense SwiGLU MLP that keeps fc1's output only (models/swiglu_recompute.py)."""
+    from megatron.core.tensor_parallel.layers import RowParallelLinear
+    from megatron.core.transformer.mlp import MLP
+
+    from megabridge.models import swiglu_recompute
+
+    if cfg.fp8 is not None:
+        raise ConfigError("model.recompute_swiglu with model.fp8 is not supported yet")
+    if cfg.activation != "swiglu":
+        raise ConfigError("model.recompute_swiglu needs a plain SwiGLU MLP (activation=swiglu)")
+    if sub.mlp.module is MLP and sub.mlp.submodules.linear_fc2 is RowParallelLinear:
+        sub.mlp.module = swiglu_recompute.RecomputedSwiGLUMLP
+        sub.mlp.submodules.linear_fc2 = swiglu_recompute.SwiGLURowParallelLinear
 
 
 def _use_fp8_linears(sub, cfg) -> None:

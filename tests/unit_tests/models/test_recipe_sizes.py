@@ -36,6 +36,7 @@ RECIPE_CHOICES = {
     "sequence_parallel",
     "bf16",
     "fp8",
+    "recompute_swiglu",
     "transformer_impl",
     "recompute_granularity",
     "recompute_method",

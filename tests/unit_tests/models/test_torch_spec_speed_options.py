@@ -1,4 +1,5 @@
-"""FP8 linears (models/fp8.py): the scaling math, emulated on the CPU, and where it refuses to run."""
+"""The torch spec's speed options on the CPU: FP8 linears (models/fp8.py: the scaling math,
+emulated, and where it refuses to run) and the recomputed SwiGLU (models/swiglu_recompute.py)."""
 
 import pytest
 import torch
@@ -108,9 +109,10 @@ def test_refused_without_a_gpu_or_fp8_tensor_cores_or_with_tp(monkeypatch):
 
 
 def _tiny(**kw) -> ModelConfig:
-    return ModelConfig(num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
-                       num_query_groups=2, vocab_size=128, seq_length=32, bf16=True,
-                       transformer_impl="torch", **kw)  # fmt: skip
+    kw = dict(num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
+              num_query_groups=2, vocab_size=128, seq_length=32, bf16=True,
+              transformer_impl="torch") | kw  # fmt: skip
+    return ModelConfig(**kw)
 
 
 def _loss_and_grads(cfg: ModelConfig, tokens: torch.Tensor):
@@ -154,3 +156,29 @@ def test_fp8_with_another_spec_is_refused():
     cfg.transformer_impl = "local"
     with pytest.raises(ConfigError, match="torch layer spec only"):
         build_model(cfg, meta=True)
+
+
+@pytest.mark.usefixtures("single_process_megatron")
+def test_recomputed_swiglu_gives_the_same_loss_and_gradients():
+    """model.recompute_swiglu (models/swiglu_recompute.py) changes what is kept, not the math."""
+    from megabridge.models import swiglu_recompute
+
+    tokens = torch.randint(0, 128, (2, 17), generator=torch.Generator().manual_seed(1))
+    fp32 = dict(bf16=False)
+    model, loss, grads = _loss_and_grads(_tiny(recompute_swiglu=True, **fp32), tokens)
+    _, ref_loss, ref_grads = _loss_and_grads(_tiny(**fp32), tokens)
+    mlp = model.decoder.layers[1].mlp
+    assert isinstance(mlp, swiglu_recompute.RecomputedSwiGLUMLP)
+    assert isinstance(mlp.linear_fc2, swiglu_recompute.SwiGLURowParallelLinear)  # not the fallback
+    torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-6)
+    assert grads.keys() == ref_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, ref_grads[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.usefixtures("single_process_megatron")
+def test_recomputed_swiglu_is_refused_where_it_does_not_apply():
+    with pytest.raises(ConfigError, match="plain SwiGLU"):
+        build_model(_tiny(recompute_swiglu=True, activation="gelu"), meta=True)
+    with pytest.raises(ConfigError, match="recompute_swiglu with model.fp8 is not supported yet"):
+        build_model(_tiny(recompute_swiglu=True, fp8="rowwise"), meta=True)

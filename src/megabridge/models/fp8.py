@@ -66,7 +66,10 @@ def _quantize_fn(emulate: bool):
     if emulate:
         return quantize
     if "quantize" not in _compiled:
-        _compiled["quantize"] = torch.compile(quantize, dynamic=None)
+        # Symbolic shapes from the start: one kernel per (format, rowwise) for every operand
+        # shape (activations, weights, gradients and their transposes) rather than one per
+        # shape, which would reach dynamo's recompile limit and fall back to eager.
+        _compiled["quantize"] = torch.compile(quantize, dynamic=True)
     return _compiled["quantize"]
 
 

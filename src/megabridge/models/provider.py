@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from megabridge.errors import ConfigError
-from megabridge.models import hooks, rope, specs, torch_layers
+from megabridge.models import fp8, hooks, rope, specs, torch_layers
 from megabridge.models.config import ModelConfig, validate_model_config
 
 _ACTIVATIONS = {
@@ -254,9 +254,7 @@ def build_model(cfg: ModelConfig, meta: bool = False) -> list[torch.nn.Module]:
 
     validate_model_config(cfg)
     if cfg.fp8 is not None and not meta:  # a meta build only lays out the (same) parameters
-        from megabridge.models.fp8 import check_fp8_supported
-
-        check_fp8_supported(cfg.fp8, cfg.tensor_model_parallel_size, cfg.sequence_parallel)
+        fp8.check_fp8_supported(cfg.fp8, cfg.tensor_model_parallel_size, cfg.sequence_parallel)
     tconfig = transformer_config(cfg)
     with _OnMeta() if meta else contextlib.nullcontext():
         model = GPTModel(

@@ -26,7 +26,7 @@ from megatron.core.utils import divide
 from torch.utils.checkpoint import checkpoint
 
 from megabridge.errors import ConfigError
-from megabridge.models import rope
+from megabridge.models import fp8, rope, swiglu_recompute
 
 # Queries per block in chunked_attention (module-level so that tests can shrink it).
 ATTENTION_CHUNK = 512
@@ -577,8 +577,6 @@ def _use_recomputed_swiglu(sub, cfg) -> None:
     from megatron.core.tensor_parallel.layers import RowParallelLinear
     from megatron.core.transformer.mlp import MLP
 
-    from megabridge.models import swiglu_recompute
-
     if cfg.fp8 is not None:
         raise ConfigError("model.recompute_swiglu with model.fp8 is not supported yet")
     if cfg.activation != "swiglu":
@@ -594,7 +592,6 @@ def _use_fp8_linears(sub, cfg) -> None:
     An MoE layer's experts stay in bf16 (grouped GEMMs have no FP8 path here yet). Whether
     this machine can run them is checked where the model is materialised (provider).
     """
-    from megabridge.models import fp8
 
     mlp = getattr(sub.mlp, "submodules", None)
     for owner in (sub.self_attention.submodules, mlp):

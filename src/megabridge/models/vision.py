@@ -30,7 +30,11 @@ from torch import nn
 
 from megabridge.errors import UserError
 
-_ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x)}
+_ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
+}
 
 
 class VisionRMSNorm(nn.Module):
@@ -118,7 +122,9 @@ class PatchMerger(nn.Module):
         self.ln_q = VisionRMSNorm(hidden)
         merged = hidden * unit
         # indices 0 and 2, as in the HF checkpoint (mlp.0, mlp.2)
-        self.mlp = nn.Sequential(nn.Linear(merged, merged), nn.GELU(), nn.Linear(merged, out_hidden))
+        self.mlp = nn.Sequential(
+            nn.Linear(merged, merged), nn.GELU(), nn.Linear(merged, out_hidden)
+        )
 
     def forward(self, x):
         return self.mlp(self.ln_q(x).reshape(-1, self.mlp[0].in_features))

@@ -66,7 +66,9 @@ def test_logits_on_images_match_transformers(hf_dir, images):
     # every image's tokens are compared, not only the text around them
     samples = image_inputs.image_samples(hf_dir, images, {**_vision(hf_dir)})
     image_tokens = sum(int((s.input_ids == 92).sum()) for s in samples)
-    assert image_tokens == 35 + 16 + 18 and result.tokens == sum(s.input_ids.numel() for s in samples)
+    assert image_tokens == 35 + 16 + 18 and result.tokens == sum(
+        s.input_ids.numel() for s in samples
+    )
 
 
 def _vision(hf_dir) -> dict:

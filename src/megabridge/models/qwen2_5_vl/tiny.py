@@ -16,7 +16,9 @@ TEXT = dict(
     rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
 )  # fmt: skip
 # The token ids the tiny processor's tokenizer gives its special tokens (tests build it).
-TOKENS = dict(vision_start_token_id=90, vision_end_token_id=91, image_token_id=92, video_token_id=93)
+TOKENS = dict(
+    vision_start_token_id=90, vision_end_token_id=91, image_token_id=92, video_token_id=93
+)
 
 TINY = {
     "base": dict(text_config=TEXT, vision_config=VISION, tie_word_embeddings=False, **TOKENS),

@@ -30,11 +30,7 @@ from torch import nn
 
 from megabridge.errors import UserError
 
-_ACTIVATIONS = {
-    "silu": F.silu,
-    "gelu": F.gelu,
-    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
-}
+_ACTIVATIONS = {"silu": F.silu}  # the vision MLPs' hidden_act (the bridge refuses others)
 
 
 class VisionRMSNorm(nn.Module):
@@ -148,10 +144,11 @@ class Qwen25VisionTower(nn.Module):
             for _ in range(v["depth"])
         )
         self.merger = PatchMerger(hidden, self.merge**2, v["out_hidden_size"])
-        # 2D RoPE: a quarter of the head dimension's frequencies for rows, as many for columns
-        quarter = hidden // heads // 2
+        # 2D RoPE: head_dim / 4 frequencies for the row, as many for the column; rotated by
+        # halves over the whole head (angles [rows | columns | rows | columns])
+        half = hidden // heads // 2
         theta = v.get("rope_theta", 10000.0)
-        self.inv_freq = 1.0 / theta ** (torch.arange(0, quarter, 2, dtype=torch.float) / quarter)
+        self.inv_freq = 1.0 / theta ** (torch.arange(0, half, 2, dtype=torch.float) / half)
 
     def forward(self, pixels: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         grids = [tuple(int(x) for x in g) for g in grid_thw.tolist()]
@@ -267,6 +264,9 @@ def mrope_positions(
             grid = torch.stack(torch.meshgrid(
                 torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij"
             )).reshape(3, -1)  # fmt: skip
-            out[:, row, i : i + grid.shape[1]] = grid + pos
-            i, pos = i + grid.shape[1], pos + max(h, w)
+            n = grid.shape[1]
+            if ids[i : i + n] != [image_token_id] * n:
+                raise UserError(f"an image of {n} tokens has fewer image tokens in the text")
+            out[:, row, i : i + n] = grid + pos
+            i, pos = i + n, pos + max(h, w)
     return out.to(input_ids.device)

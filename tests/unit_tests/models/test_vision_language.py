@@ -114,6 +114,16 @@ def test_streamed_checkpoint_round_trip_bit_exact(hf_dir, tmp_path):
     checks.assert_same_hf_folder(hf_dir, tmp_path / "back")
 
 
+@pytest.mark.unit
+def test_more_image_tokens_than_images_is_one_line():
+    from megabridge.errors import UserError
+    from megabridge.models.vision import mrope_positions
+
+    ids = torch.tensor([[5, 90, *[92] * 6, 91, 90, 92, 91]])
+    with pytest.raises(UserError, match="more image tokens than there are images"):
+        mrope_positions(ids, torch.tensor([[1, 4, 6]]), 92, 2)
+
+
 @pytest.mark.system
 def test_cli_verifies_on_images(hf_dir, images, tmp_path):
     megatron = checks.to_megatron_checkpoint(hf_dir, tmp_path / "megatron")
@@ -165,3 +175,14 @@ def test_cli_refuses_training_in_one_line(hf_dir):
     assert run.returncode == 2, run.stderr[-3000:]
     assert "training a vision-language model (qwen2_5_vl) is not supported yet" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+@pytest.mark.system
+@pytest.mark.skipduringci  # two 2-process launches: minutes on a loaded 2-core machine
+@pytest.mark.parametrize("layout", [["--tp", "2"], ["--pp", "2"]], ids=["tp2", "pp2"])
+def test_logits_on_images_at_tp2_and_pp2(hf_dir, images, layout):
+    """The language model split over two processes; the vision tower replicated (TP) or on
+    the first stage (PP)."""
+    images_args = [a for p in images for a in ("--image", str(p))]
+    code, result = checks.verify_cli(hf_dir, nproc=2, extra=[*layout, *images_args])
+    assert code == 0 and result["max_abs_diff"] <= ATOL, result

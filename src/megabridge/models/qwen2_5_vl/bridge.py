@@ -4,6 +4,7 @@ behind a windowed ViT (models/vision.py). The tower's tensors keep their HF name
 
 from megabridge.conversion.mappings import renames
 from megabridge.conversion.registry import register_bridge
+from megabridge.errors import UserError
 from megabridge.models.qwen2.bridge import Qwen2Bridge
 
 # HF vision_config fields the tower is built from (ModelConfig.vision keeps them).
@@ -54,6 +55,10 @@ class Qwen25VLBridge(Qwen2Bridge):
         cfg.share_embeddings_and_output_weights = bool(hf_config.tie_word_embeddings)
         v = hf_config.vision_config
         vision = {name: getattr(v, name) for name in VISION_FIELDS}
+        if vision["hidden_act"] != "silu":  # what models/vision.py builds
+            raise UserError(
+                f"{cls.display_name()} with vision hidden_act={v.hidden_act!r} is not supported yet"
+            )
         vision["fullatt_block_indexes"] = list(vision["fullatt_block_indexes"])
         vision["rope_theta"] = float((v.rope_parameters or {}).get("rope_theta", 10000.0))
         vision.update({name: getattr(hf_config, name) for name in TOKEN_IDS})

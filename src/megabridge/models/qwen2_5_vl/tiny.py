@@ -14,6 +14,7 @@ TEXT = dict(
     vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6,
     rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+    bos_token_id=2, eos_token_id=3,
 )  # fmt: skip
 # The token ids the tiny processor's tokenizer gives its special tokens (tests build it).
 TOKENS = dict(

@@ -32,15 +32,23 @@ def _tokenizer(vocab_size: int, first_vision_id: int):
     )  # fmt: skip
 
 
-def save_tiny_qwen2_5_vl(path: Path, variant: str = "base", seed: int = 0) -> Path:
-    """transformers' Qwen2.5-VL of the tiny config, random weights, with its processor files."""
+def save_tiny_qwen2_5_vl(
+    path: Path,
+    variant: str = "base",
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    max_shard_size: int | None = None,
+) -> Path:
+    """transformers' Qwen2.5-VL of the tiny config, random weights, with its processor files
+    (with ``max_shard_size``, bytes: several safetensors files and an index)."""
     from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
 
     config = tiny_config("qwen2_5_vl", variant)
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(config)
     randomize(model, seed)
-    model.save_pretrained(str(path))
+    shards = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    model.to(dtype).save_pretrained(str(path), **shards)
     vision = qwen2_5_vl_tiny.VISION
     Qwen2VLImageProcessorPil(
         patch_size=vision["patch_size"], merge_size=vision["spatial_merge_size"],

@@ -41,11 +41,17 @@ def test_config_round_trip(variant):
 
 @pytest.mark.unit
 @pytest.mark.usefixtures("single_process_megatron")
-@pytest.mark.parametrize("variant", ["base", "tied"])
-def test_round_trip_bit_exact(variant, tmp_path):
+@pytest.mark.parametrize(
+    "variant, dtype, shards",
+    [("base", torch.float32, 40_000), ("tied", torch.bfloat16, None)],
+    ids=["base-fp32-sharded", "tied-bf16"],
+)
+def test_round_trip_bit_exact(variant, dtype, shards, tmp_path):
     from megabridge.conversion.auto_bridge import AutoBridge
 
-    source = save_tiny_qwen2_5_vl(tmp_path / "hf", variant)
+    source = save_tiny_qwen2_5_vl(tmp_path / "hf", variant, dtype=dtype, max_shard_size=shards)
+    if shards:  # the index and its shards come back as they were
+        assert len(set(json.loads((source / checks.INDEX).read_text())["weight_map"].values())) > 1
     bridge = AutoBridge.from_hf_pretrained(source)
     model = bridge.to_megatron_model()
     vision = [n for n, _ in model[0].named_parameters() if n.startswith("vision.")]

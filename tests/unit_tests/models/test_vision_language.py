@@ -77,6 +77,15 @@ def test_logits_on_images_match_transformers(hf_dir, images):
     )
 
 
+@pytest.mark.unit
+@pytest.mark.usefixtures("single_process_megatron")
+def test_logits_on_images_in_bf16(hf_dir, images):
+    from megabridge.conversion.verify import verify
+
+    result = verify(hf_dir, images=images, dtype=torch.bfloat16)
+    assert result.ok and result.max_abs_diff <= 0.05 and result.top1_agreement >= 0.99, result
+
+
 def _vision(hf_dir) -> dict:
     config = json.loads((hf_dir / "config.json").read_text())
     return {**config["vision_config"], **{k: v for k, v in config.items() if k.endswith("_id")}}

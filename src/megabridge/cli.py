@@ -270,6 +270,13 @@ def _register_conversion(sub) -> None:
     p.add_argument(
         "--min-top1", type=float, help="min top-1 agreement (default 0.99 fp32, 0.9 bf16)"
     )
+    p.add_argument(
+        "--image",
+        action="append",
+        metavar="PATH",
+        help="an image to compare a vision-language model's logits on (repeatable; required "
+        "for them, one sample per image, made by the model's own image processor)",
+    )
     p.add_argument("--json", action="store_true", help="print the result as JSON on the last line")
     p.set_defaults(func=_command("megabridge.conversion.commands", "cmd_verify"))
 

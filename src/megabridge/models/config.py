@@ -89,8 +89,13 @@ class ModelConfig:
         "its weight spans the heads and is split over TP ranks with them",
         torch_only=True,
     )
-    position_embedding_type: Literal["rope", "learned_absolute", "none"] = architecture_field(
-        "rope", "position embedding"
+    position_embedding_type: Literal["rope", "mrope", "learned_absolute", "none"] = (
+        architecture_field("rope", "position embedding (mrope: RoPE over 3D positions, Qwen2.5-VL)")
+    )
+    mrope_section: list[int] | None = architecture_field(
+        None,
+        "mrope: how many RoPE frequencies follow the temporal, height and width positions "
+        "(HF rope_parameters.mrope_section)",
     )
     rotary_base: float = architecture_field(10000.0, "RoPE theta")
     rotary_percent: float = architecture_field(1.0, "fraction of the head dimension rotated")
@@ -157,6 +162,11 @@ class ModelConfig:
     )
     logits_divisor: float | None = architecture_field(
         None, "divide the output logits by this (Granite's logits_scaling)"
+    )
+    vision: dict | None = architecture_field(
+        None,
+        "the vision tower of a vision-language model: its HF vision_config fields plus kind "
+        "and image_token_id (models/vision.py); None: a text-only model",
     )
     # MoE
     num_moe_experts: int | None = architecture_field(
@@ -370,4 +380,8 @@ def _variant_problems(cfg: ModelConfig) -> list[str]:
         problems.append(f"no_rope_layers {bad} are not layers of a {cfg.num_layers}-layer model")
     if cfg.local_rotary_base is not None and cfg.sliding_window is None:
         problems.append("local_rotary_base needs sliding_window (it is the window layers' theta)")
+    if (cfg.position_embedding_type == "mrope") != (cfg.mrope_section is not None):
+        problems.append("position_embedding_type=mrope and mrope_section go together")
+    if cfg.vision is not None and cfg.sequence_parallel:
+        problems.append("sequence_parallel with a vision tower is not supported yet")
     return problems

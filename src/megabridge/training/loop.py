@@ -234,6 +234,10 @@ def save(s: Session) -> Path:
 
 def setup(cfg: ConfigContainer) -> Session:
     _adopt_pretrained_architecture(cfg)
+    if cfg.model.vision is not None:  # the data path has no images yet (issue 14)
+        raise ConfigError(
+            f"training a vision-language model ({cfg.model.family}) is not supported yet"
+        )
     validate(cfg, int(os.environ.get("WORLD_SIZE", 1)))
     rt = runtime.init_distributed(cfg.dist.distributed_timeout_minutes)
     m = cfg.model

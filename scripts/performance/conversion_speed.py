@@ -9,6 +9,8 @@ same command's imports alone (python -c "import megabridge...") for reference: i
 megatron-core is a fixed cost of seconds that has nothing to do with the model's size.
 
     uv run python scripts/performance/conversion_speed.py --hidden 2048 --layers 16   # ~2 GB bf16
+    # keep the model and its checkpoint in DIR, time only the export (floor and imports too):
+    uv run python scripts/performance/conversion_speed.py --workdir DIR --export-only
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -70,8 +74,10 @@ def make_llama(folder: Path, hidden: int, layers: int, vocab: int) -> int:
     return (folder / "model.safetensors").stat().st_size
 
 
-def measure(cmd: list[str]) -> tuple[float, int]:
-    """(seconds, peak resident bytes of the process tree)."""
+def measure(cmd: list[str]) -> tuple[float, float, int]:
+    """(seconds, CPU seconds, peak resident bytes) of the process tree. The CPU seconds
+    (user + system) vary far less than the wall time on a shared machine."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     proc = psutil.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
@@ -94,7 +100,9 @@ def measure(cmd: list[str]) -> tuple[float, int]:
     thread.join()
     if proc.returncode:
         sys.exit(f"{cmd[:4]} failed:\n{err.decode()[-3000:]}")
-    return time.perf_counter() - start, peak
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = sum(getattr(after, f) - getattr(before, f) for f in ("ru_utime", "ru_stime"))
+    return time.perf_counter() - start, cpu, peak
 
 
 def main() -> None:
@@ -104,41 +112,48 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=2048)
     p.add_argument("--layers", type=int, default=16)
     p.add_argument("--vocab", type=int, default=32768)
+    p.add_argument("--workdir", type=Path, help="keep the model and checkpoint here (reused)")
+    p.add_argument("--export-only", action="store_true", help="skip timing hf-to-megatron")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        size = make_llama(root / "hf", args.hidden, args.layers, args.vocab)
-        floor_s, floor_mem = measure(
-            [sys.executable, "-c", FLOOR, str(root / "hf"), str(root / "floor")]
-        )
-        idle_s, idle_mem = measure([sys.executable, "-c", IDLE])
-        conv_s, conv_mem = measure([sys.executable, "-m", "megabridge", "convert", "hf-to-megatron",
-                                    "--hf-path", str(root / "hf"), "--megatron-path", str(root / "mg")])  # fmt: skip
-        back_s, back_mem = measure([sys.executable, "-m", "megabridge", "convert", "megatron-to-hf",
-                                    "--megatron-path", str(root / "mg"), "--hf-path", str(root / "back")])  # fmt: skip
+        root = args.workdir or Path(tmp)
+        hf, mg = root / f"hf-{args.hidden}-{args.layers}", root / f"mg-{args.hidden}-{args.layers}"
+        if not (hf / "config.json").is_file():
+            make_llama(hf, args.hidden, args.layers, args.vocab)
+        size = (hf / "model.safetensors").stat().st_size
+        for stale in ("floor", "back"):
+            shutil.rmtree(root / stale, ignore_errors=True)
+        floor = measure([sys.executable, "-c", FLOOR, str(hf), str(root / "floor")])
+        idle = measure([sys.executable, "-c", IDLE])
+        to_mg = [sys.executable, "-m", "megabridge", "convert", "hf-to-megatron", "--hf-path",
+                 str(hf), "--megatron-path", str(mg), "--overwrite"]  # fmt: skip
+        conv = None
+        if not args.export_only or not mg.is_dir():
+            conv = measure(to_mg)
+        back = measure([sys.executable, "-m", "megabridge", "convert", "megatron-to-hf",
+                        "--megatron-path", str(mg), "--hf-path", str(root / "back")])  # fmt: skip
+        shutil.rmtree(root / "floor")
+        shutil.rmtree(root / "back")
     gib = 2**30
-    print(
-        f"model: {size / gib:.2f} GiB bf16 (hidden {args.hidden}, {args.layers} layers, vocab {args.vocab})"
-    )
-    print(
-        f"floor (safetensors load + torch.save per tensor): {floor_s:6.1f} s, peak PSS {floor_mem / gib:5.2f} GiB"
-    )
-    print(
-        f"megabridge convert hf-to-megatron:                 {conv_s:6.1f} s, peak PSS {conv_mem / gib:5.2f} GiB"
-    )
-    print(
-        f"megabridge convert megatron-to-hf (streamed):     {back_s:6.1f} s, peak PSS {back_mem / gib:5.2f} GiB"
-    )
-    print(
-        f"imports alone (megabridge, megatron-core, transformers): {idle_s:6.1f} s, peak PSS {idle_mem / gib:5.2f} GiB"
-    )
-    print(f"time ratio {conv_s / floor_s:.2f}x (target <= 2x); without the imports' fixed cost "
-          f"{(conv_s - idle_s) / floor_s:.2f}x")  # fmt: skip
-    print(f"peak memory above the imports / model size {(conv_mem - idle_mem) / size:.2f} "
-          f"(target < 0.5 for ~2 GB); whole process / model size {conv_mem / size:.2f}")  # fmt: skip
-    print(f"export: time ratio {back_s / floor_s:.2f}x, without the imports {(back_s - idle_s) / floor_s:.2f}x "
-          f"(target <= 1.5x); peak above the imports / model size {(back_mem - idle_mem) / size:.2f} "
-          f"(target < 0.5 at ~2 GB, < 0.25 larger); whole process / model {back_mem / size:.2f}")  # fmt: skip
+    print(f"model: {size / gib:.2f} GiB bf16 (hidden {args.hidden}, {args.layers} layers, "
+          f"vocab {args.vocab}); wall s, CPU s (user + system), peak PSS")  # fmt: skip
+    rows = [("floor (safetensors load + torch.save per tensor)", floor),
+            ("imports alone (megabridge, megatron-core, transformers)", idle),
+            ("megabridge convert hf-to-megatron", conv),
+            ("megabridge convert megatron-to-hf (streamed)", back)]  # fmt: skip
+    for label, (wall, cpu, mem) in ((label, m) for label, m in rows if m is not None):
+        print(f"{label:57s} {wall:7.1f} s {cpu:7.1f} CPU s {mem / gib:6.2f} GiB")
+    for name, measured in (("import", conv), ("export", back)):
+        if measured is None:
+            continue
+        wall, cpu, mem = measured
+        print(
+            f"{name}: time ratio {wall / floor[0]:.2f}x; without the imports' fixed cost "
+            f"{(wall - idle[0]) / floor[0]:.2f}x wall, {(cpu - idle[1]) / floor[1]:.2f}x CPU "
+            f"(targets: import <= 2x, export <= 1.5x); peak above the imports / model "
+            f"{(mem - idle[2]) / size:.2f} (target < 0.5 at ~2 GB, < 0.25 larger); "
+            f"whole process / model {mem / size:.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -130,3 +130,33 @@ def test_megatron_layout_is_a_save_folder_both_tools_describe(tmp_path):
         meta = foreign.metadata(ckpt)
         assert meta["foreign"]["kind"] == kind
         assert meta["model"] == architecture(cfg) | {"vocab_size": 256}
+
+
+@pytest.mark.usefixtures("single_process_megatron")
+def test_training_takes_a_described_nowhere_checkpoint_with_checkpoint_hf_config(tmp_path):
+    """checkpoint.pretrained_checkpoint of a checkpoint with no model description: one line
+    naming checkpoint.hf_config; with it, the model's shape and its weights are the HF model's."""
+    from megabridge.conversion.auto_bridge import AutoBridge
+    from megabridge.errors import UserError
+    from megabridge.models.config import architecture
+    from megabridge.models.llama.recipes import llama_tiny_finetune_config
+    from megabridge.models.provider import build_model
+    from megabridge.training import loop
+
+    hf, ckpt = make_foreign("megatron-bridge", tmp_path, torch.float32)
+    (ckpt / "iter_0000010" / "run_config.yaml").write_text("train: {train_iters: 10}\n")
+    cfg = llama_tiny_finetune_config()
+    cfg.checkpoint.pretrained_checkpoint = str(ckpt)
+    with pytest.raises(UserError, match=r"training: checkpoint\.hf_config="):
+        loop._adopt_pretrained_architecture(cfg)
+    cfg.checkpoint.hf_config = str(hf / "config.json")
+    loop._adopt_pretrained_architecture(cfg)
+    reference = AutoBridge.from_hf_pretrained(hf)
+    assert architecture(cfg.model) == architecture(reference.model_config)
+    model = build_model(cfg.model)
+    loop._load_pretrained(cfg, model)
+    expected = dict(reference.to_megatron_model(cfg.model)[0].named_parameters())
+    loaded = dict(model[0].named_parameters())
+    assert sorted(loaded) == sorted(expected)
+    for name, tensor in expected.items():
+        assert torch.equal(loaded[name], tensor), name

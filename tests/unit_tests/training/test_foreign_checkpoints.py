@@ -160,3 +160,29 @@ def test_training_takes_a_described_nowhere_checkpoint_with_checkpoint_hf_config
     assert sorted(loaded) == sorted(expected)
     for name, tensor in expected.items():
         assert torch.equal(loaded[name], tensor), name
+
+
+@pytest.mark.usefixtures("single_process_megatron")
+def test_lora_on_an_undescribed_foreign_base_exports_like_convert(tmp_path):
+    """LoRA from a foreign checkpoint described by checkpoint.hf_config: the saved adapters
+    record it, so `export` rebuilds the base without being told; the merged model of adapters
+    that have not moved (B = 0) is the HF model, bit for bit."""
+    from megabridge.models.llama.recipes import llama_tiny_finetune_config
+    from megabridge.peft.export import export_checkpoint
+    from megabridge.training import loop
+    from megabridge.training.config import apply_overrides
+
+    hf, ckpt = make_foreign("megatron-bridge", tmp_path, torch.float32)
+    (ckpt / "iter_0000010" / "run_config.yaml").write_text("train: {train_iters: 10}\n")
+    cfg = apply_overrides(llama_tiny_finetune_config(), [
+        f"checkpoint.pretrained_checkpoint={ckpt}", f"checkpoint.hf_config={hf}",
+        "dataset.type=mock", "peft.method=lora", "peft.dim=4", "train.eval_interval=None",
+        f"checkpoint.save={tmp_path / 'ckpt'}", f"logger.log_dir={tmp_path / 'logs'}",
+        "logger.tensorboard=false",
+    ])  # fmt: skip
+    s = loop.setup(cfg)
+    s.state.iteration = 1
+    saved = loop.save(s)
+    export_checkpoint(saved, hf_path=tmp_path / "merged", adapter_path=tmp_path / "adapter")
+    assert_same_tensors(hf, tmp_path / "merged")
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()

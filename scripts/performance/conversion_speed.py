@@ -37,16 +37,18 @@ from pathlib import Path
 from safetensors import safe_open
 src, out = Path(sys.argv[1]), Path(sys.argv[2])
 out.mkdir()
-with safe_open(str(src / "model.safetensors"), framework="pt") as f:
-    for name in f.keys():
-        torch.save(f.get_tensor(name), out / f"{name}.pt")
+for file in sorted(src.glob("*.safetensors")):
+    with safe_open(str(file), framework="pt") as f:
+        for name in f.keys():
+            torch.save(f.get_tensor(name), out / f"{name}.pt")
 """
 
 IDLE = "import megabridge.cli, megatron.core, transformers, megabridge.conversion.auto_bridge"
 
 
 def make_llama(folder: Path, hidden: int, layers: int, vocab: int) -> int:
-    """A random bf16 Llama folder written tensor by tensor; returns its size in bytes."""
+    """A random bf16 Llama folder, one safetensors file per layer (so that making a large
+    one holds a layer in memory, not the model); returns its size in bytes."""
     folder.mkdir(parents=True)
     heads, kv, ffn = hidden // 64, max(hidden // 256, 1), hidden * 4
     gen = torch.Generator().manual_seed(0)
@@ -54,24 +56,33 @@ def make_llama(folder: Path, hidden: int, layers: int, vocab: int) -> int:
     def rand(*shape):
         return (torch.randn(*shape, generator=gen) * 0.02).to(torch.bfloat16)
 
-    tensors = {"model.embed_tokens.weight": rand(vocab, hidden), "model.norm.weight": rand(hidden),
-               "lm_head.weight": rand(vocab, hidden)}  # fmt: skip
+    weight_map = {}
+
+    def save(tensors: dict, file: str) -> None:
+        save_file(tensors, str(folder / file), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, file))
+
+    files = layers + 1
+    save({"model.embed_tokens.weight": rand(vocab, hidden), "model.norm.weight": rand(hidden),
+          "lm_head.weight": rand(vocab, hidden)}, f"model-00001-of-{files:05d}.safetensors")  # fmt: skip
     for i in range(layers):
         p = f"model.layers.{i}."
-        tensors.update({
+        save({
             p + "input_layernorm.weight": rand(hidden), p + "post_attention_layernorm.weight": rand(hidden),
             p + "self_attn.q_proj.weight": rand(hidden, hidden), p + "self_attn.k_proj.weight": rand(kv * 64, hidden),
             p + "self_attn.v_proj.weight": rand(kv * 64, hidden), p + "self_attn.o_proj.weight": rand(hidden, hidden),
             p + "mlp.gate_proj.weight": rand(ffn, hidden), p + "mlp.up_proj.weight": rand(ffn, hidden),
             p + "mlp.down_proj.weight": rand(hidden, ffn),
-        })  # fmt: skip
-    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        }, f"model-{i + 2:05d}-of-{files:05d}.safetensors")  # fmt: skip
+    size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    index = {"metadata": {"total_size": size}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
               "intermediate_size": ffn, "num_hidden_layers": layers, "num_attention_heads": heads,
               "num_key_value_heads": kv, "vocab_size": vocab, "max_position_embeddings": 4096,
               "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "torch_dtype": "bfloat16"}  # fmt: skip
     (folder / "config.json").write_text(json.dumps(config))
-    return (folder / "model.safetensors").stat().st_size
+    return size
 
 
 def measure(cmd: list[str]) -> tuple[float, float, int]:
@@ -120,7 +131,7 @@ def main() -> None:
         hf, mg = root / f"hf-{args.hidden}-{args.layers}", root / f"mg-{args.hidden}-{args.layers}"
         if not (hf / "config.json").is_file():
             make_llama(hf, args.hidden, args.layers, args.vocab)
-        size = (hf / "model.safetensors").stat().st_size
+        size = sum(f.stat().st_size for f in hf.glob("*.safetensors"))
         for stale in ("floor", "back"):
             shutil.rmtree(root / stale, ignore_errors=True)
         floor = measure([sys.executable, "-c", FLOOR, str(hf), str(root / "floor")])

@@ -135,6 +135,7 @@ def main() -> None:
         for stale in ("floor", "back"):
             shutil.rmtree(root / stale, ignore_errors=True)
         floor = measure([sys.executable, "-c", FLOOR, str(hf), str(root / "floor")])
+        shutil.rmtree(root / "floor")  # a model's size of disk, needed again for the export
         idle = measure([sys.executable, "-c", IDLE])
         to_mg = [sys.executable, "-m", "megabridge", "convert", "hf-to-megatron", "--hf-path",
                  str(hf), "--megatron-path", str(mg), "--overwrite"]  # fmt: skip
@@ -143,7 +144,6 @@ def main() -> None:
             conv = measure(to_mg)
         back = measure([sys.executable, "-m", "megabridge", "convert", "megatron-to-hf",
                         "--megatron-path", str(mg), "--hf-path", str(root / "back")])  # fmt: skip
-        shutil.rmtree(root / "floor")
         shutil.rmtree(root / "back")
     gib = 2**30
     print(f"model: {size / gib:.2f} GiB bf16 (hidden {args.hidden}, {args.layers} layers, "

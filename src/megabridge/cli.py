@@ -312,6 +312,11 @@ def _register_export(sub) -> None:
         "--hf-reference", help="HF folder whose config.json and tokenizer the merged model gets"
     )
     p.add_argument("--dtype", help="float32 or bfloat16 (default: the base's dtypes; adapter fp32)")
+    p.add_argument(
+        "--hf-config",
+        help="HF model folder or config.json describing a base checkpoint from Megatron-LM, "
+        "Megatron-Bridge or NeMo 2 that carries no model description (default: as recorded)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace existing output folders")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (default 1)")
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (default 1)")

@@ -37,8 +37,6 @@ SIDECAR_FILES = (
     "added_tokens.json",
     "chat_template.jinja",
     "chat_template.json",
-    "preprocessor_config.json",  # a vision-language model's image processor and processor
-    "processor_config.json",
 )
 
 _DTYPES = {
@@ -252,22 +250,27 @@ class HFCheckpoint:
         return dict(self.weight_map)
 
 
-_FINITE_CHECK_ELEMENTS = 1 << 24
+# dtypes whose min and max tell whether all values are finite (see all_finite)
+_MINMAX_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether a tensor holds no NaN and no Inf (integer tensors always do).
+
+    torch.aminmax propagates NaN and an Inf is an extreme, so both extremes are finite
+    exactly when every value is: one vectorised pass without isfinite's boolean copy,
+    20-60x faster on the CPU (it was half of a streamed export's time; NOTES.md)."""
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return True
+    if tensor.dtype not in _MINMAX_DTYPES:  # float8 and the like: no aminmax kernel
+        return bool(torch.isfinite(tensor).all())
+    lo, hi = torch.aminmax(tensor)
+    return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
 
 
 def check_finite(tensor: torch.Tensor, what: str) -> None:
-    """ConversionError when a floating-point tensor holds NaN or Inf.
-
-    Checked a slice at a time: torch.isfinite on a whole bf16 tensor makes a float32 copy and
-    a bool mask, 2.5x the tensor (3 GiB more for a 1.2 GiB vocabulary embedding).
-    """
-    if not tensor.is_floating_point() or tensor.numel() == 0:
-        return
-    if tensor.is_contiguous() or tensor.dim() < 2:
-        parts = tensor.reshape(-1).split(_FINITE_CHECK_ELEMENTS)
-    else:  # a strided view: slices of whole rows, no copy of the tensor
-        parts = tensor.split(max(1, _FINITE_CHECK_ELEMENTS // tensor[0].numel()))
-    if not all(bool(torch.isfinite(part).all()) for part in parts):
+    """ConversionError when a floating-point tensor holds NaN or Inf."""
+    if not all_finite(tensor):
         raise ConversionError(
             f"{what} holds NaN or Inf (pass --allow-non-finite to convert it anyway)"
         )

@@ -72,7 +72,13 @@ def settings(cfg) -> dict:
         "dropout": p.dropout,
         "base": str(Path(base).resolve()) if base else None,  # the frozen weights' origin
         "seed": cfg.rng.seed,  # without a base: the weights megabridge initialised from this seed
+        # what describes a foreign base checkpoint that carries no description (export needs it)
+        "base_hf_config": _resolved(cfg.checkpoint.hf_config) if base else None,
     }
+
+
+def _resolved(path: str | None) -> str | None:
+    return str(Path(path).resolve()) if path else None
 
 
 # ------------------------------------------------------------------ the adapted layer

@@ -110,6 +110,11 @@ class CheckpointConfig:
     pretrained_checkpoint: str | None = option(
         None, "start from these weights: an HF model folder or a Megatron checkpoint"
     )
+    hf_config: str | None = option(
+        None,
+        "an HF model folder or config.json that describes a Megatron-LM / Megatron-Bridge / NeMo 2 "
+        "checkpoint (load or pretrained_checkpoint) carrying no model description",
+    )
     run_dir: str = option("runs", "parent of the default per-run folder")
     save_hf: bool = option(
         False, "also write an HF copy into each checkpoint: hf/ (LoRA/DoRA: hf_adapter/, peft's)"

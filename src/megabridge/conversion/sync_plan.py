@@ -16,7 +16,8 @@ Per sync, the parameters this rank holds whole (no gather: TP=1, or replicated) 
 straight into an HFModelConsumer's tensors in a few batched copies (small ones
 through ``torch._foreach_copy_``, which also casts dtypes; large ones one device copy
 each), after the stream; a generic consumer (``load_weights(iterable)``) gets them as
-views, bucketed. The other parameters are gathered / broadcast / sent as the stream
+views of the live parameters, bucketed (as the stream gives them in one process): it
+copies them, as vLLM's load_weights does, before training changes them again. The other parameters are gathered / broadcast / sent as the stream
 does (transfer.py), in the same global order on every rank.
 
 The plan is rebuilt, on every rank at once (the ranks agree first, so none skips a
@@ -71,6 +72,7 @@ class SyncPlan:
         self._world = world
         self._device = next(chunks[0].parameters()).device
         self._steps: list[_Step] | None = None
+        self._streamed: list[_Step] = []  # the steps a sync runs, in the global order
         self._storage: list | None = None
         self._direct, self._bind_error = None, None
         self.builds = 0  # how many times the plan was worked out (a test counts them)
@@ -78,14 +80,15 @@ class SyncPlan:
     def sync(self) -> dict:
         """{"tensors": n, "bytes": b} that this rank's consumer took."""
         weight_sync.gather_pending_params(self.model)
-        self._refresh()
-        stream = _Stream(self)
         try:
+            self._refresh()
             return weight_sync.sync_weights(
-                stream, self.consumer, self._bucket_bytes, self._bind_error, self._direct
+                _Stream(self), self.consumer, self._bucket_bytes, self._bind_error, self._direct
             )
-        except ConversionError:
-            self._steps = None  # every rank raised it: every rank rebuilds next time
+        except Exception:
+            # sync_weights' errors are agreed (every rank raises them), and a build's
+            # come from the same catalogue everywhere: every rank rebuilds next time
+            self._steps = None
             raise
 
     # ------------------------------------------------------------ building
@@ -139,6 +142,8 @@ class SyncPlan:
                 self._direct = _DirectCopies(self.consumer, self._bind(self.consumer), self.dtype)
             except ConversionError as e:  # agreed on in sync_weights, after the collectives
                 self._bind_error = weight_sync.one_line(e)
+        # one process: the direct steps need no collective, so a sync skips them entirely
+        self._streamed = [st for st in self._steps if self._world > 1 or not st.direct]
         self.builds += 1
 
     def _bind(self, consumer: HFModelConsumer) -> list:
@@ -198,7 +203,7 @@ class _Stream:
 
     @torch.no_grad()
     def __next__(self) -> tuple[str, torch.Tensor]:
-        steps = self._plan._steps
+        steps = self._plan._streamed
         while not self._ready:
             if self._index == len(steps):
                 raise StopIteration
@@ -209,7 +214,7 @@ class _Stream:
     @torch.no_grad()
     def close(self) -> None:
         self._ready = []
-        steps = self._plan._steps or []
+        steps = self._plan._streamed
         while self._index < len(steps):
             self._plan._run(steps[self._index], wanted=False)
             self._index += 1

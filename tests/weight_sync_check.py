@@ -106,10 +106,12 @@ def sync_rounds(s, bridge, case: dict, tokens) -> dict:
     if dist.get_rank() in consumers:
         hf = AutoModelForCausalLM.from_pretrained(case["hf_dir"], dtype=torch.float32).eval()
     record, previous = {}, _hf_logits(hf, tokens) if hf is not None else None
+    # one plan for both rounds: what an RL loop keeps between steps
+    consumer = HFModelConsumer(hf) if hf is not None else None
+    plan = bridge.sync_plan(s.model, consumer, bucket_bytes=64 << 10, dst=case["dst"])
     for round_ in (1, 2):
         _train(s, STEPS)
-        consumer = HFModelConsumer(hf) if hf is not None else None
-        stats = bridge.sync_weights(s.model, consumer, bucket_bytes=64 << 10, dst=case["dst"])
+        stats = plan.sync()
         reference = _megatron_logits(s, tokens)
         mine = None
         if hf is not None:
@@ -128,6 +130,7 @@ def sync_rounds(s, bridge, case: dict, tokens) -> dict:
             "tensors": [x["tensors"] for _, x in found],
         }
     record["reference"] = reference
+    record["plan_builds"] = _everyone(plan.builds)
     return record
 
 

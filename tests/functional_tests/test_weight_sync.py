@@ -58,6 +58,8 @@ def test_synced_model_gives_the_megatron_logits_and_follows_training(results, ca
         assert r["max_abs_diff"] < ATOL, (round_, r)
         assert r["moved"] > 1e-3, (round_, r)  # training changed the logits, and the sync saw it
         assert min(r["tensors"]) > 8, r  # every HF tensor, in several 64 KiB buckets
+    # one sync plan served both rounds: training updated the weights in place
+    assert record["plan_builds"] == [1, 1], record["plan_builds"]
 
 
 @pytest.mark.parametrize("case", [c[0] for c in CASES])

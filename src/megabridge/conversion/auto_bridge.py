@@ -28,6 +28,7 @@ from megabridge.conversion import (
     registry,
     streaming,
     streaming_export,
+    sync_plan,
     transfer,
     weight_sync,
 )
@@ -276,9 +277,27 @@ class AutoBridge:
     ) -> dict:
         """Feed the model's HF weights to ``consumer.load_weights`` (None on ranks without
         one) in buckets of at most ``bucket_bytes``; every rank calls it. A failure on any
-        rank raises the same ConversionError on every rank."""
-        tensors = self.stream_hf_weights(model, dtype, merge_lora, dst)
-        return weight_sync.sync_weights(tensors, consumer, bucket_bytes)
+        rank raises the same ConversionError on every rank. To sync again and again, keep
+        a ``sync_plan`` instead: this works one out and uses it once."""
+        return self.sync_plan(model, consumer, dtype, bucket_bytes, merge_lora, dst).sync()
+
+    def sync_plan(
+        self,
+        model,
+        consumer,
+        dtype: torch.dtype | None = None,
+        bucket_bytes: int = weight_sync.DEFAULT_BUCKET_BYTES,
+        merge_lora: bool = True,
+        dst: int | None = None,
+    ) -> sync_plan.SyncPlan:
+        """sync_weights, made once and run by ``plan.sync()`` after every training step:
+        names, mappings, views and destinations are worked out on the first sync and kept
+        while the parameters keep their storage. See conversion/sync_plan.py."""
+        chunks = _unwrapped(model)
+        return sync_plan.SyncPlan(
+            model, chunks, self.family, _chunk_config(chunks), consumer, dtype,
+            bucket_bytes, merge_lora, dst,
+        )  # fmt: skip
 
     def _dtype_of(self, dtype: torch.dtype | None):
         if dtype is not None:

@@ -66,6 +66,13 @@ class Mapping(ABC):
     def megatron_to_hf(self, tensor: torch.Tensor, cfg) -> list[torch.Tensor]:
         """The HF tensors (in the order of ``hf``) from the Megatron tensor; exact inverse."""
 
+    def megatron_to_hf_views(self, tensor: torch.Tensor, cfg) -> list[torch.Tensor]:
+        """megatron_to_hf, except that each output may keep another shape whose elements,
+        read in row-major order, are the HF tensor's: a view of ``tensor`` where the HF
+        shape would need a copy. A repeated weight sync copies such a view straight into
+        the HF tensor viewed in that shape (conversion/sync_plan.py)."""
+        return self.megatron_to_hf(tensor, cfg)
+
 
 class Rename(Mapping):
     """Same tensor, another name."""
@@ -83,6 +90,14 @@ def _qkv_sizes(cfg) -> tuple[int, int, int]:
     groups = cfg.num_query_groups or heads
     head_dim = cfg.kv_channels or cfg.hidden_size // heads
     return groups, heads // groups * head_dim, head_dim
+
+
+def _qkv_views(tensor, cfg) -> list:
+    """q: [groups, heads/groups * d, ...], k, v: [groups, d, ...]: strided views of the fused
+    tensor; flattening them to the HF shape copies once there are several groups."""
+    groups, q_rows, d = _qkv_sizes(cfg)
+    rest = tensor.shape[1:]
+    return list(tensor.reshape(groups, q_rows + 2 * d, *rest).split([q_rows, d, d], dim=1))
 
 
 class QKV(Mapping):
@@ -112,10 +127,11 @@ class QKV(Mapping):
         return fused.reshape(-1, *rest)
 
     def megatron_to_hf(self, tensor, cfg):
-        groups, q_rows, d = _qkv_sizes(cfg)
         rest = tensor.shape[1:]
-        q, k, v = tensor.reshape(groups, q_rows + 2 * d, *rest).split([q_rows, d, d], dim=1)
-        return [q.reshape(-1, *rest), k.reshape(-1, *rest), v.reshape(-1, *rest)]
+        return [t.reshape(-1, *rest) for t in _qkv_views(tensor, cfg)]
+
+    def megatron_to_hf_views(self, tensor, cfg):
+        return _qkv_views(tensor, cfg)
 
 
 class FusedQKV(QKV):
@@ -135,6 +151,9 @@ class FusedQKV(QKV):
         import torch
 
         return [torch.cat(super().megatron_to_hf(tensor, cfg), dim=0)]
+
+    def megatron_to_hf_views(self, tensor, cfg):
+        return self.megatron_to_hf(tensor, cfg)  # one HF tensor: QKV's three views do not apply
 
 
 class GatedMLP(Mapping):

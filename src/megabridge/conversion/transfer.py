@@ -29,7 +29,7 @@ def _tied_output(name: str, cfg) -> bool:
     return name == "output_layer.weight" and cfg.share_embeddings_and_output_weights
 
 
-def _groups(local_name: str):
+def param_groups(local_name: str):
     """(tensor-parallel group, replica rank) of a parameter: experts have their own."""
     from megatron.core import parallel_state as ps
 
@@ -56,12 +56,12 @@ def local_params(chunks, cfg, include=None):
     the checkpoint (the MoE router's expert_bias, DeepSeek-V3's e_score_correction_bias).
     """
     for chunk in chunks:
-        for local_name, param in [*chunk.named_parameters(), *_persistent_buffers(chunk)]:
+        for local_name, param in [*chunk.named_parameters(), *persistent_buffers(chunk)]:
             if include is None or include(local_name):
                 yield chunk, local_name, sharding.global_name(chunk, local_name), param
 
 
-def _persistent_buffers(module: torch.nn.Module):
+def persistent_buffers(module: torch.nn.Module):
     for prefix, sub in module.named_modules():
         for name, buffer in sub.named_buffers(recurse=False):
             if buffer is not None and name not in sub._non_persistent_buffers_set:
@@ -111,7 +111,7 @@ def load_hf_weights(chunks, bridge, reader, cfg) -> None:
     check_sources(bridge, reader, [name for _, name, _ in params], cfg)
     consumed = set()
     for local_name, name, param in params:
-        group, _ = _groups(local_name)
+        group, _ = param_groups(local_name)
         size, rank = dist.get_world_size(group), dist.get_rank(group)
         how = sharding.param_split(local_name, param, cfg.gated)
         full, hf_names = full_tensor(bridge, reader, name, _full_shape(param.shape, how, size), cfg)
@@ -154,7 +154,7 @@ def _raise_if_any(names: list[str], message: str) -> None:
 
 
 @dataclass(frozen=True)
-class _Entry:
+class Entry:
     name: str  # global Megatron name
     how: sharding.Split
     full_shape: tuple[int, ...]
@@ -184,24 +184,24 @@ def export_params(chunks, cfg, include=None) -> list[ExportParam]:
     return [ExportParam(ln, n, p) for _, ln, n, p in local_params(chunks, cfg, include)]
 
 
-def _catalogue(params: list[ExportParam], cfg) -> list[_Entry]:
+def catalogue(params: list[ExportParam], cfg) -> list[Entry]:
     """The global parameter list, identical on every rank."""
     mine = []
     for p in params:
         if _tied_output(p.name, cfg):
             continue
-        group, replica = _groups(p.local_name)
+        group, replica = param_groups(p.local_name)
         how = sharding.param_split(p.local_name, p.param, cfg.gated)
         shape = tuple(_full_shape(p.param.shape, how, dist.get_world_size(group)))
         owner = replica == 0 and dist.get_rank(group) == 0
         mine.append((p.name, how, shape, str(p.param.dtype).removeprefix("torch."), owner))
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
-    entries: dict[str, _Entry] = {}
+    entries: dict[str, Entry] = {}
     for rank, items in enumerate(everyone):
         for name, how, shape, dtype, owner in items:
             if owner:
-                entries[name] = _Entry(name, how, shape, dtype, rank)
+                entries[name] = Entry(name, how, shape, dtype, rank)
     return list(entries.values())
 
 
@@ -219,14 +219,14 @@ def export_hf_weights(
     """
     params = export_params(chunks, cfg, include) if params is None else params
     device = next(chunks[0].parameters()).device
-    return HFStream(_catalogue(params, cfg), {p.name: p for p in params}, device, dst,
+    return HFStream(catalogue(params, cfg), {p.name: p for p in params}, device, dst,
                     lambda full, name: _to_hf(bridge, cfg, dtype_of, full, name))  # fmt: skip
 
 
 class HFStream:
     """Iterator over the exported HF tensors that can be closed early without a hang."""
 
-    def __init__(self, entries: list[_Entry], local: dict, device, dst, convert):
+    def __init__(self, entries: list[Entry], local: dict, device, dst, convert):
         self._entries, self._local, self._device, self._dst = entries, local, device, dst
         self._convert = convert
         self._index, self._ready = 0, []
@@ -253,7 +253,7 @@ class HFStream:
     def _step(self) -> torch.Tensor | None:
         entry = self._entries[self._index]
         self._index += 1
-        return _whole(entry, self._local.get(entry.name), self._device, self._dst)
+        return whole(entry, self._local.get(entry.name), self._device, self._dst)
 
     @torch.no_grad()
     def close(self) -> None:
@@ -263,9 +263,13 @@ class HFStream:
             self._step()
 
 
+def unpadded(full: torch.Tensor, name: str, cfg) -> torch.Tensor:
+    """``full`` without the rows that tensor parallelism padded a vocabulary tensor with."""
+    return full[: cfg.vocab_size] if name in _VOCAB_PARAMS else full
+
+
 def _to_hf(bridge, cfg, dtype_of, full: torch.Tensor, name: str) -> list:
-    if name in _VOCAB_PARAMS:
-        full = full[: cfg.vocab_size]
+    full = unpadded(full, name, cfg)
     mapping, hf_names = bridge.resolve(name)
     out = []
     for hf_name, tensor in zip(hf_names, mapping.megatron_to_hf(full, cfg), strict=True):
@@ -274,11 +278,11 @@ def _to_hf(bridge, cfg, dtype_of, full: torch.Tensor, name: str) -> list:
     return out
 
 
-def _whole(entry: _Entry, mine: ExportParam | None, device, dst) -> torch.Tensor | None:
+def whole(entry: Entry, mine: ExportParam | None, device, dst) -> torch.Tensor | None:
     """The whole tensor of ``entry`` on the ranks that yield it (None elsewhere)."""
     full = None
     if mine is not None:
-        group, replica = _groups(mine.local_name)
+        group, replica = param_groups(mine.local_name)
         if replica == 0:
             full = sharding.gather(mine.local(), entry.how, group)
     me, world = dist.get_rank(), dist.get_world_size()

@@ -127,14 +127,18 @@ def sync_weights(
     tensors: Iterator[tuple[str, torch.Tensor]],
     consumer: WeightConsumer | None,
     bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+    error: str | None = None,
+    direct=None,
 ) -> dict:
     """Feed ``tensors`` (a stream) to ``consumer`` bucket by bucket, on every rank.
 
     Ranks without a consumer pass None. Returns {"tensors": n, "bytes": b} of what
     this rank's consumer took. Raises ConversionError on every rank if any rank's
-    consumer failed.
+    consumer failed (or came with an ``error`` already: the stream is still run).
+    ``direct()`` (a SyncPlan's copies straight into the consumer's tensors) runs after
+    the last bucket and before ``finish()``, and returns its own (tensors, bytes).
     """
-    error, count, nbytes = None, 0, 0
+    count, nbytes = 0, 0
     try:
         for bucket in buckets(tensors, bucket_bytes):
             if consumer is None or error is not None:
@@ -142,27 +146,30 @@ def sync_weights(
             try:
                 consumer.load_weights(bucket)
             except Exception as e:  # noqa: BLE001 - any consumer failure is agreed on below
-                error = _one_line(e)
+                error = one_line(e)
             count += len(bucket)
             nbytes += sum(t.numel() * t.element_size() for _, t in bucket)
-        if consumer is not None and error is None and hasattr(consumer, "finish"):
+        if consumer is not None and error is None:
             try:
-                consumer.finish()
+                if direct is not None:
+                    count, nbytes = (a + b for a, b in zip((count, nbytes), direct(), strict=True))
+                if hasattr(consumer, "finish"):
+                    consumer.finish()
             except Exception as e:  # noqa: BLE001
-                error = _one_line(e)
+                error = one_line(e)
     finally:
         if hasattr(tensors, "close"):
             tensors.close()
-    _agree(error)
+    agree(error)
     return {"tensors": count, "bytes": nbytes}
 
 
-def _one_line(e: Exception) -> str:
+def one_line(e: Exception) -> str:
     text = str(e).strip().splitlines()
     return text[0] if isinstance(e, UserError) and text else f"{type(e).__name__}: {e}"
 
 
-def _agree(error: str | None) -> None:
+def agree(error: str | None) -> None:
     """Raise the same error on every rank if any rank has one."""
     everyone = [error]
     if dist.is_initialized() and dist.get_world_size() > 1:
@@ -192,21 +199,41 @@ class HFModelConsumer:
         self.transforms = _load_transforms(model)
         self.filled: dict[int, int] = {}  # id(target) -> tensors written into it
         self.needed: dict[int, int] = {id(t): 1 for t in self.targets.values()}
+        self._placed: dict[str, tuple] = {}  # name -> place(name) and the storage it saw
 
     @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        dests, tensors, targets = [], [], []
         for name, tensor in weights:
+            target, _, dest = self.place(name, tuple(tensor.shape))
+            dests.append(dest)
+            tensors.append(tensor)
+            targets.append(id(target))
+        # one call for the bucket: torch batches the copies (and casts) of same-dtype
+        # dense tensors into a few kernels, and copies the others one by one in C++
+        if dests:
+            torch._foreach_copy_(dests, tensors)
+        for key in targets:
+            self.filled[key] = self.filled.get(key, 0) + 1
+
+    def place(
+        self, name: str, shape: tuple | None = None
+    ) -> tuple[torch.Tensor, str, torch.Tensor]:
+        """(model tensor, its name, the view of it that ``name`` fills), checked against
+        the ``shape`` the sync gives. Remembered per name while the tensor keeps its storage."""
+        placed = self._placed.get(name)
+        if placed is None or placed[0].data_ptr() != placed[3]:
             target, key, dest = self._place(name)
-            if tuple(dest.shape) != tuple(tensor.shape):
-                raise ConversionError(
-                    f"shape mismatch for {name}: the sync gives {tuple(tensor.shape)}, "
-                    f"the transformers model has {tuple(dest.shape)} ({key})"
-                )
-            dest.copy_(tensor)
-            self.filled[id(target)] = self.filled.get(id(target), 0) + 1
+            placed = self._placed[name] = (target, key, dest, target.data_ptr())
+        target, key, dest, _ = placed
+        if shape is not None and tuple(dest.shape) != shape:
+            raise ConversionError(
+                f"shape mismatch for {name}: the sync gives {shape}, "
+                f"the transformers model has {tuple(dest.shape)} ({key})"
+            )
+        return target, key, dest
 
     def _place(self, name: str) -> tuple[torch.Tensor, str, torch.Tensor]:
-        """(model tensor, its name, the view of it that ``name`` fills)."""
         key, fused = name, None
         for transform in self.transforms:
             renamed, pattern = transform.rename_source_key(key)

@@ -62,6 +62,26 @@ def test_fused_qkv_is_qkv_of_its_row_blocks_and_round_trips(heads, groups):
     assert torch.equal(back, fused_hf)
 
 
+@pytest.mark.parametrize(
+    "mapping, heads, groups",
+    [(QKV("x", ("q", "k", "v")), 4, 4), (QKV("x", ("q", "k", "v")), 8, 2),
+     (FusedQKV("x", ("qkv",)), 4, 2), (GatedMLP("x", ("g", "u")), 4, 2)],
+)  # fmt: skip
+def test_views_read_in_order_are_the_hf_tensors(mapping, heads, groups):
+    """What a repeated weight sync copies from: views of the Megatron tensor where the mapping
+    allows (QKV's q/k/v and gate/up), the HF tensor's elements in row-major order."""
+    cfg = _cfg(heads, groups, hidden=32)
+    rows = 96 if isinstance(mapping, GatedMLP) else (heads + 2 * groups) * (32 // heads)
+    megatron = torch.randn(rows, 32)
+    exact = mapping.megatron_to_hf(megatron, cfg)
+    views = mapping.megatron_to_hf_views(megatron, cfg)
+    assert len(views) == len(exact)
+    for view, hf in zip(views, exact, strict=True):
+        assert torch.equal(view.reshape(hf.shape), hf)
+        shares = view.untyped_storage().data_ptr() == megatron.untyped_storage().data_ptr()
+        assert shares != isinstance(mapping, FusedQKV)  # FusedQKV's concatenation is a copy
+
+
 def test_gated_mlp_round_trip_and_tp_split():
     gate, up = torch.randn(8, 4), torch.randn(8, 4)
     m = GatedMLP("x", ("g", "u"))

@@ -122,3 +122,77 @@ def test_consumer_fills_transformers_fused_moe_experts(tmp_path):
         source.state_dict().items(), target.state_dict().items(), strict=True
     ):
         assert torch.equal(a, b), name
+
+
+class _LoadWeightsOnly:
+    """A consumer with vLLM's protocol alone: the plan yields to it instead of copying."""
+
+    def __init__(self, model):
+        self._consumer = HFModelConsumer(model)
+        self.load_weights, self.finish = self._consumer.load_weights, self._consumer.finish
+
+
+@torch.no_grad()
+def _logits(hf, tokens):
+    return hf(input_ids=tokens).logits
+
+
+def test_a_plan_reused_across_training_steps_equals_a_fresh_sync(llama):
+    path, bridge, model = llama
+    saved = {n: p.detach().clone() for n, p in model[0].named_parameters()}
+    tokens = sample_tokens(256, 2, 16, seed=2)
+    hf, generic = _fresh_hf(path), _fresh_hf(path)
+    plans = [bridge.sync_plan(model, HFModelConsumer(hf)),
+             bridge.sync_plan(model, _LoadWeightsOnly(generic))]  # fmt: skip
+    try:
+        for step in range(2):
+            with torch.no_grad():  # what an optimizer step does: the same storage, new values
+                for p in model[0].parameters():
+                    p.add_(
+                        torch.randn(p.shape, generator=torch.Generator().manual_seed(step)),
+                        alpha=0.01,
+                    )
+            stats = [plan.sync() for plan in plans]
+            fresh = _fresh_hf(path)
+            assert bridge.sync_weights(model, HFModelConsumer(fresh)) == stats[0] == stats[1]
+            expected = _logits(fresh, tokens)
+            assert torch.equal(_logits(hf, tokens), expected)
+            assert torch.equal(_logits(generic, tokens), expected)
+            assert (expected - megatron_logits(model, tokens)[..., :256]).abs().max() < 1e-4
+        assert [plan.builds for plan in plans] == [1, 1]  # worked out once, used twice
+    finally:
+        with torch.no_grad():
+            for n, p in model[0].named_parameters():
+                p.copy_(saved[n])
+
+
+def test_a_plan_is_rebuilt_when_a_tensor_changes_storage(llama):
+    path, bridge, model = llama
+    hf = _fresh_hf(path)
+    plan = bridge.sync_plan(model, HFModelConsumer(hf))
+    plan.sync()
+    norm = model[0].decoder.final_layernorm.weight
+    original = norm.data
+    try:
+        norm.data = original + 0.5  # a new storage: the plan's views would read the old one
+        plan.sync()
+        assert torch.equal(hf.model.norm.weight, norm)
+        assert plan.builds == 2
+        hf.model.norm.weight.data = torch.zeros_like(hf.model.norm.weight)  # the consumer's side
+        plan.sync()
+        assert torch.equal(hf.model.norm.weight, norm)
+        assert plan.builds == 3
+        plan.sync()
+        assert plan.builds == 3  # nothing moved: kept
+    finally:
+        norm.data = original
+
+
+def test_a_plan_casts_like_the_stream(llama):
+    """bf16 asked, fp32 on both sides: rounded to bf16 first, as the stream gives it."""
+    path, bridge, model = llama
+    hf = _fresh_hf(path)
+    bridge.sync_plan(model, HFModelConsumer(hf), dtype=torch.bfloat16).sync()
+    state = hf.state_dict()
+    for name, tensor in bridge.stream_hf_weights(model, dtype=torch.bfloat16):
+        assert torch.equal(state[name], tensor.float()), name

@@ -211,6 +211,8 @@ class AutoBridge:
 
     def hf_config_for_export(self, dtype: torch.dtype | None = None) -> dict:
         config = copy.deepcopy(self.hf_config)
+        # Exports are never quantized: a quantized source (MXFP4) is written dequantized.
+        config.pop("quantization_config", None)
         if dtype is not None:
             key = "torch_dtype" if "torch_dtype" in config else "dtype"
             config[key] = str(dtype).removeprefix("torch.")

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from megabridge.conversion import mxfp4
 from megabridge.errors import ConversionError, UserError
 
 INDEX = "model.safetensors.index.json"
@@ -98,6 +99,18 @@ class HFCheckpoint:
             f: _read_header(self.path / f) for f in sorted(set(self.weight_map.values()))
         }
         self._handles: dict[str, object] = {}
+        self._derive_quantized()
+
+    def _derive_quantized(self) -> None:
+        """Quantized checkpoints: each tensor stored as several (MXFP4 blocks + scales) is
+        listed, and read, dequantized under its own name; its stored parts are not listed."""
+        self._derived: dict[str, mxfp4.Derived] = {}
+        shapes = {n: self.shape(n) for n in self.weight_map}
+        self._derived = mxfp4.derived_tensors(self.config_dict.get("quantization_config"), shapes)
+        for name, derived in self._derived.items():
+            self.weight_map[name] = self.weight_map[derived.sources[0]]
+            for source in derived.sources:
+                del self.weight_map[source]
 
     def _weight_map(self) -> dict[str, str]:
         index = self.path / INDEX
@@ -135,9 +148,13 @@ class HFCheckpoint:
         return list(self.weight_map)
 
     def dtype(self, name: str) -> torch.dtype:
+        if name in self._derived:
+            return self._derived[name].dtype
         return _DTYPES[self._headers[self.weight_map[name]][name]["dtype"]]
 
     def shape(self, name: str) -> tuple[int, ...]:
+        if name in self._derived:
+            return self._derived[name].shape
         return tuple(self._headers[self.weight_map[name]][name]["shape"])
 
     def get(self, name: str) -> torch.Tensor:
@@ -149,7 +166,13 @@ class HFCheckpoint:
         """
         if name not in self.weight_map:
             raise ConversionError(f"tensor {name!r} is not in {self.path}")
-        file = self.weight_map[name]
+        if name in self._derived:
+            derived = self._derived[name]
+            return derived.build([self._read(source) for source in derived.sources])
+        return self._read(name)
+
+    def _read(self, name: str) -> torch.Tensor:
+        file = self._file_of(name)
         header = self._headers[file]
         info = header[name]
         start, end = info["data_offsets"]
@@ -162,6 +185,13 @@ class HFCheckpoint:
         if not data:
             return torch.empty(info["shape"], dtype=dtype)
         return torch.frombuffer(data, dtype=dtype).reshape(info["shape"])
+
+    def _file_of(self, name: str) -> str:
+        """The shard of a stored tensor (also of one that is listed under a derived name)."""
+        if name in self.weight_map:
+            return self.weight_map[name]
+        owner = next(d for d, v in self._derived.items() if name in v.sources)
+        return self.weight_map[owner]
 
     def files_by_name(self) -> dict[str, str]:
         return dict(self.weight_map)

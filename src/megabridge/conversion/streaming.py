@@ -75,7 +75,10 @@ class Plan:
             full, _ = transfer.full_tensor(
                 self.bridge.family, self.bridge.source, name, tuple(meta.shape), self.cfg
             )
-            return full.to(meta.dtype).contiguous()
+            full = full.to(meta.dtype).contiguous()
+            # The writer takes views by absolute storage offset: a view into a bigger tensor
+            # (an expert's slice of a stacked HF tensor) must start its own storage.
+            return full.clone() if full.storage_offset() else full
 
         tensors = _Tensors(build, Counter(name for name, _ in self.sources.values()))
         with _progress(len(self.sources), progress) as bar:

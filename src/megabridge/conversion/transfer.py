@@ -13,6 +13,8 @@ HF tensors it maps to.
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -88,7 +90,12 @@ def check_sources(bridge, reader, names, cfg) -> None:
 def full_tensor(bridge, reader, name: str, expected, cfg) -> tuple[torch.Tensor, tuple]:
     """The whole (TP=1) Megatron tensor ``name`` of shape ``expected``, and the HF names it used."""
     mapping, hf_names = hf_source_names(bridge, name, cfg)
-    full = mapping.hf_to_megatron([reader.get(n) for n in hf_names], cfg)
+    expert = mapping.expert_of(name)
+    if expert is None:
+        tensors = [reader.get(n) for n in hf_names]
+    else:  # the expert's slice of tensors that stack all experts of the layer
+        tensors = [_STACKED_READS.get(reader, n)[expert] for n in hf_names]
+    full = mapping.hf_to_megatron(tensors, cfg)
     if name in _VOCAB_PARAMS or _tied_output(name, cfg):
         if full.shape[0] != cfg.vocab_size:  # only TP's padding rows are ours to add
             raise ConversionError(
@@ -118,6 +125,47 @@ def load_hf_weights(chunks, bridge, reader, cfg) -> None:
         param.copy_(sharding.split(full, how, rank, size))
         consumed.update(hf_names)
     check_all_consumed(consumed, bridge, reader, cfg)
+
+
+class _RecentReads:
+    """The last few HF tensors read whole for their experts' slices: every expert of a
+    layer takes its slice of the same stacked tensor, which is read (and dequantized) once.
+    Writer threads share it (streaming.py); two threads may both read a tensor, harmlessly."""
+
+    def __init__(self, size: int = 4):
+        self._size, self._lock = size, threading.Lock()
+        self._items: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+
+    def get(self, reader, name: str) -> torch.Tensor:
+        key = (reader, name)  # the reader itself: kept alive, so never another's by id
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        tensor = reader.get(name)
+        with self._lock:
+            self._items[key] = tensor
+            while len(self._items) > self._size:
+                self._items.popitem(last=False)
+        return tensor
+
+
+_STACKED_READS = _RecentReads()
+
+
+class _ExpertStacks:
+    """Collects the experts' slices of each stacked HF tensor; whole once all are there."""
+
+    def __init__(self, experts: int | None):
+        self._experts, self._parts = experts or 0, {}
+
+    def add(self, hf_name: str, expert: int, tensor: torch.Tensor) -> torch.Tensor | None:
+        parts = self._parts.setdefault(hf_name, {})
+        parts[expert] = tensor
+        if len(parts) < self._experts:
+            return None
+        del self._parts[hf_name]
+        return torch.stack([parts[e] for e in range(self._experts)])
 
 
 def _pad_vocab(full: torch.Tensor, rows: int) -> torch.Tensor:
@@ -197,6 +245,7 @@ def export_hf_weights(
         for _, local_name, name, param in local_params(chunks, cfg, include)
     }
     device = next(chunks[0].parameters()).device
+    stacks = _ExpertStacks(cfg.num_moe_experts)
     for entry in _catalogue(chunks, cfg, include):
         full = None
         if entry.name in local:
@@ -211,6 +260,11 @@ def export_hf_weights(
         if entry.name in _VOCAB_PARAMS:
             full = full[: cfg.vocab_size]
         mapping, hf_names = bridge.resolve(entry.name)
+        expert = mapping.expert_of(entry.name)
         for hf_name, tensor in zip(hf_names, mapping.megatron_to_hf(full, cfg), strict=True):
+            if expert is not None:
+                tensor = stacks.add(hf_name, expert, tensor)
+                if tensor is None:  # more experts of this HF tensor to come
+                    continue
             dtype = dtype_of(hf_name) if dtype_of else None
             yield hf_name, tensor.to(dtype) if dtype is not None else tensor

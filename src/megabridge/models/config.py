@@ -119,6 +119,12 @@ class ModelConfig:
     final_logit_softcap: float | None = architecture_field(
         None, "soft-cap output logits to cap * tanh(logit / cap)"
     )
+    attention_sinks: bool = architecture_field(
+        False,
+        "a learned logit per query head that joins every softmax and takes its share of the "
+        "probability, attending to nothing (GPT-OSS; Megatron's softmax_type='learnable')",
+        torch_only=True,
+    )
     sliding_window_layers: list[int] | None = architecture_field(
         None, "0-based layers that use sliding_window; None: every layer"
     )
@@ -129,6 +135,16 @@ class ModelConfig:
     )
     embedding_multiplier: float | None = architecture_field(
         None, "multiply token embeddings by this, in their dtype (Gemma: sqrt(hidden_size))"
+    )
+    # the clamped SwiGLU of GPT-OSS: (clamp(up) + offset) * g * sigmoid(alpha * g), g = clamp(gate)
+    swiglu_alpha: float | None = architecture_field(
+        None, "SwiGLU's gate is g * sigmoid(alpha * g) (GPT-OSS: 1.702); None: silu (alpha 1)"
+    )
+    glu_linear_offset: float = architecture_field(
+        0.0, "added to the linear (up) half of a gated MLP before the product (GPT-OSS: 1)"
+    )
+    activation_clamp: float | None = architecture_field(
+        None, "gated MLP: the gate clamped to at most this, the up half to [-this, this]"
     )
     # MoE
     num_moe_experts: int | None = architecture_field(
@@ -291,6 +307,8 @@ def _variant_problems(cfg: ModelConfig) -> list[str]:
         problems.append(
             f"sliding_window_layers {bad} are not layers of a {cfg.num_layers}-layer model"
         )
+    if (cfg.swiglu_alpha is not None or cfg.glu_linear_offset) and cfg.activation != "swiglu":
+        problems.append("swiglu_alpha and glu_linear_offset need activation=swiglu")
     if cfg.local_rotary_base is not None and cfg.sliding_window is None:
         problems.append("local_rotary_base needs sliding_window (it is the window layers' theta)")
     return problems

@@ -51,6 +51,8 @@ def transformer_config(cfg: ModelConfig):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     activation, gated = _ACTIVATIONS[cfg.activation]
+    if cfg.swiglu_alpha is not None:
+        activation = functools.partial(_sigmoid_gated, alpha=cfg.swiglu_alpha)
     bf16 = use_bf16(cfg)
     dtype = torch.bfloat16 if bf16 else torch.float32
     moe = {}
@@ -101,10 +103,12 @@ def transformer_config(cfg: ModelConfig):
         layernorm_zero_centered_gamma=cfg.layernorm_zero_centered_gamma,
         gated_linear_unit=gated,
         activation_func=activation,
+        glu_linear_offset=cfg.glu_linear_offset,
+        activation_func_clamp_value=cfg.activation_clamp,
         add_bias_linear=cfg.add_bias_linear,
         add_qkv_bias=cfg.add_qkv_bias,
         qk_layernorm=cfg.qk_layernorm,
-        softmax_scale=cfg.softmax_scale,
+        softmax_scale=attention_softmax_scale(cfg),
         hidden_dropout=cfg.hidden_dropout,
         attention_dropout=cfg.attention_dropout,
         init_method_std=cfg.init_method_std,
@@ -138,6 +142,26 @@ def transformer_config(cfg: ModelConfig):
     )
 
 
+def _sigmoid_gated(x: torch.Tensor, alpha: float) -> torch.Tensor:
+    """GPT-OSS's gate, x * sigmoid(alpha * x), in transformers' order of operations."""
+    return x * torch.sigmoid(x * alpha)
+
+
+def attention_softmax_scale(cfg: ModelConfig) -> float | None:
+    """The attention score scale, with YaRN's attention factor folded in.
+
+    transformers multiplies RoPE's cos and sin by YaRN's attention factor m, so queries
+    and keys both come out m times longer and every score m^2 times larger: the same
+    as m^2 on the softmax scale. Multi-latent attention does its own (mla_fields).
+    """
+    factor = rope.attention_factor(cfg.rope_scaling or {})
+    if factor == 1.0 or cfg.multi_latent_attention or cfg.position_embedding_type != "rope":
+        return cfg.softmax_scale
+    head_dim = cfg.kv_channels or cfg.hidden_size // cfg.num_attention_heads
+    scale = cfg.softmax_scale if cfg.softmax_scale is not None else head_dim**-0.5
+    return scale * factor * factor
+
+
 def _gpu_fusions(cfg: ModelConfig) -> dict:
     """Megatron-Core's compiled fusions, for the torch spec on GPU (off on CPU: exact numerics).
 
@@ -148,7 +172,12 @@ def _gpu_fusions(cfg: ModelConfig) -> dict:
     if on and cfg.position_embedding_type == "rope":
         torch_layers.install_fused_rope()
     return dict(
-        bias_activation_fusion=on and cfg.activation == "swiglu",
+        # Megatron fuses only plain silu SwiGLU (no alpha, offset or clamp).
+        bias_activation_fusion=on
+        and cfg.activation == "swiglu"
+        and cfg.swiglu_alpha is None
+        and not cfg.glu_linear_offset
+        and cfg.activation_clamp is None,
         apply_rope_fusion=on
         and cfg.position_embedding_type == "rope"
         and not cfg.multi_latent_attention,

@@ -56,6 +56,7 @@ class SDPAttention(MegatronModule):
         pg_collection=None,
         sliding_window: int | None = None,
         softcap: float | None = None,
+        sinks: bool = False,
     ):
         super().__init__(config=config)
         if config.context_parallel_size != 1:
@@ -74,13 +75,25 @@ class SDPAttention(MegatronModule):
         self.softmax_scale = softmax_scale  # None: 1/sqrt(hn), SDPA's default
         self.sliding_window = sliding_window
         self.softcap = softcap
+        # Attention sinks (GPT-OSS): one learned logit per query head, split over TP ranks
+        # with the heads; named as Megatron's DotProductAttention names it.
+        self.softmax_offset = None
+        if sinks:
+            from megatron.core.tensor_parallel import set_tensor_model_parallel_attributes
+
+            self.softmax_offset = torch.nn.Parameter(
+                torch.zeros(self.heads, dtype=config.params_dtype)
+            )
+            set_tensor_model_parallel_attributes(self.softmax_offset, True, 0, 1)
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # q [b, np, s, hn], k/v [b, ng, s, hn] -> [b, np, s, hn]
-        if self.sliding_window is None and self.softcap is None:
+        if self.sliding_window is None and self.softcap is None and self.softmax_offset is None:
             return sdpa(q, k, v, self._p(), self.softmax_scale)
         scale = q.shape[-1] ** -0.5 if self.softmax_scale is None else self.softmax_scale
-        return chunked_attention(q, k, v, scale, self.sliding_window, self.softcap, self._p())
+        return chunked_attention(
+            q, k, v, scale, self.sliding_window, self.softcap, self._p(), self.softmax_offset
+        )
 
     def _p(self) -> float:
         return self.dropout if self.training else 0.0
@@ -125,7 +138,19 @@ class SDPAttention(MegatronModule):
     def _varlen_ok(self, query) -> bool:
         """Whether torch's varlen flash kernel computes this layer's packed attention."""
         plain = self.sliding_window is None and self.softcap is None and self._p() == 0.0
+        plain = plain and self.softmax_offset is None  # no sinks in the flash kernel
         return plain and varlen_supported(query, self.softmax_scale)
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        """The sinks are split over TP with the heads (as in DotProductAttention)."""
+        if self.softmax_offset is None:
+            return super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+        state = self.state_dict(prefix="", keep_vars=True)
+        return make_sharded_tensors_for_checkpoint(
+            state, prefix, {"softmax_offset": 0}, sharded_offsets
+        )
 
 
 @functools.cache
@@ -192,9 +217,10 @@ def sdpa(q, k, v, dropout_p: float, scale: float | None, mask=None) -> torch.Ten
 
 
 def chunked_attention(
-    q, k, v, scale: float, window: int | None, softcap: float | None, dropout_p: float
+    q, k, v, scale: float, window: int | None, softcap: float | None, dropout_p: float, sinks=None
 ) -> torch.Tensor:
-    """Causal attention with an optional sliding window and score soft-cap, no s x s tensor.
+    """Causal attention with an optional sliding window, score soft-cap and attention sinks
+    (``sinks`` [np]: a logit per head in every softmax, dropped after it), no s x s tensor.
 
     q [b, np, s, hn], k/v [b, ng, s, hn] -> [b, np, s, hn]. Queries go in chunks of
     ATTENTION_CHUNK, each against only the keys it may see: score blocks are at most
@@ -212,19 +238,22 @@ def chunked_attention(
         if window is not None:
             allowed = allowed & (q_pos - k_pos < window)
         qc, kc, vc = q[:, :, start:end], k[:, :, first:end], v[:, :, first:end]
-        if softcap is None:
+        if softcap is None and sinks is None:
             outs.append(sdpa(qc, kc, vc, dropout_p, scale, mask=allowed))
-        elif torch.is_grad_enabled() and q.requires_grad:
+        elif torch.is_grad_enabled() and (q.requires_grad or sinks is not None):
             # Recompute the scores in backward instead of keeping every chunk's.
-            args = (qc, kc, vc, allowed, scale, softcap, dropout_p)
+            args = (qc, kc, vc, allowed, scale, softcap, dropout_p, sinks)
             outs.append(checkpoint(_capped, *args, use_reentrant=False))
         else:
-            outs.append(_capped(qc, kc, vc, allowed, scale, softcap, dropout_p))
+            outs.append(_capped(qc, kc, vc, allowed, scale, softcap, dropout_p, sinks))
     return torch.cat(outs, dim=2)
 
 
-def _capped(q, k, v, allowed, scale: float, softcap: float, dropout_p: float) -> torch.Tensor:
-    """Soft-capped attention in transformers' eager order: scale, cap, mask, fp32 softmax.
+def _capped(
+    q, k, v, allowed, scale: float, softcap: float | None, dropout_p: float, sinks=None
+) -> torch.Tensor:
+    """Attention on explicit scores in transformers' eager order: scale, cap, mask, then an
+    fp32 softmax, over the scores and (with ``sinks`` [np]) a sink column dropped after it.
 
     q [b, np, c, hn], k/v [b, ng, kc, hn], allowed [c, kc] -> [b, np, c, hn].
     """
@@ -233,9 +262,15 @@ def _capped(q, k, v, allowed, scale: float, softcap: float, dropout_p: float) ->
     q = q.reshape(b, groups, heads // groups, c, d)  # query heads grouped by their K/V head
     k, v = k.unsqueeze(2), v.unsqueeze(2)  # [b, ng, 1, kc, hn]
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # [b, ng, np/ng, c, kc]
-    scores = torch.tanh(scores / softcap) * softcap
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     scores = scores.masked_fill(~allowed, float("-inf"))
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    if sinks is not None:  # [np] -> [b, ng, np/ng, c, 1], one more "key" per row
+        column = sinks.to(scores.dtype).reshape(1, groups, heads // groups, 1, 1)
+        scores = torch.cat([scores, column.expand(*scores.shape[:-1], 1)], dim=-1)
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32)[..., :-1].to(q.dtype)
+    else:
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     if dropout_p:
         probs = F.dropout(probs, p=dropout_p)
     return torch.matmul(probs, v).reshape(b, heads, c, d)
@@ -529,6 +564,11 @@ def _layer_spec(spec, cfg, layer: int):
         rotary_base=cfg.local_rotary_base if window is not None else None,
     )
     spec.submodules.self_attention.submodules.core_attention = ModuleSpec(
-        module=SDPAttention, params={"sliding_window": window, "softcap": cfg.attn_logit_softcap}
+        module=SDPAttention,
+        params={
+            "sliding_window": window,
+            "softcap": cfg.attn_logit_softcap,
+            "sinks": cfg.attention_sinks,
+        },
     )
     return spec

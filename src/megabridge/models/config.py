@@ -227,6 +227,16 @@ class ModelConfig:
         return None
 
 
+def expert_tensor_parallel_size(cfg: ModelConfig) -> int:
+    """How many ranks split each expert: Megatron-Core's default, the TP size, except for
+    experts with biases (GPT-OSS), which it supports only whole (expert TP 1: every TP rank
+    holds its experts whole; transformer_config.py asserts "Bias in Moe is only supported
+    when ETP==1")."""
+    if cfg.num_moe_experts and cfg.add_bias_linear:
+        return 1
+    return cfg.tensor_model_parallel_size
+
+
 def fields_with_role(role: str) -> tuple[str, ...]:
     """The names of the ModelConfig fields that declare ``role``, in declaration order."""
     return tuple(f.name for f in dataclasses.fields(ModelConfig) if f.metadata["role"] == role)

@@ -17,7 +17,11 @@ from torch.overrides import TorchFunctionMode
 
 from megabridge.errors import ConfigError
 from megabridge.models import hooks, rope, specs, torch_layers
-from megabridge.models.config import ModelConfig, validate_model_config
+from megabridge.models.config import (
+    ModelConfig,
+    expert_tensor_parallel_size,
+    validate_model_config,
+)
 
 _ACTIVATIONS = {
     "swiglu": (F.silu, True),
@@ -115,6 +119,7 @@ def transformer_config(cfg: ModelConfig):
         tensor_model_parallel_size=cfg.tensor_model_parallel_size,
         pipeline_model_parallel_size=cfg.pipeline_model_parallel_size,
         expert_model_parallel_size=cfg.expert_model_parallel_size,
+        expert_tensor_parallel_size=expert_tensor_parallel_size(cfg),
         sequence_parallel=cfg.sequence_parallel,
         bf16=bf16,
         params_dtype=dtype,

@@ -77,9 +77,8 @@ def mxfp4_model(tmp_path_factory):
 
 
 def test_reader_lists_and_dequantizes(mxfp4_model):
-    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
-
     from safetensors import safe_open
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
     from megabridge.conversion.hf_io import HFCheckpoint
 

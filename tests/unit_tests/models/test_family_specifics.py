@@ -35,6 +35,7 @@ REFUSED = [
     ("qwen2", dict(use_sliding_window=True, sliding_window=16, max_window_layers=1),
      "use_sliding_window=True is not supported yet"),
     ("qwen3", dict(attention_bias=True), "attention_bias=True is not supported yet"),
+    ("gpt_oss", dict(attention_bias=False), "attention_bias=False is not supported yet"),
 ]  # fmt: skip
 
 # (family, config overrides, the error's words): converted, but refused when built.
@@ -47,10 +48,11 @@ REFUSED_AT_BUILD = [
 TORCH_SPEC_ONLY = [
     ("gemma2", "local cannot build norm_placement=pre_post"),
     ("olmo2", "cannot build norm_placement=post, qk_norm_across"),
+    ("gpt_oss", "local cannot build sliding_window, attention_sinks"),
 ]
 
 # (family, variant) with a sliding window shorter than the verify sequences.
-WINDOWED = [("mistral", "window"), ("phi3", "base")]
+WINDOWED = [("mistral", "window"), ("phi3", "base"), ("gpt_oss", "base")]
 
 # (family, variant, layout) at four processes, beyond the suite's two-process layouts.
 FOUR_PROCESSES = [

@@ -106,6 +106,8 @@ class Plan:
                     if errors:  # the first problem as raised, not as the writer wrapped it
                         raise errors[0] from None
                     raise
+                finally:
+                    transfer.forget_recent_reads()
             if errors or thread_errors:  # a writer thread's failure leaves its files unwritten
                 raise (errors or thread_errors)[0]
 

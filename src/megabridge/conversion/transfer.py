@@ -117,13 +117,17 @@ def load_hf_weights(chunks, bridge, reader, cfg) -> None:
     params = [(local_name, name, param) for _, local_name, name, param in local_params(chunks, cfg)]
     check_sources(bridge, reader, [name for _, name, _ in params], cfg)
     consumed = set()
-    for local_name, name, param in params:
-        group, _ = _groups(local_name)
-        size, rank = dist.get_world_size(group), dist.get_rank(group)
-        how = sharding.param_split(local_name, param, cfg.gated)
-        full, hf_names = full_tensor(bridge, reader, name, _full_shape(param.shape, how, size), cfg)
-        param.copy_(sharding.split(full, how, rank, size))
-        consumed.update(hf_names)
+    try:
+        for local_name, name, param in params:
+            group, _ = _groups(local_name)
+            size, rank = dist.get_world_size(group), dist.get_rank(group)
+            how = sharding.param_split(local_name, param, cfg.gated)
+            expected = _full_shape(param.shape, how, size)
+            full, hf_names = full_tensor(bridge, reader, name, expected, cfg)
+            param.copy_(sharding.split(full, how, rank, size))
+            consumed.update(hf_names)
+    finally:
+        _STACKED_READS.clear()
     check_all_consumed(consumed, bridge, reader, cfg)
 
 
@@ -149,8 +153,18 @@ class _RecentReads:
                 self._items.popitem(last=False)
         return tensor
 
+    def clear(self) -> None:
+        """Forget them (a conversion is done: they may be gigabytes)."""
+        with self._lock:
+            self._items.clear()
+
 
 _STACKED_READS = _RecentReads()
+
+
+def forget_recent_reads() -> None:
+    """Drop the stacked HF tensors kept for their experts (streaming.py, when done)."""
+    _STACKED_READS.clear()
 
 
 class _ExpertStacks:

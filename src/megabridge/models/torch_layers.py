@@ -451,6 +451,28 @@ class AcrossHeadsRMSNorm(torch.nn.Module):
         )
 
 
+def _expert_output_linear():
+    """RowParallelLinear for experts with biases, whose output may be added to in place.
+
+    Megatron-Core's MLP adds an expert's probability-scaled bias in place
+    (mlp.py: ``output += output_bias.unsqueeze(0) * per_token_scale.unsqueeze(-1)``), on
+    what the row-parallel reduce returned; at expert TP 1 (the only layout Megatron-Core
+    allows with expert biases) that is its input returned as is, which autograd forbids
+    modifying in place ("Output 0 of _ReduceFromModelParallelRegion is a view"). A copy
+    while training makes it an ordinary tensor; inference keeps the output as it is.
+    """
+    from megatron.core.tensor_parallel import RowParallelLinear
+
+    class ExpertRowParallelLinear(RowParallelLinear):
+        def forward(self, *args, **kwargs):
+            output, bias = super().forward(*args, **kwargs)
+            if bias is not None and torch.is_grad_enabled():
+                output = output.clone()
+            return output, bias
+
+    return ExpertRowParallelLinear
+
+
 def norm_class(cfg):
     return RMSNorm if cfg.normalization == "RMSNorm" else LayerNorm
 
@@ -544,6 +566,9 @@ def _use_megabridge_modules(spec, cfg, norm) -> None:
     sub.pre_mlp_layernorm = norm
     if cfg.norm_placement == "post":  # OLMo 2: norms after the sublayers only
         sub.input_layernorm = sub.pre_mlp_layernorm = IdentityOp
+    experts = getattr(sub.mlp.submodules, "experts", None)
+    if experts is not None and cfg.add_bias_linear:
+        experts.submodules.linear_fc2 = _expert_output_linear()
     attn = sub.self_attention.submodules
     attn.core_attention = SDPAttention
     if cfg.qk_layernorm:  # multi-latent attention has q_layernorm and kv_layernorm

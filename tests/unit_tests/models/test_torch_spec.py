@@ -146,3 +146,22 @@ def test_yarn_is_transformers_yarn():
         ours = rope.inv_freq(64, 150000.0, {**params, "truncate": truncate})
         torch.testing.assert_close(ours, expected, atol=0, rtol=1e-6)
         assert rope.attention_factor(params) == pytest.approx(factor, rel=1e-12)
+
+
+def test_gpt_oss_layers_backward():
+    """Gradients reach the sinks and the experts' biases (Megatron-Core adds an expert's
+    scaled bias in place, which autograd refused on the row-parallel output as is)."""
+    from megabridge.conversion.registry import bridge_for_family
+    from megabridge.conversion.tiny import tiny_config
+
+    cfg = bridge_for_family("gpt_oss").model_config(tiny_config("gpt_oss"))
+    cfg.bf16 = False
+    (model,) = build_model(cfg)
+    weight_init.initialize([model], cfg, seed=7)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 17), generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(16).expand(2, 16)
+    model(tokens[:, :-1], positions, None, labels=tokens[:, 1:]).sum().backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    for part in ("core_attention.softmax_offset", "linear_fc2.bias", "linear_fc1.bias"):
+        names = [n for n in grads if n.endswith(part)]
+        assert names and all(grads[n] is not None and grads[n].abs().sum() > 0 for n in names), part

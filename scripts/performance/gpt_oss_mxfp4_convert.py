@@ -50,7 +50,8 @@ def make_gpt_oss(folder: Path, experts: int, layers: int) -> int:
         for proj, rows in (("q", HEADS * HEAD_DIM), ("k", KV * HEAD_DIM), ("v", KV * HEAD_DIM)):
             t[p + f"self_attn.{proj}_proj.weight"] = rand(rows, HIDDEN)
             t[p + f"self_attn.{proj}_proj.bias"] = rand(rows)
-        t[p + "self_attn.o_proj.weight"], t[p + "self_attn.o_proj.bias"] = rand(HIDDEN, HIDDEN), rand(HIDDEN)  # fmt: skip
+        t[p + "self_attn.o_proj.weight"] = rand(HIDDEN, HEADS * HEAD_DIM)
+        t[p + "self_attn.o_proj.bias"] = rand(HIDDEN)  # fmt: skip
         for name, (rows, cols) in (
             ("gate_up_proj", (2 * FFN, HIDDEN)),
             ("down_proj", (HIDDEN, FFN)),

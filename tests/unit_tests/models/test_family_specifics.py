@@ -95,6 +95,9 @@ OPTION_MATTERS = [
 FOUR_PROCESSES = [
     # The second pipeline stage must still know which of its layers are global.
     ("gemma3", "base", ["--tp", "2", "--pp", "2"]),
+    # Experts with biases stay whole on each TP rank (expert TP 1) while EP splits them;
+    # nightly (2.5 min on 2 cores; TP=2 and EP=2 alone run in CI's conformance launch).
+    pytest.param("gpt_oss", "base", ["--tp", "2", "--ep", "2"], marks=pytest.mark.skipduringci),
 ]
 
 
@@ -177,7 +180,9 @@ def test_known_unsupported_architectures_say_why(architecture):
 
 @pytest.mark.integration
 @pytest.mark.parametrize(
-    "family, variant, layout", FOUR_PROCESSES, ids=[f"{c[0]}-{c[1]}" for c in FOUR_PROCESSES]
+    "family, variant, layout",
+    FOUR_PROCESSES,
+    ids=["-".join(getattr(c, "values", c)[:2]) for c in FOUR_PROCESSES],  # a tuple or a param
 )
 def test_logits_at_four_processes(family, variant, layout, tmp_path):
     hf_dir = save_tiny(tiny_config(family, variant), tmp_path / "hf")

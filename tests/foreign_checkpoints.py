@@ -50,6 +50,26 @@ def megatron_fields(cfg) -> dict:
         "share_embeddings_and_output_weights": cfg.share_embeddings_and_output_weights,
         "bf16": bool(cfg.bf16),
         "tensor_model_parallel_size": cfg.tensor_model_parallel_size,
+        "pipeline_model_parallel_size": cfg.pipeline_model_parallel_size,
+        **(_moe_fields(cfg) if cfg.num_moe_experts else {}),
+    }
+
+
+def _moe_fields(cfg) -> dict:
+    """A Qwen3-MoE provider's extra fields (Megatron-Core's names, as Megatron-Bridge's
+    Qwen3MoEModelProvider holds them)."""
+    return {
+        "qk_layernorm": True,
+        "num_moe_experts": cfg.num_moe_experts,
+        "moe_router_topk": cfg.moe_router_topk,
+        "moe_ffn_hidden_size": cfg.moe_ffn_hidden_size,
+        "moe_router_pre_softmax": cfg.moe_router_pre_softmax,
+        "moe_router_score_function": cfg.moe_router_score_function,
+        "moe_router_load_balancing_type": cfg.moe_router_load_balancing_type,
+        "moe_aux_loss_coeff": cfg.moe_aux_loss_coeff,
+        "moe_grouped_gemm": True,
+        "moe_token_dispatcher_type": "alltoall",
+        "expert_model_parallel_size": cfg.expert_model_parallel_size,
     }
 
 
@@ -81,6 +101,7 @@ def megatron_lm_args(cfg, padded_vocab: int):
         params_dtype=torch.bfloat16 if cfg.bf16 else torch.float32,
         attention_backend=AttnBackend.auto,
         tensor_model_parallel_size=cfg.tensor_model_parallel_size,
+        pipeline_model_parallel_size=cfg.pipeline_model_parallel_size,
         ckpt_format="torch_dist",
     )
 
@@ -136,11 +157,13 @@ def _add_tool_files(kind: str, root: Path, iter_dir: Path, cfg) -> None:
         return
     (root / "latest_checkpointed_iteration.txt").write_text(str(ITERATION))
     if kind == "megatron-bridge":
+        provider = (
+            "megatron.bridge.models.qwen.qwen_provider.Qwen3MoEModelProvider"
+            if cfg.num_moe_experts
+            else "megatron.bridge.models.llama.llama_provider.LlamaModelProvider"
+        )
         run_config = {
-            "model": {
-                "_target_": "megatron.bridge.models.llama.llama_provider.LlamaModelProvider",
-                **megatron_fields(cfg),
-            },
+            "model": {"_target_": provider, **megatron_fields(cfg)},
             "train": {"train_iters": ITERATION, "micro_batch_size": 1},
             "checkpoint": {"save": str(root), "ckpt_format": "torch_dist"},
         }
@@ -150,14 +173,38 @@ def _add_tool_files(kind: str, root: Path, iter_dir: Path, cfg) -> None:
         torch.save(train_state, root / "latest_train_state.pt")
 
 
+# Other layouts, written in the same launch (2 processes): name -> (kind, which HF model,
+# TP, PP, EP, bf16). Each tool's layout at one of them; every kind is also written at TP=2.
+LAYOUTS = {
+    "megatron-lm-tp2-bf16": ("megatron-lm", "bf16", 2, 1, 1, True),
+    "nemo2-pp2": ("nemo2", "fp32", 1, 2, 1, False),
+    "megatron-bridge-moe-ep2": ("megatron-bridge", "moe", 1, 1, 2, False),
+}
+
+
+def _write_from(hf, kind: str, out: Path, tp=1, pp=1, ep=1, bf16=False) -> None:
+    from megabridge import runtime
+    from megabridge.conversion.auto_bridge import AutoBridge
+
+    bridge = AutoBridge.from_hf_pretrained(hf)
+    cfg = bridge.to_megatron_provider()
+    cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size = tp, pp
+    cfg.expert_model_parallel_size, cfg.bf16 = ep, bf16
+    runtime.init_model_parallel(tp, pp, ep)  # a fresh parallel state for this layout
+    write(kind, out, bridge.to_megatron_model(cfg), cfg)
+
+
 def main(argv=None) -> None:
-    """``[torchrun ...] python -m tests.foreign_checkpoints HF_DIR OUT_DIR [--tp N] [--bf16]``:
-    writes every kind under OUT_DIR/<kind>, from the model loaded at TP=N."""
+    """``[torchrun ...] python -m tests.foreign_checkpoints HF_DIR OUT_DIR [--tp N] [--bf16]
+    [--layouts HF_BF16_DIR HF_MOE_DIR]``: writes every kind under OUT_DIR/<kind>, from the
+    model loaded at TP=N, and with --layouts (2 processes) each of LAYOUTS under OUT_DIR/<name>
+    from the fp32 model, a bf16 copy of it and a Qwen3-MoE model."""
     parser = argparse.ArgumentParser()
     parser.add_argument("hf")
     parser.add_argument("out")
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--layouts", nargs=2, metavar=("HF_BF16", "HF_MOE"))
     args = parser.parse_args(argv)
 
     from megabridge.conversion.auto_bridge import AutoBridge
@@ -168,6 +215,10 @@ def main(argv=None) -> None:
     model = bridge.to_megatron_model(cfg)
     for kind in KINDS:
         write(kind, Path(args.out) / kind, model, cfg)
+    if args.layouts:
+        sources = {"fp32": args.hf, "bf16": args.layouts[0], "moe": args.layouts[1]}
+        for name, (kind, source, tp, pp, ep, bf16) in LAYOUTS.items():
+            _write_from(sources[source], kind, Path(args.out) / name, tp, pp, ep, bf16)
 
 
 if __name__ == "__main__":  # dist_checkpointing.save starts processes that re-import __main__

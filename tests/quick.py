@@ -23,6 +23,8 @@ QUICK = [
     "tests/unit_tests/models/test_conformance.py::test_gradients_match_transformers[llama-base]",
     "tests/unit_tests/models/test_conformance.py::test_verify_rejects_perturbed_weights[llama]",
     "tests/functional_tests/test_conversion_cli.py::test_cli_round_trip_is_bit_exact",
+    # vision-language: logits on images (in-process, seconds)
+    "tests/unit_tests/models/test_vision_language.py::test_logits_on_images_match_transformers",
     # one parallel check; training
     "tests/functional_tests/test_training.py::test_parallel_losses_equal_single_process[tp2]",
     "tests/functional_tests/test_training.py::test_quick_run_trains_logs_and_checkpoints",

@@ -84,18 +84,19 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 def _run_recipe(args: argparse.Namespace, entry: str) -> int:
     catalog.check_recipe(args.recipe)  # a misspelt name fails before the heavy imports
-    setup_logging()
-    from megabridge import runtime
     from megabridge.recipes import get_recipe
-    from megabridge.training import loop
     from megabridge.training.config import apply_overrides, describe
 
     cfg = get_recipe(args.recipe)
-    apply_overrides(cfg, args.overrides)
+    apply_overrides(cfg, args.overrides)  # a bad override fails before torch is imported
     if args.help_config:
         print(f"config keys of {args.recipe} (override with section.field=value):")
         print(describe(cfg))
         return 0
+    setup_logging()
+    from megabridge import runtime
+    from megabridge.training import loop
+
     try:
         getattr(loop, entry)(cfg)
     finally:
@@ -269,6 +270,13 @@ def _register_conversion(sub) -> None:
     p.add_argument(
         "--min-top1", type=float, help="min top-1 agreement (default 0.99 fp32, 0.9 bf16)"
     )
+    p.add_argument(
+        "--image",
+        action="append",
+        metavar="PATH",
+        help="an image to compare a vision-language model's logits on (repeatable; required "
+        "for them, one sample per image, made by the model's own image processor)",
+    )
     p.add_argument("--json", action="store_true", help="print the result as JSON on the last line")
     p.set_defaults(func=_command("megabridge.conversion.commands", "cmd_verify"))
 
@@ -304,6 +312,11 @@ def _register_export(sub) -> None:
         "--hf-reference", help="HF folder whose config.json and tokenizer the merged model gets"
     )
     p.add_argument("--dtype", help="float32 or bfloat16 (default: the base's dtypes; adapter fp32)")
+    p.add_argument(
+        "--hf-config",
+        help="HF model folder or config.json describing a base checkpoint from Megatron-LM, "
+        "Megatron-Bridge or NeMo 2 that carries no model description (default: as recorded)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace existing output folders")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (default 1)")
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (default 1)")

@@ -1,7 +1,8 @@
-"""Checkpoints Megatron-LM, Megatron-Bridge and NeMo 2 wrote at TP=2: `megabridge convert
-megatron-to-hf` exports them bit-exact, and fine-tuning from one starts at the HF model's loss."""
+"""Checkpoints Megatron-LM, Megatron-Bridge and NeMo 2 wrote at TP=2 (and bf16 at TP=2, PP=2,
+a MoE at EP=2): `megabridge convert megatron-to-hf` exports them bit-exact, and fine-tuning from one starts at the HF model's loss."""
 
 import pytest
+import torch
 
 from megabridge.conversion.tiny import tiny_config
 from tests import conversion_checks as checks
@@ -18,10 +19,23 @@ def llama(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def foreign_tp2(llama, tmp_path_factory):
-    """Every kind, saved by a model loaded at TP=2 (one 2-process launch)."""
+def sources(llama, tmp_path_factory):
+    """The HF models the checkpoints come from: fp32 Llama, bf16 Llama, fp32 Qwen3-MoE."""
+    root = tmp_path_factory.mktemp("hf")
+    return {
+        "fp32": llama,
+        "bf16": save_tiny(tiny_config("llama"), root / "llama-bf16", dtype=torch.bfloat16),
+        "moe": save_tiny(tiny_config("qwen3_moe"), root / "qwen3-moe"),
+    }
+
+
+@pytest.fixture(scope="module")
+def foreign_tp2(llama, sources, tmp_path_factory):
+    """Every kind, saved by a model loaded at TP=2, and the other LAYOUTS (bf16 at TP=2,
+    PP=2, a MoE at EP=2), all in one 2-process launch."""
     out = tmp_path_factory.mktemp("foreign")
-    result = torchrun(2, ["-m", "tests.foreign_checkpoints", str(llama), str(out), "--tp", "2"])
+    result = torchrun(2, ["-m", "tests.foreign_checkpoints", str(llama), str(out), "--tp", "2",
+                          "--layouts", str(sources["bf16"]), str(sources["moe"])])  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
     return out
 
@@ -35,6 +49,20 @@ def test_a_tp2_foreign_checkpoint_exports_bit_exact(llama, foreign_tp2, kind, tm
     assert result.returncode == 0, result.stderr[-4000:]
     assert "(streamed)" in result.stdout + result.stderr
     checks.assert_same_tensors(llama, tmp_path / "back")
+
+
+@pytest.mark.parametrize("name", foreign_checkpoints.LAYOUTS)
+def test_each_tools_layout_at_tp2_bf16_pp2_and_moe_ep2_exports_bit_exact(
+    sources, foreign_tp2, name, tmp_path
+):
+    kind, source = foreign_checkpoints.LAYOUTS[name][:2]
+    result = megabridge(
+        ["convert", "megatron-to-hf", "--megatron-path", str(foreign_tp2 / name),
+         "--hf-path", str(tmp_path / "back")]
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "(streamed)" in result.stdout + result.stderr
+    checks.assert_same_tensors(sources[source], tmp_path / "back")
 
 
 def test_finetune_from_a_megatron_bridge_checkpoint_starts_at_the_hf_loss(

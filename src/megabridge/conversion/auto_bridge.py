@@ -71,6 +71,7 @@ class AutoBridge:
             None  # set when the weights live in a Megatron checkpoint
         )
         self.checkpoint_meta: dict = {}  # its megabridge.json (or what stands for it)
+        self.described_by: str | Path | None = None  # the HF config describing a foreign one
         # tokenizer / generation files to ship with an export
         self.sidecar_dir: Path | None = source.path if source is not None else None
         # {"weight_map": {name: file}, "dtypes": {name: dtype}} of the HF folder we came from
@@ -126,6 +127,7 @@ class AutoBridge:
         bridge = cls(family, model_config, hf_config, source_layout=hf.get("layout"))
         bridge.checkpoint_dir = ckpt
         bridge.checkpoint_meta = meta
+        bridge.described_by = described_by
         assets = ckpt / HF_ASSETS
         bridge.sidecar_dir = assets if assets.is_dir() else None
         if described_by is not None and Path(described_by).is_dir():  # its tokenizer files too
@@ -183,7 +185,7 @@ class AutoBridge:
             transfer.load_hf_weights(model, self.family, self.source, cfg)
             return
 
-        checkpointing.load(self.checkpoint_dir, model, model_only=True)
+        checkpointing.load(self.checkpoint_dir, model, model_only=True, hf_config=self.described_by)
 
     def load_hf_weights(self, model) -> None:
         """Fill built chunks from the HF folder (their config must match this model)."""

@@ -99,7 +99,7 @@ def cmd_verify(args) -> int:
     dtype = _dtype(args.dtype) or torch.float32
     result = verify(
         args.hf_path, args.megatron_path, args.tp, args.pp, args.ep, dtype,
-        args.batch, args.seq_len, args.seed, args.atol, args.min_top1,
+        args.batch, args.seq_len, args.seed, args.atol, args.min_top1, args.image,
     )  # fmt: skip
     verdict = "OK" if result.ok else "MISMATCH"
     log.info(

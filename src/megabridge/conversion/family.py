@@ -76,6 +76,9 @@ class FamilyBridge:
     NAME: ClassVar[str] = ""
     # Multimodal architectures whose language model the family reads (see TextTower).
     TEXT_TOWERS: ClassVar[tuple[TextTower, ...]] = ()
+    # The family's models take images (ModelConfig.vision): verify needs --image, training is
+    # refused, and the text-only conformance suite leaves them out (they have their own tests).
+    VISION: ClassVar[bool] = False
     # What `megabridge models` and the README table say about the family.
     PARALLELISM: ClassVar[tuple[str, ...]] = ("TP", "PP")
     NOTES: ClassVar[str] = ""

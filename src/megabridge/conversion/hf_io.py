@@ -252,9 +252,27 @@ class HFCheckpoint:
         return dict(self.weight_map)
 
 
+# dtypes whose min and max tell whether all values are finite (see all_finite)
+_MINMAX_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether a tensor holds no NaN and no Inf (integer tensors always do).
+
+    torch.aminmax propagates NaN and an Inf is an extreme, so both extremes are finite
+    exactly when every value is: one vectorised pass without isfinite's boolean copy,
+    20-60x faster on the CPU (it was half of a streamed export's time; NOTES.md)."""
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return True
+    if tensor.dtype not in _MINMAX_DTYPES:  # float8 and the like: no aminmax kernel
+        return bool(torch.isfinite(tensor).all())
+    lo, hi = torch.aminmax(tensor)
+    return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
+
+
 def check_finite(tensor: torch.Tensor, what: str) -> None:
     """ConversionError when a floating-point tensor holds NaN or Inf."""
-    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+    if not all_finite(tensor):
         raise ConversionError(
             f"{what} holds NaN or Inf (pass --allow-non-finite to convert it anyway)"
         )

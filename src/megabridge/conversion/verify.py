@@ -7,8 +7,10 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.distributed as dist
 
+from megabridge.conversion import image_inputs
 from megabridge.conversion.auto_bridge import AutoBridge
 from megabridge.errors import UserError
+from megabridge.models.vision import mrope_positions
 
 DEFAULT_ATOL = {torch.float32: 1e-3, torch.bfloat16: 0.25}
 DEFAULT_MIN_TOP1 = {torch.float32: 0.99, torch.bfloat16: 0.9}
@@ -34,25 +36,63 @@ def sample_tokens(vocab_size: int, batch: int, seq_len: int, seed: int) -> torch
     return torch.randint(0, vocab_size, (batch, seq_len), generator=gen)
 
 
-@torch.no_grad()
-def hf_logits(hf_path, tokens: torch.Tensor, dtype: torch.dtype, device) -> torch.Tensor:
-    from transformers import AutoModelForCausalLM
+def _hf_model(hf_path, dtype: torch.dtype, device, vision: bool = False):
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
+    auto = AutoModelForImageTextToText if vision else AutoModelForCausalLM
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(hf_path), dtype=dtype, local_files_only=True
-        )
+        model = auto.from_pretrained(str(hf_path), dtype=dtype, local_files_only=True)
     except Exception as e:  # noqa: BLE001 - transformers' own loading errors
         raise UserError(f"transformers cannot load {hf_path}: {e}") from None
-    model.to(device).eval()
+    return model.to(device).eval()
+
+
+@torch.no_grad()
+def hf_logits(hf_path, tokens: torch.Tensor, dtype: torch.dtype, device) -> torch.Tensor:
+    model = _hf_model(hf_path, dtype, device)
     logits = model(input_ids=tokens.to(device)).logits.float()
     del model
     return logits
 
 
 @torch.no_grad()
-def megatron_logits(chunks, tokens: torch.Tensor) -> torch.Tensor | None:
-    """Full-vocabulary logits [b, s, vocab] on the last pipeline stage; None elsewhere."""
+def hf_image_logits(hf_path, samples, vision: dict, dtype: torch.dtype, device) -> torch.Tensor:
+    """transformers' logits [1, sum of lengths, vocab] of image samples, one after another."""
+    model = _hf_model(hf_path, dtype, device, vision=True)
+    out = []
+    for sample in samples:
+        ids = sample.input_ids.to(device)
+        # image tokens are of type 1: transformers then computes its own M-RoPE positions
+        types = (ids == vision["image_token_id"]).int()
+        out.append(model(
+            input_ids=ids, pixel_values=sample.pixel_values.to(device, dtype),
+            image_grid_thw=sample.image_grid_thw.to(device), mm_token_type_ids=types,
+        ).logits.float())  # fmt: skip
+    del model
+    return torch.cat(out, dim=1)
+
+
+def megatron_image_logits(chunks, samples, vision: dict) -> torch.Tensor | None:
+    """megatron_logits of image samples, one after another (like hf_image_logits)."""
+    out = []
+    for sample in samples:
+        positions = mrope_positions(
+            sample.input_ids, sample.image_grid_thw, vision["image_token_id"],
+            vision["spatial_merge_size"],
+        )  # fmt: skip
+        images = {"pixel_values": sample.pixel_values, "image_grid_thw": sample.image_grid_thw}
+        out.append(megatron_logits(chunks, sample.input_ids, positions, images))
+    return None if out[0] is None else torch.cat(out, dim=1)
+
+
+@torch.no_grad()
+def megatron_logits(
+    chunks, tokens: torch.Tensor, positions: torch.Tensor | None = None, extra: dict | None = None
+) -> torch.Tensor | None:
+    """Full-vocabulary logits [b, s, vocab] on the last pipeline stage; None elsewhere.
+
+    ``positions`` default to 0..s-1 per sequence; ``extra`` are more model inputs
+    (a vision-language model's images)."""
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -61,14 +101,17 @@ def megatron_logits(chunks, tokens: torch.Tensor) -> torch.Tensor | None:
         chunk.eval()
     device = next(chunks[0].parameters()).device
     tokens = tokens.to(device)
-    positions = torch.arange(tokens.shape[1], device=device).unsqueeze(0).expand_as(tokens)
+    if positions is None:
+        positions = torch.arange(tokens.shape[1], device=device).unsqueeze(0).expand_as(tokens)
+    positions = positions.to(device)
+    extra = {k: v.to(device) for k, v in (extra or {}).items()}
 
     def collect(output, non_loss_data=False):
         return tensor_parallel.gather_from_tensor_model_parallel_region(output).float()
 
     def forward_step(data_iterator, model):
         next(data_iterator)
-        return model(tokens, positions, None), collect
+        return model(tokens, positions, None, **extra), collect
 
     out = get_forward_backward_func()(
         forward_step_func=forward_step,
@@ -132,9 +175,20 @@ def verify(
     seed: int = 0,
     atol: float | None = None,
     min_top1: float | None = None,
+    images: list | None = None,
 ) -> VerifyResult:
-    """Build the Megatron model (from ``hf_path`` or ``megatron_path``) and compare; every rank returns the result."""
+    """Build the Megatron model (from ``hf_path`` or ``megatron_path``) and compare; every rank
+    returns the result. A vision-language model is compared on ``images`` (one sample each)."""
     hf_bridge = AutoBridge.from_hf_pretrained(hf_path)
+    vision = hf_bridge.model_config.vision
+    if vision is not None and not images:
+        raise UserError(
+            f"verify of the vision-language {hf_bridge.family.display_name()} compares logits on "
+            "images: pass --image PATH (one or more)"
+        )
+    if vision is None and images:
+        raise UserError(f"--image: {hf_bridge.family.display_name()} is a text-only model")
+    samples = image_inputs.image_samples(hf_path, images, vision) if vision else None
     bridge = _megatron_bridge(megatron_path, hf_path) if megatron_path else hf_bridge
     provider = bridge.to_megatron_provider()
     provider.tensor_model_parallel_size = tp
@@ -149,9 +203,15 @@ def verify(
     seq_len = min(seq_len, provider.seq_length)
     tokens = sample_tokens(provider.vocab_size, batch, seq_len, seed)
     model = bridge.to_megatron_model(provider)
-    logits = megatron_logits(model, tokens)
+    if samples:
+        logits = megatron_image_logits(model, samples, vision)
+    else:
+        logits = megatron_logits(model, tokens)
     result = None
-    if logits is not None:
+    if logits is not None and samples:
+        reference = hf_image_logits(hf_path, samples, vision, dtype, logits.device)
+        result = compare(reference, logits, provider.vocab_size, dtype, atol, min_top1)
+    elif logits is not None:
         reference = hf_logits(hf_path, tokens, dtype, logits.device)
         result = compare(reference, logits, provider.vocab_size, dtype, atol, min_top1)
     everyone = [None] * dist.get_world_size()

@@ -89,8 +89,13 @@ class ModelConfig:
         "its weight spans the heads and is split over TP ranks with them",
         torch_only=True,
     )
-    position_embedding_type: Literal["rope", "learned_absolute", "none"] = architecture_field(
-        "rope", "position embedding"
+    position_embedding_type: Literal["rope", "mrope", "learned_absolute", "none"] = (
+        architecture_field("rope", "position embedding (mrope: RoPE over 3D positions, Qwen2.5-VL)")
+    )
+    mrope_section: list[int] | None = architecture_field(
+        None,
+        "mrope: how many RoPE frequencies follow the temporal, height and width positions "
+        "(HF rope_parameters.mrope_section)",
     )
     rotary_base: float = architecture_field(10000.0, "RoPE theta")
     rotary_percent: float = architecture_field(1.0, "fraction of the head dimension rotated")
@@ -174,6 +179,11 @@ class ModelConfig:
     activation_clamp: float | None = architecture_field(
         None, "gated MLP: the gate clamped to at most this, the up half to [-this, this]"
     )
+    vision: dict | None = architecture_field(
+        None,
+        "the vision tower of a vision-language model: its HF vision_config fields plus kind "
+        "and image_token_id (models/vision.py); None: a text-only model",
+    )
     # MoE
     num_moe_experts: int | None = architecture_field(
         None, "routed experts per MoE layer (None: dense)"
@@ -240,6 +250,16 @@ class ModelConfig:
         "auto",
         "layer implementation: auto (TE if importable, else torch), transformer_engine, torch "
         "(SDPA attention, megabridge's fast spec) or local (megatron-core's unfused spec)",
+    )
+    fp8: Literal["tensorwise", "rowwise"] | None = runtime_field(
+        None,
+        "FP8 GEMMs in the torch spec's block linears (torch._scaled_mm, no Transformer Engine): "
+        "tensorwise or rowwise scaling; needs a GPU of compute capability 8.9+",
+    )
+    recompute_swiglu: bool = runtime_field(
+        False,
+        "torch spec, dense SwiGLU MLPs: recompute SwiGLU's output in backward instead of keeping "
+        "it (less activation memory for one element-wise pass)",
     )
     recompute_granularity: Literal["full", "selective"] | None = runtime_field(
         None, "activation recomputation"
@@ -388,4 +408,8 @@ def _variant_problems(cfg: ModelConfig) -> list[str]:
         problems.append("swiglu_alpha and glu_linear_offset need activation=swiglu")
     if cfg.local_rotary_base is not None and cfg.sliding_window is None:
         problems.append("local_rotary_base needs sliding_window (it is the window layers' theta)")
+    if (cfg.position_embedding_type == "mrope") != (cfg.mrope_section is not None):
+        problems.append("position_embedding_type=mrope and mrope_section go together")
+    if cfg.vision is not None and cfg.sequence_parallel:
+        problems.append("sequence_parallel with a vision tower is not supported yet")
     return problems

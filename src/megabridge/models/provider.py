@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from megabridge.errors import ConfigError
-from megabridge.models import hooks, rope, specs, torch_layers
+from megabridge.models import fp8, hooks, rope, specs, torch_layers, vision
 from megabridge.models.config import (
     ModelConfig,
     expert_tensor_parallel_size,
@@ -115,6 +115,7 @@ def transformer_config(cfg: ModelConfig):
         rotary_interleaved=cfg.rotary_interleaved,
         softmax_scale=cfg.softmax_scale,
         no_rope_freq=_no_rope_pattern(cfg),
+        mrope_section=cfg.mrope_section,
         hidden_dropout=cfg.hidden_dropout,
         attention_dropout=cfg.attention_dropout,
         init_method_std=cfg.init_method_std,
@@ -245,6 +246,11 @@ def layer_spec(cfg, tconfig):
     impl = specs.resolve_impl(cfg)
     if not specs.have_transformer_engine():
         _megatron_without_te()
+    if cfg.fp8 is not None and impl != "torch":
+        raise ConfigError(
+            f"model.fp8 is built by the torch layer spec only, not {impl}; "
+            "set model.transformer_impl=torch"
+        )
     if impl == "torch":
         return torch_layers.block_spec(cfg, tconfig)
     # Megatron-Core's own block spec: a dense or an MoE layer per moe_layer_freq.
@@ -267,9 +273,15 @@ def build_model(cfg: ModelConfig, meta: bool = False) -> list[torch.nn.Module]:
     from megatron.core.models.gpt import GPTModel
 
     validate_model_config(cfg)
+    if cfg.fp8 is not None and not meta:  # a meta build only lays out the (same) parameters
+        fp8.check_fp8_supported(cfg.fp8, cfg.tensor_model_parallel_size, cfg.sequence_parallel)
     tconfig = transformer_config(cfg)
+    # A vision-language model is a GPTModel with a vision tower on its first stage.
+    model_class, extra = GPTModel, {}
+    if cfg.vision is not None:
+        model_class, extra = vision.VisionLanguageModel, {"vision": cfg.vision}
     with _OnMeta() if meta else contextlib.nullcontext():
-        model = GPTModel(
+        model = model_class(
             config=tconfig,
             transformer_layer_spec=layer_spec(cfg, tconfig),
             vocab_size=padded_vocab_size(cfg),
@@ -280,6 +292,7 @@ def build_model(cfg: ModelConfig, meta: bool = False) -> list[torch.nn.Module]:
             position_embedding_type=cfg.position_embedding_type,
             rotary_percent=cfg.rotary_percent,
             rotary_base=cfg.rotary_base,
+            **extra,
         )
         rope.apply_rope_scaling(model, cfg)
         hooks.apply(model, cfg)

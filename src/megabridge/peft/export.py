@@ -114,7 +114,7 @@ def save_adapter(model, bridge, out, settings: dict, dtype=None, overwrite=False
     return Path(out)
 
 
-def _build_base(ckpt: Path, meta: dict, base: str | None, tp: int, pp: int):
+def _build_base(ckpt: Path, meta: dict, base: str | None, tp: int, pp: int, hf_config=None):
     """(bridge, model chunks) with the frozen base weights the adapters were trained on, in fp32."""
     cfg = model_config_from_dict(meta["model_config"])
     cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size = tp, pp
@@ -132,7 +132,9 @@ def _build_base(ckpt: Path, meta: dict, base: str | None, tp: int, pp: int):
     if (Path(base) / "config.json").is_file():
         bridge = AutoBridge.from_hf_pretrained(base)
     else:
-        bridge = AutoBridge.from_megatron_checkpoint(base)
+        # a foreign base (Megatron-LM, Megatron-Bridge, NeMo 2) read like convert reads it
+        hf_config = hf_config or meta["peft"].get("base_hf_config")
+        bridge = AutoBridge.from_megatron_checkpoint(base, hf_config)
     checkpointing.check_architecture(ckpt, bridge.model_config)
     return bridge, bridge.to_megatron_model(cfg)
 
@@ -147,15 +149,20 @@ def export_checkpoint(
     pp: int = 1,
     dtype: torch.dtype | None = None,
     overwrite: bool = False,
+    hf_config=None,
 ) -> None:
-    """Export a PEFT training checkpoint: merged into its base (``hf_path``), alone (``adapter_path``)."""
+    """Export a PEFT training checkpoint: merged into its base (``hf_path``), alone (``adapter_path``).
+
+    ``hf_config``: an HF model folder or config.json describing a base checkpoint that
+    Megatron-LM / Megatron-Bridge / NeMo 2 wrote without a model description (default:
+    the one training was given, as recorded)."""
     if hf_path is None and adapter_path is None:
         raise UserError("nothing to export: pass --hf-path (merged model) and/or --adapter-path")
     for out in (hf_path, adapter_path):
         if out is not None:
             outputs.check_output(out, overwrite, inputs=[megatron_path, *filter(None, [base])])
     ckpt = checkpointing.resolve(megatron_path)
-    meta = checkpointing.read_metadata(ckpt)
+    meta = checkpointing.read_metadata(ckpt, hf_config)
     settings = meta.get("peft")
     if settings is None:
         raise UserError(
@@ -163,7 +170,7 @@ def export_checkpoint(
             "`megabridge convert megatron-to-hf`"
         )
     base = str(Path(base).resolve()) if base else settings["base"]
-    bridge, model = _build_base(ckpt, meta, base, tp, pp)
+    bridge, model = _build_base(ckpt, meta, base, tp, pp, hf_config)
     if hf_reference:
         bridge.use_hf_reference(hf_reference)
     lora.add_adapters(model, settings)
@@ -184,6 +191,6 @@ def export_checkpoint(
 def cmd_export(args: argparse.Namespace) -> int:
     export_checkpoint(
         args.megatron_path, args.hf_path, args.adapter_path, args.base, args.hf_reference,
-        args.tp, args.pp, _dtype(args.dtype), args.overwrite,
+        args.tp, args.pp, _dtype(args.dtype), args.overwrite, args.hf_config,
     )  # fmt: skip
     return 0

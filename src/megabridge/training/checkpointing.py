@@ -147,9 +147,10 @@ def has_checkpoints(root: str | Path) -> bool:
     return Path(root).is_dir() and any(p.is_dir() for p in Path(root).glob("iter_*"))
 
 
-def check_architecture(ckpt_dir: Path, model_cfg) -> dict:
-    """Refuse a checkpoint made for another model; returns its metadata."""
-    meta = read_metadata(ckpt_dir)
+def check_architecture(ckpt_dir: Path, model_cfg, hf_config: str | Path | None = None) -> dict:
+    """Refuse a checkpoint made for another model; returns its metadata. ``hf_config``
+    describes a foreign checkpoint that carries no description (see read_metadata)."""
+    meta = read_metadata(ckpt_dir, hf_config)
     saved = meta.get("model", {})
     current = architecture(model_cfg)
     diffs = [
@@ -464,7 +465,10 @@ def prune(root: Path, keep_last_n: int, newest: Path) -> None:
 # ------------------------------------------------------------------------ load
 
 
-def load(ckpt_dir: Path, model_chunks, optimizer=None, scheduler=None, model_only=False) -> dict:
+def load(
+    ckpt_dir: Path, model_chunks, optimizer=None, scheduler=None, model_only=False,
+    hf_config: str | Path | None = None,
+) -> dict:  # fmt: skip
     """Load a checkpoint into the (already built) model, optimizer and scheduler.
 
     Returns the saved train_state ({} for model-only loads). The checkpoint may
@@ -474,7 +478,7 @@ def load(ckpt_dir: Path, model_chunks, optimizer=None, scheduler=None, model_onl
     from megatron.core.utils import unwrap_model
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
-    meta = read_metadata(ckpt_dir)
+    meta = read_metadata(ckpt_dir, hf_config)
     prefix = meta.get("foreign", {}).get("key_prefix", "")  # NeMo 2's keys start with module.
     if "foreign" in meta and not model_only:  # another tool's optimizer state is not ours
         _warn("%s was written by %s: loading its weights only", ckpt_dir, meta["foreign"]["kind"])

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from megabridge.errors import ConfigError
 from megabridge.models.config import ModelConfig, option, validate_model_config
-from megabridge.peft.lora import config_problems
+from megabridge.peft.targets import config_problems
 
 
 @dataclass
@@ -109,6 +109,11 @@ class CheckpointConfig:
     keep_last_n: int | None = option(None, "keep only the N newest checkpoints")
     pretrained_checkpoint: str | None = option(
         None, "start from these weights: an HF model folder or a Megatron checkpoint"
+    )
+    hf_config: str | None = option(
+        None,
+        "an HF model folder or config.json that describes a Megatron-LM / Megatron-Bridge / NeMo 2 "
+        "checkpoint (load or pretrained_checkpoint) carrying no model description",
     )
     run_dir: str = option("runs", "parent of the default per-run folder")
     save_hf: bool = option(

@@ -39,6 +39,11 @@ DIST_CONFIG = "metadata.json"  # dist_checkpointing's; Megatron-Core writes it l
 RUN_CONFIG = "run_config.yaml"  # Megatron-Bridge
 NEMO_CONTEXT, NEMO_WEIGHTS, NEMO_MODEL = "context", "weights", "model.yaml"
 LEGACY_FILE = "model_optim_rng.pt"
+# what to pass when the checkpoint does not say which model it holds (CLI, then training)
+HF_CONFIG_HINT = (
+    "--hf-config <HF model folder or config.json> of the model (training: "
+    "checkpoint.hf_config=<the same>)"
+)
 
 # Fields whose Megatron-Core / Megatron-LM name differs from ours: their name -> ours.
 _RENAMES = {
@@ -182,7 +187,7 @@ def _from_hf_config(path: str | Path) -> tuple[ModelConfig, dict]:
     path = Path(path)
     file = path / "config.json" if path.is_dir() else path
     if not file.is_file():
-        raise UserError(f"--hf-config {path}: no config.json there")
+        raise UserError(f"--hf-config / checkpoint.hf_config {path}: no config.json there")
     try:
         hf = json.loads(file.read_text())
         hf_config = AutoConfig.for_model(**hf)
@@ -204,8 +209,7 @@ def _from_own_description(ckpt_dir: Path, what: str) -> ModelConfig:
         fields = _megatron_lm_args(ckpt_dir)
     if not fields:
         raise UserError(
-            f"{ckpt_dir} carries no model description megabridge can read: pass --hf-config "
-            "<HF model folder or config.json> of the model"
+            f"{ckpt_dir} carries no model description megabridge can read: pass {HF_CONFIG_HINT}"
         )
     family = _family(fields, ckpt_dir)
     cfg = ModelConfig(family=family)
@@ -259,8 +263,7 @@ def _family(fields: dict, ckpt_dir: Path) -> str:
             if target.startswith(prefix):
                 return family
         raise UserError(
-            f"{ckpt_dir}: megabridge has no family for model class {target}: pass --hf-config "
-            "<HF model folder or config.json> of the model"
+            f"{ckpt_dir}: megabridge has no family for model class {target}: pass {HF_CONFIG_HINT}"
         )
     if not fields.get("num_experts"):
         for rule, family in _ARGS_FAMILIES:
@@ -268,7 +271,7 @@ def _family(fields: dict, ckpt_dir: Path) -> str:
                 return family
     raise UserError(
         f"{ckpt_dir}: the checkpoint's arguments do not say which model family it is: pass "
-        "--hf-config <HF model folder or config.json> of the model"
+        f"{HF_CONFIG_HINT}"
     )
 
 
@@ -283,7 +286,7 @@ def _check_family(cfg: ModelConfig, ckpt_dir: Path) -> None:
     if wrong:
         raise UserError(
             f"{ckpt_dir} does not describe a {cfg.family} model: {', '.join(wrong)}; pass "
-            "--hf-config <HF model folder or config.json> of the model"
+            f"{HF_CONFIG_HINT}"
         )
 
 

@@ -238,6 +238,10 @@ def save(s: Session) -> Path:
 
 def setup(cfg: ConfigContainer) -> Session:
     _adopt_pretrained_architecture(cfg)
+    if cfg.model.vision is not None:  # the data path has no images yet (issue 14)
+        raise ConfigError(
+            f"training a vision-language model ({cfg.model.family}) is not supported yet"
+        )
     validate(cfg, int(os.environ.get("WORLD_SIZE", 1)))
     rt = runtime.init_distributed(cfg.dist.distributed_timeout_minutes)
     m = cfg.model
@@ -265,7 +269,9 @@ def setup(cfg: ConfigContainer) -> Session:
     connect_to_schedules(cfg, model, optimizer)
     state, saved_iteration = TrainState(), None
     if resume_from is not None:
-        saved = checkpointing.load(resume_from, model, optimizer, scheduler)
+        saved = checkpointing.load(
+            resume_from, model, optimizer, scheduler, hf_config=cfg.checkpoint.hf_config
+        )
         state = TrainState(**{k: saved[k] for k in dataclasses.asdict(state) if k in saved})
         if resume_from.parent.resolve() == save_dir.resolve():
             saved_iteration = state.iteration
@@ -320,7 +326,7 @@ def _resume_checkpoint(cfg: ConfigContainer, save_dir: Path) -> Path | None:
         if is_save_dir and not checkpointing.has_checkpoints(load_root):
             return None
         ckpt = checkpointing.resolve(load_root)
-        checkpointing.check_architecture(ckpt, cfg.model)
+        checkpointing.check_architecture(ckpt, cfg.model, cfg.checkpoint.hf_config)
         return ckpt
     if checkpointing.has_checkpoints(save_dir):
         newest = max(p.name for p in save_dir.glob("iter_*"))
@@ -340,7 +346,7 @@ def _adopt_pretrained_architecture(cfg: ConfigContainer) -> None:
     if (Path(path) / "config.json").is_file():
         AutoBridge.from_hf_pretrained(path).apply_to_model_config(cfg.model)
     else:
-        meta = checkpointing.read_metadata(checkpointing.resolve(path))
+        meta = checkpointing.read_metadata(checkpointing.resolve(path), cfg.checkpoint.hf_config)
         copy_architecture(model_config_from_dict(meta["model_config"]), cfg.model)
 
 
@@ -350,5 +356,5 @@ def _load_pretrained(cfg: ConfigContainer, model: list) -> None:
         AutoBridge.from_hf_pretrained(path).load_hf_weights(model)
         return
     ckpt = checkpointing.resolve(path)
-    checkpointing.check_architecture(ckpt, cfg.model)
-    checkpointing.load(ckpt, model, model_only=True)
+    checkpointing.check_architecture(ckpt, cfg.model, cfg.checkpoint.hf_config)
+    checkpointing.load(ckpt, model, model_only=True, hf_config=cfg.checkpoint.hf_config)

@@ -38,7 +38,7 @@ def bridge_for_run(cfg) -> AutoBridge:
     if pretrained and (Path(pretrained) / "config.json").is_file():
         bridge = AutoBridge.from_hf_pretrained(pretrained)
     elif pretrained:
-        bridge = AutoBridge.from_megatron_checkpoint(pretrained)
+        bridge = AutoBridge.from_megatron_checkpoint(pretrained, cfg.checkpoint.hf_config)
     else:
         family = bridge_for_family(cfg.model.family)
         bridge = AutoBridge(family, cfg.model, family.hf_config_dict(cfg.model))

@@ -130,3 +130,59 @@ def test_megatron_layout_is_a_save_folder_both_tools_describe(tmp_path):
         meta = foreign.metadata(ckpt)
         assert meta["foreign"]["kind"] == kind
         assert meta["model"] == architecture(cfg) | {"vocab_size": 256}
+
+
+@pytest.mark.usefixtures("single_process_megatron")
+def test_training_takes_a_described_nowhere_checkpoint_with_checkpoint_hf_config(tmp_path):
+    """checkpoint.pretrained_checkpoint of a checkpoint with no model description: one line
+    naming checkpoint.hf_config; with it, the model's shape and its weights are the HF model's."""
+    from megabridge.conversion.auto_bridge import AutoBridge
+    from megabridge.errors import UserError
+    from megabridge.models.config import architecture
+    from megabridge.models.llama.recipes import llama_tiny_finetune_config
+    from megabridge.models.provider import build_model
+    from megabridge.training import loop
+
+    hf, ckpt = make_foreign("megatron-bridge", tmp_path, torch.float32)
+    (ckpt / "iter_0000010" / "run_config.yaml").write_text("train: {train_iters: 10}\n")
+    cfg = llama_tiny_finetune_config()
+    cfg.checkpoint.pretrained_checkpoint = str(ckpt)
+    with pytest.raises(UserError, match=r"training: checkpoint\.hf_config="):
+        loop._adopt_pretrained_architecture(cfg)
+    cfg.checkpoint.hf_config = str(hf / "config.json")
+    loop._adopt_pretrained_architecture(cfg)
+    reference = AutoBridge.from_hf_pretrained(hf)
+    assert architecture(cfg.model) == architecture(reference.model_config)
+    model = build_model(cfg.model)
+    loop._load_pretrained(cfg, model)
+    expected = dict(reference.to_megatron_model(cfg.model)[0].named_parameters())
+    loaded = dict(model[0].named_parameters())
+    assert sorted(loaded) == sorted(expected)
+    for name, tensor in expected.items():
+        assert torch.equal(loaded[name], tensor), name
+
+
+@pytest.mark.usefixtures("single_process_megatron")
+def test_lora_on_an_undescribed_foreign_base_exports_like_convert(tmp_path):
+    """LoRA from a foreign checkpoint described by checkpoint.hf_config: the saved adapters
+    record it, so `export` rebuilds the base without being told; the merged model of adapters
+    that have not moved (B = 0) is the HF model, bit for bit."""
+    from megabridge.models.llama.recipes import llama_tiny_finetune_config
+    from megabridge.peft.export import export_checkpoint
+    from megabridge.training import loop
+    from megabridge.training.config import apply_overrides
+
+    hf, ckpt = make_foreign("megatron-bridge", tmp_path, torch.float32)
+    (ckpt / "iter_0000010" / "run_config.yaml").write_text("train: {train_iters: 10}\n")
+    cfg = apply_overrides(llama_tiny_finetune_config(), [
+        f"checkpoint.pretrained_checkpoint={ckpt}", f"checkpoint.hf_config={hf}",
+        "dataset.type=mock", "peft.method=lora", "peft.dim=4", "train.eval_interval=None",
+        f"checkpoint.save={tmp_path / 'ckpt'}", f"logger.log_dir={tmp_path / 'logs'}",
+        "logger.tensorboard=false",
+    ])  # fmt: skip
+    s = loop.setup(cfg)
+    s.state.iteration = 1
+    saved = loop.save(s)
+    export_checkpoint(saved, hf_path=tmp_path / "merged", adapter_path=tmp_path / "adapter")
+    assert_same_tensors(hf, tmp_path / "merged")
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()

@@ -1,0 +1,272 @@
+"""Vision-language models: a vision tower in front of Megatron-Core's GPTModel.
+
+``VisionLanguageModel`` is a GPTModel whose first pipeline stage also holds a vision
+tower (``vision``). The tower turns an image's patches into features; they replace the
+image placeholder tokens' embeddings, and the language model runs on the result
+(``decoder_input``), with M-RoPE (three position rows: temporal, height, width) where
+the family asks for it. The language model's parameters keep GPTModel's names, so the
+text families' mappings, sharding and checkpoints apply unchanged; the tower's are
+under ``vision.``.
+
+The tower is a plain torch module, replicated on every tensor-parallel rank (not split):
+``ModelConfig.vision`` describes it, ``TOWERS`` builds it by ``vision["kind"]``.
+
+Qwen2.5-VL's tower (``Qwen25VisionTower``): a Conv3d patch embedding, pre-norm blocks
+(RMSNorm, fused-qkv attention with biases, SiLU-gated MLP with biases) with 2D RoPE
+over (row, column) of each patch, attention inside windows of
+``window_size // patch_size`` patches square except in ``fullatt_block_indexes``, and a
+patch merger (RMSNorm, then an MLP over each ``spatial_merge_size``^2 neighbourhood).
+Patches arrive grouped by merge neighbourhood (the image processor's order); the
+blocks see them regrouped by window, and the merger's output goes back to the
+processor's order.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core.models.gpt import GPTModel
+from torch import nn
+
+from megabridge.errors import UserError
+
+_ACTIVATIONS = {"silu": F.silu}  # the vision MLPs' hidden_act (the bridge refuses others)
+
+
+class VisionRMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # normalised in fp32, then back to the input's dtype before the weight (as transformers)
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+class VisionAttention(nn.Module):
+    """Bidirectional attention within each segment of ``cu_seqlens`` (a window or an image)."""
+
+    def __init__(self, hidden: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(hidden, 3 * hidden, bias=True)
+        self.proj = nn.Linear(hidden, hidden, bias=True)
+
+    def forward(self, x, cu_seqlens: list[int], cos, sin):
+        n = x.shape[0]
+        q, k, v = self.qkv(x).reshape(n, 3, self.heads, -1).unbind(1)  # each [n, heads, d]
+        # RoPE in fp32, as transformers does, whatever the weights' dtype
+        q32, k32 = q.float(), k.float()
+        q = (q32 * cos + _rotate_half(q32) * sin).to(x.dtype)
+        k = (k32 * cos + _rotate_half(k32) * sin).to(x.dtype)
+        out = []
+        for start, end in zip(cu_seqlens[:-1], cu_seqlens[1:], strict=True):
+            segment = [t[start:end].transpose(0, 1).unsqueeze(0) for t in (q, k, v)]
+            out.append(F.scaled_dot_product_attention(*segment)[0].transpose(0, 1))
+        return self.proj(torch.cat(out).reshape(n, -1))
+
+
+class VisionMLP(nn.Module):
+    def __init__(self, hidden: int, ffn: int, act: str):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, ffn, bias=True)
+        self.up_proj = nn.Linear(hidden, ffn, bias=True)
+        self.down_proj = nn.Linear(ffn, hidden, bias=True)
+        self.act = _ACTIVATIONS[act]
+
+    def forward(self, x):
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class VisionBlock(nn.Module):
+    def __init__(self, hidden: int, heads: int, ffn: int, act: str):
+        super().__init__()
+        self.norm1 = VisionRMSNorm(hidden)
+        self.norm2 = VisionRMSNorm(hidden)
+        self.attn = VisionAttention(hidden, heads)
+        self.mlp = VisionMLP(hidden, ffn, act)
+
+    def forward(self, x, cu_seqlens, cos, sin):
+        x = x + self.attn(self.norm1(x), cu_seqlens, cos, sin)
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, channels: int, temporal: int, patch: int, hidden: int):
+        super().__init__()
+        self.shape = (-1, channels, temporal, patch, patch)
+        kernel = (temporal, patch, patch)
+        self.proj = nn.Conv3d(channels, hidden, kernel_size=kernel, stride=kernel, bias=False)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        # [patches, channels * temporal * patch * patch] -> [patches, hidden]
+        x = pixels.to(self.proj.weight.dtype).view(self.shape)
+        return self.proj(x).flatten(1)
+
+
+class PatchMerger(nn.Module):
+    def __init__(self, hidden: int, unit: int, out_hidden: int):
+        super().__init__()
+        self.ln_q = VisionRMSNorm(hidden)
+        merged = hidden * unit
+        # indices 0 and 2, as in the HF checkpoint (mlp.0, mlp.2)
+        self.mlp = nn.Sequential(
+            nn.Linear(merged, merged), nn.GELU(), nn.Linear(merged, out_hidden)
+        )
+
+    def forward(self, x):
+        return self.mlp(self.ln_q(x).reshape(-1, self.mlp[0].in_features))
+
+
+class Qwen25VisionTower(nn.Module):
+    """Qwen2.5-VL's windowed ViT: pixel patches [patches, c*t*p*p] -> features [tokens, out]."""
+
+    def __init__(self, v: dict):
+        super().__init__()
+        hidden, heads = v["hidden_size"], v["num_heads"]
+        self.merge = v["spatial_merge_size"]
+        self.full_blocks = set(v["fullatt_block_indexes"])
+        # window side in merged tokens
+        self.window = v["window_size"] // self.merge // v["patch_size"]
+        self.patch_embed = PatchEmbed(
+            v["in_channels"], v["temporal_patch_size"], v["patch_size"], hidden
+        )
+        self.blocks = nn.ModuleList(
+            VisionBlock(hidden, heads, v["intermediate_size"], v["hidden_act"])
+            for _ in range(v["depth"])
+        )
+        self.merger = PatchMerger(hidden, self.merge**2, v["out_hidden_size"])
+        # 2D RoPE: head_dim / 4 frequencies for the row, as many for the column; rotated by
+        # halves over the whole head (angles [rows | columns | rows | columns])
+        half = hidden // heads // 2
+        theta = v.get("rope_theta", 10000.0)
+        self.inv_freq = 1.0 / theta ** (torch.arange(0, half, 2, dtype=torch.float) / half)
+
+    def forward(self, pixels: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        grids = [tuple(int(x) for x in g) for g in grid_thw.tolist()]
+        unit = self.merge**2
+        order, windows = self._windows(grids)  # merged-token order by window
+        x = self.patch_embed(pixels)
+        n = x.shape[0]
+        x = x.reshape(n // unit, unit, -1)[order].reshape(n, -1)
+        angles = self._angles(grids, x.device)  # [patches, head_dim / 2]
+        angles = angles.reshape(n // unit, unit, -1)[order].reshape(n, -1)
+        angles = torch.cat([angles, angles], dim=-1).unsqueeze(1)  # [patches, 1, head_dim]
+        cos, sin = angles.cos(), angles.sin()
+        images = [0]
+        for t, h, w in grids:
+            images += [images[-1] + h * w * (i + 1) for i in range(t)]  # each frame on its own
+        for i, block in enumerate(self.blocks):
+            x = block(x, images if i in self.full_blocks else windows, cos, sin)
+        return self.merger(x)[torch.argsort(order)]
+
+    def _angles(self, grids, device) -> torch.Tensor:
+        """RoPE angles of each patch from its (row, column), patches in the processor's order."""
+        rows, cols = [], []
+        m = self.merge
+        for t, h, w in grids:
+            r = torch.arange(h).view(h // m, m, 1, 1).expand(h // m, m, w // m, m)
+            c = torch.arange(w).view(1, 1, w // m, m).expand(h // m, m, w // m, m)
+            # processor order: merge neighbourhoods row-major, then rows and columns inside
+            rows.append(r.permute(0, 2, 1, 3).flatten().repeat(t))
+            cols.append(c.permute(0, 2, 1, 3).flatten().repeat(t))
+        inv = self.inv_freq.to(device)
+        r, c = torch.cat(rows).to(device), torch.cat(cols).to(device)
+        return torch.cat([r[:, None].float() * inv, c[:, None].float() * inv], dim=-1)
+
+    def _windows(self, grids) -> tuple[torch.Tensor, list[int]]:
+        """Merged tokens ordered window by window (row-major windows, row-major inside),
+        and the windows' patch boundaries (cumulative)."""
+        order, bounds, offset = [], [0], 0
+        side, unit = self.window, self.merge**2
+        for t, h, w in grids:
+            gh, gw = h // self.merge, w // self.merge
+            index = torch.arange(t * gh * gw).view(t, gh, gw) + offset
+            for frame in index:
+                for r0 in range(0, gh, side):
+                    for c0 in range(0, gw, side):
+                        window = frame[r0 : r0 + side, c0 : c0 + side].flatten()
+                        order.append(window)
+                        bounds.append(bounds[-1] + window.numel() * unit)
+            offset += t * gh * gw
+        return torch.cat(order), bounds
+
+
+TOWERS = {"qwen2_5_vl": Qwen25VisionTower}
+
+
+class VisionLanguageModel(GPTModel):
+    """GPTModel plus a vision tower on the first pipeline stage (see the module docstring)."""
+
+    def __init__(self, *args, vision: dict, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.image_token_id = vision["image_token_id"]
+        self.vision = TOWERS[vision["kind"]](vision) if self.pre_process else None
+
+    def forward(
+        self, input_ids, position_ids, attention_mask, decoder_input=None,
+        pixel_values=None, image_grid_thw=None, **kwargs,
+    ):  # fmt: skip
+        if self.pre_process and decoder_input is None and pixel_values is not None:
+            decoder_input = self.embed_with_images(input_ids, pixel_values, image_grid_thw)
+        return super().forward(
+            input_ids, position_ids, attention_mask, decoder_input=decoder_input, **kwargs
+        )
+
+    def embed_with_images(self, input_ids, pixel_values, image_grid_thw) -> torch.Tensor:
+        """Token embeddings [s, b, h] with the image tokens' rows replaced by image features."""
+        embeddings = self.embedding(input_ids=input_ids, position_ids=None)  # [s, b, h]
+        features = self.vision(pixel_values, image_grid_thw)  # [image tokens, h]
+        placeholders = input_ids == self.image_token_id  # [b, s]
+        if int(placeholders.sum()) != features.shape[0]:
+            raise UserError(
+                f"the text has {int(placeholders.sum())} image tokens, the images give "
+                f"{features.shape[0]} features"
+            )
+        # filled batch-major, sequence-minor: the order of the images in the batch
+        filled = embeddings.transpose(0, 1).masked_scatter(
+            placeholders.unsqueeze(-1), features.to(embeddings.dtype)
+        )
+        return filled.transpose(0, 1).contiguous()
+
+
+def mrope_positions(
+    input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None, image_token_id: int, merge: int
+) -> torch.Tensor:
+    """M-RoPE positions [3, b, s] (temporal, height, width) of token ids [b, s].
+
+    Text tokens advance all three rows by one. An image's tokens (t x h x w merged patches)
+    start where the text left off and count frames, rows and columns from there; the text
+    after it continues at that start + max(h, w).
+    """
+    grids = iter([] if image_grid_thw is None else image_grid_thw.tolist())
+    out = torch.zeros(3, *input_ids.shape, dtype=torch.long)
+    for row, ids in enumerate(input_ids.tolist()):
+        i, pos = 0, 0
+        while i < len(ids):
+            if ids[i] != image_token_id:
+                out[:, row, i] = pos
+                i, pos = i + 1, pos + 1
+                continue
+            try:
+                t, h, w = next(grids)
+            except StopIteration:
+                raise UserError("the text has more image tokens than there are images") from None
+            h, w = h // merge, w // merge
+            grid = torch.stack(torch.meshgrid(
+                torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij"
+            )).reshape(3, -1)  # fmt: skip
+            n = grid.shape[1]
+            if ids[i : i + n] != [image_token_id] * n:
+                raise UserError(f"an image of {n} tokens has fewer image tokens in the text")
+            out[:, row, i : i + n] = grid + pos
+            i, pos = i + n, pos + max(h, w)
+    return out.to(input_ids.device)

@@ -1,0 +1,79 @@
+"""Tiny vision-language models saved locally with their image processor and tokenizer, and
+generated test images (nothing is downloaded)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from megabridge.conversion.tiny import tiny_config
+from megabridge.models.qwen2_5_vl import tiny as qwen2_5_vl_tiny
+from tests.hf_models import randomize
+
+# A word-level vocabulary whose special tokens sit at the tiny config's token ids.
+SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
+VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+IMAGE_SIZES = [(40, 56), (32, 32), (24, 48)]  # (height, width): several windows, one, ragged
+
+
+def _tokenizer(vocab_size: int, first_vision_id: int):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = [f"w{i}" for i in range(first_vision_id - len(SPECIALS))]
+    extra = [f"x{i}" for i in range(vocab_size - first_vision_id - len(VISION_TOKENS))]
+    vocab = {w: i for i, w in enumerate(SPECIALS + words + VISION_TOKENS + extra)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+        unk_token="<unk>", additional_special_tokens=VISION_TOKENS,
+    )  # fmt: skip
+
+
+def save_tiny_qwen2_5_vl(
+    path: Path,
+    variant: str = "base",
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    max_shard_size: int | None = None,
+) -> Path:
+    """transformers' Qwen2.5-VL of the tiny config, random weights, with its processor files
+    (with ``max_shard_size``, bytes: several safetensors files and an index)."""
+    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
+
+    config = tiny_config("qwen2_5_vl", variant)
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    randomize(model, seed)
+    shards = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    model.to(dtype).save_pretrained(str(path), **shards)
+    vision = qwen2_5_vl_tiny.VISION
+    Qwen2VLImageProcessorPil(
+        patch_size=vision["patch_size"], merge_size=vision["spatial_merge_size"],
+        temporal_patch_size=vision["temporal_patch_size"], min_pixels=16 * 16,
+        max_pixels=64 * 64,
+    ).save_pretrained(str(path))  # fmt: skip
+    tokens = qwen2_5_vl_tiny.TOKENS
+    _tokenizer(config.text_config.vocab_size, tokens["vision_start_token_id"]).save_pretrained(
+        str(path)
+    )
+    return Path(path)
+
+
+def save_images(folder: Path, sizes=IMAGE_SIZES, seed: int = 0) -> list[Path]:
+    """PNG images of the given (height, width): smooth gradients plus noise."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, (h, w) in enumerate(sizes):
+        y, x = np.mgrid[0:h, 0:w]
+        base = np.stack([x * 255 / w, y * 255 / h, (x + y) * 127 / (h + w)], axis=-1)
+        pixels = np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype("uint8")
+        paths.append(folder / f"image{i}.png")
+        Image.fromarray(pixels).save(paths[-1])
+    return paths

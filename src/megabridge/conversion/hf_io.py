@@ -37,6 +37,8 @@ SIDECAR_FILES = (
     "added_tokens.json",
     "chat_template.jinja",
     "chat_template.json",
+    "preprocessor_config.json",  # a vision-language model's image processor and processor
+    "processor_config.json",
 )
 
 _DTYPES = {

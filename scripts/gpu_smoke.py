@@ -168,6 +168,12 @@ def pretrain_gemma(s: Smoke) -> str:
     return _pretrain(s, "gemma3_tiny_pretrain_config")
 
 
+@path
+def pretrain_gpt_oss(s: Smoke) -> str:
+    """Attention sinks (chunked attention), YaRN, clamped SwiGLU, experts with biases."""
+    return _pretrain(s, "gpt_oss_tiny_pretrain_config")
+
+
 SFT = ("llama_tiny_finetune_config", "train.train_iters=12", "train.eval_interval=6",
        "dataset.seq_length=128", "optimizer.lr=3e-3")  # fmt: skip
 

@@ -53,6 +53,7 @@ class _Step:
     local: bool  # this rank yields it, and its whole tensor is this rank's parameter
     views: list | None = None  # local, and every HF tensor a view of it: (hf_name, view)
     direct: bool = False  # copied straight into the HFModelConsumer, not yielded
+    expert: int | None = None  # its HF tensors are this expert's slice of stacked ones
 
 
 class SyncPlan:
@@ -75,11 +76,13 @@ class SyncPlan:
         self._streamed: list[_Step] = []  # the steps a sync runs, in the global order
         self._storage: list | None = None
         self._direct, self._bind_error = None, None
+        self._stacks = transfer.ExpertStacks(cfg.num_moe_experts)
         self.builds = 0  # how many times the plan was worked out (a test counts them)
 
     def sync(self) -> dict:
         """{"tensors": n, "bytes": b} that this rank's consumer took."""
         weight_sync.gather_pending_params(self.model)
+        self._stacks = transfer.ExpertStacks(self._cfg.num_moe_experts)  # none left from a failure
         try:
             self._refresh()
             return weight_sync.sync_weights(
@@ -131,7 +134,8 @@ class SyncPlan:
             mine = local.get(entry.name)
             mapping, hf_names = self._family.resolve(entry.name)
             step = _Step(entry, mine, mapping, hf_names, yields and _whole_here(entry, mine))
-            if step.local:
+            step.expert = mapping.expert_of(entry.name)
+            if step.local and step.expert is None:  # an expert's slice is stacked: a new tensor
                 outputs = mapping.megatron_to_hf(_full(step, cfg), cfg)
                 if all(_shares(t, mine.param) for t in outputs):
                     step.views = list(zip(hf_names, outputs, strict=True))
@@ -151,7 +155,7 @@ class SyncPlan:
         tensors that can be copied straight in; marks those steps direct."""
         pairs = []
         for step in self._steps:
-            if not step.local:
+            if not step.local or step.expert is not None:
                 continue
             full = _full(step, self._cfg)
             sources = step.mapping.megatron_to_hf_views(full, self._cfg)
@@ -188,6 +192,9 @@ class SyncPlan:
                 full = step.mine.param.detach()
             full = transfer.unpadded(full, step.entry.name, self._cfg)
             outputs = zip(step.hf_names, step.mapping.megatron_to_hf(full, self._cfg), strict=True)
+        if step.expert is not None:  # yielded once every expert's slice has come
+            stacked = [(n, self._stacks.add(n, step.expert, t)) for n, t in outputs]
+            outputs = [(n, t) for n, t in stacked if t is not None]
         dtype = self.dtype
         return [(n, t if dtype is None or t.dtype == dtype else t.to(dtype)) for n, t in outputs]
 

@@ -58,6 +58,9 @@ class _Shared:
     def megatron_to_hf(self, tensor: torch.Tensor, cfg) -> list[torch.Tensor]:
         return [tensor.clone() for _ in range(self.count)]
 
+    def expert_of(self, megatron_name: str) -> None:
+        return None  # whole HF tensors, never one expert's slice of stacked ones (Mapping's)
+
 
 class _AdapterNames:
     """Stands in for the family bridge in transfer.export_hf_weights: adapter -> peft names."""

@@ -196,3 +196,20 @@ def test_a_plan_casts_like_the_stream(llama):
     state = hf.state_dict()
     for name, tensor in bridge.stream_hf_weights(model, dtype=torch.bfloat16):
         assert torch.equal(state[name], tensor.float()), name
+
+
+@pytest.mark.parametrize("family", ["gpt_oss", "llama4"])
+def test_stacked_experts_are_synced_whole(tmp_path, single_process_megatron, family):
+    """GPT-OSS and Llama 4 keep all experts in one HF tensor: the sync yields it once, stacked
+    from every expert's parameter, and the synced transformers model has Megatron's logits."""
+    path = save_tiny(tiny_config(family), tmp_path)
+    bridge = AutoBridge.from_hf_pretrained(path)
+    cfg = bridge.to_megatron_provider()
+    cfg.bf16 = False
+    model = bridge.to_megatron_model(cfg)
+    hf = _fresh_hf(path)
+    stats = bridge.sync_weights(model, HFModelConsumer(hf), bucket_bytes=32 << 10)
+    assert stats["tensors"] == len(hf.state_dict())
+    tokens = sample_tokens(256, 2, 16, seed=0)
+    vocab = hf.config.vocab_size
+    assert (_logits(hf, tokens) - megatron_logits(model, tokens)[..., :vocab]).abs().max() < 1e-4

@@ -13,6 +13,7 @@ attention scores and a per-layer RoPE theta (Gemma 2/3).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import inspect
 
@@ -57,6 +58,9 @@ class SDPAttention(MegatronModule):
         sliding_window: int | None = None,
         softcap: float | None = None,
         rotary_scaling: tuple[int, float] | None = None,
+        chunk_size: int | None = None,
+        qk_l2_norm_eps: float | None = None,
+        temperature: tuple[int, float] | None = None,
     ):
         super().__init__(config=config)
         if config.context_parallel_size != 1:
@@ -79,9 +83,19 @@ class SDPAttention(MegatronModule):
         # transformers puts on cos and sin (both q and k) is factor**2 on the rotated
         # dims of q alone. Applied before any attention path (SDPA, chunked, varlen).
         self.rotary_scaling = rotary_scaling
+        # Llama 4: attention within blocks of chunk_size tokens; a weightless RMS norm of each
+        # query and key head after RoPE; (floor, scale) of the queries' temperature tuning.
+        self.chunk_size = chunk_size
+        self.qk_l2_norm_eps = qk_l2_norm_eps
+        self.temperature = temperature
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # q [b, np, s, hn], k/v [b, ng, s, hn] -> [b, np, s, hn]
+        if self.chunk_size is not None and q.shape[2] > self.chunk_size:
+            return attend_in_blocks(self._attend_whole, q, k, v, self.chunk_size)
+        return self._attend_whole(q, k, v)
+
+    def _attend_whole(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if self.sliding_window is None and self.softcap is None:
             return sdpa(q, k, v, self._p(), self.softmax_scale)
         scale = q.shape[-1] ** -0.5 if self.softmax_scale is None else self.softmax_scale
@@ -104,7 +118,12 @@ class SDPAttention(MegatronModule):
             raise ConfigError("attention bias is not supported by the torch layer spec")
         if self.rotary_scaling is not None:
             query = scale_rotated_dims(query, *self.rotary_scaling)
-        if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":
+        packed = packed_seq_params is not None and packed_seq_params.qkv_format == "thd"
+        if self.qk_l2_norm_eps is not None:
+            query, key = l2_norm(query, self.qk_l2_norm_eps), l2_norm(key, self.qk_l2_norm_eps)
+        if self.temperature is not None:
+            query = self._temperature_tuned(query, packed_seq_params if packed else None)
+        if packed:
             return self._forward_packed(query, key, value, packed_seq_params)
         # [s, b, n, hn] -> [b, n, s, hn]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
@@ -112,9 +131,23 @@ class SDPAttention(MegatronModule):
         sq, b = query.shape[0], query.shape[1]
         return out.permute(2, 0, 1, 3).reshape(sq, b, -1)
 
+    def _temperature_tuned(self, query: torch.Tensor, packed_params) -> torch.Tensor:
+        """query [s, b, np, hn] (or packed [t, np, hn]) times its position's temperature;
+        packed positions restart at 0 in each segment, as RoPE's do."""
+        t = query.shape[0]
+        if packed_params is None:
+            positions = torch.arange(t, device=query.device)
+        else:
+            positions = packed_positions(packed_params.cu_seqlens_q, t).to(query.device)
+        scales = temperature_scales(positions, *self.temperature)  # [s] fp32
+        scales = scales.view(t, *([1] * (query.dim() - 1)))
+        return (query * scales).to(query.dtype)
+
     def _forward_packed(self, query, key, value, params):
         # THD: [t, n, hn]; each segment attends causally to itself only.
         t = query.shape[0]
+        if self.chunk_size is not None:  # each chunk of a segment is a segment of its own
+            params = split_segments(params, self.chunk_size)
         if self._varlen_ok(query):
             return varlen_causal(query, key, value, params, self.softmax_scale).reshape(t, -1)
         bounds = params.cu_seqlens_q.tolist()
@@ -133,6 +166,61 @@ class SDPAttention(MegatronModule):
         """Whether torch's varlen flash kernel computes this layer's packed attention."""
         plain = self.sliding_window is None and self.softcap is None and self._p() == 0.0
         return plain and varlen_supported(query, self.softmax_scale)
+
+
+def l2_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """x [..., hn] RMS-normalised over hn in fp32, without a weight, back in x's dtype."""
+    return F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype)
+
+
+def temperature_scales(positions: torch.Tensor, floor: int, scale: float) -> torch.Tensor:
+    """1 + scale * log(1 + floor((p + 1) / floor)) per 0-based position p (fp32), as
+    transformers' Llama 4 scales the queries of its NoPE layers."""
+    steps = torch.floor((positions.float() + 1.0) / floor)
+    return torch.log1p(steps) * scale + 1.0
+
+
+def packed_positions(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """The 0-based position of every packed token in its own segment: [total] (long)."""
+    cu = cu_seqlens.to(dtype=torch.long)
+    if int(cu[-1]) != total:
+        raise ConfigError(f"packed sequence: cu_seqlens ends at {int(cu[-1])}, not at {total}")
+    starts = torch.repeat_interleave(cu[:-1], cu[1:] - cu[:-1], output_size=total)
+    return torch.arange(total, device=cu.device) - starts
+
+
+def split_segments(params, size: int):
+    """Packed-sequence params whose segments are the ``size``-token blocks of the given ones
+    (each block starting at its segment's start): chunked attention as plain per-segment
+    causal attention, on the varlen kernel too."""
+    bounds = params.cu_seqlens_q.tolist()
+    cuts = [0]
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+        cuts += [*range(start + size, end, size), end] if end > start else []
+    cu = torch.tensor(cuts, dtype=params.cu_seqlens_q.dtype, device=params.cu_seqlens_q.device)
+    longest = max((b - a for a, b in zip(cuts[:-1], cuts[1:], strict=True)), default=0)
+    return dataclasses.replace(
+        params, cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest, max_seqlen_kv=longest
+    )
+
+
+def attend_in_blocks(attend, q, k, v, size: int) -> torch.Tensor:
+    """Causal attention within consecutive blocks of ``size`` tokens (Llama 4's chunked
+    attention: query i sees key j iff j <= i and i // size == j // size), as one batched
+    call of ``attend`` on the blocks. q [b, np, s, hn], k/v [b, ng, s, hn] -> [b, np, s, hn].
+
+    The last block is padded at its end: causal attention never lets a real token see a pad.
+    """
+    b, s = q.shape[0], q.shape[2]
+    pad = -s % size
+    blocks = (s + pad) // size
+
+    def split(t):  # [b, n, blocks * size, hn] -> [b * blocks, n, size, hn]
+        t = F.pad(t, (0, 0, 0, pad)) if pad else t
+        return t.unflatten(2, (blocks, size)).transpose(1, 2).flatten(0, 1)
+
+    out = attend(split(q), split(k), split(v))  # [b * blocks, np, size, hn]
+    return out.unflatten(0, (b, blocks)).transpose(1, 2).flatten(2, 3)[:, :, :s]
 
 
 def scale_rotated_dims(query: torch.Tensor, dims: int, factor: float) -> torch.Tensor:
@@ -583,9 +671,21 @@ def _layer_spec(spec, cfg, layer: int):
             "sliding_window": window,
             "softcap": cfg.attn_logit_softcap,
             "rotary_scaling": _rotary_scaling(cfg),
+            **_llama4_attention(cfg, layer),
         },
     )
     return spec
+
+
+def _llama4_attention(cfg, layer: int) -> dict:
+    """SDPAttention's chunk_size, qk_l2_norm_eps and temperature for 0-based ``layer``."""
+    nope = layer in (cfg.no_rope_layers or [])
+    tuned = cfg.attn_temperature_scale is not None and nope
+    return dict(
+        chunk_size=cfg.chunk_of_layer(layer),
+        qk_l2_norm_eps=cfg.layernorm_epsilon if layer in (cfg.qk_l2_norm_layers or []) else None,
+        temperature=(cfg.attn_temperature_floor, cfg.attn_temperature_scale) if tuned else None,
+    )
 
 
 def _rotary_scaling(cfg) -> tuple[int, float] | None:

@@ -41,6 +41,7 @@ from megabridge import runtime
 from megabridge.conversion import sharding
 from megabridge.conversion.auto_bridge import AutoBridge
 from megabridge.conversion.verify import compare, hf_logits, megatron_logits, sample_tokens
+from megabridge.models.config import expert_tensor_parallel_size
 from megabridge.training import console
 
 ATOL_FP32 = 1e-4
@@ -62,14 +63,15 @@ def _set_layout(cfg, layout: dict) -> None:
     cfg.expert_model_parallel_size = layout["ep"]
     cfg.bf16 = False
     runtime.init_distributed()
-    wanted = (layout["tp"], layout["pp"], layout["ep"])
+    wanted = (layout["tp"], layout["pp"], layout["ep"], expert_tensor_parallel_size(cfg))
     existing = (
         ps.get_tensor_model_parallel_world_size(),
         ps.get_pipeline_model_parallel_world_size(),
         ps.get_expert_model_parallel_world_size(),
+        ps.get_expert_tensor_parallel_world_size(),
     ) if ps.model_parallel_is_initialized() else None  # fmt: skip
     if existing != wanted:
-        runtime.init_model_parallel(*wanted)
+        runtime.init_model_parallel(*wanted[:3], expert_tensor_parallel_size=wanted[3])
 
 
 def at_layout(hf_dir: str, work: Path, layout: dict) -> dict:

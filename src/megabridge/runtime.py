@@ -211,8 +211,12 @@ def init_model_parallel(
     pipeline_model_parallel_size: int = 1,
     expert_model_parallel_size: int = 1,
     timeout_minutes: int = 10,
+    expert_tensor_parallel_size: int | None = None,
 ) -> None:
-    """Megatron-Core's parallel state for the given layout (torch.distributed must be up)."""
+    """Megatron-Core's parallel state for the given layout (torch.distributed must be up).
+
+    ``expert_tensor_parallel_size``: None is Megatron-Core's default, the TP size
+    (models/config.py expert_tensor_parallel_size says which models differ)."""
     from megatron.core import parallel_state
 
     world_size = dist.get_world_size()
@@ -228,6 +232,7 @@ def init_model_parallel(
         tensor_model_parallel_size=tensor_model_parallel_size,
         pipeline_model_parallel_size=pipeline_model_parallel_size,
         expert_model_parallel_size=expert_model_parallel_size,
+        expert_tensor_parallel_size=expert_tensor_parallel_size,
         distributed_timeout_minutes=timeout_minutes,
     )
 

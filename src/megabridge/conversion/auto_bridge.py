@@ -36,6 +36,7 @@ from megabridge.errors import ConfigError, ConversionError, UserError
 from megabridge.models.config import (
     ModelConfig,
     copy_architecture,
+    expert_tensor_parallel_size,
     model_config_from_dict,
     validate_model_config,
 )
@@ -498,19 +499,26 @@ def ensure_parallel_state(cfg: ModelConfig, seed: int = 1234) -> None:
     validate_model_config(cfg)  # sizes and layout, before anything is built from them
     runtime.init_distributed()
     wanted = tuple(getattr(cfg, f) for f in _PARALLEL_FIELDS)
+    expert_tp = expert_tensor_parallel_size(cfg)
     if ps.model_parallel_is_initialized():
         existing = (
             ps.get_tensor_model_parallel_world_size(),
             ps.get_pipeline_model_parallel_world_size(),
             ps.get_expert_model_parallel_world_size(),
         )
+        if existing == wanted and ps.get_expert_tensor_parallel_world_size() != expert_tp:
+            raise ConfigError(
+                f"Megatron's parallel state splits experts over "
+                f"{ps.get_expert_tensor_parallel_world_size()} ranks; this model needs "
+                f"{expert_tp}: build it in a fresh process"
+            )
         if existing != wanted:
             raise ConfigError(
                 f"Megatron's parallel state is already set up for {_layout(existing)}; this "
                 f"model asks for {_layout(wanted)}: build it with that layout or in a fresh process"
             )
     else:
-        runtime.init_model_parallel(*wanted)
+        runtime.init_model_parallel(*wanted, expert_tensor_parallel_size=expert_tp)
     if not tensor_parallel.get_cuda_rng_tracker().get_states():
         # megatron-core seeds the tracker through the default CUDA generator (on the CPU
         # backend: the CPU one), which is the caller's.

@@ -10,7 +10,14 @@ is written here once. ``*`` stands for a layer (or expert) index, as in mappings
 
 from __future__ import annotations
 
-from megabridge.conversion.mappings import QKV, FusedQKV, GatedMLP, Mapping, renames
+from megabridge.conversion.mappings import (
+    QKV,
+    FusedQKV,
+    GatedMLP,
+    Mapping,
+    StackedExperts,
+    renames,
+)
 
 LAYER = "decoder.layers.*"
 HF_LAYER = "model.layers.*"
@@ -114,6 +121,16 @@ def qkv_bias(hf_attn: str = HF_ATTENTION) -> list[Mapping]:
     return [QKV(f"{ATTENTION}.linear_qkv.bias", tuple(f"{hf_attn}.{p}_proj.bias" for p in "qkv"))]
 
 
+def output_projection_bias(hf_attn: str = HF_ATTENTION) -> list[Mapping]:
+    """A bias on o_proj (GPT-OSS, with qkv_bias: Megatron's add_bias_linear)."""
+    return renames({f"{ATTENTION}.linear_proj.bias": f"{hf_attn}.o_proj.bias"})
+
+
+def attention_sinks(hf_attn: str = HF_ATTENTION) -> list[Mapping]:
+    """The learned per-head sink logits (GPT-OSS), named as Megatron's DotProductAttention."""
+    return renames({f"{ATTENTION}.core_attention.softmax_offset": f"{hf_attn}.sinks"})
+
+
 def fused_qkv_attention(hf_attn: str = HF_ATTENTION) -> list[Mapping]:
     """One HF qkv_proj holding all queries, then all keys, then all values (Phi-3), o_proj."""
     return [
@@ -194,10 +211,41 @@ def shared_experts(
     return [*gated_mlp(f"{MLP}.shared_experts", hf), *renames(gate)]  # fmt: skip
 
 
-def router(hf: str = f"{HF_MLP}.gate", expert_bias: bool = False) -> list[Mapping]:
+def stacked_experts(hf_experts: str = f"{HF_MLP}.experts") -> list[Mapping]:
+    """Experts stored as one tensor per projection for all experts of a layer, [in, out]
+    per expert, gate and up columns interleaved, with biases (GPT-OSS)."""
+    fc1, fc2 = (
+        f"{MLP}.experts.local_experts.*.linear_fc1",
+        f"{MLP}.experts.local_experts.*.linear_fc2",
+    )
+    return [
+        StackedExperts(f"{fc1}.weight", f"{hf_experts}.gate_up_proj", True, True),
+        StackedExperts(f"{fc1}.bias", f"{hf_experts}.gate_up_proj_bias", False, True),
+        StackedExperts(f"{fc2}.weight", f"{hf_experts}.down_proj", True),
+        StackedExperts(f"{fc2}.bias", f"{hf_experts}.down_proj_bias"),
+    ]
+
+
+def stacked_gated_experts(hf_experts: str = f"{HF_MLP}.experts") -> list[Mapping]:
+    """Experts stacked as in stacked_experts, [in, out] per expert, but without biases and
+    with gate and up as the two halves of gate_up_proj's columns (Llama 4:
+    ``gate_up_proj`` [E, hidden, 2 * ffn], ``down_proj`` [E, ffn, hidden])."""
+    expert = f"{MLP}.experts.local_experts.*"
+    return [
+        StackedExperts(f"{expert}.linear_fc1.weight", f"{hf_experts}.gate_up_proj", True),
+        StackedExperts(f"{expert}.linear_fc2.weight", f"{hf_experts}.down_proj", True),
+    ]
+
+
+def router(
+    hf: str = f"{HF_MLP}.gate", expert_bias: bool = False, bias: bool = False
+) -> list[Mapping]:
     """The router's linear; with ``expert_bias`` the per-expert selection bias (DeepSeek-V3's
-    e_score_correction_bias, Megatron's expert_bias)."""
+    e_score_correction_bias, Megatron's expert_bias); with ``bias`` the linear's own bias on
+    the logits (GPT-OSS; Megatron's router has it under add_bias_linear)."""
     table = {f"{MLP}.router.weight": f"{hf}.weight"}
+    if bias:
+        table[f"{MLP}.router.bias"] = f"{hf}.bias"
     if expert_bias:
         table[f"{MLP}.router.expert_bias"] = f"{hf}.e_score_correction_bias"
     return renames(table)

@@ -212,8 +212,10 @@ class HFCheckpoint:
         return _DTYPES[self._headers[self._stored[stored]][stored]["dtype"]]
 
     def shape(self, name: str) -> tuple[int, ...]:
-        stored = self._parts[name][0]  # a dequantized weight has its quantized tensor's shape
-        return tuple(self._headers[self._stored[stored]][stored]["shape"])
+        shapes = [tuple(self._headers[self._stored[p]][p]["shape"]) for p in self._parts[name]]
+        if len(shapes) == 1:
+            return shapes[0]
+        return self._dequantizer.weight_shape(shapes)  # FP8: its quantized tensor's shape
 
     def get(self, name: str) -> torch.Tensor:
         """One tensor, read from disk into fresh memory (a quantized one dequantized).

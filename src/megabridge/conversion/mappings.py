@@ -54,6 +54,11 @@ class Mapping(ABC):
             return None
         return tuple(_fill(p, m.groups()) for p in self.hf)
 
+    def expert_of(self, megatron_name: str) -> int | None:
+        """The expert whose slice of stacked HF tensors ``megatron_name`` is (StackedExperts);
+        None: the HF tensors are this parameter's alone."""
+        return None
+
     def megatron_name(self, hf_name_of_first: str) -> str | None:
         m = _compile(self.hf[0]).match(hf_name_of_first)
         return None if m is None else _fill(self.megatron, m.groups())
@@ -154,3 +159,50 @@ class GatedMLP(Mapping):
 def renames(table: dict[str, str]) -> list[Mapping]:
     """Rename mappings from a {megatron pattern: hf pattern} table."""
     return [Rename(megatron, (hf,)) for megatron, hf in table.items()]
+
+
+@dataclass(frozen=True)
+class StackedExperts(Mapping):
+    """One expert's Megatron tensor <-> its slice of an HF tensor that stacks every expert of
+    a layer along dim 0 (GPT-OSS: ``experts.gate_up_proj`` [E, hidden, 2 * ffn]).
+
+    The Megatron pattern has one ``*`` more than the HF one: its last is the expert, the
+    index into the stack. hf_to_megatron receives the expert's slice (transfer.py takes
+    it); megatron_to_hf returns it, and transfer.py stacks the experts again.
+    ``transposed``: HF keeps the weight as [in, out] (x @ W), Megatron as [out, in].
+    ``interleaved``: HF alternates gate and up columns (gate = [..., ::2], up =
+    [..., 1::2]); Megatron's linear_fc1 is [gate; up].
+    """
+
+    transposed: bool = False
+    interleaved: bool = False
+
+    def match(self, megatron_name: str) -> tuple[str, ...] | None:
+        m = self._regex.match(megatron_name)
+        if m is None:
+            return None
+        return tuple(_fill(p, m.groups()[:-1]) for p in self.hf)
+
+    def expert_of(self, megatron_name: str) -> int | None:
+        m = self._regex.match(megatron_name)
+        return None if m is None else int(m.groups()[-1])
+
+    def megatron_name(self, hf_name_of_first: str) -> str | None:
+        return None  # one HF tensor, every expert: there is no single Megatron name
+
+    def hf_to_megatron(self, tensors, cfg):
+        import torch
+
+        (t,) = tensors  # weight [in, out] / [out, in], or bias [out]
+        if self.interleaved:  # columns g0 u0 g1 u1 ... -> [g0 g1 ...; u0 u1 ...]
+            t = torch.cat([t[..., ::2], t[..., 1::2]], dim=-1)
+        return t.t().contiguous() if self.transposed else t
+
+    def megatron_to_hf(self, tensor, cfg):
+        import torch
+
+        t = tensor.t() if self.transposed else tensor
+        if self.interleaved:  # [gate; up] -> g0 u0 g1 u1 ...
+            gate, up = t.chunk(2, dim=-1)
+            t = torch.stack([gate, up], dim=-1).flatten(-2)
+        return [t.contiguous()]

@@ -20,6 +20,13 @@ Formats, one table entry each (``FORMATS``: quant_method -> builder):
   and transformers' bf16 load, and an fp32 model keeps it unrounded, as
   transformers does when it loads the checkpoint in fp32 (on a CPU it dequantizes).
   Edge blocks may be partial (576 rows of kv_a_proj_with_mqa in 128-row blocks).
+* ``mxfp4``: GPT-OSS's experts. Each expert projection ``X`` is stored as ``X_blocks``
+  [experts, out, in / 32, 16] uint8 (two e2m1 values a byte, the low nibble first) and
+  ``X_scales`` [experts, out, in / 32] uint8 (a power of two per 32 values, e8m0, bias
+  127); dequantized as transformers does (integrations/mxfp4.py,
+  convert_moe_packed_tensors), ``X`` is [experts, in, out] bf16, the layout of
+  transformers' GptOssExperts. Every e2m1 value times a power of two in e8m0's range is
+  exact in bf16: nothing is rounded.
 """
 
 from __future__ import annotations
@@ -42,19 +49,27 @@ class Dequantizer:
 
     ``parts(name)``: the stored tensors the weight ``name`` is made of, given the set of
     stored names (``(name,)`` for a tensor stored as it is). ``dequantize(name,
-    tensors)`` turns those tensors, in that order, into the weight.
+    tensors)`` turns those tensors, in that order, into the weight. ``weight_name`` and
+    ``weight_shape`` say what a quantized weight is called and its shape, from its first
+    stored tensor's name and its stored tensors' shapes (default: those of the first).
     """
 
     method: str
     parts: Callable[[str, frozenset[str]], tuple[str, ...]]
     dequantize: Callable[[str, list[torch.Tensor]], torch.Tensor]
+    weight_name: Callable[[str], str] = lambda name: name
+    weight_shape: Callable[[list[tuple[int, ...]]], tuple[int, ...]] = lambda shapes: shapes[0]
 
     def weights(self, stored: Iterable[str]) -> dict[str, tuple[str, ...]]:
         """Weight name -> its stored tensors, for every weight of the checkpoint."""
         names = frozenset(stored)
         groups = {name: self.parts(name, names) for name in sorted(names)}
         companions = {part for name, parts in groups.items() for part in parts if part != name}
-        return {name: parts for name, parts in groups.items() if name not in companions}
+        return {
+            self.weight_name(name) if len(parts) > 1 else name: parts
+            for name, parts in groups.items()
+            if name not in companions
+        }
 
 
 # ------------------------------------------------------------------ fp8 (block-scaled)
@@ -110,10 +125,64 @@ def fp8_block_dequantize(
     return weight.float() * scales[:rows, :cols]
 
 
+# ------------------------------------------------------------------ mxfp4 (GPT-OSS)
+
+# The 16 e2m1 values, indexed by the 4-bit code (sign bit first).
+FP4_E2M1 = (+0.0, +0.5, +1.0, +1.5, +2.0, +3.0, +4.0, +6.0,
+            -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)  # fmt: skip
+E8M0_BIAS = 127
+MXFP4_BLOCK = 32  # values per scale
+_BLOCKS, _SCALES = "_blocks", "_scales"
+
+
+def _mxfp4(config: dict) -> Dequantizer:
+    def parts(name: str, names: frozenset[str]) -> tuple[str, ...]:
+        if not name.endswith(_BLOCKS):
+            return (name,)
+        scales = name.removesuffix(_BLOCKS) + _SCALES
+        if scales not in names:
+            raise UserError(f"MXFP4 checkpoint: {name} has no {scales}")
+        return (name, scales)
+
+    def dequantize(name: str, tensors: list[torch.Tensor]) -> torch.Tensor:
+        return tensors[0] if len(tensors) == 1 else mxfp4_dequantize(name, *tensors)
+
+    def weight_shape(shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
+        experts, rows, groups, _ = shapes[0]  # blocks [E, out, in / 32, 16] -> [E, in, out]
+        return (experts, groups * MXFP4_BLOCK, rows)
+
+    return Dequantizer(
+        "mxfp4", parts, dequantize, lambda name: name.removesuffix(_BLOCKS), weight_shape
+    )
+
+
+def mxfp4_dequantize(
+    name: str, blocks: torch.Tensor, scales: torch.Tensor, dtype=DEQUANTIZED_DTYPE
+) -> torch.Tensor:
+    """[E, out, in/32, 16] uint8 blocks and [E, out, in/32] scales -> [E, in, out] ``dtype``."""
+    if blocks.dim() != 4 or blocks.shape[:-1] != scales.shape or blocks.shape[-1] != 16:
+        raise UserError(
+            f"{name}: MXFP4 blocks {tuple(blocks.shape)} do not fit scales {tuple(scales.shape)}"
+        )
+    experts, rows, groups, _ = blocks.shape
+    lut = torch.tensor(FP4_E2M1, dtype=dtype)
+    out = torch.empty(experts, groups * MXFP4_BLOCK, rows, dtype=dtype)
+    for e in range(experts):  # one expert's temporaries at a time
+        packed = blocks[e].to(torch.uint8).reshape(rows * groups, MXFP4_BLOCK // 2)
+        values = torch.empty(rows * groups, MXFP4_BLOCK, dtype=dtype)
+        values[:, 0::2] = lut[(packed & 0x0F).int()]  # low nibble: the even element
+        values[:, 1::2] = lut[(packed >> 4).int()]
+        exponents = scales[e].to(torch.int32).reshape(rows * groups, 1) - E8M0_BIAS
+        torch.ldexp(values, exponents, out=values)
+        out[e] = values.reshape(rows, groups * MXFP4_BLOCK).t()
+    return out
+
+
 # ------------------------------------------------------------------ the table
 
 FORMATS: dict[str, Callable[[dict], Dequantizer]] = {
     "fp8": _fp8,
+    "mxfp4": _mxfp4,
 }
 
 

@@ -76,7 +76,10 @@ class Plan:
             full, _ = transfer.full_tensor(
                 self.bridge.family, self.bridge.source, name, tuple(meta.shape), self.cfg
             )
-            return full.to(meta.dtype).contiguous()
+            full = full.to(meta.dtype).contiguous()
+            # The writer takes views by absolute storage offset: a view into a bigger tensor
+            # (an expert's slice of a stacked HF tensor) must start its own storage.
+            return full.clone() if full.storage_offset() else full
 
         tensors = _Tensors(build, Counter(name for name, _ in self.sources.values()))
         total = len(self.sources)
@@ -105,6 +108,8 @@ class Plan:
                     if errors:  # the first problem as raised, not as the writer wrapped it
                         raise errors[0] from None
                     raise
+                finally:
+                    transfer.forget_recent_reads()
             if errors or thread_errors:  # a writer thread's failure leaves its files unwritten
                 raise (errors or thread_errors)[0]
 

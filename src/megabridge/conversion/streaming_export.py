@@ -12,7 +12,8 @@ its HF tensors by the family's mappings and written into its safetensors file.
 The HF tensors' names, shapes and dtypes are known before any weight is read (the
 mappings run on meta tensors), so every safetensors file is laid out up front and
 each tensor is written at its offset as soon as it exists: peak memory is about
-the largest parameter, not the model, whatever the shard size.
+the largest parameter, not the model, whatever the shard size. An HF tensor that
+stacks every expert of a layer (GPT-OSS) is written one expert's block at a time.
 
 The caller vets the checkpoint's pickles (training/trust.py) before this reads it.
 """
@@ -75,16 +76,20 @@ class ExportPlan:
         self.outputs = {}  # hf name -> (shape, dtype), in export order
         for p in self.params:
             full = torch.empty(p.shape, dtype=self.stored_dtype[p.name], device="meta")
-            for hf_name, t in self._hf_tensors(p.name, full):
-                self.outputs[hf_name] = (tuple(t.shape), t.dtype)
+            for hf_name, t, expert in self._hf_tensors(p.name, full):
+                shape = tuple(t.shape)
+                if expert is not None:  # one expert's block of a tensor stacking them all
+                    shape = (cfg.num_moe_experts, *shape)
+                self.outputs[hf_name] = (shape, t.dtype)
 
     def _hf_tensors(self, name: str, full: torch.Tensor):
         if name in _VOCAB_PARAMS:
             full = full[: self.vocab]  # TP's (or Megatron-LM's) padding rows are not HF's
         mapping, hf_names = self.family.resolve(name)
+        expert = mapping.expert_of(name)  # None, or its index in HF tensors stacking experts
         for hf_name, tensor in zip(hf_names, mapping.megatron_to_hf(full, self.cfg), strict=True):
             dtype = self.dtype_of(hf_name) if self.dtype_of else None
-            yield hf_name, tensor.to(dtype) if dtype is not None else tensor
+            yield hf_name, tensor.to(dtype) if dtype is not None else tensor, expert
 
     def write(
         self, out: Path, file_of: dict[str, str] | None, max_shard_bytes: int, progress,
@@ -96,10 +101,10 @@ class ExportPlan:
         writers = {f: _SafetensorsFile(out / f, names, self.outputs) for f, names in files.items()}
         try:
             for p in progress(self.params):
-                for hf_name, tensor in self._hf_tensors(p.name, self._read(p)):
+                for hf_name, tensor, expert in self._hf_tensors(p.name, self._read(p)):
                     if not allow_non_finite:  # as hf_io's writer: NaN / Inf only on request
                         hf_io.check_finite(tensor, f"exported tensor {hf_name!r}")
-                    writers[file_of_name[hf_name]].write(hf_name, tensor)
+                    writers[file_of_name[hf_name]].write(hf_name, tensor, expert)
         finally:
             for writer in writers.values():
                 writer.file.close()
@@ -260,19 +265,32 @@ class _SafetensorsFile:
         raw += b" " * (-len(raw) % 8)  # safetensors aligns the data to 8 bytes
         self.start = 8 + len(raw)
         self.path, self.left = path, set(names)
+        self.blocks_left: dict[str, set[int]] = {}  # a stacked tensor's blocks not yet written
         self.file = open(path, "wb")  # noqa: SIM115 - closed in close(), written across calls
         self.file.write(len(raw).to_bytes(8, "little") + raw)
         self.file.truncate(self.start + offset)
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write(self, name: str, tensor: torch.Tensor, block: int | None = None) -> None:
+        """``tensor`` as the tensor ``name``, or with ``block`` as its block ``block`` along
+        dim 0 (one expert of a tensor that stacks every expert: contiguous in the file)."""
         offset, n, shape, dtype = self.slots[name]
-        if name not in self.left:
+        if block is not None:
+            left = self.blocks_left.setdefault(name, set(range(shape[0])))
+            if block not in left:
+                raise ConversionError(f"tensor {name!r} block {block} was produced twice")
+            shape, n = shape[1:], n // shape[0]
+            offset += block * n
+        elif name not in self.left:
             raise ConversionError(f"tensor {name!r} was produced twice")
         if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
             raise ConversionError(f"{name}: produced {tuple(tensor.shape)} {tensor.dtype}")
         data = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
         self.file.seek(self.start + offset)
         self.file.write(memoryview(data))
+        if block is not None:
+            left.discard(block)
+            if left:
+                return
         self.left.discard(name)
 
     def close(self) -> None:

@@ -14,6 +14,8 @@ maps to. One tensor is whole at a time: never the whole model on one rank.
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -88,7 +90,12 @@ def check_sources(bridge, reader, names, cfg) -> None:
 def full_tensor(bridge, reader, name: str, expected, cfg) -> tuple[torch.Tensor, tuple]:
     """The whole (TP=1) Megatron tensor ``name`` of shape ``expected``, and the HF names it used."""
     mapping, hf_names = hf_source_names(bridge, name, cfg)
-    full = mapping.hf_to_megatron([reader.get(n) for n in hf_names], cfg)
+    expert = mapping.expert_of(name)
+    if expert is None:
+        tensors = [reader.get(n) for n in hf_names]
+    else:  # the expert's slice of tensors that stack all experts of the layer
+        tensors = [_STACKED_READS.get(reader, n)[expert] for n in hf_names]
+    full = mapping.hf_to_megatron(tensors, cfg)
     if name in _VOCAB_PARAMS or _tied_output(name, cfg):
         if full.shape[0] != cfg.vocab_size:  # only TP's padding rows are ours to add
             raise ConversionError(
@@ -110,14 +117,69 @@ def load_hf_weights(chunks, bridge, reader, cfg) -> None:
     params = [(local_name, name, param) for _, local_name, name, param in local_params(chunks, cfg)]
     check_sources(bridge, reader, [name for _, name, _ in params], cfg)
     consumed = set()
-    for local_name, name, param in params:
-        group, _ = _groups(local_name)
-        size, rank = dist.get_world_size(group), dist.get_rank(group)
-        how = sharding.param_split(local_name, param, cfg.gated)
-        full, hf_names = full_tensor(bridge, reader, name, _full_shape(param.shape, how, size), cfg)
-        param.copy_(sharding.split(full, how, rank, size))
-        consumed.update(hf_names)
+    try:
+        for local_name, name, param in params:
+            group, _ = _groups(local_name)
+            size, rank = dist.get_world_size(group), dist.get_rank(group)
+            how = sharding.param_split(local_name, param, cfg.gated)
+            expected = _full_shape(param.shape, how, size)
+            full, hf_names = full_tensor(bridge, reader, name, expected, cfg)
+            param.copy_(sharding.split(full, how, rank, size))
+            consumed.update(hf_names)
+    finally:
+        _STACKED_READS.clear()
     check_all_consumed(consumed, bridge, reader, cfg)
+
+
+class _RecentReads:
+    """The last few HF tensors read whole for their experts' slices: every expert of a
+    layer takes its slice of the same stacked tensor, which is read (and dequantized) once.
+    Writer threads share it (streaming.py); two threads may both read a tensor, harmlessly."""
+
+    def __init__(self, size: int = 4):
+        self._size, self._lock = size, threading.Lock()
+        self._items: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+
+    def get(self, reader, name: str) -> torch.Tensor:
+        key = (reader, name)  # the reader itself: kept alive, so never another's by id
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        tensor = reader.get(name)
+        with self._lock:
+            self._items[key] = tensor
+            while len(self._items) > self._size:
+                self._items.popitem(last=False)
+        return tensor
+
+    def clear(self) -> None:
+        """Forget them (a conversion is done: they may be gigabytes)."""
+        with self._lock:
+            self._items.clear()
+
+
+_STACKED_READS = _RecentReads()
+
+
+def forget_recent_reads() -> None:
+    """Drop the stacked HF tensors kept for their experts (streaming.py, when done)."""
+    _STACKED_READS.clear()
+
+
+class _ExpertStacks:
+    """Collects the experts' slices of each stacked HF tensor; whole once all are there."""
+
+    def __init__(self, experts: int | None):
+        self._experts, self._parts = experts or 0, {}
+
+    def add(self, hf_name: str, expert: int, tensor: torch.Tensor) -> torch.Tensor | None:
+        parts = self._parts.setdefault(hf_name, {})
+        parts[expert] = tensor
+        if len(parts) < self._experts:
+            return None
+        del self._parts[hf_name]
+        return torch.stack([parts[e] for e in range(self._experts)])
 
 
 def _pad_vocab(full: torch.Tensor, rows: int) -> torch.Tensor:
@@ -219,8 +281,9 @@ def export_hf_weights(
     """
     params = export_params(chunks, cfg, include) if params is None else params
     device = next(chunks[0].parameters()).device
+    stacks = _ExpertStacks(cfg.num_moe_experts)
     return HFStream(_catalogue(params, cfg), {p.name: p for p in params}, device, dst,
-                    lambda full, name: _to_hf(bridge, cfg, dtype_of, full, name))  # fmt: skip
+                    lambda full, name: _to_hf(bridge, cfg, dtype_of, full, name, stacks))  # fmt: skip
 
 
 class HFStream:
@@ -263,12 +326,17 @@ class HFStream:
             self._step()
 
 
-def _to_hf(bridge, cfg, dtype_of, full: torch.Tensor, name: str) -> list:
+def _to_hf(bridge, cfg, dtype_of, full: torch.Tensor, name: str, stacks) -> list:
     if name in _VOCAB_PARAMS:
         full = full[: cfg.vocab_size]
     mapping, hf_names = bridge.resolve(name)
+    expert = mapping.expert_of(name)
     out = []
     for hf_name, tensor in zip(hf_names, mapping.megatron_to_hf(full, cfg), strict=True):
+        if expert is not None:
+            tensor = stacks.add(hf_name, expert, tensor)
+            if tensor is None:  # more experts of this HF tensor to come
+                continue
         dtype = dtype_of(hf_name) if dtype_of else None
         out.append((hf_name, tensor.to(dtype) if dtype is not None else tensor))
     return out

@@ -130,6 +130,12 @@ class ModelConfig:
     final_logit_softcap: float | None = architecture_field(
         None, "soft-cap output logits to cap * tanh(logit / cap)"
     )
+    attention_sinks: bool = architecture_field(
+        False,
+        "a learned logit per query head that joins every softmax and takes its share of the "
+        "probability, attending to nothing (GPT-OSS; Megatron's softmax_type='learnable')",
+        torch_only=True,
+    )
     sliding_window_layers: list[int] | None = architecture_field(
         None, "0-based layers that use sliding_window; None: every layer"
     )
@@ -182,6 +188,16 @@ class ModelConfig:
     )
     logits_divisor: float | None = architecture_field(
         None, "divide the output logits by this (Granite's logits_scaling)"
+    )
+    # the clamped SwiGLU of GPT-OSS: (clamp(up) + offset) * g * sigmoid(alpha * g), g = clamp(gate)
+    swiglu_alpha: float | None = architecture_field(
+        None, "SwiGLU's gate is g * sigmoid(alpha * g) (GPT-OSS: 1.702); None: silu (alpha 1)"
+    )
+    glu_linear_offset: float = architecture_field(
+        0.0, "added to the linear (up) half of a gated MLP before the product (GPT-OSS: 1)"
+    )
+    activation_clamp: float | None = architecture_field(
+        None, "gated MLP: the gate clamped to at most this, the up half to [-this, this]"
     )
     # MoE
     num_moe_experts: int | None = architecture_field(
@@ -280,6 +296,16 @@ class ModelConfig:
         if self.sliding_window_layers is None or layer in self.sliding_window_layers:
             return self.sliding_window
         return None
+
+
+def expert_tensor_parallel_size(cfg: ModelConfig) -> int:
+    """How many ranks split each expert: Megatron-Core's default, the TP size, except for
+    experts with biases (GPT-OSS), which it supports only whole (expert TP 1: every TP rank
+    holds its experts whole; transformer_config.py asserts "Bias in Moe is only supported
+    when ETP==1")."""
+    if cfg.num_moe_experts and cfg.add_bias_linear:
+        return 1
+    return cfg.tensor_model_parallel_size
 
 
 def fields_with_role(role: str) -> tuple[str, ...]:
@@ -397,6 +423,8 @@ def _variant_problems(cfg: ModelConfig) -> list[str]:
     if bad:
         problems.append(f"no_rope_layers {bad} are not layers of a {cfg.num_layers}-layer model")
     problems += _llama4_attention_problems(cfg)
+    if (cfg.swiglu_alpha is not None or cfg.glu_linear_offset) and cfg.activation != "swiglu":
+        problems.append("swiglu_alpha and glu_linear_offset need activation=swiglu")
     if cfg.local_rotary_base is not None and cfg.sliding_window is None:
         problems.append("local_rotary_base needs sliding_window (it is the window layers' theta)")
     return problems

@@ -17,7 +17,11 @@ from torch.overrides import TorchFunctionMode
 
 from megabridge.errors import ConfigError
 from megabridge.models import hooks, rope, specs, torch_layers
-from megabridge.models.config import ModelConfig, validate_model_config
+from megabridge.models.config import (
+    ModelConfig,
+    expert_tensor_parallel_size,
+    validate_model_config,
+)
 
 _ACTIVATIONS = {
     "swiglu": (F.silu, True),
@@ -51,6 +55,8 @@ def transformer_config(cfg: ModelConfig):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     activation, gated = _ACTIVATIONS[cfg.activation]
+    if cfg.swiglu_alpha is not None:
+        activation = functools.partial(_sigmoid_gated, alpha=cfg.swiglu_alpha)
     bf16 = use_bf16(cfg)
     dtype = torch.bfloat16 if bf16 else torch.float32
     moe = {}
@@ -102,6 +108,8 @@ def transformer_config(cfg: ModelConfig):
         layernorm_zero_centered_gamma=cfg.layernorm_zero_centered_gamma,
         gated_linear_unit=gated,
         activation_func=activation,
+        glu_linear_offset=cfg.glu_linear_offset,
+        activation_func_clamp_value=cfg.activation_clamp,
         add_bias_linear=cfg.add_bias_linear,
         add_qkv_bias=cfg.add_qkv_bias,
         qk_layernorm=cfg.qk_layernorm,
@@ -114,6 +122,7 @@ def transformer_config(cfg: ModelConfig):
         tensor_model_parallel_size=cfg.tensor_model_parallel_size,
         pipeline_model_parallel_size=cfg.pipeline_model_parallel_size,
         expert_model_parallel_size=cfg.expert_model_parallel_size,
+        expert_tensor_parallel_size=expert_tensor_parallel_size(cfg),
         sequence_parallel=cfg.sequence_parallel,
         bf16=bf16,
         params_dtype=dtype,
@@ -148,6 +157,11 @@ def _no_rope_pattern(cfg: ModelConfig) -> list[int] | None:
     return [int(i in cfg.no_rope_layers) for i in range(cfg.num_layers)]
 
 
+def _sigmoid_gated(x: torch.Tensor, alpha: float) -> torch.Tensor:
+    """GPT-OSS's gate, x * sigmoid(alpha * x), in transformers' order of operations."""
+    return x * torch.sigmoid(x * alpha)
+
+
 def _gpu_fusions(cfg: ModelConfig) -> dict:
     """Megatron-Core's compiled fusions, for the torch spec on GPU (off on CPU: exact numerics).
 
@@ -158,7 +172,12 @@ def _gpu_fusions(cfg: ModelConfig) -> dict:
     if on and cfg.position_embedding_type == "rope":
         torch_layers.install_fused_rope()
     return dict(
-        bias_activation_fusion=on and cfg.activation == "swiglu",
+        # Megatron fuses only plain silu SwiGLU (no alpha, offset or clamp).
+        bias_activation_fusion=on
+        and cfg.activation == "swiglu"
+        and cfg.swiglu_alpha is None
+        and not cfg.glu_linear_offset
+        and cfg.activation_clamp is None,
         # torch_layers.fused_rope rotates halves only: interleaved RoPE (GLM-4) stays unfused.
         apply_rope_fusion=on
         and cfg.position_embedding_type == "rope"

@@ -19,6 +19,10 @@ if TYPE_CHECKING:
     import torch
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope")
+# YaRN's frequencies are computed here too, but it also scales attention (its attention
+# factor): only a family whose bridge resolves that factor reads it (GPT-OSS), so it is
+# not one of the types every family may pass through.
+YARN = "yarn"
 
 
 def rope_type(params: dict) -> str:
@@ -47,9 +51,55 @@ def inv_freq(dim: int, base: float, params: dict) -> torch.Tensor:
         return torch.where(medium, smoothed, scaled)
     if kind == "longrope":  # the short factors: sequences up to original_max_position_embeddings
         return _longrope_inv_freq(dim, base, params["short_factor"])
+    if kind == YARN:
+        return _yarn_inv_freq(dim, base, params)
     raise ConfigError(
         f"rope_type {kind!r} is not supported yet (supported: {', '.join(SUPPORTED_ROPE_TYPES)})"
     )
+
+
+# ------------------------------------------------------------ YaRN (GPT-OSS)
+
+
+def _yarn_inv_freq(dim: int, base: float, params: dict) -> torch.Tensor:
+    """YaRN (as transformers' _compute_yarn_parameters): interpolated frequencies below a
+    band of dimensions, the original ones above it, a linear ramp between."""
+    import torch
+
+    factor = float(params["factor"])
+    old_len = float(params["original_max_position_embeddings"])
+    beta_fast, beta_slow = params.get("beta_fast") or 32, params.get("beta_slow") or 1
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(old_len / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if params.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # as transformers: no division by zero
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    pos_freqs = base ** (torch.arange(0, dim, 2).float() / dim)
+    extrapolation = 1 - ramp
+    return (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+
+
+def yarn_attention_factor(params: dict) -> float:
+    """YaRN's factor on cos and sin (transformers' attention_factor; 1 for other rope types).
+    A family reading YaRN sets it as rotary_attention_scaling (apply_rope_scaling checks)."""
+    if rope_type(params) != YARN:
+        return 1.0
+    if params.get("attention_factor") is not None:
+        return float(params["attention_factor"])
+    factor = float(params["factor"])
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    if params.get("mscale") and params.get("mscale_all_dim"):
+        return mscale(factor, params["mscale"]) / mscale(factor, params["mscale_all_dim"])
+    return mscale(factor)
 
 
 def apply_rope_scaling(model: torch.nn.Module, cfg) -> None:
@@ -61,6 +111,12 @@ def apply_rope_scaling(model: torch.nn.Module, cfg) -> None:
     if emb is None:
         return
     dim = 2 * emb.inv_freq.numel()
+    if rope_type(params) == YARN and cfg.rotary_attention_scaling is None:
+        # YaRN's frequencies alone would attend with scores its attention factor**2 too small.
+        raise ConfigError(
+            "rope_type 'yarn' needs rotary_attention_scaling (YaRN's attention factor), which "
+            f"the {cfg.family} bridge does not set: not supported for this family yet"
+        )
     emb.inv_freq = inv_freq(dim, cfg.rotary_base, params).to(emb.inv_freq.device)
     if rope_type(params) == "longrope":
         _switch_longrope_factors(emb, dim, cfg.rotary_base, params)

@@ -58,9 +58,10 @@ class SDPAttention(MegatronModule):
         sliding_window: int | None = None,
         softcap: float | None = None,
         rotary_scaling: tuple[int, float] | None = None,
+        sinks: bool = False,
         chunk_size: int | None = None,
         qk_l2_norm_eps: float | None = None,
-        temperature: tuple[int, float] | None = None,
+        temperature: tuple[float, float] | None = None,
     ):
         super().__init__(config=config)
         if config.context_parallel_size != 1:
@@ -83,6 +84,16 @@ class SDPAttention(MegatronModule):
         # transformers puts on cos and sin (both q and k) is factor**2 on the rotated
         # dims of q alone. Applied before any attention path (SDPA, chunked, varlen).
         self.rotary_scaling = rotary_scaling
+        # Attention sinks (GPT-OSS): one learned logit per query head, split over TP ranks
+        # with the heads; named as Megatron's DotProductAttention names it.
+        self.softmax_offset = None
+        if sinks:
+            from megatron.core.tensor_parallel import set_tensor_model_parallel_attributes
+
+            self.softmax_offset = torch.nn.Parameter(
+                torch.zeros(self.heads, dtype=config.params_dtype)
+            )
+            set_tensor_model_parallel_attributes(self.softmax_offset, True, 0, 1)
         # Llama 4: attention within blocks of chunk_size tokens; a weightless RMS norm of each
         # query and key head after RoPE; (floor, scale) of the queries' temperature tuning.
         self.chunk_size = chunk_size
@@ -96,10 +107,12 @@ class SDPAttention(MegatronModule):
         return self._attend_whole(q, k, v)
 
     def _attend_whole(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        if self.sliding_window is None and self.softcap is None:
+        if self.sliding_window is None and self.softcap is None and self.softmax_offset is None:
             return sdpa(q, k, v, self._p(), self.softmax_scale)
         scale = q.shape[-1] ** -0.5 if self.softmax_scale is None else self.softmax_scale
-        return chunked_attention(q, k, v, scale, self.sliding_window, self.softcap, self._p())
+        return chunked_attention(
+            q, k, v, scale, self.sliding_window, self.softcap, self._p(), self.softmax_offset
+        )
 
     def _p(self) -> float:
         return self.dropout if self.training else 0.0
@@ -165,7 +178,19 @@ class SDPAttention(MegatronModule):
     def _varlen_ok(self, query) -> bool:
         """Whether torch's varlen flash kernel computes this layer's packed attention."""
         plain = self.sliding_window is None and self.softcap is None and self._p() == 0.0
+        plain = plain and self.softmax_offset is None  # no sinks in the flash kernel
         return plain and varlen_supported(query, self.softmax_scale)
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        """The sinks are split over TP with the heads (as in DotProductAttention)."""
+        if self.softmax_offset is None:
+            return super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+        state = self.state_dict(prefix="", keep_vars=True)
+        return make_sharded_tensors_for_checkpoint(
+            state, prefix, {"softmax_offset": 0}, sharded_offsets
+        )
 
 
 def l2_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -293,9 +318,10 @@ def sdpa(q, k, v, dropout_p: float, scale: float | None, mask=None) -> torch.Ten
 
 
 def chunked_attention(
-    q, k, v, scale: float, window: int | None, softcap: float | None, dropout_p: float
+    q, k, v, scale: float, window: int | None, softcap: float | None, dropout_p: float, sinks=None
 ) -> torch.Tensor:
-    """Causal attention with an optional sliding window and score soft-cap, no s x s tensor.
+    """Causal attention with an optional sliding window, score soft-cap and attention sinks
+    (``sinks`` [np]: a logit per head in every softmax, dropped after it), no s x s tensor.
 
     q [b, np, s, hn], k/v [b, ng, s, hn] -> [b, np, s, hn]. Queries go in chunks of
     ATTENTION_CHUNK, each against only the keys it may see: score blocks are at most
@@ -313,19 +339,22 @@ def chunked_attention(
         if window is not None:
             allowed = allowed & (q_pos - k_pos < window)
         qc, kc, vc = q[:, :, start:end], k[:, :, first:end], v[:, :, first:end]
-        if softcap is None:
+        if softcap is None and sinks is None:
             outs.append(sdpa(qc, kc, vc, dropout_p, scale, mask=allowed))
-        elif torch.is_grad_enabled() and q.requires_grad:
+        elif torch.is_grad_enabled() and (q.requires_grad or sinks is not None):
             # Recompute the scores in backward instead of keeping every chunk's.
-            args = (qc, kc, vc, allowed, scale, softcap, dropout_p)
+            args = (qc, kc, vc, allowed, scale, softcap, dropout_p, sinks)
             outs.append(checkpoint(_capped, *args, use_reentrant=False))
         else:
-            outs.append(_capped(qc, kc, vc, allowed, scale, softcap, dropout_p))
+            outs.append(_capped(qc, kc, vc, allowed, scale, softcap, dropout_p, sinks))
     return torch.cat(outs, dim=2)
 
 
-def _capped(q, k, v, allowed, scale: float, softcap: float, dropout_p: float) -> torch.Tensor:
-    """Soft-capped attention in transformers' eager order: scale, cap, mask, fp32 softmax.
+def _capped(
+    q, k, v, allowed, scale: float, softcap: float | None, dropout_p: float, sinks=None
+) -> torch.Tensor:
+    """Attention on explicit scores in transformers' eager order: scale, cap, mask, then an
+    fp32 softmax, over the scores and (with ``sinks`` [np]) a sink column dropped after it.
 
     q [b, np, c, hn], k/v [b, ng, kc, hn], allowed [c, kc] -> [b, np, c, hn].
     """
@@ -334,9 +363,15 @@ def _capped(q, k, v, allowed, scale: float, softcap: float, dropout_p: float) ->
     q = q.reshape(b, groups, heads // groups, c, d)  # query heads grouped by their K/V head
     k, v = k.unsqueeze(2), v.unsqueeze(2)  # [b, ng, 1, kc, hn]
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # [b, ng, np/ng, c, kc]
-    scores = torch.tanh(scores / softcap) * softcap
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     scores = scores.masked_fill(~allowed, float("-inf"))
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    if sinks is not None:  # [np] -> [b, ng, np/ng, c, 1], one more "key" per row
+        column = sinks.to(scores.dtype).reshape(1, groups, heads // groups, 1, 1)
+        scores = torch.cat([scores, column.expand(*scores.shape[:-1], 1)], dim=-1)
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32)[..., :-1].to(q.dtype)
+    else:
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     if dropout_p:
         probs = F.dropout(probs, p=dropout_p)
     return torch.matmul(probs, v).reshape(b, heads, c, d)
@@ -528,6 +563,28 @@ class AcrossHeadsRMSNorm(torch.nn.Module):
         )
 
 
+def _expert_output_linear():
+    """RowParallelLinear for experts with biases, whose output may be added to in place.
+
+    Megatron-Core's MLP adds an expert's probability-scaled bias in place
+    (mlp.py: ``output += output_bias.unsqueeze(0) * per_token_scale.unsqueeze(-1)``), on
+    what the row-parallel reduce returned; at expert TP 1 (the only layout Megatron-Core
+    allows with expert biases) that is its input returned as is, which autograd forbids
+    modifying in place ("Output 0 of _ReduceFromModelParallelRegion is a view"). A copy
+    while training makes it an ordinary tensor; inference keeps the output as it is.
+    """
+    from megatron.core.tensor_parallel import RowParallelLinear
+
+    class ExpertRowParallelLinear(RowParallelLinear):
+        def forward(self, *args, **kwargs):
+            output, bias = super().forward(*args, **kwargs)
+            if bias is not None and torch.is_grad_enabled():
+                output = output.clone()
+            return output, bias
+
+    return ExpertRowParallelLinear
+
+
 def norm_class(cfg):
     return RMSNorm if cfg.normalization == "RMSNorm" else LayerNorm
 
@@ -642,6 +699,9 @@ def _use_megabridge_modules(spec, cfg, norm) -> None:
     sub.pre_mlp_layernorm = norm
     if cfg.norm_placement == "post":  # OLMo 2: norms after the sublayers only
         sub.input_layernorm = sub.pre_mlp_layernorm = IdentityOp
+    experts = getattr(sub.mlp.submodules, "experts", None)
+    if experts is not None and cfg.add_bias_linear:
+        experts.submodules.linear_fc2 = _expert_output_linear()
     attn = sub.self_attention.submodules
     attn.core_attention = SDPAttention
     if cfg.qk_layernorm:  # multi-latent attention has q_layernorm and kv_layernorm
@@ -671,6 +731,7 @@ def _layer_spec(spec, cfg, layer: int):
             "sliding_window": window,
             "softcap": cfg.attn_logit_softcap,
             "rotary_scaling": _rotary_scaling(cfg),
+            "sinks": cfg.attention_sinks,
             **_llama4_attention(cfg, layer),
         },
     )

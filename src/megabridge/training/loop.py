@@ -16,7 +16,11 @@ from megabridge import runtime
 from megabridge.conversion.auto_bridge import AutoBridge
 from megabridge.errors import CheckpointError, ConfigError, UserError
 from megabridge.models import init as weight_init
-from megabridge.models.config import copy_architecture, model_config_from_dict
+from megabridge.models.config import (
+    copy_architecture,
+    expert_tensor_parallel_size,
+    model_config_from_dict,
+)
 from megabridge.models.provider import build_model, use_bf16
 from megabridge.peft import lora
 from megabridge.progress import Waiting
@@ -242,6 +246,7 @@ def setup(cfg: ConfigContainer) -> Session:
         m.pipeline_model_parallel_size,
         m.expert_model_parallel_size,
         cfg.dist.distributed_timeout_minutes,
+        expert_tensor_parallel_size(m),
     )
     runtime.seed_everything(cfg.rng.seed)
     save_dir, log_dir = _run_dirs(cfg, rt)

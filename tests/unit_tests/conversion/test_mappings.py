@@ -77,3 +77,22 @@ def test_gated_mlp_round_trip_and_tp_split():
 def test_split_rejects_indivisible():
     with pytest.raises(ValueError, match="not divisible"):
         sharding.split(torch.zeros(5, 2), "dim0", 0, 2)
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_stacked_experts_slice_interleave_and_round_trip(interleaved):
+    from megabridge.conversion.mappings import StackedExperts
+
+    m = StackedExperts("decoder.layers.*.mlp.experts.local_experts.*.linear_fc1.weight",
+                       "model.layers.*.mlp.experts.gate_up_proj", True, interleaved)  # fmt: skip
+    name = "decoder.layers.3.mlp.experts.local_experts.5.linear_fc1.weight"
+    assert m.match(name) == ("model.layers.3.mlp.experts.gate_up_proj",)
+    assert m.expert_of(name) == 5
+    stacked = torch.randn(6, 8, 10)  # [E, in, 2 * ffn]: HF's x @ W layout
+    fc1 = m.hf_to_megatron([stacked[5]], None)
+    assert fc1.shape == (10, 8)  # Megatron's [out, in]
+    if interleaved:  # HF's columns alternate gate, up; Megatron's rows are [gate; up]
+        torch.testing.assert_close(fc1[:5], stacked[5][:, 0::2].t(), atol=0, rtol=0)
+        torch.testing.assert_close(fc1[5:], stacked[5][:, 1::2].t(), atol=0, rtol=0)
+    (back,) = m.megatron_to_hf(fc1, None)
+    assert torch.equal(back, stacked[5])

@@ -53,6 +53,7 @@ REFUSED = [
                            "original_max_position_embeddings": 64},
         "sliding_attention": {"rope_type": "default", "rope_theta": 5e5}}),
      "rope_type 'yarn' on its full_attention layers is not supported yet"),
+    ("gpt_oss", dict(attention_bias=False), "attention_bias=False is not supported yet"),
 ]  # fmt: skip
 
 # (family, config overrides, the error's words): converted, but refused when built.
@@ -66,11 +67,13 @@ TORCH_SPEC_ONLY = [
     ("olmo2", "cannot build norm_placement=post, qk_norm_across"),
     ("granite", "cannot build residual_multiplier"),
     ("exaone4", "cannot build norm_placement=post, sliding_window"),
+    ("gpt_oss", "local cannot build rotary_attention_scaling, sliding_window, attention_sinks"),
 ]
 
 # (family, variant) with a sliding window shorter than the verify sequences.
 WINDOWED = [("mistral", "window"), ("phi3", "base"), ("smollm3", "nope_02_windowed"),
-            ("exaone4", "base"), ("qwen2", "window"), ("qwen3", "window")]  # fmt: skip
+            ("exaone4", "base"), ("qwen2", "window"), ("qwen3", "window"),
+            ("gpt_oss", "base")]  # fmt: skip
 
 # (family, variant) with layers without RoPE (NoPE).
 NOPE = [("smollm3", "base"), ("exaone4", "base")]
@@ -80,6 +83,8 @@ NOPE = [("smollm3", "base"), ("exaone4", "base")]
 OPTION_MATTERS = [
     # Megatron-Core's own group ranking (top-2 sum) picks other experts than V2's (best score).
     ("deepseek_v2", "group_limited", "moe_router_group_score", "top_sum"),
+    # YaRN's attention factor (transformers' scale on cos and sin), not its frequencies.
+    ("gpt_oss", "base", "rotary_attention_scaling", None),
 ]
 
 # (family, variant, layout) at four processes, beyond the suite's two-process layouts.

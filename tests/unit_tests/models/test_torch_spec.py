@@ -101,3 +101,67 @@ def test_packed_rope_restarts_positions_in_every_segment():
     torch.testing.assert_close(got, expected[:, 0], atol=0, rtol=0)
     with pytest.raises(Exception, match="cu_seqlens ends at 9"):
         rope_thd(t, torch.tensor([0, 9], dtype=torch.int32), freqs)
+
+
+@pytest.mark.parametrize("window", [None, 3], ids=["full", "window3"])
+def test_attention_sinks_are_transformers_gpt_oss_attention(window, monkeypatch):
+    """chunked_attention with sinks (GPT-OSS) is transformers' eager GPT-OSS attention, also
+    across chunk boundaries and with a sliding window."""
+    from types import SimpleNamespace
+
+    from transformers.models.gpt_oss.modeling_gpt_oss import eager_attention_forward
+
+    from megabridge.models import torch_layers
+
+    monkeypatch.setattr(torch_layers, "ATTENTION_CHUNK", 4)
+    gen = torch.Generator().manual_seed(0)
+    s, scale = 11, 8**-0.5
+    q = torch.randn(2, 4, s, 8, generator=gen)  # [b, np, s, hn]
+    k, v = torch.randn(2, 2, s, 8, generator=gen), torch.randn(2, 2, s, 8, generator=gen)
+    sinks = 2.0 * torch.randn(4, generator=gen)
+    i = torch.arange(s)
+    allowed = i[None, :] <= i[:, None]
+    if window is not None:
+        allowed &= i[:, None] - i[None, :] < window
+    mask = torch.zeros(s, s).masked_fill(~allowed, float("-inf"))[None, None]
+    module = SimpleNamespace(sinks=sinks, num_key_value_groups=2, training=False)
+    expected, _ = eager_attention_forward(module, q, k, v, mask, scaling=scale)  # [b, s, np, hn]
+    ours = torch_layers.chunked_attention(q, k, v, scale, window, None, 0.0, sinks)
+    torch.testing.assert_close(ours.transpose(1, 2), expected, atol=1e-6, rtol=1e-6)
+    plain = torch_layers.chunked_attention(q, k, v, scale, window, None, 0.0)
+    assert (plain - ours).abs().max() > 1e-2  # the sinks take probability away
+
+
+def test_yarn_is_transformers_yarn():
+    from transformers import GptOssConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from megabridge.models import rope
+
+    params = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+              "truncate": False, "original_max_position_embeddings": 4096}  # fmt: skip
+    for truncate in (False, True):
+        hf = GptOssConfig(head_dim=64, rope_parameters={**params, "truncate": truncate})
+        expected, factor = ROPE_INIT_FUNCTIONS["yarn"](hf, "cpu")
+        ours = rope.inv_freq(64, 150000.0, {**params, "truncate": truncate})
+        torch.testing.assert_close(ours, expected, atol=0, rtol=1e-6)
+        assert rope.attention_factor(params) == pytest.approx(factor, rel=1e-12)
+
+
+def test_gpt_oss_layers_backward():
+    """Gradients reach the sinks and the experts' biases (Megatron-Core adds an expert's
+    scaled bias in place, which autograd refused on the row-parallel output as is)."""
+    from megabridge.conversion.registry import bridge_for_family
+    from megabridge.conversion.tiny import tiny_config
+
+    cfg = bridge_for_family("gpt_oss").model_config(tiny_config("gpt_oss"))
+    cfg.bf16 = False
+    (model,) = build_model(cfg)
+    weight_init.initialize([model], cfg, seed=7)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 17), generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(16).expand(2, 16)
+    model(tokens[:, :-1], positions, None, labels=tokens[:, 1:]).sum().backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    for part in ("core_attention.softmax_offset", "linear_fc2.bias", "linear_fc1.bias"):
+        names = [n for n in grads if n.endswith(part)]
+        assert names and all(grads[n] is not None and grads[n].abs().sum() > 0 for n in names), part

@@ -178,7 +178,7 @@ class ModelConfig:
         "temperature tuning); None: off",
         torch_only=True,
     )
-    attn_temperature_floor: float | None = architecture_field(
+    attn_temperature_floor: int | None = architecture_field(
         None, "the floor_scale of attn_temperature_scale (tokens)", torch_only=True
     )
     residual_multiplier: float | None = architecture_field(

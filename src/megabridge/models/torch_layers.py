@@ -61,7 +61,7 @@ class SDPAttention(MegatronModule):
         sinks: bool = False,
         chunk_size: int | None = None,
         qk_l2_norm_eps: float | None = None,
-        temperature: tuple[float, float] | None = None,
+        temperature: tuple[int, float] | None = None,
     ):
         super().__init__(config=config)
         if config.context_parallel_size != 1:

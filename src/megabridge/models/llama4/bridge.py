@@ -105,7 +105,7 @@ class Llama4Bridge(FamilyBridge):
             cfg.qk_l2_norm_layers = rope_layers
         if hf_config.attn_temperature_tuning and nope:
             cfg.attn_temperature_scale = float(hf_config.attn_scale)
-            cfg.attn_temperature_floor = float(hf_config.floor_scale)
+            cfg.attn_temperature_floor = int(hf_config.floor_scale)
 
     @classmethod
     def adjust_hf_config(cls, cfg, data):

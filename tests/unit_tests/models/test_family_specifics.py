@@ -54,6 +54,9 @@ REFUSED = [
         "sliding_attention": {"rope_type": "default", "rope_theta": 5e5}}),
      "rope_type 'yarn' on its full_attention layers is not supported yet"),
     ("gpt_oss", dict(attention_bias=False), "attention_bias=False is not supported yet"),
+    # Megatron-Core applies router weights to the experts' input with top-1 only.
+    ("llama4", dict(num_experts_per_tok=2), "num_experts_per_tok=2 is not supported yet"),
+    ("llama4", dict(attention_bias=True), "attention_bias=True is not supported yet"),
 ]  # fmt: skip
 
 # (family, config overrides, the error's words): converted, but refused when built.
@@ -68,6 +71,7 @@ TORCH_SPEC_ONLY = [
     ("granite", "cannot build residual_multiplier"),
     ("exaone4", "cannot build norm_placement=post, sliding_window"),
     ("gpt_oss", "local cannot build rotary_attention_scaling, sliding_window, attention_sinks"),
+    ("llama4", "local cannot build attention_chunk_size, qk_l2_norm_layers, attn_temperature_"),
 ]
 
 # (family, variant) with a sliding window shorter than the verify sequences.
@@ -76,7 +80,7 @@ WINDOWED = [("mistral", "window"), ("phi3", "base"), ("smollm3", "nope_02_window
             ("gpt_oss", "base")]  # fmt: skip
 
 # (family, variant) with layers without RoPE (NoPE).
-NOPE = [("smollm3", "base"), ("exaone4", "base")]
+NOPE = [("smollm3", "base"), ("exaone4", "base"), ("llama4", "plain_nope")]
 
 # (family, variant, ModelConfig field, a value without the variant's option): the
 # conformance logits check of the variant means something, as the logits differ without it.
@@ -85,6 +89,12 @@ OPTION_MATTERS = [
     ("deepseek_v2", "group_limited", "moe_router_group_score", "top_sum"),
     # YaRN's attention factor (transformers' scale on cos and sin), not its frequencies.
     ("gpt_oss", "base", "rotary_attention_scaling", None),
+    # Llama 4: chunks of 8 tokens on the RoPE layers, their weightless QK norm, the NoPE
+    # layer's query temperature, the router weight on the expert's input (not its output).
+    ("llama4", "base", "attention_chunk_size", None),
+    ("llama4", "base", "qk_l2_norm_layers", None),
+    ("llama4", "base", "attn_temperature_scale", None),
+    ("llama4", "scout", "moe_apply_probs_on_input", False),
 ]
 
 # (family, variant, layout) at four processes, beyond the suite's two-process layouts.
@@ -274,5 +284,52 @@ def test_gemma3_multimodal_reads_as_its_language_model(tmp_path):
     assert set(tensors) == text_names
     for name, tensor in tensors.items():
         assert torch.equal(tensor, source[name.replace("model.", "language_model.model.", 1)])
+    with torch.no_grad():
+        assert torch.allclose(exported(input_ids=tokens).logits, reference, atol=1e-5)
+
+
+def _tiny_llama4_multimodal(path):
+    """A tiny Llama4ForConditionalGeneration (Scout's and Maverick's layout: text + vision)."""
+    from transformers import Llama4Config, Llama4ForConditionalGeneration
+
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                  num_attention_heads=2, image_size=28, patch_size=14, vision_output_dim=16,
+                  projector_input_dim=16, projector_output_dim=16)  # fmt: skip
+    config = Llama4Config(text_config=tiny_config("llama4").to_dict(), vision_config=vision)
+    torch.manual_seed(0)
+    model = Llama4ForConditionalGeneration(config)
+    randomize(model)
+    model.save_pretrained(str(path))
+    return model.eval()
+
+
+@pytest.mark.unit
+@pytest.mark.usefixtures("single_process_megatron")
+def test_llama4_multimodal_reads_as_its_language_model(tmp_path):
+    from safetensors.torch import load_file
+    from transformers import Llama4ForCausalLM
+
+    hf_model = _tiny_llama4_multimodal(tmp_path / "mm")
+    bridge = AutoBridge.from_hf_pretrained(tmp_path / "mm")
+    assert bridge.model_config == bridge_for_family("llama4").model_config(tiny_config("llama4"))
+    model = bridge.to_megatron_model()
+    tokens = sample_tokens(256, 2, 32, seed=0)
+    with torch.no_grad():
+        # Its language model, called directly: transformers 5.24's text-only forward of
+        # Llama4ForConditionalGeneration fails (it reads image_outputs of a text-only output).
+        reference = hf_model.language_model(input_ids=tokens).logits.float()
+    result = compare(reference, megatron_logits(model, tokens), 256, torch.float32, 1e-4, None)
+    assert result.max_abs_diff <= checks.ATOL_FP32, result
+
+    # The export is a text-only Llama4ForCausalLM with the language model's tensors unchanged.
+    out = bridge.save_hf_pretrained(model, tmp_path / "text")
+    exported = Llama4ForCausalLM.from_pretrained(str(out)).eval()
+    assert exported.config.architectures == ["Llama4ForCausalLM"]
+    source = load_file(str(tmp_path / "mm" / "model.safetensors"))
+    tensors = {n: t for f in out.glob("*.safetensors") for n, t in load_file(str(f)).items()}
+    assert set(tensors) == {n.removeprefix("language_model.") for n in source
+                            if n.startswith("language_model.")}  # fmt: skip
+    for name, tensor in tensors.items():
+        assert torch.equal(tensor, source[f"language_model.{name}"]), name
     with torch.no_grad():
         assert torch.allclose(exported(input_ids=tokens).logits, reference, atol=1e-5)

@@ -31,7 +31,7 @@ SIZES = {
     # 400B (17B active): MoE on every other layer over 128 experts, no QK norm, plain RoPE.
     "llama4_maverick_17b_128e": dict(_LLAMA4, num_local_experts=128,
                                      interleave_moe_layer_step=2, use_qk_norm=False,
-                                     max_position_embeddings=1048576, rope_scaling=None),
+                                     max_position_embeddings=1048576),
 }  # fmt: skip
 TINY = dict(_LLAMA4, num_hidden_layers=4, hidden_size=64, intermediate_size=32,
             intermediate_size_mlp=96, num_attention_heads=4, num_key_value_heads=2, head_dim=16,

@@ -462,11 +462,7 @@ def packed_freqs(cu_seqlens: torch.Tensor, freqs: torch.Tensor, total: int) -> t
 
     cu_seqlens [segments + 1], freqs [max_len, 1, 1, rot] -> [total, 1, 1, rot].
     """
-    cu = cu_seqlens.to(device=freqs.device, dtype=torch.long)
-    if int(cu[-1]) != total:
-        raise ConfigError(f"packed sequence: cu_seqlens ends at {int(cu[-1])}, not at {total}")
-    starts = torch.repeat_interleave(cu[:-1], cu[1:] - cu[:-1], output_size=total)
-    return freqs[torch.arange(total, device=freqs.device) - starts]
+    return freqs[packed_positions(cu_seqlens.to(freqs.device), total)]
 
 
 def rope_thd(t, cu_seqlens, freqs, cp_size: int = 1, cp_rank: int = 0):

@@ -77,15 +77,20 @@ def test_packed_attention_does_not_cross_segments(device, dtype, atol, groups):
     )
     # bf16 on a GPU goes through the varlen kernel (if this torch has it, as 2.9+ does)
     assert attn._varlen_ok(q) == (dtype == torch.bfloat16)
+    _assert_packed_is_each_segment_alone(attn, q, k, v, params, atol)
+
+
+def _assert_packed_is_each_segment_alone(attn, q, k, v, params, atol: float) -> None:
+    """Packed THD attention [t, n, d] of two segments equals each segment alone (a batch of
+    one [s, b=1, n, d]), and attention across the boundary differs (the check can tell)."""
     packed = attn(q, k, v, None, packed_seq_params=params)
-    # each segment alone, as a batch of one [s, b=1, n, d]
-    first = attn(q[:4, None], k[:4, None], v[:4, None], None)
-    second = attn(q[4:, None], k[4:, None], v[4:, None], None)
+    cut = int(params.cu_seqlens_q[1])
+    first = attn(q[:cut, None], k[:cut, None], v[:cut, None], None)
+    second = attn(q[cut:, None], k[cut:, None], v[cut:, None], None)
     expected = torch.cat([first[:, 0], second[:, 0]])
     torch.testing.assert_close(packed, expected, atol=atol, rtol=atol)
-    # attention across the boundary gives something else: the check can tell
     whole = attn(q[:, None], k[:, None], v[:, None], None)[:, 0]
-    assert (whole[4:] - expected[4:]).abs().max() > 10 * atol
+    assert (whole[cut:] - expected[cut:]).abs().max() > 10 * atol
 
 
 def test_packed_rope_restarts_positions_in_every_segment():
@@ -209,11 +214,4 @@ def test_packed_llama4_attention_restarts_chunks_and_temperature_per_segment(dev
     params = PackedSeqParams(
         qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=7, max_seqlen_kv=7
     )
-    packed = attn(q, k, v, None, packed_seq_params=params)
-    first = attn(q[:4, None], k[:4, None], v[:4, None], None)
-    second = attn(q[4:, None], k[4:, None], v[4:, None], None)
-    expected = torch.cat([first[:, 0], second[:, 0]])
-    torch.testing.assert_close(packed, expected, atol=atol, rtol=atol)
-    whole = attn(q[:, None], k[:, None], v[:, None], None)[:, 0]
-    assert (whole[4:] - expected[4:]).abs().max() > 10 * atol
-
+    _assert_packed_is_each_segment_alone(attn, q, k, v, params, atol)

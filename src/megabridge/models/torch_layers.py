@@ -7,7 +7,8 @@ packed (THD) sequences segment by segment, so no s x s mask ever exists.
 Parameter names are those of the local spec, so conversion mappings and
 checkpoints are shared. It also has what neither other spec has, chosen per
 layer: norms after attention and MLP, sliding-window attention, soft-capped
-attention scores and a per-layer RoPE theta (Gemma 2/3).
+attention scores and a per-layer RoPE theta (Gemma 2/3); chunked attention, a weightless
+QK norm and the NoPE layers' query temperature (Llama 4: models/attention_ops.py).
 """
 
 from __future__ import annotations

@@ -2,8 +2,9 @@
 Maverick are published as Llama4ForConditionalGeneration: read as their language model) or a
 converted checkpoint: the architecture is then read from it, whatever the sizes below say.
 
-Layouts are sized for H200s (141 GB), 8 a node, with bf16 weights and the distributed
-optimizer (12 bytes of optimizer state a parameter, shared over the data-parallel ranks).
+Layouts are sized for H200s (141 GB), 8 a node: bf16 weights and fp32 gradients (6 bytes a
+parameter of the GPU's share) and the distributed optimizer (12 bytes a parameter, shared
+over the parameter's data-parallel ranks), leaving room for activations.
 """
 
 from megabridge.models.llama4.bridge import Llama4Bridge
@@ -50,8 +51,8 @@ def llama4_scout_17b_16e_finetune_config():
     """SFT of Llama 4 Scout (109B) on 32 H200s (4 nodes: TP=2, PP=2, EP=8): set
     checkpoint.pretrained_checkpoint and dataset.path.
 
-    Per GPU: 3B expert and 2.75B other parameters (23 GB of weights and gradients), the
-    experts' optimizer state unshared (36 GB), the rest shared over 8 ranks.
+    Per GPU: 3B expert parameters (18 GB, and 36 GB of optimizer state: one expert-data-
+    parallel rank) and 2.75B others (17 GB, their optimizer state shared over 8): ~75 GB.
     """
     cfg = finetune("llama4_scout_sft", sized(Llama4Bridge, SIZES["llama4_scout_17b_16e"]))
     m = cfg.model
@@ -76,8 +77,8 @@ def llama4_maverick_17b_128e_finetune_config():
     """SFT of Llama 4 Maverick (400B) on 128 H200s (16 nodes: PP=4, EP=32): set
     checkpoint.pretrained_checkpoint and dataset.path.
 
-    Per GPU: 3B expert parameters (12 GB, 36 GB of unshared optimizer state) and 3.5B
-    others (14 GB, their optimizer state shared over 32 ranks).
+    Per GPU: 3B expert parameters (18 GB, and 36 GB of optimizer state: one expert-data-
+    parallel rank) and 3.5B others (21 GB, their optimizer state shared over 32): ~77 GB.
     """
     cfg = finetune("llama4_maverick_sft", sized(Llama4Bridge, SIZES["llama4_maverick_17b_128e"]))
     cfg.train.global_batch_size = 32  # a multiple of the 32 data-parallel ranks

@@ -169,6 +169,12 @@ def pretrain_gemma(s: Smoke) -> str:
 
 
 @path
+def pretrain_gpt_oss(s: Smoke) -> str:
+    """Attention sinks (chunked attention), YaRN, clamped SwiGLU, experts with biases."""
+    return _pretrain(s, "gpt_oss_tiny_pretrain_config")
+
+
+@path
 def pretrain_llama4(s: Smoke) -> str:
     """Llama 4: chunked attention (blocks on SDPA), NoPE layers' query temperature, the QK
     L2 norm, interleaved RoPE, top-1 sigmoid routing on the expert input, shared expert."""

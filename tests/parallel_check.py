@@ -99,7 +99,9 @@ def at_layout(hf_dir: str, work: Path, layout: dict) -> dict:
     dist.all_gather_object(everyone, mine)
     result = next(r for r in everyone if r is not None)
     back.save_hf_pretrained(model, work / "back")
-    parameters = console.parameter_counts(model, layout["tp"], layout["pp"], layout["ep"])
+    parameters = console.parameter_counts(
+        model, layout["tp"], layout["pp"], layout["ep"], expert_tensor_parallel_size(cfg)
+    )
     return {
         "parameters": parameters[0],
         "max_abs_diff": result.max_abs_diff,

@@ -23,24 +23,32 @@ _IN_SUMMARY = {
 }  # fmt: skip
 
 
-def parameter_counts(model_chunks, tp: int, pp: int, ep: int) -> tuple[int, int]:
+def parameter_counts(
+    model_chunks, tp: int, pp: int, ep: int, etp: int | None = None
+) -> tuple[int, int]:
     """(all, trainable) parameters of the whole model, over every rank of the layout.
 
     Each rank counts its share of each parameter, so that the sum over all ranks counts
     every parameter once per data-parallel replica: a TP-split tensor fully, one that TP
-    replicates 1/TP; expert tensors (``allreduce`` False) likewise with the expert layout.
+    replicates 1/TP; expert tensors (``allreduce`` False) likewise with the expert layout
+    (``etp``: the expert TP size, None: ``tp``; models/config.py expert_tensor_parallel_size).
     The last pipeline stage's copy of tied embeddings (``shared``) is not counted.
     Collective: every rank calls it.
     """
     world = dist.get_world_size() if dist.is_initialized() else 1
-    dp, expert_dp = world // (tp * pp), world // (tp * ep * pp)
+    etp = tp if etp is None else etp
+    dp, expert_dp = world // (tp * pp), world // (etp * ep * pp)
     share = torch.zeros(4, dtype=torch.float64)  # dense all, dense trainable, expert all, trainable
     for chunk in model_chunks:
-        for p in chunk.parameters():
+        for name, p in chunk.named_parameters():
             if getattr(p, "shared", False):
                 continue
-            local = p.numel() if getattr(p, "tensor_model_parallel", False) else p.numel() / tp
-            row = 0 if getattr(p, "allreduce", True) else 2
+            # Routed experts: at EP 1 Megatron-Core marks them allreduce like dense ones, but
+            # their TP split is the expert TP size, which may differ (GPT-OSS: 1).
+            expert = not getattr(p, "allreduce", True) or ".experts." in name
+            row = 2 if expert else 0
+            split = tp if row == 0 else etp
+            local = p.numel() if getattr(p, "tensor_model_parallel", False) else p.numel() / split
             share[row] += local
             share[row + 1] += local if p.requires_grad else 0
     if world > 1:

@@ -278,6 +278,7 @@ def setup(cfg: ConfigContainer) -> Session:
         m.tensor_model_parallel_size,
         m.pipeline_model_parallel_size,
         m.expert_model_parallel_size,
+        expert_tensor_parallel_size(m),
     )
     if rt.is_main:
         log_dir.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 
 from megabridge.conversion import quantized
 from megabridge.conversion.tiny import tiny_config
+from megabridge.errors import UserError
 
 pytestmark = pytest.mark.unit
 
@@ -117,3 +118,25 @@ def test_mxfp4_checkpoint_converts_and_exports_bf16(mxfp4_model, tmp_path):
             assert exported.dtype(name) == torch.bfloat16, name
         assert torch.equal(exported.get(name).float(), state[name].float()), name
     assert sorted(exported.keys()) == sorted(state)
+
+
+def test_blocks_without_scales_are_refused_in_one_line(mxfp4_model, tmp_path):
+    from safetensors.torch import load_file
+
+    from megabridge.conversion.hf_io import HFCheckpoint
+
+    folder, _ = mxfp4_model
+    tensors = load_file(str(folder / "model.safetensors"))
+    del tensors["model.layers.0.mlp.experts.down_proj_scales"]
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    save_file(tensors, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    (broken / "config.json").write_text((folder / "config.json").read_text())
+    with pytest.raises(UserError, match=r"down_proj_blocks has no \S+down_proj_scales$"):
+        HFCheckpoint(broken)
+
+
+def test_mismatched_scales_are_refused():
+    blocks = torch.zeros(2, 8, 4, 16, dtype=torch.uint8)
+    with pytest.raises(UserError, match="do not fit scales"):
+        quantized.mxfp4_dequantize("w", blocks, torch.zeros(2, 8, 3, dtype=torch.uint8))

@@ -62,7 +62,11 @@ REFUSED = [
 # (family, config overrides, the error's words): converted, but refused when built.
 REFUSED_AT_BUILD = [
     ("llama", dict(rope_parameters=DYNAMIC), "rope_type 'dynamic' is not supported yet"),
-]
+    # YaRN's frequencies are computed for any family, its attention factor only by GPT-OSS's.
+    ("llama", dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0,
+                                    "original_max_position_embeddings": 64}),
+     "the llama bridge does not set: not supported for this family yet"),
+]  # fmt: skip
 
 # (family, the error's words for transformer_impl="local"): layers only the torch spec has.
 TORCH_SPEC_ONLY = [
@@ -88,7 +92,7 @@ OPTION_MATTERS = [
     # Megatron-Core's own group ranking (top-2 sum) picks other experts than V2's (best score).
     ("deepseek_v2", "group_limited", "moe_router_group_score", "top_sum"),
     # YaRN's attention factor (transformers' scale on cos and sin), not its frequencies.
-    ("gpt_oss", "base", "rotary_attention_scaling", None),
+    ("gpt_oss", "base", "rotary_attention_scaling", 1.0),
     # Llama 4: chunks of 8 tokens on the RoPE layers, their weightless QK norm, the NoPE
     # layer's query temperature, the router weight on the expert's input (not its output).
     ("llama4", "base", "attention_chunk_size", None),

@@ -150,7 +150,7 @@ def test_yarn_is_transformers_yarn():
         expected, factor = ROPE_INIT_FUNCTIONS["yarn"](hf, "cpu")
         ours = rope.inv_freq(64, 150000.0, {**params, "truncate": truncate})
         torch.testing.assert_close(ours, expected, atol=0, rtol=1e-6)
-        assert rope.attention_factor(params) == pytest.approx(factor, rel=1e-12)
+        assert rope.yarn_attention_factor(params) == pytest.approx(factor, rel=1e-12)
 
 
 def test_gpt_oss_layers_backward():

@@ -1,19 +1,23 @@
-"""Training throughput of a recipe on this GPU, optionally side by side with plain transformers.
+"""Training throughput of a recipe on this GPU, side by side with its peers in the same run.
 
-    python scripts/performance/train_throughput.py --recipe llama32_1b_pretrain_config \
-        --mbs 1 2 4 8 --seq 2048 --compare-hf model.vocab_size=32768 \
-        model.share_embeddings_and_output_weights=false
+    python scripts/performance/train_throughput.py --mbs 4 8 16 --compare hf,hf-liger,torchtitan \
+        model.vocab_size=32768 model.share_embeddings_and_output_weights=false
 
-For each micro-batch size: one micro-batch per optimizer step, ``--iters`` timed
-steps after ``--warmup``; the median step time gives tokens/s. Model FLOPs are
-counted as Megatron-Core's num_floating_point_operations counts them (causal
-attention, gated MLP, logits layer); MFU is against 989 TFLOP/s (H100 dense
-bf16 peak) and against ``--ceiling`` (the matmul rate measured on the machine).
+For each stack and micro-batch size: one micro-batch per optimizer step, ``--iters`` timed
+steps after ``--warmup``; the median step time gives tokens/s. Every stack trains the same
+shape on the same [mbs, seq] batch with bf16 compute and fp32 master weights, AdamW and
+gradient clipping (scripts/performance/peers.py says how each peer is set up);
+``--fp8 tensorwise rowwise`` adds megabridge rows with model.fp8 set. Model FLOPs are
+counted as Megatron-Core's num_floating_point_operations counts them (causal attention,
+gated MLP, logits layer) for every stack; MFU is against 989 TFLOP/s (H100 / H200 dense
+bf16 peak, also for FP8 rows) and against ``--ceiling`` (the matmul rate measured on the
+machine). Peak GiB is torch's max_memory_allocated during that stack's run.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import statistics
@@ -26,6 +30,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # peers.py
+
+import peers  # noqa: E402
 
 from megabridge.cli import quiet_expected_warnings, setup_logging  # noqa: E402
 from megabridge.training.flops import H100_BF16_PEAK_TFLOPS, flops_per_token  # noqa: E402
@@ -77,13 +84,14 @@ def _result(
     }
 
 
-def run_megabridge(args, mbs: int) -> dict:
+def run_megabridge(args, mbs: int, fp8: str | None = None, recompute_swiglu: bool = False) -> dict:
     from megabridge import runtime
     from megabridge.training.loop import setup
     from megabridge.training.step import train_step
 
     with tempfile.TemporaryDirectory() as workdir:
         cfg = _config(args, mbs, workdir)
+        cfg.model.fp8, cfg.model.recompute_swiglu = fp8, recompute_swiglu
         torch.cuda.reset_peak_memory_stats()
         s = setup(cfg)
         flops_tok = flops_per_token(cfg.model, args.seq)
@@ -95,42 +103,24 @@ def run_megabridge(args, mbs: int) -> dict:
             times = _time_steps(step, args.warmup, args.iters)
             if args.profile:
                 _profile(step)
-            return _result("megabridge", mbs, args.seq, times, flops_tok, args.ceiling)
+            name = "megabridge" if fp8 is None else f"megabridge-fp8-{fp8}"
+            name += "-recompute-swiglu" if recompute_swiglu else ""
+            return _result(name, mbs, args.seq, times, flops_tok, args.ceiling)
         finally:
             runtime.shutdown()
 
 
-def run_hf(args, mbs: int) -> dict:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from megabridge.conversion.registry import bridge_for_family
+def run_peer(name: str, args, mbs: int) -> dict:
     from megabridge.recipes import get_recipe
     from megabridge.training.config import apply_overrides
 
     cfg = get_recipe(args.recipe)
     apply_overrides(cfg, args.overrides)
-    data = bridge_for_family(cfg.model.family).hf_config_dict(cfg.model)
-    model_type = data.pop("model_type")
-    hf_config = AutoConfig.for_model(model_type, **data)
-    hf_config._attn_implementation = "sdpa"
     torch.cuda.reset_peak_memory_stats()
-    model = AutoModelForCausalLM.from_config(hf_config).cuda().train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    tokens = torch.randint(
-        0, cfg.model.vocab_size, (mbs, args.seq + 1), device="cuda", generator=gen
-    )
-
-    def step(i):
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = model(input_ids=tokens[:, :-1], labels=tokens[:, 1:])
-        out.loss.backward()
-        optimizer.step()
-        out.loss.item()
-
+    step = peers.build(name, cfg.model, mbs, args.seq)
     times = _time_steps(step, args.warmup, args.iters)
-    return _result("hf", mbs, args.seq, times, flops_per_token(cfg.model, args.seq), args.ceiling)
+    flops_tok = flops_per_token(cfg.model, args.seq)
+    return _result(name, mbs, args.seq, times, flops_tok, args.ceiling)
 
 
 def _profile(step) -> None:
@@ -143,22 +133,57 @@ def _profile(step) -> None:
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25), flush=True)
 
 
-def _guarded(fn, args, mbs) -> dict:
+def _guarded(name: str, fn, args, mbs) -> dict:
     """Run one measurement; free its model before the next (the closures die on return)."""
     try:
         return fn(args, mbs)
     except torch.cuda.OutOfMemoryError:
-        return {"impl": fn.__name__.removeprefix("run_"), "micro_batch": mbs, "oom": True}
+        return {"impl": name, "micro_batch": mbs, "oom": True}
+    except Exception as e:  # one failing stack must not cost the other rows; exit 1 at the end
+        print(f"{name} mbs {mbs} failed: {type(e).__name__}: {e}", flush=True)
+        return {"impl": name, "micro_batch": mbs, "error": f"{type(e).__name__}: {e}"[:200]}
     finally:
         gc.collect()
         torch.cuda.empty_cache()
 
 
+def _stacks(args) -> list[tuple[str, object]]:
+    """(name, run(args, mbs)) in run order: megabridge first; plain HF before HF + Liger,
+    whose kernels patch transformers for the rest of the process."""
+    stacks = [("megabridge", run_megabridge)]
+    stacks += [(f"megabridge-fp8-{r}", functools.partial(run_megabridge, fp8=r)) for r in args.fp8]
+    if args.recompute_swiglu:
+        recompute = functools.partial(run_megabridge, recompute_swiglu=True)
+        stacks.append(("megabridge-recompute-swiglu", recompute))
+    names = [n for n in args.compare.split(",") if n]
+    unknown = sorted(set(names) - set(peers.PEERS))
+    if unknown:
+        sys.exit(f"--compare: unknown {', '.join(unknown)}; known: {', '.join(peers.PEERS)}")
+    order = {"hf": 1, "hf-liger": 2}
+    for name in sorted(names, key=lambda n: order.get(n, 0)):
+        stacks.append((name, functools.partial(run_peer, name)))
+    return stacks
+
+
 def _row(r: dict) -> str:
-    if r.get("oom"):
-        return f"{r['impl']:11s} {r['micro_batch']:3d}   out of memory"
-    return (f"{r['impl']:11s} {r['micro_batch']:3d} {r['step_ms']:8.1f} {r['tokens_per_s']:10,.0f} "
+    if r.get("oom") or r.get("error"):
+        why = "out of memory" if r.get("oom") else r["error"][:60]
+        return f"{r['impl']:26s} {r['micro_batch']:3d}   {why}"
+    return (f"{r['impl']:26s} {r['micro_batch']:3d} {r['step_ms']:8.1f} {r['tokens_per_s']:10,.0f} "
             f"{r['tflops_per_gpu']:8.1f} {r['mfu_989']:8.1%} {r['mfu_ceiling']:8.1%} {r['peak_mem_gib']:8.1f}")  # fmt: skip
+
+
+def _print_ratios(results: list[dict]) -> None:
+    """megabridge's tokens/s over each other stack's, micro-batch by micro-batch."""
+    ok = {(r["impl"], r["micro_batch"]): r["tokens_per_s"] for r in results if "tokens_per_s" in r}
+    for ours in sorted({i for i, _ in ok if i.startswith("megabridge")}):
+        for other in sorted({i for i, _ in ok if i != ours}):
+            pairs = [
+                (m, ok[ours, m] / ok[other, m]) for i, m in ok if i == ours and (other, m) in ok
+            ]
+            if pairs:
+                text = ", ".join(f"mbs {m}: {x:.2f}x" for m, x in sorted(pairs))
+                print(f"{ours} / {other}: {text}")
 
 
 def main() -> None:
@@ -172,45 +197,50 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--ceiling", type=float, default=798.0, help="measured bf16 matmul TFLOP/s")
     p.add_argument(
-        "--compare-hf",
-        action="store_true",
-        help="also time transformers (sdpa, autocast, fused AdamW)",
+        "--compare",
+        default="",
+        help="peers to time too, comma-separated: hf, hf-liger, torchtitan, torchtitan-float8, "
+        "torchtitan-float8-rowwise (scripts/performance/peers.py)",
     )
+    p.add_argument(
+        "--fp8", nargs="*", default=[], choices=("tensorwise", "rowwise"),
+        help="also time megabridge with model.fp8 set to each of these",
+    )  # fmt: skip
+    p.add_argument(
+        "--recompute-swiglu", action="store_true",
+        help="also time megabridge with model.recompute_swiglu=true (less activation memory)",
+    )  # fmt: skip
     p.add_argument(
         "--profile", action="store_true", help="print the top CUDA kernels of megabridge"
     )
     p.add_argument("--json-out", help="write all results here")
     p.add_argument("overrides", nargs="*", help="section.field=value")
     args = p.parse_args()
+    stacks = _stacks(args)
     if not torch.cuda.is_available():
         sys.exit("train_throughput.py needs a GPU")
     quiet_expected_warnings()
     setup_logging()
     results = []
-    for mbs in args.mbs:
-        for fn in (run_megabridge, run_hf) if args.compare_hf else (run_megabridge,):
-            results.append(_guarded(fn, args, mbs))
-            print("result:", _row(results[-1]), flush=True)  # kept even if a later size is cut off
+    for name, fn in stacks:
+        for mbs in args.mbs:
+            results.append(_guarded(name, fn, args, mbs))
+            print("result:", _row(results[-1]), flush=True)  # kept even if a later one is cut off
     print(
         f"\n{torch.cuda.get_device_name()} | seq {args.seq} | recipe {args.recipe} {' '.join(args.overrides)}"
     )
     print(
         "FLOPs: Megatron-Core's num_floating_point_operations (causal attention, gated MLP, logits)"
     )
-    print(f"{'impl':11s} {'mbs':>3s} {'step ms':>8s} {'tokens/s':>10s} {'TFLOP/s':>8s} {'MFU/989':>8s} "
+    print(f"{'impl':26s} {'mbs':>3s} {'step ms':>8s} {'tokens/s':>10s} {'TFLOP/s':>8s} {'MFU/989':>8s} "
           f"{'MFU/ceil':>8s} {'peak GiB':>8s}")  # fmt: skip
     for r in results:
         print(_row(r))
-    ours = [r for r in results if r["impl"] == "megabridge" and not r.get("oom")]
-    hf = [r for r in results if r["impl"] == "hf" and not r.get("oom")]
-    if ours and hf:
-        best_ours = max(r["tokens_per_s"] for r in ours)
-        best_hf = max(r["tokens_per_s"] for r in hf)
-        print(
-            f"best megabridge / best HF tokens/s: {best_ours:,.0f} / {best_hf:,.0f} = {best_ours / best_hf:.2f}x"
-        )
+    _print_ratios(results)
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(results, indent=2))
+    if any(r.get("error") for r in results):
+        sys.exit("some rows failed (see their lines above)")
 
 
 if __name__ == "__main__":

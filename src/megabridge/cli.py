@@ -84,18 +84,19 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 def _run_recipe(args: argparse.Namespace, entry: str) -> int:
     catalog.check_recipe(args.recipe)  # a misspelt name fails before the heavy imports
-    setup_logging()
-    from megabridge import runtime
     from megabridge.recipes import get_recipe
-    from megabridge.training import loop
     from megabridge.training.config import apply_overrides, describe
 
     cfg = get_recipe(args.recipe)
-    apply_overrides(cfg, args.overrides)
+    apply_overrides(cfg, args.overrides)  # a bad override fails before torch is imported
     if args.help_config:
         print(f"config keys of {args.recipe} (override with section.field=value):")
         print(describe(cfg))
         return 0
+    setup_logging()
+    from megabridge import runtime
+    from megabridge.training import loop
+
     try:
         getattr(loop, entry)(cfg)
     finally:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import megabridge.models as models_pkg
 from megabridge import catalog
 from megabridge.models.config import ModelConfig
-from megabridge.peft.lora import default_targets
+from megabridge.peft.targets import default_targets
 from megabridge.training.config import ConfigContainer
 
 

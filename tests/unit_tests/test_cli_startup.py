@@ -23,6 +23,7 @@ LIGHT_COMMANDS = [
     ["doctor"],
     ["convert"],  # an argument error
     ["train", "--recipe", "no_such_recipe"],  # a user error
+    ["train", "train.train_iters=five"],  # a bad override, found before the training stack loads
     ["convert", "hf-to-megatron", "--help"],
 ]
 
@@ -71,6 +72,8 @@ def test_light_commands_answer(light_runs):
     assert unknown["code"] == 2
     assert unknown["err"].startswith("megabridge: error: unknown recipe 'no_such_recipe'")
     assert "tested combination" in light_runs["doctor"]["out"]
+    bad = light_runs["train train.train_iters=five"]
+    assert bad["code"] == 2 and "train.train_iters='five': expected int" in bad["err"]
 
 
 def test_recipe_listing_is_the_recipe_registry():

@@ -271,6 +271,16 @@ class ModelConfig:
         "layer implementation: auto (TE if importable, else torch), transformer_engine, torch "
         "(SDPA attention, megabridge's fast spec) or local (megatron-core's unfused spec)",
     )
+    fp8: Literal["tensorwise", "rowwise"] | None = runtime_field(
+        None,
+        "FP8 GEMMs in the torch spec's block linears (torch._scaled_mm, no Transformer Engine): "
+        "tensorwise or rowwise scaling; needs a GPU of compute capability 8.9+",
+    )
+    recompute_swiglu: bool = runtime_field(
+        False,
+        "torch spec, dense SwiGLU MLPs: recompute SwiGLU's output in backward instead of keeping "
+        "it (less activation memory for one element-wise pass)",
+    )
     recompute_granularity: Literal["full", "selective"] | None = runtime_field(
         None, "activation recomputation"
     )

@@ -246,6 +246,11 @@ def layer_spec(cfg, tconfig):
     impl = specs.resolve_impl(cfg)
     if not specs.have_transformer_engine():
         _megatron_without_te()
+    if cfg.fp8 is not None and impl != "torch":
+        raise ConfigError(
+            f"model.fp8 is built by the torch layer spec only, not {impl}; "
+            "set model.transformer_impl=torch"
+        )
     if impl == "torch":
         return torch_layers.block_spec(cfg, tconfig)
     # Megatron-Core's own block spec: a dense or an MoE layer per moe_layer_freq.
@@ -268,6 +273,10 @@ def build_model(cfg: ModelConfig, meta: bool = False) -> list[torch.nn.Module]:
     from megatron.core.models.gpt import GPTModel
 
     validate_model_config(cfg)
+    if cfg.fp8 is not None and not meta:  # a meta build only lays out the (same) parameters
+        from megabridge.models.fp8 import check_fp8_supported
+
+        check_fp8_supported(cfg.fp8, cfg.tensor_model_parallel_size, cfg.sequence_parallel)
     tconfig = transformer_config(cfg)
     with _OnMeta() if meta else contextlib.nullcontext():
         model = GPTModel(

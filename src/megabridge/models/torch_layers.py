@@ -662,6 +662,43 @@ def _use_megabridge_modules(spec, cfg, norm) -> None:
     if cfg.qk_norm_across_heads:  # OLMo 2: one norm over all heads of the projection
         attn.q_layernorm = ModuleSpec(module=AcrossHeadsRMSNorm, params={"heads": "query"})
         attn.k_layernorm = ModuleSpec(module=AcrossHeadsRMSNorm, params={"heads": "key"})
+    if cfg.fp8 is not None:
+        _use_fp8_linears(sub, cfg)
+    if cfg.recompute_swiglu:
+        _use_recomputed_swiglu(sub, cfg)
+
+
+def _use_recomputed_swiglu(sub, cfg) -> None:
+    """A dense SwiGLU MLP that keeps fc1's output only (models/swiglu_recompute.py)."""
+    from megatron.core.tensor_parallel.layers import RowParallelLinear
+    from megatron.core.transformer.mlp import MLP
+
+    from megabridge.models import swiglu_recompute
+
+    if cfg.fp8 is not None:
+        raise ConfigError("model.recompute_swiglu with model.fp8 is not supported yet")
+    if cfg.activation != "swiglu":
+        raise ConfigError("model.recompute_swiglu needs a plain SwiGLU MLP (activation=swiglu)")
+    if sub.mlp.module is MLP and sub.mlp.submodules.linear_fc2 is RowParallelLinear:
+        sub.mlp.module = swiglu_recompute.RecomputedSwiGLUMLP
+        sub.mlp.submodules.linear_fc2 = swiglu_recompute.SwiGLURowParallelLinear
+
+
+def _use_fp8_linears(sub, cfg) -> None:
+    """The layer's plain linears (attention QKV and output, a dense MLP's two) in FP8.
+
+    An MoE layer's experts stay in bf16 (grouped GEMMs have no FP8 path here yet). Whether
+    this machine can run them is checked where the model is materialised (provider).
+    """
+    from megabridge.models import fp8
+
+    mlp = getattr(sub.mlp, "submodules", None)
+    for owner in (sub.self_attention.submodules, mlp):
+        for field in ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"):
+            module = getattr(owner, field, None)
+            if module in fp8.FP8_CLASS_OF:
+                spec = ModuleSpec(module=fp8.FP8_CLASS_OF[module], params={"fp8_recipe": cfg.fp8})
+                setattr(owner, field, spec)
 
 
 def _layer_spec(spec, cfg, layer: int):

@@ -47,7 +47,9 @@ from megabridge.conversion import registry, sharding
 from megabridge.errors import CheckpointError, ConfigError, UserError
 from megabridge.models.specs import resolve_impl
 
-MEGATRON_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+# Re-exported: recipes read them without importing torch.
+from megabridge.peft.targets import MEGATRON_TARGETS, default_targets  # noqa: E402,F401
+
 ADAPTER_PARAMS = ("lora_a", "lora_b", "lora_magnitude")
 # The adapter settings that decide what a checkpoint's adapter tensors mean.
 _SHAPE_SETTINGS = ("method", "target_modules", "dim", "alpha")
@@ -56,16 +58,6 @@ _MAPPED = re.compile(r"\.(?:self_attention|mlp)\.(linear_\w+)\.weight$")
 
 
 # ------------------------------------------------------------------ which layers
-
-
-def default_targets(model) -> list[str]:
-    """What a LoRA recipe adapts in ``model`` (a ModelConfig): the attention projections, and the
-    dense MLPs where the model has any. Not adapted yet: MoE experts, and MLA's down/up
-    projections (megatron-core gathers their outputs inside its attention), so an MLA model
-    gets its output projection only."""
-    attention = ["linear_proj"] if model.multi_latent_attention else ["linear_qkv", "linear_proj"]
-    dense_mlp = not model.num_moe_experts or 0 in (model.moe_layer_freq or [])
-    return attention + (["linear_fc1", "linear_fc2"] if dense_mlp else [])
 
 
 def hf_names_by_target(family) -> dict[str, tuple[str, ...]]:

@@ -18,7 +18,6 @@ from typing import Any, Literal
 
 from megabridge.errors import ConfigError
 from megabridge.models.config import ModelConfig, option, validate_model_config
-from megabridge.peft.lora import config_problems
 
 
 @dataclass
@@ -312,6 +311,8 @@ def validate(cfg: ConfigContainer, world_size: int) -> None:
     if seq > m.seq_length and m.position_embedding_type == "learned_absolute":
         problems.append(f"dataset.seq_length={seq} exceeds model.seq_length={m.seq_length}")
     if cfg.peft.method != "none":
+        from megabridge.peft.lora import config_problems  # torch: not for override parsing
+
         problems += config_problems(cfg)
     if cfg.logger.log_interval < 1:
         problems.append("logger.log_interval must be >= 1")

@@ -92,26 +92,32 @@ def build_scheduler(cfg: ConfigContainer, optimizer):
     )
 
 
-def guarded_step(optimizer) -> tuple[bool, float]:
-    """Clip and step unless the gradient norm is not finite.
+def grad_norm_before_step(optimizer) -> float:
+    """The global gradient norm (NaN where a loss scaler found inf), gradients made ready.
+
+    A collective: every rank takes the same step-or-skip decision from it. Reading it is
+    the step's one wait for the GPU.
+    """
+    if optimizer.prepare_grads():  # a loss scaler found inf
+        return float("nan")
+    return float(optimizer.get_grad_norm())
+
+
+def step_if_finite(optimizer, grad_norm: float) -> bool:
+    """Clip to the norm and step, unless the norm is not finite.
 
     Megatron-Core's optimizer.step() applies a NaN/Inf gradient to the weights
-    when there is no loss scaler (bf16 / fp32). Here the norm is computed first
-    (a collective: every rank takes the same decision) and the update is skipped
-    when it is not finite. Returns (stepped, grad_norm).
+    when there is no loss scaler (bf16 / fp32): the update is skipped here instead.
     """
     from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 
-    if optimizer.prepare_grads():  # a loss scaler found inf
-        return False, float("nan")
-    grad_norm = float(optimizer.get_grad_norm())
     if not math.isfinite(grad_norm):
-        return False, grad_norm
+        return False
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         params = opt.get_parameters()
         if opt.config.clip_grad > 0.0 and params:
             clip_grad_by_total_norm_fp32(params, opt.config.clip_grad, grad_norm)
-    return bool(optimizer.step_with_ready_grads()), grad_norm
+    return bool(optimizer.step_with_ready_grads())
 
 
 def connect_to_schedules(cfg: ConfigContainer, model_chunks, optimizer) -> None:

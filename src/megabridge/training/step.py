@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from megabridge.training.data.batching import collate, micro_batches
-from megabridge.training.optim import guarded_step
+from megabridge.training.optim import grad_norm_before_step, step_if_finite
 
 
 def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
@@ -35,8 +35,8 @@ def forward_step(data_iterator, model):
     return output, partial(loss_func, batch["loss_mask"])
 
 
-def _reduce_loss(losses_reduced: list[dict], device) -> tuple[float, float]:
-    """(mean loss, tokens) over the global batch, known on every rank."""
+def _loss_total(losses_reduced: list[dict], device) -> torch.Tensor:
+    """[loss sum, tokens] over the global batch on every rank, on the device (no host wait)."""
     from megatron.core import parallel_state as ps
 
     total = torch.zeros(2, dtype=torch.float64, device=device)
@@ -45,6 +45,10 @@ def _reduce_loss(losses_reduced: list[dict], device) -> tuple[float, float]:
     if not (ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0):
         total.zero_()  # count each micro-batch once: last stage, TP rank 0
     dist.all_reduce(total)
+    return total
+
+
+def _mean_loss(total: torch.Tensor) -> tuple[float, float]:
     loss_sum, tokens = total.tolist()
     return (loss_sum / tokens if tokens else float("nan")), tokens
 
@@ -53,6 +57,12 @@ def run_microbatches(
     cfg, model_chunks, dataset, consumed: int, forward_only: bool, step_func=forward_step
 ):
     """Forward (and backward) one global batch; returns (loss, tokens)."""
+    total = _forward_backward(cfg, model_chunks, dataset, consumed, forward_only, step_func)
+    return _mean_loss(total)
+
+
+def _forward_backward(cfg, model_chunks, dataset, consumed: int, forward_only: bool, step_func):
+    """Forward (and backward) one global batch; returns [loss sum, tokens] on the device."""
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -80,7 +90,7 @@ def run_microbatches(
         micro_batch_size=t.micro_batch_size,
         forward_only=forward_only,
     )
-    return _reduce_loss(losses, device)
+    return _loss_total(losses, device)
 
 
 def train_step(cfg, model_chunks, optimizer, scheduler, dataset, consumed: int):
@@ -89,10 +99,15 @@ def train_step(cfg, model_chunks, optimizer, scheduler, dataset, consumed: int):
     for chunk in model_chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
-    loss, tokens = run_microbatches(cfg, model_chunks, dataset, consumed, False, step_func)
+    total = _forward_backward(cfg, model_chunks, dataset, consumed, False, step_func)
+    # One wait for the GPU per step, on the gradient norm; the loss is read after it (done
+    # by then). Reading the loss first left the GPU idle while the host launched the
+    # gradient copies and the norm kernels (host gaps in the 2026-11 profile).
+    grad_norm = grad_norm_before_step(optimizer)
+    loss, tokens = _mean_loss(total)
     if not math.isfinite(loss):
         return loss, float("nan"), False, tokens
-    stepped, grad_norm = guarded_step(optimizer)
+    stepped = step_if_finite(optimizer, grad_norm)
     if stepped:
         scheduler.step(increment=cfg.train.global_batch_size)
     return loss, grad_norm, stepped, tokens

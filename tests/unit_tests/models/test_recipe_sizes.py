@@ -35,6 +35,8 @@ RECIPE_CHOICES = {
     "expert_model_parallel_size",
     "sequence_parallel",
     "bf16",
+    "fp8",
+    "recompute_swiglu",
     "transformer_impl",
     "recompute_granularity",
     "recompute_method",

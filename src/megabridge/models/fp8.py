@@ -1,0 +1,174 @@
+"""FP8 linear layers without Transformer Engine: torch._scaled_mm behind Megatron's linears.
+
+``model.fp8=tensorwise|rowwise`` makes the torch spec's block linears (QKV, attention
+output, MLP in and out; not the embedding or the output layer) multiply in FP8 on GPUs
+with FP8 tensor cores (compute capability 8.9+: Ada, Hopper, Blackwell). Weights, master
+weights, gradients and the optimizer stay as they are (bf16 / fp32); each GEMM casts its
+two operands to FP8 on the fly with a scale that maps their largest magnitude onto the
+format's largest value, multiplies, and the product comes back in bf16, rescaled:
+
+* ``tensorwise``: one scale per tensor. Inputs and weights in e4m3, gradients in e5m2
+  (more range, less precision: what torchao's tensorwise recipe does).
+* ``rowwise``: one scale per row of the left operand and per column of the right one,
+  along the summed dimension, all in e4m3, scales rounded down to a power of two
+  (torchao's rowwise recipe): an outlier spoils only its own row.
+
+The three GEMMs of a linear layer, x [M, K] @ W^T (W [N, K]):
+forward y = x W^T, input gradient dx = dy W, weight gradient dW = dy^T x.
+torch._scaled_mm takes its left operand row-major and its right one column-major, so
+each GEMM quantises the layout it needs (tensorwise reuses one FP8 copy and transposes it).
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+from megabridge.errors import ConfigError
+
+RECIPES = ("tensorwise", "rowwise")
+E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
+
+
+def quantize(x: torch.Tensor, dtype: torch.dtype, rowwise: bool):
+    """x [R, C] -> (x in ``dtype`` [R, C], dequantising scale: [] tensorwise, [R, 1] rowwise).
+
+    x ~= x_fp8.float() * scale. Rowwise takes one scale per row (the amax over C) and
+    rounds the multiplier down to a power of two (no overflow, and the scaling is exact).
+    """
+    largest = torch.finfo(dtype).max
+    amax = x.abs().amax(dim=-1, keepdim=True) if rowwise else x.abs().amax()
+    amax = amax.float().clamp(min=1e-12)  # an all-zero tensor keeps a finite scale
+    scale = largest / amax
+    if rowwise:
+        scale = torch.exp2(torch.floor(torch.log2(scale)))
+    x_fp8 = (x.float() * scale).clamp(-largest, largest).to(dtype)
+    return x_fp8, scale.reciprocal()
+
+
+def scaled_mm(a, b, scale_a, scale_b, emulate: bool) -> torch.Tensor:
+    """(a * scale_a) @ (b * scale_b) in bf16: a [M, K] FP8 row-major, b [K, N] FP8
+    column-major, scale_a [] or [M, 1], scale_b [] or [1, N] (float32).
+
+    ``emulate``: compute it in float32 from the FP8 values (the CPU tests' reference;
+    the GPU kernel accumulates in float32 as well).
+    """
+    if emulate:
+        return ((a.float() * scale_a) @ (b.float() * scale_b)).to(torch.bfloat16)
+    return torch._scaled_mm(a, b, scale_a=scale_a, scale_b=scale_b, out_dtype=torch.bfloat16)
+
+
+_compiled: dict = {}
+
+
+def _quantize_fn(emulate: bool):
+    """quantize, as one compiled kernel on the GPU (amax, scale and cast fused)."""
+    if emulate:
+        return quantize
+    if "quantize" not in _compiled:
+        # Symbolic shapes from the start: one kernel per (format, rowwise) for every operand
+        # shape (activations, weights, gradients and their transposes) rather than one per
+        # shape, which would reach dynamo's recompile limit and fall back to eager.
+        _compiled["quantize"] = torch.compile(quantize, dynamic=True)
+    return _compiled["quantize"]
+
+
+class FP8Linear(torch.autograd.Function):
+    """y = x W^T with the three GEMMs in FP8. x [M, K], W [N, K] (bf16) -> y [M, N] bf16."""
+
+    @staticmethod
+    def forward(ctx, x, weight, recipe: str, emulate: bool):
+        rowwise = recipe == "rowwise"
+        q = _quantize_fn(emulate)
+        x_fp8, x_scale = q(x, E4M3, rowwise)  # [M, K], [] or [M, 1]
+        w_fp8, w_scale = q(weight, E4M3, rowwise)  # [N, K], [] or [N, 1]
+        y = scaled_mm(x_fp8, w_fp8.t(), x_scale, w_scale.t().contiguous(), emulate)
+        ctx.recipe, ctx.emulate, ctx.dtypes = recipe, emulate, (x.dtype, weight.dtype)
+        if rowwise:  # the backward GEMMs sum over other dimensions: quantised again there
+            ctx.save_for_backward(x, weight)
+        else:  # FP8 copies: half the bytes of the bf16 input kept for backward
+            ctx.save_for_backward(x_fp8, x_scale, w_fp8, w_scale)
+        return y.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        grad_y = grad_y.contiguous()  # [M, N]
+        q = _quantize_fn(ctx.emulate)
+        if ctx.recipe == "rowwise":
+            x, weight = ctx.saved_tensors
+            g_fp8, g_scale = q(grad_y, E4M3, True)  # rows of dy over N
+            wt_fp8, wt_scale = q(weight.t().contiguous(), E4M3, True)  # [K, N]: W's columns
+            grad_x = scaled_mm(g_fp8, wt_fp8.t(), g_scale, wt_scale.t().contiguous(), ctx.emulate)
+            gt_fp8, gt_scale = q(grad_y.t().contiguous(), E4M3, True)  # [N, M] over M
+            xt_fp8, xt_scale = q(x.t().contiguous(), E4M3, True)  # [K, M] over M
+            grad_w = scaled_mm(gt_fp8, xt_fp8.t(), gt_scale, xt_scale.t().contiguous(), ctx.emulate)
+        else:
+            x_fp8, x_scale, w_fp8, w_scale = ctx.saved_tensors
+            g_fp8, g_scale = q(grad_y, E5M2, False)
+            # dx [M, K] = dy [M, N] @ W [N, K]: W column-major is W^T row-major, transposed.
+            grad_x = scaled_mm(g_fp8, w_fp8.t().contiguous().t(), g_scale, w_scale, ctx.emulate)
+            # dW [N, K] = dy^T [N, M] @ x [M, K]
+            grad_w = scaled_mm(
+                g_fp8.t().contiguous(), x_fp8.t().contiguous().t(), g_scale, x_scale, ctx.emulate
+            )
+        return grad_x.to(ctx.dtypes[0]), grad_w.to(ctx.dtypes[1]), None, None
+
+
+def fp8_linear(x, weight, recipe: str, emulate: bool = False) -> torch.Tensor:
+    """x [..., K] @ weight^T (weight [N, K]) -> [..., N], the GEMMs in FP8."""
+    flat = x.reshape(-1, x.shape[-1])
+    return FP8Linear.apply(flat, weight, recipe, emulate).view(*x.shape[:-1], weight.shape[0])
+
+
+def check_fp8_supported(recipe: str, tensor_parallel: int, sequence_parallel: bool) -> None:
+    """Raise ConfigError (one line) where model.fp8 cannot run; else return."""
+    if recipe not in RECIPES:
+        raise ConfigError(f"model.fp8={recipe!r}: expected one of {', '.join(RECIPES)}")
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            "model.fp8 is not supported yet without a GPU (it needs FP8 tensor cores, "
+            "compute capability 8.9+)"
+        )
+    major, minor = torch.cuda.get_device_capability()
+    if (major, minor) < (8, 9):
+        raise ConfigError(
+            f"model.fp8 needs FP8 tensor cores (compute capability 8.9+); "
+            f"this GPU is {major}.{minor}"
+        )
+    if tensor_parallel > 1 or sequence_parallel:
+        raise ConfigError("model.fp8 with tensor parallelism is not supported yet")
+
+
+class _FP8Forward:
+    """Megatron's linear forward (_forward_impl) with the GEMM in FP8.
+
+    Megatron calls it with the bias (column-parallel layers only) and its TP and
+    gradient-fusion switches; check_fp8_supported allows TP 1 only, where the
+    switches are off and the layer is a plain linear (frozen weights, LoRA's base,
+    keep Megatron's own path).
+    """
+
+    def __init__(self, *args, fp8_recipe: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fp8_recipe = fp8_recipe
+
+    def _forward_impl(self, input, weight, bias=None, *args, **kwargs):
+        if not weight.requires_grad:
+            return super()._forward_impl(input, weight, bias, *args, **kwargs)
+        # On the CPU (tests only: check_fp8_supported refuses it for runs) the GEMMs are emulated.
+        out = fp8_linear(input, weight, self.fp8_recipe, emulate=not input.is_cuda)
+        return out if bias is None else out + bias
+
+
+class FP8ColumnParallelLinear(_FP8Forward, ColumnParallelLinear):
+    pass
+
+
+class FP8RowParallelLinear(_FP8Forward, RowParallelLinear):
+    pass
+
+
+FP8_CLASS_OF = {
+    ColumnParallelLinear: FP8ColumnParallelLinear,
+    RowParallelLinear: FP8RowParallelLinear,
+}

@@ -1,0 +1,184 @@
+"""The torch spec's speed options on the CPU: FP8 linears (models/fp8.py: the scaling math,
+emulated, and where it refuses to run) and the recomputed SwiGLU (models/swiglu_recompute.py)."""
+
+import pytest
+import torch
+
+from megabridge.errors import ConfigError
+from megabridge.models import fp8
+from megabridge.models import init as weight_init
+from megabridge.models.config import ModelConfig
+from megabridge.models.provider import build_model
+
+pytestmark = pytest.mark.unit
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def test_tensorwise_maps_the_largest_magnitude_onto_the_format_maximum():
+    x = torch.randn(64, 32, generator=torch.Generator().manual_seed(0)) * 3.0
+    x_fp8, scale = fp8.quantize(x, fp8.E4M3, rowwise=False)
+    assert x_fp8.dtype == torch.float8_e4m3fn and scale.shape == ()
+    assert x_fp8.float().abs().max().item() == 448.0
+    # e4m3 keeps 3 mantissa bits: every normal value within 2^-4 of itself, relatively.
+    big = x.abs() > x.abs().max() / 64
+    err = ((x_fp8.float() * scale - x).abs() / x.abs())[big]
+    assert err.max().item() <= 2**-4
+
+
+def test_rowwise_scales_each_row_by_a_power_of_two():
+    x = torch.randn(8, 32, generator=torch.Generator().manual_seed(1))
+    x[3] *= 1000.0  # one outlier row
+    x_fp8, scale = fp8.quantize(x, fp8.E4M3, rowwise=True)
+    assert scale.shape == (8, 1)
+    assert torch.equal(torch.log2(scale), torch.round(torch.log2(scale)))
+    row_max = x_fp8.float().abs().amax(dim=1)
+    assert bool(((row_max > 224.0) & (row_max <= 448.0)).all())  # each row uses the range
+    torch.testing.assert_close(x_fp8.float() * scale, x, rtol=2**-4, atol=0.0)
+
+
+def test_an_all_zero_tensor_quantises_to_zero():
+    for rowwise in (False, True):
+        x_fp8, scale = fp8.quantize(torch.zeros(4, 16), fp8.E4M3, rowwise=rowwise)
+        assert torch.isfinite(scale).all() and not x_fp8.float().any()
+
+
+@pytest.mark.parametrize("recipe", fp8.RECIPES)
+def test_fp8_linear_forward_and_backward_are_close_to_bf16(recipe):
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 16, 64, generator=gen).to(torch.bfloat16).requires_grad_()
+    w = (torch.randn(48, 64, generator=gen) * 0.05).to(torch.bfloat16).requires_grad_()
+    grad_y = torch.randn(3, 16, 48, generator=gen).to(torch.bfloat16)
+    y = fp8.fp8_linear(x, w, recipe, emulate=True)
+    y.backward(grad_y)
+    x_ref, w_ref = x.detach().float().requires_grad_(), w.detach().float().requires_grad_()
+    y_ref = x_ref @ w_ref.t()
+    y_ref.backward(grad_y.float())
+    assert y.shape == (3, 16, 48) and y.dtype == torch.bfloat16
+    assert x.grad.dtype == w.grad.dtype == torch.bfloat16
+    # FP8 rounding (2^-4 per operand for e4m3, 2^-3 for e5m2) averages down in the sums.
+    assert _rel(y, y_ref) < 0.05
+    assert _rel(x.grad, x_ref.grad) < 0.08
+    assert _rel(w.grad, w_ref.grad) < 0.08
+    assert _rel(y, y_ref) > 1e-4  # it did round: the reference is not what was computed
+
+
+@pytest.mark.parametrize("recipe", fp8.RECIPES)
+def test_the_scaled_mm_operand_layouts_match_the_emulation(monkeypatch, recipe):
+    """torch._scaled_mm (it has a CPU kernel) takes the operands as laid out for the GPU's:
+    left row-major, right column-major, in all three GEMMs; results equal the emulation."""
+    monkeypatch.setattr(fp8, "_quantize_fn", lambda emulate: fp8.quantize)  # no compile here
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(64, 32, generator=gen).to(torch.bfloat16)
+    w = (torch.randn(48, 32, generator=gen) * 0.1).to(torch.bfloat16)
+    grad_y = torch.randn(64, 48, generator=gen).to(torch.bfloat16)
+    outs = []
+    for emulate in (False, True):
+        xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = fp8.FP8Linear.apply(xi, wi, recipe, emulate)
+        y.backward(grad_y)
+        outs.append((y, xi.grad, wi.grad))
+    for real, emulated in zip(*outs, strict=True):
+        torch.testing.assert_close(real, emulated, atol=1e-2, rtol=1e-2)
+
+
+def test_rowwise_keeps_an_outlier_row_from_spoiling_the_others():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(32, 64, generator=gen)
+    x[0] *= 1e5  # the other rows fall into e4m3's subnormals under one tensor scale
+    w = torch.randn(16, 64, generator=gen) * 0.1
+    exact = x[1:] @ w.t()
+    errors = {r: _rel(fp8.fp8_linear(x, w, r, emulate=True)[1:], exact) for r in fp8.RECIPES}
+    assert errors["rowwise"] < 0.05 and errors["tensorwise"] > 0.2
+
+
+def test_refused_without_a_gpu_or_fp8_tensor_cores_or_with_tp(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="not supported yet without a GPU"):
+        fp8.check_fp8_supported("tensorwise", 1, False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))
+    with pytest.raises(ConfigError, match="compute capability 8.9"):
+        fp8.check_fp8_supported("rowwise", 1, False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    with pytest.raises(ConfigError, match="tensor parallelism is not supported yet"):
+        fp8.check_fp8_supported("rowwise", 2, False)
+    fp8.check_fp8_supported("rowwise", 1, False)  # an H100 / H200 at TP 1
+
+
+def _tiny(**kw) -> ModelConfig:
+    kw = dict(num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
+              num_query_groups=2, vocab_size=128, seq_length=32, bf16=True,
+              transformer_impl="torch") | kw  # fmt: skip
+    return ModelConfig(**kw)
+
+
+def _loss_and_grads(cfg: ModelConfig, tokens: torch.Tensor):
+    (model,) = build_model(cfg)
+    weight_init.initialize([model], cfg, seed=7)
+    positions = torch.arange(tokens.shape[1] - 1).expand(tokens.shape[0], -1)
+    loss = model(tokens[:, :-1], positions, None, labels=tokens[:, 1:]).float().mean()
+    loss.backward()
+    return model, loss, {n: p.grad for n, p in model.named_parameters()}
+
+
+@pytest.mark.usefixtures("single_process_megatron")
+def test_a_cpu_run_is_refused_in_one_line(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="model.fp8 is not supported yet without a GPU"):
+        build_model(_tiny(fp8="tensorwise"))
+
+
+@pytest.mark.usefixtures("single_process_megatron")
+@pytest.mark.parametrize("recipe", fp8.RECIPES)
+def test_the_torch_spec_model_in_fp8_matches_bf16(monkeypatch, recipe):
+    """The whole model, the block linears emulated in FP8 on the CPU, against bf16."""
+    monkeypatch.setattr(fp8, "check_fp8_supported", lambda *a: None)
+    tokens = torch.randint(0, 128, (2, 17), generator=torch.Generator().manual_seed(0))
+    model, loss, grads = _loss_and_grads(_tiny(fp8=recipe), tokens)
+    _, ref_loss, ref_grads = _loss_and_grads(_tiny(), tokens)
+    layer = model.decoder.layers[0]
+    linears = (layer.self_attention.linear_qkv, layer.self_attention.linear_proj,
+               layer.mlp.linear_fc1, layer.mlp.linear_fc2)  # fmt: skip
+    assert all(isinstance(m, fp8._FP8Forward) for m in linears)
+    assert not isinstance(model.output_layer, fp8._FP8Forward)
+    assert abs(loss.item() - ref_loss.item()) / ref_loss.item() < 0.01
+    assert grads.keys() == ref_grads.keys()
+    name = "decoder.layers.0.mlp.linear_fc1.weight"
+    assert 1e-4 < _rel(grads[name], ref_grads[name]) < 0.15
+
+
+@pytest.mark.usefixtures("single_process_megatron")
+def test_fp8_with_another_spec_is_refused():
+    cfg = _tiny(fp8="rowwise")
+    cfg.transformer_impl = "local"
+    with pytest.raises(ConfigError, match="torch layer spec only"):
+        build_model(cfg, meta=True)
+
+
+@pytest.mark.usefixtures("single_process_megatron")
+def test_recomputed_swiglu_gives_the_same_loss_and_gradients():
+    """model.recompute_swiglu (models/swiglu_recompute.py) changes what is kept, not the math."""
+    from megabridge.models import swiglu_recompute
+
+    tokens = torch.randint(0, 128, (2, 17), generator=torch.Generator().manual_seed(1))
+    fp32 = dict(bf16=False)
+    model, loss, grads = _loss_and_grads(_tiny(recompute_swiglu=True, **fp32), tokens)
+    _, ref_loss, ref_grads = _loss_and_grads(_tiny(**fp32), tokens)
+    mlp = model.decoder.layers[1].mlp
+    assert isinstance(mlp, swiglu_recompute.RecomputedSwiGLUMLP)
+    assert isinstance(mlp.linear_fc2, swiglu_recompute.SwiGLURowParallelLinear)  # not the fallback
+    torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-6)
+    assert grads.keys() == ref_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, ref_grads[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.usefixtures("single_process_megatron")
+def test_recomputed_swiglu_is_refused_where_it_does_not_apply():
+    with pytest.raises(ConfigError, match="plain SwiGLU"):
+        build_model(_tiny(recompute_swiglu=True, activation="gelu"), meta=True)
+    with pytest.raises(ConfigError, match="recompute_swiglu with model.fp8 is not supported yet"):
+        build_model(_tiny(recompute_swiglu=True, fp8="rowwise"), meta=True)

@@ -226,6 +226,17 @@ def stacked_experts(hf_experts: str = f"{HF_MLP}.experts") -> list[Mapping]:
     ]
 
 
+def stacked_gated_experts(hf_experts: str = f"{HF_MLP}.experts") -> list[Mapping]:
+    """Experts stacked as in stacked_experts, [in, out] per expert, but without biases and
+    with gate and up as the two halves of gate_up_proj's columns (Llama 4:
+    ``gate_up_proj`` [E, hidden, 2 * ffn], ``down_proj`` [E, ffn, hidden])."""
+    expert = f"{MLP}.experts.local_experts.*"
+    return [
+        StackedExperts(f"{expert}.linear_fc1.weight", f"{hf_experts}.gate_up_proj", True),
+        StackedExperts(f"{expert}.linear_fc2.weight", f"{hf_experts}.down_proj", True),
+    ]
+
+
 def router(
     hf: str = f"{HF_MLP}.gate", expert_bias: bool = False, bias: bool = False
 ) -> list[Mapping]:

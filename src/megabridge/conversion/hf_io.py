@@ -232,11 +232,28 @@ class HFCheckpoint:
             return self._read(self._parts[name][0])
         return self._dequantizer.dequantize(name, [self._read(p) for p in self._parts[name]])
 
-    def _read(self, name: str) -> torch.Tensor:
+    def get_index(self, name: str, index: int) -> torch.Tensor | None:
+        """``get(name)[index]`` read alone, the bytes of that slice only (one expert of a
+        tensor stacking a layer's experts: Maverick's gate_up_proj is 21 GB); None for a
+        quantized checkpoint, whose tensors are dequantized whole."""
+        if name not in self._parts:
+            raise ConversionError(f"tensor {name!r} is not in {self.path}")
+        if self._dequantizer is not None:
+            return None
+        return self._read(self._parts[name][0], index)
+
+    def _read(self, name: str, index: int | None = None) -> torch.Tensor:
+        """A stored tensor, or (``index``) its slice ``index`` along dim 0."""
         file = self._stored[name]
         header = self._headers[file]
         info = header[name]
         start, end = info["data_offsets"]
+        shape = list(info["shape"])
+        if index is not None:  # dim 0's slices lie one after the other in the file
+            if not shape or not 0 <= index < shape[0]:
+                raise ConversionError(f"{name} {tuple(shape)} has no slice {index} along dim 0")
+            row = (end - start) // shape.pop(0)
+            start, end = start + index * row, start + (index + 1) * row
         data = bytearray(end - start)
         with open(self.path / file, "rb") as f:
             f.seek(header["__data_start__"] + start)
@@ -244,8 +261,8 @@ class HFCheckpoint:
                 raise ConversionError(f"{self.path / file} ended early while reading {name}")
         dtype = _DTYPES[info["dtype"]]
         if not data:
-            return torch.empty(info["shape"], dtype=dtype)
-        tensor = torch.frombuffer(data, dtype=dtype).reshape(info["shape"])
+            return torch.empty(shape, dtype=dtype)
+        tensor = torch.frombuffer(data, dtype=dtype).reshape(shape)
         if not self.allow_non_finite:
             check_finite(tensor, f"{self.path / file}: tensor {name!r}")
         return tensor

@@ -94,7 +94,7 @@ def full_tensor(bridge, reader, name: str, expected, cfg) -> tuple[torch.Tensor,
     if expert is None:
         tensors = [reader.get(n) for n in hf_names]
     else:  # the expert's slice of tensors that stack all experts of the layer
-        tensors = [_STACKED_READS.get(reader, n)[expert] for n in hf_names]
+        tensors = [_expert_slice(reader, n, expert) for n in hf_names]
     full = mapping.hf_to_megatron(tensors, cfg)
     if name in _VOCAB_PARAMS or _tied_output(name, cfg):
         if full.shape[0] != cfg.vocab_size:  # only TP's padding rows are ours to add
@@ -160,6 +160,13 @@ class _RecentReads:
 
 
 _STACKED_READS = _RecentReads()
+
+
+def _expert_slice(reader, hf_name: str, expert: int) -> torch.Tensor:
+    """One expert's slice of a stacked HF tensor: its bytes alone where the tensor is stored
+    as is; else (quantized) from the whole tensor, dequantized once for all its experts."""
+    part = reader.get_index(hf_name, expert)
+    return _STACKED_READS.get(reader, hf_name)[expert] if part is None else part
 
 
 def forget_recent_reads() -> None:

@@ -161,6 +161,31 @@ class ModelConfig:
     no_rope_layers: list[int] | None = architecture_field(
         None, "0-based layers without RoPE (NoPE; SmolLM3: every 4th); None: RoPE everywhere"
     )
+    attention_chunk_size: int | None = architecture_field(
+        None,
+        "chunked local attention: a token sees the earlier tokens of its own block of this many "
+        "(blocks start at 0: Llama 4's attention_chunk_size); None: no chunks",
+        torch_only=True,
+    )
+    chunked_attention_layers: list[int] | None = architecture_field(
+        None, "0-based layers that use attention_chunk_size; None: every layer"
+    )
+    qk_l2_norm_layers: list[int] | None = architecture_field(
+        None,
+        "0-based layers whose query and key heads are RMS-normalised without a weight, after "
+        "RoPE (Llama 4's use_qk_norm, on its RoPE layers); None: none",
+        torch_only=True,
+    )
+    attn_temperature_scale: float | None = architecture_field(
+        None,
+        "on the NoPE layers (no_rope_layers), queries at position p are multiplied by "
+        "1 + scale * log(1 + floor((p + 1) / attn_temperature_floor)) (Llama 4's attention "
+        "temperature tuning); None: off",
+        torch_only=True,
+    )
+    attn_temperature_floor: int | None = architecture_field(
+        None, "the floor_scale of attn_temperature_scale (tokens)", torch_only=True
+    )
     residual_multiplier: float | None = architecture_field(
         None,
         "multiply each attention and MLP output by this before its residual add (Granite)",
@@ -226,6 +251,11 @@ class ModelConfig:
         "how groups are ranked: by the sum of their top (topk / group_topk) scores "
         "(Megatron-Core, DeepSeek-V3) or by their best score (DeepSeek-V2's group_limited_greedy)",
     )
+    moe_apply_probs_on_input: bool = architecture_field(
+        False,
+        "multiply the routed expert's input, not its output, by the router weight (Llama 4; "
+        "Megatron-Core allows it with moe_router_topk 1 only)",
+    )
     moe_router_dtype: Literal["fp32", "fp64"] | None = runtime_field(
         None, "router logits and weights in this precision (None: the model's)"
     )
@@ -270,6 +300,14 @@ class ModelConfig:
     @property
     def gated(self) -> bool:
         return self.activation in ("swiglu", "geglu")
+
+    def chunk_of_layer(self, layer: int) -> int | None:
+        """The attention chunk size of 0-based ``layer``; None: attention is not chunked."""
+        if self.attention_chunk_size is None:
+            return None
+        if self.chunked_attention_layers is None or layer in self.chunked_attention_layers:
+            return self.attention_chunk_size
+        return None
 
     def window_of_layer(self, layer: int) -> int | None:
         """The sliding window of 0-based ``layer``; None: full causal attention."""
@@ -404,6 +442,7 @@ def _variant_problems(cfg: ModelConfig) -> list[str]:
     bad = [i for i in cfg.no_rope_layers or [] if not 0 <= i < cfg.num_layers]
     if bad:
         problems.append(f"no_rope_layers {bad} are not layers of a {cfg.num_layers}-layer model")
+    problems += _llama4_attention_problems(cfg)
     if (cfg.swiglu_alpha is not None or cfg.glu_linear_offset) and cfg.activation != "swiglu":
         problems.append("swiglu_alpha and glu_linear_offset need activation=swiglu")
     if cfg.local_rotary_base is not None and cfg.sliding_window is None:
@@ -412,4 +451,26 @@ def _variant_problems(cfg: ModelConfig) -> list[str]:
         problems.append("position_embedding_type=mrope and mrope_section go together")
     if cfg.vision is not None and cfg.sequence_parallel:
         problems.append("sequence_parallel with a vision tower is not supported yet")
+    return problems
+
+
+def _llama4_attention_problems(cfg: ModelConfig) -> list[str]:
+    """Chunked attention, the weightless QK norm, temperature tuning and probabilities on the
+    experts' input (Llama 4)."""
+    problems = []
+    chunk = cfg.attention_chunk_size
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+        problems.append(f"attention_chunk_size={chunk!r} must be a positive integer")
+    if cfg.attn_temperature_floor is not None and cfg.attn_temperature_floor <= 0:
+        problems.append(f"attn_temperature_floor={cfg.attn_temperature_floor} must be positive")
+    for name in ("chunked_attention_layers", "qk_l2_norm_layers"):
+        bad = [i for i in getattr(cfg, name) or [] if not 0 <= i < cfg.num_layers]
+        if bad:
+            problems.append(f"{name} {bad} are not layers of a {cfg.num_layers}-layer model")
+    if cfg.attn_temperature_scale is not None and cfg.attn_temperature_floor is None:
+        problems.append("attn_temperature_scale needs attn_temperature_floor")
+    if cfg.moe_apply_probs_on_input and cfg.num_moe_experts and cfg.moe_router_topk != 1:
+        problems.append(
+            f"moe_apply_probs_on_input needs moe_router_topk=1 (got {cfg.moe_router_topk})"
+        )
     return problems

@@ -77,6 +77,7 @@ def transformer_config(cfg: ModelConfig):
             moe_router_num_groups=cfg.moe_router_num_groups,
             moe_router_group_topk=cfg.moe_router_group_topk,
             moe_router_dtype=cfg.moe_router_dtype,
+            moe_apply_probs_on_input=cfg.moe_apply_probs_on_input,
             moe_token_dispatcher_type="alltoall",
             moe_grouped_gemm=False,
             # Dropless: every token reaches its top-k experts (no capacity, no dropping).

@@ -7,7 +7,8 @@ packed (THD) sequences segment by segment, so no s x s mask ever exists.
 Parameter names are those of the local spec, so conversion mappings and
 checkpoints are shared. It also has what neither other spec has, chosen per
 layer: norms after attention and MLP, sliding-window attention, soft-capped
-attention scores and a per-layer RoPE theta (Gemma 2/3).
+attention scores and a per-layer RoPE theta (Gemma 2/3); chunked attention, a weightless
+QK norm and the NoPE layers' query temperature (Llama 4: models/attention_ops.py).
 """
 
 from __future__ import annotations
@@ -27,6 +28,13 @@ from torch.utils.checkpoint import checkpoint
 
 from megabridge.errors import ConfigError
 from megabridge.models import fp8, rope, swiglu_recompute
+from megabridge.models.attention_ops import (
+    attend_in_blocks,
+    l2_norm,
+    packed_positions,
+    split_segments,
+    temperature_scales,
+)
 
 # Queries per block in chunked_attention (module-level so that tests can shrink it).
 ATTENTION_CHUNK = 512
@@ -58,6 +66,9 @@ class SDPAttention(MegatronModule):
         softcap: float | None = None,
         rotary_scaling: tuple[int, float] | None = None,
         sinks: bool = False,
+        chunk_size: int | None = None,
+        qk_l2_norm_eps: float | None = None,
+        temperature: tuple[int, float] | None = None,
     ):
         super().__init__(config=config)
         if config.context_parallel_size != 1:
@@ -90,9 +101,19 @@ class SDPAttention(MegatronModule):
                 torch.zeros(self.heads, dtype=config.params_dtype)
             )
             set_tensor_model_parallel_attributes(self.softmax_offset, True, 0, 1)
+        # Llama 4: attention within blocks of chunk_size tokens; a weightless RMS norm of each
+        # query and key head after RoPE; (floor, scale) of the queries' temperature tuning.
+        self.chunk_size = chunk_size
+        self.qk_l2_norm_eps = qk_l2_norm_eps
+        self.temperature = temperature
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # q [b, np, s, hn], k/v [b, ng, s, hn] -> [b, np, s, hn]
+        if self.chunk_size is not None and q.shape[2] > self.chunk_size:
+            return attend_in_blocks(self._attend_whole, q, k, v, self.chunk_size)
+        return self._attend_whole(q, k, v)
+
+    def _attend_whole(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if self.sliding_window is None and self.softcap is None and self.softmax_offset is None:
             return sdpa(q, k, v, self._p(), self.softmax_scale)
         scale = q.shape[-1] ** -0.5 if self.softmax_scale is None else self.softmax_scale
@@ -117,7 +138,12 @@ class SDPAttention(MegatronModule):
             raise ConfigError("attention bias is not supported by the torch layer spec")
         if self.rotary_scaling is not None:
             query = scale_rotated_dims(query, *self.rotary_scaling)
-        if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":
+        packed = packed_seq_params is not None and packed_seq_params.qkv_format == "thd"
+        if self.qk_l2_norm_eps is not None:
+            query, key = l2_norm(query, self.qk_l2_norm_eps), l2_norm(key, self.qk_l2_norm_eps)
+        if self.temperature is not None:
+            query = self._temperature_tuned(query, packed_seq_params if packed else None)
+        if packed:
             return self._forward_packed(query, key, value, packed_seq_params)
         # [s, b, n, hn] -> [b, n, s, hn]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
@@ -125,9 +151,23 @@ class SDPAttention(MegatronModule):
         sq, b = query.shape[0], query.shape[1]
         return out.permute(2, 0, 1, 3).reshape(sq, b, -1)
 
+    def _temperature_tuned(self, query: torch.Tensor, packed_params) -> torch.Tensor:
+        """query [s, b, np, hn] (or packed [t, np, hn]) times its position's temperature;
+        packed positions restart at 0 in each segment, as RoPE's do."""
+        t = query.shape[0]
+        if packed_params is None:
+            positions = torch.arange(t, device=query.device)
+        else:
+            positions = packed_positions(packed_params.cu_seqlens_q, t).to(query.device)
+        scales = temperature_scales(positions, *self.temperature)  # [s] fp32
+        scales = scales.view(t, *([1] * (query.dim() - 1)))
+        return (query * scales).to(query.dtype)
+
     def _forward_packed(self, query, key, value, params):
         # THD: [t, n, hn]; each segment attends causally to itself only.
         t = query.shape[0]
+        if self.chunk_size is not None:  # each chunk of a segment is a segment of its own
+            params = split_segments(params, self.chunk_size)
         if self._varlen_ok(query):
             return varlen_causal(query, key, value, params, self.softmax_scale).reshape(t, -1)
         bounds = params.cu_seqlens_q.tolist()
@@ -374,11 +414,7 @@ def packed_freqs(cu_seqlens: torch.Tensor, freqs: torch.Tensor, total: int) -> t
 
     cu_seqlens [segments + 1], freqs [max_len, 1, 1, rot] -> [total, 1, 1, rot].
     """
-    cu = cu_seqlens.to(device=freqs.device, dtype=torch.long)
-    if int(cu[-1]) != total:
-        raise ConfigError(f"packed sequence: cu_seqlens ends at {int(cu[-1])}, not at {total}")
-    starts = torch.repeat_interleave(cu[:-1], cu[1:] - cu[:-1], output_size=total)
-    return freqs[torch.arange(total, device=freqs.device) - starts]
+    return freqs[packed_positions(cu_seqlens.to(freqs.device), total)]
 
 
 def rope_thd(t, cu_seqlens, freqs, cp_size: int = 1, cp_rank: int = 0):
@@ -679,9 +715,21 @@ def _layer_spec(spec, cfg, layer: int):
             "softcap": cfg.attn_logit_softcap,
             "rotary_scaling": _rotary_scaling(cfg),
             "sinks": cfg.attention_sinks,
+            **_llama4_attention(cfg, layer),
         },
     )
     return spec
+
+
+def _llama4_attention(cfg, layer: int) -> dict:
+    """SDPAttention's chunk_size, qk_l2_norm_eps and temperature for 0-based ``layer``."""
+    nope = layer in (cfg.no_rope_layers or [])
+    tuned = cfg.attn_temperature_scale is not None and nope
+    return dict(
+        chunk_size=cfg.chunk_of_layer(layer),
+        qk_l2_norm_eps=cfg.layernorm_epsilon if layer in (cfg.qk_l2_norm_layers or []) else None,
+        temperature=(cfg.attn_temperature_floor, cfg.attn_temperature_scale) if tuned else None,
+    )
 
 
 def _rotary_scaling(cfg) -> tuple[int, float] | None:

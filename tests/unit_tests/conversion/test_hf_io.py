@@ -25,6 +25,20 @@ def test_reads_lazily_with_dtypes_and_shapes(tmp_path):
     assert torch.equal(ckpt.get("b"), torch.zeros(4))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_slice_of_a_stacked_tensor_is_read_alone(tmp_path, dtype):
+    """An expert's slice of a tensor stacking all experts (Llama 4's gate_up_proj), from its
+    own bytes: equal to the whole tensor's slice, for every slice."""
+    gen = torch.Generator().manual_seed(0)
+    stacked = torch.randn(5, 3, 4, generator=gen).to(dtype)
+    tensors = {"before": torch.randn(7, generator=gen).to(dtype), "experts": stacked}
+    ckpt = hf_io.HFCheckpoint(_folder(tmp_path, tensors))
+    for e in range(5):
+        assert torch.equal(ckpt.get_index("experts", e), stacked[e]), e
+    with pytest.raises(ConversionError, match=r"experts \(5, 3, 4\) has no slice 5"):
+        ckpt.get_index("experts", 5)
+
+
 def test_truncated_file_is_named(tmp_path):
     folder = _folder(tmp_path, {"a": torch.ones(64, 64)})
     data = (folder / "model.safetensors").read_bytes()

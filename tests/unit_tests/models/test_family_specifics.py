@@ -54,6 +54,9 @@ REFUSED = [
         "sliding_attention": {"rope_type": "default", "rope_theta": 5e5}}),
      "rope_type 'yarn' on its full_attention layers is not supported yet"),
     ("gpt_oss", dict(attention_bias=False), "attention_bias=False is not supported yet"),
+    # Megatron-Core applies router weights to the experts' input with top-1 only.
+    ("llama4", dict(num_experts_per_tok=2), "num_experts_per_tok=2 is not supported yet"),
+    ("llama4", dict(attention_bias=True), "attention_bias=True is not supported yet"),
 ]  # fmt: skip
 
 # (family, config overrides, the error's words): converted, but refused when built.
@@ -72,6 +75,7 @@ TORCH_SPEC_ONLY = [
     ("granite", "cannot build residual_multiplier"),
     ("exaone4", "cannot build norm_placement=post, sliding_window"),
     ("gpt_oss", "local cannot build rotary_attention_scaling, sliding_window, attention_sinks"),
+    ("llama4", "local cannot build attention_chunk_size, qk_l2_norm_layers, attn_temperature_"),
 ]
 
 # (family, variant) with a sliding window shorter than the verify sequences.
@@ -80,7 +84,7 @@ WINDOWED = [("mistral", "window"), ("phi3", "base"), ("smollm3", "nope_02_window
             ("gpt_oss", "base")]  # fmt: skip
 
 # (family, variant) with layers without RoPE (NoPE).
-NOPE = [("smollm3", "base"), ("exaone4", "base")]
+NOPE = [("smollm3", "base"), ("exaone4", "base"), ("llama4", "plain_nope")]
 
 # (family, variant, ModelConfig field, a value without the variant's option): the
 # conformance logits check of the variant means something, as the logits differ without it.
@@ -89,6 +93,12 @@ OPTION_MATTERS = [
     ("deepseek_v2", "group_limited", "moe_router_group_score", "top_sum"),
     # YaRN's attention factor (transformers' scale on cos and sin), not its frequencies.
     ("gpt_oss", "base", "rotary_attention_scaling", 1.0),
+    # Llama 4: chunks of 8 tokens on the RoPE layers, their weightless QK norm, the NoPE
+    # layer's query temperature, the router weight on the expert's input (not its output).
+    ("llama4", "base", "attention_chunk_size", None),
+    ("llama4", "base", "qk_l2_norm_layers", None),
+    ("llama4", "base", "attn_temperature_scale", None),
+    ("llama4", "scout", "moe_apply_probs_on_input", False),
 ]
 
 # (family, variant, layout) at four processes, beyond the suite's two-process layouts.
@@ -241,16 +251,31 @@ def test_longrope_short_sequences_match_transformers(tmp_path):
         assert result.max_abs_diff <= checks.ATOL_FP32, (length, result)
 
 
-def _tiny_gemma3_multimodal(path):
-    """A tiny Gemma3ForConditionalGeneration (Gemma 3 4B's layout: text + SigLIP vision)."""
-    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+_VISION = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+               image_size=28, patch_size=14)  # fmt: skip
+# family -> (transformers' multimodal config and model, the text-only model it exports as,
+# config arguments, the submodule to run on text: transformers 5.24's text-only forward of
+# Llama4ForConditionalGeneration fails, reading image_outputs of a text-only output).
+MULTIMODAL = {
+    # Gemma 3 4B's layout: text + SigLIP vision.
+    "gemma3": ("Gemma3Config", "Gemma3ForConditionalGeneration", "Gemma3ForCausalLM",
+               dict(vision_config=_VISION, mm_tokens_per_image=4), None),
+    # Llama 4 Scout's and Maverick's layout: text + vision tower + projector.
+    "llama4": ("Llama4Config", "Llama4ForConditionalGeneration", "Llama4ForCausalLM",
+               dict(vision_config=dict(_VISION, vision_output_dim=16, projector_input_dim=16,
+                                       projector_output_dim=16)), "language_model"),
+}  # fmt: skip
 
-    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                  num_attention_heads=2, image_size=28, patch_size=14)  # fmt: skip
-    text = tiny_config("gemma3").to_dict()
-    config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4)
+
+def _tiny_multimodal(family: str, path):
+    import transformers
+
+    config_class, model_class, _, kwargs, _ = MULTIMODAL[family]
+    config = getattr(transformers, config_class)(
+        text_config=tiny_config(family).to_dict(), **kwargs
+    )
     torch.manual_seed(0)
-    model = Gemma3ForConditionalGeneration(config)
+    model = getattr(transformers, model_class)(config)
     randomize(model)
     model.save_pretrained(str(path))
     return model.eval()
@@ -258,30 +283,32 @@ def _tiny_gemma3_multimodal(path):
 
 @pytest.mark.unit
 @pytest.mark.usefixtures("single_process_megatron")
-def test_gemma3_multimodal_reads_as_its_language_model(tmp_path):
+@pytest.mark.parametrize("family", sorted(MULTIMODAL))
+def test_multimodal_reads_as_its_language_model(family, tmp_path):
+    import transformers
     from safetensors.torch import load_file
-    from transformers import Gemma3ForCausalLM
 
-    hf_model = _tiny_gemma3_multimodal(tmp_path / "mm")
+    _, _, text_class, _, text_module = MULTIMODAL[family]
+    hf_model = _tiny_multimodal(family, tmp_path / "mm")
     bridge = AutoBridge.from_hf_pretrained(tmp_path / "mm")
-    assert bridge.model_config == bridge_for_family("gemma3").model_config(tiny_config("gemma3"))
+    assert bridge.model_config == bridge_for_family(family).model_config(tiny_config(family))
     model = bridge.to_megatron_model()
     tokens = sample_tokens(256, 2, 32, seed=0)
     with torch.no_grad():
-        reference = hf_model(input_ids=tokens).logits.float()
+        runs = getattr(hf_model, text_module) if text_module else hf_model
+        reference = runs(input_ids=tokens).logits.float()
     result = compare(reference, megatron_logits(model, tokens), 256, torch.float32, 1e-4, None)
     assert result.max_abs_diff <= checks.ATOL_FP32, result
 
-    # The export is a text-only Gemma3ForCausalLM holding the language model's tensors as they were.
+    # The export is a text-only model holding the language model's tensors as they were.
     out = bridge.save_hf_pretrained(model, tmp_path / "text")
-    exported = Gemma3ForCausalLM.from_pretrained(str(out)).eval()
-    assert exported.config.architectures == ["Gemma3ForCausalLM"]
+    exported = getattr(transformers, text_class).from_pretrained(str(out)).eval()
+    assert exported.config.architectures == [text_class]
     source = load_file(str(tmp_path / "mm" / "model.safetensors"))
     tensors = {n: t for f in out.glob("*.safetensors") for n, t in load_file(str(f)).items()}
-    text_names = {n.replace("language_model.model.", "model.") for n in source
-                  if n.startswith("language_model.")}  # fmt: skip
-    assert set(tensors) == text_names
+    assert set(tensors) == {n.removeprefix("language_model.") for n in source
+                            if n.startswith("language_model.")}  # fmt: skip
     for name, tensor in tensors.items():
-        assert torch.equal(tensor, source[name.replace("model.", "language_model.model.", 1)])
+        assert torch.equal(tensor, source[f"language_model.{name}"]), name
     with torch.no_grad():
         assert torch.allclose(exported(input_ids=tokens).logits, reference, atol=1e-5)

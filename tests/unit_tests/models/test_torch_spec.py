@@ -77,15 +77,20 @@ def test_packed_attention_does_not_cross_segments(device, dtype, atol, groups):
     )
     # bf16 on a GPU goes through the varlen kernel (if this torch has it, as 2.9+ does)
     assert attn._varlen_ok(q) == (dtype == torch.bfloat16)
+    _assert_packed_is_each_segment_alone(attn, q, k, v, params, atol)
+
+
+def _assert_packed_is_each_segment_alone(attn, q, k, v, params, atol: float) -> None:
+    """Packed THD attention [t, n, d] of two segments equals each segment alone (a batch of
+    one [s, b=1, n, d]), and attention across the boundary differs (the check can tell)."""
     packed = attn(q, k, v, None, packed_seq_params=params)
-    # each segment alone, as a batch of one [s, b=1, n, d]
-    first = attn(q[:4, None], k[:4, None], v[:4, None], None)
-    second = attn(q[4:, None], k[4:, None], v[4:, None], None)
+    cut = int(params.cu_seqlens_q[1])
+    first = attn(q[:cut, None], k[:cut, None], v[:cut, None], None)
+    second = attn(q[cut:, None], k[cut:, None], v[cut:, None], None)
     expected = torch.cat([first[:, 0], second[:, 0]])
     torch.testing.assert_close(packed, expected, atol=atol, rtol=atol)
-    # attention across the boundary gives something else: the check can tell
     whole = attn(q[:, None], k[:, None], v[:, None], None)[:, 0]
-    assert (whole[4:] - expected[4:]).abs().max() > 10 * atol
+    assert (whole[cut:] - expected[cut:]).abs().max() > 10 * atol
 
 
 def test_packed_rope_restarts_positions_in_every_segment():
@@ -165,3 +170,48 @@ def test_gpt_oss_layers_backward():
     for part in ("core_attention.softmax_offset", "linear_fc2.bias", "linear_fc1.bias"):
         names = [n for n in grads if n.endswith(part)]
         assert names and all(grads[n] is not None and grads[n].abs().sum() > 0 for n in names), part
+
+
+def _llama4_attention(groups: int, **options):
+    from megabridge.models.provider import transformer_config
+    from megabridge.models.torch_layers import SDPAttention
+
+    cfg = transformer_config(
+        ModelConfig(
+            num_layers=1, hidden_size=64, num_attention_heads=4, num_query_groups=groups, bf16=False
+        )
+    )
+    return SDPAttention(cfg, layer_number=1, attn_mask_type=None, attention_type="self", **options)
+
+
+def test_chunked_attention_is_causal_within_blocks():
+    """Blocks of 3 over 8 tokens (the last one short) equal masked attention with
+    transformers' chunked mask: j <= i and i // 3 == j // 3."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(8, 2, 4, 16, generator=gen) for _ in range(3))  # [s, b, n, hn]
+    got = _llama4_attention(4, chunk_size=3)(q, k, v, None)
+    i, j = torch.arange(8)[:, None], torch.arange(8)[None, :]
+    allowed = (j <= i) & (i // 3 == j // 3)
+    scores = torch.einsum("ibnd,jbnd->bnij", q, k) / 4.0
+    probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+    expected = torch.einsum("bnij,jbnd->ibnd", probs, v).reshape(8, 2, 64)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    plain = _llama4_attention(4)(q, k, v, None)
+    assert (plain - expected).abs().max() > 1e-2  # the blocks change the result
+
+
+@pytest.mark.parametrize("device, dtype, atol", PACKED_CASES)
+def test_packed_llama4_attention_restarts_chunks_and_temperature_per_segment(device, dtype, atol):
+    """Packed: chunks start at each segment's start, the temperature's positions restart at 0,
+    and the QK norm is per token; on a GPU in bf16 through the varlen kernel."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    attn = _llama4_attention(2, chunk_size=3, qk_l2_norm_eps=1e-5, temperature=(2, 0.5))
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(11, 4, 16, generator=gen).to(device, dtype)
+    k, v = (torch.randn(11, 2, 16, generator=gen).to(device, dtype) for _ in range(2))
+    cu = torch.tensor([0, 4, 11], dtype=torch.int32, device=device)
+    params = PackedSeqParams(
+        qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=7, max_seqlen_kv=7
+    )
+    _assert_packed_is_each_segment_alone(attn, q, k, v, params, atol)

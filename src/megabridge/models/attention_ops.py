@@ -1,0 +1,69 @@
+"""Tensor functions of the attention variants the torch spec (torch_layers.py) composes:
+causal attention within fixed blocks (Llama 4's chunked attention), on padded batches and on
+packed segments; the positions of packed tokens in their own segments; the weightless QK
+norm and the position-dependent query temperature of Llama 4.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+from megabridge.errors import ConfigError
+
+
+def l2_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """x [..., hn] RMS-normalised over hn in fp32, without a weight, back in x's dtype."""
+    return F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype)
+
+
+def temperature_scales(positions: torch.Tensor, floor: int, scale: float) -> torch.Tensor:
+    """1 + scale * log(1 + floor((p + 1) / floor)) per 0-based position p (fp32), as
+    transformers' Llama 4 scales the queries of its NoPE layers."""
+    steps = torch.floor((positions.float() + 1.0) / floor)
+    return torch.log1p(steps) * scale + 1.0
+
+
+def packed_positions(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """The 0-based position of every packed token in its own segment: [total] (long)."""
+    cu = cu_seqlens.to(dtype=torch.long)
+    if int(cu[-1]) != total:
+        raise ConfigError(f"packed sequence: cu_seqlens ends at {int(cu[-1])}, not at {total}")
+    starts = torch.repeat_interleave(cu[:-1], cu[1:] - cu[:-1], output_size=total)
+    return torch.arange(total, device=cu.device) - starts
+
+
+def split_segments(params, size: int):
+    """Packed-sequence params whose segments are the ``size``-token blocks of the given ones
+    (each block starting at its segment's start): chunked attention as plain per-segment
+    causal attention, on the varlen kernel too."""
+    bounds = params.cu_seqlens_q.tolist()
+    cuts = [0]
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+        cuts += [*range(start + size, end, size), end] if end > start else []
+    cu = torch.tensor(cuts, dtype=params.cu_seqlens_q.dtype, device=params.cu_seqlens_q.device)
+    longest = max((b - a for a, b in zip(cuts[:-1], cuts[1:], strict=True)), default=0)
+    return dataclasses.replace(
+        params, cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest, max_seqlen_kv=longest
+    )
+
+
+def attend_in_blocks(attend, q, k, v, size: int) -> torch.Tensor:
+    """Causal attention within consecutive blocks of ``size`` tokens (Llama 4's chunked
+    attention: query i sees key j iff j <= i and i // size == j // size), as one batched
+    call of ``attend`` on the blocks. q [b, np, s, hn], k/v [b, ng, s, hn] -> [b, np, s, hn].
+
+    The last block is padded at its end: causal attention never lets a real token see a pad.
+    """
+    b, s = q.shape[0], q.shape[2]
+    pad = -s % size
+    blocks = (s + pad) // size
+
+    def split(t):  # [b, n, blocks * size, hn] -> [b * blocks, n, size, hn]
+        t = F.pad(t, (0, 0, 0, pad)) if pad else t
+        return t.unflatten(2, (blocks, size)).transpose(1, 2).flatten(0, 1)
+
+    out = attend(split(q), split(k), split(v))  # [b * blocks, np, size, hn]
+    return out.unflatten(0, (b, blocks)).transpose(1, 2).flatten(2, 3)[:, :, :s]

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.unit
 
 SRC = Path(__file__).resolve().parents[3] / "src"
 LAYER_NAMES = ("model config", "conversion machinery", "families and builder", "entry points")
-ENTRY_POINTS = {"auto_bridge", "commands", "verify", "weight_sync"}
+ENTRY_POINTS = {"auto_bridge", "commands", "sync_plan", "verify", "weight_sync"}
 LAZY_IMPORTS_ALLOWED = {"megabridge.cli", "megabridge.doctor"}
 
 

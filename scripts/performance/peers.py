@@ -20,7 +20,6 @@ wheels on the GPU box (scripts/performance/NOTES.md, "Peers").
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 import types
 
@@ -73,7 +72,11 @@ def _build_hf(model_cfg, tokens: torch.Tensor, liger: bool):
 
 def _stub_datasets() -> None:
     """torchtitan imports the ``datasets`` package at start even with no dataset in use."""
-    if importlib.util.find_spec("datasets") is not None:
+    try:
+        import datasets  # noqa: F401
+    except ImportError:
+        pass
+    else:
         return
     stub, distributed = types.ModuleType("datasets"), types.ModuleType("datasets.distributed")
     stub.Dataset = stub.IterableDataset = stub.load_dataset = object
@@ -105,6 +108,7 @@ def torchtitan_args(model_cfg, seq: int):
 
 
 def _build_torchtitan(model_cfg, tokens: torch.Tensor, seq: int, float8: str | None):
+    _stub_datasets()  # before the first torchtitan import
     from torchtitan.components.loss import cross_entropy_loss
     from torchtitan.models.llama3 import Transformer
 

@@ -42,13 +42,7 @@ def foreign_tp2(llama, sources, tmp_path_factory):
 
 @pytest.mark.parametrize("kind", foreign_checkpoints.KINDS)
 def test_a_tp2_foreign_checkpoint_exports_bit_exact(llama, foreign_tp2, kind, tmp_path):
-    result = megabridge(
-        ["convert", "megatron-to-hf", "--megatron-path", str(foreign_tp2 / kind),
-         "--hf-path", str(tmp_path / "back")]
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-4000:]
-    assert "(streamed)" in result.stdout + result.stderr
-    checks.assert_same_tensors(llama, tmp_path / "back")
+    _assert_streamed_export_is(llama, foreign_tp2 / kind, tmp_path / "back")
 
 
 @pytest.mark.parametrize("name", foreign_checkpoints.LAYOUTS)
@@ -56,13 +50,17 @@ def test_each_tools_layout_at_tp2_bf16_pp2_and_moe_ep2_exports_bit_exact(
     sources, foreign_tp2, name, tmp_path
 ):
     kind, source = foreign_checkpoints.LAYOUTS[name][:2]
+    _assert_streamed_export_is(sources[source], foreign_tp2 / name, tmp_path / "back")
+
+
+def _assert_streamed_export_is(reference, checkpoint, out) -> None:
+    """The CLI exports ``checkpoint`` streamed, with exactly the HF folder ``reference``'s tensors."""
     result = megabridge(
-        ["convert", "megatron-to-hf", "--megatron-path", str(foreign_tp2 / name),
-         "--hf-path", str(tmp_path / "back")]
-    )  # fmt: skip
+        ["convert", "megatron-to-hf", "--megatron-path", str(checkpoint), "--hf-path", str(out)]
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     assert "(streamed)" in result.stdout + result.stderr
-    checks.assert_same_tensors(sources[source], tmp_path / "back")
+    checks.assert_same_tensors(reference, out)
 
 
 def test_finetune_from_a_megatron_bridge_checkpoint_starts_at_the_hf_loss(

@@ -127,7 +127,7 @@ def load_hf_weights(chunks, bridge, reader, cfg) -> None:
             param.copy_(sharding.split(full, how, rank, size))
             consumed.update(hf_names)
     finally:
-        _STACKED_READS.clear()
+        forget_recent_reads()
     check_all_consumed(consumed, bridge, reader, cfg)
 
 

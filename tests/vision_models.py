@@ -14,6 +14,21 @@ from tests.hf_models import randomize
 # A word-level vocabulary whose special tokens sit at the tiny config's token ids.
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
 VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+CHAT_TOKENS = ["<|im_start|>", "<|im_end|>"]  # the two ids after VISION_TOKENS
+# Real words first (the SFT tests ask about colours), then filler words w0, w1, ...
+WORDS = ["user", "assistant", "system", "what", "colour", "is", "this", "image", "describe",
+         "the", "a", "and", "?", ".", "red", "green", "blue", "yellow", "white", "black",
+         "purple", "orange", "cyan", "grey"]  # fmt: skip
+# Qwen2.5-VL's chat template in short: image parts become vision start, pad, end.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}"
+    "{% else %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif c['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 IMAGE_SIZES = [(40, 56), (32, 32), (24, 48)]  # (height, width): several windows, one, ragged
 
 
@@ -21,14 +36,15 @@ def _tokenizer(vocab_size: int, first_vision_id: int):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    words = [f"w{i}" for i in range(first_vision_id - len(SPECIALS))]
-    extra = [f"x{i}" for i in range(vocab_size - first_vision_id - len(VISION_TOKENS))]
-    vocab = {w: i for i, w in enumerate(SPECIALS + words + VISION_TOKENS + extra)}
+    filler = first_vision_id - len(SPECIALS) - len(WORDS)
+    words = WORDS + [f"w{i}" for i in range(filler)]
+    extra = [f"x{i}" for i in range(vocab_size - first_vision_id - len(VISION_TOKENS) - 2)]
+    vocab = {w: i for i, w in enumerate(SPECIALS + words + VISION_TOKENS + CHAT_TOKENS + extra)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-        unk_token="<unk>", additional_special_tokens=VISION_TOKENS,
+        unk_token="<unk>", additional_special_tokens=VISION_TOKENS + CHAT_TOKENS,
     )  # fmt: skip
 
 
@@ -38,10 +54,16 @@ def save_tiny_qwen2_5_vl(
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     max_shard_size: int | None = None,
+    processor: bool = True,
 ) -> Path:
     """transformers' Qwen2.5-VL of the tiny config, random weights, with its processor files
     (with ``max_shard_size``, bytes: several safetensors files and an index)."""
-    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
+    from transformers import (
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLProcessor,
+        Qwen2VLImageProcessorPil,
+        Qwen2VLVideoProcessor,
+    )
 
     config = tiny_config("qwen2_5_vl", variant)
     torch.manual_seed(seed)
@@ -50,15 +72,23 @@ def save_tiny_qwen2_5_vl(
     shards = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
     model.to(dtype).save_pretrained(str(path), **shards)
     vision = qwen2_5_vl_tiny.VISION
-    Qwen2VLImageProcessorPil(
+    images = Qwen2VLImageProcessorPil(
         patch_size=vision["patch_size"], merge_size=vision["spatial_merge_size"],
         temporal_patch_size=vision["temporal_patch_size"], min_pixels=16 * 16,
         max_pixels=64 * 64,
-    ).save_pretrained(str(path))  # fmt: skip
+    )  # fmt: skip
     tokens = qwen2_5_vl_tiny.TOKENS
-    _tokenizer(config.text_config.vocab_size, tokens["vision_start_token_id"]).save_pretrained(
-        str(path)
-    )
+    tokenizer = _tokenizer(config.text_config.vocab_size, tokens["vision_start_token_id"])
+    if processor:  # AutoProcessor: image processor, tokenizer and chat template together
+        videos = Qwen2VLVideoProcessor(
+            patch_size=vision["patch_size"], merge_size=vision["spatial_merge_size"],
+            temporal_patch_size=vision["temporal_patch_size"],
+        )  # fmt: skip
+        processor = Qwen2_5_VLProcessor(images, tokenizer, videos, chat_template=CHAT_TEMPLATE)
+        processor.save_pretrained(str(path))
+    else:
+        images.save_pretrained(str(path))
+        tokenizer.save_pretrained(str(path))
     return Path(path)
 
 

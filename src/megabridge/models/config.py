@@ -209,6 +209,17 @@ class ModelConfig:
         "the vision tower of a vision-language model: its HF vision_config fields plus kind "
         "and image_token_id (models/vision.py); None: a text-only model",
     )
+    # what a vision-language model's training leaves frozen (Megatron-Bridge's names)
+    freeze_language_model: bool = runtime_field(
+        False, "vision-language training: no gradients for the language model"
+    )
+    freeze_vision_model: bool = runtime_field(
+        False, "vision-language training: no gradients for the vision tower (not its projection)"
+    )
+    freeze_vision_projection: bool = runtime_field(
+        False, "vision-language training: no gradients for the projection of the tower's "
+        "features into the language model (Qwen2.5-VL: the patch merger)"
+    )  # fmt: skip
     # MoE
     num_moe_experts: int | None = architecture_field(
         None, "routed experts per MoE layer (None: dense)"

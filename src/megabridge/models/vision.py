@@ -129,6 +129,8 @@ class PatchMerger(nn.Module):
 class Qwen25VisionTower(nn.Module):
     """Qwen2.5-VL's windowed ViT: pixel patches [patches, c*t*p*p] -> features [tokens, out]."""
 
+    PROJECTION = ("merger.",)  # what model.freeze_vision_projection freezes (freeze())
+
     def __init__(self, v: dict):
         super().__init__()
         hidden, heads = v["hidden_size"], v["num_heads"]
@@ -236,6 +238,27 @@ class VisionLanguageModel(GPTModel):
             placeholders.unsqueeze(-1), features.to(embeddings.dtype)
         )
         return filled.transpose(0, 1).contiguous()
+
+
+def freeze(model_chunks, language: bool, tower: bool, projection: bool) -> list[str]:
+    """Turn gradients off for the language model, the vision tower (without its projection)
+    and / or the projection (a tower's ``PROJECTION`` name prefixes); returns what was frozen.
+    Megatron-Core's DDP and optimizer leave parameters without requires_grad out."""
+    frozen = []
+    for chunk in model_chunks:
+        tower_module = getattr(chunk, "vision", None)
+        prefixes = getattr(type(tower_module), "PROJECTION", ())
+        for name, param in chunk.named_parameters():
+            if not name.startswith("vision."):
+                part = language
+            elif name.removeprefix("vision.").startswith(prefixes):
+                part = projection
+            else:
+                part = tower
+            if part:
+                param.requires_grad_(False)
+                frozen.append(name)
+    return frozen
 
 
 def mrope_positions(

@@ -283,6 +283,9 @@ def describe(cfg: ConfigContainer) -> str:
     return "\n".join(lines)
 
 
+FREEZE_VISION = ("freeze_vision_model", "freeze_vision_projection")
+
+
 def validate(cfg: ConfigContainer, world_size: int) -> None:
     """Raise ConfigError naming every inconsistency between sections."""
     validate_model_config(cfg.model)
@@ -318,7 +321,33 @@ def validate(cfg: ConfigContainer, world_size: int) -> None:
         problems.append(f"dataset.seq_length={seq} exceeds model.seq_length={m.seq_length}")
     if cfg.peft.method != "none":
         problems += config_problems(cfg)
+    problems += _vision_problems(cfg)
     if cfg.logger.log_interval < 1:
         problems.append("logger.log_interval must be >= 1")
     if problems:
         raise ConfigError("; ".join(problems))
+
+
+def _vision_problems(cfg: ConfigContainer) -> list[str]:
+    """What vision-language training does not do yet, and freezing asked of a text model."""
+    m = cfg.model
+    freezing = [f"model.{n}" for n in FREEZE_VISION if getattr(m, n)]
+    if m.vision is None:
+        return [f"{', '.join(freezing)}: the model has no vision tower"] if freezing else []
+    problems = []
+    if cfg.dataset.type != "sft":
+        problems.append(
+            f"a vision-language model trains on dataset.type=sft (chat JSONL with images), "
+            f"not {cfg.dataset.type}"
+        )
+    elif cfg.dataset.packed:
+        problems.append(
+            "packed samples are not supported yet for a vision-language model: set "
+            "dataset.packed=false"
+        )
+    if m.pipeline_model_parallel_size > 1:
+        problems.append(
+            "training a vision-language model with model.pipeline_model_parallel_size > 1 is "
+            "not supported yet (TP and data parallelism are)"
+        )
+    return problems

@@ -16,6 +16,7 @@ from megabridge import runtime
 from megabridge.conversion.auto_bridge import AutoBridge
 from megabridge.errors import CheckpointError, ConfigError, UserError
 from megabridge.models import init as weight_init
+from megabridge.models import vision
 from megabridge.models.config import (
     copy_architecture,
     expert_tensor_parallel_size,
@@ -238,10 +239,6 @@ def save(s: Session) -> Path:
 
 def setup(cfg: ConfigContainer) -> Session:
     _adopt_pretrained_architecture(cfg)
-    if cfg.model.vision is not None:  # the data path has no images yet (issue 14)
-        raise ConfigError(
-            f"training a vision-language model ({cfg.model.family}) is not supported yet"
-        )
     validate(cfg, int(os.environ.get("WORLD_SIZE", 1)))
     rt = runtime.init_distributed(cfg.dist.distributed_timeout_minutes)
     m = cfg.model
@@ -261,6 +258,9 @@ def setup(cfg: ConfigContainer) -> Session:
     weight_init.initialize(model, m, cfg.rng.seed)
     if cfg.checkpoint.pretrained_checkpoint and (resume_from is None or cfg.peft.method != "none"):
         _load_pretrained(cfg, model)  # a PEFT checkpoint holds only the adapters, not this base
+    if m.vision is not None:  # LoRA below freezes every base weight anyway
+        vision.freeze(model, m.freeze_language_model, m.freeze_vision_model,
+                      m.freeze_vision_projection)  # fmt: skip
     if cfg.peft.method != "none":
         lora.apply(model, cfg)
     model = wrap_ddp(cfg, model)

@@ -23,6 +23,11 @@ def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     return loss_sum, num_tokens, {"lm loss": report}
 
 
+# A vision-language model's inputs besides the tokens (training/data/vision_sft.py); every
+# stage gets them, and only the first one (which holds the tower) reads them.
+IMAGE_INPUTS = ("pixel_values", "image_grid_thw")
+
+
 def forward_step(data_iterator, model):
     batch = next(data_iterator)
     output = model(
@@ -31,6 +36,7 @@ def forward_step(data_iterator, model):
         None,  # causal masking happens inside attention; no s x s mask is built here
         labels=batch["labels"],
         packed_seq_params=batch.get("packed_seq_params"),
+        **{k: batch[k] for k in IMAGE_INPUTS if k in batch},
     )
     return output, partial(loss_func, batch["loss_mask"])
 

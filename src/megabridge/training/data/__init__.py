@@ -4,7 +4,8 @@
 * ``indexed``: Megatron-Core .bin/.idx prefixes, blended (indexed.py); make them
   with ``megabridge data preprocess`` (preprocess.py).
 * ``sft``: JSONL chat or input/output examples (sft.py), packed or padded to
-  the sequence length (packing.py).
+  the sequence length (packing.py); for a vision-language model, chat examples with
+  images, rendered by its HF processor (vision_sft.py).
 
 Every dataset answers ``len()`` and ``[i]`` with tokens, labels, loss_mask and
 position_ids, and may bring its own ``collate``; batching.py decides which
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 from megabridge.errors import ConfigError
 from megabridge.models.specs import resolve_impl
-from megabridge.training.data import indexed, packing, sft
+from megabridge.training.data import indexed, packing, sft, vision_sft
 from megabridge.training.data.mock import MockDataset
 from megabridge.training.data.tokenizer import tokenizer_for
 
@@ -55,6 +56,8 @@ def validate_sft(cfg) -> None:
 
 
 def _build_sft(cfg, seq: int):
+    if cfg.model.vision is not None:
+        return vision_sft.build(cfg, seq)
     validate_sft(cfg)
     tokenizer = tokenizer_for(cfg, required_by="dataset.type=sft")
     train, valid = sft.load(cfg, tokenizer, seq)

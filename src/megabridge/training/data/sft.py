@@ -58,11 +58,21 @@ def _messages(record: dict, where: str) -> list[dict]:
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise UserError(f"{where}: messages[{i}] has no 'role' string")
-        if not isinstance(m.get("content"), str):
+        content = m.get("content")
+        if isinstance(content, list) and any(_is_media(part) for part in content):
+            raise UserError(
+                f"{where}: messages[{i}] has image or video parts, but the model is text-only "
+                "(images need a vision-language model)"
+            )
+        if not isinstance(content, str):
             raise UserError(f"{where}: messages[{i}] has no 'content' string")
     if not any(m["role"] == "assistant" for m in messages):
         raise UserError(f"{where}: no assistant message, so nothing to train on")
     return messages
+
+
+def _is_media(part) -> bool:
+    return isinstance(part, dict) and part.get("type") in ("image", "video")
 
 
 def _template(tokenizer, messages: list[dict], where: str, generation_prompt: bool) -> str:
@@ -83,22 +93,31 @@ def render_chat(tokenizer, messages: list[dict], where: str) -> tuple[list[int],
         )
     if not getattr(tokenizer, "is_fast", False):
         raise UserError(f"{where}: 'messages' examples need a fast (tokenizer.json) tokenizer")
-    full = _template(tokenizer, messages, where, generation_prompt=False)
+    full, spans = assistant_spans(tokenizer, messages, where)
+    encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    answer = [any(s <= start < e for s, e in spans) for start, _ in encoded["offset_mapping"]]
+    return list(encoded["input_ids"]), answer
+
+
+def assistant_spans(renderer, messages: list[dict], where: str) -> tuple[str, list]:
+    """The rendered conversation and the (start, end) characters of each assistant turn.
+
+    ``renderer`` is a tokenizer or a multimodal processor: anything with apply_chat_template.
+    """
+    full = _template(renderer, messages, where, generation_prompt=False)
     spans = []
     for k, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        before = _template(tokenizer, messages[:k], where, True) if k else ""
-        through = _template(tokenizer, messages[: k + 1], where, False)
+        before = _template(renderer, messages[:k], where, True) if k else ""
+        through = _template(renderer, messages[: k + 1], where, False)
         if not (full.startswith(before) and full.startswith(through)):
             raise UserError(
                 f"{where}: the chat template does not render this conversation turn by turn "
                 "(an earlier turn renders differently later), so assistant turns cannot be found"
             )
         spans.append((len(before), len(through)))
-    encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-    answer = [any(s <= start < e for s, e in spans) for start, _ in encoded["offset_mapping"]]
-    return list(encoded["input_ids"]), answer
+    return full, spans
 
 
 def render_pair(tokenizer, prompt: str, output: str) -> tuple[list[int], list[bool]]:
@@ -144,9 +163,14 @@ def read_records(path: Path) -> list[tuple[str, dict]]:
 
 def tokenize(records: list[tuple[str, dict]], tokenizer, seq_length: int) -> list[Example]:
     """Render every record; drop (and report) examples longer than ``seq_length``."""
+    rendered = [(where, render(tokenizer, record, where)) for where, record in records]
+    return keep_fitting(rendered, len(records), seq_length)
+
+
+def keep_fitting(rendered: list[tuple[str, Example]], records: int, seq_length: int) -> list:
+    """The examples that fit ``seq_length``; the others dropped and reported."""
     examples, overlong = [], []
-    for where, record in records:
-        example = render(tokenizer, record, where)
+    for where, example in rendered:
         if len(example) > seq_length:
             overlong.append((where, len(example.ids)))
         else:
@@ -157,7 +181,7 @@ def tokenize(records: list[tuple[str, dict]], tokenizer, seq_length: int) -> lis
         log.warning(
             "dropped %d of %d SFT examples with more than dataset.seq_length + 1 = %d tokens: %s%s",
             len(overlong),
-            len(records),
+            records,
             seq_length + 1,
             shown,
             more,
@@ -206,16 +230,26 @@ def source_files(path: str | None) -> tuple[Path, Path | None]:
     return p, None
 
 
-def load(cfg, tokenizer, seq_length: int) -> tuple[list[Example], list[Example]]:
-    """(train examples, validation examples) for cfg.dataset."""
+def load_records(cfg) -> tuple[list, list]:
+    """(train records, validation records) of cfg.dataset, each ("file:line", record)."""
     train_file, valid_file = source_files(cfg.dataset.path)
     train_records = read_records(train_file)
     if valid_file is not None:
-        valid_records = read_records(valid_file)
-    else:
-        train_records, valid_records = split_off(train_records, cfg.dataset.valid_fraction)
+        return train_records, read_records(valid_file)
+    return split_off(train_records, cfg.dataset.valid_fraction)
+
+
+def load(cfg, tokenizer, seq_length: int) -> tuple[list[Example], list[Example]]:
+    """(train examples, validation examples) for cfg.dataset."""
+    train_records, valid_records = load_records(cfg)
     train = tokenize(train_records, tokenizer, seq_length)
     valid = tokenize(valid_records, tokenizer, seq_length) if valid_records else []
+    log_loaded(cfg, train, valid)
+    return train, valid
+
+
+def log_loaded(cfg, train: list, valid: list) -> None:
+    train_file, valid_file = source_files(cfg.dataset.path)
     if _is_main():
         where = valid_file or f"{cfg.dataset.valid_fraction:g} of {train_file.name} held out"
         log.info(
@@ -225,4 +259,3 @@ def load(cfg, tokenizer, seq_length: int) -> tuple[list[Example], list[Example]]
             len(valid),
             where,
         )
-    return train, valid

@@ -107,3 +107,36 @@ def save_images(folder: Path, sizes=IMAGE_SIZES, seed: int = 0) -> list[Path]:
         paths.append(folder / f"image{i}.png")
         Image.fromarray(pixels).save(paths[-1])
     return paths
+
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 190, 40), "blue": (30, 40, 220),
+           "yellow": (235, 220, 30)}  # fmt: skip
+DATA_SIZES = [(24, 32), (32, 32), (40, 24), (16, 48)]  # (height, width)
+
+
+def colour_question(image: str, colour: str | None = None) -> dict:
+    """A chat example: an image and "what colour is this image ?"; the answer is its colour."""
+    user = {"role": "user", "content": [{"type": "image", "image": image},
+                                        {"type": "text", "text": "what colour is this image ?"}]}  # fmt: skip
+    return {"messages": [user] + ([{"role": "assistant", "content": colour}] if colour else [])}
+
+
+def save_colour_dataset(folder: Path, count: int = 32, seed: int = 0) -> Path:
+    """``folder``/train.jsonl: ``count`` image-question pairs, plain-colour PNGs (with a little
+    noise) of four colours and four sizes, paths relative to the JSONL file."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i in range(count):
+        colour = list(COLOURS)[i % len(COLOURS)]
+        h, w = DATA_SIZES[(i // len(COLOURS)) % len(DATA_SIZES)]
+        pixels = np.array(COLOURS[colour], dtype=float) + rng.normal(0, 8, (h, w, 3))
+        Image.fromarray(np.clip(pixels, 0, 255).astype("uint8")).save(folder / f"images/{i}.png")
+        lines.append(json.dumps(colour_question(f"images/{i}.png", colour)) + "\n")
+    (folder / "train.jsonl").write_text("".join(lines))
+    return folder

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 from pathlib import Path
 
 import torch
@@ -65,20 +66,69 @@ class _Shared:
 class _AdapterNames:
     """Stands in for the family bridge in transfer.export_hf_weights: adapter -> peft names."""
 
-    def __init__(self, family):
+    def __init__(self, family, module_path=None):
         self.family = family
+        self.module_path = module_path or (lambda name: name)
 
     def resolve(self, megatron_name: str):
         layer, _, param = megatron_name.rpartition(".")
         mapping, hf_weights = self.family.resolve(f"{layer}.weight")
-        modules = [f"base_model.model.{w.removesuffix('.weight')}" for w in hf_weights]
+        modules = [
+            f"base_model.model.{self.module_path(w).removesuffix('.weight')}" for w in hf_weights
+        ]
         names = tuple(f"{m}.{_PEFT_SUFFIX[param]}" for m in modules)
         return (_Shared(len(names)) if param == "lora_a" else mapping), names
 
 
-def adapter_config(settings: dict, family, base_name: str | None) -> dict:
-    """adapter_config.json for peft's LoraConfig (fields it does not get: its defaults)."""
+def hf_module_paths(bridge):
+    """Checkpoint tensor name -> the parameter's name in transformers' model, for peft.
+
+    A text model's names are the same. A vision-language model's are not: transformers 5
+    renames on load (Qwen2.5-VL: ``model.layers.*`` -> ``model.language_model.layers.*``,
+    ``visual.*`` -> ``model.visual.*``), and peft matches adapters to the renamed modules.
+    The renaming is transformers' own (conversion_mapping), applied to the model built on
+    the meta device; None for a text model."""
+    if not getattr(bridge.family, "VISION", False):
+        return None
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText
+    from transformers.conversion_mapping import get_model_conversion_mapping
+
+    config = AutoConfig.for_model(**bridge.hf_config)
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(config)
+    renames = get_model_conversion_mapping(model)
+    known = {name for name, _ in model.named_parameters()}
+
+    def module_path(name: str) -> str:
+        for rename in renames:
+            name, _ = rename.rename_source_key(name)
+        assert name in known, f"transformers' model has no {name}"  # a renaming we missed
+        return name
+
+    return module_path
+
+
+def _module_of(peft_name: str) -> str:
+    """base_model.model.<module path>.<adapter tensor> -> the module path."""
+    path = peft_name.removeprefix("base_model.model.")
+    return next(path.removesuffix(f".{s}") for s in _PEFT_SUFFIX.values() if path.endswith(s))
+
+
+def _layer_pattern(modules) -> str:
+    """A regex matching exactly these module paths, with any layer number (peft's
+    target_modules as a string is matched whole against every module's path)."""
+    paths = sorted({re.sub(r"\\\.\d+\\\.", r"\\.\\d+\\.", re.escape(m)) for m in modules})
+    return "^(?:" + "|".join(paths) + ")$"
+
+
+def adapter_config(settings: dict, family, base_name: str | None, modules=None) -> dict:
+    """adapter_config.json for peft's LoraConfig (fields it does not get: its defaults).
+
+    ``modules``: the adapted modules' paths; given, target_modules is a pattern of exactly
+    those (a vision-language model's tower has layers of the same names, left alone)."""
     by_target = lora.hf_names_by_target(family)
+    targets = sorted(h for t in settings["target_modules"] for h in by_target[t])
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -88,7 +138,7 @@ def adapter_config(settings: dict, family, base_name: str | None) -> dict:
         "lora_dropout": settings["dropout"],
         "use_dora": settings["method"] == "dora",
         "use_rslora": False,
-        "target_modules": sorted(h for t in settings["target_modules"] for h in by_target[t]),
+        "target_modules": targets if modules is None else _layer_pattern(modules),
         "bias": "none",
         "fan_in_fan_out": False,
         "inference_mode": True,
@@ -100,9 +150,10 @@ def save_adapter(model, bridge, out, settings: dict, dtype=None, overwrite=False
     from safetensors.torch import save_file
 
     chunks = lora._unwrapped(model)
+    module_path = hf_module_paths(bridge)
     tensors = transfer.export_hf_weights(
         chunks,
-        _AdapterNames(bridge.family),
+        _AdapterNames(bridge.family, module_path),
         _chunk_config(chunks),
         (lambda name: dtype) if dtype is not None else None,
         include=lora.is_adapter,
@@ -111,7 +162,10 @@ def save_adapter(model, bridge, out, settings: dict, dtype=None, overwrite=False
     if dist.get_rank() == 0:
         with outputs.output_folder(out, overwrite, bridge.inputs()) as tmp:
             save_file(gathered, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-            config = adapter_config(settings, bridge.family, base_name)
+            modules = None
+            if module_path is not None:  # peft's names: base_model.model.<path>.lora_A.weight
+                modules = {_module_of(n) for n in gathered}
+            config = adapter_config(settings, bridge.family, base_name, modules)
             (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     dist.barrier()
     return Path(out)

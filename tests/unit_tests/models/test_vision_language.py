@@ -5,7 +5,7 @@ language model, hidden 64) with its image processor and a word-level tokenizer, 
 generated images of three sizes: config round trip, bit-exact HF -> Megatron -> HF of
 every tensor, logits on text and image positions within 1e-4 of transformers', perturbed
 vision weights rejected, the CLI both ways, and the refusals (verify without images,
-training).
+training on text-only data). Training: tests/unit_tests/data/test_vision_sft.py.
 """
 
 from __future__ import annotations
@@ -184,11 +184,13 @@ def test_verify_needs_images_and_reads_them(hf_dir, tmp_path):
 
 
 @pytest.mark.system
-def test_cli_refuses_training_in_one_line(hf_dir):
+def test_cli_refuses_training_on_mock_data_in_one_line(hf_dir):
     run = megabridge(["train", "--recipe", "qwen2_tiny_pretrain_config",
                       f"checkpoint.pretrained_checkpoint={hf_dir}", "train.train_iters=1"])  # fmt: skip
     assert run.returncode == 2, run.stderr[-3000:]
-    assert "training a vision-language model (qwen2_5_vl) is not supported yet" in run.stderr
+    assert "a vision-language model trains on dataset.type=sft (chat JSONL with images)" in (
+        run.stderr
+    )
     assert "Traceback" not in run.stderr
 
 

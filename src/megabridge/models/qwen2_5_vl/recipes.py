@@ -3,7 +3,7 @@
 Point checkpoint.pretrained_checkpoint at the local HF folder (its processor renders the
 data); the architecture is then read from it. The language model is split by TP (the
 vision tower is replicated on every TP rank); pipeline parallelism is not supported yet
-for training vision-language models, so the larger sizes take TP=8 (72B: of 8xH200).
+for training vision-language models, so the larger sizes take TP=8 (72B: two 8xH200 nodes).
 """
 
 from megabridge.models.qwen2_5_vl import tiny
@@ -11,7 +11,7 @@ from megabridge.models.qwen2_5_vl.bridge import Qwen25VLBridge
 from megabridge.recipes import as_lora, finetune, sized, tiny_finetune
 
 _VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14,
-               spatial_merge_size=2, temporal_patch_size=2, window_size=112, in_channels=3,
+               spatial_merge_size=2, temporal_patch_size=2, window_size=112, in_chans=3, spatial_patch_size=14,
                fullatt_block_indexes=[7, 15, 23, 31], hidden_act="silu", tokens_per_second=2)  # fmt: skip
 _TOKENS = dict(vision_start_token_id=151652, vision_end_token_id=151653,
                image_token_id=151655, video_token_id=151656)  # fmt: skip
@@ -34,9 +34,6 @@ SIZES = {
     "qwen25_vl_32b": _size(64, 5120, 27648, 40, 8, 152064, tied=False),
     "qwen25_vl_72b": _size(80, 8192, 29568, 64, 8, 152064, tied=False),
 }
-# The 32B and 72B vision towers are wider in their MLP.
-SIZES["qwen25_vl_32b"]["vision_config"]["intermediate_size"] = 3456
-SIZES["qwen25_vl_72b"]["vision_config"]["intermediate_size"] = 3456
 
 
 def _vlm(cfg):
@@ -75,7 +72,7 @@ def qwen25_vl_3b_lora_config():
 
 
 def qwen25_vl_7b_finetune_config():
-    """SFT of Qwen2.5-VL 7B (TP=2): set checkpoint.pretrained_checkpoint and dataset.path."""
+    """SFT of Qwen2.5-VL 7B on 2 GPUs (TP=2): set checkpoint.pretrained_checkpoint, dataset.path."""
     return _finetune("qwen25_vl_7b_sft", "qwen25_vl_7b", tp=2)
 
 
@@ -92,23 +89,25 @@ def qwen25_vl_32b_finetune_config():
 
 
 def qwen25_vl_32b_lora_config():
-    """LoRA of Qwen2.5-VL 32B's language model (TP=2, vision tower frozen)."""
+    """LoRA of Qwen2.5-VL 32B's language model on 2 GPUs (TP=2, vision tower frozen)."""
     cfg = as_lora(qwen25_vl_32b_finetune_config(), "qwen25_vl_32b_lora")
     cfg.model.tensor_model_parallel_size = 2
     return cfg
 
 
 def qwen25_vl_72b_finetune_config():
-    """SFT of Qwen2.5-VL 72B on 8xH200 (TP=8, recomputed activations; one node holds weights,
-    gradients and distributed Adam state at 8 data-parallel... no: TP=8, DP=1)."""
+    """SFT of Qwen2.5-VL 72B across two 8xH200 nodes: TP=8, data-parallel 2, distributed optimizer."""
     cfg = _finetune("qwen25_vl_72b_sft", "qwen25_vl_72b", tp=8)
+    # Per GPU: 9B language-model weights (bf16 + fp32 gradients: 54 GB), half of their Adam
+    # state (54 GB) and the whole 0.7B tower; full recomputation keeps activations small.
+    cfg.optimizer.use_distributed_optimizer = True
     cfg.model.recompute_granularity = "full"
     cfg.model.recompute_method, cfg.model.recompute_num_layers = "uniform", 1
     return cfg
 
 
 def qwen25_vl_72b_lora_config():
-    """LoRA of Qwen2.5-VL 72B's language model (TP=4, vision tower frozen)."""
+    """LoRA of Qwen2.5-VL 72B's language model on 4 GPUs (TP=4, vision tower frozen)."""
     cfg = as_lora(qwen25_vl_72b_finetune_config(), "qwen25_vl_72b_lora")
     cfg.model.tensor_model_parallel_size = 4
     return cfg

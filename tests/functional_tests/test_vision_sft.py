@@ -5,12 +5,22 @@ transformers: it generates, and it answers the training questions better than th
 import pytest
 import torch
 
-from tests.helpers import losses, megabridge
+from tests.helpers import losses, megabridge, train
 from tests.vision_models import save_colour_dataset, save_tiny_qwen2_5_vl
 
 pytestmark = pytest.mark.integration
 
 STEPS = 8
+
+
+def _overrides(root, hf, data) -> list[str]:
+    return [
+        f"checkpoint.pretrained_checkpoint={hf}", f"dataset.path={data}",
+        f"train.train_iters={STEPS}", "train.global_batch_size=8", "train.micro_batch_size=4",
+        "optimizer.lr=3e-3", "scheduler.lr_warmup_iters=1", "train.eval_interval=None",
+        "logger.log_interval=1", "logger.tensorboard=false", f"checkpoint.save={root / 'ckpt'}",
+        f"logger.log_dir={root / 'logs'}",
+    ]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -19,12 +29,8 @@ def run(tmp_path_factory):
     hf = save_tiny_qwen2_5_vl(root / "hf")
     data = save_colour_dataset(root / "data", count=32)
     result = megabridge([
-        "finetune", "--recipe", "qwen25_vl_tiny_finetune_config", "--pretrained", str(hf),
-        f"dataset.path={data}", f"train.train_iters={STEPS}", "train.global_batch_size=8",
-        "train.micro_batch_size=4", "optimizer.lr=3e-3", "scheduler.lr_warmup_iters=1",
-        "train.eval_interval=None", "logger.log_interval=1", "logger.tensorboard=false",
-        "checkpoint.save_hf=true", f"checkpoint.save={root / 'ckpt'}",
-        f"logger.log_dir={root / 'logs'}",
+        "finetune", "--recipe", "qwen25_vl_tiny_finetune_config",
+        *_overrides(root, hf, data), "checkpoint.save_hf=true",
     ])  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
     return root
@@ -79,3 +85,14 @@ def test_hf_copy_loads_generates_and_learned_the_colours(run):
         inputs = processor(text=[prompt], images=[image.convert("RGB")], return_tensors="pt")
     out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
     assert out.shape[1] == inputs["input_ids"].shape[1] + 3
+
+
+@pytest.mark.skipduringci  # one more 2-process launch: ~2 min on a loaded 2-core machine
+def test_tp2_losses_equal_tp1(run, tmp_path):
+    """The language model split over two processes, the tower replicated on both."""
+    overrides = _overrides(tmp_path, run / "hf", run / "data")
+    train(2, "qwen25_vl_tiny_finetune_config", [*overrides, "model.tensor_model_parallel_size=2"])
+    ref, got = losses(run / "logs"), losses(tmp_path / "logs")
+    assert sorted(got) == sorted(ref)
+    for step, loss in ref.items():
+        assert got[step] == pytest.approx(loss, rel=1e-4), (step, loss, got[step])

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Nightly: the vision-language tests CI leaves out (the CLI both ways, TP=2 / PP=2 on images);
-# CI runs the rest of tests/unit_tests/models/test_vision_language.py.
+# Nightly: the vision-language tests CI leaves out (the CLI both ways, TP=2 / PP=2 on images,
+# SFT at TP=2 against TP=1); CI runs the rest of test_vision_language.py and test_vision_sft.py.
 set -euo pipefail
 cd "$(dirname "$0")/../../../.."
-uv run pytest tests/unit_tests/models/test_vision_language.py -m skipduringci -v "$@"
+uv run pytest tests/unit_tests/models/test_vision_language.py tests/functional_tests/test_vision_sft.py \
+    -m skipduringci -v "$@"

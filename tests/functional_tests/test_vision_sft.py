@@ -87,11 +87,14 @@ def test_hf_copy_loads_generates_and_learned_the_colours(run):
     assert out.shape[1] == inputs["input_ids"].shape[1] + 3
 
 
-@pytest.mark.skipduringci  # one more 2-process launch: ~2 min on a loaded 2-core machine
-def test_tp2_losses_equal_tp1(run, tmp_path):
-    """The language model split over two processes, the tower replicated on both."""
+@pytest.mark.skipduringci  # one more 2-process launch each: ~2 min on a loaded 2-core machine
+@pytest.mark.parametrize("layout", ["tensor", "pipeline"])
+def test_two_process_losses_equal_one_process(run, tmp_path, layout):
+    """The language model split over two processes (TP: the tower replicated on both; PP: the
+    tower on the first stage, which alone reads the images)."""
     overrides = _overrides(tmp_path, run / "hf", run / "data")
-    train(2, "qwen25_vl_tiny_finetune_config", [*overrides, "model.tensor_model_parallel_size=2"])
+    split = f"model.{layout}_model_parallel_size=2"
+    train(2, "qwen25_vl_tiny_finetune_config", [*overrides, split])
     ref, got = losses(run / "logs"), losses(tmp_path / "logs")
     assert sorted(got) == sorted(ref)
     for step, loss in ref.items():

@@ -345,9 +345,4 @@ def _vision_problems(cfg: ConfigContainer) -> list[str]:
             "packed samples are not supported yet for a vision-language model: set "
             "dataset.packed=false"
         )
-    if m.pipeline_model_parallel_size > 1:
-        problems.append(
-            "training a vision-language model with model.pipeline_model_parallel_size > 1 is "
-            "not supported yet (TP and data parallelism are)"
-        )
     return problems

@@ -258,9 +258,8 @@ def test_image_parts_for_a_text_only_model_are_one_line(data_dir):
     [
         (["dataset.type=mock"], "trains on dataset.type=sft .*, not mock"),
         (["dataset.packed=true"], "packed samples are not supported yet .*dataset.packed=false"),
-        (["model.pipeline_model_parallel_size=2"], "pipeline_model_parallel_size > 1 is not"),
     ],
-    ids=["mock-data", "packed", "pp2"],
+    ids=["mock-data", "packed"],
 )
 def test_vision_training_refusals(overrides, message):
     from megabridge.recipes import get_recipe

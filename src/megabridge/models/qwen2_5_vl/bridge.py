@@ -42,8 +42,8 @@ class Qwen25VLBridge(Qwen2Bridge):
     PARALLELISM = ("TP", "PP")
     NOTES = (
         "images (no video yet); M-RoPE; the vision tower is a torch module replicated on "
-        "every TP rank, on the first PP stage; SFT and LoRA on images at TP / DP (not PP, not "
-        "packed yet); freezing of the language model, tower or merger"
+        "every TP rank, on the first PP stage; SFT and LoRA on images at TP / PP / DP (padded, "
+        "not packed yet); freezing of the language model, tower or merger"
     )
 
     @classmethod

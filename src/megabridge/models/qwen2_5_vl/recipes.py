@@ -2,8 +2,8 @@
 
 Point checkpoint.pretrained_checkpoint at the local HF folder (its processor renders the
 data); the architecture is then read from it. The language model is split by TP (the
-vision tower is replicated on every TP rank); pipeline parallelism is not supported yet
-for training vision-language models, so the larger sizes take TP=8 (72B: two 8xH200 nodes).
+vision tower is replicated on every TP rank of the first pipeline stage); the larger sizes
+take TP=8 within a node (72B: two 8xH200 nodes, data-parallel 2).
 """
 
 from megabridge.models.qwen2_5_vl import tiny

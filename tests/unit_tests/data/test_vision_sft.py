@@ -63,6 +63,23 @@ def test_answers_and_expanded_image_tokens(processor, data_dir):
     assert example.images == (str(data_dir / "images/0.png"), str(data_dir / "images/8.png"))
 
 
+@pytest.mark.unit
+def test_processors_that_do_not_report_their_expansion_give_the_same_example(
+    processor, data_dir, monkeypatch
+):
+    """transformers before 5.10 does not say where each image's tokens went: the example is
+    then aligned token by token, to the same ids and answers."""
+    record = colour_question("images/0.png", "red and blue")
+    record["messages"][0]["content"].append({"type": "image", "image": "images/8.png"})
+    reported = _render(processor, record, data_dir)
+    from megabridge.training.data import vision_sft
+
+    monkeypatch.setattr(vision_sft, "reports_expansion", lambda processor: False)
+    aligned = _render(processor, record, data_dir)
+    assert (aligned.ids == reported.ids).all() and (aligned.answer == reported.answer).all()
+    assert aligned.answer.sum() == 4  # red and blue <|im_end|>
+
+
 def _dataset(hf_dir, processor, data_dir, indices):
     from megabridge.conversion.auto_bridge import AutoBridge
     from megabridge.training.data import sft, vision_sft

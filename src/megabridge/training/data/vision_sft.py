@@ -154,16 +154,18 @@ def render(processor, record: dict, where: str, folder: Path) -> VisionExample:
             f"({processor.image_token}) but {len(paths)} image parts"
         )
     images = [_read_image(p, where) for p in paths]
+    reports = reports_expansion(processor)
+    extra = dict(return_offsets_mapping=True, return_text_replacement_offsets=True)
     try:
-        out = processor(
-            text=[full], images=images or None, return_offsets_mapping=True,
-            return_text_replacement_offsets=True,
-        )  # fmt: skip
+        out = processor(text=[full], images=images or None, **(extra if reports else {}))
     except ValueError as e:  # the processor's own count checks
         raise UserError(f"{where}: {_first_line(e)}") from None
-    replacements = out["text_replacement_offsets"][0]
-    spans = [(_expanded(s, replacements), _expanded(e, replacements)) for s, e in spans]
-    answer = [any(s <= start < e for s, e in spans) for start, _ in out["offset_mapping"][0]]
+    if reports:
+        replacements = out["text_replacement_offsets"][0]
+        spans = [(_expanded(s, replacements), _expanded(e, replacements)) for s, e in spans]
+        answer = [any(s <= start < e for s, e in spans) for start, _ in out["offset_mapping"][0]]
+    else:
+        answer = _aligned_answers(processor, full, spans, out["input_ids"][0], where)
     if not any(answer[1:]):
         raise UserError(f"{where}: the answer is empty, so nothing to train on")
     grids = tuple(tuple(g) for g in out["image_grid_thw"].tolist()) if images else ()
@@ -171,6 +173,37 @@ def render(processor, record: dict, where: str, folder: Path) -> VisionExample:
         np.asarray(out["input_ids"][0], dtype=np.int64), np.asarray(answer, dtype=bool), where,
         tuple(str(p) for p in paths), grids,
     )  # fmt: skip
+
+
+def reports_expansion(processor) -> bool:
+    """Whether the processor says where each placeholder went (transformers 5.10 and later)."""
+    return hasattr(processor, "get_text_with_replacements")
+
+
+def _aligned_answers(processor, full: str, spans, expanded: list[int], where: str) -> list[bool]:
+    """The answer mask of the expanded ids, for a processor that does not report its
+    expansion: the text tokenized as rendered (one token per placeholder), then walked along
+    the expanded ids, each placeholder standing for its run of image tokens."""
+    tokenizer = processor.tokenizer
+    image_id = tokenizer.convert_tokens_to_ids(processor.image_token)
+    encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    answer, j = [], 0
+    for token, (start, _) in zip(encoded["input_ids"], encoded["offset_mapping"], strict=True):
+        if token == image_id:
+            run = j
+            while run < len(expanded) and expanded[run] == image_id:
+                run += 1
+            answer += [False] * (run - j)
+            j = run
+            continue
+        if j >= len(expanded) or expanded[j] != token:
+            raise UserError(
+                f"{where}: the processor expands images into more than image tokens; this "
+                "transformers version does not say how (upgrade to transformers 5.10 or later)"
+            )
+        answer.append(any(s <= start < e for s, e in spans))
+        j += 1
+    return answer
 
 
 def tokenize(records, processor, seq_length: int) -> list[VisionExample]:

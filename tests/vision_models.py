@@ -16,8 +16,9 @@ SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
 VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 CHAT_TOKENS = ["<|im_start|>", "<|im_end|>"]  # the two ids after VISION_TOKENS
 # Real words first (the SFT tests ask about colours), then filler words w0, w1, ...
-WORDS = ["user", "assistant", "system", "what", "colour", "is", "this", "image", "describe",
-         "the", "a", "and", "?", ".", "red", "green", "blue", "yellow", "white", "black",
+# (Not verify's prompt words, " Describe this image.": its tokens stay <unk>, as they were.)
+WORDS = ["user", "assistant", "system", "what", "colour", "is", "it", "picture",
+         "the", "a", "and", "?", "!", "red", "green", "blue", "yellow", "white", "black",
          "purple", "orange", "cyan", "grey"]  # fmt: skip
 # Qwen2.5-VL's chat template in short: image parts become vision start, pad, end.
 CHAT_TEMPLATE = (
@@ -86,6 +87,7 @@ def save_tiny_qwen2_5_vl(
         )  # fmt: skip
         processor = Qwen2_5_VLProcessor(images, tokenizer, videos, chat_template=CHAT_TEMPLATE)
         processor.save_pretrained(str(path))
+        images.save_pretrained(str(path))  # preprocessor_config.json too, as the releases have
     else:
         images.save_pretrained(str(path))
         tokenizer.save_pretrained(str(path))
@@ -115,9 +117,9 @@ DATA_SIZES = [(24, 32), (32, 32), (40, 24), (16, 48)]  # (height, width)
 
 
 def colour_question(image: str, colour: str | None = None) -> dict:
-    """A chat example: an image and "what colour is this image ?"; the answer is its colour."""
+    """A chat example: an image and "what colour is it ?"; the answer is its colour."""
     user = {"role": "user", "content": [{"type": "image", "image": image},
-                                        {"type": "text", "text": "what colour is this image ?"}]}  # fmt: skip
+                                        {"type": "text", "text": "what colour is it ?"}]}  # fmt: skip
     return {"messages": [user] + ([{"role": "assistant", "content": colour}] if colour else [])}
 
 

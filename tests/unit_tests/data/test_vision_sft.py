@@ -52,14 +52,14 @@ def test_answers_and_expanded_image_tokens(processor, data_dir):
     record["messages"][0]["content"].insert(1, {"type": "image", "image": "images/8.png"})
     record["messages"] += [
         {"role": "assistant", "content": "red and blue"},
-        {"role": "user", "content": "what colour is the image ?"},
-        {"role": "assistant", "content": [{"type": "text", "text": "red ."}]},
+        {"role": "user", "content": "what colour is the picture ?"},
+        {"role": "assistant", "content": [{"type": "text", "text": "red !"}]},
     ]
     example = _render(processor, record, data_dir)
     assert [tuple(g) for g in example.grids] == [(1, 6, 8), (1, 10, 6)]
     assert int((example.ids == IMAGE_TOKEN).sum()) == 6 * 8 // 4 + 10 * 6 // 4
     answers = processor.tokenizer.decode(example.ids[example.answer]).split()
-    assert answers == ["red", "and", "blue", "<|im_end|>", "red", ".", "<|im_end|>"]
+    assert answers == ["red", "and", "blue", "<|im_end|>", "red", "!", "<|im_end|>"]
     assert example.images == (str(data_dir / "images/0.png"), str(data_dir / "images/8.png"))
 
 

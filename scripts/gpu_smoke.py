@@ -315,6 +315,23 @@ def verify_cuda(s: Smoke) -> str:
 
 
 @path
+def vlm_sft(s: Smoke) -> str:
+    """SFT of a tiny Qwen2.5-VL on images (padded, bf16) and LoRA of it, on CUDA."""
+    from tests.vision_models import save_colour_dataset, save_tiny_qwen2_5_vl
+
+    hf = save_tiny_qwen2_5_vl(s.work / "hf_qwen2_5_vl")
+    data = save_colour_dataset(s.work / "colours", count=32)
+    parts = []
+    for recipe in ("qwen25_vl_tiny_finetune_config", "qwen25_vl_tiny_lora_config"):
+        records = s.train("vlm_sft", "finetune", recipe, s.work / recipe,
+                          f"checkpoint.pretrained_checkpoint={hf}", f"dataset.path={data}",
+                          "train.train_iters=8", "train.micro_batch_size=4",
+                          "optimizer.lr=3e-3", "train.eval_interval=None")  # fmt: skip
+        parts.append(f"{recipe.split('_')[-2]}: {falling(records, recipe)}")
+    return "; ".join(parts)
+
+
+@path
 def throughput(s: Smoke) -> str:
     """scripts/performance/train_throughput.py at micro-batch 1 (Llama-3.2-1B shape)."""
     out = s.work / "throughput.json"

@@ -288,6 +288,17 @@ def test_vision_training_refusals(overrides, message):
 
 
 @pytest.mark.unit
+def test_an_untested_tower_does_not_train():
+    from megabridge.recipes import get_recipe
+    from megabridge.training.config import validate
+
+    cfg = get_recipe("qwen25_vl_tiny_finetune_config")
+    cfg.model.vision = {**cfg.model.vision, "kind": "another"}
+    with pytest.raises(ConfigError, match=r"vision-language model \(qwen2_5_vl\) is not supported"):
+        validate(cfg, 1)
+
+
+@pytest.mark.unit
 def test_freezing_a_tower_that_is_not_there():
     from megabridge.recipes import get_recipe
     from megabridge.training.config import apply_overrides, validate

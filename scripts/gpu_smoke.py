@@ -233,6 +233,24 @@ def packed_equals_padded(s: Smoke) -> str:
     return summary[-1].strip("= ") if summary else "passed"
 
 
+@path
+def compiled_layers(s: Smoke) -> str:
+    """model.compile_layers through inductor (bf16 and FP8 layers against eager ones), then a
+    compiled training run."""
+    gpu = {"CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES") or "0"}
+    output = s.run("compiled_layers", ["-m", "pytest", "-v", "-p", "no:cacheprovider",
+                                       "tests/unit_tests/models/test_compiled_layers.py"], env=gpu)  # fmt: skip
+    cuda = re.findall(
+        r"test_compiled_layers_give_the_eager_loss_and_gradients\[cuda-\S+ PASSED", output
+    )
+    if len(cuda) != 3:  # bf16, FP8 tensorwise, FP8 rowwise
+        raise Failure(f"{len(cuda)} of the 3 CUDA cases passed (see compiled_layers.log)")
+    recipe = "llama_tiny_pretrain_config"
+    records = s.train("compiled_train", "train", recipe, s.work / "compiled", "train.train_iters=10",
+                      "model.compile_layers=true")  # fmt: skip
+    return f"3 CUDA cases passed; training {falling(records, 'compiled')}"
+
+
 def _adapter(s: Smoke, method: str) -> str:
     import torch
     from peft import PeftModel

@@ -291,6 +291,11 @@ class ModelConfig:
         "torch spec, dense SwiGLU MLPs: recompute SwiGLU's output in backward instead of keeping "
         "it (less activation memory for one element-wise pass)",
     )
+    compile_layers: bool = runtime_field(
+        False,
+        "torch spec: compile each transformer layer with torch.compile (fused element-wise "
+        "work, fewer kept activations; the first steps take longer while it compiles)",
+    )
     recompute_granularity: Literal["full", "selective"] | None = runtime_field(
         None, "activation recomputation"
     )

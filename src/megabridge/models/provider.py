@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from megabridge.errors import ConfigError
-from megabridge.models import fp8, hooks, rope, specs, torch_layers, vision
+from megabridge.models import compiled, fp8, hooks, rope, specs, torch_layers, vision
 from megabridge.models.config import (
     ModelConfig,
     expert_tensor_parallel_size,
@@ -308,6 +308,9 @@ def build_model(cfg: ModelConfig, meta: bool = False) -> list[torch.nn.Module]:
         # Like Megatron-LM's Float16Module: every parameter in the model's dtype, including
         # the few megatron-core creates in fp32 (learned position embeddings).
         model.to(device=device, dtype=tconfig.params_dtype)
+        if cfg.compile_layers:
+            compiled.check_compile_supported(specs.resolve_impl(cfg))
+            compiled.compile_layers(model)
     model.megabridge_config = cfg  # what conversion and checkpoints need to know about it
     return [model]
 

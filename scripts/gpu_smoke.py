@@ -240,15 +240,13 @@ def compiled_layers(s: Smoke) -> str:
     gpu = {"CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES") or "0"}
     output = s.run("compiled_layers", ["-m", "pytest", "-v", "-p", "no:cacheprovider",
                                        "tests/unit_tests/models/test_compiled_layers.py"], env=gpu)  # fmt: skip
-    cuda = re.findall(
-        r"test_compiled_layers_give_the_eager_loss_and_gradients\[cuda-\S+ PASSED", output
-    )
-    if len(cuda) != 3:  # bf16, FP8 tensorwise, FP8 rowwise
-        raise Failure(f"{len(cuda)} of the 3 CUDA cases passed (see compiled_layers.log)")
+    cases = re.findall(r"give_the_eager_loss_and_gradients\[(\S+)\] PASSED", output)
+    if len(cases) != 5:  # inductor bf16; eager and inductor FP8, tensorwise and rowwise
+        raise Failure(f"{len(cases)} of the 5 CUDA cases passed (see compiled_layers.log)")
     recipe = "llama_tiny_pretrain_config"
     records = s.train("compiled_train", "train", recipe, s.work / "compiled", "train.train_iters=10",
                       "model.compile_layers=true")  # fmt: skip
-    return f"3 CUDA cases passed; training {falling(records, 'compiled')}"
+    return f"CUDA cases {', '.join(cases)} passed; training {falling(records, 'compiled')}"
 
 
 def _adapter(s: Smoke, method: str) -> str:

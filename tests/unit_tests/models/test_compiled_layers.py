@@ -14,18 +14,24 @@ from megabridge.models.provider import build_model
 
 pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("single_process_megatron")]
 
-# (device, backend, model options, loss tolerance, relative gradient tolerance)
-CASES = [
-    ("cpu", "aot_eager", dict(bf16=False), 0.0, 0.0),
-    ("cpu", "aot_eager", dict(bf16=True, fp8="tensorwise"), 0.0, 0.0),  # FP8 emulated
-    ("cpu", "aot_eager", dict(bf16=False, qk_layernorm=True, add_qkv_bias=True), 0.0, 0.0),
-]
+# (backend or None for eager, model options, loss tolerance, relative gradient tolerance),
+# each against the eager model with the same options on the CPU (bit-equal through aot_eager),
+# and against the eager bf16 model on a GPU (FP8 rounds: 1% of the loss, 20% of a gradient).
 if torch.cuda.is_available():
-    CASES += [
-        ("cuda", "inductor", dict(bf16=True), 2e-3, 0.05),
-        ("cuda", "inductor", dict(bf16=True, fp8="tensorwise"), 2e-3, 0.05),
-        ("cuda", "inductor", dict(bf16=True, fp8="rowwise"), 2e-3, 0.05),
+    CASES = [
+        ("inductor", dict(bf16=True), 2e-3, 0.05),
+        (None, dict(bf16=True, fp8="tensorwise"), 1e-2, 0.2),
+        ("inductor", dict(bf16=True, fp8="tensorwise"), 1e-2, 0.2),
+        (None, dict(bf16=True, fp8="rowwise"), 1e-2, 0.2),
+        ("inductor", dict(bf16=True, fp8="rowwise"), 1e-2, 0.2),
     ]
+else:
+    CASES = [
+        ("aot_eager", dict(bf16=False), 0.0, 0.0),
+        ("aot_eager", dict(bf16=True, fp8="tensorwise"), 0.0, 0.0),  # FP8 emulated
+        ("aot_eager", dict(bf16=False, qk_layernorm=True, add_qkv_bias=True), 0.0, 0.0),
+    ]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # where build_model puts the model
 
 
 def _tiny(**kw) -> ModelConfig:
@@ -73,14 +79,23 @@ def fp8_anywhere(monkeypatch):
         monkeypatch.setattr(fp8, "check_fp8_supported", lambda *a: None)
 
 
-@pytest.mark.parametrize(("device", "backend", "options", "loss_tol", "grad_tol"), CASES)
+def _case_id(case) -> str:
+    backend, options = case[0] or "eager", case[1]
+    return "-".join([backend, options.get("fp8") or ("bf16" if options["bf16"] else "fp32")])
+
+
+@pytest.mark.parametrize(
+    ("backend", "options", "loss_tol", "grad_tol"), CASES, ids=map(_case_id, CASES)
+)
 def test_compiled_layers_give_the_eager_loss_and_gradients(
-    fp8_anywhere, device, backend, options, loss_tol, grad_tol
+    fp8_anywhere, backend, options, loss_tol, grad_tol
 ):
     torch._dynamo.reset()
-    model, loss, grads = _loss_and_grads(_tiny(**options), device, backend)
-    _, ref_loss, ref_grads = _loss_and_grads(_tiny(**options), device, None)
-    assert all(hasattr(layer, "_compiled_call_impl") for layer in model.decoder.layers)
+    model, loss, grads = _loss_and_grads(_tiny(**options), DEVICE, backend)
+    reference = _tiny(**options) if DEVICE == "cpu" else _tiny(bf16=True)
+    _, ref_loss, ref_grads = _loss_and_grads(reference, DEVICE, None)
+    compiled_layers = [hasattr(layer, "_compiled_call_impl") for layer in model.decoder.layers]
+    assert compiled_layers == [backend is not None] * len(compiled_layers)
     assert abs(loss - ref_loss) <= loss_tol * abs(ref_loss)
     assert grads.keys() == ref_grads.keys()
     for name, grad in grads.items():
@@ -95,7 +110,7 @@ def test_compiled_layers_give_the_eager_loss_and_gradients(
 def test_a_torch_spec_layer_traces_as_one_graph(fp8_anywhere, options):
     """No graph breaks: the whole layer (norms, attention, MLP, residual adds) is one graph."""
     (model,) = build_model(_tiny(bf16=True, **options))
-    args, kwargs = _first_layer_call(model, "cpu")
+    args, kwargs = _first_layer_call(model, DEVICE)
     assert compiled.graph_breaks(model.decoder.layers[0], *args, **kwargs) == []
 
 

@@ -47,27 +47,6 @@ def quantize(x: torch.Tensor, dtype: torch.dtype, rowwise: bool):
     return x_fp8, scale.reciprocal()
 
 
-@torch.library.custom_op("megabridge::scaled_mm", mutates_args=())
-def _scaled_mm_op(
-    a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor
-) -> torch.Tensor:
-    """torch._scaled_mm as an operator inductor does not look into.
-
-    Inside a compiled layer (model.compile_layers) with the aten op, the backward gave
-    wrong gradients on an H200 (measured: relative difference 0.36 in the embedding's
-    gradient; the eager layer's were right). The suspect: inductor may lay out the FP8
-    operands its own way, while torch._scaled_mm needs its right operand column-major. A
-    custom operator's inputs keep the strides they have in eager mode (inductor's default
-    for custom operators).
-    """
-    return torch._scaled_mm(a, b, scale_a=scale_a, scale_b=scale_b, out_dtype=torch.bfloat16)
-
-
-@_scaled_mm_op.register_fake
-def _(a, b, scale_a, scale_b):
-    return a.new_empty((a.shape[0], b.shape[1]), dtype=torch.bfloat16)
-
-
 def scaled_mm(a, b, scale_a, scale_b, emulate: bool) -> torch.Tensor:
     """(a * scale_a) @ (b * scale_b) in bf16: a [M, K] FP8 row-major, b [K, N] FP8
     column-major, scale_a [] or [M, 1], scale_b [] or [1, N] (float32).
@@ -77,7 +56,7 @@ def scaled_mm(a, b, scale_a, scale_b, emulate: bool) -> torch.Tensor:
     """
     if emulate:
         return ((a.float() * scale_a) @ (b.float() * scale_b)).to(torch.bfloat16)
-    return _scaled_mm_op(a, b, scale_a, scale_b)
+    return torch._scaled_mm(a, b, scale_a=scale_a, scale_b=scale_b, out_dtype=torch.bfloat16)
 
 
 _compiled: dict = {}

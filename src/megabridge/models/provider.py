@@ -274,6 +274,8 @@ def build_model(cfg: ModelConfig, meta: bool = False) -> list[torch.nn.Module]:
     from megatron.core.models.gpt import GPTModel
 
     validate_model_config(cfg)
+    if cfg.compile_layers:
+        compiled.check_compile_supported(specs.resolve_impl(cfg), cfg.fp8)
     if cfg.fp8 is not None and not meta:  # a meta build only lays out the (same) parameters
         fp8.check_fp8_supported(cfg.fp8, cfg.tensor_model_parallel_size, cfg.sequence_parallel)
     tconfig = transformer_config(cfg)
@@ -309,7 +311,6 @@ def build_model(cfg: ModelConfig, meta: bool = False) -> list[torch.nn.Module]:
         # the few megatron-core creates in fp32 (learned position embeddings).
         model.to(device=device, dtype=tconfig.params_dtype)
         if cfg.compile_layers:
-            compiled.check_compile_supported(specs.resolve_impl(cfg))
             compiled.compile_layers(model)
     model.megabridge_config = cfg  # what conversion and checkpoints need to know about it
     return [model]

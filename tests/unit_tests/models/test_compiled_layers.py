@@ -14,21 +14,14 @@ from megabridge.models.provider import build_model
 
 pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("single_process_megatron")]
 
-# (backend or None for eager, model options, loss tolerance, relative gradient tolerance),
-# each against the eager model with the same options on the CPU (bit-equal through aot_eager),
-# and against the eager bf16 model on a GPU (FP8 rounds: 1% of the loss, 20% of a gradient).
+# (backend, model options, loss tolerance, relative gradient tolerance), each against the
+# eager model with the same options: bit-equal through aot_eager on the CPU, close through
+# inductor on a GPU.
 if torch.cuda.is_available():
-    CASES = [
-        ("inductor", dict(bf16=True), 2e-3, 0.05),
-        (None, dict(bf16=True, fp8="tensorwise"), 1e-2, 0.2),
-        ("inductor", dict(bf16=True, fp8="tensorwise"), 1e-2, 0.2),
-        (None, dict(bf16=True, fp8="rowwise"), 1e-2, 0.2),
-        ("inductor", dict(bf16=True, fp8="rowwise"), 1e-2, 0.2),
-    ]
+    CASES = [("inductor", dict(bf16=True), 2e-3, 0.05)]
 else:
     CASES = [
         ("aot_eager", dict(bf16=False), 0.0, 0.0),
-        ("aot_eager", dict(bf16=True, fp8="tensorwise"), 0.0, 0.0),  # FP8 emulated
         ("aot_eager", dict(bf16=False, qk_layernorm=True, add_qkv_bias=True), 0.0, 0.0),
     ]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # where build_model puts the model
@@ -74,28 +67,24 @@ def _first_layer_call(model, device: str):
 
 @pytest.fixture
 def fp8_anywhere(monkeypatch):
-    """FP8 builds on the CPU too (its GEMMs emulated); the GPU cases check the real ones."""
+    """FP8 builds on the CPU too (its GEMMs emulated)."""
     if not torch.cuda.is_available():
         monkeypatch.setattr(fp8, "check_fp8_supported", lambda *a: None)
 
 
 def _case_id(case) -> str:
-    backend, options = case[0] or "eager", case[1]
-    return "-".join([backend, options.get("fp8") or ("bf16" if options["bf16"] else "fp32")])
+    backend, options = case[0], case[1]
+    return "-".join([backend, "bf16" if options["bf16"] else "fp32", *sorted(options)[1:]])
 
 
 @pytest.mark.parametrize(
     ("backend", "options", "loss_tol", "grad_tol"), CASES, ids=map(_case_id, CASES)
 )
-def test_compiled_layers_give_the_eager_loss_and_gradients(
-    fp8_anywhere, backend, options, loss_tol, grad_tol
-):
+def test_compiled_layers_give_the_eager_loss_and_gradients(backend, options, loss_tol, grad_tol):
     torch._dynamo.reset()
     model, loss, grads = _loss_and_grads(_tiny(**options), DEVICE, backend)
-    reference = _tiny(**options) if DEVICE == "cpu" else _tiny(bf16=True)
-    _, ref_loss, ref_grads = _loss_and_grads(reference, DEVICE, None)
-    compiled_layers = [hasattr(layer, "_compiled_call_impl") for layer in model.decoder.layers]
-    assert compiled_layers == [backend is not None] * len(compiled_layers)
+    _, ref_loss, ref_grads = _loss_and_grads(_tiny(**options), DEVICE, None)
+    assert all(hasattr(layer, "_compiled_call_impl") for layer in model.decoder.layers)
     assert abs(loss - ref_loss) <= loss_tol * abs(ref_loss)
     assert grads.keys() == ref_grads.keys()
     for name, grad in grads.items():
@@ -123,6 +112,8 @@ def test_the_row_parallel_linears_are_ours():
     assert type(layer.mlp.linear_fc2) is compiled.RowParallelLinear
 
 
-def test_compile_layers_is_refused_off_the_torch_spec():
+def test_compile_layers_is_refused_off_the_torch_spec_and_with_fp8():
     with pytest.raises(ConfigError, match="compile_layers is built for the torch layer spec"):
-        build_model(_tiny(compile_layers=True, transformer_impl="local"))
+        build_model(_tiny(compile_layers=True, transformer_impl="local"), meta=True)
+    with pytest.raises(ConfigError, match="compile_layers with model.fp8 is not supported yet"):
+        build_model(_tiny(compile_layers=True, fp8="tensorwise"), meta=True)

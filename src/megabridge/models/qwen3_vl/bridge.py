@@ -87,7 +87,9 @@ class Qwen3VLBridge(Qwen3Bridge):
         for key in ("architectures", "model_type"):
             del text[key]
         tie = text.pop("tie_word_embeddings")
-        text["rope_parameters"].update(mrope_section=list(cfg.mrope_section), mrope_interleaved=True)
+        text["rope_parameters"].update(
+            mrope_section=list(cfg.mrope_section), mrope_interleaved=True
+        )
         vision = {k: v for k, v in cfg.vision.items() if k in VISION_FIELDS}
         vision["rope_parameters"] = {"rope_type": "axial", "rope_theta": cfg.vision["rope_theta"]}
         return {

@@ -125,8 +125,7 @@ class Qwen3VisionTower(nn.Module):
         self.pos_embed = nn.Embedding(v["num_position_embeddings"], hidden)
         self.side = int(v["num_position_embeddings"] ** 0.5)
         self.blocks = nn.ModuleList(
-            Block(hidden, heads, v["intermediate_size"], v["hidden_act"])
-            for _ in range(v["depth"])
+            Block(hidden, heads, v["intermediate_size"], v["hidden_act"]) for _ in range(v["depth"])
         )
         self.merger = Merger(hidden, unit, out, after_shuffle=False)
         self.deepstack_indexes = list(v["deepstack_visual_indexes"])

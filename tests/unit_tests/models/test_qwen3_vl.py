@@ -173,3 +173,19 @@ def test_deepstack_layers_off_the_first_stage_are_refused():
     model.decoder = _FakeDecoder()
     with pytest.raises(UserError, match="first 2 language-model layers, which must all be on"):
         model._add_deepstack_hooks(2)
+
+
+@pytest.mark.system
+@pytest.mark.skipduringci  # 2-process launches: minutes on a loaded 2-core machine
+@pytest.mark.parametrize(
+    "family, layout",
+    [("qwen3_vl", ["--tp", "2"]), ("qwen3_vl", ["--pp", "2"]),
+     ("qwen3_vl_moe", ["--ep", "2"]), ("qwen3_vl_moe", ["--tp", "2"])],
+    ids=["dense-tp2", "dense-pp2", "moe-ep2", "moe-tp2"],
+)  # fmt: skip
+def test_logits_on_images_in_parallel(family, layout, hf_dirs, images):
+    """The language model split over two processes; the tower replicated (TP) or on the first
+    stage with both DeepStack layers (PP: 2 + 2 layers); the experts split (EP)."""
+    images_args = [a for p in images for a in ("--image", str(p))]
+    code, result = checks.verify_cli(hf_dirs[family], nproc=2, extra=[*layout, *images_args])
+    assert code == 0 and result["max_abs_diff"] <= ATOL, result

@@ -31,16 +31,9 @@ def _tokenizer(vocab_size: int, first_vision_id: int):
     )  # fmt: skip
 
 
-def save_tiny_qwen2_5_vl(
-    path: Path,
-    variant: str = "base",
-    seed: int = 0,
-    dtype: torch.dtype = torch.float32,
-    max_shard_size: int | None = None,
-) -> Path:
-    """transformers' Qwen2.5-VL of the tiny config, random weights, with its processor files
-    (with ``max_shard_size``, bytes: several safetensors files and an index)."""
-    return save_tiny_vl("qwen2_5_vl", path, variant, seed, dtype, max_shard_size)
+def save_tiny_qwen2_5_vl(path: Path, *args, **kwargs) -> Path:
+    """transformers' Qwen2.5-VL of the tiny config (save_tiny_vl)."""
+    return save_tiny_vl("qwen2_5_vl", path, *args, **kwargs)
 
 
 def save_tiny_vl(
@@ -52,7 +45,8 @@ def save_tiny_vl(
     max_shard_size: int | None = None,
 ) -> Path:
     """transformers' model of a vision-language family's tiny config (Qwen2.5-VL, Qwen3-VL,
-    Qwen3-VL-MoE), random weights, with its image processor and tokenizer files."""
+    Qwen3-VL-MoE), random weights, with its image processor and tokenizer files (with
+    ``max_shard_size``, bytes: several safetensors files and an index)."""
     from transformers import AutoModelForImageTextToText, Qwen2VLImageProcessorPil
 
     config = tiny_config(family, variant)

@@ -298,6 +298,7 @@ def build_model(cfg: ModelConfig, meta: bool = False) -> list[torch.nn.Module]:
             **extra,
         )
         rope.apply_rope_scaling(model, cfg)
+        vision.apply_interleaved_mrope(model, cfg)
         hooks.apply(model, cfg)
     if meta:
         model.to(dtype=tconfig.params_dtype)

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Nightly: the vision-language tests CI leaves out (the CLI both ways, TP=2 / PP=2 on images,
-# SFT at TP=2 against TP=1); CI runs the rest of test_vision_language.py and test_vision_sft.py.
+# Nightly: the vision-language tests CI leaves out (the CLI both ways, TP=2 / PP=2 / EP=2 on
+# images; SFT at TP=2 / PP=2 / DP=2 against one process); CI runs the rest of
+# test_vision_language.py, test_qwen3_vl.py and test_vision_sft.py.
 set -euo pipefail
 cd "$(dirname "$0")/../../../.."
-uv run pytest tests/unit_tests/models/test_vision_language.py tests/functional_tests/test_vision_sft.py \
-    -m skipduringci -v "$@"
+uv run pytest tests/unit_tests/models/test_vision_language.py \
+  tests/unit_tests/models/test_qwen3_vl.py tests/functional_tests/test_vision_sft.py \
+  -m skipduringci -v "$@"

@@ -26,6 +26,8 @@ QUICK = [
     # vision-language: logits on images (in-process, seconds)
     "tests/unit_tests/models/test_vision_language.py::test_logits_on_images_match_transformers",
     "tests/unit_tests/models/test_qwen3_vl.py::test_logits_on_images_match_transformers[qwen3_vl]",
+    # vision-language SFT: a mixed-size image batch's loss against transformers (seconds)
+    "tests/unit_tests/data/test_vision_sft.py::test_mixed_size_batch_loss_matches_transformers",
     # one parallel check; training
     "tests/functional_tests/test_training.py::test_parallel_losses_equal_single_process[tp2]",
     "tests/functional_tests/test_training.py::test_quick_run_trains_logs_and_checkpoints",

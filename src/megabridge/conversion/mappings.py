@@ -9,6 +9,7 @@ expert) index; the n-th ``*`` of the Megatron pattern is the n-th of the HF ones
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -178,6 +179,17 @@ class GatedMLP(Mapping):
 def renames(table: dict[str, str]) -> list[Mapping]:
     """Rename mappings from a {megatron pattern: hf pattern} table."""
     return [Rename(megatron, (hf,)) for megatron, hf in table.items()]
+
+
+def hf_prefixed(mappings: list[Mapping], prefixes: dict[str, str]) -> list[Mapping]:
+    """The same mappings with each HF name's prefix replaced ({old: new}): a text family's
+    tensors inside a multimodal checkpoint (``model.`` -> ``language_model.model.``)."""
+
+    def moved(name: str) -> str:
+        old = next((p for p in prefixes if name.startswith(p)), None)
+        return name if old is None else prefixes[old] + name.removeprefix(old)
+
+    return [dataclasses.replace(m, hf=tuple(moved(n) for n in m.hf)) for m in mappings]
 
 
 @dataclass(frozen=True)

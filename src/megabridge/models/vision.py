@@ -29,6 +29,7 @@ from megatron.core.models.gpt import GPTModel
 from torch import nn
 
 from megabridge.errors import UserError
+from megabridge.models.llava import tower
 
 _ACTIVATIONS = {"silu": F.silu}  # the vision MLPs' hidden_act (the bridge refuses others)
 
@@ -200,7 +201,11 @@ class Qwen25VisionTower(nn.Module):
         return torch.cat(order), bounds
 
 
-TOWERS = {"qwen2_5_vl": Qwen25VisionTower}
+TOWERS = {
+    "qwen2_5_vl": Qwen25VisionTower,
+    "llava": tower.LlavaVision,  # CLIP / SigLIP + LLaVA's projector (models/llava/tower.py)
+    "gemma3": tower.Gemma3Vision,  # SigLIP + Gemma 3's pooling projector
+}
 
 
 class VisionLanguageModel(GPTModel):

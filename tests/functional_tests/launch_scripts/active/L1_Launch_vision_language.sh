@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Nightly: the vision-language tests CI leaves out (the CLI both ways, TP=2 / PP=2 on images);
-# CI runs the rest of tests/unit_tests/models/test_vision_language.py.
+# CI runs the rest of these files.
 set -euo pipefail
 cd "$(dirname "$0")/../../../.."
-uv run pytest tests/unit_tests/models/test_vision_language.py -m skipduringci -v "$@"
+uv run pytest tests/unit_tests/models/test_vision_language.py tests/unit_tests/models/test_llava.py \
+  -m skipduringci -v "$@"

@@ -111,6 +111,34 @@ def save_tiny_llava(
     return Path(path)
 
 
+def save_tiny_gemma3_vl(
+    path: Path, seed: int = 0, dtype: torch.dtype = torch.float32, max_shard_size: int | None = None
+) -> Path:
+    """transformers' Gemma 3 (text + SigLIP) of the tiny config, random weights, with its
+    processor (16 x 16 images, 4 image tokens between <start_of_image> and <end_of_image>)."""
+    import transformers
+
+    config = tiny_config("gemma3_vl")
+    torch.manual_seed(seed)
+    model = transformers.Gemma3ForConditionalGeneration(config)
+    randomize(model, seed)
+    shards = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    model.to(dtype).save_pretrained(str(path), **shards)
+    side = config.vision_config.image_size
+    names = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
+             "image_token": "<image_soft_token>"}  # fmt: skip
+    ids = {"boi_token": config.boi_token_index, "eoi_token": config.eoi_token_index,
+           "image_token": config.image_token_index}  # fmt: skip
+    tokenizer = _word_tokenizer(
+        config.text_config.vocab_size, {ids[k]: t for k, t in names.items()}, **names
+    )
+    transformers.Gemma3Processor(
+        image_processor=transformers.Gemma3ImageProcessorPil(size={"height": side, "width": side}),
+        tokenizer=tokenizer, image_seq_length=config.mm_tokens_per_image,
+    ).save_pretrained(str(path))  # fmt: skip
+    return Path(path)
+
+
 def save_images(folder: Path, sizes=IMAGE_SIZES, seed: int = 0) -> list[Path]:
     """PNG images of the given (height, width): smooth gradients plus noise."""
     import numpy as np

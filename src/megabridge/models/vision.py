@@ -29,6 +29,7 @@ from megatron.core.models.gpt import GPTModel
 from torch import nn
 
 from megabridge.errors import UserError
+from megabridge.models.attention_ops import image_blocks
 from megabridge.models.llava import tower
 
 _ACTIVATIONS = {"silu": F.silu}  # the vision MLPs' hidden_act (the bridge refuses others)
@@ -211,15 +212,21 @@ TOWERS = {
 class VisionLanguageModel(GPTModel):
     """GPTModel plus a vision tower on the first pipeline stage (see the module docstring)."""
 
-    def __init__(self, *args, vision: dict, **kwargs):
+    def __init__(self, *args, vision: dict, bidirectional_images: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.image_token_id = vision["image_token_id"]
         self.vision = TOWERS[vision["kind"]](vision) if self.pre_process else None
+        self.bidirectional_images = (
+            bidirectional_images  # ModelConfig.bidirectional_image_attention
+        )
 
     def forward(
         self, input_ids, position_ids, attention_mask, decoder_input=None,
         pixel_values=None, image_grid_thw=None, **kwargs,
     ):  # fmt: skip
+        if self.bidirectional_images and attention_mask is None:
+            # every stage: the torch spec's attention reads the blocks (torch_layers.py)
+            attention_mask = image_blocks(input_ids == self.image_token_id)
         if self.pre_process and decoder_input is None and pixel_values is not None:
             decoder_input = self.embed_with_images(input_ids, pixel_values, image_grid_thw)
         return super().forward(

@@ -179,10 +179,12 @@ def verify(
     atol: float | None = None,
     min_top1: float | None = None,
     images: list | None = None,
+    text_only: bool = False,
 ) -> VerifyResult:
     """Build the Megatron model (from ``hf_path`` or ``megatron_path``) and compare; every rank
-    returns the result. A vision-language model is compared on ``images`` (one sample each)."""
-    hf_bridge = AutoBridge.from_hf_pretrained(hf_path)
+    returns the result. A vision-language model is compared on ``images`` (one sample each);
+    ``text_only``: its language model alone, where a text family reads it (Gemma 3)."""
+    hf_bridge = AutoBridge.from_hf_pretrained(hf_path, text_only=text_only)
     vision = hf_bridge.model_config.vision
     if vision is not None and not images:
         raise UserError(

@@ -118,6 +118,23 @@ def test_text_only_reading_is_gemma3(hf_dir):
 
 
 @pytest.mark.unit
+@pytest.mark.usefixtures("single_process_megatron")
+def test_verifies_text_only(hf_dir):
+    """text_only: the language model alone against transformers' on random tokens."""
+    from megabridge.conversion.verify import verify
+
+    result = verify(hf_dir, text_only=True)
+    assert result.ok and result.max_abs_diff <= ATOL, result
+
+
+@pytest.mark.system
+@pytest.mark.skipduringci  # a process of its own: ~40 s on a loaded 2-core machine
+def test_cli_verifies_text_only(hf_dir):
+    code, result = checks.verify_cli(hf_dir, extra=["--text-only"])
+    assert code == 0 and result["max_abs_diff"] <= ATOL, result
+
+
+@pytest.mark.unit
 def test_image_blocks_match_transformers():
     from transformers.models.gemma3.modeling_gemma3 import get_block_sequence_ids_for_mask
 

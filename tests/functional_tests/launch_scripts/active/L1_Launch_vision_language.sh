@@ -4,4 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/../../../.."
 uv run pytest tests/unit_tests/models/test_vision_language.py tests/unit_tests/models/test_llava.py \
+  tests/unit_tests/models/test_gemma3_vl.py \
   -m skipduringci -v "$@"

@@ -9,8 +9,14 @@ text recipe) reads the same checkpoint as a text-only Gemma 3 instead (models/ge
 
 from megabridge.conversion.mappings import hf_prefixed
 from megabridge.conversion.registry import register_bridge
+from megabridge.conversion.vit import (
+    HF_RENAMES,
+    LANGUAGE_MODEL,
+    read_vit,
+    tower_mappings,
+    write_vit,
+)
 from megabridge.models.gemma3.bridge import Gemma3Bridge
-from megabridge.models.llava.bridge import LlavaBridge, read_vit, tower_mappings, write_vit
 
 PROJECTOR = ("mm_input_projection_weight", "mm_soft_emb_norm.weight")
 # Top-level Gemma3Config token ids (config.json's *_index) -> ModelConfig.vision's names
@@ -27,9 +33,9 @@ class Gemma3VLBridge(Gemma3Bridge):
     hf_model_type = "gemma3"
     VISION = True
     TEXT_TOWERS = ()  # the text-only reading is Gemma3Bridge's
-    HF_RENAMES = LlavaBridge.HF_RENAMES  # the same layouts as LLaVA's files
+    HF_RENAMES = HF_RENAMES  # the same layouts as LLaVA's files
     MAPPINGS = [
-        *hf_prefixed(Gemma3Bridge.MAPPINGS, LlavaBridge.LANGUAGE_MODEL),
+        *hf_prefixed(Gemma3Bridge.MAPPINGS, LANGUAGE_MODEL),
         *tower_mappings(PROJECTOR),
     ]
     NOTES = (

@@ -13,70 +13,23 @@ from __future__ import annotations
 import functools
 
 from megabridge.conversion.family import FamilyBridge
-from megabridge.conversion.mappings import hf_prefixed, renames
+from megabridge.conversion.mappings import hf_prefixed
 from megabridge.conversion.registry import bridge_for_family, bridge_for_model_type, register_bridge
+from megabridge.conversion.vit import (
+    ACTIVATIONS,
+    HF_RENAMES,
+    LANGUAGE_MODEL,
+    read_vit,
+    tower_mappings,
+    write_vit,
+)
 from megabridge.errors import UserError
 
-# The ViT's HF vision_config fields that ModelConfig.vision keeps (what the tower is built from).
-VIT_FIELDS = (
-    "model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
-    "num_attention_heads", "num_channels", "image_size", "patch_size", "layer_norm_eps",
-    "hidden_act",
-)  # fmt: skip
-VISION_MODEL_TYPES = ("clip_vision_model", "siglip_vision_model")
-ACTIVATIONS = ("gelu", "gelu_pytorch_tanh", "quick_gelu")  # what tower.py builds
 # Top-level LlavaConfig fields, kept in ModelConfig.vision as well.
 LLAVA_FIELDS = (
     "image_token_id", "projector_hidden_act", "vision_feature_select_strategy",
     "vision_feature_layer", "multimodal_projector_bias", "image_seq_length",
 )  # fmt: skip
-_LAYER = (
-    "layer_norm1.weight", "layer_norm1.bias", "layer_norm2.weight", "layer_norm2.bias",
-    *(f"self_attn.{p}_proj.{w}" for p in "qkv" for w in ("weight", "bias")),
-    "self_attn.out_proj.weight", "self_attn.out_proj.bias",
-    "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias",
-)  # fmt: skip
-# Every tensor a CLIP or SigLIP tower may have (a model holds the ones of its kind).
-VIT_TENSORS = (
-    "embeddings.class_embedding", "embeddings.patch_embedding.weight",
-    "embeddings.patch_embedding.bias", "embeddings.position_embedding.weight",
-    "pre_layrnorm.weight", "pre_layrnorm.bias", "post_layernorm.weight", "post_layernorm.bias",
-    *(f"encoder.layers.*.{t}" for t in _LAYER),
-    # SigLIP's pooling head (vision_use_head): carried, never run
-    "head.probe", "head.attention.in_proj_weight", "head.attention.in_proj_bias",
-    "head.attention.out_proj.weight", "head.attention.out_proj.bias", "head.layernorm.weight",
-    "head.layernorm.bias", "head.mlp.fc1.weight", "head.mlp.fc1.bias", "head.mlp.fc2.weight",
-    "head.mlp.fc2.bias",
-)  # fmt: skip
-
-
-def tower_mappings(projector: tuple[str, ...]) -> list:
-    """The tower's and the projector's tensors: HF name <-> the same under ``vision.``."""
-    names = [f"vision_tower.{t}" for t in VIT_TENSORS] + [
-        f"multi_modal_projector.{t}" for t in projector
-    ]
-    return renames({f"vision.{n}": n for n in names})
-
-
-def read_vit(cls, v) -> dict:
-    """ModelConfig.vision's ViT fields from an HF vision_config; refused in one line if
-    tower.py cannot build it."""
-    if v.model_type not in VISION_MODEL_TYPES:
-        raise UserError(
-            f"{cls.display_name()} with a {v.model_type!r} vision tower is not supported yet"
-        )
-    if v.hidden_act not in ACTIVATIONS:
-        raise UserError(
-            f"{cls.display_name()} with vision hidden_act={v.hidden_act!r} is not supported yet"
-        )
-    vit = {name: getattr(v, name) for name in VIT_FIELDS}
-    if v.model_type == "siglip_vision_model":
-        vit["vision_use_head"] = bool(v.vision_use_head)
-    return vit
-
-
-def write_vit(vision: dict) -> dict:
-    return {k: vision[k] for k in (*VIT_FIELDS, "vision_use_head") if k in vision}
 
 
 @register_bridge
@@ -87,14 +40,8 @@ class LlavaBridge(FamilyBridge):
     architectures = ("LlavaForConditionalGeneration",)
     hf_model_type = "llava"
     VISION = True
-    HF_RENAMES = {
-        "model.language_model.": "language_model.model.",
-        "lm_head.": "language_model.lm_head.",
-        "model.vision_tower.": "vision_tower.",
-        "vision_tower.vision_model.": "vision_tower.",
-        "model.multi_modal_projector.": "multi_modal_projector.",
-    }
-    LANGUAGE_MODEL = {"model.": "language_model.model.", "lm_head.": "language_model.lm_head."}
+    HF_RENAMES = HF_RENAMES
+    LANGUAGE_MODEL = LANGUAGE_MODEL
     PROJECTOR = ("linear_1.weight", "linear_1.bias", "linear_2.weight", "linear_2.bias")
     PARALLELISM = ("TP", "PP")
     NOTES = (

@@ -9,7 +9,10 @@ text families' mappings, sharding and checkpoints apply unchanged; the tower's a
 under ``vision.``.
 
 The tower is a plain torch module, replicated on every tensor-parallel rank (not split):
-``ModelConfig.vision`` describes it, ``TOWERS`` builds it by ``vision["kind"]``.
+``ModelConfig.vision`` describes it, ``TOWERS`` builds it by ``vision["kind"]`` (LLaVA's
+and Gemma 3's CLIP / SigLIP towers: models/llava/tower.py). With
+``bidirectional_image_attention`` (Gemma 3) every stage passes the image tokens' block ids
+as the attention mask, and the torch spec lets each image's tokens see each other.
 
 Qwen2.5-VL's tower (``Qwen25VisionTower``): a Conv3d patch embedding, pre-norm blocks
 (RMSNorm, fused-qkv attention with biases, SiLU-gated MLP with biases) with 2D RoPE

@@ -55,7 +55,7 @@ def image_samples(hf_path, paths: list, vision: dict) -> list[ImageSample]:
     """One sample per image: [vision start] [image token] * n [vision end] PROMPT."""
     import torch
 
-    if vision["kind"] in PROCESSOR_IMAGE_MARKER:
+    if vision.get("kind") in PROCESSOR_IMAGE_MARKER:
         return processor_samples(hf_path, paths, vision)
     processor, tokenizer = load_processors(hf_path)
     merge = vision["spatial_merge_size"]

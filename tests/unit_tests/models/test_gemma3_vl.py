@@ -135,6 +135,19 @@ def test_cli_verifies_text_only(hf_dir):
 
 
 @pytest.mark.unit
+def test_text_recipe_adopts_the_language_model(hf_dir):
+    """A text recipe fine-tuning from the multimodal checkpoint trains its language model."""
+    from megabridge.models.gemma3.recipes import gemma3_tiny_finetune_config
+    from megabridge.training import loop
+
+    cfg = gemma3_tiny_finetune_config()
+    cfg.checkpoint.pretrained_checkpoint = str(hf_dir)
+    loop._adopt_pretrained_architecture(cfg)
+    assert cfg.model.family == "gemma3" and cfg.model.vision is None
+    assert not cfg.model.bidirectional_image_attention
+
+
+@pytest.mark.unit
 def test_image_blocks_match_transformers():
     from transformers.models.gemma3.modeling_gemma3 import get_block_sequence_ids_for_mask
 

@@ -233,6 +233,22 @@ def packed_equals_padded(s: Smoke) -> str:
     return summary[-1].strip("= ") if summary else "passed"
 
 
+@path
+def compiled_layers(s: Smoke) -> str:
+    """model.compile_layers through inductor (bf16 layers against eager ones), then a compiled
+    training run."""
+    gpu = {"CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES") or "0"}
+    output = s.run("compiled_layers", ["-m", "pytest", "-v", "-p", "no:cacheprovider",
+                                       "tests/unit_tests/models/test_compiled_layers.py"], env=gpu)  # fmt: skip
+    cases = re.findall(r"give_the_eager_loss_and_gradients\[(\S+)\] PASSED", output)
+    if len(cases) != 1:  # inductor, bf16
+        raise Failure(f"{len(cases)} of the 1 CUDA case passed (see compiled_layers.log)")
+    recipe = "llama_tiny_pretrain_config"
+    records = s.train("compiled_train", "train", recipe, s.work / "compiled", "train.train_iters=10",
+                      "model.compile_layers=true")  # fmt: skip
+    return f"CUDA cases {', '.join(cases)} passed; training {falling(records, 'compiled')}"
+
+
 def _adapter(s: Smoke, method: str) -> str:
     import torch
     from peft import PeftModel

@@ -25,6 +25,7 @@ QUICK = [
     "tests/functional_tests/test_conversion_cli.py::test_cli_round_trip_is_bit_exact",
     # vision-language: logits on images (in-process, seconds)
     "tests/unit_tests/models/test_vision_language.py::test_logits_on_images_match_transformers",
+    "tests/unit_tests/models/test_qwen3_vl.py::test_logits_on_images_match_transformers[qwen3_vl]",
     # one parallel check; training
     "tests/functional_tests/test_training.py::test_parallel_losses_equal_single_process[tp2]",
     "tests/functional_tests/test_training.py::test_quick_run_trains_logs_and_checkpoints",

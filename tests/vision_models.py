@@ -8,7 +8,6 @@ from pathlib import Path
 import torch
 
 from megabridge.conversion.tiny import tiny_config
-from megabridge.models.qwen2_5_vl import tiny as qwen2_5_vl_tiny
 from tests.hf_models import randomize
 
 # A word-level vocabulary whose special tokens sit at the tiny config's token ids.
@@ -32,31 +31,37 @@ def _tokenizer(vocab_size: int, first_vision_id: int):
     )  # fmt: skip
 
 
-def save_tiny_qwen2_5_vl(
+def save_tiny_qwen2_5_vl(path: Path, *args, **kwargs) -> Path:
+    """transformers' Qwen2.5-VL of the tiny config (save_tiny_vl)."""
+    return save_tiny_vl("qwen2_5_vl", path, *args, **kwargs)
+
+
+def save_tiny_vl(
+    family: str,
     path: Path,
     variant: str = "base",
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     max_shard_size: int | None = None,
 ) -> Path:
-    """transformers' Qwen2.5-VL of the tiny config, random weights, with its processor files
-    (with ``max_shard_size``, bytes: several safetensors files and an index)."""
-    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
+    """transformers' model of a vision-language family's tiny config (Qwen2.5-VL, Qwen3-VL,
+    Qwen3-VL-MoE), random weights, with its image processor and tokenizer files (with
+    ``max_shard_size``, bytes: several safetensors files and an index)."""
+    from transformers import AutoModelForImageTextToText, Qwen2VLImageProcessorPil
 
-    config = tiny_config("qwen2_5_vl", variant)
+    config = tiny_config(family, variant)
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config)
+    model = AutoModelForImageTextToText.from_config(config)
     randomize(model, seed)
     shards = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
     model.to(dtype).save_pretrained(str(path), **shards)
-    vision = qwen2_5_vl_tiny.VISION
+    vision = config.vision_config
     Qwen2VLImageProcessorPil(
-        patch_size=vision["patch_size"], merge_size=vision["spatial_merge_size"],
-        temporal_patch_size=vision["temporal_patch_size"], min_pixels=16 * 16,
+        patch_size=vision.patch_size, merge_size=vision.spatial_merge_size,
+        temporal_patch_size=vision.temporal_patch_size, min_pixels=16 * 16,
         max_pixels=64 * 64,
     ).save_pretrained(str(path))  # fmt: skip
-    tokens = qwen2_5_vl_tiny.TOKENS
-    _tokenizer(config.text_config.vocab_size, tokens["vision_start_token_id"]).save_pretrained(
+    _tokenizer(config.text_config.vocab_size, config.vision_start_token_id).save_pretrained(
         str(path)
     )
     return Path(path)
@@ -137,6 +142,20 @@ def save_tiny_gemma3_vl(
         tokenizer=tokenizer, image_seq_length=config.mm_tokens_per_image,
     ).save_pretrained(str(path))  # fmt: skip
     return Path(path)
+
+
+def with_released_experts(hf_dir: Path) -> Path:
+    """Rewrite a transformers-5-saved Qwen3-VL-MoE folder's stacked experts ([E, out, in])
+    in the layout of the released checkpoints ([E, in, out]), in place."""
+    from safetensors.torch import load_file, save_file
+
+    for f in hf_dir.glob("*.safetensors"):
+        tensors = load_file(str(f))
+        for name, t in tensors.items():
+            if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+                tensors[name] = t.transpose(1, 2).contiguous()
+        save_file(tensors, str(f), metadata={"format": "pt"})
+    return hf_dir
 
 
 def save_images(folder: Path, sizes=IMAGE_SIZES, seed: int = 0) -> list[Path]:

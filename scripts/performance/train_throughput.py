@@ -84,14 +84,16 @@ def _result(
     }
 
 
-def run_megabridge(args, mbs: int, fp8: str | None = None, recompute_swiglu: bool = False) -> dict:
+def run_megabridge(args, mbs: int, name: str = "megabridge", overrides: tuple = ()) -> dict:
+    """megabridge's row ``name``: the recipe with the command's overrides, then ``overrides``."""
     from megabridge import runtime
+    from megabridge.training.config import apply_overrides
     from megabridge.training.loop import setup
     from megabridge.training.step import train_step
 
     with tempfile.TemporaryDirectory() as workdir:
         cfg = _config(args, mbs, workdir)
-        cfg.model.fp8, cfg.model.recompute_swiglu = fp8, recompute_swiglu
+        apply_overrides(cfg, list(overrides))
         torch.cuda.reset_peak_memory_stats()
         s = setup(cfg)
         flops_tok = flops_per_token(cfg.model, args.seq)
@@ -103,8 +105,6 @@ def run_megabridge(args, mbs: int, fp8: str | None = None, recompute_swiglu: boo
             times = _time_steps(step, args.warmup, args.iters)
             if args.profile:
                 _profile(step)
-            name = "megabridge" if fp8 is None else f"megabridge-fp8-{fp8}"
-            name += "-recompute-swiglu" if recompute_swiglu else ""
             return _result(name, mbs, args.seq, times, flops_tok, args.ceiling)
         finally:
             runtime.shutdown()
@@ -150,11 +150,18 @@ def _guarded(name: str, fn, args, mbs) -> dict:
 def _stacks(args) -> list[tuple[str, object]]:
     """(name, run(args, mbs)) in run order: megabridge first; plain HF before HF + Liger,
     whose kernels patch transformers for the rest of the process."""
-    stacks = [("megabridge", run_megabridge)]
-    stacks += [(f"megabridge-fp8-{r}", functools.partial(run_megabridge, fp8=r)) for r in args.fp8]
+    variants = [("megabridge", ())]
+    variants += [(f"megabridge-fp8-{r}", (f"model.fp8={r}",)) for r in args.fp8]
     if args.recompute_swiglu:
-        recompute = functools.partial(run_megabridge, recompute_swiglu=True)
-        stacks.append(("megabridge-recompute-swiglu", recompute))
+        variants.append(("megabridge-recompute-swiglu", ("model.recompute_swiglu=true",)))
+    for text in args.variant:
+        label, _, overrides = text.partition(":")
+        if not label or not overrides:
+            sys.exit(f"--variant {text!r}: expected LABEL:section.field=value[,...]")
+        variants.append((f"megabridge-{label}", tuple(overrides.split(","))))
+    stacks = [
+        (name, functools.partial(run_megabridge, name=name, overrides=o)) for name, o in variants
+    ]
     names = [n for n in args.compare.split(",") if n]
     unknown = sorted(set(names) - set(peers.PEERS))
     if unknown:
@@ -209,6 +216,11 @@ def main() -> None:
     p.add_argument(
         "--recompute-swiglu", action="store_true",
         help="also time megabridge with model.recompute_swiglu=true (less activation memory)",
+    )  # fmt: skip
+    p.add_argument(
+        "--variant", action="append", default=[], metavar="LABEL:OVERRIDES",
+        help="also time megabridge with these overrides, e.g. "
+        "compiled:model.compile_layers=true or fp8c:model.compile_layers=true,model.fp8=tensorwise",
     )  # fmt: skip
     p.add_argument(
         "--profile", action="store_true", help="print the top CUDA kernels of megabridge"

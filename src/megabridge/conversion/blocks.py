@@ -226,14 +226,18 @@ def stacked_experts(hf_experts: str = f"{HF_MLP}.experts") -> list[Mapping]:
     ]
 
 
-def stacked_gated_experts(hf_experts: str = f"{HF_MLP}.experts") -> list[Mapping]:
+def stacked_gated_experts(
+    hf_experts: str = f"{HF_MLP}.experts", either_way: bool = False
+) -> list[Mapping]:
     """Experts stacked as in stacked_experts, [in, out] per expert, but without biases and
     with gate and up as the two halves of gate_up_proj's columns (Llama 4:
-    ``gate_up_proj`` [E, hidden, 2 * ffn], ``down_proj`` [E, ffn, hidden])."""
+    ``gate_up_proj`` [E, hidden, 2 * ffn], ``down_proj`` [E, ffn, hidden]). ``either_way``:
+    [out, in] ones are read too (Qwen3-VL-MoE saved by transformers 5; StackedExperts)."""
     expert = f"{MLP}.experts.local_experts.*"
+    fc1, fc2 = f"{expert}.linear_fc1.weight", f"{expert}.linear_fc2.weight"
     return [
-        StackedExperts(f"{expert}.linear_fc1.weight", f"{hf_experts}.gate_up_proj", True),
-        StackedExperts(f"{expert}.linear_fc2.weight", f"{hf_experts}.down_proj", True),
+        StackedExperts(fc1, f"{hf_experts}.gate_up_proj", True, either_way=either_way),
+        StackedExperts(fc2, f"{hf_experts}.down_proj", True, either_way=either_way),
     ]
 
 

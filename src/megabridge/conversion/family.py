@@ -211,3 +211,48 @@ def write_window_layers(cfg: ModelConfig, data: dict) -> None:
     # max_window_layers says "from this layer on"; layer_types also covers any other pattern.
     data["max_window_layers"] = sliding[0]
     data["layer_types"] = [HF_LAYER_KINDS[i in sliding] for i in range(cfg.num_layers)]
+
+
+# ------------------------------------------------------------ Qwen-VL configs (Qwen2.5-VL, Qwen3-VL)
+
+# Top-level token ids of a Qwen-VL config.json (the vision dict carries them through a checkpoint).
+QWEN_VL_TOKEN_IDS = (
+    "image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"
+)  # fmt: skip
+
+
+def read_qwen_vl(name: str, hf_config, cfg: ModelConfig, kind: str, fields, hidden_act: str):
+    """The M-RoPE, tied embeddings and vision tower of a Qwen-VL config into ``cfg`` (its
+    language model already read from ``text_config``): ``fields`` of ``vision_config``, the
+    tower's RoPE theta and the token ids, as ``cfg.vision`` of tower ``kind``. A tower whose
+    activation is not ``hidden_act`` (the one the tower builds) is refused."""
+    text, v = hf_config.text_config, hf_config.vision_config
+    cfg.position_embedding_type = "mrope"
+    cfg.mrope_section = list(text.rope_parameters["mrope_section"])
+    # transformers 5 ties at the top level (4.x files put it in text_config, read there too)
+    cfg.share_embeddings_and_output_weights = bool(hf_config.tie_word_embeddings)
+    vision = {f: list(getattr(v, f)) if f.endswith("_indexes") else getattr(v, f) for f in fields}
+    if vision["hidden_act"] != hidden_act:
+        raise UserError(f"{name} with vision hidden_act={v.hidden_act!r} is not supported yet")
+    vision["rope_theta"] = float((v.rope_parameters or {}).get("rope_theta", 10000.0))
+    vision.update({token: getattr(hf_config, token) for token in QWEN_VL_TOKEN_IDS})
+    cfg.vision = {"kind": kind, **vision}
+
+
+def write_qwen_vl(cls, cfg: ModelConfig, text: dict, fields) -> dict:
+    """Inverse of read_qwen_vl: the config.json dict around ``text`` (the language model's,
+    as its text family writes it)."""
+    for key in ("architectures", "model_type"):
+        del text[key]
+    tie = text.pop("tie_word_embeddings")
+    text["rope_parameters"]["mrope_section"] = list(cfg.mrope_section)
+    vision = {k: v for k, v in cfg.vision.items() if k in fields}
+    vision["rope_parameters"] = {"rope_type": "axial", "rope_theta": cfg.vision["rope_theta"]}
+    return {
+        "architectures": [cls.architectures[0]],
+        "model_type": cls.hf_model_type,
+        "text_config": {**text, "model_type": f"{cls.hf_model_type}_text"},
+        "vision_config": {**vision, "model_type": f"{cls.hf_model_type}_vision"},
+        "tie_word_embeddings": tie,
+        **{token: cfg.vision[token] for token in QWEN_VL_TOKEN_IDS},
+    }

@@ -181,15 +181,14 @@ def renames(table: dict[str, str]) -> list[Mapping]:
     return [Rename(megatron, (hf,)) for megatron, hf in table.items()]
 
 
-def hf_prefixed(mappings: list[Mapping], prefixes: dict[str, str]) -> list[Mapping]:
-    """The same mappings with each HF name's prefix replaced ({old: new}): a text family's
-    tensors inside a multimodal checkpoint (``model.`` -> ``language_model.model.``)."""
-
-    def moved(name: str) -> str:
-        old = next((p for p in prefixes if name.startswith(p)), None)
-        return name if old is None else prefixes[old] + name.removeprefix(old)
-
-    return [dataclasses.replace(m, hf=tuple(moved(n) for n in m.hf)) for m in mappings]
+def hf_moved(mappings: list[Mapping], prefix: str, to: str) -> list[Mapping]:
+    """``mappings`` with their HF names under ``prefix`` moved under ``to`` (a multimodal
+    checkpoint keeps its language model's ``model.*`` under ``model.language_model.*``)."""
+    return [
+        dataclasses.replace(m, hf=tuple(to + h.removeprefix(prefix) if h.startswith(prefix) else h
+                                        for h in m.hf))
+        for m in mappings
+    ]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -207,6 +206,10 @@ class StackedExperts(Mapping):
 
     transposed: bool = False
     interleaved: bool = False
+    # Read also a slice already in Megatron's [out, in] shape, as is (transformers 5 saves
+    # Qwen3-VL-MoE's experts so; the release stores them [in, out]). As transformers decides:
+    # by the shape alone, so a square slice counts as [out, in]. Written back transposed.
+    either_way: bool = False
 
     def match(self, megatron_name: str) -> tuple[str, ...] | None:
         m = self._regex.match(megatron_name)
@@ -225,9 +228,16 @@ class StackedExperts(Mapping):
         import torch
 
         (t,) = tensors  # weight [in, out] / [out, in], or bias [out]
+        if self.either_way and tuple(t.shape) == self._megatron_shape(cfg):
+            return t
         if self.interleaved:  # columns g0 u0 g1 u1 ... -> [g0 g1 ...; u0 u1 ...]
             t = torch.cat([t[..., ::2], t[..., 1::2]], dim=-1)
         return t.t().contiguous() if self.transposed else t
+
+    def _megatron_shape(self, cfg) -> tuple[int, int]:
+        """One gated expert's [out, in]: linear_fc1 [2 * ffn, hidden], linear_fc2 [hidden, ffn]."""
+        ffn, hidden = cfg.moe_ffn_hidden_size, cfg.hidden_size
+        return (2 * ffn, hidden) if ".linear_fc1." in self.megatron else (hidden, ffn)
 
     def megatron_to_hf(self, tensor, cfg):
         import torch

@@ -5,7 +5,7 @@ a tower may have, and the names of a multimodal checkpoint's parts in transforme
 
 from __future__ import annotations
 
-from megabridge.conversion.mappings import renames
+from megabridge.conversion.mappings import Mapping, hf_moved, renames
 from megabridge.errors import UserError
 
 # Stored-name prefix -> the one the mappings use (FamilyBridge.HF_RENAMES): the Hub's llava-hf
@@ -20,6 +20,14 @@ HF_RENAMES = {
 }
 # A text family's HF names -> the same tensors' inside the multimodal checkpoint.
 LANGUAGE_MODEL = {"model.": "language_model.model.", "lm_head.": "language_model.lm_head."}
+
+
+def language_model(mappings: list[Mapping]) -> list[Mapping]:
+    """A text family's mappings with their HF names where the multimodal checkpoint keeps them."""
+    for prefix, to in LANGUAGE_MODEL.items():
+        mappings = hf_moved(mappings, prefix, to)
+    return mappings
+
 
 # The ViT's HF vision_config fields that ModelConfig.vision keeps (what the tower is built from).
 VIT_FIELDS = (

@@ -97,6 +97,11 @@ class ModelConfig:
         "mrope: how many RoPE frequencies follow the temporal, height and width positions "
         "(HF rope_parameters.mrope_section)",
     )
+    mrope_interleaved: bool = architecture_field(
+        False,
+        "mrope: the height and width frequencies interleaved with the temporal ones (T H W T H "
+        "W ...; Qwen3-VL's HF rope_parameters.mrope_interleaved) instead of in sections",
+    )
     rotary_base: float = architecture_field(10000.0, "RoPE theta")
     rotary_percent: float = architecture_field(1.0, "fraction of the head dimension rotated")
     rotary_interleaved: bool = architecture_field(
@@ -297,6 +302,11 @@ class ModelConfig:
         "torch spec, dense SwiGLU MLPs: recompute SwiGLU's output in backward instead of keeping "
         "it (less activation memory for one element-wise pass)",
     )
+    compile_layers: bool = runtime_field(
+        False,
+        "torch spec: compile each transformer layer with torch.compile (fused element-wise "
+        "work, fewer kept activations; the first steps take longer while it compiles)",
+    )
     recompute_granularity: Literal["full", "selective"] | None = runtime_field(
         None, "activation recomputation"
     )
@@ -455,6 +465,8 @@ def _variant_problems(cfg: ModelConfig) -> list[str]:
         problems.append("local_rotary_base needs sliding_window (it is the window layers' theta)")
     if (cfg.position_embedding_type == "mrope") != (cfg.mrope_section is not None):
         problems.append("position_embedding_type=mrope and mrope_section go together")
+    if cfg.mrope_interleaved and cfg.position_embedding_type != "mrope":
+        problems.append("mrope_interleaved needs position_embedding_type=mrope")
     if cfg.vision is not None and cfg.sequence_parallel:
         problems.append("sequence_parallel with a vision tower is not supported yet")
     if cfg.bidirectional_image_attention and cfg.vision is None:

@@ -25,6 +25,7 @@ import torch
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
 from megabridge.errors import ConfigError
+from megabridge.models import compiled
 
 RECIPES = ("tensorwise", "rowwise")
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
@@ -166,7 +167,7 @@ class FP8ColumnParallelLinear(_FP8Forward, ColumnParallelLinear):
     pass
 
 
-class FP8RowParallelLinear(_FP8Forward, RowParallelLinear):
+class FP8RowParallelLinear(_FP8Forward, compiled.RowParallelLinear):
     pass
 
 

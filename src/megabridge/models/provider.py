@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from megabridge.errors import ConfigError
-from megabridge.models import fp8, hooks, rope, specs, torch_layers, vision
+from megabridge.models import compiled, fp8, hooks, rope, specs, torch_layers, vision
 from megabridge.models.config import (
     ModelConfig,
     expert_tensor_parallel_size,
@@ -274,6 +274,8 @@ def build_model(cfg: ModelConfig, meta: bool = False) -> list[torch.nn.Module]:
     from megatron.core.models.gpt import GPTModel
 
     validate_model_config(cfg)
+    if cfg.compile_layers:
+        compiled.check_compile_supported(specs.resolve_impl(cfg), cfg.fp8)
     if cfg.fp8 is not None and not meta:  # a meta build only lays out the (same) parameters
         fp8.check_fp8_supported(cfg.fp8, cfg.tensor_model_parallel_size, cfg.sequence_parallel)
     tconfig = transformer_config(cfg)
@@ -297,6 +299,7 @@ def build_model(cfg: ModelConfig, meta: bool = False) -> list[torch.nn.Module]:
             **extra,
         )
         rope.apply_rope_scaling(model, cfg)
+        vision.apply_interleaved_mrope(model, cfg)
         hooks.apply(model, cfg)
     if meta:
         model.to(dtype=tconfig.params_dtype)
@@ -309,6 +312,8 @@ def build_model(cfg: ModelConfig, meta: bool = False) -> list[torch.nn.Module]:
         # Like Megatron-LM's Float16Module: every parameter in the model's dtype, including
         # the few megatron-core creates in fp32 (learned position embeddings).
         model.to(device=device, dtype=tconfig.params_dtype)
+        if cfg.compile_layers:
+            compiled.compile_layers(model)
     model.megabridge_config = cfg  # what conversion and checkpoints need to know about it
     return [model]
 

@@ -27,7 +27,7 @@ from megatron.core.utils import divide
 from torch.utils.checkpoint import checkpoint
 
 from megabridge.errors import ConfigError
-from megabridge.models import fp8, rope, swiglu_recompute
+from megabridge.models import compiled, fp8, rope, swiglu_recompute
 from megabridge.models.attention_ops import (
     attend_in_blocks,
     block_allowed,
@@ -696,6 +696,21 @@ def _use_megabridge_modules(spec, cfg, norm) -> None:
         _use_fp8_linears(sub, cfg)
     if cfg.recompute_swiglu:
         _use_recomputed_swiglu(sub, cfg)
+    _use_own_row_linears(sub)
+
+
+def _use_own_row_linears(sub) -> None:
+    """Megatron's plain row-parallel linears as compiled.RowParallelLinear (the same layer,
+    without the per-call group lookup that splits a compiled layer's graph)."""
+    from megatron.core.tensor_parallel.layers import RowParallelLinear
+
+    mlp = getattr(sub.mlp, "submodules", None)
+    shared = getattr(mlp, "shared_experts", None)
+    owners = (sub.self_attention.submodules, mlp, getattr(shared, "submodules", None))
+    for owner in owners:
+        for field in ("linear_proj", "linear_fc2"):
+            if getattr(owner, field, None) is RowParallelLinear:
+                setattr(owner, field, compiled.RowParallelLinear)
 
 
 def _use_recomputed_swiglu(sub, cfg) -> None:

@@ -26,6 +26,8 @@ processor's order.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from megatron.core.models.gpt import GPTModel
@@ -34,6 +36,7 @@ from torch import nn
 from megabridge.errors import UserError
 from megabridge.models.attention_ops import image_blocks
 from megabridge.models.llava import tower
+from megabridge.models.qwen3_vl.tower import Qwen3VisionTower
 
 _ACTIVATIONS = {"silu": F.silu}  # the vision MLPs' hidden_act (the bridge refuses others)
 
@@ -207,6 +210,7 @@ class Qwen25VisionTower(nn.Module):
 
 TOWERS = {
     "qwen2_5_vl": Qwen25VisionTower,
+    "qwen3_vl": Qwen3VisionTower,
     "llava": tower.LlavaVision,  # CLIP / SigLIP + LLaVA's projector (models/llava/tower.py)
     "gemma3": tower.Gemma3Vision,  # SigLIP + Gemma 3's pooling projector
 }
@@ -222,6 +226,10 @@ class VisionLanguageModel(GPTModel):
         self.bidirectional_images = (
             bidirectional_images  # ModelConfig.bidirectional_image_attention
         )
+        # DeepStack (Qwen3-VL): a tower that also returns features for the first LM layers
+        self._deepstack = None  # (image positions [b, s], features per layer), in a forward
+        if self.vision is not None and getattr(self.vision, "deepstack_layers", 0):
+            self._add_deepstack_hooks(self.vision.deepstack_layers)
 
     def forward(
         self, input_ids, position_ids, attention_mask, decoder_input=None,
@@ -241,6 +249,9 @@ class VisionLanguageModel(GPTModel):
         embeddings = self.embedding(input_ids=input_ids, position_ids=None)  # [s, b, h]
         features = self.vision(pixel_values, image_grid_thw)  # [image tokens, h]
         placeholders = input_ids == self.image_token_id  # [b, s]
+        if isinstance(features, tuple):  # (features, DeepStack's features per LM layer)
+            features, deepstack = features
+            self._deepstack = (placeholders, deepstack)
         if int(placeholders.sum()) != features.shape[0]:
             raise UserError(
                 f"the text has {int(placeholders.sum())} image tokens, the images give "
@@ -251,6 +262,66 @@ class VisionLanguageModel(GPTModel):
             placeholders.unsqueeze(-1), features.to(embeddings.dtype)
         )
         return filled.transpose(0, 1).contiguous()
+
+    def _add_deepstack_hooks(self, layers: int) -> None:
+        """LM layer i's output gets DeepStack's i-th features added on the image tokens, for
+        i < ``layers``: forward hooks on Megatron-Core's TransformerLayers of this (first)
+        stage, fed by embed_with_images of the same forward; a forward of the model starts
+        without any (text only: nothing added)."""
+        if len(self.decoder.layers) < layers:
+            raise UserError(
+                f"DeepStack adds image features to the first {layers} language-model layers, "
+                f"which must all be on the first pipeline stage (it has "
+                f"{len(self.decoder.layers)}): use fewer pipeline stages"
+            )
+        self.register_forward_pre_hook(lambda module, args: setattr(module, "_deepstack", None))
+        for i in range(layers):
+            self.decoder.layers[i].register_forward_hook(functools.partial(self._deepstack_add, i))
+
+    def _deepstack_add(self, index: int, layer, args, output):
+        if self._deepstack is None:
+            return output
+        hidden, context = output  # hidden [s, b, h]
+        placeholders, features = self._deepstack
+        added = torch.zeros_like(hidden.transpose(0, 1)).masked_scatter(
+            placeholders.unsqueeze(-1), features[index].to(hidden.dtype)
+        )  # [b, s, h], image tokens in batch-major order (as embed_with_images fills them)
+        return hidden + added.transpose(0, 1), context
+
+
+class InterleavedMRoPE(nn.Module):
+    """M-RoPE with the height and width frequencies interleaved with the temporal ones:
+    frequency i follows the height position when i % 3 == 1 and i < 3 * section[1], the width
+    when i % 3 == 2 and i < 3 * section[2], else the temporal one (Qwen3-VL; transformers'
+    Qwen3VLTextRotaryEmbedding). Megatron-Core 0.16's MultimodalRotaryEmbedding takes
+    contiguous sections only (Qwen2.5-VL); this one is called as GPTModel calls it and keeps
+    its inverse frequencies: (positions [3, b, s], mrope_section, cp_group) -> [s, b, 1, d]."""
+
+    def __init__(self, inv_freq: torch.Tensor, section: list[int]):
+        super().__init__()
+        self.inv_freq = inv_freq  # a plain attribute on the model's device, as Megatron-Core's
+        i = torch.arange(inv_freq.numel())
+        axes = torch.zeros_like(i)
+        axes[(i % 3 == 1) & (i < 3 * section[1])] = 1
+        axes[(i % 3 == 2) & (i < 3 * section[2])] = 2
+        self.axes = axes
+
+    def forward(self, position_ids, mrope_section=None, cp_group=None):
+        inv = self.inv_freq
+        # elementwise, as transformers: [3, b, s, d / 2]
+        freqs = position_ids.to(inv.device)[..., None].float() * inv
+        chosen = freqs.gather(0, self.axes.to(inv.device).expand(1, *freqs.shape[1:]))[0]
+        emb = torch.cat([chosen, chosen], dim=-1)[:, :, None, :].transpose(0, 1).contiguous()
+        if cp_group is not None and cp_group.size() > 1:
+            raise UserError("context parallelism with interleaved M-RoPE is not supported yet")
+        return emb  # [s, b, 1, d]
+
+
+def apply_interleaved_mrope(model: nn.Module, cfg) -> None:
+    """Swap the built model's M-RoPE for InterleavedMRoPE where the config asks for it."""
+    emb = getattr(model, "rotary_pos_emb", None)
+    if cfg.mrope_interleaved and emb is not None:
+        model.rotary_pos_emb = InterleavedMRoPE(emb.inv_freq, cfg.mrope_section)
 
 
 def mrope_positions(

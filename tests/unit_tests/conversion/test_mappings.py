@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from megabridge.conversion import sharding
+from megabridge.conversion import blocks, sharding
 from megabridge.conversion.mappings import QKV, FusedQKV, GatedMLP, Rename
 from megabridge.models.config import ModelConfig
 
@@ -116,3 +116,28 @@ def test_stacked_experts_slice_interleave_and_round_trip(interleaved):
         torch.testing.assert_close(fc1[5:], stacked[5][:, 1::2].t(), atol=0, rtol=0)
     (back,) = m.megatron_to_hf(fc1, None)
     assert torch.equal(back, stacked[5])
+
+
+def test_hf_moved_rebases_only_the_prefix():
+    from megabridge.conversion.mappings import hf_moved
+
+    moved = hf_moved(blocks.embeddings_and_head(), "model.", "model.language_model.")
+    assert [m.hf for m in moved] == [("model.language_model.embed_tokens.weight",),
+                                     ("lm_head.weight",)]  # fmt: skip
+    assert moved[0].match("embedding.word_embeddings.weight") == moved[0].hf
+
+
+def test_stacked_experts_either_way_reads_both_orientations():
+    """Released Qwen3-VL-MoE [in, out] and transformers 5's [out, in] give one Megatron
+    tensor; the export is the released layout; a square slice counts as [out, in]."""
+    from types import SimpleNamespace
+
+    fc1, fc2 = blocks.stacked_gated_experts(either_way=True)
+    cfg = SimpleNamespace(moe_ffn_hidden_size=3, hidden_size=4)
+    weight = torch.randn(6, 4)  # Megatron's linear_fc1 [2 * ffn, hidden]
+    assert torch.equal(fc1.hf_to_megatron([weight.t()], cfg), weight)
+    assert torch.equal(fc1.hf_to_megatron([weight], cfg), weight)
+    assert torch.equal(fc1.megatron_to_hf(weight, cfg)[0], weight.t())
+    square = SimpleNamespace(moe_ffn_hidden_size=4, hidden_size=4)
+    down = torch.randn(4, 4)
+    assert torch.equal(fc2.hf_to_megatron([down], square), down)

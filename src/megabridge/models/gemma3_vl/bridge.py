@@ -7,11 +7,10 @@ attention lets each image's tokens see each other both ways (bidirectional_image
 text recipe) reads the same checkpoint as a text-only Gemma 3 instead (models/gemma3).
 """
 
-from megabridge.conversion.mappings import hf_prefixed
 from megabridge.conversion.registry import register_bridge
 from megabridge.conversion.vit import (
     HF_RENAMES,
-    LANGUAGE_MODEL,
+    language_model,
     read_vit,
     tower_mappings,
     write_vit,
@@ -35,7 +34,7 @@ class Gemma3VLBridge(Gemma3Bridge):
     TEXT_TOWERS = ()  # the text-only reading is Gemma3Bridge's
     HF_RENAMES = HF_RENAMES  # the same layouts as LLaVA's files
     MAPPINGS = [
-        *hf_prefixed(Gemma3Bridge.MAPPINGS, LANGUAGE_MODEL),
+        *language_model(Gemma3Bridge.MAPPINGS),
         *tower_mappings(PROJECTOR),
     ]
     NOTES = (

@@ -13,12 +13,11 @@ from __future__ import annotations
 import functools
 
 from megabridge.conversion.family import FamilyBridge
-from megabridge.conversion.mappings import hf_prefixed
 from megabridge.conversion.registry import bridge_for_family, bridge_for_model_type, register_bridge
 from megabridge.conversion.vit import (
     ACTIVATIONS,
     HF_RENAMES,
-    LANGUAGE_MODEL,
+    language_model,
     read_vit,
     tower_mappings,
     write_vit,
@@ -41,7 +40,6 @@ class LlavaBridge(FamilyBridge):
     hf_model_type = "llava"
     VISION = True
     HF_RENAMES = HF_RENAMES
-    LANGUAGE_MODEL = LANGUAGE_MODEL
     PROJECTOR = ("linear_1.weight", "linear_1.bias", "linear_2.weight", "linear_2.bias")
     PARALLELISM = ("TP", "PP")
     NOTES = (
@@ -110,12 +108,9 @@ class LlavaBridge(FamilyBridge):
 
 @functools.cache
 def _composed(bridge: type[LlavaBridge], text: type[FamilyBridge]) -> type[LlavaBridge]:
-    """``bridge`` with ``text``'s language model: its mappings under ``LANGUAGE_MODEL``'s
-    prefixes, then the tower's and the projector's."""
-    mappings = [
-        *hf_prefixed(text.MAPPINGS, bridge.LANGUAGE_MODEL),
-        *tower_mappings(bridge.PROJECTOR),
-    ]
+    """``bridge`` with ``text``'s language model: its mappings under ``language_model.``,
+    then the tower's and the projector's."""
+    mappings = [*language_model(text.MAPPINGS), *tower_mappings(bridge.PROJECTOR)]
     name = f"{bridge.__name__}[{text.family}]"
     body = {"MAPPINGS": mappings, "IGNORED_HF": text.IGNORED_HF, "LANGUAGE_FAMILY": text}
     return type(name, (bridge,), body)

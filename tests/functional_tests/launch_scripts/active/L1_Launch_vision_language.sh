@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Nightly: the vision-language tests CI leaves out (the CLI both ways, TP=2 / PP=2 on images);
-# CI runs the rest of these files.
+# Nightly: the vision-language tests CI leaves out (the CLI both ways, TP=2 / PP=2 / EP=2 on
+# images); CI runs the rest of these files.
 set -euo pipefail
 cd "$(dirname "$0")/../../../.."
-uv run pytest tests/unit_tests/models/test_vision_language.py tests/unit_tests/models/test_llava.py \
-  tests/unit_tests/models/test_gemma3_vl.py \
-  -m skipduringci -v "$@"
+uv run pytest tests/unit_tests/models/test_vision_language.py \
+  tests/unit_tests/models/test_qwen3_vl.py tests/unit_tests/models/test_llava.py \
+  tests/unit_tests/models/test_gemma3_vl.py -m skipduringci -v "$@"

@@ -1,0 +1,153 @@
+"""FP8 against bf16 on real text: the same run's loss curve, step by step.
+
+    python scripts/performance/fp8_loss_curve.py --iters 300 --out DIR \
+        [--variant fp8:model.fp8=tensorwise ...] [-- overrides for every run]
+
+Real text, made offline: the Python standard library's own source files (this
+interpreter's ``stdlib`` folder) as a JSONL corpus, a byte-level BPE tokenizer trained on
+it (``--vocab``, default 32768), and ``megabridge data preprocess`` into an indexed
+dataset. Then ``megabridge train`` runs the recipe on it once in bf16 and once per
+``--variant`` (LABEL:section.field=value[,...]), same seed, data order and schedule, and
+the script prints each variant's loss against bf16's: the largest relative difference of
+the 20-step moving averages after the warm-up, and the last 20 steps' mean. Exit code 1 if
+a variant strays past ``--tolerance`` (default 1%).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+WINDOW = 20  # steps per moving average
+
+
+def stdlib_corpus(out: Path, limit_mb: float) -> Path:
+    """One JSONL line per .py file of the standard library, up to ``limit_mb`` MB of text."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    budget, lines = limit_mb * 2**20, []
+    for path in sorted(stdlib.rglob("*.py")):
+        if "site-packages" in path.parts or "test" in path.parts:
+            continue
+        text = path.read_text(encoding="utf-8", errors="replace")
+        lines.append(json.dumps({"text": text}))
+        budget -= len(text)
+        if budget <= 0:
+            break
+    out.write_text("\n".join(lines) + "\n")
+    return out
+
+
+def train_tokenizer(corpus: Path, folder: Path, vocab: int) -> Path:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<|endoftext|>"])
+    texts = (json.loads(line)["text"] for line in corpus.read_text().splitlines())
+    tok.train_from_iterator(texts, trainer=trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(
+        str(folder)
+    )
+    return folder
+
+
+def megabridge(*args: str) -> None:
+    env = {**os.environ, "PYTHONPATH": f"{REPO / 'src'}:{os.environ.get('PYTHONPATH', '')}"}
+    subprocess.run([sys.executable, "-m", "megabridge", *args], check=True, env=env)
+
+
+def losses(log_dir: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (log_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["iteration"]: r["loss"] for r in records if "loss" in r}
+
+
+def moving(curve: dict[int, float], start: int) -> dict[int, float]:
+    steps = sorted(s for s in curve if s >= start)
+    return {
+        s: sum(curve[t] for t in steps[i - WINDOW + 1 : i + 1]) / WINDOW
+        for i, s in enumerate(steps)
+        if i >= WINDOW - 1
+    }
+
+
+def compare(reference: dict[int, float], other: dict[int, float], start: int) -> tuple:
+    ref_avg, avg = moving(reference, start), moving(other, start)
+    common = sorted(ref_avg.keys() & avg.keys())
+    worst = max(common, key=lambda s: abs(avg[s] - ref_avg[s]) / ref_avg[s])
+    return (
+        worst,
+        abs(avg[worst] - ref_avg[worst]) / ref_avg[worst],
+        ref_avg[common[-1]],
+        avg[common[-1]],
+    )
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--out", required=True, help="work folder (corpus, tokenizer, data, runs)")
+    p.add_argument("--recipe", default="llama32_1b_pretrain_config")
+    p.add_argument("--iters", type=int, default=300)
+    p.add_argument("--mbs", type=int, default=4)
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--vocab", type=int, default=32768)
+    p.add_argument("--corpus-mb", type=float, default=40.0, help="text taken from the stdlib")
+    p.add_argument("--tolerance", type=float, default=0.01)
+    p.add_argument("--variant", action="append", default=[], metavar="LABEL:OVERRIDES")
+    p.add_argument("overrides", nargs="*", help="section.field=value for every run")
+    args = p.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    corpus = stdlib_corpus(out / "stdlib.jsonl", args.corpus_mb)
+    tokenizer = train_tokenizer(corpus, out / "tokenizer", args.vocab)
+    prefix = out / "data" / "stdlib"
+    prefix.parent.mkdir(exist_ok=True)
+    megabridge("data", "preprocess", "--input", str(corpus), "--tokenizer", str(tokenizer),
+               "--output-prefix", str(prefix), "--workers", "8", "--overwrite")  # fmt: skip
+    common = [
+        "dataset.type=indexed", f"dataset.blend={prefix}", f"tokenizer.path={tokenizer}",
+        f"dataset.seq_length={args.seq}", f"model.seq_length={args.seq}",
+        f"model.vocab_size={args.vocab}", "model.share_embeddings_and_output_weights=false",
+        f"train.train_iters={args.iters}", f"train.micro_batch_size={args.mbs}",
+        f"train.global_batch_size={args.mbs}",
+        f"checkpoint.save_interval={args.iters * 10}", "logger.tensorboard=false", *args.overrides,
+    ]  # fmt: skip
+    runs = {"bf16": []}
+    for text in args.variant:
+        label, _, overrides = text.partition(":")
+        runs[label] = overrides.split(",")
+    curves = {}
+    for label, overrides in runs.items():
+        run = out / "runs" / label
+        megabridge("train", "--recipe", args.recipe, *common, f"checkpoint.save={run / 'ckpt'}",
+                   f"logger.log_dir={run / 'logs'}", *overrides)  # fmt: skip
+        curves[label] = losses(run / "logs")
+    start = min(args.iters // 5, 50)  # past the warm-up's steepest part
+    print(
+        f"\nloss, {args.recipe}, {args.iters} steps of {args.mbs} x {args.seq} tokens of stdlib source"
+    )
+    print(f"{'run':24s} {'first':>8s} {'last 20':>8s} {'worst rel diff of 20-step means':>34s}")
+    failed = False
+    reference = curves["bf16"]
+    for label, curve in curves.items():
+        last = sum(curve[s] for s in sorted(curve)[-WINDOW:]) / WINDOW
+        line = f"{label:24s} {curve[min(curve)]:8.4f} {last:8.4f}"
+        if label != "bf16":
+            step, worst, _, _ = compare(reference, curve, start)
+            failed |= worst > args.tolerance
+            line += f" {worst:14.2%} at step {step}"
+        print(line)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""Qwen3-VL (Qwen3VLForConditionalGeneration): Qwen3's language model with interleaved
+M-RoPE and DeepStack, behind a ViT (tower.py). The language model's tensors are Qwen3's
+under ``model.language_model.``; the tower's keep their HF names, under ``vision.``
+instead of ``model.visual.``."""
+
+from megabridge.conversion.family import read_qwen_vl, write_qwen_vl
+from megabridge.conversion.mappings import hf_moved, renames
+from megabridge.conversion.registry import register_bridge
+from megabridge.models.qwen3.bridge import Qwen3Bridge
+
+# HF vision_config fields the tower is built from (ModelConfig.vision keeps them).
+VISION_FIELDS = (
+    "depth", "hidden_size", "intermediate_size", "num_heads", "in_channels", "patch_size",
+    "spatial_merge_size", "temporal_patch_size", "out_hidden_size", "num_position_embeddings",
+    "deepstack_visual_indexes", "hidden_act",
+)  # fmt: skip
+_LINEAR = ("weight", "bias")
+BLOCK_TENSORS = tuple(
+    f"{module}.{t}" for module in ("norm1", "norm2", "attn.qkv", "attn.proj", "mlp.linear_fc1",
+                                   "mlp.linear_fc2") for t in _LINEAR
+)  # fmt: skip
+MERGER_TENSORS = tuple(f"{m}.{t}" for m in ("norm", "linear_fc1", "linear_fc2") for t in _LINEAR)
+TOWER_TENSORS = (
+    "patch_embed.proj.weight", "patch_embed.proj.bias", "pos_embed.weight",
+    *(f"blocks.*.{t}" for t in BLOCK_TENSORS),
+    *(f"merger.{t}" for t in MERGER_TENSORS),
+    *(f"deepstack_merger_list.*.{t}" for t in MERGER_TENSORS),
+)  # fmt: skip
+TOWER_MAPPINGS = renames({f"vision.{t}": f"model.visual.{t}" for t in TOWER_TENSORS})
+# Where the language model's tensors live in the checkpoint (text-only Qwen3: model.*).
+HF_LANGUAGE_MODEL = "model.language_model."
+
+
+@register_bridge
+class Qwen3VLBridge(Qwen3Bridge):
+    """Qwen3 plus interleaved M-RoPE and DeepStack, with a vision tower in front."""
+
+    family = "qwen3_vl"
+    architectures = ("Qwen3VLForConditionalGeneration",)
+    hf_model_type = "qwen3_vl"
+    NAME = "Qwen3-VL"
+    VISION = True
+    HF_FIXED = dict(hidden_act="silu", attention_bias=False)  # no sliding-window fields
+    MAPPINGS = [*hf_moved(Qwen3Bridge.MAPPINGS, "model.", HF_LANGUAGE_MODEL), *TOWER_MAPPINGS]
+    PARALLELISM = ("TP", "PP")
+    NOTES = (
+        "images (no video yet); interleaved M-RoPE; DeepStack (its layers on the first PP "
+        "stage); the vision tower is a torch module replicated on every TP rank, on the first "
+        "PP stage; training not supported yet"
+    )
+
+    @classmethod
+    def model_config(cls, hf_config):
+        cfg = super().model_config(hf_config.text_config)  # the language model, as Qwen3
+        read_qwen_vl(
+            cls.display_name(), hf_config, cfg, "qwen3_vl", VISION_FIELDS, "gelu_pytorch_tanh"
+        )
+        # transformers interleaves whatever rope_parameters.mrope_interleaved says
+        cfg.mrope_interleaved = True
+        return cfg
+
+    @classmethod
+    def adjust_model_config(cls, hf_config, cfg):
+        """No sliding-window layers to read (Qwen3-VL's text config has none)."""
+
+    @classmethod
+    def adjust_hf_config(cls, cfg, data):
+        """None to write either."""
+
+    @classmethod
+    def hf_config_dict(cls, cfg):
+        data = write_qwen_vl(cls, cfg, super().hf_config_dict(cfg), VISION_FIELDS)
+        data["text_config"]["rope_parameters"]["mrope_interleaved"] = True
+        return data

@@ -1,0 +1,195 @@
+"""Qwen3-VL's vision tower in plain torch (also Qwen3-VL-MoE's): pixel patches -> the
+features that replace the image tokens, plus DeepStack's features for the first LM layers.
+
+Differences from Qwen2.5-VL's tower (models/vision.py):
+
+* LayerNorm (with bias) instead of RMSNorm, and a plain MLP (fc1, tanh-GELU, fc2) instead
+  of a gated one; the patch embedding's Conv3d has a bias;
+* a learned [side x side] position table (``pos_embed``), resampled bilinearly (corners
+  aligned) to each image's patch grid and added to the patch embeddings, besides the 2D
+  RoPE inside attention;
+* no windows: every block attends over a whole frame;
+* DeepStack: after block ``deepstack_visual_indexes[i]`` a merger of its own
+  (``deepstack_merger_list.i``, LayerNorm after the 2 x 2 shuffle) turns the hidden states
+  into features that are added to the image tokens' hidden states after LM layer i
+  (models/vision.py ``VisionLanguageModel``).
+
+Names are transformers' (``blocks.*.mlp.linear_fc1``, ``merger.norm``), so the bridge maps
+them one to one. Patches arrive in the image processor's order: 2 x 2 merge
+neighbourhoods row-major, rows and columns inside each.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# HF vision hidden_act -> function (the bridge refuses any other name in one line).
+ACTIVATIONS = {"gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+class Attention(nn.Module):
+    """Bidirectional attention inside each frame (``bounds``: cumulative patch counts), with
+    RoPE (cos, sin [patches, 1, head_dim]) applied in fp32 as transformers does."""
+
+    def __init__(self, hidden: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(hidden, 3 * hidden)
+        self.proj = nn.Linear(hidden, hidden)
+
+    def forward(self, x, bounds: list[int], cos, sin):
+        n = x.shape[0]
+        q, k, v = self.qkv(x).reshape(n, 3, self.heads, -1).unbind(1)  # each [n, heads, d]
+        q, k = ((t.float() * cos + _rotate_half(t.float()) * sin).to(x.dtype) for t in (q, k))
+        out = [
+            F.scaled_dot_product_attention(
+                *(t[a:b].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+            )[0].transpose(0, 1)
+            for a, b in zip(bounds[:-1], bounds[1:], strict=True)
+        ]  # fmt: skip
+        return self.proj(torch.cat(out).reshape(n, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden: int, ffn: int, act: str):
+        super().__init__()
+        self.linear_fc1 = nn.Linear(hidden, ffn)
+        self.linear_fc2 = nn.Linear(ffn, hidden)
+        self.act = ACTIVATIONS[act]
+
+    def forward(self, x):
+        return self.linear_fc2(self.act(self.linear_fc1(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, hidden: int, heads: int, ffn: int, act: str):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden, eps=1e-6)
+        self.norm2 = nn.LayerNorm(hidden, eps=1e-6)
+        self.attn = Attention(hidden, heads)
+        self.mlp = MLP(hidden, ffn, act)
+
+    def forward(self, x, bounds, cos, sin):
+        x = x + self.attn(self.norm1(x), bounds, cos, sin)
+        return x + self.mlp(self.norm2(x))
+
+
+class Merger(nn.Module):
+    """LayerNorm, then an exact-GELU MLP over each merge neighbourhood's concatenated patches.
+    ``after_shuffle``: the norm spans the concatenation (DeepStack's mergers), else each
+    patch (the final merger)."""
+
+    def __init__(self, hidden: int, unit: int, out_hidden: int, after_shuffle: bool):
+        super().__init__()
+        merged = hidden * unit
+        self.after_shuffle = after_shuffle
+        self.norm = nn.LayerNorm(merged if after_shuffle else hidden, eps=1e-6)
+        self.linear_fc1 = nn.Linear(merged, merged)
+        self.linear_fc2 = nn.Linear(merged, out_hidden)
+
+    def forward(self, x):  # [patches, hidden] -> [patches / unit, out_hidden]
+        merged = self.linear_fc1.in_features
+        x = self.norm(x.reshape(-1, merged)) if self.after_shuffle else self.norm(x)
+        return self.linear_fc2(F.gelu(self.linear_fc1(x.reshape(-1, merged))))
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, channels: int, temporal: int, patch: int, hidden: int):
+        super().__init__()
+        self.shape = (-1, channels, temporal, patch, patch)
+        kernel = (temporal, patch, patch)
+        self.proj = nn.Conv3d(channels, hidden, kernel_size=kernel, stride=kernel)
+
+    def forward(self, pixels):  # [patches, channels * temporal * patch * patch] -> [patches, h]
+        return self.proj(pixels.to(self.proj.weight.dtype).view(self.shape)).flatten(1)
+
+
+class Qwen3VisionTower(nn.Module):
+    """Pixel patches [patches, c*t*p*p] and their grids [images, 3] -> (features
+    [tokens, out_hidden], DeepStack features: one [tokens, out_hidden] per fed LM layer)."""
+
+    def __init__(self, v: dict):
+        super().__init__()
+        hidden, heads, self.merge = v["hidden_size"], v["num_heads"], v["spatial_merge_size"]
+        unit, out = self.merge**2, v["out_hidden_size"]
+        self.patch_embed = PatchEmbed(
+            v["in_channels"], v["temporal_patch_size"], v["patch_size"], hidden
+        )
+        self.pos_embed = nn.Embedding(v["num_position_embeddings"], hidden)
+        self.side = int(v["num_position_embeddings"] ** 0.5)
+        self.blocks = nn.ModuleList(
+            Block(hidden, heads, v["intermediate_size"], v["hidden_act"]) for _ in range(v["depth"])
+        )
+        self.merger = Merger(hidden, unit, out, after_shuffle=False)
+        self.deepstack_indexes = list(v["deepstack_visual_indexes"])
+        self.deepstack_merger_list = nn.ModuleList(
+            Merger(hidden, unit, out, after_shuffle=True) for _ in self.deepstack_indexes
+        )
+        # 2D RoPE as Qwen2.5-VL's: head_dim / 4 frequencies for the row, as many for the column
+        half = hidden // heads // 2
+        theta = v.get("rope_theta", 10000.0)
+        self.inv_freq = 1.0 / theta ** (torch.arange(0, half, 2, dtype=torch.float) / half)
+
+    @property
+    def deepstack_layers(self) -> int:
+        """How many of the first LM layers take DeepStack features."""
+        return len(self.deepstack_indexes)
+
+    def forward(self, pixels: torch.Tensor, grid_thw: torch.Tensor):
+        grids = [tuple(int(x) for x in g) for g in grid_thw.tolist()]
+        rows, cols = self._patch_rows_cols(grids, pixels.device)
+        x = self.patch_embed(pixels)
+        x = x + self._positions(grids, rows, cols).to(x.dtype)
+        inv = self.inv_freq.to(x.device)
+        angles = torch.cat([rows[:, None].float() * inv, cols[:, None].float() * inv], dim=-1)
+        angles = torch.cat([angles, angles], dim=-1).unsqueeze(1)  # [patches, 1, head_dim]
+        cos, sin = angles.cos(), angles.sin()
+        bounds = [0]
+        for t, h, w in grids:
+            bounds += [bounds[-1] + h * w * (i + 1) for i in range(t)]  # each frame on its own
+        deepstack = []
+        for i, block in enumerate(self.blocks):
+            x = block(x, bounds, cos, sin)
+            if i in self.deepstack_indexes:
+                merger = self.deepstack_merger_list[self.deepstack_indexes.index(i)]
+                deepstack.append(merger(x))
+        return self.merger(x), deepstack
+
+    def _patch_rows_cols(self, grids, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each patch's (row, column) in its frame, patches in the processor's order."""
+        rows, cols = [], []
+        m = self.merge
+        for t, h, w in grids:
+            r = torch.arange(h).view(h // m, 1, m, 1).expand(h // m, w // m, m, m)
+            c = torch.arange(w).view(1, w // m, 1, m).expand(h // m, w // m, m, m)
+            rows.append(r.flatten().repeat(t))
+            cols.append(c.flatten().repeat(t))
+        return torch.cat(rows).to(device), torch.cat(cols).to(device)
+
+    def _positions(self, grids, rows, cols) -> torch.Tensor:
+        """The learned position table resampled to each frame's h x w grid: bilinear, the
+        table's corners on the grid's corners (transformers: align_corners=True), in fp32."""
+        heights = torch.cat([torch.full((t * h * w,), h) for t, h, w in grids]).to(rows.device)
+        widths = torch.cat([torch.full((t * h * w,), w) for t, h, w in grids]).to(rows.device)
+        table = self.pos_embed.weight.float()
+        out = 0
+        for r, wr in self._taps(rows, heights):
+            for c, wc in self._taps(cols, widths):
+                out = out + table[r * self.side + c] * (wr * wc)[:, None]
+        return out
+
+    def _taps(self, index, size) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The two table entries along one axis that ``index`` (of ``size``) falls between,
+        with their weights (the second is clamped to the table's edge at the last index)."""
+        src = index.float() * (self.side - 1) / (size - 1).clamp(min=1)
+        low = src.floor()
+        frac = src - low
+        high = (low + 1).clamp(max=self.side - 1)
+        return [(low.long(), 1 - frac), (high.long(), frac)]

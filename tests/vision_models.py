@@ -97,6 +97,83 @@ def save_tiny_vl(
     return Path(path)
 
 
+def _word_tokenizer(vocab_size: int, specials: dict[int, str], **named):
+    """A word-level tokenizer whose ``specials`` (id -> token) sit at their ids; ``named``:
+    more special-token attributes (Gemma 3's boi_token, ...), each one of ``specials``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tokens = dict(enumerate(SPECIALS)) | specials
+    vocab = {tokens.get(i, f"w{i}"): i for i in range(vocab_size)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+        unk_token="<unk>", **({"extra_special_tokens": named} if named else {}),
+    )  # fmt: skip
+    tokenizer.add_tokens(list(specials.values()), special_tokens=True)
+    return tokenizer
+
+
+def save_tiny_llava(
+    path: Path, variant: str = "base", seed: int = 0, dtype: torch.dtype = torch.float32,
+    max_shard_size: int | None = None,
+) -> Path:  # fmt: skip
+    """transformers' LLaVA of the tiny config, random weights, with its processor (CLIP's or
+    SigLIP's image processor at 16 x 16, a word-level tokenizer with "<image>")."""
+    import transformers
+
+    config = tiny_config("llava", variant)
+    torch.manual_seed(seed)
+    model = transformers.LlavaForConditionalGeneration(config)
+    randomize(model, seed)
+    shards = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    model.to(dtype).save_pretrained(str(path), **shards)
+    vision = config.vision_config
+    side = vision.image_size
+    if vision.model_type == "clip_vision_model":
+        images = transformers.CLIPImageProcessorPil(
+            size={"shortest_edge": side}, crop_size={"height": side, "width": side}
+        )
+    else:
+        images = transformers.SiglipImageProcessorPil(size={"height": side, "width": side})
+    tokenizer = _word_tokenizer(config.text_config.vocab_size, {config.image_token_id: "<image>"})
+    transformers.LlavaProcessor(
+        image_processor=images, tokenizer=tokenizer, patch_size=vision.patch_size,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+        image_token="<image>", num_additional_image_tokens=int(vision.model_type == "clip_vision_model"),
+    ).save_pretrained(str(path))  # fmt: skip
+    return Path(path)
+
+
+def save_tiny_gemma3_vl(
+    path: Path, seed: int = 0, dtype: torch.dtype = torch.float32, max_shard_size: int | None = None
+) -> Path:
+    """transformers' Gemma 3 (text + SigLIP) of the tiny config, random weights, with its
+    processor (16 x 16 images, 4 image tokens between <start_of_image> and <end_of_image>)."""
+    import transformers
+
+    config = tiny_config("gemma3_vl")
+    torch.manual_seed(seed)
+    model = transformers.Gemma3ForConditionalGeneration(config)
+    randomize(model, seed)
+    shards = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    model.to(dtype).save_pretrained(str(path), **shards)
+    side = config.vision_config.image_size
+    names = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
+             "image_token": "<image_soft_token>"}  # fmt: skip
+    ids = {"boi_token": config.boi_token_index, "eoi_token": config.eoi_token_index,
+           "image_token": config.image_token_index}  # fmt: skip
+    tokenizer = _word_tokenizer(
+        config.text_config.vocab_size, {ids[k]: t for k, t in names.items()}, **names
+    )
+    transformers.Gemma3Processor(
+        image_processor=transformers.Gemma3ImageProcessorPil(size={"height": side, "width": side}),
+        tokenizer=tokenizer, image_seq_length=config.mm_tokens_per_image,
+    ).save_pretrained(str(path))  # fmt: skip
+    return Path(path)
+
+
 def with_released_experts(hf_dir: Path) -> Path:
     """Rewrite a transformers-5-saved Qwen3-VL-MoE folder's stacked experts ([E, out, in])
     in the layout of the released checkpoints ([E, in, out]), in place."""

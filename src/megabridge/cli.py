@@ -204,6 +204,15 @@ def _conversion_output_args(p: argparse.ArgumentParser) -> None:
     _layout_args(p)
 
 
+def _text_only_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--text-only",
+        action="store_true",
+        help="read a vision-language checkpoint as its text-only language model where a text "
+        "family can (Gemma3ForConditionalGeneration -> Gemma3ForCausalLM)",
+    )
+
+
 def _register_conversion(sub) -> None:
     p = sub.add_parser("convert", help="convert HF <-> Megatron checkpoints")
     conv = p.add_subparsers(dest="direction", required=True, metavar="DIRECTION")
@@ -219,6 +228,7 @@ def _register_conversion(sub) -> None:
     )
     c.add_argument("--hf-path", required=True, help="HF model folder (config.json + safetensors)")
     c.add_argument("--megatron-path", required=True, help="output checkpoint folder")
+    _text_only_arg(c)
     c.add_argument(
         "--megatron-layout",
         action="store_true",
@@ -277,6 +287,7 @@ def _register_conversion(sub) -> None:
         help="an image to compare a vision-language model's logits on (repeatable; required "
         "for them, one sample per image, made by the model's own image processor)",
     )
+    _text_only_arg(p)
     p.add_argument("--json", action="store_true", help="print the result as JSON on the last line")
     p.set_defaults(func=_command("megabridge.conversion.commands", "cmd_verify"))
 

@@ -88,24 +88,30 @@ class AutoBridge:
     # ------------------------------------------------------------ constructors
 
     @classmethod
-    def from_hf_pretrained(cls, path: str | Path) -> AutoBridge:
-        """A bridge for a local HF model folder (config.json + safetensors)."""
+    def from_hf_pretrained(cls, path: str | Path, text_only: bool = False) -> AutoBridge:
+        """A bridge for a local HF model folder (config.json + safetensors).
+
+        ``text_only``: a vision-language checkpoint whose language model a text family
+        reads (Gemma 3) is read as that text-only model (the towers left out)."""
         source = hf_io.HFCheckpoint(path)
         architecture = _architecture(source.config_dict, source.path)
         family = registry.bridge_for(architecture)
         hf_config = _transformers_config(source.config_dict, source.path, family)
         # A quantized source is read dequantized (hf_io), and exports as such.
         config_dict = quantized.full_precision_config(source.config_dict)
-        tower = family.text_tower(architecture)
-        if tower is not None:
+        reader = registry.text_reader_for(architecture) if text_only or not family.VISION else None
+        if reader is not None:
+            family, tower = reader
             hf_config, config_dict = _read_text_tower(family, tower, hf_config, source)
+        elif family.HF_RENAMES:
+            source.read_renamed(family.HF_RENAMES, ())
         try:
             model_config = family.model_config(hf_config)
             validate_model_config(model_config)  # sizes must be positive and divide
         except (TypeError, ValueError, KeyError, AttributeError, ZeroDivisionError) as e:
             # a value of the wrong kind that transformers let through (a string for a size)
             raise ConfigError(f"{source.path}/config.json: {type(e).__name__}: {e}") from None
-        return cls(family, model_config, config_dict, source)
+        return cls(family.for_model(model_config), model_config, config_dict, source)
 
     @classmethod
     def from_megatron_checkpoint(
@@ -125,6 +131,7 @@ class AutoBridge:
         else:
             family = registry.bridge_for_family(model_config.family)
             hf_config = family.hf_config_dict(model_config)
+        family = family.for_model(model_config)
         bridge = cls(family, model_config, hf_config, source_layout=hf.get("layout"))
         bridge.checkpoint_dir = ckpt
         bridge.checkpoint_meta = meta

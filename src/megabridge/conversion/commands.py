@@ -48,7 +48,7 @@ def _set_layout(provider, args) -> None:
 
 def cmd_hf_to_megatron(args) -> int:
     out = outputs.check_output(args.megatron_path, args.overwrite, inputs=[args.hf_path])
-    bridge = AutoBridge.from_hf_pretrained(args.hf_path)
+    bridge = AutoBridge.from_hf_pretrained(args.hf_path, text_only=args.text_only)
     if args.allow_non_finite:
         bridge.allow_non_finite_weights()
     provider = bridge.to_megatron_provider()
@@ -100,6 +100,7 @@ def cmd_verify(args) -> int:
     result = verify(
         args.hf_path, args.megatron_path, args.tp, args.pp, args.ep, dtype,
         args.batch, args.seq_len, args.seed, args.atol, args.min_top1, args.image,
+        args.text_only,
     )  # fmt: skip
     verdict = "OK" if result.ok else "MISMATCH"
     log.info(

@@ -79,6 +79,9 @@ class FamilyBridge:
     # The family's models take images (ModelConfig.vision): verify needs --image, training is
     # refused, and the text-only conformance suite leaves them out (they have their own tests).
     VISION: ClassVar[bool] = False
+    # Stored-name prefix -> the prefix MAPPINGS use: other layouts of the architecture's files
+    # (transformers' older and newer names of one model) read as one (LLaVA).
+    HF_RENAMES: ClassVar[dict[str, str]] = {}
     # What `megabridge models` and the README table say about the family.
     PARALLELISM: ClassVar[tuple[str, ...]] = ("TP", "PP")
     NOTES: ClassVar[str] = ""
@@ -129,6 +132,12 @@ class FamilyBridge:
         data["rope_parameters"] = rope
         cls.adjust_hf_config(cfg, data)
         return data
+
+    @classmethod
+    def for_model(cls, cfg: ModelConfig) -> type[FamilyBridge]:
+        """The bridge for this model: itself, or for a family whose tables depend on the
+        model (LLaVA: on its language model's family) the bridge composed for it."""
+        return cls
 
     @classmethod
     def text_tower(cls, architecture: str) -> TextTower | None:

@@ -76,3 +76,26 @@ def bridge_for_family(family: str) -> type:
             return cls
     families = sorted({c.family for c in bridges().values()})
     raise UserError(f"model family {family!r} has no HF bridge; families: {', '.join(families)}")
+
+
+def bridge_for_model_type(model_type: str, within: str) -> type:
+    """The text family whose HF ``model_type`` this is (the language model of a multimodal
+    ``within``); one line naming the supported ones otherwise."""
+    text = {c.hf_model_type: c for c in bridges().values() if not c.VISION}
+    text.update({a: c for c in bridges().values() if not c.VISION for a in c.HF_MODEL_TYPE_ALIASES})
+    if model_type not in text:
+        raise UserError(
+            f"{within} with a {model_type!r} language model is not supported yet; supported: "
+            f"{', '.join(sorted(text))}"
+        )
+    return text[model_type]
+
+
+def text_reader_for(architecture: str) -> tuple[type, object] | None:
+    """The text family that reads a multimodal ``architecture``'s language model, and its
+    TextTower (family.py); None if no family does."""
+    for cls in dict.fromkeys(bridges().values()):
+        tower = cls.text_tower(architecture)
+        if tower is not None:
+            return cls, tower
+    return None

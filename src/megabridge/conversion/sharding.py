@@ -18,7 +18,8 @@ import torch.distributed as dist
 
 Split = Literal["replicated", "dim0", "dim1", "gated_dim0"]
 
-_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+# the language model's layers (a vision tower's own "layers" are whole on every stage)
+_LAYER = re.compile(r"(?:^|\.)decoder\.layers\.(\d+)\.")
 _EXPERT = re.compile(r"(local_experts)\.(\d+)\.")
 
 

@@ -199,7 +199,9 @@ def check_all_consumed(consumed: set, bridge, reader, cfg) -> None:
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, sorted(consumed))
     used = set().union(*map(set, everyone))
-    optional = {"lm_head.weight"} if cfg.share_embeddings_and_output_weights else set()
+    # tied embeddings: the output head (lm_head.weight, or where the family keeps it) may be absent
+    tied = cfg.share_embeddings_and_output_weights
+    optional = set(bridge.resolve("output_layer.weight")[1]) if tied else set()
     unexpected = [
         n
         for n in reader.keys()

@@ -62,12 +62,13 @@ def hf_image_logits(hf_path, samples, vision: dict, dtype: torch.dtype, device) 
     out = []
     for sample in samples:
         ids = sample.input_ids.to(device)
-        # image tokens are of type 1: transformers then computes its own M-RoPE positions
-        types = (ids == vision["image_token_id"]).int()
-        out.append(model(
-            input_ids=ids, pixel_values=sample.pixel_values.to(device, dtype),
-            image_grid_thw=sample.image_grid_thw.to(device), mm_token_type_ids=types,
-        ).logits.float())  # fmt: skip
+        extra = {k: v.to(device) for k, v in sample.hf_extra.items()}
+        if sample.image_grid_thw is not None:
+            # image tokens are of type 1: transformers then computes its own M-RoPE positions
+            extra["mm_token_type_ids"] = (ids == vision["image_token_id"]).int()
+            extra["image_grid_thw"] = sample.image_grid_thw.to(device)
+        pixels = sample.pixel_values.to(device, dtype)
+        out.append(model(input_ids=ids, pixel_values=pixels, **extra).logits.float())
     del model
     return torch.cat(out, dim=1)
 
@@ -76,11 +77,13 @@ def megatron_image_logits(chunks, samples, vision: dict) -> torch.Tensor | None:
     """megatron_logits of image samples, one after another (like hf_image_logits)."""
     out = []
     for sample in samples:
-        positions = mrope_positions(
-            sample.input_ids, sample.image_grid_thw, vision["image_token_id"],
-            vision["spatial_merge_size"],
-        )  # fmt: skip
-        images = {"pixel_values": sample.pixel_values, "image_grid_thw": sample.image_grid_thw}
+        images, positions = {"pixel_values": sample.pixel_values}, None
+        if sample.image_grid_thw is not None:  # Qwen2.5-VL: M-RoPE over the image grid
+            positions = mrope_positions(
+                sample.input_ids, sample.image_grid_thw, vision["image_token_id"],
+                vision["spatial_merge_size"],
+            )  # fmt: skip
+            images["image_grid_thw"] = sample.image_grid_thw
         out.append(megatron_logits(chunks, sample.input_ids, positions, images))
     return None if out[0] is None else torch.cat(out, dim=1)
 
@@ -176,10 +179,12 @@ def verify(
     atol: float | None = None,
     min_top1: float | None = None,
     images: list | None = None,
+    text_only: bool = False,
 ) -> VerifyResult:
     """Build the Megatron model (from ``hf_path`` or ``megatron_path``) and compare; every rank
-    returns the result. A vision-language model is compared on ``images`` (one sample each)."""
-    hf_bridge = AutoBridge.from_hf_pretrained(hf_path)
+    returns the result. A vision-language model is compared on ``images`` (one sample each);
+    ``text_only``: its language model alone, where a text family reads it (Gemma 3)."""
+    hf_bridge = AutoBridge.from_hf_pretrained(hf_path, text_only=text_only)
     vision = hf_bridge.model_config.vision
     if vision is not None and not images:
         raise UserError(

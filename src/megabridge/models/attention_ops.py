@@ -1,7 +1,8 @@
 """Tensor functions of the attention variants the torch spec (torch_layers.py) composes:
 causal attention within fixed blocks (Llama 4's chunked attention), on padded batches and on
 packed segments; the positions of packed tokens in their own segments; the weightless QK
-norm and the position-dependent query temperature of Llama 4.
+norm and the position-dependent query temperature of Llama 4; the image blocks that attend
+to themselves both ways (Gemma 3).
 """
 
 from __future__ import annotations
@@ -67,3 +68,20 @@ def attend_in_blocks(attend, q, k, v, size: int) -> torch.Tensor:
 
     out = attend(split(q), split(k), split(v))  # [b * blocks, np, size, hn]
     return out.unflatten(0, (b, blocks)).transpose(1, 2).flatten(2, 3)[:, :, :s]
+
+
+def image_blocks(is_image: torch.Tensor) -> torch.Tensor:
+    """Block ids [b, s] (long) of image tokens [b, s] (bool): each run of consecutive image
+    tokens is one image, numbered from 0 along the sequence; -1 for text. As transformers'
+    get_block_sequence_ids_for_mask (Gemma 3)."""
+    previous = F.pad(is_image, (1, 0), value=False)[:, :-1]
+    starts = is_image & ~previous
+    ids = torch.cumsum(starts.long(), dim=1) - 1
+    return torch.where(is_image, ids, torch.full_like(ids, -1))
+
+
+def block_allowed(blocks: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+    """[b, 1, c, kc]: query q_pos [c, 1] may see key k_pos [1, kc] when it is not later
+    (causal) or both are tokens of one image (``blocks`` [b, s] from image_blocks)."""
+    bq, bk = blocks[:, q_pos[:, 0]][:, :, None], blocks[:, k_pos[0]][:, None, :]
+    return ((k_pos <= q_pos) | ((bq == bk) & (bq >= 0))).unsqueeze(1)

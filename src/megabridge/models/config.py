@@ -209,6 +209,12 @@ class ModelConfig:
     activation_clamp: float | None = architecture_field(
         None, "gated MLP: the gate clamped to at most this, the up half to [-this, this]"
     )
+    bidirectional_image_attention: bool = architecture_field(
+        False,
+        "each image's tokens attend to each other both ways, text causally (Gemma 3's "
+        "token_type_ids mask); the image tokens are those of vision['image_token_id']",
+        torch_only=True,
+    )
     vision: dict | None = architecture_field(
         None,
         "the vision tower of a vision-language model: its HF vision_config fields plus kind "
@@ -474,6 +480,8 @@ def _variant_problems(cfg: ModelConfig) -> list[str]:
         problems.append("mrope_interleaved needs position_embedding_type=mrope")
     if cfg.vision is not None and cfg.sequence_parallel:
         problems.append("sequence_parallel with a vision tower is not supported yet")
+    if cfg.bidirectional_image_attention and cfg.vision is None:
+        problems.append("bidirectional_image_attention needs a vision tower (model.vision)")
     return problems
 
 

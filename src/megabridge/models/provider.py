@@ -282,7 +282,8 @@ def build_model(cfg: ModelConfig, meta: bool = False) -> list[torch.nn.Module]:
     # A vision-language model is a GPTModel with a vision tower on its first stage.
     model_class, extra = GPTModel, {}
     if cfg.vision is not None:
-        model_class, extra = vision.VisionLanguageModel, {"vision": cfg.vision}
+        model_class = vision.VisionLanguageModel
+        extra = {"vision": cfg.vision, "bidirectional_images": cfg.bidirectional_image_attention}
     with _OnMeta() if meta else contextlib.nullcontext():
         model = model_class(
             config=tconfig,

@@ -30,6 +30,7 @@ from megabridge.errors import ConfigError
 from megabridge.models import compiled, fp8, rope, swiglu_recompute
 from megabridge.models.attention_ops import (
     attend_in_blocks,
+    block_allowed,
     l2_norm,
     packed_positions,
     split_segments,
@@ -107,19 +108,25 @@ class SDPAttention(MegatronModule):
         self.qk_l2_norm_eps = qk_l2_norm_eps
         self.temperature = temperature
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocks=None):
         # q [b, np, s, hn], k/v [b, ng, s, hn] -> [b, np, s, hn]
         if self.chunk_size is not None and q.shape[2] > self.chunk_size:
+            if blocks is not None:
+                raise ConfigError(
+                    "bidirectional image attention with chunked attention is not supported yet"
+                )
             return attend_in_blocks(self._attend_whole, q, k, v, self.chunk_size)
-        return self._attend_whole(q, k, v)
+        return self._attend_whole(q, k, v, blocks)
 
-    def _attend_whole(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        if self.sliding_window is None and self.softcap is None and self.softmax_offset is None:
+    def _attend_whole(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocks=None):
+        plain = self.sliding_window is None and self.softcap is None and self.softmax_offset is None
+        if plain and blocks is None:
             return sdpa(q, k, v, self._p(), self.softmax_scale)
         scale = q.shape[-1] ** -0.5 if self.softmax_scale is None else self.softmax_scale
         return chunked_attention(
-            q, k, v, scale, self.sliding_window, self.softcap, self._p(), self.softmax_offset
-        )
+            q, k, v, scale, self.sliding_window, self.softcap, self._p(), self.softmax_offset,
+            blocks=blocks,
+        )  # fmt: skip
 
     def _p(self) -> float:
         return self.dropout if self.training else 0.0
@@ -143,11 +150,18 @@ class SDPAttention(MegatronModule):
             query, key = l2_norm(query, self.qk_l2_norm_eps), l2_norm(key, self.qk_l2_norm_eps)
         if self.temperature is not None:
             query = self._temperature_tuned(query, packed_seq_params if packed else None)
+        # An integer attention_mask [b, s] holds image block ids (attention_ops.image_blocks):
+        # each image's tokens see each other both ways (VisionLanguageModel passes it).
+        blocks = attention_mask if _is_block_ids(attention_mask) else None
         if packed:
+            if blocks is not None:
+                raise ConfigError(
+                    "bidirectional image attention on packed sequences is not supported yet"
+                )
             return self._forward_packed(query, key, value, packed_seq_params)
         # [s, b, n, hn] -> [b, n, s, hn]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
-        out = self._attend(q, k, v)  # [b, np, sq, hn]
+        out = self._attend(q, k, v, blocks)  # [b, np, sq, hn]
         sq, b = query.shape[0], query.shape[1]
         return out.permute(2, 0, 1, 3).reshape(sq, b, -1)
 
@@ -198,6 +212,15 @@ class SDPAttention(MegatronModule):
         return make_sharded_tensors_for_checkpoint(
             state, prefix, {"softmax_offset": 0}, sharded_offsets
         )
+
+
+def _is_block_ids(mask) -> bool:
+    return (
+        isinstance(mask, torch.Tensor)
+        and mask.dim() == 2
+        and not mask.is_floating_point()
+        and mask.dtype != torch.bool
+    )
 
 
 def scale_rotated_dims(query: torch.Tensor, dims: int, factor: float) -> torch.Tensor:
@@ -270,10 +293,13 @@ def sdpa(q, k, v, dropout_p: float, scale: float | None, mask=None) -> torch.Ten
 
 
 def chunked_attention(
-    q, k, v, scale: float, window: int | None, softcap: float | None, dropout_p: float, sinks=None
-) -> torch.Tensor:
+    q, k, v, scale: float, window: int | None, softcap: float | None, dropout_p: float, sinks=None,
+    blocks=None,
+) -> torch.Tensor:  # fmt: skip
     """Causal attention with an optional sliding window, score soft-cap and attention sinks
     (``sinks`` [np]: a logit per head in every softmax, dropped after it), no s x s tensor.
+    ``blocks`` [b, s]: image block ids (attention_ops.image_blocks); an image's tokens also
+    see its later tokens (within the window), as transformers' Gemma 3 masks.
 
     q [b, np, s, hn], k/v [b, ng, s, hn] -> [b, np, s, hn]. Queries go in chunks of
     ATTENTION_CHUNK, each against only the keys it may see: score blocks are at most
@@ -285,12 +311,14 @@ def chunked_attention(
     for start in range(0, s, chunk):
         end = min(start + chunk, s)
         first = 0 if window is None else max(0, start - window + 1)
+        last = end if blocks is None else s  # an image token may see later ones
         q_pos = torch.arange(start, end, device=q.device)[:, None]
-        k_pos = torch.arange(first, end, device=q.device)[None, :]
-        allowed = k_pos <= q_pos  # [c, kc]
+        k_pos = torch.arange(first, last, device=q.device)[None, :]
+        # [c, kc], or [b, 1, c, kc] with image blocks
+        allowed = k_pos <= q_pos if blocks is None else block_allowed(blocks, q_pos, k_pos)
         if window is not None:
             allowed = allowed & (q_pos - k_pos < window)
-        qc, kc, vc = q[:, :, start:end], k[:, :, first:end], v[:, :, first:end]
+        qc, kc, vc = q[:, :, start:end], k[:, :, first:last], v[:, :, first:last]
         if softcap is None and sinks is None:
             outs.append(sdpa(qc, kc, vc, dropout_p, scale, mask=allowed))
         elif torch.is_grad_enabled() and (q.requires_grad or sinks is not None):
@@ -317,6 +345,8 @@ def _capped(
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # [b, ng, np/ng, c, kc]
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
+    if allowed.dim() == 4:  # [b, 1, c, kc] -> [b, 1, 1, c, kc] (image blocks)
+        allowed = allowed.unsqueeze(1)
     scores = scores.masked_fill(~allowed, float("-inf"))
     if sinks is not None:  # [np] -> [b, ng, np/ng, c, 1], one more "key" per row
         column = sinks.to(scores.dtype).reshape(1, groups, heads // groups, 1, 1)

@@ -9,7 +9,10 @@ text families' mappings, sharding and checkpoints apply unchanged; the tower's a
 under ``vision.``.
 
 The tower is a plain torch module, replicated on every tensor-parallel rank (not split):
-``ModelConfig.vision`` describes it, ``TOWERS`` builds it by ``vision["kind"]``.
+``ModelConfig.vision`` describes it, ``TOWERS`` builds it by ``vision["kind"]`` (LLaVA's
+and Gemma 3's CLIP / SigLIP towers: models/llava/tower.py). With
+``bidirectional_image_attention`` (Gemma 3) every stage passes the image tokens' block ids
+as the attention mask, and the torch spec lets each image's tokens see each other.
 
 Qwen2.5-VL's tower (``Qwen25VisionTower``): a Conv3d patch embedding, pre-norm blocks
 (RMSNorm, fused-qkv attention with biases, SiLU-gated MLP with biases) with 2D RoPE
@@ -31,6 +34,8 @@ from megatron.core.models.gpt import GPTModel
 from torch import nn
 
 from megabridge.errors import UserError
+from megabridge.models.attention_ops import image_blocks
+from megabridge.models.llava import tower
 from megabridge.models.qwen3_vl.tower import Qwen3VisionTower
 
 _ACTIVATIONS = {"silu": F.silu}  # the vision MLPs' hidden_act (the bridge refuses others)
@@ -205,16 +210,24 @@ class Qwen25VisionTower(nn.Module):
         return torch.cat(order), bounds
 
 
-TOWERS = {"qwen2_5_vl": Qwen25VisionTower, "qwen3_vl": Qwen3VisionTower}
+TOWERS = {
+    "qwen2_5_vl": Qwen25VisionTower,
+    "qwen3_vl": Qwen3VisionTower,
+    "llava": tower.LlavaVision,  # CLIP / SigLIP + LLaVA's projector (models/llava/tower.py)
+    "gemma3": tower.Gemma3Vision,  # SigLIP + Gemma 3's pooling projector
+}
 
 
 class VisionLanguageModel(GPTModel):
     """GPTModel plus a vision tower on the first pipeline stage (see the module docstring)."""
 
-    def __init__(self, *args, vision: dict, **kwargs):
+    def __init__(self, *args, vision: dict, bidirectional_images: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.image_token_id = vision["image_token_id"]
         self.vision = TOWERS[vision["kind"]](vision) if self.pre_process else None
+        self.bidirectional_images = (
+            bidirectional_images  # ModelConfig.bidirectional_image_attention
+        )
         # DeepStack (Qwen3-VL): a tower that also returns features for the first LM layers
         self._deepstack = None  # (image positions [b, s], features per layer), in a forward
         if self.vision is not None and getattr(self.vision, "deepstack_layers", 0):
@@ -224,6 +237,9 @@ class VisionLanguageModel(GPTModel):
         self, input_ids, position_ids, attention_mask, decoder_input=None,
         pixel_values=None, image_grid_thw=None, **kwargs,
     ):  # fmt: skip
+        if self.bidirectional_images and attention_mask is None:
+            # every stage: the torch spec's attention reads the blocks (torch_layers.py)
+            attention_mask = image_blocks(input_ids == self.image_token_id)
         if self.pre_process and decoder_input is None and pixel_values is not None:
             decoder_input = self.embed_with_images(input_ids, pixel_values, image_grid_thw)
         return super().forward(

@@ -187,7 +187,7 @@ def _build_base(ckpt: Path, meta: dict, base: str | None, tp: int, pp: int, hf_c
             f"the base model {base} (recorded in {ckpt}) does not exist; pass --base PATH"
         )
     if (Path(base) / "config.json").is_file():
-        bridge = AutoBridge.from_hf_pretrained(base)
+        bridge = AutoBridge.from_hf_pretrained(base, text_only=cfg.vision is None)
     else:
         # a foreign base (Megatron-LM, Megatron-Bridge, NeMo 2) read like convert reads it
         hf_config = hf_config or meta["peft"].get("base_hf_config")

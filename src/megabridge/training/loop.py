@@ -344,7 +344,9 @@ def _adopt_pretrained_architecture(cfg: ConfigContainer) -> None:
         return
 
     if (Path(path) / "config.json").is_file():
-        AutoBridge.from_hf_pretrained(path).apply_to_model_config(cfg.model)
+        # a text recipe reads a vision-language checkpoint's language model (Gemma 3)
+        text_only = cfg.model.vision is None
+        AutoBridge.from_hf_pretrained(path, text_only=text_only).apply_to_model_config(cfg.model)
     else:
         meta = checkpointing.read_metadata(checkpointing.resolve(path), cfg.checkpoint.hf_config)
         copy_architecture(model_config_from_dict(meta["model_config"]), cfg.model)
@@ -353,7 +355,8 @@ def _adopt_pretrained_architecture(cfg: ConfigContainer) -> None:
 def _load_pretrained(cfg: ConfigContainer, model: list) -> None:
     path = Path(cfg.checkpoint.pretrained_checkpoint)
     if (path / "config.json").is_file():
-        AutoBridge.from_hf_pretrained(path).load_hf_weights(model)
+        text_only = cfg.model.vision is None
+        AutoBridge.from_hf_pretrained(path, text_only=text_only).load_hf_weights(model)
         return
     ckpt = checkpointing.resolve(path)
     checkpointing.check_architecture(ckpt, cfg.model, cfg.checkpoint.hf_config)

@@ -36,7 +36,7 @@ def bridge_for_run(cfg) -> AutoBridge:
     there is one (its config.json, shard layout, dtypes, tokenizer), else from the recipe."""
     pretrained = cfg.checkpoint.pretrained_checkpoint
     if pretrained and (Path(pretrained) / "config.json").is_file():
-        bridge = AutoBridge.from_hf_pretrained(pretrained)
+        bridge = AutoBridge.from_hf_pretrained(pretrained, text_only=cfg.model.vision is None)
     elif pretrained:
         bridge = AutoBridge.from_megatron_checkpoint(pretrained, cfg.checkpoint.hf_config)
     else:

@@ -290,7 +290,8 @@ def test_multimodal_reads_as_its_language_model(family, tmp_path):
 
     _, _, text_class, _, text_module = MULTIMODAL[family]
     hf_model = _tiny_multimodal(family, tmp_path / "mm")
-    bridge = AutoBridge.from_hf_pretrained(tmp_path / "mm")
+    # text_only: Gemma 3's checkpoint is otherwise a vision-language model (gemma3_vl)
+    bridge = AutoBridge.from_hf_pretrained(tmp_path / "mm", text_only=True)
     assert bridge.model_config == bridge_for_family(family).model_config(tiny_config(family))
     model = bridge.to_megatron_model()
     tokens = sample_tokens(256, 2, 32, seed=0)

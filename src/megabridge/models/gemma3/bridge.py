@@ -14,7 +14,8 @@ class Gemma3Bridge(Gemma2Bridge):
     """Gemma 2 plus QK norm and per-kind RoPE, minus attention soft-capping."""
 
     family = "gemma3"
-    architectures = ("Gemma3ForCausalLM", "Gemma3ForConditionalGeneration")
+    # Gemma3ForConditionalGeneration is models/gemma3_vl's; TEXT_TOWERS reads it text-only.
+    architectures = ("Gemma3ForCausalLM",)
     hf_model_type = "gemma3_text"
     # transformers' Gemma 3 attention never reads attn_logit_softcapping: neither do we.
     CONFIG = {k: v for k, v in Gemma2Bridge.CONFIG.items() if k != "attn_logit_softcapping"}
@@ -42,8 +43,8 @@ class Gemma3Bridge(Gemma2Bridge):
     )
     NOTES = (
         "tied embeddings; sliding window with its own RoPE theta, global RoPE scaling (torch "
-        "spec); Gemma3ForConditionalGeneration read as its language model (vision tower left "
-        "out), exported as a text-only Gemma3ForCausalLM"
+        "spec); Gemma3ForConditionalGeneration with --text-only (or a text recipe): read as "
+        "its language model (vision tower left out), exported as a text-only Gemma3ForCausalLM"
     )
 
     @classmethod

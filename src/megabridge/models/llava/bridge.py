@@ -1,0 +1,116 @@
+"""LLaVA (LlavaForConditionalGeneration): a CLIP or SigLIP vision tower and a two-layer
+projector (models/llava/tower.py) in front of a language model of any supported text family,
+read with that family's own bridge.
+
+The language model's tensors are the text family's under ``language_model.`` (the names
+transformers writes); the tower's and the projector's keep their HF names under ``vision.``.
+Files in transformers' other layouts (``model.language_model.*``, ``lm_head.*``,
+``vision_tower.vision_model.*`` as on the Hub) are read too, and export in the first one.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from megabridge.conversion.family import FamilyBridge
+from megabridge.conversion.registry import bridge_for_family, bridge_for_model_type, register_bridge
+from megabridge.conversion.vit import (
+    ACTIVATIONS,
+    HF_RENAMES,
+    language_model,
+    read_vit,
+    tower_mappings,
+    write_vit,
+)
+from megabridge.errors import UserError
+
+# Top-level LlavaConfig fields, kept in ModelConfig.vision as well.
+LLAVA_FIELDS = (
+    "image_token_id", "projector_hidden_act", "vision_feature_select_strategy",
+    "vision_feature_layer", "multimodal_projector_bias", "image_seq_length",
+)  # fmt: skip
+
+
+@register_bridge
+class LlavaBridge(FamilyBridge):
+    """A vision tower + projector, and a text family's language model (composed per model)."""
+
+    family = "llava"
+    architectures = ("LlavaForConditionalGeneration",)
+    hf_model_type = "llava"
+    VISION = True
+    HF_RENAMES = HF_RENAMES
+    PROJECTOR = ("linear_1.weight", "linear_1.bias", "linear_2.weight", "linear_2.bias")
+    PARALLELISM = ("TP", "PP")
+    NOTES = (
+        "CLIP or SigLIP tower + projector in front of any supported text family; the tower "
+        "is a torch module replicated on every TP rank, on the first PP stage; training not "
+        "supported yet"
+    )
+
+    @classmethod
+    def for_model(cls, cfg):
+        base = cls.__bases__[0] if "LANGUAGE_FAMILY" in cls.__dict__ else cls
+        return _composed(base, bridge_for_family(cfg.vision["text_family"]))
+
+    @classmethod
+    def model_config(cls, hf_config):
+        text_bridge = bridge_for_model_type(hf_config.text_config.model_type, cls.display_name())
+        vit = read_vit(cls, hf_config.vision_config)
+        llava = {name: getattr(hf_config, name) for name in LLAVA_FIELDS}
+        if llava["vision_feature_select_strategy"] not in ("default", "full"):
+            raise UserError(
+                f"{cls.display_name()} with vision_feature_select_strategy="
+                f"{llava['vision_feature_select_strategy']!r} is not supported (default, full)"
+            )
+        layers = llava["vision_feature_layer"]
+        depth = vit["num_hidden_layers"]
+        listed = [layers] if isinstance(layers, int) else list(layers)
+        if not listed or not all(isinstance(i, int) and -depth - 1 <= i <= depth for i in listed):
+            raise UserError(
+                f"{cls.display_name()} with vision_feature_layer={layers!r} is not supported "
+                f"(hidden-state indices of a {depth}-layer tower)"
+            )
+        if llava["projector_hidden_act"] not in ACTIVATIONS:
+            raise UserError(
+                f"{cls.display_name()} with projector_hidden_act="
+                f"{llava['projector_hidden_act']!r} is not supported yet"
+            )
+        llava["vision_feature_layer"] = layers if isinstance(layers, int) else listed
+        cfg = text_bridge.model_config(hf_config.text_config)
+        cfg.family = cls.family
+        # transformers reads the top-level flag (set from text_config's when that one ties)
+        cfg.share_embeddings_and_output_weights = bool(hf_config.tie_word_embeddings)
+        cfg.vision = {
+            "kind": "llava", "text_family": text_bridge.family,
+            "text_hidden_size": cfg.hidden_size, **vit, **llava,
+        }  # fmt: skip
+        return cfg
+
+    @classmethod
+    def hf_config_dict(cls, cfg):
+        text_bridge = bridge_for_family(cfg.vision["text_family"])
+        text = text_bridge.hf_config_dict(cfg)
+        del text["architectures"]
+        tie = cfg.share_embeddings_and_output_weights
+        text["tie_word_embeddings"] = tie
+        llava = {k: cfg.vision[k] for k in LLAVA_FIELDS if k != "image_token_id"}
+        return {
+            "architectures": [cls.architectures[0]],
+            "model_type": cls.hf_model_type,
+            "text_config": text,
+            "vision_config": write_vit(cfg.vision),
+            "image_token_index": cfg.vision["image_token_id"],
+            "tie_word_embeddings": tie,
+            **llava,
+        }
+
+
+@functools.cache
+def _composed(bridge: type[LlavaBridge], text: type[FamilyBridge]) -> type[LlavaBridge]:
+    """``bridge`` with ``text``'s language model: its mappings under ``language_model.``,
+    then the tower's and the projector's."""
+    mappings = [*language_model(text.MAPPINGS), *tower_mappings(bridge.PROJECTOR)]
+    name = f"{bridge.__name__}[{text.family}]"
+    body = {"MAPPINGS": mappings, "IGNORED_HF": text.IGNORED_HF, "LANGUAGE_FAMILY": text}
+    return type(name, (bridge,), body)

@@ -169,7 +169,7 @@ def test_a_bad_hf_config_is_one_line(tiny_llama, tmp_path, fields, problem):
 def test_zero_or_negative_cli_sizes_are_refused_before_any_work(tiny_llama, tmp_path):
     args = argparse.Namespace(
         hf_path=str(tiny_llama), megatron_path=str(tmp_path / "out"), overwrite=False,
-        dtype=None, tp=0, pp=1, ep=1, allow_non_finite=False,
+        dtype=None, tp=0, pp=1, ep=1, allow_non_finite=False, text_only=False,
     )  # fmt: skip
     with pytest.raises(UserError, match="^--tp 0: must be a positive integer$"):
         commands.cmd_hf_to_megatron(args)
@@ -187,7 +187,7 @@ def test_overwrite_may_not_destroy_the_input(tiny_llama, tmp_path):
     for out in (tiny_llama, tiny_llama / "inside", tiny_llama.parent):
         args = argparse.Namespace(
             hf_path=str(tiny_llama), megatron_path=str(out), overwrite=True,
-            dtype=None, tp=1, pp=1, ep=1, allow_non_finite=False,
+            dtype=None, tp=1, pp=1, ep=1, allow_non_finite=False, text_only=False,
         )  # fmt: skip
         with pytest.raises(UserError, match="overlaps the input .* would destroy the input"):
             commands.cmd_hf_to_megatron(args)

@@ -5,8 +5,8 @@ its sharded state dict says under which checkpoint key, and at which offset (the
 layer, the expert), each whole parameter is stored; the gated MLP's fused input
 projection appears as two halves, views of the parameter. Each parameter is read
 alone: an empty tensor of its shape and of the checkpoint's dtype is filled in place
-by Megatron-Core's torch_dist load strategy (torch.distributed.checkpoint reads only
-the chunks that overlap it, at whatever TP/PP/EP layout they were saved), mapped to
+by torch.distributed.checkpoint (which reads only the chunks that overlap it, at
+whatever TP/PP/EP layout they were saved; dcp_reader reads each straight into it), mapped to
 its HF tensors by the family's mappings and written into its safetensors file.
 
 The HF tensors' names, shapes and dtypes are known before any weight is read (the
@@ -35,13 +35,12 @@ from megatron.core.dist_checkpointing.mapping import (
     apply_factories,
     is_main_replica,
 )
-from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint import load as dcp_load
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
 from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
-from megabridge.conversion import hf_io, transfer
+from megabridge.conversion import dcp_reader, hf_io, transfer
 from megabridge.conversion.streaming import NotStreamable
 from megabridge.errors import ConversionError
 
@@ -63,7 +62,7 @@ class ExportPlan:
     def __init__(self, family, cfg, model, ckpt_dir: Path, prefix: str, vocab: int, dtype_of):
         self.family, self.cfg, self.ckpt_dir = family, cfg, Path(ckpt_dir)
         self.vocab, self.dtype_of = vocab, dtype_of
-        self.reader = _Reader(str(ckpt_dir))
+        self.reader = dcp_reader.ChunkReader(str(ckpt_dir))
         stored = self.reader.read_metadata().state_dict_metadata
         self.stored = stored
         self.params = _params(model, cfg, prefix)
@@ -131,15 +130,6 @@ class ExportPlan:
             warnings.simplefilter("ignore", UserWarning)
             dcp_load({}, storage_reader=self.reader, planner=_RegionPlanner(regions), no_dist=True)
         return full
-
-
-class _Reader(FileSystemReader):
-    """torch's reader, reading .metadata once for all the parameters' loads."""
-
-    def read_metadata(self):
-        if not hasattr(self, "_metadata"):
-            self._metadata = super().read_metadata()
-        return self._metadata
 
 
 class _RegionPlanner(LoadPlanner):

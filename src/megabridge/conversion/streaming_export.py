@@ -36,6 +36,7 @@ from megatron.core.dist_checkpointing.mapping import (
     is_main_replica,
 )
 from torch.distributed.checkpoint import load as dcp_load
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
 from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
@@ -128,7 +129,15 @@ class ExportPlan:
             )
         with warnings.catch_warnings():  # torch.distributed.checkpoint's one-process notes
             warnings.simplefilter("ignore", UserWarning)
-            dcp_load({}, storage_reader=self.reader, planner=_RegionPlanner(regions), no_dist=True)
+            try:
+                dcp_load(
+                    {}, storage_reader=self.reader, planner=_RegionPlanner(regions), no_dist=True
+                )
+            except CheckpointException as e:  # torch wraps what the reader raised: unwrap ours
+                ours = [exc for exc, _ in e.failures.values() if isinstance(exc, ConversionError)]
+                if ours:
+                    raise ours[0] from None
+                raise
         return full
 
 

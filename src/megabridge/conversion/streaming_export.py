@@ -102,6 +102,9 @@ class ExportPlan:
         try:
             for p in progress(self.params):
                 for hf_name, tensor, expert in self._hf_tensors(p.name, self._read(p)):
+                    # the writer needs it contiguous anyway, and aminmax runs 5x faster so
+                    # (q/k/v are strided views of the fused projection)
+                    tensor = tensor.contiguous()
                     if not allow_non_finite:  # as hf_io's writer: NaN / Inf only on request
                         hf_io.check_finite(tensor, f"exported tensor {hf_name!r}")
                     writers[file_of_name[hf_name]].write(hf_name, tensor, expert)

@@ -196,6 +196,8 @@ LAYOUTS = {
     "megatron-lm-tp2-bf16": ("megatron-lm", "bf16", 2, 1, 1, True),
     "nemo2-pp2": ("nemo2", "fp32", 1, 2, 1, False),
     "megatron-bridge-moe-ep2": ("megatron-bridge", "moe", 1, 1, 2, False),
+    # Megatron-LM's MoE arguments name no family: the export infers Qwen3-MoE from them
+    "megatron-lm-moe-ep2": ("megatron-lm", "moe", 1, 1, 2, False),
 }
 
 

@@ -92,9 +92,9 @@ def megatron_lm_args(cfg, padded_vocab: int):
         normalization=cfg.normalization,
         norm_epsilon=cfg.layernorm_epsilon,
         swiglu=True,
-        add_bias_linear=False,
-        add_qkv_bias=False,
-        qk_layernorm=False,
+        add_bias_linear=cfg.add_bias_linear,
+        add_qkv_bias=cfg.add_qkv_bias,
+        qk_layernorm=cfg.qk_layernorm,
         position_embedding_type="rope",
         rotary_base=int(cfg.rotary_base),
         untie_embeddings_and_output_weights=not cfg.share_embeddings_and_output_weights,
@@ -103,6 +103,23 @@ def megatron_lm_args(cfg, padded_vocab: int):
         tensor_model_parallel_size=cfg.tensor_model_parallel_size,
         pipeline_model_parallel_size=cfg.pipeline_model_parallel_size,
         ckpt_format="torch_dist",
+        **(_megatron_lm_moe_args(cfg) if cfg.num_moe_experts else {}),
+    )
+
+
+def _megatron_lm_moe_args(cfg) -> dict:
+    """Megatron-LM's MoE arguments (arguments.py's names; none of them names the family)."""
+    return dict(
+        num_experts=cfg.num_moe_experts,
+        moe_router_topk=cfg.moe_router_topk,
+        moe_ffn_hidden_size=cfg.moe_ffn_hidden_size,
+        moe_shared_expert_intermediate_size=cfg.moe_shared_expert_intermediate_size,
+        moe_router_score_function=cfg.moe_router_score_function,
+        moe_router_pre_softmax=cfg.moe_router_pre_softmax,
+        moe_router_enable_expert_bias=cfg.moe_router_enable_expert_bias,
+        moe_router_load_balancing_type="aux_loss",  # the run's choice, not the model's
+        moe_aux_loss_coeff=1e-2,
+        moe_grouped_gemm=True,
     )
 
 
@@ -179,6 +196,8 @@ LAYOUTS = {
     "megatron-lm-tp2-bf16": ("megatron-lm", "bf16", 2, 1, 1, True),
     "nemo2-pp2": ("nemo2", "fp32", 1, 2, 1, False),
     "megatron-bridge-moe-ep2": ("megatron-bridge", "moe", 1, 1, 2, False),
+    # Megatron-LM's MoE arguments name no family: the export infers Qwen3-MoE from them
+    "megatron-lm-moe-ep2": ("megatron-lm", "moe", 1, 1, 2, False),
 }
 
 

@@ -31,19 +31,32 @@ import psutil
 import torch
 from safetensors.torch import save_file
 
+# Each timed command prints the CPU seconds of its own work after its imports ("WORK_CPU s"
+# on stderr): the like-for-like comparison, free of the imports' noisy fixed cost.
 FLOOR = """
-import sys, torch
+import sys, time, torch
 from pathlib import Path
 from safetensors import safe_open
+start = time.process_time()
 src, out = Path(sys.argv[1]), Path(sys.argv[2])
 out.mkdir()
 for file in sorted(src.glob("*.safetensors")):
     with safe_open(str(file), framework="pt") as f:
         for name in f.keys():
             torch.save(f.get_tensor(name), out / f"{name}.pt")
+print(f"WORK_CPU {time.process_time() - start}", file=sys.stderr)
 """
 
 IDLE = "import megabridge.cli, megatron.core, transformers, megabridge.conversion.auto_bridge"
+MEGABRIDGE = f"""
+import sys, time
+{IDLE}
+from megabridge.cli import main
+start = time.process_time()
+rc = main(sys.argv[1:])
+print(f"WORK_CPU {{time.process_time() - start}}", file=sys.stderr)
+sys.exit(rc)
+"""
 
 
 def make_llama(folder: Path, hidden: int, layers: int, vocab: int) -> int:
@@ -85,12 +98,15 @@ def make_llama(folder: Path, hidden: int, layers: int, vocab: int) -> int:
     return size
 
 
-def measure(cmd: list[str]) -> tuple[float, float, int]:
-    """(seconds, CPU seconds, peak resident bytes) of the process tree. The CPU seconds
-    (user + system) vary far less than the wall time on a shared machine."""
+def measure(cmd: list[str], pythonpath: str | None = None) -> tuple[float, float, int, float]:
+    """(seconds, CPU seconds, peak resident bytes, work CPU seconds) of the process tree.
+    The CPU seconds (user + system) vary far less than the wall time on a shared machine;
+    the work CPU seconds are those the command spent after its imports."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    if pythonpath:  # another megabridge source tree (the baseline of a before/after run)
+        env["PYTHONPATH"] = pythonpath
     proc = psutil.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     peak, done = 0, threading.Event()
 
@@ -113,7 +129,15 @@ def measure(cmd: list[str]) -> tuple[float, float, int]:
         sys.exit(f"{cmd[:4]} failed:\n{err.decode()[-3000:]}")
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = sum(getattr(after, f) - getattr(before, f) for f in ("ru_utime", "ru_stime"))
-    return time.perf_counter() - start, cpu, peak
+    work = [ln for ln in err.decode().splitlines() if ln.startswith("WORK_CPU ")]
+    work_cpu = float(work[-1].split()[1]) if work else float("nan")
+    return time.perf_counter() - start, cpu, peak, work_cpu
+
+
+def best(runs: list[tuple]) -> tuple:
+    """Per column, the best (lowest) of several rounds; peak memory the highest."""
+    wall, cpu, peak, work = zip(*runs, strict=True)
+    return min(wall), min(cpu), max(peak), min(work)
 
 
 def main() -> None:
@@ -125,6 +149,11 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=32768)
     p.add_argument("--workdir", type=Path, help="keep the model and checkpoint here (reused)")
     p.add_argument("--export-only", action="store_true", help="skip timing hf-to-megatron")
+    p.add_argument("--rounds", type=int, default=1, help="interleaved rounds; best of each row")
+    p.add_argument(
+        "--baseline-src", type=Path,
+        help="also time the export of another megabridge checkout's src (before/after, interleaved)",
+    )  # fmt: skip
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = args.workdir or Path(tmp)
@@ -134,33 +163,53 @@ def main() -> None:
         size = sum(f.stat().st_size for f in hf.glob("*.safetensors"))
         for stale in ("floor", "back"):
             shutil.rmtree(root / stale, ignore_errors=True)
-        floor = measure([sys.executable, "-c", FLOOR, str(hf), str(root / "floor")])
-        shutil.rmtree(root / "floor")  # a model's size of disk, needed again for the export
-        idle = measure([sys.executable, "-c", IDLE])
-        to_mg = [sys.executable, "-m", "megabridge", "convert", "hf-to-megatron", "--hf-path",
-                 str(hf), "--megatron-path", str(mg), "--overwrite"]  # fmt: skip
-        conv = None
-        if not args.export_only or not mg.is_dir():
-            conv = measure(to_mg)
-        back = measure([sys.executable, "-m", "megabridge", "convert", "megatron-to-hf",
-                        "--megatron-path", str(mg), "--hf-path", str(root / "back")])  # fmt: skip
-        shutil.rmtree(root / "back")
+        tool = [sys.executable, "-c", MEGABRIDGE]
+        to_mg = [*tool, "convert", "hf-to-megatron", "--hf-path", str(hf),
+                 "--megatron-path", str(mg), "--overwrite"]  # fmt: skip
+        back = [*tool, "convert", "megatron-to-hf", "--megatron-path", str(mg),
+                "--hf-path", str(root / "back")]  # fmt: skip
+        rows: dict[str, list] = {}
+        for _ in range(args.rounds):
+            rows.setdefault("floor", []).append(
+                measure([sys.executable, "-c", FLOOR, str(hf), str(root / "floor")])
+            )
+            shutil.rmtree(root / "floor")  # a model's size of disk, needed again for the export
+            rows.setdefault("idle", []).append(measure([sys.executable, "-c", IDLE]))
+            if not args.export_only or not mg.is_dir():
+                rows.setdefault("import", []).append(measure(to_mg))
+            if args.baseline_src:
+                rows.setdefault("baseline", []).append(measure(back, str(args.baseline_src)))
+                shutil.rmtree(root / "back")
+            rows.setdefault("export", []).append(measure(back))
+            shutil.rmtree(root / "back")
+    report(rows, size, args)
+
+
+def report(rows: dict, size: int, args) -> None:
     gib = 2**30
+    measured = {name: best(runs) for name, runs in rows.items()}
     print(f"model: {size / gib:.2f} GiB bf16 (hidden {args.hidden}, {args.layers} layers, "
-          f"vocab {args.vocab}); wall s, CPU s (user + system), peak PSS")  # fmt: skip
-    rows = [("floor (safetensors load + torch.save per tensor)", floor),
-            ("imports alone (megabridge, megatron-core, transformers)", idle),
-            ("megabridge convert hf-to-megatron", conv),
-            ("megabridge convert megatron-to-hf (streamed)", back)]  # fmt: skip
-    for label, (wall, cpu, mem) in ((label, m) for label, m in rows if m is not None):
-        print(f"{label:57s} {wall:7.1f} s {cpu:7.1f} CPU s {mem / gib:6.2f} GiB")
-    for name, measured in (("import", conv), ("export", back)):
-        if measured is None:
+          f"vocab {args.vocab}); best of {args.rounds}: wall s, CPU s (user + system), "
+          f"peak PSS, work CPU s (after the command's imports)")  # fmt: skip
+    labels = {
+        "floor": "floor (safetensors load + torch.save per tensor)",
+        "idle": "imports alone (megabridge, megatron-core, transformers)",
+        "import": "megabridge convert hf-to-megatron",
+        "baseline": f"megatron-to-hf, baseline {args.baseline_src}",
+        "export": "megabridge convert megatron-to-hf (streamed)",
+    }
+    for name, (wall, cpu, mem, work) in measured.items():
+        print(f"{labels[name]:57s} {wall:7.1f} s {cpu:7.1f} CPU s {mem / gib:6.2f} GiB "
+              f"{work:7.1f} work CPU s")  # fmt: skip
+    floor, idle = measured["floor"], measured["idle"]
+    for name in ("import", "baseline", "export"):
+        if name not in measured:
             continue
-        wall, cpu, mem = measured
+        wall, cpu, mem, work = measured[name]
         print(
             f"{name}: time ratio {wall / floor[0]:.2f}x; without the imports' fixed cost "
-            f"{(wall - idle[0]) / floor[0]:.2f}x wall, {(cpu - idle[1]) / floor[1]:.2f}x CPU "
+            f"{(wall - idle[0]) / floor[0]:.2f}x wall, {(cpu - idle[1]) / floor[1]:.2f}x CPU; "
+            f"work CPU / floor's work CPU {work / floor[3]:.2f}x "
             f"(targets: import <= 2x, export <= 1.5x); peak above the imports / model "
             f"{(mem - idle[2]) / size:.2f} (target < 0.5 at ~2 GB, < 0.25 larger); "
             f"whole process / model {mem / size:.2f}"

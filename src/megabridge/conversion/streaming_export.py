@@ -5,8 +5,8 @@ its sharded state dict says under which checkpoint key, and at which offset (the
 layer, the expert), each whole parameter is stored; the gated MLP's fused input
 projection appears as two halves, views of the parameter. Each parameter is read
 alone: an empty tensor of its shape and of the checkpoint's dtype is filled in place
-by Megatron-Core's torch_dist load strategy (torch.distributed.checkpoint reads only
-the chunks that overlap it, at whatever TP/PP/EP layout they were saved), mapped to
+by torch.distributed.checkpoint (which reads only the chunks that overlap it, at
+whatever TP/PP/EP layout they were saved; dcp_reader reads each straight into it), mapped to
 its HF tensors by the family's mappings and written into its safetensors file.
 
 The HF tensors' names, shapes and dtypes are known before any weight is read (the
@@ -35,13 +35,13 @@ from megatron.core.dist_checkpointing.mapping import (
     apply_factories,
     is_main_replica,
 )
-from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint import load as dcp_load
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
 from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
-from megabridge.conversion import hf_io, transfer
+from megabridge.conversion import dcp_reader, hf_io, transfer
 from megabridge.conversion.streaming import NotStreamable
 from megabridge.errors import ConversionError
 
@@ -63,7 +63,7 @@ class ExportPlan:
     def __init__(self, family, cfg, model, ckpt_dir: Path, prefix: str, vocab: int, dtype_of):
         self.family, self.cfg, self.ckpt_dir = family, cfg, Path(ckpt_dir)
         self.vocab, self.dtype_of = vocab, dtype_of
-        self.reader = _Reader(str(ckpt_dir))
+        self.reader = dcp_reader.ChunkReader(str(ckpt_dir))
         stored = self.reader.read_metadata().state_dict_metadata
         self.stored = stored
         self.params = _params(model, cfg, prefix)
@@ -102,6 +102,9 @@ class ExportPlan:
         try:
             for p in progress(self.params):
                 for hf_name, tensor, expert in self._hf_tensors(p.name, self._read(p)):
+                    # the writer needs it contiguous anyway, and aminmax runs 5x faster so
+                    # (q/k/v are strided views of the fused projection)
+                    tensor = tensor.contiguous()
                     if not allow_non_finite:  # as hf_io's writer: NaN / Inf only on request
                         hf_io.check_finite(tensor, f"exported tensor {hf_name!r}")
                     writers[file_of_name[hf_name]].write(hf_name, tensor, expert)
@@ -129,17 +132,16 @@ class ExportPlan:
             )
         with warnings.catch_warnings():  # torch.distributed.checkpoint's one-process notes
             warnings.simplefilter("ignore", UserWarning)
-            dcp_load({}, storage_reader=self.reader, planner=_RegionPlanner(regions), no_dist=True)
+            try:
+                dcp_load(
+                    {}, storage_reader=self.reader, planner=_RegionPlanner(regions), no_dist=True
+                )
+            except CheckpointException as e:  # torch wraps what the reader raised: unwrap ours
+                ours = [exc for exc, _ in e.failures.values() if isinstance(exc, ConversionError)]
+                if ours:
+                    raise ours[0] from None
+                raise
         return full
-
-
-class _Reader(FileSystemReader):
-    """torch's reader, reading .metadata once for all the parameters' loads."""
-
-    def read_metadata(self):
-        if not hasattr(self, "_metadata"):
-            self._metadata = super().read_metadata()
-        return self._metadata
 
 
 class _RegionPlanner(LoadPlanner):

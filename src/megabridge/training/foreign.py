@@ -30,7 +30,7 @@ from pathlib import Path
 
 import yaml
 
-from megabridge.conversion import registry
+from megabridge.conversion import registry, tiny
 from megabridge.errors import CheckpointError, UserError
 from megabridge.models.config import ModelConfig, architecture
 from megabridge.training import trust
@@ -70,6 +70,15 @@ _CLASS_FAMILIES = (
     ("Olmo2", "olmo2"),
     ("DeepSeekV3", "deepseek_v3"),
 )
+# A Megatron-LM MoE run: the features (on/off) that tell MoE families apart, where a
+# family's MEGATRON_FIXED leaves them open; and fixed values that are the run's training
+# choices (its balance loss, its routing precision), not the model's.
+_MOE_FEATURES = (
+    "qk_layernorm", "add_qkv_bias", "add_bias_linear", "qk_norm_across_heads",
+    "attention_sinks", "multi_latent_attention", "moe_router_enable_expert_bias",
+    "moe_shared_expert_gate", "moe_shared_expert_intermediate_size", "rotary_interleaved",
+)  # fmt: skip
+_TRAINING_CHOICES = ("moe_aux_loss_coeff", "moe_router_load_balancing_type", "moe_router_dtype")
 # A Megatron-LM run names no model class; a dense decoder is recognised by what it has.
 # (field, value) that must hold -> family; the first rule that holds wins.
 _ARGS_FAMILIES = (
@@ -212,6 +221,20 @@ def _from_own_description(ckpt_dir: Path, what: str) -> ModelConfig:
             f"{ckpt_dir} carries no model description megabridge can read: pass {HF_CONFIG_HINT}"
         )
     family = _family(fields, ckpt_dir)
+    if family is None:  # Megatron-LM's MoE arguments name no family: the one they fit
+        return _moe_family_config(fields, ckpt_dir)
+    cfg = _config(family, fields)
+    wrong = _contradictions(cfg)
+    if wrong:
+        raise UserError(
+            f"{ckpt_dir} does not describe a {cfg.family} model: {', '.join(wrong)}; pass "
+            f"{HF_CONFIG_HINT}"
+        )
+    return cfg
+
+
+def _config(family: str, fields: dict) -> ModelConfig:
+    """A ``family`` ModelConfig with the description's fields."""
     cfg = ModelConfig(family=family)
     known = {f for f in asdict(cfg)}
     for name, value in fields.items():
@@ -225,8 +248,47 @@ def _from_own_description(ckpt_dir: Path, what: str) -> ModelConfig:
         cfg.share_embeddings_and_output_weights = not fields["untie_embeddings_and_output_weights"]
     if not fields.get("group_query_attention", True):  # Megatron-LM: no GQA, one group per head
         cfg.num_query_groups = cfg.num_attention_heads
-    _check_family(cfg, ckpt_dir)
     return cfg
+
+
+def _moe_family_config(fields: dict, ckpt_dir: Path) -> ModelConfig:
+    """The config of the one MoE family whose fixed values and features the arguments fit."""
+    fits, moe = [], []
+    for family in tiny.families():
+        fixed = registry.bridge_for_family(family).MEGATRON_FIXED
+        if "moe_router_score_function" not in fixed:
+            continue  # a dense family
+        moe.append(family)
+        cfg = _config(family, fields)
+        for name in _TRAINING_CHOICES:  # the run's loss, not the weights: the family's own
+            if name in fixed:
+                setattr(cfg, name, fixed[name])
+        if not _contradictions(cfg) and _has_features_of(family, cfg):
+            fits.append(cfg)
+    if len(fits) == 1:
+        return fits[0]
+    which = (
+        f"fit {' and '.join(c.family for c in fits)}"
+        if fits
+        else f"fit none of megabridge's MoE families ({', '.join(moe)})"
+    )
+    raise UserError(
+        f"{ckpt_dir}: the checkpoint's arguments (a Megatron-LM mixture-of-experts model) "
+        f"{which}: pass {HF_CONFIG_HINT}"
+    )
+
+
+def _has_features_of(family: str, cfg: ModelConfig) -> bool:
+    """Whether each feature a family's fixed values leave open is on or off in ``cfg`` as in
+    one of the family's tiny models (their variants span what its real models do)."""
+    bridge = registry.bridge_for_family(family)
+    seen = [bridge.model_config(tiny.tiny_config(family, v)) for v in tiny.variants(family)]
+    for feature in _MOE_FEATURES:
+        if feature in bridge.MEGATRON_FIXED:
+            continue
+        if bool(getattr(cfg, feature)) not in {bool(getattr(c, feature)) for c in seen}:
+            return False
+    return True
 
 
 def _renamed_from(ours: str) -> str:
@@ -256,7 +318,9 @@ def _activation(fields: dict) -> str:
     return "gelu"  # Megatron-Core's default activation
 
 
-def _family(fields: dict, ckpt_dir: Path) -> str:
+def _family(fields: dict, ckpt_dir: Path) -> str | None:
+    """The family the description names or its dense arguments imply; None for MoE
+    arguments without a class (_moe_family_config then finds the one they fit)."""
     target = str(fields.get("_target_", "")).rsplit(".", 1)[-1]
     if target:
         for prefix, family in _CLASS_FAMILIES:
@@ -265,29 +329,25 @@ def _family(fields: dict, ckpt_dir: Path) -> str:
         raise UserError(
             f"{ckpt_dir}: megabridge has no family for model class {target}: pass {HF_CONFIG_HINT}"
         )
-    if not fields.get("num_experts"):
-        for rule, family in _ARGS_FAMILIES:
-            if all(bool(fields.get(k)) == v for k, v in rule.items()):
-                return family
+    if fields.get("num_experts"):
+        return None
+    for rule, family in _ARGS_FAMILIES:
+        if all(bool(fields.get(k)) == v for k, v in rule.items()):
+            return family
     raise UserError(
         f"{ckpt_dir}: the checkpoint's arguments do not say which model family it is: pass "
         f"{HF_CONFIG_HINT}"
     )
 
 
-def _check_family(cfg: ModelConfig, ckpt_dir: Path) -> None:
-    """Refuse a checkpoint whose description contradicts what its family always is."""
+def _contradictions(cfg: ModelConfig) -> list[str]:
+    """What in ``cfg`` contradicts what its family always is."""
     family = registry.bridge_for_family(cfg.family)
-    wrong = [
+    return [
         f"{field}={getattr(cfg, field)!r} (a {cfg.family} has {value!r})"
         for field, value in family.MEGATRON_FIXED.items()
         if getattr(cfg, field) != value
     ]
-    if wrong:
-        raise UserError(
-            f"{ckpt_dir} does not describe a {cfg.family} model: {', '.join(wrong)}; pass "
-            f"{HF_CONFIG_HINT}"
-        )
 
 
 def _yaml(path: Path) -> dict:

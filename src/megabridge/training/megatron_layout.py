@@ -13,6 +13,9 @@ as both tools lay it out, with megabridge's checkpoint as its one iteration::
       train_state.pt    Megatron-Bridge's train state (step 0)
 
 megabridge itself reads OUT like any save folder (its newest complete checkpoint).
+Megatron-LM's own loader (core_v0.16.1: load_args_from_checkpoint, then load_checkpoint)
+reads it: scripts/megatron_lm_load_check.py runs that code from a checkout and compares
+the loaded model's logits with transformers'.
 """
 
 from __future__ import annotations

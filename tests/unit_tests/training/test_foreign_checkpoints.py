@@ -186,3 +186,31 @@ def test_lora_on_an_undescribed_foreign_base_exports_like_convert(tmp_path):
     export_checkpoint(saved, hf_path=tmp_path / "merged", adapter_path=tmp_path / "adapter")
     assert_same_tensors(hf, tmp_path / "merged")
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "glm4_moe"])
+def test_megatron_lm_moe_arguments_name_the_one_family_they_fit(family, tmp_path):
+    from megabridge.conversion.registry import bridge_for_family
+    from megabridge.training import foreign
+
+    cfg = bridge_for_family(family).model_config(tiny_config(family))
+    args = vars(foreign_checkpoints.megatron_lm_args(cfg, cfg.vocab_size))
+    found = foreign._moe_family_config(args, tmp_path)
+    assert found.family == family
+    assert (found.num_moe_experts, found.moe_router_topk) == (
+        cfg.num_moe_experts,
+        cfg.moe_router_topk,
+    )
+
+
+def test_megatron_lm_moe_arguments_that_fit_no_family_name_the_candidates(tmp_path):
+    from megabridge.conversion.registry import bridge_for_family
+    from megabridge.errors import UserError
+    from megabridge.training import foreign
+
+    cfg = bridge_for_family("qwen3_moe").model_config(tiny_config("qwen3_moe"))
+    args = vars(foreign_checkpoints.megatron_lm_args(cfg, cfg.vocab_size))
+    args["moe_router_score_function"] = "sigmoid"  # no MoE family routes so without more
+    with pytest.raises(UserError, match=r"fit none of megabridge's MoE families \(.*mixtral.*"
+                       r"qwen3_moe.*\): pass --hf-config"):  # fmt: skip
+        foreign._moe_family_config(args, tmp_path)

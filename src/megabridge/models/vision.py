@@ -37,6 +37,13 @@ from megabridge.errors import UserError
 from megabridge.models.attention_ops import image_blocks
 from megabridge.models.llava import tower
 from megabridge.models.qwen3_vl.tower import Qwen3VisionTower
+from megabridge.models.vision_layers import (
+    PatchEmbed,
+    VisionAttention,
+    frame_bounds,
+    patch_rows_cols,
+    rope_inv_freq,
+)
 
 _ACTIVATIONS = {"silu": F.silu}  # the vision MLPs' hidden_act (the bridge refuses others)
 
@@ -52,34 +59,6 @@ class VisionRMSNorm(nn.Module):
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    first, second = x.chunk(2, dim=-1)
-    return torch.cat((-second, first), dim=-1)
-
-
-class VisionAttention(nn.Module):
-    """Bidirectional attention within each segment of ``cu_seqlens`` (a window or an image)."""
-
-    def __init__(self, hidden: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(hidden, 3 * hidden, bias=True)
-        self.proj = nn.Linear(hidden, hidden, bias=True)
-
-    def forward(self, x, cu_seqlens: list[int], cos, sin):
-        n = x.shape[0]
-        q, k, v = self.qkv(x).reshape(n, 3, self.heads, -1).unbind(1)  # each [n, heads, d]
-        # RoPE in fp32, as transformers does, whatever the weights' dtype
-        q32, k32 = q.float(), k.float()
-        q = (q32 * cos + _rotate_half(q32) * sin).to(x.dtype)
-        k = (k32 * cos + _rotate_half(k32) * sin).to(x.dtype)
-        out = []
-        for start, end in zip(cu_seqlens[:-1], cu_seqlens[1:], strict=True):
-            segment = [t[start:end].transpose(0, 1).unsqueeze(0) for t in (q, k, v)]
-            out.append(F.scaled_dot_product_attention(*segment)[0].transpose(0, 1))
-        return self.proj(torch.cat(out).reshape(n, -1))
 
 
 class VisionMLP(nn.Module):
@@ -105,19 +84,6 @@ class VisionBlock(nn.Module):
     def forward(self, x, cu_seqlens, cos, sin):
         x = x + self.attn(self.norm1(x), cu_seqlens, cos, sin)
         return x + self.mlp(self.norm2(x))
-
-
-class PatchEmbed(nn.Module):
-    def __init__(self, channels: int, temporal: int, patch: int, hidden: int):
-        super().__init__()
-        self.shape = (-1, channels, temporal, patch, patch)
-        kernel = (temporal, patch, patch)
-        self.proj = nn.Conv3d(channels, hidden, kernel_size=kernel, stride=kernel, bias=False)
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        # [patches, channels * temporal * patch * patch] -> [patches, hidden]
-        x = pixels.to(self.proj.weight.dtype).view(self.shape)
-        return self.proj(x).flatten(1)
 
 
 class PatchMerger(nn.Module):
@@ -147,18 +113,15 @@ class Qwen25VisionTower(nn.Module):
         # window side in merged tokens
         self.window = v["window_size"] // self.merge // v["patch_size"]
         self.patch_embed = PatchEmbed(
-            v["in_channels"], v["temporal_patch_size"], v["patch_size"], hidden
+            v["in_channels"], v["temporal_patch_size"], v["patch_size"], hidden, bias=False
         )
         self.blocks = nn.ModuleList(
             VisionBlock(hidden, heads, v["intermediate_size"], v["hidden_act"])
             for _ in range(v["depth"])
         )
         self.merger = PatchMerger(hidden, self.merge**2, v["out_hidden_size"])
-        # 2D RoPE: head_dim / 4 frequencies for the row, as many for the column; rotated by
-        # halves over the whole head (angles [rows | columns | rows | columns])
-        half = hidden // heads // 2
-        theta = v.get("rope_theta", 10000.0)
-        self.inv_freq = 1.0 / theta ** (torch.arange(0, half, 2, dtype=torch.float) / half)
+        # 2D RoPE, rotated by halves over the whole head (angles [rows | columns | rows | columns])
+        self.inv_freq = rope_inv_freq(hidden, heads, v.get("rope_theta", 10000.0))
 
     def forward(self, pixels: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         grids = [tuple(int(x) for x in g) for g in grid_thw.tolist()]
@@ -171,25 +134,15 @@ class Qwen25VisionTower(nn.Module):
         angles = angles.reshape(n // unit, unit, -1)[order].reshape(n, -1)
         angles = torch.cat([angles, angles], dim=-1).unsqueeze(1)  # [patches, 1, head_dim]
         cos, sin = angles.cos(), angles.sin()
-        images = [0]
-        for t, h, w in grids:
-            images += [images[-1] + h * w * (i + 1) for i in range(t)]  # each frame on its own
+        images = frame_bounds(grids)
         for i, block in enumerate(self.blocks):
             x = block(x, images if i in self.full_blocks else windows, cos, sin)
         return self.merger(x)[torch.argsort(order)]
 
     def _angles(self, grids, device) -> torch.Tensor:
         """RoPE angles of each patch from its (row, column), patches in the processor's order."""
-        rows, cols = [], []
-        m = self.merge
-        for t, h, w in grids:
-            r = torch.arange(h).view(h // m, m, 1, 1).expand(h // m, m, w // m, m)
-            c = torch.arange(w).view(1, 1, w // m, m).expand(h // m, m, w // m, m)
-            # processor order: merge neighbourhoods row-major, then rows and columns inside
-            rows.append(r.permute(0, 2, 1, 3).flatten().repeat(t))
-            cols.append(c.permute(0, 2, 1, 3).flatten().repeat(t))
+        r, c = patch_rows_cols(grids, self.merge, device)
         inv = self.inv_freq.to(device)
-        r, c = torch.cat(rows).to(device), torch.cat(cols).to(device)
         return torch.cat([r[:, None].float() * inv, c[:, None].float() * inv], dim=-1)
 
     def _windows(self, grids) -> tuple[torch.Tensor, list[int]]:

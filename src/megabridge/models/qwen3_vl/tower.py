@@ -25,36 +25,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megabridge.models.vision_layers import (
+    PatchEmbed,
+    VisionAttention,
+    frame_bounds,
+    patch_rows_cols,
+    rope_inv_freq,
+)
+
 # HF vision hidden_act -> function (the bridge refuses any other name in one line).
 ACTIVATIONS = {"gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    first, second = x.chunk(2, dim=-1)
-    return torch.cat((-second, first), dim=-1)
-
-
-class Attention(nn.Module):
-    """Bidirectional attention inside each frame (``bounds``: cumulative patch counts), with
-    RoPE (cos, sin [patches, 1, head_dim]) applied in fp32 as transformers does."""
-
-    def __init__(self, hidden: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(hidden, 3 * hidden)
-        self.proj = nn.Linear(hidden, hidden)
-
-    def forward(self, x, bounds: list[int], cos, sin):
-        n = x.shape[0]
-        q, k, v = self.qkv(x).reshape(n, 3, self.heads, -1).unbind(1)  # each [n, heads, d]
-        q, k = ((t.float() * cos + _rotate_half(t.float()) * sin).to(x.dtype) for t in (q, k))
-        out = [
-            F.scaled_dot_product_attention(
-                *(t[a:b].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
-            )[0].transpose(0, 1)
-            for a, b in zip(bounds[:-1], bounds[1:], strict=True)
-        ]  # fmt: skip
-        return self.proj(torch.cat(out).reshape(n, -1))
 
 
 class MLP(nn.Module):
@@ -73,7 +53,7 @@ class Block(nn.Module):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden, eps=1e-6)
         self.norm2 = nn.LayerNorm(hidden, eps=1e-6)
-        self.attn = Attention(hidden, heads)
+        self.attn = VisionAttention(hidden, heads)
         self.mlp = MLP(hidden, ffn, act)
 
     def forward(self, x, bounds, cos, sin):
@@ -100,17 +80,6 @@ class Merger(nn.Module):
         return self.linear_fc2(F.gelu(self.linear_fc1(x.reshape(-1, merged))))
 
 
-class PatchEmbed(nn.Module):
-    def __init__(self, channels: int, temporal: int, patch: int, hidden: int):
-        super().__init__()
-        self.shape = (-1, channels, temporal, patch, patch)
-        kernel = (temporal, patch, patch)
-        self.proj = nn.Conv3d(channels, hidden, kernel_size=kernel, stride=kernel)
-
-    def forward(self, pixels):  # [patches, channels * temporal * patch * patch] -> [patches, h]
-        return self.proj(pixels.to(self.proj.weight.dtype).view(self.shape)).flatten(1)
-
-
 class Qwen3VisionTower(nn.Module):
     """Pixel patches [patches, c*t*p*p] and their grids [images, 3] -> (features
     [tokens, out_hidden], DeepStack features: one [tokens, out_hidden] per fed LM layer)."""
@@ -120,7 +89,7 @@ class Qwen3VisionTower(nn.Module):
         hidden, heads, self.merge = v["hidden_size"], v["num_heads"], v["spatial_merge_size"]
         unit, out = self.merge**2, v["out_hidden_size"]
         self.patch_embed = PatchEmbed(
-            v["in_channels"], v["temporal_patch_size"], v["patch_size"], hidden
+            v["in_channels"], v["temporal_patch_size"], v["patch_size"], hidden, bias=True
         )
         self.pos_embed = nn.Embedding(v["num_position_embeddings"], hidden)
         self.side = int(v["num_position_embeddings"] ** 0.5)
@@ -132,10 +101,8 @@ class Qwen3VisionTower(nn.Module):
         self.deepstack_merger_list = nn.ModuleList(
             Merger(hidden, unit, out, after_shuffle=True) for _ in self.deepstack_indexes
         )
-        # 2D RoPE as Qwen2.5-VL's: head_dim / 4 frequencies for the row, as many for the column
-        half = hidden // heads // 2
-        theta = v.get("rope_theta", 10000.0)
-        self.inv_freq = 1.0 / theta ** (torch.arange(0, half, 2, dtype=torch.float) / half)
+        # 2D RoPE as Qwen2.5-VL's
+        self.inv_freq = rope_inv_freq(hidden, heads, v.get("rope_theta", 10000.0))
 
     @property
     def deepstack_layers(self) -> int:
@@ -144,16 +111,14 @@ class Qwen3VisionTower(nn.Module):
 
     def forward(self, pixels: torch.Tensor, grid_thw: torch.Tensor):
         grids = [tuple(int(x) for x in g) for g in grid_thw.tolist()]
-        rows, cols = self._patch_rows_cols(grids, pixels.device)
+        rows, cols = patch_rows_cols(grids, self.merge, pixels.device)
         x = self.patch_embed(pixels)
         x = x + self._positions(grids, rows, cols).to(x.dtype)
         inv = self.inv_freq.to(x.device)
         angles = torch.cat([rows[:, None].float() * inv, cols[:, None].float() * inv], dim=-1)
         angles = torch.cat([angles, angles], dim=-1).unsqueeze(1)  # [patches, 1, head_dim]
         cos, sin = angles.cos(), angles.sin()
-        bounds = [0]
-        for t, h, w in grids:
-            bounds += [bounds[-1] + h * w * (i + 1) for i in range(t)]  # each frame on its own
+        bounds = frame_bounds(grids)
         deepstack = []
         for i, block in enumerate(self.blocks):
             x = block(x, bounds, cos, sin)
@@ -161,17 +126,6 @@ class Qwen3VisionTower(nn.Module):
                 merger = self.deepstack_merger_list[self.deepstack_indexes.index(i)]
                 deepstack.append(merger(x))
         return self.merger(x), deepstack
-
-    def _patch_rows_cols(self, grids, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each patch's (row, column) in its frame, patches in the processor's order."""
-        rows, cols = [], []
-        m = self.merge
-        for t, h, w in grids:
-            r = torch.arange(h).view(h // m, 1, m, 1).expand(h // m, w // m, m, m)
-            c = torch.arange(w).view(1, w // m, 1, m).expand(h // m, w // m, m, m)
-            rows.append(r.flatten().repeat(t))
-            cols.append(c.flatten().repeat(t))
-        return torch.cat(rows).to(device), torch.cat(cols).to(device)
 
     def _positions(self, grids, rows, cols) -> torch.Tensor:
         """The learned position table resampled to each frame's h x w grid: bilinear, the

@@ -1,0 +1,78 @@
+"""The pieces Qwen's vision towers share (Qwen2.5-VL: models/vision.py; Qwen3-VL:
+models/qwen3_vl/tower.py): the Conv3d patch embedding, attention within segments with 2D
+RoPE, and where each patch sits in its frame."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+class VisionAttention(nn.Module):
+    """Bidirectional attention within each segment of ``cu_seqlens`` (a window or a frame),
+    with RoPE (cos, sin [patches, 1, head_dim]) applied in fp32 as transformers does."""
+
+    def __init__(self, hidden: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(hidden, 3 * hidden, bias=True)
+        self.proj = nn.Linear(hidden, hidden, bias=True)
+
+    def forward(self, x, cu_seqlens: list[int], cos, sin):
+        n = x.shape[0]
+        q, k, v = self.qkv(x).reshape(n, 3, self.heads, -1).unbind(1)  # each [n, heads, d]
+        # RoPE in fp32, as transformers does, whatever the weights' dtype
+        q32, k32 = q.float(), k.float()
+        q = (q32 * cos + rotate_half(q32) * sin).to(x.dtype)
+        k = (k32 * cos + rotate_half(k32) * sin).to(x.dtype)
+        out = []
+        for start, end in zip(cu_seqlens[:-1], cu_seqlens[1:], strict=True):
+            segment = [t[start:end].transpose(0, 1).unsqueeze(0) for t in (q, k, v)]
+            out.append(F.scaled_dot_product_attention(*segment)[0].transpose(0, 1))
+        return self.proj(torch.cat(out).reshape(n, -1))
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, channels: int, temporal: int, patch: int, hidden: int, bias: bool):
+        super().__init__()
+        self.shape = (-1, channels, temporal, patch, patch)
+        kernel = (temporal, patch, patch)
+        self.proj = nn.Conv3d(channels, hidden, kernel_size=kernel, stride=kernel, bias=bias)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        # [patches, channels * temporal * patch * patch] -> [patches, hidden]
+        x = pixels.to(self.proj.weight.dtype).view(self.shape)
+        return self.proj(x).flatten(1)
+
+
+def rope_inv_freq(hidden: int, heads: int, theta: float) -> torch.Tensor:
+    """2D RoPE's frequencies: head_dim / 4 for the row, as many for the column."""
+    half = hidden // heads // 2
+    return 1.0 / theta ** (torch.arange(0, half, 2, dtype=torch.float) / half)
+
+
+def patch_rows_cols(grids, merge: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each patch's (row, column) in its frame, patches in the image processor's order:
+    ``merge`` x ``merge`` neighbourhoods row-major, rows and columns inside each."""
+    rows, cols = [], []
+    m = merge
+    for t, h, w in grids:
+        r = torch.arange(h).view(h // m, 1, m, 1).expand(h // m, w // m, m, m)
+        c = torch.arange(w).view(1, w // m, 1, m).expand(h // m, w // m, m, m)
+        rows.append(r.flatten().repeat(t))
+        cols.append(c.flatten().repeat(t))
+    return torch.cat(rows).to(device), torch.cat(cols).to(device)
+
+
+def frame_bounds(grids) -> list[int]:
+    """Cumulative patch counts at the end of every frame: each frame attends on its own."""
+    bounds = [0]
+    for t, h, w in grids:
+        bounds += [bounds[-1] + h * w * (i + 1) for i in range(t)]
+    return bounds

@@ -249,6 +249,22 @@ def compiled_layers(s: Smoke) -> str:
     return f"CUDA cases {', '.join(cases)} passed; training {falling(records, 'compiled')}"
 
 
+@path
+def fp8_gradients(s: Smoke) -> str:
+    """model.fp8's gradients against float64 (tests/unit_tests/models/test_fp8_gradients.py):
+    cuBLAS's FP8 GEMMs and the compiled casts must carry no more error than FP8 simulated in
+    float32. Eager cases only: compiled FP8 layers are refused to users (models/compiled.py)
+    because their CUDA cases fail (H200, torch 2.11, 2026-12-03: inductor's gradients at
+    relative difference 1.0); run the whole file by hand to check a fix."""
+    gpu = {"CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES") or "0"}
+    output = s.run("fp8_gradients", ["-m", "pytest", "-v", "-p", "no:cacheprovider", "-k", "eager",
+                                     "tests/unit_tests/models/test_fp8_gradients.py"], env=gpu)  # fmt: skip
+    passed = re.findall(r"::(test_\w+\[\w+\]) PASSED", output)
+    if len(passed) != 2:  # tensorwise, rowwise
+        raise Failure(f"{len(passed)} of 2 cases passed (see fp8_gradients.log)")
+    return "eager FP8 gradients within FP8's rounding of float64 (tensorwise, rowwise)"
+
+
 def _adapter(s: Smoke, method: str) -> str:
     import torch
     from peft import PeftModel
@@ -310,6 +326,26 @@ def resume(s: Smoke) -> str:
     return f"iteration 4 equal ({got[4]:.5f}), 5-6 within {worst:.1e}"
 
 
+# The activation-memory options (scripts/performance/NOTES.md, 2026-12-03 perfmem).
+LEAN_MEMORY = ("model.recompute_modules=layernorm", "model.recompute_swiglu=true",
+               "model.recompute_cross_entropy=true")  # fmt: skip
+
+
+@path
+def lean_memory(s: Smoke) -> str:
+    """The activation-memory options on CUDA, where their compiled kernels run: 10 steps of
+    the tiny Llama with them give the plain run's losses within bf16 noise (1%)."""
+    recipe, steps = "llama_tiny_pretrain_config", "train.train_iters=10"
+    plain = losses(s.train("lean_plain", "train", recipe, s.work / "lean_plain", steps))
+    lean = losses(s.train("lean_memory", "train", recipe, s.work / "lean", steps, *LEAN_MEMORY))
+    if not plain or lean.keys() != plain.keys():
+        raise Failure(f"logged iterations differ: {sorted(lean)} against {sorted(plain)}")
+    worst = max(abs(lean[i] - plain[i]) / abs(plain[i]) for i in plain)
+    if not worst <= 0.01:
+        raise Failure(f"losses differ by up to {worst:.2%}: {lean} against {plain}")
+    return f"{len(plain)} steps, losses within {worst:.1e} (relative) of the plain run's"
+
+
 @path
 def verify_cuda(s: Smoke) -> str:
     """`megabridge verify` on CUDA in fp32 and bf16, and against a converted checkpoint."""
@@ -344,6 +380,48 @@ def vlm_sft(s: Smoke) -> str:
                           "train.train_iters=8", "train.micro_batch_size=4",
                           "optimizer.lr=3e-3", "train.eval_interval=None")  # fmt: skip
         parts.append(f"{recipe.split('_')[-2]}: {falling(records, recipe)}")
+    return "; ".join(parts)
+
+
+@path
+def vlm_video(s: Smoke) -> str:
+    """Qwen2.5-VL video as frames on CUDA: verify --video in fp32, and SFT (bf16, padded) on
+    clips, images and text-only examples."""
+    from tests.vision_models import save_images, save_mixed_colour_dataset, save_tiny_qwen2_5_vl
+
+    hf = save_tiny_qwen2_5_vl(s.work / "hf_qwen2_5_vl_video")
+    frames = save_images(s.work / "video_frames", sizes=[(32, 40)] * 4)
+    output = s.megabridge("vlm_video", "verify", "--hf-path", str(hf), "--json",
+                          "--video", *map(str, frames))  # fmt: skip
+    result = json.loads([line for line in output.splitlines() if line.startswith("{")][-1])
+    if not result.get("ok"):
+        raise Failure(f"verify --video: {result}")
+    data = save_mixed_colour_dataset(s.work / "mixed_colours", count=24)
+    records = s.train("vlm_video", "finetune", "qwen25_vl_tiny_finetune_config",
+                      s.work / "vlm_video", f"checkpoint.pretrained_checkpoint={hf}",
+                      f"dataset.path={data}", "train.train_iters=8", "train.micro_batch_size=4",
+                      "optimizer.lr=3e-3", "train.eval_interval=None")  # fmt: skip
+    return (
+        f"verify --video max|diff| {result['max_abs_diff']:.1e}; sft: {falling(records, 'video')}"
+    )
+
+
+@path
+def vlm_families_sft(s: Smoke) -> str:
+    """SFT and LoRA of tiny Qwen3-VL, Qwen3-VL-MoE, Gemma 3 and LLaVA on images, on CUDA."""
+    from tests.vision_models import save_colour_dataset, save_tiny_family_vl
+
+    data = save_colour_dataset(s.work / "colours_families", count=32)
+    parts = []
+    for family in ("qwen3_vl", "qwen3_vl_moe", "gemma3_vl", "llava"):
+        hf = save_tiny_family_vl(family, s.work / f"hf_{family}")
+        for kind in ("finetune", "lora"):
+            recipe = f"{family}_tiny_{kind}_config"
+            records = s.train("vlm_families_sft", "finetune", recipe, s.work / recipe,
+                              f"checkpoint.pretrained_checkpoint={hf}", f"dataset.path={data}",
+                              "train.train_iters=8", "train.micro_batch_size=4",
+                              "optimizer.lr=3e-3", "train.eval_interval=None")  # fmt: skip
+            parts.append(f"{family} {kind}: {falling(records, recipe)}")
     return "; ".join(parts)
 
 

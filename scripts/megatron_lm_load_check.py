@@ -48,6 +48,16 @@ def make_tiny_llama(path: Path) -> Path:
     return path
 
 
+def convert_with_megatron_layout(hf: Path, ckpt: Path) -> None:
+    """megabridge's own CLI: ``hf`` to a Megatron checkpoint at ``ckpt`` with the layout files
+    that Megatron-LM and Megatron-Bridge read (``--megatron-layout``)."""
+    subprocess.run(
+        [sys.executable, "-m", "megabridge", "convert", "hf-to-megatron", "--hf-path", str(hf),
+         "--megatron-path", str(ckpt), "--megatron-layout", "--overwrite"],
+        check=True,
+    )  # fmt: skip
+
+
 def report(ok: bool, what: str) -> bool:
     print(f"{'PASS' if ok else 'FAIL'} {what}", flush=True)
     return ok
@@ -103,11 +113,7 @@ def main() -> int:
     work = opts.workdir or Path(tempfile.mkdtemp(prefix="mlm-load-"))
     hf = opts.hf_path or make_tiny_llama(work / "hf")
     ckpt = work / "megatron-layout"
-    subprocess.run(
-        [sys.executable, "-m", "megabridge", "convert", "hf-to-megatron", "--hf-path", str(hf),
-         "--megatron-path", str(ckpt), "--megatron-layout", "--overwrite"],
-        check=True,
-    )  # fmt: skip
+    convert_with_megatron_layout(hf, ckpt)
     sys.path.append(str(opts.megatron_lm.resolve()))  # after site-packages: megatron.core stays
     args, model, iteration = run_megatron_lm(ckpt)
     from megabridge.conversion import verify

@@ -174,11 +174,8 @@ def _add_tool_files(kind: str, root: Path, iter_dir: Path, cfg) -> None:
         return
     (root / "latest_checkpointed_iteration.txt").write_text(str(ITERATION))
     if kind == "megatron-bridge":
-        provider = (
-            "megatron.bridge.models.qwen.qwen_provider.Qwen3MoEModelProvider"
-            if cfg.num_moe_experts
-            else "megatron.bridge.models.llama.llama_provider.LlamaModelProvider"
-        )
+        # what Megatron-Bridge 0.6.2 writes: its generic provider, the fields tell the model
+        provider = "megatron.bridge.models.gpt_provider.GPTModelProvider"
         run_config = {
             "model": {"_target_": provider, **megatron_fields(cfg)},
             "train": {"train_iters": ITERATION, "micro_batch_size": 1},

@@ -71,6 +71,8 @@ def save_tiny_vl(
         Qwen2_5_VLProcessor,
         Qwen2VLImageProcessorPil,
         Qwen2VLVideoProcessor,
+        Qwen3VLProcessor,
+        Qwen3VLVideoProcessor,
     )
 
     config = tiny_config(family, variant)
@@ -87,8 +89,13 @@ def save_tiny_vl(
     if processor is None:
         processor = family == "qwen2_5_vl"
     if processor:  # AutoProcessor: image processor, tokenizer and chat template together
-        videos = Qwen2VLVideoProcessor(**sizes)
-        Qwen2_5_VLProcessor(images, tokenizer, videos, chat_template=CHAT_TEMPLATE).save_pretrained(
+        # video frames kept as small as the images (the default upscales a frame to 100k pixels)
+        small = dict(min_pixels=16 * 16, max_pixels=64 * 64)
+        if family == "qwen2_5_vl":
+            videos, processor_class = Qwen2VLVideoProcessor(**sizes, **small), Qwen2_5_VLProcessor
+        else:  # Qwen3-VL's processor takes its own video processor
+            videos, processor_class = Qwen3VLVideoProcessor(**sizes), Qwen3VLProcessor
+        processor_class(images, tokenizer, videos, chat_template=CHAT_TEMPLATE).save_pretrained(
             str(path)
         )
     else:
@@ -103,7 +110,7 @@ def _word_tokenizer(vocab_size: int, specials: dict[int, str], **named):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    tokens = dict(enumerate(SPECIALS)) | specials
+    tokens = dict(enumerate(SPECIALS + WORDS)) | specials  # real words: the SFT tests' colours
     vocab = {tokens.get(i, f"w{i}"): i for i in range(vocab_size)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -164,8 +171,9 @@ def save_tiny_gemma3_vl(
              "image_token": "<image_soft_token>"}  # fmt: skip
     ids = {"boi_token": config.boi_token_index, "eoi_token": config.eoi_token_index,
            "image_token": config.image_token_index}  # fmt: skip
+    turns = {248: "<start_of_turn>", 249: "<end_of_turn>"}  # the chat template's (CHAT)
     tokenizer = _word_tokenizer(
-        config.text_config.vocab_size, {ids[k]: t for k, t in names.items()}, **names
+        config.text_config.vocab_size, {ids[k]: t for k, t in names.items()} | turns, **names
     )
     transformers.Gemma3Processor(
         image_processor=transformers.Gemma3ImageProcessorPil(size={"height": side, "width": side}),
@@ -236,3 +244,129 @@ def save_colour_dataset(folder: Path, count: int = 32, seed: int = 0) -> Path:
         lines.append(json.dumps(colour_question(f"images/{i}.png", colour)) + "\n")
     (folder / "train.jsonl").write_text("".join(lines))
     return folder
+
+
+VIDEO_FRAME_SIZE = (24, 32)  # (height, width): 6 x 8 patches, 12 video tokens per 2 frames
+
+
+def save_colour_frames(folder: Path, colour: str, count: int, seed: int = 0) -> list[Path]:
+    """``count`` PNG frames of one colour (a little noise each), one size."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        pixels = np.array(COLOURS[colour], dtype=float) + rng.normal(0, 8, (*VIDEO_FRAME_SIZE, 3))
+        paths.append(folder / f"{i:04d}.png")
+        Image.fromarray(np.clip(pixels, 0, 255).astype("uint8")).save(paths[-1])
+    return paths
+
+
+def colour_video_question(frames: list[str], colour: str | None = None) -> dict:
+    """A chat example: a clip (its frames) and "what colour is it ?"; the answer its colour."""
+    user = {"role": "user", "content": [{"type": "video", "video": frames},
+                                        {"type": "text", "text": "what colour is it ?"}]}  # fmt: skip
+    return {"messages": [user] + ([{"role": "assistant", "content": colour}] if colour else [])}
+
+
+def save_mixed_colour_dataset(folder: Path, count: int = 12, seed: int = 0) -> Path:
+    """``folder``/train.jsonl: in turn a clip (2 or 4 frames of one colour), an image and a
+    text-only question ("what colour is red ?"), answered with the colour; relative paths."""
+    import json
+
+    images = save_colour_dataset(folder / "images", count=count, seed=seed) / "train.jsonl"
+    image_lines = images.read_text().splitlines()
+    lines = []
+    for i in range(count):
+        colour = list(COLOURS)[i % len(COLOURS)]
+        if i % 3 == 0:
+            frames = save_colour_frames(folder / f"clips/{i}", colour, 2 + 2 * (i % 2), seed + i)
+            record = colour_video_question([str(p.relative_to(folder)) for p in frames], colour)
+        elif i % 3 == 1:
+            record = json.loads(image_lines[i])
+            record["messages"][0]["content"][0]["image"] = (
+                f"images/{record['messages'][0]['content'][0]['image']}"
+            )
+            colour = record["messages"][1]["content"]
+        else:
+            record = {"messages": [{"role": "user", "content": f"what colour is {colour} ?"},
+                                   {"role": "assistant", "content": colour}]}  # fmt: skip
+        lines.append(json.dumps(record) + "\n")
+    (folder / "train.jsonl").write_text("".join(lines))
+    return folder
+
+
+def _chat_template(turn: str, end: str, image: str, roles: dict[str, str]) -> str:
+    """A chat template in short: ``turn`` before each message (with {role}), ``end`` after
+    it, ``image`` for each image part; role names as ``roles`` rename them."""
+    role = "{{ " + repr(roles) + ".get(m['role'], m['role']) }}"
+    return (
+        "{{ bos_token }}{% for m in messages %}" + turn.replace("{role}", role) +
+        "{% if m['content'] is string %}{{ m['content'] }}"
+        "{% else %}{% for c in m['content'] %}"
+        "{% if c['type'] == 'image' %}" + image +
+        "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}"
+        + end + "{% endfor %}{% if add_generation_prompt %}" +
+        turn.replace("{role}", roles.get("assistant", "assistant")) + "{% endif %}"
+    )  # fmt: skip
+
+
+# Gemma 3's turns (<start_of_turn>model ... <end_of_turn>) and LLaVA 1.5's (USER: ... </s>)
+CHAT = {
+    "gemma3_vl": dict(turn="<start_of_turn>{role}\n", end="<end_of_turn>\n",
+                      image="<start_of_image>", roles={"assistant": "model"}),
+    "llava": dict(turn="{role}: ", end="</s> ", image="<image>\n",
+                  roles={"user": "USER", "assistant": "ASSISTANT"}),
+}  # fmt: skip
+
+
+def save_tiny_family_vl(family: str, path: Path) -> Path:
+    """A vision-language family's tiny model with its whole HF processor (AutoProcessor:
+    image processor, tokenizer, chat template), as SFT reads it."""
+    from transformers import AutoProcessor
+
+    if family in ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"):
+        return save_tiny_vl(family, path, processor=True)
+    save = {"gemma3_vl": save_tiny_gemma3_vl, "llava": save_tiny_llava}[family]
+    save(path)
+    processor = AutoProcessor.from_pretrained(str(path))
+    processor.chat_template = _chat_template(**CHAT[family])
+    processor.save_pretrained(str(path))
+    return Path(path)
+
+
+def train_steps(s, count: int, same_batch: bool = False) -> list[float]:
+    """``count`` optimizer steps of a training session (loop.setup), on successive global
+    batches or all on the first one; their losses."""
+    from megabridge.training.step import train_step
+
+    losses = []
+    for i in range(count):
+        consumed = 0 if same_batch else i * s.cfg.train.global_batch_size
+        loss, _, stepped, _ = train_step(s.cfg, s.model, s.optimizer, s.scheduler, s.train_data,
+                                         consumed)  # fmt: skip
+        assert stepped
+        losses.append(loss)
+    return losses
+
+
+def lora_train_and_export(cfg, root: Path):
+    """Set up a LoRA run of ``cfg``, check only the language model's adapters train, take 3
+    steps with falling loss, then write root/adapter (peft) and root/merged (HF); the session."""
+    from megabridge.peft import lora
+    from megabridge.peft.export import save_adapter
+    from megabridge.training import loop, save_hf
+
+    s = loop.setup(cfg)
+    chunk = s.model[0].module  # inside DDP
+    trainable = [n for n, p in chunk.named_parameters() if p.requires_grad]
+    assert trainable and all(lora.is_adapter(n) and n.startswith("decoder.") for n in trainable)
+    losses = train_steps(s, 3)
+    assert losses[-1] < losses[0], losses
+    bridge = save_hf.bridge_for_run(cfg)
+    save_adapter(s.model, bridge, root / "adapter", chunk.megabridge_peft)
+    lora.merge_and_unload(s.model)
+    bridge.save_hf_pretrained(s.model, root / "merged")
+    return s

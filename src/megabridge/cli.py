@@ -287,6 +287,22 @@ def _register_conversion(sub) -> None:
         help="an image to compare a vision-language model's logits on (repeatable; required "
         "for them, one sample per image, made by the model's own image processor)",
     )
+    p.add_argument(
+        "--video",
+        action="append",
+        nargs="+",
+        metavar="FRAME",
+        help="Qwen2.5-VL: one video to compare on, as its frame images in order (or one folder "
+        "of them, sorted by name); at least temporal_patch_size (2) frames of one size; "
+        "repeatable, one sample per --video, made by the model's own HF processor. Video files "
+        "(.mp4, ...) are not decoded: extract their frames first",
+    )
+    p.add_argument(
+        "--video-fps",
+        type=float,
+        default=2.0,
+        help="the frame rate of the --video frames (default 2.0): M-RoPE spaces frames in time",
+    )
     _text_only_arg(p)
     p.add_argument("--json", action="store_true", help="print the result as JSON on the last line")
     p.set_defaults(func=_command("megabridge.conversion.commands", "cmd_verify"))

@@ -126,3 +126,22 @@ def tiny_finetune(name: str, model) -> ConfigContainer:
     cfg.checkpoint.save_interval = None
     cfg.train.eval_interval, cfg.train.eval_iters = 10, 1
     return cfg
+
+
+def vlm_finetune(name: str, model) -> ConfigContainer:
+    """finetune() of a vision-language model: padded samples (packing VLM samples is not
+    supported yet; Gemma 3's bidirectional image attention does not take packed sequences)."""
+    cfg = finetune(name, model)
+    cfg.dataset.packed = False
+    return cfg
+
+
+def tiny_vlm_finetune(name: str, model) -> ConfigContainer:
+    """tiny_finetune() of a vision-language model (tests, smoke runs): padded samples,
+    sequences of 128 tokens, micro-batch 2; set checkpoint.pretrained_checkpoint and
+    dataset.path."""
+    cfg = tiny_finetune(name, model)
+    cfg.dataset.packed = False
+    cfg.model.seq_length = 128
+    cfg.train.micro_batch_size = 2
+    return cfg

@@ -90,7 +90,7 @@ def test_hf_copy_loads_generates_and_learned_the_colours(run):
 @pytest.mark.skipduringci  # one more 2-process launch each: ~2 min on a loaded 2-core machine
 @pytest.mark.parametrize("layout", ["tensor", "pipeline", "data"])
 def test_two_process_losses_equal_one_process(run, tmp_path, layout):
-    """The language model split over two processes (TP: the tower replicated on both; PP: the
+    """The language model split over two processes (TP: the tower's blocks split too; PP: the
     tower on the first stage, which alone reads the images), or the batch split (DP)."""
     overrides = _overrides(tmp_path, run / "hf", run / "data")
     split = [] if layout == "data" else [f"model.{layout}_model_parallel_size=2"]

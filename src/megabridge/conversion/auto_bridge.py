@@ -11,6 +11,7 @@ bridge.sync_weights(model, consumer)            # into a transformers model / an
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import logging
@@ -21,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megabridge import catalog, outputs, runtime
+from megabridge import catalog, checksums, outputs, runtime
 from megabridge.conversion import (
     hf_io,
     quantized,
@@ -73,6 +74,7 @@ class AutoBridge:
         )
         self.checkpoint_meta: dict = {}  # its megabridge.json (or what stands for it)
         self.described_by: str | Path | None = None  # the HF config describing a foreign one
+        self.content_unchecked = False  # its files' checksums are yet to be checked
         # tokenizer / generation files to ship with an export
         self.sidecar_dir: Path | None = source.path if source is not None else None
         # {"weight_map": {name: file}, "dtypes": {name: dtype}} of the HF folder we came from
@@ -115,12 +117,16 @@ class AutoBridge:
 
     @classmethod
     def from_megatron_checkpoint(
-        cls, path: str | Path, hf_config: str | Path | None = None
+        cls, path: str | Path, hf_config: str | Path | None = None, check_content: bool = True
     ) -> AutoBridge:
         """A bridge for a Megatron checkpoint: megabridge's (its megabridge.json says which
         model) or one Megatron-LM, Megatron-Bridge or NeMo 2 wrote (the model from what it
-        carries, or from ``hf_config``: an HF model folder or config.json)."""
-        ckpt = checkpointing.resolve(path)
+        carries, or from ``hf_config``: an HF model folder or config.json).
+
+        ``check_content=False`` leaves the files' checksums for later: a streamed export
+        (save_hf_from_checkpoint) checks them from the bytes it reads anyway, and a load
+        into a built model reads them all first, as with ``True``."""
+        ckpt = checkpointing.resolve(path, content=check_content)
         described_by = hf_config
         meta = checkpointing.read_metadata(ckpt, described_by)
         model_config = model_config_from_dict(meta["model_config"])
@@ -136,6 +142,7 @@ class AutoBridge:
         bridge.checkpoint_dir = ckpt
         bridge.checkpoint_meta = meta
         bridge.described_by = described_by
+        bridge.content_unchecked = not check_content
         assets = ckpt / HF_ASSETS
         bridge.sidecar_dir = assets if assets.is_dir() else None
         if described_by is not None and Path(described_by).is_dir():  # its tokenizer files too
@@ -193,6 +200,9 @@ class AutoBridge:
             transfer.load_hf_weights(model, self.family, self.source, cfg)
             return
 
+        if self.content_unchecked:
+            checkpointing.verify_content(self.checkpoint_dir)
+            self.content_unchecked = False
         checkpointing.load(self.checkpoint_dir, model, model_only=True, hf_config=self.described_by)
 
     def load_hf_weights(self, model) -> None:
@@ -383,23 +393,32 @@ class AutoBridge:
         if dist.get_world_size() > 1:
             return None
         weights = foreign.dist_dir(self.checkpoint_dir)
-        trust.check_pickles(weights)  # before torch unpickles anything of it
-        try:
-            export = streaming_export.plan(
-                self.family, cfg, *build_model(cfg, meta=True), weights,
-                prefix=meta.get("foreign", {}).get("key_prefix", ""),
-                vocab=self.hf_config.get("vocab_size"), dtype_of=self._dtype_of(dtype),
-            )  # fmt: skip
-        except streaming.NotStreamable as e:
-            log.info("building the model in memory to export it (%s)", e)
-            return None
-        layout = (self.source_layout or {}).get("weight_map") if dtype is None else None
-        bar = functools.partial(_counted, export=export, desc="export")
-        with outputs.output_folder(out, overwrite, self.inputs()) as tmp:
-            streaming_export.write_hf_folder(
-                export, tmp, self.hf_config_for_export(dtype), self.sidecar_dir, layout,
-                progress=bar if progress else iter, allow_non_finite=self.allow_non_finite,
-            )  # fmt: skip
+        verifier = None  # checks the checksums from the bytes the export reads
+        if self.content_unchecked and "checksums" in meta:
+            verifier = checksums.ReadVerifier(self.checkpoint_dir, meta["checksums"])
+        with _damage_first(verifier):
+            trust.check_pickles(weights)  # before torch unpickles anything of it
+            try:
+                export = streaming_export.plan(
+                    self.family, cfg, *build_model(cfg, meta=True), weights,
+                    prefix=meta.get("foreign", {}).get("key_prefix", ""),
+                    vocab=self.hf_config.get("vocab_size"), dtype_of=self._dtype_of(dtype),
+                    verifier=verifier,
+                )  # fmt: skip
+            except streaming.NotStreamable as e:
+                log.info("building the model in memory to export it (%s)", e)
+                return None  # load_weights then checks the content before reading it
+            layout = (self.source_layout or {}).get("weight_map") if dtype is None else None
+            finish = verifier.check if verifier is not None else None
+            bar = functools.partial(_counted, export=export, desc="export", finish=finish)
+            with outputs.output_folder(out, overwrite, self.inputs()) as tmp:
+                streaming_export.write_hf_folder(
+                    export, tmp, self.hf_config_for_export(dtype), self.sidecar_dir, layout,
+                    progress=bar if progress else iter, allow_non_finite=self.allow_non_finite,
+                )  # fmt: skip
+                if verifier is not None:  # before the output is renamed into place
+                    verifier.check()
+        self.content_unchecked = False
         return Path(out)
 
     def checkpoint_metadata(self) -> dict:
@@ -429,6 +448,20 @@ def _agree_on_rank0(check) -> None:
         raise (UserError if user else ConversionError)(f"rank 0: {message}")
 
 
+@contextlib.contextmanager
+def _damage_first(verifier: checksums.ReadVerifier | None) -> Iterator[None]:
+    """A read that fails on a checkpoint whose bytes differ from their checksums fails as
+    that damage: a flipped byte can surface first as a NaN or a malformed chunk."""
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
+
+    try:
+        yield
+    except (Exception, CheckpointException):
+        if verifier is not None:
+            verifier.check()
+        raise
+
+
 def _reraise(error: BaseException | None) -> None:
     if error is not None:
         raise error
@@ -448,12 +481,15 @@ def _progress(tensors, total, desc):
             bar.update(nbytes=tensor.numel() * tensor.element_size())
 
 
-def _counted(params, export, desc):
-    """Progress over the streamed export's parameters (each read, mapped and written)."""
+def _counted(params, export, desc, finish=None):
+    """Progress over the streamed export's parameters (each read, mapped and written);
+    ``finish`` runs after the last one, before the summary line (an error prints alone)."""
     with Progress(desc, total=len(export.params)) as bar:
         for p in params:
             yield p
             bar.update(nbytes=math.prod(p.shape) * export.stored_dtype[p.name].itemsize)
+        if finish is not None:
+            finish()
 
 
 def _architecture(config_dict: dict, where) -> str:

@@ -76,7 +76,10 @@ def _source_dtype(bridge) -> torch.dtype:
 def cmd_megatron_to_hf(args) -> int:
     inputs = [args.megatron_path, *filter(None, [args.hf_reference, args.hf_config])]
     out = outputs.check_output(args.hf_path, args.overwrite, inputs)
-    bridge = AutoBridge.from_megatron_checkpoint(args.megatron_path, args.hf_config)
+    # the streamed export checks the checksums from the bytes it reads (no separate pass)
+    bridge = AutoBridge.from_megatron_checkpoint(
+        args.megatron_path, args.hf_config, check_content=False
+    )
     if args.hf_reference:
         bridge.use_hf_reference(args.hf_reference)
     if args.allow_non_finite:
@@ -100,7 +103,7 @@ def cmd_verify(args) -> int:
     result = verify(
         args.hf_path, args.megatron_path, args.tp, args.pp, args.ep, dtype,
         args.batch, args.seq_len, args.seed, args.atol, args.min_top1, args.image,
-        args.text_only,
+        args.text_only, videos=args.video, video_fps=args.video_fps,
     )  # fmt: skip
     verdict = "OK" if result.ok else "MISMATCH"
     log.info(

@@ -41,7 +41,14 @@ _LOCAL_HEADER = b"PK\x03\x04"  # a zip local file header: 30 bytes, then name an
 
 
 class ChunkReader(FileSystemReader):
-    """torch's FileSystemReader, reading tensor chunks in place; ``.metadata`` read once."""
+    """torch's FileSystemReader, reading tensor chunks in place; ``.metadata`` read once.
+
+    ``verifier`` (a checksums.ReadVerifier) is shown every range of raw bytes read in place,
+    so that the files' checksums are computed from memory instead of a second read."""
+
+    def __init__(self, path, verifier=None):
+        super().__init__(path)
+        self.verifier = verifier
 
     def read_metadata(self, *args, **kwargs):
         if not hasattr(self, "_metadata"):
@@ -86,10 +93,10 @@ class ChunkReader(FileSystemReader):
             o * s for o, s in zip(item.storage_offsets, chunk.stride, strict=True)
         )
         if dest.is_contiguous() and chunk.is_run(tuple(item.storage_offsets), tuple(item.lengths)):
-            _read_exact(f, chunk.data_start + start * dest.itemsize, _bytes_of(dest))
+            self._read(f, chunk.data_start + start * dest.itemsize, _bytes_of(dest))
         else:
             whole = torch.empty(chunk.numel, dtype=chunk.dtype)
-            _read_exact(f, chunk.data_start, _bytes_of(whole))
+            self._read(f, chunk.data_start, _bytes_of(whole))
             region = whole.as_strided(chunk.size, chunk.stride, chunk.storage_offset)
             for dim, (offset, length) in enumerate(
                 zip(item.storage_offsets, item.lengths, strict=True)
@@ -98,6 +105,11 @@ class ChunkReader(FileSystemReader):
             dest.copy_(region)
         planner.commit_tensor(item, dest)
         return True
+
+    def _read(self, f, position: int, into: memoryview) -> None:
+        _read_exact(f, position, into)
+        if self.verifier is not None:  # hashed now, before anything changes the destination
+            self.verifier.read(Path(f.name), position, into)
 
 
 @dataclasses.dataclass

@@ -2,7 +2,11 @@
 tokenizer (the files next to its config.json): pixel patches, their grid, and a prompt
 that places the image's tokens between the vision start and end tokens, as the HF
 processor does. LLaVA and Gemma 3 run their whole HF processor (processor_config.json) on
-the prompt with its image marker. Used by verify (--image)."""
+the prompt with its image marker. Used by verify (--image).
+
+A video (Qwen2.5-VL, verify --video) is a clip of frame images, in order, given to the
+model's whole HF processor as one video (``videos=[frames]``); video files are not decoded
+here. Training reads its clips' frames with read_frames too (training/data/vision_sft.py)."""
 
 from __future__ import annotations
 
@@ -71,14 +75,106 @@ def image_samples(hf_path, paths: list, vision: dict) -> list[ImageSample]:
     return samples
 
 
-def _read_image(path):
+def _read_image(path, prefix: str = ""):
     from PIL import Image
 
     try:
         with Image.open(Path(path)) as image:
             return image.convert("RGB")
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot read image {path}: {_first_line(e)}") from None
+        raise UserError(f"{prefix}cannot read image {path}: {_first_line(e)}") from None
+
+
+# ------------------------------------------------------------------ video (frames)
+
+# What a clip's frames may be (a folder's other files are left out), and the video files we
+# refuse by name rather than fail to read as images.
+FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv")
+DEFAULT_FPS = 2.0  # the frame rate a list of frames is taken at, as qwen-vl-utils assumes
+
+
+@dataclass
+class VideoSample:
+    input_ids: torch.Tensor  # [1, s]
+    pixel_values_videos: torch.Tensor  # [patches, channels * temporal * patch * patch]
+    video_grid_thw: torch.Tensor  # [1, 3]: temporal patches, rows, columns
+    second_per_grid_ts: torch.Tensor  # [1]: seconds per temporal patch (M-RoPE's time steps)
+
+
+def frame_paths(paths: list, where: str = "") -> list[Path]:
+    """A clip's frames: the image files given, in order, or one folder's image files sorted by
+    name. A video file is refused: it is not decoded here."""
+    prefix = f"{where}: " if where else ""
+    paths = [Path(p) for p in paths]
+    if len(paths) == 1 and paths[0].is_dir():
+        folder = paths[0]
+        paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in FRAME_SUFFIXES)
+        if not paths:
+            raise UserError(f"{prefix}{folder} holds no frame images ({', '.join(FRAME_SUFFIXES)})")
+    for p in paths:
+        if p.suffix.lower() in VIDEO_SUFFIXES:
+            raise UserError(
+                f"{prefix}{p} is a video file, which megabridge does not decode: pass its frames "
+                f"as image files (e.g. ffmpeg -i {p.name} -r 2 frames/%04d.png) or their folder"
+            )
+    return paths
+
+
+def read_frames(paths: list[Path], min_frames: int, where: str = "") -> list:
+    """A clip's frames as RGB images: at least ``min_frames`` (the tower's temporal_patch_size:
+    fewer would be repeated into a still image), all of one size."""
+    prefix = f"{where}: " if where else ""
+    if len(paths) < min_frames:
+        raise UserError(
+            f"{prefix}a video of {len(paths)} frame(s): the model embeds frames in groups of "
+            f"{min_frames}, so a video needs at least {min_frames} (pass one frame as an image)"
+        )
+    frames = [_read_image(p, prefix) for p in paths]
+    sizes = {f.size for f in frames}
+    if len(sizes) > 1:
+        (w0, h0), (w1, h1) = sorted(sizes)[:2]
+        raise UserError(
+            f"{prefix}the frames of one video differ in size ({w0}x{h0} and {w1}x{h1} pixels, "
+            f"{paths[0].parent}): resize them to one size"
+        )
+    return frames
+
+
+def video_metadata(frames: list, fps: float) -> dict:
+    """What the HF processor takes to place a clip's frames in time (second_per_grid_ts)."""
+    return {"fps": fps, "total_num_frames": len(frames)}
+
+
+def video_samples(hf_path, clips: list[list], vision: dict, fps: float = DEFAULT_FPS):
+    """One sample per clip, from the model's HF processor (videos=[frames]):
+    [vision start] [video token] * n [vision end] PROMPT."""
+    from transformers import AutoProcessor
+
+    try:
+        processor = AutoProcessor.from_pretrained(str(hf_path), local_files_only=True)
+        video_token = processor.video_token
+    except Exception as e:  # noqa: BLE001 - any failure means the files are missing or bad
+        raise UserError(
+            f"cannot load the video processor of {hf_path} (processor_config.json, "
+            f"video_preprocessor_config.json, tokenizer files): {_first_line(e)}"
+        ) from None
+    if getattr(processor, "video_processor", None) is None:
+        raise UserError(f"{hf_path}: its HF processor has no video processor")
+    ends = processor.tokenizer.convert_ids_to_tokens(
+        [vision["vision_start_token_id"], vision["vision_end_token_id"]]
+    )
+    text = ends[0] + video_token + ends[1] + PROMPT
+    samples = []
+    for clip in clips:
+        frames = read_frames(frame_paths(clip), vision["temporal_patch_size"])
+        out = processor(
+            text=[text], videos=[frames], video_metadata=[video_metadata(frames, fps)],
+            return_tensors="pt",
+        )  # fmt: skip
+        samples.append(VideoSample(out["input_ids"], out["pixel_values_videos"],
+                                   out["video_grid_thw"], out["second_per_grid_ts"]))  # fmt: skip
+    return samples
 
 
 def processor_samples(hf_path, paths: list, vision: dict) -> list[ImageSample]:

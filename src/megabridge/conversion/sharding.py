@@ -28,7 +28,9 @@ def param_split(name: str, param: torch.Tensor, gated: bool) -> Split:
     if not getattr(param, "tensor_model_parallel", False):
         return "replicated"
     dim = getattr(param, "partition_dim", 0)
-    if dim == 0 and gated and ".linear_fc1." in f".{name}":
+    # ``gated`` is the language model's; a vision tower's plain MLP marks its fc1 (Qwen3-VL)
+    plain = getattr(param, "plain_fc1", False)
+    if dim == 0 and gated and not plain and ".linear_fc1." in f".{name}":
         return "gated_dim0"
     return "dim0" if dim == 0 else "dim1"
 

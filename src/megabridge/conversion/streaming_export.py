@@ -60,11 +60,14 @@ class _Param:
 class ExportPlan:
     """Where every HF tensor of the export comes from, and where it goes."""
 
-    def __init__(self, family, cfg, model, ckpt_dir: Path, prefix: str, vocab: int, dtype_of):
+    def __init__(
+        self, family, cfg, model, ckpt_dir: Path, prefix: str, vocab: int, dtype_of, verifier
+    ):  # fmt: skip
         self.family, self.cfg, self.ckpt_dir = family, cfg, Path(ckpt_dir)
         self.vocab, self.dtype_of = vocab, dtype_of
-        self.reader = dcp_reader.ChunkReader(str(ckpt_dir))
-        stored = self.reader.read_metadata().state_dict_metadata
+        self.reader = dcp_reader.ChunkReader(str(ckpt_dir), verifier)
+        metadata = self.reader.read_metadata()
+        stored = metadata.state_dict_metadata
         self.stored = stored
         self.params = _params(model, cfg, prefix)
         self.stored_dtype = {}
@@ -73,6 +76,9 @@ class ExportPlan:
             if key not in stored:
                 raise ConversionError(f"{ckpt_dir} has no tensor {key} (for {p.name})")
             self.stored_dtype[p.name] = stored[key].properties.dtype
+        # read in the order the bytes lie in the files: the verifier then hashes them from
+        # memory as they arrive (the output files are laid out up front: any order fills them)
+        self.read_order = sorted(self.params, key=_first_byte(metadata))
         self.outputs = {}  # hf name -> (shape, dtype), in export order
         for p in self.params:
             full = torch.empty(p.shape, dtype=self.stored_dtype[p.name], device="meta")
@@ -100,7 +106,7 @@ class ExportPlan:
         file_of_name = {n: f for f, names in files.items() for n in names}
         writers = {f: _SafetensorsFile(out / f, names, self.outputs) for f, names in files.items()}
         try:
-            for p in progress(self.params):
+            for p in progress(self.read_order):
                 for hf_name, tensor, expert in self._hf_tensors(p.name, self._read(p)):
                     # the writer needs it contiguous anyway, and aminmax runs 5x faster so
                     # (q/k/v are strided views of the fused projection)
@@ -186,9 +192,45 @@ class _RegionPlanner(LoadPlanner):
         pass  # read in place into the destination
 
 
-def plan(family, cfg, model, ckpt_dir: Path, prefix="", vocab=None, dtype_of=None) -> ExportPlan:
-    """``model``: ``cfg``'s model built on the meta device at TP=1, PP=1."""
-    return ExportPlan(family, cfg, model, ckpt_dir, prefix, vocab or cfg.vocab_size, dtype_of)
+def plan(
+    family, cfg, model, ckpt_dir: Path, prefix="", vocab=None, dtype_of=None, verifier=None
+) -> ExportPlan:
+    """``model``: ``cfg``'s model built on the meta device at TP=1, PP=1; ``verifier``: a
+    checksums.ReadVerifier shown every byte range the export reads."""
+    return ExportPlan(
+        family, cfg, model, ckpt_dir, prefix, vocab or cfg.vocab_size, dtype_of, verifier
+    )
+
+
+def _first_byte(metadata) -> Callable[[_Param], tuple]:
+    """Sort key of a parameter: (file, offset) of the first stored chunk it reads."""
+    where: dict[str, list] = {}  # key -> [(chunk offsets, chunk sizes, (file, offset))]
+    for index, info in (metadata.storage_data or {}).items():
+        chunk = (tuple(index.offset or ()), (info.relative_path, info.offset))
+        where.setdefault(index.fqn, []).append(chunk)
+    sizes = {}
+    for key, stored in metadata.state_dict_metadata.items():
+        for chunk in getattr(stored, "chunks", ()):
+            sizes[(key, tuple(chunk.offsets))] = tuple(chunk.sizes)
+
+    def overlaps(key, chunk_offsets, item) -> bool:
+        chunk_sizes = sizes.get((key, chunk_offsets), ())
+        lengths = (1,) * item.prepend_axis_num + tuple(item.local_shape)
+        region = (tuple(item.global_offset), lengths, chunk_offsets, chunk_sizes)
+        if len(set(map(len, region))) != 1:
+            return False
+        return all(o < go + n and go < o + s for go, n, o, s in zip(*region, strict=True))
+
+    def key(p: _Param) -> tuple:
+        places = [
+            place
+            for item, _ in p.pieces
+            for offsets, place in where.get(item.key, ())
+            if overlaps(item.key, offsets, item)
+        ]
+        return min(places, default=("", 0))
+
+    return key
 
 
 def _params(model, cfg, prefix: str) -> list[_Param]:

@@ -10,7 +10,7 @@ import torch.distributed as dist
 from megabridge.conversion import image_inputs
 from megabridge.conversion.auto_bridge import AutoBridge
 from megabridge.errors import UserError
-from megabridge.models.vision import mrope_positions
+from megabridge.models.vision import VIDEO_TOWERS, mrope_positions, video_steps
 
 DEFAULT_ATOL = {torch.float32: 1e-3, torch.bfloat16: 0.25}
 DEFAULT_MIN_TOP1 = {torch.float32: 0.99, torch.bfloat16: 0.9}
@@ -56,8 +56,11 @@ def hf_logits(hf_path, tokens: torch.Tensor, dtype: torch.dtype, device) -> torc
 
 
 @torch.no_grad()
-def hf_image_logits(hf_path, samples, vision: dict, dtype: torch.dtype, device) -> torch.Tensor:
-    """transformers' logits [1, sum of lengths, vocab] of image samples, one after another."""
+def hf_image_logits(
+    hf_path, samples, vision: dict, dtype: torch.dtype, device, clips=()
+) -> torch.Tensor:
+    """transformers' logits [1, sum of lengths, vocab] of image samples, one after another,
+    then of video samples (``clips``: image_inputs.VideoSample)."""
     model = _hf_model(hf_path, dtype, device, vision=True)
     out = []
     for sample in samples:
@@ -69,6 +72,14 @@ def hf_image_logits(hf_path, samples, vision: dict, dtype: torch.dtype, device) 
             extra["image_grid_thw"] = sample.image_grid_thw.to(device)
         pixels = sample.pixel_values.to(device, dtype)
         out.append(model(input_ids=ids, pixel_values=pixels, **extra).logits.float())
+    for clip in clips:
+        ids = clip.input_ids.to(device)
+        out.append(model(
+            input_ids=ids, pixel_values_videos=clip.pixel_values_videos.to(device, dtype),
+            video_grid_thw=clip.video_grid_thw.to(device),
+            second_per_grid_ts=clip.second_per_grid_ts.to(device),
+            mm_token_type_ids=2 * (ids == vision["video_token_id"]).int(),  # 2: video tokens
+        ).logits.float())  # fmt: skip
     del model
     return torch.cat(out, dim=1)
 
@@ -85,6 +96,21 @@ def megatron_image_logits(chunks, samples, vision: dict) -> torch.Tensor | None:
             )  # fmt: skip
             images["image_grid_thw"] = sample.image_grid_thw
         out.append(megatron_logits(chunks, sample.input_ids, positions, images))
+    return None if out[0] is None else torch.cat(out, dim=1)
+
+
+def megatron_video_logits(chunks, clips, vision: dict) -> torch.Tensor | None:
+    """megatron_logits of video samples, one after another (like hf_image_logits' clips)."""
+    out = []
+    for clip in clips:
+        positions = mrope_positions(
+            clip.input_ids, None, vision["image_token_id"], vision["spatial_merge_size"],
+            clip.video_grid_thw, vision["video_token_id"],
+            video_steps(vision, clip.second_per_grid_ts),
+        )  # fmt: skip
+        videos = {"pixel_values_videos": clip.pixel_values_videos,
+                  "video_grid_thw": clip.video_grid_thw}  # fmt: skip
+        out.append(megatron_logits(chunks, clip.input_ids, positions, videos))
     return None if out[0] is None else torch.cat(out, dim=1)
 
 
@@ -180,20 +206,21 @@ def verify(
     min_top1: float | None = None,
     images: list | None = None,
     text_only: bool = False,
+    videos: list | None = None,
+    video_fps: float = image_inputs.DEFAULT_FPS,
 ) -> VerifyResult:
     """Build the Megatron model (from ``hf_path`` or ``megatron_path``) and compare; every rank
-    returns the result. A vision-language model is compared on ``images`` (one sample each);
-    ``text_only``: its language model alone, where a text family reads it (Gemma 3)."""
+    returns the result. A vision-language model is compared on ``images`` (one sample each)
+    and ``videos`` (lists of frame paths, or of one folder of frames: one sample each, taken
+    at ``video_fps`` frames per second); ``text_only``: its language model alone, where a
+    text family reads it (Gemma 3)."""
     hf_bridge = AutoBridge.from_hf_pretrained(hf_path, text_only=text_only)
     vision = hf_bridge.model_config.vision
-    if vision is not None and not images:
-        raise UserError(
-            f"verify of the vision-language {hf_bridge.family.display_name()} compares logits on "
-            "images: pass --image PATH (one or more)"
-        )
-    if vision is None and images:
-        raise UserError(f"--image: {hf_bridge.family.display_name()} is a text-only model")
-    samples = image_inputs.image_samples(hf_path, images, vision) if vision else None
+    _check_visual_inputs(hf_bridge, images, videos)
+    if videos and not video_fps > 0:
+        raise UserError(f"--video-fps must be positive, got {video_fps}")
+    samples = image_inputs.image_samples(hf_path, images, vision) if images else None
+    clips = image_inputs.video_samples(hf_path, videos, vision, video_fps) if videos else None
     bridge = _megatron_bridge(megatron_path, hf_path) if megatron_path else hf_bridge
     provider = bridge.to_megatron_provider()
     provider.tensor_model_parallel_size = tp
@@ -208,13 +235,17 @@ def verify(
     seq_len = min(seq_len, provider.seq_length)
     tokens = sample_tokens(provider.vocab_size, batch, seq_len, seed)
     model = bridge.to_megatron_model(provider)
-    if samples:
-        logits = megatron_image_logits(model, samples, vision)
+    if samples or clips:
+        parts = [megatron_image_logits(model, samples, vision)] if samples else []
+        parts += [megatron_video_logits(model, clips, vision)] if clips else []
+        logits = None if parts[0] is None else torch.cat(parts, dim=1)
     else:
         logits = megatron_logits(model, tokens)
     result = None
-    if logits is not None and samples:
-        reference = hf_image_logits(hf_path, samples, vision, dtype, logits.device)
+    if logits is not None and (samples or clips):
+        reference = hf_image_logits(
+            hf_path, samples or [], vision, dtype, logits.device, clips=clips or []
+        )
         result = compare(reference, logits, provider.vocab_size, dtype, atol, min_top1)
     elif logits is not None:
         reference = hf_logits(hf_path, tokens, dtype, logits.device)
@@ -222,3 +253,19 @@ def verify(
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, result)
     return next(r for r in everyone if r is not None)
+
+
+def _check_visual_inputs(hf_bridge: AutoBridge, images, videos) -> None:
+    """A vision-language model needs images or videos to compare on; a text model takes none;
+    videos only where the model embeds them (models/vision.py VIDEO_TOWERS)."""
+    name, vision = hf_bridge.family.display_name(), hf_bridge.model_config.vision
+    if vision is not None and not images and not videos:
+        raise UserError(
+            f"verify of the vision-language {name} compares logits on images: pass --image PATH "
+            "(one or more), or for Qwen2.5-VL --video FRAME [FRAME ...]"
+        )
+    if vision is None and (images or videos):
+        flag = "--image" if images else "--video"
+        raise UserError(f"{flag}: {name} is a text-only model")
+    if videos and vision["kind"] not in VIDEO_TOWERS:
+        raise UserError(f"--video: {name} takes images only here (video: Qwen2.5-VL)")

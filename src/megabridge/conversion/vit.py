@@ -5,7 +5,7 @@ a tower may have, and the names of a multimodal checkpoint's parts in transforme
 
 from __future__ import annotations
 
-from megabridge.conversion.mappings import Mapping, hf_moved, renames
+from megabridge.conversion.mappings import FusedQKV, GatedMLP, Mapping, hf_moved, renames
 from megabridge.errors import UserError
 
 # Stored-name prefix -> the one the mappings use (FamilyBridge.HF_RENAMES): the Hub's llava-hf
@@ -84,3 +84,121 @@ def read_vit(cls, v) -> dict:
 
 def write_vit(vision: dict) -> dict:
     return {k: vision[k] for k in (*VIT_FIELDS, "vision_use_head") if k in vision}
+
+
+# A tower's Megatron-Core MLP width is padded to a multiple of this, so that every TP size
+# that divides its heads splits it (Qwen2.5-VL's 3420 -> 3456 for TP=8): the extra units are
+# zero in and out, so they add nothing, get zero gradients, and are dropped again on export.
+# The same for every layout: a checkpoint loads at any TP.
+FFN_MULTIPLE = 64
+
+
+def padded_ffn(size: int) -> int:
+    return -(-size // FFN_MULTIPLE) * FFN_MULTIPLE
+
+
+class VisionQKV(FusedQKV):
+    """A vision tower's qkv (rows: all queries, all keys, all values; transformers' Qwen ViTs)
+    <-> its Megatron-Core linear_qkv (per-head [q; k; v]), with the tower's heads
+    (``cfg.vision``), not the language model's. Weights [3 * h, h] and biases [3 * h]."""
+
+    def hf_to_megatron(self, tensors, cfg):
+        return super().hf_to_megatron(tensors, _tower_shape(cfg))
+
+    def megatron_to_hf(self, tensor, cfg):
+        return super().megatron_to_hf(tensor, _tower_shape(cfg))
+
+
+def _tower_shape(cfg):
+    from types import SimpleNamespace
+
+    heads, hidden = cfg.vision["num_heads"], cfg.vision["hidden_size"]
+    return SimpleNamespace(
+        num_attention_heads=heads, num_query_groups=heads, kv_channels=None, hidden_size=hidden
+    )
+
+
+class VisionGatedMLP(GatedMLP):
+    """HF gate and up [ffn, ...] <-> the tower's linear_fc1 [gate; up], each half zero-padded
+    to padded_ffn rows (weights and biases)."""
+
+    def hf_to_megatron(self, tensors, cfg):
+        import torch.nn.functional as F
+
+        pad = padded_ffn(cfg.vision["intermediate_size"]) - tensors[0].shape[0]
+        rows = [0, 0] * (tensors[0].dim() - 1) + [0, pad]  # F.pad counts from the last dim
+        return super().hf_to_megatron([F.pad(t, rows) for t in tensors], cfg)
+
+    def megatron_to_hf(self, tensor, cfg):
+        ffn = cfg.vision["intermediate_size"]
+        return [t[:ffn].contiguous() for t in super().megatron_to_hf(tensor, cfg)]
+
+
+class VisionDown(Mapping):
+    """HF down_proj.weight [hidden, ffn] <-> the tower's linear_fc2.weight, zero-padded to
+    padded_ffn columns."""
+
+    def hf_to_megatron(self, tensors, cfg):
+        import torch.nn.functional as F
+
+        (t,) = tensors
+        return F.pad(t, [0, padded_ffn(cfg.vision["intermediate_size"]) - t.shape[1]])
+
+    def megatron_to_hf(self, tensor, cfg):
+        return [tensor[:, : cfg.vision["intermediate_size"]].contiguous()]
+
+
+class VisionUp(Mapping):
+    """HF fc1 [ffn, ...] (weight or bias) <-> the tower's plain (not gated) linear_fc1,
+    zero-padded to padded_ffn rows."""
+
+    def hf_to_megatron(self, tensors, cfg):
+        import torch.nn.functional as F
+
+        (t,) = tensors
+        pad = padded_ffn(cfg.vision["intermediate_size"]) - t.shape[0]
+        return F.pad(t, [0, 0] * (t.dim() - 1) + [0, pad])
+
+    def megatron_to_hf(self, tensor, cfg):
+        return [tensor[: cfg.vision["intermediate_size"]].contiguous()]
+
+
+def qwen3_vit_layers(hf: str) -> list[Mapping]:
+    """Qwen3-VL's ViT blocks (HF ``{hf}.N.``: LayerNorms norm1 / norm2, attn.qkv, attn.proj,
+    mlp.linear_fc1 / linear_fc2 with tanh-GELU) <-> the tower's Megatron-Core layers
+    (``vision.blocks.N.``): as qwen_vit_layers, with norm biases and a plain MLP."""
+    megatron = "vision.blocks.*."
+    layers = renames({
+        **{f"{megatron}input_layernorm.{w}": f"{hf}.*.norm1.{w}" for w in _WB},
+        **{f"{megatron}pre_mlp_layernorm.{w}": f"{hf}.*.norm2.{w}" for w in _WB},
+        **{f"{megatron}self_attention.linear_proj.{w}": f"{hf}.*.attn.proj.{w}" for w in _WB},
+        f"{megatron}mlp.linear_fc2.bias": f"{hf}.*.mlp.linear_fc2.bias",
+    })  # fmt: skip
+    layers.append(VisionDown(f"{megatron}mlp.linear_fc2.weight", f"{hf}.*.mlp.linear_fc2.weight"))
+    for w in _WB:
+        layers.append(VisionQKV(f"{megatron}self_attention.linear_qkv.{w}", f"{hf}.*.attn.qkv.{w}"))
+        layers.append(VisionUp(f"{megatron}mlp.linear_fc1.{w}", f"{hf}.*.mlp.linear_fc1.{w}"))
+    return layers
+
+
+def qwen_vit_layers(hf: str) -> list[Mapping]:
+    """Qwen2.5-VL's ViT blocks (HF ``{hf}.N.``: norm1, attn.qkv, attn.proj, norm2, SiLU-gated
+    mlp) <-> the tower's Megatron-Core TransformerLayers (``vision.blocks.N.``,
+    models/vision_encoder.py): qkv in Megatron's per-head layout, gate and up fused into
+    linear_fc1, the MLP width padded (padded_ffn)."""
+    megatron = "vision.blocks.*."
+    layers = renames({
+        f"{megatron}input_layernorm.weight": f"{hf}.*.norm1.weight",
+        f"{megatron}pre_mlp_layernorm.weight": f"{hf}.*.norm2.weight",
+        **{f"{megatron}self_attention.linear_proj.{w}": f"{hf}.*.attn.proj.{w}" for w in _WB},
+        f"{megatron}mlp.linear_fc2.bias": f"{hf}.*.mlp.down_proj.bias",
+    })  # fmt: skip
+    layers.append(VisionDown(f"{megatron}mlp.linear_fc2.weight", f"{hf}.*.mlp.down_proj.weight"))
+    for w in _WB:
+        layers.append(VisionQKV(f"{megatron}self_attention.linear_qkv.{w}", f"{hf}.*.attn.qkv.{w}"))
+        gate_up = (f"{hf}.*.mlp.gate_proj.{w}", f"{hf}.*.mlp.up_proj.{w}")
+        layers.append(VisionGatedMLP(f"{megatron}mlp.linear_fc1.{w}", gate_up))
+    return layers
+
+
+_WB = ("weight", "bias")

@@ -2,7 +2,8 @@
 causal attention within fixed blocks (Llama 4's chunked attention), on padded batches and on
 packed segments; the positions of packed tokens in their own segments; the weightless QK
 norm and the position-dependent query temperature of Llama 4; the image blocks that attend
-to themselves both ways (Gemma 3).
+to themselves both ways (Gemma 3); bidirectional attention within segments (a vision tower's
+windows and frames).
 """
 
 from __future__ import annotations
@@ -68,6 +69,26 @@ def attend_in_blocks(attend, q, k, v, size: int) -> torch.Tensor:
 
     out = attend(split(q), split(k), split(v))  # [b * blocks, np, size, hn]
     return out.unflatten(0, (b, blocks)).transpose(1, 2).flatten(2, 3)[:, :, :s]
+
+
+def attend_in_segments(attend, q, k, v, bounds: list[int]) -> torch.Tensor:
+    """Attention within each segment [bounds[i], bounds[i + 1]) of q, k, v [s, n, hn] (a
+    vision tower's windows or frames): segments of one length go through ``attend`` together,
+    [segments, len, n, hn] -> the same, so a few calls cover the many windows of an image."""
+    assert bounds[0] == 0 and bounds[-1] == q.shape[0], "segments must cover the sequence"
+    by_length: dict[int, list[int]] = {}  # segment length -> the segments' starts
+    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+        if b > a:
+            by_length.setdefault(b - a, []).append(a)
+    out = torch.empty_like(q)
+    for length, starts in sorted(by_length.items()):
+        # [segments, length]: the token positions of the segments of this length (built from
+        # host lists: no device sync)
+        rows = torch.tensor(starts, device=q.device)[:, None] + torch.arange(
+            length, device=q.device
+        )
+        out[rows.flatten()] = attend(q[rows], k[rows], v[rows]).flatten(0, 1)
+    return out
 
 
 def image_blocks(is_image: torch.Tensor) -> torch.Tensor:

@@ -313,6 +313,11 @@ class ModelConfig:
         "torch spec, dense SwiGLU MLPs: recompute SwiGLU's output in backward instead of keeping "
         "it (less activation memory for one element-wise pass)",
     )
+    recompute_cross_entropy: bool = runtime_field(
+        False,
+        "the loss keeps the logits for backward and recomputes the softmax from them, instead "
+        "of keeping an fp32 softmax [tokens, vocab] (same loss and gradients)",
+    )
     compile_layers: bool = runtime_field(
         False,
         "torch spec: compile each transformer layer with torch.compile (fused element-wise "
@@ -322,6 +327,13 @@ class ModelConfig:
         None, "activation recomputation"
     )
     recompute_method: Literal["uniform", "block"] | None = runtime_field(None, "for full recompute")
+    recompute_modules: list[str] | None = runtime_field(
+        None,
+        "selective recompute (implies recompute_granularity=selective): Megatron-Core's parts "
+        "to recompute in backward, e.g. [layernorm] (the norms before attention and MLP: their "
+        "outputs are not kept); also core_attn, mlp, moe, shared_experts, mla_up_proj. "
+        "None: with recompute_granularity=selective, Megatron's [core_attn]",
+    )
     recompute_num_layers: int | None = runtime_field(None, "layers per recompute unit / block")
 
     @property
@@ -470,6 +482,7 @@ def _variant_problems(cfg: ModelConfig) -> list[str]:
     if bad:
         problems.append(f"no_rope_layers {bad} are not layers of a {cfg.num_layers}-layer model")
     problems += _llama4_attention_problems(cfg)
+    problems += _recompute_problems(cfg)
     if (cfg.swiglu_alpha is not None or cfg.glu_linear_offset) and cfg.activation != "swiglu":
         problems.append("swiglu_alpha and glu_linear_offset need activation=swiglu")
     if cfg.local_rotary_base is not None and cfg.sliding_window is None:
@@ -505,3 +518,33 @@ def _llama4_attention_problems(cfg: ModelConfig) -> list[str]:
             f"moe_apply_probs_on_input needs moe_router_topk=1 (got {cfg.moe_router_topk})"
         )
     return problems
+
+
+# Megatron-Core 0.16's recompute_modules, less "moe_act" (it needs grouped GEMMs, which
+# megabridge's MoE layers do not use).
+RECOMPUTE_MODULES = ("core_attn", "layernorm", "mlp", "moe", "shared_experts", "mla_up_proj")
+
+
+def _recompute_problems(cfg: ModelConfig) -> list[str]:
+    modules = cfg.recompute_modules
+    if modules is None:
+        return []
+    if cfg.recompute_granularity == "full":
+        return ["recompute_modules is for recompute_granularity=selective, not full"]
+    problems = []
+    unknown = [m for m in modules if m not in RECOMPUTE_MODULES]
+    if unknown:
+        problems.append(f"recompute_modules {unknown} are not among {', '.join(RECOMPUTE_MODULES)}")
+    if "layernorm" in modules and cfg.fp8 is not None:
+        # FP8 linears keep FP8 copies of the norm outputs, not the outputs themselves.
+        problems.append("recompute_modules=[layernorm] with model.fp8 is not supported yet")
+    if "layernorm" in modules and cfg.compile_layers:
+        problems.append("recompute_modules=[layernorm] with compile_layers is not supported yet")
+    return problems
+
+
+def recompute_granularity(cfg: ModelConfig) -> str | None:
+    """recompute_granularity, where recompute_modules alone means selective."""
+    if cfg.recompute_granularity is None and cfg.recompute_modules:
+        return "selective"
+    return cfg.recompute_granularity

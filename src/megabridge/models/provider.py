@@ -16,10 +16,20 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from megabridge.errors import ConfigError
-from megabridge.models import compiled, fp8, hooks, rope, specs, torch_layers, vision
+from megabridge.models import (
+    compiled,
+    cross_entropy,
+    fp8,
+    hooks,
+    rope,
+    specs,
+    torch_layers,
+    vision,
+)
 from megabridge.models.config import (
     ModelConfig,
     expert_tensor_parallel_size,
+    recompute_granularity,
     validate_model_config,
 )
 
@@ -85,12 +95,23 @@ def transformer_config(cfg: ModelConfig):
         )
     fusions = _gpu_fusions(cfg)
     recompute = {}
-    if cfg.recompute_granularity:
+    if recompute_granularity(cfg):
         recompute = dict(
-            recompute_granularity=cfg.recompute_granularity,
+            recompute_granularity=recompute_granularity(cfg),
             recompute_method=cfg.recompute_method,
             recompute_num_layers=cfg.recompute_num_layers,
         )
+        if cfg.recompute_modules is not None:
+            modules, impl = list(cfg.recompute_modules), specs.resolve_impl(cfg)
+            if impl == "torch":  # the spec does it (models/norm_recompute.py)
+                modules = [m for m in modules if m != "layernorm"]
+            elif "layernorm" in modules and not specs.have_transformer_engine():
+                # Megatron-Core's own fails without TE (models/norm_recompute.py says why).
+                raise ConfigError(
+                    f"model.recompute_modules=[layernorm] is not supported yet by the {impl} "
+                    "spec without Transformer Engine; use model.transformer_impl=torch"
+                )
+            recompute["recompute_modules"] = modules
     config_class, mla = TransformerConfig, mla_fields(cfg)
     if mla:
         from megatron.core.transformer.transformer_config import MLATransformerConfig
@@ -301,6 +322,8 @@ def build_model(cfg: ModelConfig, meta: bool = False) -> list[torch.nn.Module]:
         rope.apply_rope_scaling(model, cfg)
         vision.apply_interleaved_mrope(model, cfg)
         hooks.apply(model, cfg)
+        if cfg.recompute_cross_entropy and getattr(model, "post_process", False):
+            cross_entropy.install(model)
     if meta:
         model.to(dtype=tconfig.params_dtype)
     else:

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from megatron.core.tensor_parallel.layers import RowParallelLinear
 from megatron.core.transformer.mlp import MLP
 
+from megabridge.models import compiled
+
 
 def _swiglu(h: torch.Tensor) -> torch.Tensor:
     # h [..., 2f] -> silu(gate) * up [..., f]
@@ -29,33 +31,23 @@ def _swiglu_grad(grad_a: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     return torch.cat((grad_a * up * sig * (1 + gate * (1 - sig)), grad_a * F.silu(gate)), -1)
 
 
-_compiled: dict = {}
-
-
-def _kernel(fn, like: torch.Tensor):
-    """fn as one compiled kernel on the GPU; eager on the CPU (tests: exact numerics)."""
-    if not like.is_cuda:
-        return fn
-    if fn not in _compiled:
-        _compiled[fn] = torch.compile(fn, dynamic=None)
-    return _compiled[fn]
-
-
 class _SwiGLUThenLinear(torch.autograd.Function):
     """y = SwiGLU(h) W^T, saving h and W only. h [M, 2f], W [n, f] -> y [M, n]."""
 
     @staticmethod
     def forward(ctx, h, weight):
         ctx.save_for_backward(h, weight)
-        return torch.matmul(_kernel(_swiglu, h)(h), weight.t())
+        return torch.matmul(compiled.cuda_kernel(_swiglu, h)(h), weight.t())
 
     @staticmethod
     def backward(ctx, grad_y):
         h, weight = ctx.saved_tensors
         grad_w = None
         if ctx.needs_input_grad[1]:
-            grad_w = torch.matmul(grad_y.t(), _kernel(_swiglu, h)(h))  # [n, f], recomputed
-        grad_h = _kernel(_swiglu_grad, h)(torch.matmul(grad_y, weight), h)  # [M, 2f]
+            grad_w = torch.matmul(
+                grad_y.t(), compiled.cuda_kernel(_swiglu, h)(h)
+            )  # [n, f], recomputed
+        grad_h = compiled.cuda_kernel(_swiglu_grad, h)(torch.matmul(grad_y, weight), h)  # [M, 2f]
         return grad_h, grad_w
 
 

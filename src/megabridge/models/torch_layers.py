@@ -27,15 +27,17 @@ from megatron.core.utils import divide
 from torch.utils.checkpoint import checkpoint
 
 from megabridge.errors import ConfigError
-from megabridge.models import compiled, fp8, rope, swiglu_recompute
+from megabridge.models import compiled, fp8, norm_recompute, rope, swiglu_recompute
 from megabridge.models.attention_ops import (
     attend_in_blocks,
+    attend_in_segments,
     block_allowed,
     l2_norm,
     packed_positions,
     split_segments,
     temperature_scales,
 )
+from megabridge.models.config import recompute_granularity
 
 # Queries per block in chunked_attention (module-level so that tests can shrink it).
 ATTENTION_CHUNK = 512
@@ -72,6 +74,11 @@ class SDPAttention(MegatronModule):
         temperature: tuple[int, float] | None = None,
     ):
         super().__init__(config=config)
+        from megatron.core.transformer.enums import AttnMaskType
+
+        # no_mask: bidirectional attention (a vision tower's layers, models/vision_encoder.py),
+        # within the segments that packed_seq_params' cu_seqlens_q cuts the sequence into
+        self.causal = attn_mask_type != AttnMaskType.no_mask
         if config.context_parallel_size != 1:
             raise ConfigError("context parallelism is not supported yet by the torch layer spec")
         if config.window_size is not None:
@@ -145,6 +152,7 @@ class SDPAttention(MegatronModule):
             raise ConfigError("attention bias is not supported by the torch layer spec")
         if self.rotary_scaling is not None:
             query = scale_rotated_dims(query, *self.rotary_scaling)
+        query, key, value = (_own_storage(t) for t in (query, key, value))
         packed = packed_seq_params is not None and packed_seq_params.qkv_format == "thd"
         if self.qk_l2_norm_eps is not None:
             query, key = l2_norm(query, self.qk_l2_norm_eps), l2_norm(key, self.qk_l2_norm_eps)
@@ -153,6 +161,8 @@ class SDPAttention(MegatronModule):
         # An integer attention_mask [b, s] holds image block ids (attention_ops.image_blocks):
         # each image's tokens see each other both ways (VisionLanguageModel passes it).
         blocks = attention_mask if _is_block_ids(attention_mask) else None
+        if not self.causal:
+            return self._forward_bidirectional(query, key, value, packed_seq_params)
         if packed:
             if blocks is not None:
                 raise ConfigError(
@@ -164,6 +174,23 @@ class SDPAttention(MegatronModule):
         out = self._attend(q, k, v, blocks)  # [b, np, sq, hn]
         sq, b = query.shape[0], query.shape[1]
         return out.permute(2, 0, 1, 3).reshape(sq, b, -1)
+
+    def _forward_bidirectional(self, query, key, value, params):
+        """Each token sees every token of its segment (params.cu_seqlens_q over s; the whole
+        sequence without params), b = 1: [s, 1, n, hn] -> [s, 1, np * hn]. Megatron-Core
+        applied RoPE already (qkv_format "sbhd": per-token angles, not per-segment positions)."""
+        plain = self.sliding_window is None and self.softcap is None and self.softmax_offset is None
+        if not plain or self.chunk_size is not None or query.shape[1] != 1:
+            raise ConfigError("bidirectional attention takes one plain sequence of segments")
+        s = query.shape[0]
+        bounds = [0, s] if params is None else params.cu_seqlens_q.tolist()
+        q, k, v = (t[:, 0] for t in (query, key, value))  # [s, n, hn]
+
+        def attend(qs, ks, vs):  # [segments, len, n, hn] -> the same
+            qs, ks, vs = (t.transpose(1, 2) for t in (qs, ks, vs))
+            return sdpa(qs, ks, vs, self._p(), self.softmax_scale, causal=False).transpose(1, 2)
+
+        return attend_in_segments(attend, q, k, v, bounds).reshape(s, 1, -1)
 
     def _temperature_tuned(self, query: torch.Tensor, packed_params) -> torch.Tensor:
         """query [s, b, np, hn] (or packed [t, np, hn]) times its position's temperature;
@@ -212,6 +239,23 @@ class SDPAttention(MegatronModule):
         return make_sharded_tensors_for_checkpoint(
             state, prefix, {"softmax_offset": 0}, sharded_offsets
         )
+
+
+def _own_storage(value: torch.Tensor) -> torch.Tensor:
+    """``value`` in its own storage when it is a slice of a bigger one, while training.
+
+    Megatron-Core splits Q, K and V off the fused QKV output as views; attention keeps them
+    for backward, and a view keeps its whole storage: (np + 2 ng) * hn values per token where
+    ng * hn are needed for V (3072 for 512 at the 1.1B Llama shape, where Q and K are new
+    tensors after RoPE; without RoPE, or with as many groups as heads, Q and K are views too).
+    The copy costs one pass over V.
+    """
+    # A slice along the last dimension is never contiguous; a tensor that is (a new one, or
+    # RoPE's output) is returned as it is. (is_contiguous, not the storage's size: no graph
+    # break under model.compile_layers.)
+    if torch.is_grad_enabled() and value.requires_grad:
+        return value.contiguous()
+    return value
 
 
 def _is_block_ids(mask) -> bool:
@@ -275,12 +319,14 @@ def varlen_causal(query, key, value, params, scale: float | None) -> torch.Tenso
     return varlen_attn(query, key, value, cu, cu, longest, longest, **kwargs)
 
 
-def sdpa(q, k, v, dropout_p: float, scale: float | None, mask=None) -> torch.Tensor:
+def sdpa(q, k, v, dropout_p: float, scale: float | None, mask=None, causal=True) -> torch.Tensor:
     """q [b, np, sq, hn], k/v [b, ng, sk, hn] -> [b, np, sq, hn].
 
-    Causal when ``mask`` is None, else ``mask`` [sq, sk] (True: may attend).
+    Causal when ``mask`` is None (unless not ``causal``), else ``mask`` [sq, sk] (True: may
+    attend).
     """
-    kwargs = dict(dropout_p=dropout_p, scale=scale, is_causal=mask is None, attn_mask=mask)
+    is_causal = causal and mask is None
+    kwargs = dict(dropout_p=dropout_p, scale=scale, is_causal=is_causal, attn_mask=mask)
     if k.shape[1] != q.shape[1]:
         if q.device.type == "cpu" or mask is not None:
             # enable_gqa is not taken by every CPU kernel, nor by the GPU kernels that take
@@ -576,14 +622,18 @@ class TransformerLayer(MegatronLayer):
     * ``rotary_base``: this layer's own RoPE theta in place of the model's, unscaled
       (Gemma 3's sliding-window layers);
     * ``residual_multiplier``: the attention and MLP outputs (after any post norm) are
-      multiplied by it before each residual add, x + m * attn(norm(x)) (Granite).
+      multiplied by it before each residual add, x + m * attn(norm(x)) (Granite);
+    * ``recompute_norms``: the norms before attention and MLP do not keep their outputs
+      for backward (models/norm_recompute.py).
     """
 
     def __init__(
         self, config, submodules, *args, post_norm=None, rotary_base=None,
-        residual_multiplier=None, **kwargs,
+        residual_multiplier=None, recompute_norms=False, **kwargs,
     ):  # fmt: skip
         super().__init__(config, submodules, *args, **kwargs)
+        if recompute_norms:
+            norm_recompute.recompute_norm_outputs(self)
         if residual_multiplier is not None:  # innermost: a post norm goes in front of it
             for name in ("self_attn_bda", "mlp_bda"):
                 bda = functools.partial(_scale_then_add, getattr(self, name), residual_multiplier)
@@ -752,6 +802,7 @@ def _layer_spec(spec, cfg, layer: int):
         post_norm=norm_class(cfg) if cfg.norm_placement != "pre" else None,
         rotary_base=cfg.local_rotary_base if window is not None else None,
         residual_multiplier=cfg.residual_multiplier,
+        recompute_norms=recomputes_norms(cfg),
     )
     spec.submodules.self_attention.submodules.core_attention = ModuleSpec(
         module=SDPAttention,
@@ -764,6 +815,13 @@ def _layer_spec(spec, cfg, layer: int):
         },
     )
     return spec
+
+
+def recomputes_norms(cfg) -> bool:
+    """Whether the torch spec recomputes the pre-sublayer norms (models/norm_recompute.py)."""
+    return recompute_granularity(cfg) == "selective" and "layernorm" in (
+        cfg.recompute_modules or ()
+    )
 
 
 def _llama4_attention(cfg, layer: int) -> dict:

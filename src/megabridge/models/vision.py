@@ -8,20 +8,27 @@ the family asks for it. The language model's parameters keep GPTModel's names, s
 text families' mappings, sharding and checkpoints apply unchanged; the tower's are
 under ``vision.``.
 
-The tower is a plain torch module, replicated on every tensor-parallel rank (not split):
-``ModelConfig.vision`` describes it, ``TOWERS`` builds it by ``vision["kind"]`` (LLaVA's
-and Gemma 3's CLIP / SigLIP towers: models/llava/tower.py). With
+``ModelConfig.vision`` describes the tower, ``TOWERS`` builds it by ``vision["kind"]``.
+Qwen2.5-VL's blocks are Megatron-Core TransformerLayers split over tensor-parallel ranks
+(models/vision_encoder.py), its patch embedding and merger whole on every rank; the other
+towers (Qwen3-VL's; LLaVA's and Gemma 3's CLIP / SigLIP: models/llava/tower.py) are plain
+torch modules, replicated on every tensor-parallel rank. With
 ``bidirectional_image_attention`` (Gemma 3) every stage passes the image tokens' block ids
 as the attention mask, and the torch spec lets each image's tokens see each other.
 
 Qwen2.5-VL's tower (``Qwen25VisionTower``): a Conv3d patch embedding, pre-norm blocks
-(RMSNorm, fused-qkv attention with biases, SiLU-gated MLP with biases) with 2D RoPE
+(RMSNorm, QKV attention with biases, SiLU-gated MLP with biases) with 2D RoPE
 over (row, column) of each patch, attention inside windows of
 ``window_size // patch_size`` patches square except in ``fullatt_block_indexes``, and a
 patch merger (RMSNorm, then an MLP over each ``spatial_merge_size``^2 neighbourhood).
 Patches arrive grouped by merge neighbourhood (the image processor's order); the
 blocks see them regrouped by window, and the merger's output goes back to the
 processor's order.
+
+Video (towers in ``VIDEO_TOWERS``: Qwen2.5-VL): a clip's frames, two per temporal patch, go
+through the same tower (``pixel_values_videos``, ``video_grid_thw``); their features replace
+the video placeholder tokens (``embed_videos``), and ``mrope_positions`` spaces the clip's
+temporal patches by ``video_steps``.
 """
 
 from __future__ import annotations
@@ -29,23 +36,22 @@ from __future__ import annotations
 import functools
 
 import torch
-import torch.nn.functional as F
 from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.module import MegatronModule
 from torch import nn
 
+from megabridge.conversion import vit
 from megabridge.errors import UserError
+from megabridge.models import vision_encoder
 from megabridge.models.attention_ops import image_blocks
 from megabridge.models.llava import tower
 from megabridge.models.qwen3_vl.tower import Qwen3VisionTower
 from megabridge.models.vision_layers import (
     PatchEmbed,
-    VisionAttention,
     frame_bounds,
     patch_rows_cols,
     rope_inv_freq,
 )
-
-_ACTIVATIONS = {"silu": F.silu}  # the vision MLPs' hidden_act (the bridge refuses others)
 
 
 class VisionRMSNorm(nn.Module):
@@ -59,31 +65,6 @@ class VisionRMSNorm(nn.Module):
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
-
-
-class VisionMLP(nn.Module):
-    def __init__(self, hidden: int, ffn: int, act: str):
-        super().__init__()
-        self.gate_proj = nn.Linear(hidden, ffn, bias=True)
-        self.up_proj = nn.Linear(hidden, ffn, bias=True)
-        self.down_proj = nn.Linear(ffn, hidden, bias=True)
-        self.act = _ACTIVATIONS[act]
-
-    def forward(self, x):
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
-
-
-class VisionBlock(nn.Module):
-    def __init__(self, hidden: int, heads: int, ffn: int, act: str):
-        super().__init__()
-        self.norm1 = VisionRMSNorm(hidden)
-        self.norm2 = VisionRMSNorm(hidden)
-        self.attn = VisionAttention(hidden, heads)
-        self.mlp = VisionMLP(hidden, ffn, act)
-
-    def forward(self, x, cu_seqlens, cos, sin):
-        x = x + self.attn(self.norm1(x), cu_seqlens, cos, sin)
-        return x + self.mlp(self.norm2(x))
 
 
 class PatchMerger(nn.Module):
@@ -100,14 +81,23 @@ class PatchMerger(nn.Module):
         return self.mlp(self.ln_q(x).reshape(-1, self.mlp[0].in_features))
 
 
-class Qwen25VisionTower(nn.Module):
-    """Qwen2.5-VL's windowed ViT: pixel patches [patches, c*t*p*p] -> features [tokens, out]."""
+class Qwen25VisionTower(MegatronModule):
+    """Qwen2.5-VL's windowed ViT: pixel patches [patches, c*t*p*p] -> features [tokens, out].
+
+    Its blocks are Megatron-Core TransformerLayers split over TP (models/vision_encoder.py);
+    the patch embedding and the merger are whole on every rank."""
 
     PROJECTION = ("merger.",)  # what model.freeze_vision_projection freezes (freeze())
+    MEGATRON_LAYERS = True  # built with the language model's TransformerConfig (runtime)
 
-    def __init__(self, v: dict):
-        super().__init__()
+    def __init__(self, v: dict, lm_config):
         hidden, heads = v["hidden_size"], v["num_heads"]
+        config = vision_encoder.tower_config(
+            lm_config, depth=v["depth"], hidden=hidden, heads=heads,
+            ffn=vit.padded_ffn(v["intermediate_size"]),  # zero units: TP=8 splits 3420 too
+            activation=v["hidden_act"], gated=True, normalization="RMSNorm", eps=1e-6,
+        )  # fmt: skip
+        super().__init__(config=config)
         self.merge = v["spatial_merge_size"]
         self.full_blocks = set(v["fullatt_block_indexes"])
         # window side in merged tokens
@@ -115,10 +105,7 @@ class Qwen25VisionTower(nn.Module):
         self.patch_embed = PatchEmbed(
             v["in_channels"], v["temporal_patch_size"], v["patch_size"], hidden, bias=False
         )
-        self.blocks = nn.ModuleList(
-            VisionBlock(hidden, heads, v["intermediate_size"], v["hidden_act"])
-            for _ in range(v["depth"])
-        )
+        self.blocks = vision_encoder.TowerLayers(config, "RMSNorm")
         self.merger = PatchMerger(hidden, self.merge**2, v["out_hidden_size"])
         # 2D RoPE, rotated by halves over the whole head (angles [rows | columns | rows | columns])
         self.inv_freq = rope_inv_freq(hidden, heads, v.get("rope_theta", 10000.0))
@@ -132,11 +119,12 @@ class Qwen25VisionTower(nn.Module):
         x = x.reshape(n // unit, unit, -1)[order].reshape(n, -1)
         angles = self._angles(grids, x.device)  # [patches, head_dim / 2]
         angles = angles.reshape(n // unit, unit, -1)[order].reshape(n, -1)
-        angles = torch.cat([angles, angles], dim=-1).unsqueeze(1)  # [patches, 1, head_dim]
-        cos, sin = angles.cos(), angles.sin()
-        images = frame_bounds(grids)
-        for i, block in enumerate(self.blocks):
-            x = block(x, images if i in self.full_blocks else windows, cos, sin)
+        angles = torch.cat([angles, angles], dim=-1)  # [patches, head_dim]
+        images = vision_encoder.segments(frame_bounds(grids))
+        windows = vision_encoder.segments(windows)
+        for i, layer in enumerate(self.blocks):
+            segments = images if i in self.full_blocks else windows
+            x = vision_encoder.run_layer(layer, x, segments, angles)
         return self.merger(x)[torch.argsort(order)]
 
     def _angles(self, grids, device) -> torch.Tensor:
@@ -171,13 +159,42 @@ TOWERS = {
 }
 
 
+# Tower kinds whose model takes video frames (their M-RoPE positions: mrope_positions).
+VIDEO_TOWERS = ("qwen2_5_vl",)
+
+
+def _filled(embeddings, placeholders, features, what: str) -> torch.Tensor:
+    """``embeddings`` [s, b, h] with the rows of ``placeholders`` [b, s] replaced by
+    ``features`` [placeholders, h], batch-major, sequence-minor: the order of the images (or
+    videos) in the batch."""
+    if int(placeholders.sum()) != features.shape[0]:
+        raise UserError(
+            f"the text has {int(placeholders.sum())} {what} tokens, the {what}s give "
+            f"{features.shape[0]} features"
+        )
+    filled = embeddings.transpose(0, 1).masked_scatter(
+        placeholders.unsqueeze(-1), features.to(embeddings.dtype)
+    )
+    return filled.transpose(0, 1).contiguous()
+
+
 class VisionLanguageModel(GPTModel):
     """GPTModel plus a vision tower on the first pipeline stage (see the module docstring)."""
 
     def __init__(self, *args, vision: dict, bidirectional_images: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.image_token_id = vision["image_token_id"]
-        self.vision = TOWERS[vision["kind"]](vision) if self.pre_process else None
+        self.video_token_id = vision.get("video_token_id")
+        self.vision_kind = vision["kind"]
+        self.vision = None
+        if self.pre_process:
+            tower = TOWERS[vision["kind"]]
+            # a tower of Megatron-Core layers shares the language model's dtype, init and TP
+            self.vision = (
+                tower(vision, self.config)
+                if getattr(tower, "MEGATRON_LAYERS", False)
+                else tower(vision)
+            )
         self.bidirectional_images = (
             bidirectional_images  # ModelConfig.bidirectional_image_attention
         )
@@ -188,35 +205,44 @@ class VisionLanguageModel(GPTModel):
 
     def forward(
         self, input_ids, position_ids, attention_mask, decoder_input=None,
-        pixel_values=None, image_grid_thw=None, **kwargs,
+        pixel_values=None, image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None,
+        **kwargs,
     ):  # fmt: skip
         if self.bidirectional_images and attention_mask is None:
             # every stage: the torch spec's attention reads the blocks (torch_layers.py)
             attention_mask = image_blocks(input_ids == self.image_token_id)
-        if self.pre_process and decoder_input is None and pixel_values is not None:
+        visual = pixel_values is not None or pixel_values_videos is not None
+        if self.pre_process and decoder_input is None and visual:
             decoder_input = self.embed_with_images(input_ids, pixel_values, image_grid_thw)
+            if pixel_values_videos is not None:
+                decoder_input = self.embed_videos(
+                    decoder_input, input_ids, pixel_values_videos, video_grid_thw
+                )
         return super().forward(
             input_ids, position_ids, attention_mask, decoder_input=decoder_input, **kwargs
         )
 
     def embed_with_images(self, input_ids, pixel_values, image_grid_thw) -> torch.Tensor:
-        """Token embeddings [s, b, h] with the image tokens' rows replaced by image features."""
+        """Token embeddings [s, b, h] with the image tokens' rows replaced by image features
+        (``pixel_values`` None: the embeddings alone, for embed_videos to fill)."""
         embeddings = self.embedding(input_ids=input_ids, position_ids=None)  # [s, b, h]
+        if pixel_values is None:
+            return embeddings
         features = self.vision(pixel_values, image_grid_thw)  # [image tokens, h]
         placeholders = input_ids == self.image_token_id  # [b, s]
         if isinstance(features, tuple):  # (features, DeepStack's features per LM layer)
             features, deepstack = features
             self._deepstack = (placeholders, deepstack)
-        if int(placeholders.sum()) != features.shape[0]:
-            raise UserError(
-                f"the text has {int(placeholders.sum())} image tokens, the images give "
-                f"{features.shape[0]} features"
-            )
-        # filled batch-major, sequence-minor: the order of the images in the batch
-        filled = embeddings.transpose(0, 1).masked_scatter(
-            placeholders.unsqueeze(-1), features.to(embeddings.dtype)
-        )
-        return filled.transpose(0, 1).contiguous()
+        return _filled(embeddings, placeholders, features, "image")
+
+    def embed_videos(self, embeddings, input_ids, pixel_values_videos, video_grid_thw):
+        """``embeddings`` [s, b, h] with the video tokens' rows replaced by the frames' features.
+        Qwen2.5-VL embeds a video's patches (pairs of frames: temporal_patch_size 2) with the
+        same tower as images; only its placeholder token and M-RoPE positions differ."""
+        if self.vision_kind not in VIDEO_TOWERS:
+            raise UserError(f"video input for {self.vision_kind} is not supported yet")
+        features = self.vision(pixel_values_videos, video_grid_thw)  # [video tokens, h]
+        return _filled(embeddings, input_ids == self.video_token_id, features, "video")
 
     def _add_deepstack_hooks(self, layers: int) -> None:
         """LM layer i's output gets DeepStack's i-th features added on the image tokens, for
@@ -282,15 +308,22 @@ def apply_interleaved_mrope(model: nn.Module, cfg) -> None:
 def freeze(model_chunks, language: bool, tower: bool, projection: bool) -> list[str]:
     """Turn gradients off for the language model, the vision tower (without its projection)
     and / or the projection (a tower's ``PROJECTION`` name prefixes); returns what was frozen.
-    Megatron-Core's DDP and optimizer leave parameters without requires_grad out."""
+    Megatron-Core's DDP and optimizer leave parameters without requires_grad out. The
+    tower's parameters that its features never depend on (its ``no_gradient()`` prefixes:
+    CLIP's post-norm, SigLIP's pooling head, layers after LLaVA's feature layer) are frozen
+    always: a gradient for them never comes, and DDP must not wait for one."""
     frozen = []
     for chunk in model_chunks:
         tower_module = getattr(chunk, "vision", None)
         prefixes = getattr(type(tower_module), "PROJECTION", ())
+        unused = tower_module.no_gradient() if hasattr(tower_module, "no_gradient") else ()
         for name, param in chunk.named_parameters():
+            in_tower = name.removeprefix("vision.")
             if not name.startswith("vision."):
                 part = language
-            elif name.removeprefix("vision.").startswith(prefixes):
+            elif in_tower.startswith(unused):
+                part = True
+            elif in_tower.startswith(prefixes):
                 part = projection
             else:
                 part = tower
@@ -301,34 +334,57 @@ def freeze(model_chunks, language: bool, tower: bool, projection: bool) -> list[
 
 
 def mrope_positions(
-    input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None, image_token_id: int, merge: int
-) -> torch.Tensor:
+    input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None, image_token_id: int, merge: int,
+    video_grid_thw: torch.Tensor | None = None, video_token_id: int | None = None,
+    video_steps: torch.Tensor | None = None,
+) -> torch.Tensor:  # fmt: skip
     """M-RoPE positions [3, b, s] (temporal, height, width) of token ids [b, s].
 
-    Text tokens advance all three rows by one. An image's tokens (t x h x w merged patches)
-    start where the text left off and count frames, rows and columns from there; the text
-    after it continues at that start + max(h, w).
+    Text tokens advance all three rows by one. An image's or video's tokens (t x h x w merged
+    patches) start where the text left off and count frames, rows and columns from there; the
+    text after it continues at that start + max(h, w). A video's frame count is scaled by its
+    ``video_steps`` entry (Qwen2.5-VL: tokens_per_second * seconds per temporal patch, see
+    video_steps), truncated to an integer, as transformers' get_rope_index does. (Text after a
+    video continues at start + max(h, w) as in transformers 5; transformers 4 and Qwen's own
+    code continued after the largest position, the temporal one included.)
     """
-    grids = iter([] if image_grid_thw is None else image_grid_thw.tolist())
+    grids = {image_token_id: iter([] if image_grid_thw is None else image_grid_thw.tolist())}
+    if video_grid_thw is not None:
+        grids[video_token_id] = iter(video_grid_thw.tolist())
+    steps = iter([] if video_steps is None else video_steps)
     out = torch.zeros(3, *input_ids.shape, dtype=torch.long)
     for row, ids in enumerate(input_ids.tolist()):
         i, pos = 0, 0
         while i < len(ids):
-            if ids[i] != image_token_id:
+            token = ids[i]
+            if token not in grids:
                 out[:, row, i] = pos
                 i, pos = i + 1, pos + 1
                 continue
+            what = "image" if token == image_token_id else "video"
             try:
-                t, h, w = next(grids)
+                t, h, w = next(grids[token])
+                step = 1 if what == "image" else next(steps)
             except StopIteration:
-                raise UserError("the text has more image tokens than there are images") from None
+                raise UserError(f"the text has more {what} tokens than there are {what}s") from None
             h, w = h // merge, w // merge
+            temporal = (torch.arange(t) * step).long()
             grid = torch.stack(torch.meshgrid(
-                torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij"
+                temporal, torch.arange(h), torch.arange(w), indexing="ij"
             )).reshape(3, -1)  # fmt: skip
             n = grid.shape[1]
-            if ids[i : i + n] != [image_token_id] * n:
-                raise UserError(f"an image of {n} tokens has fewer image tokens in the text")
+            if ids[i : i + n] != [token] * n:
+                article = "an" if what == "image" else "a"
+                raise UserError(
+                    f"{article} {what} of {n} tokens has fewer {what} tokens in the text"
+                )
             out[:, row, i : i + n] = grid + pos
             i, pos = i + n, pos + max(h, w)
     return out.to(input_ids.device)
+
+
+def video_steps(vision: dict, second_per_grid_ts) -> torch.Tensor:
+    """Each video's temporal position step: tokens_per_second * its seconds per temporal
+    patch (temporal_patch_size / fps), in fp32 as transformers computes it."""
+    seconds = torch.as_tensor(second_per_grid_ts, dtype=torch.float32).reshape(-1)
+    return vision["tokens_per_second"] * seconds

@@ -1,41 +1,11 @@
 """The pieces Qwen's vision towers share (Qwen2.5-VL: models/vision.py; Qwen3-VL:
-models/qwen3_vl/tower.py): the Conv3d patch embedding, attention within segments with 2D
-RoPE, and where each patch sits in its frame."""
+models/qwen3_vl/tower.py) besides their Megatron-Core layers (models/vision_encoder.py): the
+Conv3d patch embedding, 2D RoPE's frequencies, and where each patch sits in its frame."""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    first, second = x.chunk(2, dim=-1)
-    return torch.cat((-second, first), dim=-1)
-
-
-class VisionAttention(nn.Module):
-    """Bidirectional attention within each segment of ``cu_seqlens`` (a window or a frame),
-    with RoPE (cos, sin [patches, 1, head_dim]) applied in fp32 as transformers does."""
-
-    def __init__(self, hidden: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(hidden, 3 * hidden, bias=True)
-        self.proj = nn.Linear(hidden, hidden, bias=True)
-
-    def forward(self, x, cu_seqlens: list[int], cos, sin):
-        n = x.shape[0]
-        q, k, v = self.qkv(x).reshape(n, 3, self.heads, -1).unbind(1)  # each [n, heads, d]
-        # RoPE in fp32, as transformers does, whatever the weights' dtype
-        q32, k32 = q.float(), k.float()
-        q = (q32 * cos + rotate_half(q32) * sin).to(x.dtype)
-        k = (k32 * cos + rotate_half(k32) * sin).to(x.dtype)
-        out = []
-        for start, end in zip(cu_seqlens[:-1], cu_seqlens[1:], strict=True):
-            segment = [t[start:end].transpose(0, 1).unsqueeze(0) for t in (q, k, v)]
-            out.append(F.scaled_dot_product_attention(*segment)[0].transpose(0, 1))
-        return self.proj(torch.cat(out).reshape(n, -1))
 
 
 class PatchEmbed(nn.Module):

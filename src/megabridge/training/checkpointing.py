@@ -106,18 +106,21 @@ def _latest_named(root: Path) -> Path | None:
         return None
 
 
-def resolve(path: str | Path) -> Path:
+def resolve(path: str | Path, content: bool = True) -> Path:
     """The checkpoint folder to load from ``path``: itself, or its latest complete one.
 
     A checkpoint folder named directly must be complete. In a save folder, the
     newest complete checkpoint (up to the one ``latest_checkpointed_iteration.txt``
     names) wins; newer incomplete or damaged ones are skipped with a warning.
+    ``content=False`` checks the files' sizes only: the caller checks their content as it
+    reads them (checksums.ReadVerifier) or with verify_content() before it loads them.
     """
     root = Path(path)
     if not root.is_dir():
         raise CheckpointError(f"checkpoint folder {root} does not exist")
+    check = integrity.verify_once if content else integrity.verify
     if _looks_like_checkpoint(root):
-        problem = integrity.verify_once(root)
+        problem = check(root)
         if problem:
             raise CheckpointError(f"checkpoint {root} is incomplete or damaged: {problem}")
         return _warn_unchecked(root)
@@ -128,11 +131,18 @@ def resolve(path: str | Path) -> Path:
     if named in candidates:
         candidates = [p for p in candidates if p <= named]
     for ckpt in reversed(candidates):
-        problem = integrity.verify_once(ckpt)
+        problem = check(ckpt)
         if problem is None:
             return _warn_unchecked(ckpt)
         _warn("skipping checkpoint %s: %s", ckpt, problem)
     raise CheckpointError(f"no complete checkpoint in {root}")
+
+
+def verify_content(ckpt: Path) -> None:
+    """What resolve() checks with ``content``, for a folder it resolved without."""
+    problem = integrity.verify_once(ckpt)
+    if problem:
+        raise CheckpointError(f"checkpoint {ckpt} is incomplete or damaged: {problem}")
 
 
 def _warn_unchecked(ckpt: Path) -> Path:

@@ -284,10 +284,10 @@ def describe(cfg: ConfigContainer) -> str:
 
 
 FREEZE_VISION = ("freeze_vision_model", "freeze_vision_projection")
-# The vision towers (ModelConfig.vision["kind"]) whose training is tested against transformers
-# (tests/unit_tests/data/test_vision_sft.py): another is refused until its positions and
-# features are checked the same way.
-TRAINABLE_VISION = ("qwen2_5_vl",)
+# The vision-language families whose training is tested against transformers
+# (tests/unit_tests/data/test_vision_sft.py, test_vision_families_sft.py): another is refused
+# until its positions, features and attention are checked the same way.
+TRAINABLE_VISION = ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "gemma3_vl", "llava")
 
 
 def validate(cfg: ConfigContainer, world_size: int) -> None:
@@ -338,7 +338,7 @@ def _vision_problems(cfg: ConfigContainer) -> list[str]:
     freezing = [f"model.{n}" for n in FREEZE_VISION if getattr(m, n)]
     if m.vision is None:
         return [f"{', '.join(freezing)}: the model has no vision tower"] if freezing else []
-    if m.vision.get("kind") not in TRAINABLE_VISION:
+    if m.family not in TRAINABLE_VISION:
         return [f"training a vision-language model ({m.family}) is not supported yet"]
     problems = []
     if cfg.dataset.type != "sft":

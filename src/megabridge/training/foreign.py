@@ -79,6 +79,9 @@ _MOE_FEATURES = (
     "moe_shared_expert_gate", "moe_shared_expert_intermediate_size", "rotary_interleaved",
 )  # fmt: skip
 _TRAINING_CHOICES = ("moe_aux_loss_coeff", "moe_router_load_balancing_type", "moe_router_dtype")
+# Megatron-Bridge 0.6 describes most GPT-shaped models with its generic provider (a family
+# bridge sets its fields): then the fields, not the class, tell the family.
+_GENERIC_CLASSES = ("GPTModelProvider",)
 # A Megatron-LM run names no model class; a dense decoder is recognised by what it has.
 # (field, value) that must hold -> family; the first rule that holds wins.
 _ARGS_FAMILIES = (
@@ -322,14 +325,14 @@ def _family(fields: dict, ckpt_dir: Path) -> str | None:
     """The family the description names or its dense arguments imply; None for MoE
     arguments without a class (_moe_family_config then finds the one they fit)."""
     target = str(fields.get("_target_", "")).rsplit(".", 1)[-1]
-    if target:
+    if target and target not in _GENERIC_CLASSES:
         for prefix, family in _CLASS_FAMILIES:
             if target.startswith(prefix):
                 return family
         raise UserError(
             f"{ckpt_dir}: megabridge has no family for model class {target}: pass {HF_CONFIG_HINT}"
         )
-    if fields.get("num_experts"):
+    if fields.get("num_experts") or fields.get("num_moe_experts"):
         return None
     for rule, family in _ARGS_FAMILIES:
         if all(bool(fields.get(k)) == v for k, v in rule.items()):

@@ -15,7 +15,8 @@ as both tools lay it out, with megabridge's checkpoint as its one iteration::
 megabridge itself reads OUT like any save folder (its newest complete checkpoint).
 Megatron-LM's own loader (core_v0.16.1: load_args_from_checkpoint, then load_checkpoint)
 reads it: scripts/megatron_lm_load_check.py runs that code from a checkout and compares
-the loaded model's logits with transformers'.
+the loaded model's logits with transformers'; scripts/megatron_bridge_load_check.py does the
+same with Megatron-Bridge 0.6.2's (its tracker, run_config.yaml into its provider, the load).
 """
 
 from __future__ import annotations
@@ -34,12 +35,9 @@ from megabridge.errors import UserError
 from megabridge.training import checkpointing, integrity, trust
 
 ITER = "iter_0000000"
-# Megatron-Bridge's provider class of each family; others are described as a plain GPT.
-_BRIDGE_PROVIDERS = {
-    "llama": "megatron.bridge.models.llama.llama_provider.LlamaModelProvider",
-    "qwen2": "megatron.bridge.models.qwen.qwen_provider.Qwen2ModelProvider",
-    "qwen3": "megatron.bridge.models.qwen.qwen_provider.Qwen3ModelProvider",
-}
+# Megatron-Bridge 0.6 describes Llama, Qwen2 and Qwen3 with its generic provider (its family
+# bridges set the fields; its llama_provider / qwen_provider modules are gone): the class it
+# instantiates from run_config.yaml (scripts/megatron_bridge_load_check.py loads ours).
 _GPT_PROVIDER = "megatron.bridge.models.gpt_provider.GPTModelProvider"
 
 
@@ -111,10 +109,6 @@ def megatron_lm_args(cfg, padded_vocab: int | None = None) -> argparse.Namespace
     )
 
 
-def _provider(cfg) -> str:
-    return _BRIDGE_PROVIDERS.get(cfg.family, _GPT_PROVIDER)
-
-
 def train_state(iteration: int = 0) -> dict:
     """Megatron-Bridge's train_state.pt."""
     return {
@@ -151,7 +145,7 @@ def write(out: Path, cfg) -> Path:
     )
     _save_atomic(common, ckpt / "common.pt")
     config = {
-        "model": {"_target_": _provider(cfg), **fields},
+        "model": {"_target_": _GPT_PROVIDER, **fields},
         "checkpoint": {"ckpt_format": "torch_dist"},
     }
     checkpointing.write_text_atomic(ckpt / "run_config.yaml", yaml.safe_dump(config))

@@ -26,6 +26,7 @@ def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
 # A vision-language model's inputs besides the tokens (training/data/vision_sft.py); every
 # stage gets them, and only the first one (which holds the tower) reads them.
 IMAGE_INPUTS = ("pixel_values", "image_grid_thw")
+VIDEO_INPUTS = ("pixel_values_videos", "video_grid_thw")  # Qwen2.5-VL's clips, the same way
 
 
 def forward_step(data_iterator, model):
@@ -36,7 +37,7 @@ def forward_step(data_iterator, model):
         None,  # causal masking happens inside attention; no s x s mask is built here
         labels=batch["labels"],
         packed_seq_params=batch.get("packed_seq_params"),
-        **{k: batch[k] for k in IMAGE_INPUTS if k in batch},
+        **{k: batch[k] for k in IMAGE_INPUTS + VIDEO_INPUTS if k in batch},
     )
     return output, partial(loss_func, batch["loss_mask"])
 

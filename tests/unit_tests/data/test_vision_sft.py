@@ -3,7 +3,9 @@
 The data rendered by the model's own processor (answers only in the loss, image tokens
 expanded), a padded micro-batch of images of different sizes whose per-token loss equals
 transformers' own, the freezing options, LoRA exported merged and as a peft adapter, and
-the bad inputs (one line each).
+the bad inputs (one line each). Video (Qwen2.5-VL, clips of frames): the rendered clip,
+a padded batch of a clip, an image and a text-only example against transformers' loss, a
+few training steps whose loss falls, and the bad clips.
 """
 
 from __future__ import annotations
@@ -15,7 +17,17 @@ import torch
 
 from megabridge.errors import ConfigError, UserError
 from tests.helpers import megabridge
-from tests.vision_models import colour_question, save_colour_dataset, save_tiny_qwen2_5_vl
+from tests.vision_models import (
+    colour_question,
+    colour_video_question,
+    lora_train_and_export,
+    save_colour_dataset,
+    save_colour_frames,
+    save_images,
+    save_mixed_colour_dataset,
+    save_tiny_qwen2_5_vl,
+    train_steps,
+)
 
 IMAGE_TOKEN = 92
 ATOL = 1e-4
@@ -130,18 +142,6 @@ def _config(hf_dir, data_dir, root, *extra):
     ])  # fmt: skip
 
 
-def _steps(s, count: int) -> list[float]:
-    from megabridge.training.step import train_step
-
-    losses = []
-    for i in range(count):
-        loss, _, stepped, _ = train_step(s.cfg, s.model, s.optimizer, s.scheduler, s.train_data,
-                                         i * s.cfg.train.global_batch_size)  # fmt: skip
-        assert stepped
-        losses.append(loss)
-    return losses
-
-
 def _part(name: str) -> str:
     if name.startswith("vision.merger."):
         return "projection"
@@ -163,7 +163,7 @@ def test_frozen_parts_stay_bit_equal_and_the_rest_trains(hf_dir, data_dir, tmp_p
     before = {n: p.detach().clone() for n, p in chunk.named_parameters()}
     trainable = {id(p) for p in chunk.parameters() if p.requires_grad}
     assert {id(p) for g in s.optimizer.param_groups for p in g["params"]} == trainable
-    _steps(s, 2)
+    train_steps(s, 2)
     for name, p in chunk.named_parameters():
         same = torch.equal(p.detach(), before[name])
         assert same == (_part(name) in frozen), name
@@ -180,21 +180,8 @@ def test_lora_trains_the_language_model_and_exports_merged_and_peft(
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText
 
-    from megabridge.peft import lora
-    from megabridge.peft.export import save_adapter
-    from megabridge.training import loop, save_hf
-
     cfg = _config(hf_dir, data_dir, tmp_path, "peft.method=lora", "peft.dim=4")
-    s = loop.setup(cfg)
-    chunk = s.model[0].module  # inside DDP
-    trainable = [n for n, p in chunk.named_parameters() if p.requires_grad]
-    assert trainable and all(lora.is_adapter(n) and n.startswith("decoder.") for n in trainable)
-    losses = _steps(s, 3)
-    assert losses[-1] < losses[0], losses
-    bridge = save_hf.bridge_for_run(cfg)
-    save_adapter(s.model, bridge, tmp_path / "adapter", chunk.megabridge_peft)
-    lora.merge_and_unload(s.model)
-    bridge.save_hf_pretrained(s.model, tmp_path / "merged")
+    lora_train_and_export(cfg, tmp_path)
 
     inputs = processor(
         text=[processor.apply_chat_template(colour_question("x")["messages"], add_generation_prompt=True,
@@ -293,8 +280,8 @@ def test_an_untested_tower_does_not_train():
     from megabridge.training.config import validate
 
     cfg = get_recipe("qwen25_vl_tiny_finetune_config")
-    cfg.model.vision = {**cfg.model.vision, "kind": "another"}
-    with pytest.raises(ConfigError, match=r"vision-language model \(qwen2_5_vl\) is not supported"):
+    cfg.model.family = "another"
+    with pytest.raises(ConfigError, match=r"vision-language model \(another\) is not supported"):
         validate(cfg, 1)
 
 
@@ -317,3 +304,127 @@ def test_cli_missing_image_is_one_line_exit_2(hf_dir, tmp_path):
     assert run.returncode == 2, run.stderr[-3000:]
     assert f"cannot read image {tmp_path / 'gone.png'}" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+# ------------------------------------------------------------------ video (frames)
+
+VIDEO_TOKEN = 93
+
+
+@pytest.fixture(scope="module")
+def mixed_dir(tmp_path_factory):
+    return save_mixed_colour_dataset(tmp_path_factory.mktemp("mixed"), count=12)
+
+
+def _render_video(processor, record, folder):
+    from megabridge.training.data import vision_sft
+
+    return vision_sft.render(processor, record, f"{folder}/train.jsonl:1", folder, videos=True)
+
+
+@pytest.mark.unit
+def test_clip_and_image_in_one_example(processor, data_dir, monkeypatch):
+    """A clip of four frames (two temporal patches of 6 x 8) at 4 frames/s and an image: their
+    tokens expanded, the frames in order, the loss on the answer; the same example when the
+    processor does not report its expansion."""
+    from megabridge.training.data import vision_sft
+
+    frames = save_colour_frames(data_dir / "clip", "red", 4)
+    record = colour_video_question(["clip/0000.png", "clip/0001.png", "clip/0002.png",
+                                    "clip/0003.png"], "red and blue")  # fmt: skip
+    record["messages"][0]["content"][0]["fps"] = 4
+    record["messages"][0]["content"].insert(0, {"type": "image", "image": "images/0.png"})
+    example = _render_video(processor, record, data_dir)
+    assert example.video_grids == ((2, 6, 8),) and example.grids == ((1, 6, 8),)
+    assert int((example.ids == VIDEO_TOKEN).sum()) == 2 * 6 * 8 // 4
+    assert int((example.ids == IMAGE_TOKEN).sum()) == 6 * 8 // 4
+    assert example.videos == (tuple(str(p) for p in frames),)
+    assert example.video_seconds == (0.5,)  # 2 frames per temporal patch at 4 frames/s
+    answers = processor.tokenizer.decode(example.ids[example.answer]).split()
+    assert answers == ["red", "and", "blue", "<|im_end|>"]
+    monkeypatch.setattr(vision_sft, "reports_expansion", lambda processor: False)
+    aligned = _render_video(processor, record, data_dir)
+    assert (aligned.ids == example.ids).all() and (aligned.answer == example.answer).all()
+
+
+@pytest.mark.unit
+@pytest.mark.usefixtures("single_process_megatron")
+def test_batch_of_clip_image_and_text_loss_matches_transformers(hf_dir, processor, mixed_dir):
+    """One padded micro-batch of a 4-frame clip, an image and a text-only example: Megatron's
+    per-token loss on the answers equals transformers' on the same batch (its own M-RoPE)."""
+    from transformers import AutoModelForImageTextToText
+
+    from megabridge.conversion.auto_bridge import AutoBridge
+    from megabridge.training.data import sft, vision_sft
+
+    records = sft.read_records(mixed_dir / "train.jsonl")[3:6]  # clip (4 frames), image, text
+    examples = vision_sft.tokenize(records, processor, 64, videos=True)
+    model_cfg = AutoBridge.from_hf_pretrained(hf_dir).model_config
+    data = vision_sft.PaddedVisionSFTDataset(examples, 64, 0, processor, model_cfg)
+    batch = data.collate([data[i] for i in range(3)])
+    assert batch["video_grid_thw"].tolist() == [[2, 6, 8]] and batch["image_grid_thw"].shape[0] == 1
+    assert batch["second_per_grid_ts"].tolist() == [1.0]  # 2 frames/s: positions 4 apart
+    visual = {k: batch[k] for k in ("pixel_values", "image_grid_thw", "pixel_values_videos",
+                                    "video_grid_thw")}  # fmt: skip
+    (chunk,) = AutoBridge.from_hf_pretrained(hf_dir).to_megatron_model()
+    tokens = batch["tokens"]
+    with torch.no_grad():
+        ours = chunk(tokens, batch["position_ids"], None, labels=batch["labels"], **visual)
+        hf = AutoModelForImageTextToText.from_pretrained(str(hf_dir))
+        types = (tokens == IMAGE_TOKEN).int() + 2 * (tokens == VIDEO_TOKEN).int()
+        logits = hf(input_ids=tokens, mm_token_type_ids=types,
+                    second_per_grid_ts=batch["second_per_grid_ts"], **visual).logits  # fmt: skip
+        theirs = torch.nn.functional.cross_entropy(
+            logits.transpose(1, 2), batch["labels"], reduction="none"
+        )
+    mask = batch["loss_mask"].bool()
+    assert mask.sum() == 3 * 2  # the colour and <|im_end|> of each answer
+    assert (ours[mask] - theirs[mask]).abs().max() <= ATOL
+
+
+@pytest.mark.unit
+@pytest.mark.usefixtures("single_process_megatron")
+def test_sft_on_clips_images_and_text_lowers_the_loss(hf_dir, mixed_dir, tmp_path):
+    from megabridge.training import loop
+
+    s = loop.setup(_config(hf_dir, mixed_dir, tmp_path, "dataset.valid_fraction=0"))
+    assert sum(bool(e.videos) for e in s.train_data.examples) == 4
+    losses = train_steps(s, 3)
+    assert losses[-1] < losses[0], losses
+
+
+def _clip_record(frames: list[str]) -> dict:
+    return colour_video_question(frames, "red")
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    "frames, videos, message",
+    [
+        (["clip/0000.png", "clip/gone.png"], True, "cannot read image .*gone.png"),
+        (["odd"], True, "the frames of one video differ in size"),
+        (["clip/0000.png"], True, "a video of 1 frame.* needs at least 2"),
+        (["clip.mp4"], True, "clip.mp4 is a video file, which megabridge does not decode"),
+        (["clip/0000.png", "clip/0001.png"], False, "has a video part; .* takes images only"),
+    ],
+    ids=["missing-frame", "sizes", "too-few", "video-file", "model-without-video"],
+)
+def test_bad_clips_are_one_line(processor, data_dir, frames, videos, message):
+    from megabridge.training.data import vision_sft
+
+    save_colour_frames(data_dir / "clip", "red", 2)
+    save_images(data_dir / "odd", sizes=[(24, 32), (32, 24)])
+    with pytest.raises(UserError, match=message) as e:
+        vision_sft.render(processor, _clip_record(frames), f"{data_dir}/train.jsonl:1", data_dir,
+                          videos=videos)  # fmt: skip
+    assert "\n" not in str(e.value) and "train.jsonl:1" in str(e.value)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("fps", [0, "fast", True])
+def test_a_clip_fps_that_is_not_a_positive_number_is_one_line(processor, data_dir, fps):
+    save_colour_frames(data_dir / "clip", "red", 2)
+    record = _clip_record(["clip/0000.png", "clip/0001.png"])
+    record["messages"][0]["content"][0]["fps"] = fps
+    with pytest.raises(UserError, match=r"train.jsonl:1: messages\[0\]: a video's 'fps' must be"):
+        _render_video(processor, record, data_dir)

@@ -34,6 +34,7 @@ _HINTS = typing.get_type_hints(ModelConfig)
 _OTHER_VALUES = {
     "transformer_impl": "local",  # transformer_engine is not installed on a CPU box
     "recompute_granularity": "selective",  # "full" needs recompute_method too
+    "recompute_modules": ["layernorm"],
 }
 
 

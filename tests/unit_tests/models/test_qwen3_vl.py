@@ -184,8 +184,8 @@ def test_deepstack_layers_off_the_first_stage_are_refused():
     ids=["dense-tp2", "dense-pp2", "moe-ep2", "moe-tp2"],
 )  # fmt: skip
 def test_logits_on_images_in_parallel(family, layout, hf_dirs, images):
-    """The language model split over two processes; the tower replicated (TP) or on the first
-    stage with both DeepStack layers (PP: 2 + 2 layers); the experts split (EP)."""
+    """The language model split over two processes; the tower's blocks split too (TP) or on
+    the first stage with both DeepStack layers (PP: 2 + 2 layers); the experts split (EP)."""
     images_args = [a for p in images for a in ("--image", str(p))]
     code, result = checks.verify_cli(hf_dirs[family], nproc=2, extra=[*layout, *images_args])
     assert code == 0 and result["max_abs_diff"] <= ATOL, result

@@ -37,6 +37,8 @@ RECIPE_CHOICES = {
     "bf16",
     "fp8",
     "recompute_swiglu",
+    "recompute_cross_entropy",
+    "recompute_modules",
     "transformer_impl",
     "recompute_granularity",
     "recompute_method",

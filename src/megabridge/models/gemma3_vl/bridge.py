@@ -40,7 +40,7 @@ class Gemma3VLBridge(Gemma3Bridge):
     NOTES = (
         "images through a SigLIP tower (replicated on every TP rank, first PP stage); "
         "bidirectional attention within each image (torch spec); --text-only reads the "
-        "language model alone; training not supported yet"
+        "language model alone; SFT and LoRA on images (padded)"
     )
 
     @classmethod

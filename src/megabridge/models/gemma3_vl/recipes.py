@@ -1,10 +1,12 @@
-"""Gemma 3 multimodal (text + SigLIP) recipes at the released sizes. Training a
-vision-language model is not supported yet (issue 14): these recipes describe the layout
-and the train command refuses them in one line; fine-tune the language model alone with
-the gemma3 recipes, which read a Gemma3ForConditionalGeneration checkpoint text-only."""
+"""Gemma 3 multimodal (text + SigLIP) recipes: SFT and LoRA on chat JSONL with images
+(dataset.type=sft, padded; the processor resizes every image to the tower's size). Point
+checkpoint.pretrained_checkpoint at the local HF folder (its processor renders the data).
+To fine-tune the language model alone, the gemma3 recipes read a
+Gemma3ForConditionalGeneration checkpoint text-only."""
 
+from megabridge.models.gemma3_vl import tiny
 from megabridge.models.gemma3_vl.bridge import Gemma3VLBridge
-from megabridge.recipes import finetune, sized
+from megabridge.recipes import as_lora, sized, tiny_vlm_finetune, vlm_finetune
 
 # SigLIP So400m at 896 x 896 (patches of 14, pooled to 256 image tokens), as released
 _VISION = dict(model_type="siglip_vision_model", hidden_size=1152, image_size=896,
@@ -30,20 +32,37 @@ SIZES = {
 }  # fmt: skip
 
 
+def gemma3_vl_tiny_finetune_config():
+    """A tiny Gemma 3 with images (tests, smoke runs): set checkpoint.pretrained_checkpoint,
+    dataset.path."""
+    return tiny_vlm_finetune("gemma3_vl_tiny_sft", sized(Gemma3VLBridge, tiny.TINY["base"]))
+
+
+def gemma3_vl_tiny_lora_config():
+    """LoRA of the tiny Gemma 3's language model (tests, smoke runs)."""
+    return as_lora(gemma3_vl_tiny_finetune_config(), "gemma3_vl_tiny_lora")
+
+
 def gemma3_vl_4b_finetune_config():
-    """SFT of Gemma 3 4B with images, on one GPU (not supported yet: training refuses it)."""
-    return finetune("gemma3_vl_4b_sft", sized(Gemma3VLBridge, SIZES["gemma3_vl_4b"]))
+    """SFT of Gemma 3 4B with images, on one GPU: set checkpoint.pretrained_checkpoint and
+    dataset.path."""
+    return vlm_finetune("gemma3_vl_4b_sft", sized(Gemma3VLBridge, SIZES["gemma3_vl_4b"]))
+
+
+def gemma3_vl_4b_lora_config():
+    """LoRA of Gemma 3 4B's language model on one GPU (vision tower frozen)."""
+    return as_lora(gemma3_vl_4b_finetune_config(), "gemma3_vl_4b_lora")
 
 
 def gemma3_vl_12b_finetune_config():
-    """SFT of Gemma 3 12B with images, TP=4 on 4 GPUs (not supported yet: training refuses it)."""
-    cfg = finetune("gemma3_vl_12b_sft", sized(Gemma3VLBridge, SIZES["gemma3_vl_12b"]))
+    """SFT of Gemma 3 12B with images, TP=4 on 4 GPUs."""
+    cfg = vlm_finetune("gemma3_vl_12b_sft", sized(Gemma3VLBridge, SIZES["gemma3_vl_12b"]))
     cfg.model.tensor_model_parallel_size = 4
     return cfg
 
 
 def gemma3_vl_27b_finetune_config():
-    """SFT of Gemma 3 27B with images, TP=8 on 8 GPUs (not supported yet: training refuses it)."""
-    cfg = finetune("gemma3_vl_27b_sft", sized(Gemma3VLBridge, SIZES["gemma3_vl_27b"]))
+    """SFT of Gemma 3 27B with images, TP=8 on 8 GPUs."""
+    cfg = vlm_finetune("gemma3_vl_27b_sft", sized(Gemma3VLBridge, SIZES["gemma3_vl_27b"]))
     cfg.model.tensor_model_parallel_size = 8
     return cfg

@@ -44,8 +44,8 @@ class LlavaBridge(FamilyBridge):
     PARALLELISM = ("TP", "PP")
     NOTES = (
         "CLIP or SigLIP tower + projector in front of any supported text family; the tower "
-        "is a torch module replicated on every TP rank, on the first PP stage; training not "
-        "supported yet"
+        "is a torch module replicated on every TP rank, on the first PP stage; SFT and LoRA on "
+        "images (padded)"
     )
 
     @classmethod

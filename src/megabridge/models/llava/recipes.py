@@ -1,9 +1,10 @@
-"""LLaVA recipes at the released sizes. Training a vision-language model is not supported
-yet (issue 14): these recipes describe the layout and the train command refuses them in
-one line."""
+"""LLaVA recipes: SFT and LoRA on chat JSONL with images (dataset.type=sft, padded; the
+processor resizes every image to the tower's size). Point checkpoint.pretrained_checkpoint at
+the local HF folder (its processor renders the data)."""
 
+from megabridge.models.llava import tiny
 from megabridge.models.llava.bridge import LlavaBridge
-from megabridge.recipes import finetune, sized
+from megabridge.recipes import as_lora, sized, tiny_vlm_finetune, vlm_finetune
 
 # HF config.json fields of each size; tests/data/hf_configs/<size>.json is the released one.
 SIZES = {
@@ -20,8 +21,26 @@ SIZES = {
 }  # fmt: skip
 
 
+def llava_tiny_finetune_config():
+    """A tiny LLaVA (tests, smoke runs): set checkpoint.pretrained_checkpoint, dataset.path."""
+    return tiny_vlm_finetune("llava_tiny_sft", sized(LlavaBridge, tiny.TINY["base"]))
+
+
+def llava_tiny_lora_config():
+    """LoRA of the tiny LLaVA's language model (tests, smoke runs)."""
+    return as_lora(llava_tiny_finetune_config(), "llava_tiny_lora")
+
+
 def llava_1_5_7b_finetune_config():
-    """SFT of LLaVA 1.5 7B, TP=2 on 2 GPUs (not supported yet: training refuses it)."""
-    cfg = finetune("llava_1_5_7b_sft", sized(LlavaBridge, SIZES["llava_1_5_7b"]))
+    """SFT of LLaVA 1.5 7B, TP=2 on 2 GPUs: set checkpoint.pretrained_checkpoint and
+    dataset.path."""
+    cfg = vlm_finetune("llava_1_5_7b_sft", sized(LlavaBridge, SIZES["llava_1_5_7b"]))
     cfg.model.tensor_model_parallel_size = 2
+    return cfg
+
+
+def llava_1_5_7b_lora_config():
+    """LoRA of LLaVA 1.5 7B's language model on one GPU (vision tower frozen)."""
+    cfg = as_lora(llava_1_5_7b_finetune_config(), "llava_1_5_7b_lora")
+    cfg.model.tensor_model_parallel_size = 1
     return cfg

@@ -127,6 +127,14 @@ class ViT(nn.Module):
         if v.get("vision_use_head"):
             self.head = PoolingHead(v)
 
+    def unused(self, last: int, post_norm: bool) -> tuple[str, ...]:
+        """Name prefixes of the parameters that features from layers up to ``last`` (after
+        the post-norm if ``post_norm``) do not depend on: they get no gradient, and training
+        freezes them (models/vision.py freeze)."""
+        names = [f"encoder.layers.{i}." for i in range(last, len(self.encoder.layers))]
+        names += [] if post_norm else ["post_layernorm."]
+        return tuple(names + (["head."] if hasattr(self, "head") else []))
+
     def hidden_states(self, pixels: torch.Tensor, last: int) -> list[torch.Tensor]:
         """[encoder input, output of layer 1, ..., of layer ``last``], each [images, s, h]."""
         x = self.embeddings(pixels)
@@ -140,6 +148,8 @@ class ViT(nn.Module):
 
 class LlavaVision(nn.Module):
     """LLaVA: the ViT's selected hidden states through the two-layer projector."""
+
+    PROJECTION = ("multi_modal_projector.",)  # what model.freeze_vision_projection freezes
 
     def __init__(self, v: dict):
         super().__init__()
@@ -156,6 +166,11 @@ class LlavaVision(nn.Module):
         self.multi_modal_projector.linear_1 = nn.Linear(features, out, bias=bias)
         self.multi_modal_projector.linear_2 = nn.Linear(out, out, bias=bias)
         self.act = ACTIVATIONS[v["projector_hidden_act"]]
+
+    def no_gradient(self) -> tuple[str, ...]:
+        """The ViT's layers after the deepest feature layer, its post-norm and head."""
+        unused = self.vision_tower.unused(max(self.feature_layers), post_norm=False)
+        return tuple(f"vision_tower.{name}" for name in unused)
 
     def forward(self, pixel_values: torch.Tensor, grid=None) -> torch.Tensor:
         """pixel_values [images, c, size, size] -> features [images * tokens, text hidden]."""
@@ -193,10 +208,17 @@ class Gemma3Projector(nn.Module):
 class Gemma3Vision(nn.Module):
     """Gemma 3: SigLIP's last hidden state (post-normed), pooled and projected."""
 
+    PROJECTION = ("multi_modal_projector.",)  # what model.freeze_vision_projection freezes
+
     def __init__(self, v: dict):
         super().__init__()
         self.vision_tower = ViT(v)
         self.multi_modal_projector = Gemma3Projector(v)
+
+    def no_gradient(self) -> tuple[str, ...]:
+        """SigLIP's pooling head (carried for the round trip, never run)."""
+        layers = len(self.vision_tower.encoder.layers)
+        return tuple(f"vision_tower.{n}" for n in self.vision_tower.unused(layers, post_norm=True))
 
     def forward(self, pixel_values: torch.Tensor, grid=None) -> torch.Tensor:
         tower = self.vision_tower

@@ -1,7 +1,9 @@
 """Qwen2.5-VL (Qwen2_5_VLForConditionalGeneration): Qwen2's language model with M-RoPE
-behind a windowed ViT (models/vision.py). The tower's tensors keep their HF names, under
-``vision.`` instead of ``visual.``; the language model's are Qwen2's."""
+behind a windowed ViT (models/vision.py). The tower's blocks are Megatron-Core layers
+(``vision.blocks.N.``, conversion/vit.py ``qwen_vit_layers``); its patch embedding and merger
+keep their HF names under ``vision.`` instead of ``visual.``; the language model's are Qwen2's."""
 
+from megabridge.conversion import vit
 from megabridge.conversion.family import read_qwen_vl, write_qwen_vl
 from megabridge.conversion.mappings import renames
 from megabridge.conversion.registry import register_bridge
@@ -13,15 +15,9 @@ VISION_FIELDS = (
     "spatial_merge_size", "temporal_patch_size", "window_size", "out_hidden_size",
     "fullatt_block_indexes", "hidden_act", "tokens_per_second",
 )  # fmt: skip
-BLOCK_TENSORS = (
-    "norm1.weight", "norm2.weight", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight",
-    "attn.proj.bias", "mlp.gate_proj.weight", "mlp.gate_proj.bias", "mlp.up_proj.weight",
-    "mlp.up_proj.bias", "mlp.down_proj.weight", "mlp.down_proj.bias",
-)  # fmt: skip
 TOWER_TENSORS = (
     "patch_embed.proj.weight", "merger.ln_q.weight", "merger.mlp.0.weight", "merger.mlp.0.bias",
     "merger.mlp.2.weight", "merger.mlp.2.bias",
-    *(f"blocks.*.{t}" for t in BLOCK_TENSORS),
 )  # fmt: skip
 
 
@@ -36,12 +32,14 @@ class Qwen25VLBridge(Qwen2Bridge):
     MAPPINGS = [
         *Qwen2Bridge.MAPPINGS,
         *renames({f"vision.{t}": f"visual.{t}" for t in TOWER_TENSORS}),
+        *vit.qwen_vit_layers("visual.blocks"),
     ]
     PARALLELISM = ("TP", "PP")
     NOTES = (
-        "images (no video yet); M-RoPE; the vision tower is a torch module replicated on "
-        "every TP rank, on the first PP stage; SFT and LoRA on images at TP / PP / DP (padded, "
-        "not packed yet); freezing of the language model, tower or merger"
+        "images and video (as frames); M-RoPE; the vision tower's blocks split over TP ranks "
+        "(patch embedding and merger replicated), on the first PP stage; SFT and LoRA on images "
+        "and video frames at TP / PP / DP (padded, not packed yet); freezing of the language "
+        "model, tower or merger"
     )
 
     @classmethod

@@ -1,14 +1,14 @@
 """Qwen2.5-VL recipes: SFT and LoRA on chat JSONL with images (dataset.type=sft, padded).
 
 Point checkpoint.pretrained_checkpoint at the local HF folder (its processor renders the
-data); the architecture is then read from it. The language model is split by TP (the
-vision tower is replicated on every TP rank of the first pipeline stage); the larger sizes
+data); the architecture is then read from it. The language model is split by TP, and so
+are the vision tower's blocks (the tower sits on the first pipeline stage); the larger sizes
 take TP=8 within a node (72B: two 8xH200 nodes, data-parallel 2).
 """
 
 from megabridge.models.qwen2_5_vl import tiny
 from megabridge.models.qwen2_5_vl.bridge import Qwen25VLBridge
-from megabridge.recipes import as_lora, finetune, sized, tiny_finetune
+from megabridge.recipes import as_lora, sized, tiny_vlm_finetune, vlm_finetune
 
 _VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14,
                spatial_merge_size=2, temporal_patch_size=2, window_size=112, in_chans=3, spatial_patch_size=14,
@@ -36,24 +36,15 @@ SIZES = {
 }
 
 
-def _vlm(cfg):
-    """What every Qwen2.5-VL run needs: padded samples (packing is not supported yet)."""
-    cfg.dataset.packed = False
-    return cfg
-
-
 def _finetune(name: str, size: str, tp: int):
-    cfg = _vlm(finetune(name, sized(Qwen25VLBridge, SIZES[size])))
+    cfg = vlm_finetune(name, sized(Qwen25VLBridge, SIZES[size]))
     cfg.model.tensor_model_parallel_size = tp
     return cfg
 
 
 def qwen25_vl_tiny_finetune_config():
     """A tiny Qwen2.5-VL (tests, smoke runs): set checkpoint.pretrained_checkpoint, dataset.path."""
-    cfg = _vlm(tiny_finetune("qwen25_vl_tiny_sft", sized(Qwen25VLBridge, tiny.TINY["base"])))
-    cfg.model.seq_length = 128
-    cfg.train.micro_batch_size = 2
-    return cfg
+    return tiny_vlm_finetune("qwen25_vl_tiny_sft", sized(Qwen25VLBridge, tiny.TINY["base"]))
 
 
 def qwen25_vl_tiny_lora_config():

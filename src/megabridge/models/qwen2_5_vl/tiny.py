@@ -1,12 +1,13 @@
 """Qwen2.5-VL's tiny test model: vision depth 2 (block 1 full attention, block 0 in windows
-of 2 x 2 merged tokens), hidden 32, patch 4; a 2-layer Qwen2 language model, hidden 64.
+of 2 x 2 merged tokens), hidden 32, MLP 60 (padded to 64 in Megatron: conversion/vit.py
+``padded_ffn``), patch 4; a 2-layer Qwen2 language model, hidden 64.
 
 Vision-language families are not in the text-only conformance suite (they need images);
 tests/unit_tests/models/test_vision_language.py runs this one.
 """
 
 VISION = dict(
-    depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=4,
+    depth=2, hidden_size=32, intermediate_size=60, num_heads=2, patch_size=4,
     spatial_merge_size=2, temporal_patch_size=2, window_size=16, out_hidden_size=64,
     fullatt_block_indexes=[1], in_channels=3,
 )  # fmt: skip

@@ -1,8 +1,10 @@
 """Qwen3-VL (Qwen3VLForConditionalGeneration): Qwen3's language model with interleaved
 M-RoPE and DeepStack, behind a ViT (tower.py). The language model's tensors are Qwen3's
-under ``model.language_model.``; the tower's keep their HF names, under ``vision.``
-instead of ``model.visual.``."""
+under ``model.language_model.``; the tower's blocks are Megatron-Core layers
+(``vision.blocks.N.``, conversion/vit.py), the rest of it keeps its HF names under
+``vision.`` instead of ``model.visual.``."""
 
+from megabridge.conversion import vit
 from megabridge.conversion.family import read_qwen_vl, write_qwen_vl
 from megabridge.conversion.mappings import hf_moved, renames
 from megabridge.conversion.registry import register_bridge
@@ -15,18 +17,17 @@ VISION_FIELDS = (
     "deepstack_visual_indexes", "hidden_act",
 )  # fmt: skip
 _LINEAR = ("weight", "bias")
-BLOCK_TENSORS = tuple(
-    f"{module}.{t}" for module in ("norm1", "norm2", "attn.qkv", "attn.proj", "mlp.linear_fc1",
-                                   "mlp.linear_fc2") for t in _LINEAR
-)  # fmt: skip
 MERGER_TENSORS = tuple(f"{m}.{t}" for m in ("norm", "linear_fc1", "linear_fc2") for t in _LINEAR)
 TOWER_TENSORS = (
     "patch_embed.proj.weight", "patch_embed.proj.bias", "pos_embed.weight",
-    *(f"blocks.*.{t}" for t in BLOCK_TENSORS),
     *(f"merger.{t}" for t in MERGER_TENSORS),
     *(f"deepstack_merger_list.*.{t}" for t in MERGER_TENSORS),
 )  # fmt: skip
-TOWER_MAPPINGS = renames({f"vision.{t}": f"model.visual.{t}" for t in TOWER_TENSORS})
+# the blocks: Megatron-Core layers (conversion/vit.py); the rest keeps its HF names
+TOWER_MAPPINGS = [
+    *renames({f"vision.{t}": f"model.visual.{t}" for t in TOWER_TENSORS}),
+    *vit.qwen3_vit_layers("model.visual.blocks"),
+]
 # Where the language model's tensors live in the checkpoint (text-only Qwen3: model.*).
 HF_LANGUAGE_MODEL = "model.language_model."
 
@@ -45,8 +46,9 @@ class Qwen3VLBridge(Qwen3Bridge):
     PARALLELISM = ("TP", "PP")
     NOTES = (
         "images (no video yet); interleaved M-RoPE; DeepStack (its layers on the first PP "
-        "stage); the vision tower is a torch module replicated on every TP rank, on the first "
-        "PP stage; training not supported yet"
+        "stage); the vision tower's blocks split over TP ranks (patch embedding, positions "
+        "and mergers replicated), on the first PP stage; SFT and LoRA on images (padded, not "
+        "packed yet); freezing of the language model, tower or merger"
     )
 
     @classmethod

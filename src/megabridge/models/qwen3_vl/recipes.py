@@ -1,9 +1,12 @@
-"""Qwen3-VL recipes. Training a vision-language model is refused until the data path takes
-images (issue 14): these fix the sizes and layouts. Point checkpoint.pretrained_checkpoint at
-a local HF folder (or a converted checkpoint): the architecture is then read from it."""
+"""Qwen3-VL recipes: SFT and LoRA on chat JSONL with images (dataset.type=sft, padded).
 
+Point checkpoint.pretrained_checkpoint at the local HF folder (its processor renders the
+data); the architecture is then read from it. DeepStack's LM layers must sit on the first
+pipeline stage."""
+
+from megabridge.models.qwen3_vl import tiny
 from megabridge.models.qwen3_vl.bridge import Qwen3VLBridge
-from megabridge.recipes import as_lora, finetune, sized
+from megabridge.recipes import as_lora, sized, tiny_vlm_finetune, vlm_finetune
 
 TOKENS = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
               vision_end_token_id=151653)  # fmt: skip
@@ -26,17 +29,26 @@ SIZES = {
 }  # fmt: skip
 
 
+def qwen3_vl_tiny_finetune_config():
+    """A tiny Qwen3-VL (tests, smoke runs): set checkpoint.pretrained_checkpoint, dataset.path."""
+    return tiny_vlm_finetune("qwen3_vl_tiny_sft", sized(Qwen3VLBridge, tiny.TINY["base"]))
+
+
+def qwen3_vl_tiny_lora_config():
+    """LoRA of the tiny Qwen3-VL's language model (tests, smoke runs)."""
+    return as_lora(qwen3_vl_tiny_finetune_config(), "qwen3_vl_tiny_lora")
+
+
 def qwen3_vl_8b_finetune_config():
     """SFT of Qwen3-VL 8B (TP=2, the tower replicated): set checkpoint.pretrained_checkpoint
-    and dataset.path (training is not supported yet for vision-language models)."""
-    cfg = finetune("qwen3_vl_8b_sft", sized(Qwen3VLBridge, SIZES["qwen3_vl_8b"]))
+    and dataset.path."""
+    cfg = vlm_finetune("qwen3_vl_8b_sft", sized(Qwen3VLBridge, SIZES["qwen3_vl_8b"]))
     cfg.model.tensor_model_parallel_size = 2
     return cfg
 
 
 def qwen3_vl_8b_lora_config():
-    """LoRA of Qwen3-VL 8B on one GPU (training is not supported yet for vision-language
-    models)."""
+    """LoRA of Qwen3-VL 8B's language model on one GPU (vision tower frozen)."""
     cfg = as_lora(qwen3_vl_8b_finetune_config(), "qwen3_vl_8b_lora")
     cfg.model.tensor_model_parallel_size = 1  # frozen weights and adapters fit one GPU
     return cfg

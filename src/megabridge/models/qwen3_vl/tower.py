@@ -1,4 +1,4 @@
-"""Qwen3-VL's vision tower in plain torch (also Qwen3-VL-MoE's): pixel patches -> the
+"""Qwen3-VL's vision tower (also Qwen3-VL-MoE's): pixel patches -> the
 features that replace the image tokens, plus DeepStack's features for the first LM layers.
 
 Differences from Qwen2.5-VL's tower (models/vision.py):
@@ -14,8 +14,9 @@ Differences from Qwen2.5-VL's tower (models/vision.py):
   into features that are added to the image tokens' hidden states after LM layer i
   (models/vision.py ``VisionLanguageModel``).
 
-Names are transformers' (``blocks.*.mlp.linear_fc1``, ``merger.norm``), so the bridge maps
-them one to one. Patches arrive in the image processor's order: 2 x 2 merge
+The blocks are Megatron-Core layers (``blocks.N.self_attention.linear_qkv``, ...: the bridge
+maps them through conversion/vit.py ``qwen3_vit_layers``); the rest keeps transformers'
+names (``merger.norm``), mapped one to one. Patches arrive in the image processor's order: 2 x 2 merge
 neighbourhoods row-major, rows and columns inside each.
 """
 
@@ -23,42 +24,17 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from megatron.core.transformer.module import MegatronModule
 from torch import nn
 
+from megabridge.conversion import vit
+from megabridge.models import vision_encoder
 from megabridge.models.vision_layers import (
     PatchEmbed,
-    VisionAttention,
     frame_bounds,
     patch_rows_cols,
     rope_inv_freq,
 )
-
-# HF vision hidden_act -> function (the bridge refuses any other name in one line).
-ACTIVATIONS = {"gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
-
-
-class MLP(nn.Module):
-    def __init__(self, hidden: int, ffn: int, act: str):
-        super().__init__()
-        self.linear_fc1 = nn.Linear(hidden, ffn)
-        self.linear_fc2 = nn.Linear(ffn, hidden)
-        self.act = ACTIVATIONS[act]
-
-    def forward(self, x):
-        return self.linear_fc2(self.act(self.linear_fc1(x)))
-
-
-class Block(nn.Module):
-    def __init__(self, hidden: int, heads: int, ffn: int, act: str):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(hidden, eps=1e-6)
-        self.norm2 = nn.LayerNorm(hidden, eps=1e-6)
-        self.attn = VisionAttention(hidden, heads)
-        self.mlp = MLP(hidden, ffn, act)
-
-    def forward(self, x, bounds, cos, sin):
-        x = x + self.attn(self.norm1(x), bounds, cos, sin)
-        return x + self.mlp(self.norm2(x))
 
 
 class Merger(nn.Module):
@@ -80,22 +56,33 @@ class Merger(nn.Module):
         return self.linear_fc2(F.gelu(self.linear_fc1(x.reshape(-1, merged))))
 
 
-class Qwen3VisionTower(nn.Module):
+class Qwen3VisionTower(MegatronModule):
     """Pixel patches [patches, c*t*p*p] and their grids [images, 3] -> (features
-    [tokens, out_hidden], DeepStack features: one [tokens, out_hidden] per fed LM layer)."""
+    [tokens, out_hidden], DeepStack features: one [tokens, out_hidden] per fed LM layer).
 
-    def __init__(self, v: dict):
-        super().__init__()
-        hidden, heads, self.merge = v["hidden_size"], v["num_heads"], v["spatial_merge_size"]
+    Its blocks are Megatron-Core TransformerLayers split over TP (models/vision_encoder.py);
+    the patch embedding, position table and mergers are whole on every rank."""
+
+    # what model.freeze_vision_projection freezes (models/vision.py freeze): the mergers
+    PROJECTION = ("merger.", "deepstack_merger_list.")
+    MEGATRON_LAYERS = True  # built with the language model's TransformerConfig (runtime)
+
+    def __init__(self, v: dict, lm_config):
+        hidden, heads = v["hidden_size"], v["num_heads"]
+        config = vision_encoder.tower_config(
+            lm_config, depth=v["depth"], hidden=hidden, heads=heads,
+            ffn=vit.padded_ffn(v["intermediate_size"]), activation=v["hidden_act"], gated=False,
+            normalization="LayerNorm", eps=1e-6,
+        )  # fmt: skip
+        super().__init__(config=config)
+        self.merge = v["spatial_merge_size"]
         unit, out = self.merge**2, v["out_hidden_size"]
         self.patch_embed = PatchEmbed(
             v["in_channels"], v["temporal_patch_size"], v["patch_size"], hidden, bias=True
         )
         self.pos_embed = nn.Embedding(v["num_position_embeddings"], hidden)
         self.side = int(v["num_position_embeddings"] ** 0.5)
-        self.blocks = nn.ModuleList(
-            Block(hidden, heads, v["intermediate_size"], v["hidden_act"]) for _ in range(v["depth"])
-        )
+        self.blocks = vision_encoder.TowerLayers(config, "LayerNorm")
         self.merger = Merger(hidden, unit, out, after_shuffle=False)
         self.deepstack_indexes = list(v["deepstack_visual_indexes"])
         self.deepstack_merger_list = nn.ModuleList(
@@ -116,12 +103,11 @@ class Qwen3VisionTower(nn.Module):
         x = x + self._positions(grids, rows, cols).to(x.dtype)
         inv = self.inv_freq.to(x.device)
         angles = torch.cat([rows[:, None].float() * inv, cols[:, None].float() * inv], dim=-1)
-        angles = torch.cat([angles, angles], dim=-1).unsqueeze(1)  # [patches, 1, head_dim]
-        cos, sin = angles.cos(), angles.sin()
-        bounds = frame_bounds(grids)
+        angles = torch.cat([angles, angles], dim=-1)  # [patches, head_dim]
+        frames = vision_encoder.segments(frame_bounds(grids))
         deepstack = []
-        for i, block in enumerate(self.blocks):
-            x = block(x, bounds, cos, sin)
+        for i, layer in enumerate(self.blocks):
+            x = vision_encoder.run_layer(layer, x, frames, angles)
             if i in self.deepstack_indexes:
                 merger = self.deepstack_merger_list[self.deepstack_indexes.index(i)]
                 deepstack.append(merger(x))

@@ -41,8 +41,8 @@ class Qwen3VLMoeBridge(Qwen3VLBridge):
     MAPPINGS = [*hf_moved(TEXT_MAPPINGS, "model.", HF_LANGUAGE_MODEL), *TOWER_MAPPINGS]
     PARALLELISM = ("TP", "PP", "EP")
     NOTES = (
-        "as Qwen3-VL (images, interleaved M-RoPE, DeepStack, replicated vision tower), with "
-        "Qwen3-MoE experts stacked in the checkpoint; training not supported yet"
+        "as Qwen3-VL (images, interleaved M-RoPE, DeepStack, tower blocks split over TP), with "
+        "Qwen3-MoE experts stacked in the checkpoint; SFT and LoRA on images (padded)"
     )
 
     @classmethod

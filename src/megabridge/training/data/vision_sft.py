@@ -15,11 +15,22 @@ each placeholder to as many image tokens as the tower gives that image. The loss
 the assistant turns exactly as for text (sft.py): the turns are found in the rendered text,
 and shifted by the placeholders' expansion (the processor reports where each one went).
 
+Qwen2.5-VL also takes videos, as their frames (the list-of-frames form qwen-vl-utils
+documents; a string names a folder of frames; "fps", default 2, places them in time)::
+
+    {"type": "video", "video": ["clip/0001.png", "clip/0002.png", ...], "fps": 2}
+
+A clip's frames are read in order, all of one size, at least the tower's
+temporal_patch_size of them; the processor expands its one placeholder to the clip's video
+tokens, and the M-RoPE positions count its frames in time (models/vision.py).
+
 Examples are tokenized when the run starts (images are read then, to count their tokens);
 their pixels are made again by the image processor when a batch needs them, so a large
 dataset's pixels are never all in memory. Samples are padded, one example each; a
 micro-batch concatenates its images' patches (``pixel_values``), has one
-``image_grid_thw`` row per image, and M-RoPE positions per sample.
+``image_grid_thw`` row per image, and M-RoPE positions per sample (Qwen2.5-VL, Qwen3-VL);
+Gemma 3's and LLaVA's processors resize every image to one size, so ``pixel_values`` stacks
+whole images and there is no grid.
 """
 
 from __future__ import annotations
@@ -30,8 +41,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from megabridge.conversion import image_inputs
 from megabridge.errors import ConfigError, UserError
-from megabridge.models.vision import mrope_positions
+from megabridge.models.vision import VIDEO_TOWERS, mrope_positions, video_steps
 from megabridge.training.data import sft
 from megabridge.training.data.packing import PaddedSFTDataset
 from megabridge.training.data.tokenizer import tokenizer_path
@@ -43,6 +55,9 @@ PART_TYPES = ("text", "image", "video")
 class VisionExample(sft.Example):
     images: tuple[str, ...] = ()  # absolute paths, in the order of their placeholders
     grids: tuple[tuple[int, ...], ...] = ()  # the image processor's grid of each, at load
+    videos: tuple[tuple[str, ...], ...] = ()  # each clip's frames (absolute paths), in order
+    video_grids: tuple[tuple[int, ...], ...] = ()  # the video processor's grid of each clip
+    video_seconds: tuple[float, ...] = ()  # each clip's seconds per temporal patch
 
 
 def _first_line(e: Exception) -> str:
@@ -100,8 +115,11 @@ def _image_path(part: dict, where: str, folder: Path) -> Path:
     return path if path.is_absolute() else folder / path
 
 
-def parse_messages(record: dict, where: str, folder: Path) -> tuple[list[dict], list[Path]]:
-    """The messages (parts checked) and their images' paths, in order."""
+def parse_messages(
+    record: dict, where: str, folder: Path, videos: bool = False
+) -> tuple[list[dict], list[Path]]:
+    """The messages (parts checked) and their images' paths, in order; video parts are refused
+    unless the model takes ``videos`` (their clips: video_clips)."""
     messages = record.get("messages")
     if not isinstance(messages, list) or not messages:
         raise UserError(f"{where}: 'messages' must be a non-empty list of {{role, content}}")
@@ -121,16 +139,23 @@ def parse_messages(record: dict, where: str, folder: Path) -> tuple[list[dict], 
                     f"{where}: messages[{i}] has a part of type {kind!r} (expected one of "
                     f"{', '.join(PART_TYPES)})"
                 )
-            if kind == "video":
+            if kind == "video" and not videos:
                 raise UserError(
                     f"{where}: messages[{i}] has a video part; this model's training takes "
-                    "images only (video is not supported yet)"
+                    "images only (video frames: Qwen2.5-VL)"
                 )
             if kind == "image":
                 images.append(_image_path(part, where, folder))
     if not any(m["role"] == "assistant" for m in messages):
         raise UserError(f"{where}: no assistant message, so nothing to train on")
     return messages, images
+
+
+def image_marker(processor) -> str:
+    """The text that marks an image in the rendered chat, which the processor expands: Gemma
+    3's begin-of-image token (older transformers name another token image_token), the
+    others' image token."""
+    return getattr(processor, "boi_token", None) or processor.image_token
 
 
 def _expanded(offset: int, replacements: list[dict]) -> int:
@@ -143,21 +168,81 @@ def _expanded(offset: int, replacements: list[dict]) -> int:
     return offset + shift
 
 
-def render(processor, record: dict, where: str, folder: Path) -> VisionExample:
-    """One JSONL record -> a VisionExample (ids with expanded image tokens, answer mask)."""
-    messages, paths = parse_messages(record, where, folder)
+@dataclass
+class Clip:
+    frames: list[Path]  # in order
+    fps: float  # frames per second: where the frames are in time
+
+
+def video_clips(messages: list[dict], where: str, folder: Path) -> list[Clip]:
+    """The video parts' clips, in order (relative frame paths: from the JSONL file's folder)."""
+    clips = []
+    for i, m in enumerate(messages):
+        for part in m["content"] if isinstance(m["content"], list) else []:
+            if part["type"] != "video":
+                continue
+            value = part.get("video")
+            if isinstance(value, str):
+                value = [value]  # a folder of frames (a video file is refused by frame_paths)
+            if (
+                not isinstance(value, list)
+                or not value
+                or not all(isinstance(v, str) for v in value)
+            ):
+                raise UserError(f"{where}: messages[{i}]: a video part needs 'video': frame paths")
+            fps = part.get("fps", part.get("sample_fps", image_inputs.DEFAULT_FPS))
+            if isinstance(fps, bool) or not isinstance(fps, int | float) or not fps > 0:
+                raise UserError(
+                    f"{where}: messages[{i}]: a video's 'fps' must be a positive number"
+                )
+            paths = [Path(v.removeprefix("file://")) for v in value]
+            paths = [p if p.is_absolute() else folder / p for p in paths]
+            clips.append(Clip(image_inputs.frame_paths(paths, where), float(fps)))
+    return clips
+
+
+def _video_inputs(processor, clips: list[Clip], where: str) -> dict:
+    """The processor's video arguments for ``clips``: their frames (checked) and frame rates."""
+    if not clips:
+        return {}
+    patch = processor.video_processor.temporal_patch_size
+    frames = [image_inputs.read_frames(c.frames, patch, where) for c in clips]
+    metadata = [image_inputs.video_metadata(f, c.fps) for f, c in zip(frames, clips, strict=True)]
+    return {"videos": frames, "video_metadata": metadata}
+
+
+def render(
+    processor, record: dict, where: str, folder: Path, videos: bool = False
+) -> VisionExample:
+    """One JSONL record -> a VisionExample (ids with expanded image and video tokens, answer
+    mask); ``videos``: the model takes video parts (models/vision.py VIDEO_TOWERS)."""
+    messages, paths = parse_messages(record, where, folder, videos)
+    clips = video_clips(messages, where, folder) if videos else []
+    if clips and getattr(processor, "video_processor", None) is None:
+        raise UserError(
+            f"{where}: a video part, but the model's HF processor has no video processor"
+        )
     full, spans = sft.assistant_spans(processor, messages, where)
-    placeholders = full.count(processor.image_token)
+    if clips and full.count(processor.video_token) != len(clips):
+        raise UserError(
+            f"{where}: the rendered conversation has {full.count(processor.video_token)} video "
+            f"placeholders ({processor.video_token}) but {len(clips)} video parts"
+        )
+    marker = image_marker(processor)
+    placeholders = full.count(marker)
     if placeholders != len(paths):
         raise UserError(
             f"{where}: the rendered conversation has {placeholders} image placeholders "
-            f"({processor.image_token}) but {len(paths)} image parts"
+            f"({marker}) but {len(paths)} image parts"
         )
     images = [_read_image(p, where) for p in paths]
     reports = reports_expansion(processor)
     extra = dict(return_offsets_mapping=True, return_text_replacement_offsets=True)
     try:
-        out = processor(text=[full], images=images or None, **(extra if reports else {}))
+        out = processor(
+            text=[full], images=images or None, **_video_inputs(processor, clips, where),
+            **(extra if reports else {}),
+        )  # fmt: skip
     except ValueError as e:  # the processor's own count checks
         raise UserError(f"{where}: {_first_line(e)}") from None
     if reports:
@@ -168,11 +253,24 @@ def render(processor, record: dict, where: str, folder: Path) -> VisionExample:
         answer = _aligned_answers(processor, full, spans, out["input_ids"][0], where)
     if not any(answer[1:]):
         raise UserError(f"{where}: the answer is empty, so nothing to train on")
-    grids = tuple(tuple(g) for g in out["image_grid_thw"].tolist()) if images else ()
-    return VisionExample(
+    grids = _grids(out) if images else ()
+    example = VisionExample(
         np.asarray(out["input_ids"][0], dtype=np.int64), np.asarray(answer, dtype=bool), where,
         tuple(str(p) for p in paths), grids,
     )  # fmt: skip
+    if clips:
+        example.videos = tuple(tuple(str(p) for p in c.frames) for c in clips)
+        example.video_grids = tuple(tuple(g) for g in out["video_grid_thw"].tolist())
+        example.video_seconds = tuple(float(x) for x in out["second_per_grid_ts"])
+    return example
+
+
+def _grids(processed) -> tuple[tuple[int, ...], ...]:
+    """Each image's patch grid (Qwen's image_grid_thw), or its pixel shape for a processor
+    that resizes every image to one size (Gemma 3, LLaVA): what must not change later."""
+    if "image_grid_thw" in processed:
+        return tuple(tuple(g) for g in processed["image_grid_thw"].tolist())
+    return tuple(tuple(p.shape) for p in processed["pixel_values"])
 
 
 def reports_expansion(processor) -> bool:
@@ -185,13 +283,14 @@ def _aligned_answers(processor, full: str, spans, expanded: list[int], where: st
     expansion: the text tokenized as rendered (one token per placeholder), then walked along
     the expanded ids, each placeholder standing for its run of image tokens."""
     tokenizer = processor.tokenizer
-    image_id = tokenizer.convert_tokens_to_ids(processor.image_token)
+    markers = (processor.image_token, getattr(processor, "video_token", None))
+    placeholder_ids = {tokenizer.convert_tokens_to_ids(t) for t in markers if t}
     encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     answer, j = [], 0
     for token, (start, _) in zip(encoded["input_ids"], encoded["offset_mapping"], strict=True):
-        if token == image_id:
+        if token in placeholder_ids:
             run = j
-            while run < len(expanded) and expanded[run] == image_id:
+            while run < len(expanded) and expanded[run] == token:
                 run += 1
             answer += [False] * (run - j)
             j = run
@@ -206,10 +305,11 @@ def _aligned_answers(processor, full: str, spans, expanded: list[int], where: st
     return answer
 
 
-def tokenize(records, processor, seq_length: int) -> list[VisionExample]:
-    """sft.tokenize with the processor: image paths are relative to each record's file."""
+def tokenize(records, processor, seq_length: int, videos: bool = False) -> list[VisionExample]:
+    """sft.tokenize with the processor: image paths are relative to each record's file;
+    ``videos``: the model takes video parts."""
     rendered = [
-        (where, render(processor, record, where, Path(where.rpartition(":")[0]).parent))
+        (where, render(processor, record, where, Path(where.rpartition(":")[0]).parent, videos))
         for where, record in records
     ]
     return sft.keep_fitting(rendered, len(records), seq_length)
@@ -221,6 +321,7 @@ class PaddedVisionSFTDataset(PaddedSFTDataset):
     def __init__(self, examples, seq_length: int, seed: int, processor, model_cfg):
         super().__init__(examples, seq_length, seed)
         self.image_processor = processor.image_processor
+        self.video_processor = getattr(processor, "video_processor", None)
         self.vision = model_cfg.vision
         self.mrope = model_cfg.position_embedding_type == "mrope"
 
@@ -230,11 +331,27 @@ class PaddedVisionSFTDataset(PaddedSFTDataset):
         if example.images:
             images = [_read_image(Path(p), example.where) for p in example.images]
             pixels = self.image_processor(images=images, return_tensors="pt")
-            grid = pixels["image_grid_thw"]
-            if tuple(tuple(g) for g in grid.tolist()) != example.grids:
+            if _grids(pixels) != example.grids:
                 raise UserError(f"{example.where}: an image changed since the run started")
-            sample["pixel_values"], sample["image_grid_thw"] = pixels["pixel_values"], grid
+            sample["pixel_values"] = pixels["pixel_values"]
+            if "image_grid_thw" in pixels:  # Qwen: patches of any grid; others: whole images
+                sample["image_grid_thw"] = pixels["image_grid_thw"]
+        if example.videos:
+            sample.update(self._video_pixels(example))
         return sample
+
+    def _video_pixels(self, example: VisionExample) -> dict:
+        """A sample's clips, made again by the video processor as at load."""
+        patch = self.video_processor.temporal_patch_size
+        frames = [image_inputs.read_frames([Path(p) for p in c], patch, example.where)
+                  for c in example.videos]  # fmt: skip
+        pixels = self.video_processor(videos=frames, return_tensors="pt")
+        grid = pixels["video_grid_thw"]
+        if tuple(tuple(g) for g in grid.tolist()) != example.video_grids:
+            raise UserError(f"{example.where}: a video's frames changed since the run started")
+        seconds = torch.tensor(example.video_seconds, dtype=torch.float32)
+        return {"pixel_values_videos": pixels["pixel_values_videos"], "video_grid_thw": grid,
+                "second_per_grid_ts": seconds}  # fmt: skip
 
     def collate(self, samples: list[dict]) -> dict:
         """Stacked tokens; the images' patches and grids concatenated; positions [3, b, s]."""
@@ -246,13 +363,33 @@ class PaddedVisionSFTDataset(PaddedSFTDataset):
         grid = None
         if with_images:
             batch["pixel_values"] = torch.cat([s["pixel_values"] for s in with_images])
-            batch["image_grid_thw"] = grid = torch.cat([s["image_grid_thw"] for s in with_images])
-        if self.mrope:  # positions follow the image grids (models/vision.py)
+            if "image_grid_thw" in with_images[0]:
+                grid = torch.cat([s["image_grid_thw"] for s in with_images])
+                batch["image_grid_thw"] = grid
+        batch.update(_collate_videos(samples))
+        if self.mrope:  # positions follow the image and video grids (models/vision.py)
             batch["position_ids"] = mrope_positions(
                 batch["tokens"], grid, self.vision["image_token_id"],
-                self.vision["spatial_merge_size"],
+                self.vision["spatial_merge_size"], **self._video_positions(batch),
             )  # fmt: skip
         return batch
+
+    def _video_positions(self, batch: dict) -> dict:
+        """mrope_positions' video arguments for a collated batch ({} without videos)."""
+        if "video_grid_thw" not in batch:
+            return {}
+        return {
+            "video_grid_thw": batch["video_grid_thw"],
+            "video_token_id": self.vision["video_token_id"],
+            "video_steps": video_steps(self.vision, batch["second_per_grid_ts"]),
+        }
+
+
+def _collate_videos(samples: list[dict]) -> dict:
+    """The samples' clips: patches, grids and seconds per temporal patch, concatenated."""
+    with_videos = [s for s in samples if "pixel_values_videos" in s]
+    keys = ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
+    return {k: torch.cat([s[k] for s in with_videos]) for k in keys} if with_videos else {}
 
 
 def build(cfg, seq: int):
@@ -264,8 +401,9 @@ def build(cfg, seq: int):
             f"model.vocab_size={cfg.model.vocab_size}"
         )
     train_records, valid_records = sft.load_records(cfg)
-    train = tokenize(train_records, processor, seq)
-    valid = tokenize(valid_records, processor, seq) if valid_records else []
+    videos = cfg.model.vision["kind"] in VIDEO_TOWERS
+    train = tokenize(train_records, processor, seq, videos)
+    valid = tokenize(valid_records, processor, seq, videos) if valid_records else []
     sft.log_loaded(cfg, train, valid)
 
     def dataset(examples):

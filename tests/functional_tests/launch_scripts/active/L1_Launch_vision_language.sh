@@ -6,4 +6,5 @@ cd "$(dirname "$0")/../../../.."
 uv run pytest tests/unit_tests/models/test_vision_language.py \
   tests/unit_tests/models/test_qwen3_vl.py tests/unit_tests/models/test_llava.py \
   tests/unit_tests/models/test_gemma3_vl.py tests/functional_tests/test_vision_sft.py \
+  tests/unit_tests/data/test_vision_families_sft.py tests/functional_tests/test_vision_families_sft.py \
   -m skipduringci -v "$@"

@@ -1,0 +1,158 @@
+"""A vision tower's transformer layers as Megatron-Core TransformerLayers, tensor-parallel.
+
+The layers are Megatron-Core's (``TransformerLayer``, ``SelfAttention``, ``MLP``, with
+``ColumnParallelLinear`` / ``RowParallelLinear``: heads and FFN split over the
+tensor-parallel ranks) with the torch spec's norms and attention (models/torch_layers.py),
+built from a TransformerConfig of the tower's own shape. Attention is bidirectional
+(``AttnMaskType.no_mask``) within segments, the windows or frames the tower cuts its
+patches into, given as ``PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=...)``: with
+"sbhd", Megatron-Core applies the tower's per-patch RoPE angles (``rotary_pos_emb`` [s, 1,
+1, d]) as they are, where "thd" would restart positions in every segment. Its rotation
+(non-interleaved, rotate-half) is transformers' vision RoPE; in fp32 the two agree
+exactly (tests/unit_tests/models/test_vision_language.py), in bf16 Megatron-Core rotates
+in the weights' dtype where transformers rotates in fp32.
+
+The patch embedding and whatever else a tower has around the layers stay plain torch
+modules, whole on every tensor-parallel rank.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import TransformerLayerSubmodules
+
+from megabridge.models import torch_layers
+
+# What a tower's layers take from the language model's config: precision, initialisation
+# and the tensor-parallel size; never its shape, MoE, pipeline or sequence parallelism.
+_RUNTIME_FIELDS = (
+    "tensor_model_parallel_size", "bf16", "params_dtype", "pipeline_dtype", "autocast_dtype",
+    "init_method_std", "perform_initialization", "init_method", "output_layer_init_method",
+    "use_cpu_initialization", "masked_softmax_fusion", "persist_layer_norm",
+    "gradient_accumulation_fusion",
+)  # fmt: skip
+_NORMS = {"RMSNorm": torch_layers.RMSNorm, "LayerNorm": torch_layers.LayerNorm}
+
+
+def tower_config(
+    lm_config: TransformerConfig, *, depth: int, hidden: int, heads: int, ffn: int,
+    activation: str, gated: bool, normalization: str, eps: float,
+) -> TransformerConfig:  # fmt: skip
+    """The TransformerConfig of a tower's layers: its own shape, the language model's runtime.
+
+    ``activation``: HF's hidden_act, "silu" or "gelu_pytorch_tanh"; biases on every linear
+    (QKV, proj, fc1, fc2).
+    """
+    act = {"silu": F.silu, "gelu_pytorch_tanh": _gelu_tanh}[activation]
+    runtime = {name: getattr(lm_config, name) for name in _RUNTIME_FIELDS}
+    return TransformerConfig(
+        num_layers=depth,
+        hidden_size=hidden,
+        ffn_hidden_size=ffn,
+        num_attention_heads=heads,
+        num_query_groups=heads,
+        kv_channels=hidden // heads,
+        normalization=normalization,
+        layernorm_epsilon=eps,
+        gated_linear_unit=gated,
+        activation_func=act,
+        add_bias_linear=True,
+        add_qkv_bias=True,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        # Megatron-Core fuses the bias into SiLU-gated and plain GELU MLPs only
+        bias_activation_fusion=lm_config.bias_activation_fusion and activation == "silu" and gated,
+        apply_rope_fusion=False,
+        pipeline_model_parallel_size=1,  # the whole tower sits on the first pipeline stage
+        sequence_parallel=False,
+        **runtime,
+    )
+
+
+def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+def layer_spec(normalization: str) -> ModuleSpec:
+    """A pre-norm layer: norm, bidirectional self-attention, norm, MLP (torch spec pieces)."""
+    norm = _NORMS[normalization]
+    attention = ModuleSpec(
+        module=SelfAttention,
+        params={"attn_mask_type": AttnMaskType.no_mask},
+        submodules=SelfAttentionSubmodules(
+            linear_qkv=ColumnParallelLinear,
+            core_attention=torch_layers.SDPAttention,
+            linear_proj=RowParallelLinear,
+            q_layernorm=IdentityOp,
+            k_layernorm=IdentityOp,
+        ),
+    )
+    mlp = ModuleSpec(
+        module=MLP,
+        submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
+    )
+    return ModuleSpec(
+        module=torch_layers.TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=norm,
+            self_attention=attention,
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=norm,
+            mlp=mlp,
+            mlp_bda=get_bias_dropout_add,
+        ),
+    )
+
+
+class TowerLayers(torch.nn.ModuleList):
+    """The tower's TransformerLayers, ``blocks.N.`` in checkpoints, each layer's tensors
+    sharded over TP as Megatron-Core shards them (a plain ModuleList's would be saved as
+    replicated, every rank's half under one key)."""
+
+    def __init__(self, config: TransformerConfig, normalization: str):
+        spec = layer_spec(normalization)
+        super().__init__(
+            build_module(spec, config=config, layer_number=i + 1) for i in range(config.num_layers)
+        )
+        if not config.gated_linear_unit:  # sharding.param_split: not [gate; up] halves
+            for layer in self:
+                for param in layer.mlp.linear_fc1.parameters():
+                    param.plain_fc1 = True
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        out = {}
+        for i, layer in enumerate(self):
+            out.update(layer.sharded_state_dict(f"{prefix}{i}.", sharded_offsets, metadata))
+        return out
+
+
+def run_layer(layer, x: torch.Tensor, segments: PackedSeqParams, angles: torch.Tensor):
+    """One layer on a tower's patches: x [patches, hidden] -> the same; attention within
+    ``segments``; ``angles`` [patches, head_dim] the RoPE angles of each patch."""
+    out, _ = layer(
+        x.unsqueeze(1),  # [s, b=1, h]
+        attention_mask=None,
+        rotary_pos_emb=angles[:, None, None, :],  # [s, 1, 1, d]
+        packed_seq_params=segments,
+    )
+    return out.squeeze(1)
+
+
+def segments(bounds: list[int]) -> PackedSeqParams:
+    """Segments [bounds[i], bounds[i + 1]) of the patch sequence (cumulative patch counts)."""
+    cu = torch.tensor(bounds, dtype=torch.int32)  # on the CPU: read back without a sync
+    longest = max(b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True))
+    return PackedSeqParams(
+        qkv_format="sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest,
+        max_seqlen_kv=longest,
+    )  # fmt: skip

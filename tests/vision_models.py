@@ -182,6 +182,37 @@ def save_tiny_gemma3_vl(
     return Path(path)
 
 
+def save_tiny_mistral3(
+    path: Path, variant: str = "base", seed: int = 0, dtype: torch.dtype = torch.float32,
+    max_shard_size: int | None = None,
+) -> Path:  # fmt: skip
+    """transformers' Mistral 3 of the tiny config, random weights, with its processor
+    (PixtralProcessor: images resized to at most 64 pixels a side, in multiples of 8 = patch x
+    merge; "[IMG]" per token, "[IMG_BREAK]" after each row, "[IMG_END]" last)."""
+    import transformers
+
+    from megabridge.models.mistral3 import tiny
+
+    config = tiny_config("mistral3", variant)
+    torch.manual_seed(seed)
+    model = transformers.Mistral3ForConditionalGeneration(config)
+    randomize(model, seed)
+    shards = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    model.to(dtype).save_pretrained(str(path), **shards)
+    vision = config.vision_config
+    names = {tiny.IMAGE_TOKEN_ID: "[IMG]", tiny.IMAGE_BREAK_ID: "[IMG_BREAK]",
+             tiny.IMAGE_END_ID: "[IMG_END]", 90: "[INST]", 91: "[/INST]"}  # fmt: skip
+    images = transformers.PixtralImageProcessorPil(
+        size={"longest_edge": vision.image_size},
+        patch_size={"height": vision.patch_size, "width": vision.patch_size},
+    )
+    transformers.PixtralProcessor(
+        image_processor=images, tokenizer=_word_tokenizer(config.text_config.vocab_size, names),
+        patch_size=vision.patch_size, spatial_merge_size=config.spatial_merge_size,
+    ).save_pretrained(str(path))  # fmt: skip
+    return Path(path)
+
+
 def with_released_experts(hf_dir: Path) -> Path:
     """Rewrite a transformers-5-saved Qwen3-VL-MoE folder's stacked experts ([E, out, in])
     in the layout of the released checkpoints ([E, in, out]), in place."""

@@ -51,7 +51,12 @@ class LlavaBridge(FamilyBridge):
     @classmethod
     def for_model(cls, cfg):
         base = cls.__bases__[0] if "LANGUAGE_FAMILY" in cls.__dict__ else cls
-        return _composed(base, bridge_for_family(cfg.vision["text_family"]))
+        return _composed(base, bridge_for_family(cfg.vision["text_family"]), cfg.vision["kind"])
+
+    @classmethod
+    def vision_mappings(cls, kind: str) -> list:
+        """The tower's and the projector's mappings for a tower of ``kind``."""
+        return tower_mappings(cls.PROJECTOR)
 
     @classmethod
     def model_config(cls, hf_config):
@@ -107,10 +112,10 @@ class LlavaBridge(FamilyBridge):
 
 
 @functools.cache
-def _composed(bridge: type[LlavaBridge], text: type[FamilyBridge]) -> type[LlavaBridge]:
+def _composed(bridge: type[LlavaBridge], text: type[FamilyBridge], kind: str) -> type[LlavaBridge]:
     """``bridge`` with ``text``'s language model: its mappings under ``language_model.``,
-    then the tower's and the projector's."""
-    mappings = [*language_model(text.MAPPINGS), *tower_mappings(bridge.PROJECTOR)]
+    then the tower's and the projector's (a tower of ``kind``)."""
+    mappings = [*language_model(text.MAPPINGS), *bridge.vision_mappings(kind)]
     name = f"{bridge.__name__}[{text.family}]"
     body = {"MAPPINGS": mappings, "IGNORED_HF": text.IGNORED_HF, "LANGUAGE_FAMILY": text}
     return type(name, (bridge,), body)

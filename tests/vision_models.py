@@ -350,6 +350,8 @@ CHAT = {
                       image="<start_of_image>", roles={"assistant": "model"}),
     "llava": dict(turn="{role}: ", end="</s> ", image="<image>\n",
                   roles={"user": "USER", "assistant": "ASSISTANT"}),
+    # LLaVA's turns with Pixtral's image token (a word tokenizer: [INST] marks are not needed)
+    "mistral3": dict(turn="{role}: ", end="</s> ", image="[IMG]", roles={}),
 }  # fmt: skip
 
 
@@ -360,7 +362,8 @@ def save_tiny_family_vl(family: str, path: Path) -> Path:
 
     if family in ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"):
         return save_tiny_vl(family, path, processor=True)
-    save = {"gemma3_vl": save_tiny_gemma3_vl, "llava": save_tiny_llava}[family]
+    save = {"gemma3_vl": save_tiny_gemma3_vl, "llava": save_tiny_llava,
+            "mistral3": save_tiny_mistral3}[family]  # fmt: skip
     save(path)
     processor = AutoProcessor.from_pretrained(str(path))
     processor.chat_template = _chat_template(**CHAT[family])

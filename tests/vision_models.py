@@ -138,6 +138,9 @@ def save_tiny_llava(
     model.to(dtype).save_pretrained(str(path), **shards)
     vision = config.vision_config
     side = vision.image_size
+    if vision.model_type == "pixtral":  # Pixtral-12B's: every patch a token, no merging
+        _save_pixtral_processor(path, config, merge=1)
+        return Path(path)
     if vision.model_type == "clip_vision_model":
         images = transformers.CLIPImageProcessorPil(
             size={"shortest_edge": side}, crop_size={"height": side, "width": side}
@@ -191,26 +194,32 @@ def save_tiny_mistral3(
     merge; "[IMG]" per token, "[IMG_BREAK]" after each row, "[IMG_END]" last)."""
     import transformers
 
-    from megabridge.models.mistral3 import tiny
-
     config = tiny_config("mistral3", variant)
     torch.manual_seed(seed)
     model = transformers.Mistral3ForConditionalGeneration(config)
     randomize(model, seed)
     shards = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
     model.to(dtype).save_pretrained(str(path), **shards)
-    vision = config.vision_config
-    names = {tiny.IMAGE_TOKEN_ID: "[IMG]", tiny.IMAGE_BREAK_ID: "[IMG_BREAK]",
-             tiny.IMAGE_END_ID: "[IMG_END]", 90: "[INST]", 91: "[/INST]"}  # fmt: skip
+    _save_pixtral_processor(path, config, merge=config.spatial_merge_size)
+    return Path(path)
+
+
+def _save_pixtral_processor(path: Path, config, merge: int) -> None:
+    """PixtralProcessor for a tiny Pixtral-towered model: "[IMG]" (the config's image token id)
+    per token, "[IMG_BREAK]" and "[IMG_END]" at the next two ids, images at most image_size
+    pixels a side in multiples of patch x ``merge``."""
+    import transformers
+
+    vision, image_id = config.vision_config, config.image_token_id
+    names = {image_id: "[IMG]", image_id + 1: "[IMG_BREAK]", image_id + 2: "[IMG_END]"}
     images = transformers.PixtralImageProcessorPil(
         size={"longest_edge": vision.image_size},
         patch_size={"height": vision.patch_size, "width": vision.patch_size},
     )
     transformers.PixtralProcessor(
         image_processor=images, tokenizer=_word_tokenizer(config.text_config.vocab_size, names),
-        patch_size=vision.patch_size, spatial_merge_size=config.spatial_merge_size,
+        patch_size=vision.patch_size, spatial_merge_size=merge,
     ).save_pretrained(str(path))  # fmt: skip
-    return Path(path)
 
 
 def with_released_experts(hf_dir: Path) -> Path:

@@ -80,6 +80,39 @@ def pixtral_mappings(projector: tuple[str, ...]) -> list[Mapping]:
     ]
 
 
+# Pixtral's vision_config fields that ModelConfig.vision keeps (models/mistral3/tower.py).
+PIXTRAL_FIELDS = (
+    "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_channels", "image_size", "patch_size", "hidden_act",
+)  # fmt: skip
+PIXTRAL_ACTIVATIONS = ("silu", "gelu")  # gated MLP activations the tower's layers build
+
+
+def read_pixtral(name: str, v) -> dict:
+    """ModelConfig.vision's Pixtral fields from an HF vision_config; refused in one line if
+    the tower cannot build it."""
+    if v.model_type != "pixtral":
+        raise UserError(f"{name} with a {v.model_type!r} vision tower is not supported yet")
+    if v.hidden_act not in PIXTRAL_ACTIVATIONS:
+        raise UserError(f"{name} with vision hidden_act={v.hidden_act!r} is not supported yet")
+    rope = dict(v.rope_parameters or {})
+    if rope.get("rope_type", "axial") != "axial":
+        raise UserError(f"{name} with vision rope_type={rope['rope_type']!r} is not supported yet")
+    return {
+        "model_type": "pixtral",
+        **{f: getattr(v, f) for f in PIXTRAL_FIELDS},
+        "rope_theta": float(rope.get("rope_theta", 10000.0)),
+    }
+
+
+def write_pixtral(vision: dict) -> dict:
+    return {
+        **{f: vision[f] for f in ("model_type", *PIXTRAL_FIELDS)},
+        "head_dim": vision["hidden_size"] // vision["num_attention_heads"],
+        "rope_parameters": {"rope_type": "axial", "rope_theta": vision["rope_theta"]},
+    }
+
+
 def read_vit(cls, v) -> dict:
     """ModelConfig.vision's ViT fields from an HF vision_config; refused in one line if
     tower.py cannot build it."""

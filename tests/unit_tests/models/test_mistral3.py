@@ -117,6 +117,32 @@ def test_pixtral_rope_angles_are_transformers():
 
 
 @pytest.mark.unit
+@pytest.mark.usefixtures("single_process_megatron")  # the tower's layers are Megatron layers
+@pytest.mark.parametrize("variant, unused", [("base", set()), ("tied", {"blocks.1."})])
+def test_tower_freezes_exactly_the_weights_without_gradient(variant, unused):
+    """A backward through the tower (two images of different sizes) leaves exactly its
+    no_gradient() weights without a gradient: the layers after vision_feature_layer."""
+    from megatron.core.transformer import TransformerConfig
+
+    from megabridge.models import vision as vision_models
+    from megabridge.models.mistral3 import tiny
+    from megabridge.models.mistral3.bridge import Mistral3Bridge
+    from megabridge.recipes import sized
+
+    v = sized(Mistral3Bridge, tiny.TINY[variant]).vision
+    lm_config = TransformerConfig(
+        num_layers=1, hidden_size=64, num_attention_heads=4, use_cpu_initialization=True
+    )
+    tower = vision_models.TOWERS[v["kind"]](v, lm_config)
+    features = tower(torch.randn(2, 3, 16, 24), torch.tensor([[16, 24], [8, 16]]))
+    assert features.shape == (2 * 3 + 1 * 2, 64)  # merged 2 x 2: (16/8 x 24/8) + (8/8 x 16/8)
+    features.square().sum().backward()
+    no_grad = {n for n, p in tower.named_parameters() if p.grad is None}
+    assert no_grad == {n for n, _ in tower.named_parameters() if n.startswith(tuple(unused))}
+    assert tower.no_gradient() == tuple(sorted(unused))
+
+
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "change, message",
     [

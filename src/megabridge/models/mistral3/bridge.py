@@ -37,7 +37,7 @@ class Mistral3Bridge(LlavaBridge):
         "Pixtral tower (2D RoPE, each image at its own size, attending within itself) + "
         "patch-merging projector in front of any supported text family (Mistral Small 3.1); "
         "the tower's layers split over TP ranks (patch conv and projector replicated), on "
-        "the first PP stage"
+        "the first PP stage; SFT and LoRA on images (padded)"
     )
 
     @classmethod

@@ -366,16 +366,19 @@ CHAT = {
 
 def save_tiny_family_vl(family: str, path: Path) -> Path:
     """A vision-language family's tiny model with its whole HF processor (AutoProcessor:
-    image processor, tokenizer, chat template), as SFT reads it."""
+    image processor, tokenizer, chat template), as SFT reads it ("llava_pixtral": LLaVA with
+    Pixtral-12B's tower, llava/tiny.py pixtral_mistral, and Mistral 3's chat)."""
     from transformers import AutoProcessor
 
     if family in ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"):
         return save_tiny_vl(family, path, processor=True)
     save = {"gemma3_vl": save_tiny_gemma3_vl, "llava": save_tiny_llava,
-            "mistral3": save_tiny_mistral3}[family]  # fmt: skip
+            "mistral3": save_tiny_mistral3,
+            "llava_pixtral": lambda p: save_tiny_llava(p, "pixtral_mistral")}[family]  # fmt: skip
     save(path)
     processor = AutoProcessor.from_pretrained(str(path))
-    processor.chat_template = _chat_template(**CHAT[family])
+    chat = CHAT["mistral3" if family == "llava_pixtral" else family]
+    processor.chat_template = _chat_template(**chat)
     processor.save_pretrained(str(path))
     return Path(path)
 

@@ -91,17 +91,19 @@ def _megatron_logits(chunk, batch) -> torch.Tensor:
 
 @pytest.mark.unit
 @pytest.mark.usefixtures("single_process_megatron")
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", [*FAMILIES, "llava_pixtral"])
 def test_mixed_batch_loss_matches_transformers(family, hf_dirs, data_dir):
     """Three examples (images of different sizes where the processor keeps them), padded:
-    Megatron's per-token loss on the answers equals transformers' cross entropy."""
+    Megatron's per-token loss on the answers equals transformers' cross entropy.
+    (llava_pixtral: LLaVA with Pixtral-12B's tower, trained through the llava recipes.)"""
     from transformers import AutoModelForImageTextToText
 
     from megabridge.conversion.auto_bridge import AutoBridge
     from megabridge.training.step import IMAGE_INPUTS
 
     hf_dir = hf_dirs(family)
-    batch, model_cfg = _batch(hf_dir, data_dir, [0, 4, 8])
+    # Pixtral-12B's tower makes every 4 x 4 patch a token: up to 48 for these images
+    batch, model_cfg = _batch(hf_dir, data_dir, [0, 4, 8], seq=128 if "pixtral" in family else 64)
     for key in ("image_grid_thw", "image_sizes"):  # Qwen, Pixtral: three sizes, three grids
         if key in batch:
             assert len({tuple(g) for g in batch[key].tolist()}) == 3

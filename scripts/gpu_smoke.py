@@ -408,12 +408,13 @@ def vlm_video(s: Smoke) -> str:
 
 @path
 def vlm_families_sft(s: Smoke) -> str:
-    """SFT and LoRA of tiny Qwen3-VL, Qwen3-VL-MoE, Gemma 3 and LLaVA on images, on CUDA."""
+    """SFT and LoRA of tiny Qwen3-VL, Qwen3-VL-MoE, Gemma 3, LLaVA and Mistral 3 on images,
+    on CUDA."""
     from tests.vision_models import save_colour_dataset, save_tiny_family_vl
 
     data = save_colour_dataset(s.work / "colours_families", count=32)
     parts = []
-    for family in ("qwen3_vl", "qwen3_vl_moe", "gemma3_vl", "llava"):
+    for family in ("qwen3_vl", "qwen3_vl_moe", "gemma3_vl", "llava", "mistral3"):
         hf = save_tiny_family_vl(family, s.work / f"hf_{family}")
         for kind in ("finetune", "lora"):
             recipe = f"{family}_tiny_{kind}_config"

@@ -138,6 +138,9 @@ def save_tiny_llava(
     model.to(dtype).save_pretrained(str(path), **shards)
     vision = config.vision_config
     side = vision.image_size
+    if vision.model_type == "pixtral":  # Pixtral-12B's: every patch a token, no merging
+        _save_pixtral_processor(path, config, merge=1)
+        return Path(path)
     if vision.model_type == "clip_vision_model":
         images = transformers.CLIPImageProcessorPil(
             size={"shortest_edge": side}, crop_size={"height": side, "width": side}
@@ -180,6 +183,43 @@ def save_tiny_gemma3_vl(
         tokenizer=tokenizer, image_seq_length=config.mm_tokens_per_image,
     ).save_pretrained(str(path))  # fmt: skip
     return Path(path)
+
+
+def save_tiny_mistral3(
+    path: Path, variant: str = "base", seed: int = 0, dtype: torch.dtype = torch.float32,
+    max_shard_size: int | None = None,
+) -> Path:  # fmt: skip
+    """transformers' Mistral 3 of the tiny config, random weights, with its processor
+    (PixtralProcessor: images resized to at most 64 pixels a side, in multiples of 8 = patch x
+    merge; "[IMG]" per token, "[IMG_BREAK]" after each row, "[IMG_END]" last)."""
+    import transformers
+
+    config = tiny_config("mistral3", variant)
+    torch.manual_seed(seed)
+    model = transformers.Mistral3ForConditionalGeneration(config)
+    randomize(model, seed)
+    shards = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    model.to(dtype).save_pretrained(str(path), **shards)
+    _save_pixtral_processor(path, config, merge=config.spatial_merge_size)
+    return Path(path)
+
+
+def _save_pixtral_processor(path: Path, config, merge: int) -> None:
+    """PixtralProcessor for a tiny Pixtral-towered model: "[IMG]" (the config's image token id)
+    per token, "[IMG_BREAK]" and "[IMG_END]" at the next two ids, images at most image_size
+    pixels a side in multiples of patch x ``merge``."""
+    import transformers
+
+    vision, image_id = config.vision_config, config.image_token_id
+    names = {image_id: "[IMG]", image_id + 1: "[IMG_BREAK]", image_id + 2: "[IMG_END]"}
+    images = transformers.PixtralImageProcessorPil(
+        size={"longest_edge": vision.image_size},
+        patch_size={"height": vision.patch_size, "width": vision.patch_size},
+    )
+    transformers.PixtralProcessor(
+        image_processor=images, tokenizer=_word_tokenizer(config.text_config.vocab_size, names),
+        patch_size=vision.patch_size, spatial_merge_size=merge,
+    ).save_pretrained(str(path))  # fmt: skip
 
 
 def with_released_experts(hf_dir: Path) -> Path:
@@ -319,20 +359,26 @@ CHAT = {
                       image="<start_of_image>", roles={"assistant": "model"}),
     "llava": dict(turn="{role}: ", end="</s> ", image="<image>\n",
                   roles={"user": "USER", "assistant": "ASSISTANT"}),
+    # LLaVA's turns with Pixtral's image token (a word tokenizer: [INST] marks are not needed)
+    "mistral3": dict(turn="{role}: ", end="</s> ", image="[IMG]", roles={}),
 }  # fmt: skip
 
 
 def save_tiny_family_vl(family: str, path: Path) -> Path:
     """A vision-language family's tiny model with its whole HF processor (AutoProcessor:
-    image processor, tokenizer, chat template), as SFT reads it."""
+    image processor, tokenizer, chat template), as SFT reads it ("llava_pixtral": LLaVA with
+    Pixtral-12B's tower, llava/tiny.py pixtral_mistral, and Mistral 3's chat)."""
     from transformers import AutoProcessor
 
     if family in ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"):
         return save_tiny_vl(family, path, processor=True)
-    save = {"gemma3_vl": save_tiny_gemma3_vl, "llava": save_tiny_llava}[family]
+    save = {"gemma3_vl": save_tiny_gemma3_vl, "llava": save_tiny_llava,
+            "mistral3": save_tiny_mistral3,
+            "llava_pixtral": lambda p: save_tiny_llava(p, "pixtral_mistral")}[family]  # fmt: skip
     save(path)
     processor = AutoProcessor.from_pretrained(str(path))
-    processor.chat_template = _chat_template(**CHAT[family])
+    chat = CHAT["mistral3" if family == "llava_pixtral" else family]
+    processor.chat_template = _chat_template(**chat)
     processor.save_pretrained(str(path))
     return Path(path)
 

@@ -27,13 +27,16 @@ class ImageSample:
     input_ids: torch.Tensor  # [1, s]
     pixel_values: torch.Tensor  # [patches, channels * temporal * patch * patch]
     image_grid_thw: torch.Tensor | None  # [1, 3] (Qwen2.5-VL); None: whole images
-    # more inputs of transformers' forward from the processor (Gemma 3's token_type_ids)
+    # more inputs of transformers' forward from the processor (Gemma 3's token_type_ids,
+    # Pixtral's image_sizes)
     hf_extra: dict = field(default_factory=dict)
 
 
 # Tower kind -> the processor attribute naming the text that marks where an image goes
 # (the processor expands it into the image's tokens).
-PROCESSOR_IMAGE_MARKER = {"llava": "image_token", "gemma3": "boi_token"}
+PROCESSOR_IMAGE_MARKER = {
+    "llava": "image_token", "gemma3": "boi_token", "mistral3": "image_token", "pixtral": "image_token",
+}  # fmt: skip
 
 
 def _first_line(e: Exception) -> str:

@@ -89,6 +89,8 @@ def megatron_image_logits(chunks, samples, vision: dict) -> torch.Tensor | None:
     out = []
     for sample in samples:
         images, positions = {"pixel_values": sample.pixel_values}, None
+        if "image_sizes" in sample.hf_extra:  # Pixtral: each image at its own size
+            images["image_sizes"] = sample.hf_extra["image_sizes"]
         if sample.image_grid_thw is not None:  # Qwen2.5-VL: M-RoPE over the image grid
             positions = mrope_positions(
                 sample.input_ids, sample.image_grid_thw, vision["image_token_id"],

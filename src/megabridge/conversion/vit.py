@@ -5,7 +5,7 @@ a tower may have, and the names of a multimodal checkpoint's parts in transforme
 
 from __future__ import annotations
 
-from megabridge.conversion.mappings import FusedQKV, GatedMLP, Mapping, hf_moved, renames
+from megabridge.conversion.mappings import QKV, FusedQKV, GatedMLP, Mapping, hf_moved, renames
 from megabridge.errors import UserError
 
 # Stored-name prefix -> the one the mappings use (FamilyBridge.HF_RENAMES): the Hub's llava-hf
@@ -65,6 +65,54 @@ def tower_mappings(projector: tuple[str, ...]) -> list:
     return renames({f"vision.{n}": n for n in names})
 
 
+# Pixtral's tensors outside its layers (models/mistral3/tower.py), and its layers' prefix.
+PIXTRAL_TENSORS = ("patch_conv.weight", "ln_pre.weight")
+
+
+def pixtral_mappings(projector: tuple[str, ...]) -> list[Mapping]:
+    """A Pixtral tower's and its projector's tensors: the layers as Megatron-Core layers
+    (pixtral_vit_layers), the rest under ``vision.`` (the tower's without ``vision_tower.``)."""
+    names = {f"vision.{t}": f"vision_tower.{t}" for t in PIXTRAL_TENSORS}
+    names |= {f"vision.multi_modal_projector.{t}": f"multi_modal_projector.{t}" for t in projector}
+    return [
+        *renames(names),
+        *pixtral_vit_layers("vision_tower.transformer.layers"),
+    ]
+
+
+# Pixtral's vision_config fields that ModelConfig.vision keeps (models/mistral3/tower.py).
+PIXTRAL_FIELDS = (
+    "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_channels", "image_size", "patch_size", "hidden_act",
+)  # fmt: skip
+PIXTRAL_ACTIVATIONS = ("silu", "gelu")  # gated MLP activations the tower's layers build
+
+
+def read_pixtral(name: str, v) -> dict:
+    """ModelConfig.vision's Pixtral fields from an HF vision_config; refused in one line if
+    the tower cannot build it."""
+    if v.model_type != "pixtral":
+        raise UserError(f"{name} with a {v.model_type!r} vision tower is not supported yet")
+    if v.hidden_act not in PIXTRAL_ACTIVATIONS:
+        raise UserError(f"{name} with vision hidden_act={v.hidden_act!r} is not supported yet")
+    rope = dict(v.rope_parameters or {})
+    if rope.get("rope_type", "axial") != "axial":
+        raise UserError(f"{name} with vision rope_type={rope['rope_type']!r} is not supported yet")
+    return {
+        "model_type": "pixtral",
+        **{f: getattr(v, f) for f in PIXTRAL_FIELDS},
+        "rope_theta": float(rope.get("rope_theta", 10000.0)),
+    }
+
+
+def write_pixtral(vision: dict) -> dict:
+    return {
+        **{f: vision[f] for f in ("model_type", *PIXTRAL_FIELDS)},
+        "head_dim": vision["hidden_size"] // vision["num_attention_heads"],
+        "rope_parameters": {"rope_type": "axial", "rope_theta": vision["rope_theta"]},
+    }
+
+
 def read_vit(cls, v) -> dict:
     """ModelConfig.vision's ViT fields from an HF vision_config; refused in one line if
     tower.py cannot build it."""
@@ -112,10 +160,26 @@ class VisionQKV(FusedQKV):
 def _tower_shape(cfg):
     from types import SimpleNamespace
 
-    heads, hidden = cfg.vision["num_heads"], cfg.vision["hidden_size"]
+    # Qwen's vision_config says num_heads, Pixtral's num_attention_heads
+    heads = cfg.vision.get("num_heads") or cfg.vision["num_attention_heads"]
+    hidden = cfg.vision["hidden_size"]
     return SimpleNamespace(
         num_attention_heads=heads, num_query_groups=heads, kv_channels=None, hidden_size=hidden
     )
+
+
+class VisionSplitQKV(QKV):
+    """A vision tower's separate q, k and v projections (Pixtral's) <-> its Megatron-Core
+    linear_qkv (per-head [q; k; v]), with the tower's heads (``cfg.vision``)."""
+
+    def hf_to_megatron(self, tensors, cfg):
+        return super().hf_to_megatron(tensors, _tower_shape(cfg))
+
+    def megatron_to_hf(self, tensor, cfg):
+        return super().megatron_to_hf(tensor, _tower_shape(cfg))
+
+    def megatron_to_hf_views(self, tensor, cfg):
+        return super().megatron_to_hf_views(tensor, _tower_shape(cfg))
 
 
 class VisionGatedMLP(GatedMLP):
@@ -199,6 +263,27 @@ def qwen_vit_layers(hf: str) -> list[Mapping]:
         gate_up = (f"{hf}.*.mlp.gate_proj.{w}", f"{hf}.*.mlp.up_proj.{w}")
         layers.append(VisionGatedMLP(f"{megatron}mlp.linear_fc1.{w}", gate_up))
     return layers
+
+
+def pixtral_vit_layers(hf: str) -> list[Mapping]:
+    """Pixtral's ViT layers (HF ``{hf}.N.``: attention_norm, attention.{q,k,v,o}_proj,
+    ffn_norm, SiLU-gated feed_forward; no biases) <-> the tower's Megatron-Core layers
+    (``vision.blocks.N.``): q, k, v fused into linear_qkv, gate and up into linear_fc1, the MLP
+    width padded (padded_ffn)."""
+    megatron, layer = "vision.blocks.*.", f"{hf}.*."
+    layers = renames({
+        f"{megatron}input_layernorm.weight": f"{layer}attention_norm.weight",
+        f"{megatron}pre_mlp_layernorm.weight": f"{layer}ffn_norm.weight",
+        f"{megatron}self_attention.linear_proj.weight": f"{layer}attention.o_proj.weight",
+    })  # fmt: skip
+    qkv = tuple(f"{layer}attention.{p}_proj.weight" for p in "qkv")
+    gate_up = (f"{layer}feed_forward.gate_proj.weight", f"{layer}feed_forward.up_proj.weight")
+    return [
+        *layers,
+        VisionSplitQKV(f"{megatron}self_attention.linear_qkv.weight", qkv),
+        VisionGatedMLP(f"{megatron}mlp.linear_fc1.weight", gate_up),
+        VisionDown(f"{megatron}mlp.linear_fc2.weight", f"{layer}feed_forward.down_proj.weight"),
+    ]
 
 
 _WB = ("weight", "bias")

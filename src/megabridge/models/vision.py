@@ -45,26 +45,15 @@ from megabridge.errors import UserError
 from megabridge.models import vision_encoder
 from megabridge.models.attention_ops import image_blocks
 from megabridge.models.llava import tower
+from megabridge.models.mistral3.tower import Mistral3Vision, PixtralLlavaVision
 from megabridge.models.qwen3_vl.tower import Qwen3VisionTower
 from megabridge.models.vision_layers import (
     PatchEmbed,
+    VisionRMSNorm,
     frame_bounds,
     patch_rows_cols,
     rope_inv_freq,
 )
-
-
-class VisionRMSNorm(nn.Module):
-    def __init__(self, size: int, eps: float = 1e-6):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(size))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # normalised in fp32, then back to the input's dtype before the weight (as transformers)
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
 
 
 class PatchMerger(nn.Module):
@@ -156,6 +145,8 @@ TOWERS = {
     "qwen3_vl": Qwen3VisionTower,
     "llava": tower.LlavaVision,  # CLIP / SigLIP + LLaVA's projector (models/llava/tower.py)
     "gemma3": tower.Gemma3Vision,  # SigLIP + Gemma 3's pooling projector
+    "mistral3": Mistral3Vision,  # Pixtral + Mistral 3's norm, patch merger and projector
+    "pixtral": PixtralLlavaVision,  # Pixtral + LLaVA's projector (Pixtral-12B)
 }
 
 
@@ -206,14 +197,16 @@ class VisionLanguageModel(GPTModel):
     def forward(
         self, input_ids, position_ids, attention_mask, decoder_input=None,
         pixel_values=None, image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None,
-        **kwargs,
+        image_sizes=None, **kwargs,
     ):  # fmt: skip
         if self.bidirectional_images and attention_mask is None:
             # every stage: the torch spec's attention reads the blocks (torch_layers.py)
             attention_mask = image_blocks(input_ids == self.image_token_id)
         visual = pixel_values is not None or pixel_values_videos is not None
         if self.pre_process and decoder_input is None and visual:
-            decoder_input = self.embed_with_images(input_ids, pixel_values, image_grid_thw)
+            # Qwen's towers take the patch grids, Pixtral's each image's size in pixels
+            grid = image_grid_thw if image_grid_thw is not None else image_sizes
+            decoder_input = self.embed_with_images(input_ids, pixel_values, grid)
             if pixel_values_videos is not None:
                 decoder_input = self.embed_videos(
                     decoder_input, input_ids, pixel_values_videos, video_grid_thw

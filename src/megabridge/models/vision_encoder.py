@@ -46,14 +46,14 @@ _NORMS = {"RMSNorm": torch_layers.RMSNorm, "LayerNorm": torch_layers.LayerNorm}
 
 def tower_config(
     lm_config: TransformerConfig, *, depth: int, hidden: int, heads: int, ffn: int,
-    activation: str, gated: bool, normalization: str, eps: float,
+    activation: str, gated: bool, normalization: str, eps: float, bias: bool = True,
 ) -> TransformerConfig:  # fmt: skip
     """The TransformerConfig of a tower's layers: its own shape, the language model's runtime.
 
-    ``activation``: HF's hidden_act, "silu" or "gelu_pytorch_tanh"; biases on every linear
-    (QKV, proj, fc1, fc2).
+    ``activation``: HF's hidden_act, "silu", "gelu" or "gelu_pytorch_tanh"; ``bias``: biases on every
+    linear (QKV, proj, fc1, fc2: Qwen's towers) or on none (Pixtral's).
     """
-    act = {"silu": F.silu, "gelu_pytorch_tanh": _gelu_tanh}[activation]
+    act = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": _gelu_tanh}[activation]
     runtime = {name: getattr(lm_config, name) for name in _RUNTIME_FIELDS}
     return TransformerConfig(
         num_layers=depth,
@@ -66,12 +66,14 @@ def tower_config(
         layernorm_epsilon=eps,
         gated_linear_unit=gated,
         activation_func=act,
-        add_bias_linear=True,
-        add_qkv_bias=True,
+        add_bias_linear=bias,
+        add_qkv_bias=bias,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         # Megatron-Core fuses the bias into SiLU-gated and plain GELU MLPs only
-        bias_activation_fusion=lm_config.bias_activation_fusion and activation == "silu" and gated,
+        bias_activation_fusion=(
+            lm_config.bias_activation_fusion and activation == "silu" and gated and bias
+        ),
         apply_rope_fusion=False,
         pipeline_model_parallel_size=1,  # the whole tower sits on the first pipeline stage
         sequence_parallel=False,

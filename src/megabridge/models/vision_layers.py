@@ -1,11 +1,25 @@
 """The pieces Qwen's vision towers share (Qwen2.5-VL: models/vision.py; Qwen3-VL:
 models/qwen3_vl/tower.py) besides their Megatron-Core layers (models/vision_encoder.py): the
-Conv3d patch embedding, 2D RoPE's frequencies, and where each patch sits in its frame."""
+Conv3d patch embedding, 2D RoPE's frequencies, and where each patch sits in its frame; and
+the towers' RMSNorm (Qwen2.5-VL's merger, Pixtral: models/mistral3/tower.py)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+
+class VisionRMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # normalised in fp32, then back to the input's dtype before the weight (as transformers)
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
 
 
 class PatchEmbed(nn.Module):

@@ -287,7 +287,7 @@ FREEZE_VISION = ("freeze_vision_model", "freeze_vision_projection")
 # The vision-language families whose training is tested against transformers
 # (tests/unit_tests/data/test_vision_sft.py, test_vision_families_sft.py): another is refused
 # until its positions, features and attention are checked the same way.
-TRAINABLE_VISION = ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "gemma3_vl", "llava")
+TRAINABLE_VISION = ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "gemma3_vl", "llava", "mistral3")
 
 
 def validate(cfg: ConfigContainer, world_size: int) -> None:

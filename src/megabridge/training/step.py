@@ -25,7 +25,7 @@ def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
 
 # A vision-language model's inputs besides the tokens (training/data/vision_sft.py); every
 # stage gets them, and only the first one (which holds the tower) reads them.
-IMAGE_INPUTS = ("pixel_values", "image_grid_thw")
+IMAGE_INPUTS = ("pixel_values", "image_grid_thw", "image_sizes")  # image_sizes: Pixtral's
 VIDEO_INPUTS = ("pixel_values_videos", "video_grid_thw")  # Qwen2.5-VL's clips, the same way
 
 

@@ -1,10 +1,10 @@
 """Vision-language SFT of the families beyond Qwen2.5-VL (Qwen3-VL, Qwen3-VL-MoE, Gemma 3,
-LLaVA), each on its tiny random model with its own processor, against transformers.
+LLaVA, Mistral 3), each on its tiny random model with its own processor, against transformers.
 
 Per family: a padded micro-batch of images rendered by the family's processor and chat
 template gives Megatron per-token losses equal to transformers' on the same batch
 (DeepStack and interleaved M-RoPE; Gemma 3's bidirectional image attention; LLaVA's feature
-layer); a few full SFT steps lower the loss, move every trainable weight, and leave the tower
+layer; Pixtral's images of three sizes in one micro-batch); a few full SFT steps lower the loss, move every trainable weight, and leave the tower
 weights that get no gradient frozen; LoRA on the language model exports a merged model and a
 peft adapter that transformers loads, with logits equal to Megatron's.
 """
@@ -23,7 +23,7 @@ from tests.vision_models import (
 )
 
 ATOL = 1e-4
-FAMILIES = ["qwen3_vl", "qwen3_vl_moe", "gemma3_vl", "llava"]
+FAMILIES = ["qwen3_vl", "qwen3_vl_moe", "gemma3_vl", "llava", "mistral3"]
 
 
 def _nightly(*families):
@@ -70,7 +70,9 @@ def _batch(hf_dir, data_dir, indices, seq=64):
 
 def _hf_inputs(batch, vision: dict) -> dict:
     """transformers' forward inputs for a collated batch."""
-    inputs = {k: batch[k] for k in ("tokens", "pixel_values", "image_grid_thw") if k in batch}
+    from megabridge.training.step import IMAGE_INPUTS
+
+    inputs = {k: batch[k] for k in ("tokens", *IMAGE_INPUTS) if k in batch}
     inputs["input_ids"] = inputs.pop("tokens")
     is_image = (batch["tokens"] == vision["image_token_id"]).int()
     if "image_grid_thw" in batch:  # Qwen: transformers computes M-RoPE from the image tokens
@@ -89,20 +91,24 @@ def _megatron_logits(chunk, batch) -> torch.Tensor:
 
 @pytest.mark.unit
 @pytest.mark.usefixtures("single_process_megatron")
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", [*FAMILIES, "llava_pixtral"])
 def test_mixed_batch_loss_matches_transformers(family, hf_dirs, data_dir):
     """Three examples (images of different sizes where the processor keeps them), padded:
-    Megatron's per-token loss on the answers equals transformers' cross entropy."""
+    Megatron's per-token loss on the answers equals transformers' cross entropy.
+    (llava_pixtral: LLaVA with Pixtral-12B's tower, trained through the llava recipes.)"""
     from transformers import AutoModelForImageTextToText
 
     from megabridge.conversion.auto_bridge import AutoBridge
+    from megabridge.training.step import IMAGE_INPUTS
 
     hf_dir = hf_dirs(family)
-    batch, model_cfg = _batch(hf_dir, data_dir, [0, 4, 8])
-    if "image_grid_thw" in batch:  # Qwen: three sizes, three grids
-        assert len({tuple(g) for g in batch["image_grid_thw"].tolist()}) == 3
+    # Pixtral-12B's tower makes every 4 x 4 patch a token: up to 48 for these images
+    batch, model_cfg = _batch(hf_dir, data_dir, [0, 4, 8], seq=128 if "pixtral" in family else 64)
+    for key in ("image_grid_thw", "image_sizes"):  # Qwen, Pixtral: three sizes, three grids
+        if key in batch:
+            assert len({tuple(g) for g in batch[key].tolist()}) == 3
     (chunk,) = AutoBridge.from_hf_pretrained(hf_dir).to_megatron_model()
-    images = {k: batch[k] for k in ("pixel_values", "image_grid_thw") if k in batch}
+    images = {k: batch[k] for k in IMAGE_INPUTS if k in batch}
     with torch.no_grad():
         ours = chunk(batch["tokens"], batch["position_ids"], None, labels=batch["labels"], **images)
         hf = AutoModelForImageTextToText.from_pretrained(str(hf_dir))

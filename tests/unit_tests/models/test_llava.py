@@ -34,7 +34,7 @@ def images(tmp_path_factory):
 
 
 @pytest.mark.unit
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", [*VARIANTS, "pixtral_mistral"])
 def test_config_round_trip(variant):
     checks.config_round_trip(tiny_config("llava", variant))
 
@@ -78,6 +78,30 @@ def test_logits_on_images_match_transformers(hf_dirs, images, variant):
     samples = image_inputs.image_samples(hf_dirs[variant], images, vision)
     assert [int((s.input_ids == 92).sum()) for s in samples] == [16, 16, 16]
     assert result.tokens == sum(s.input_ids.numel() for s in samples)
+
+
+@pytest.mark.unit
+@pytest.mark.usefixtures("single_process_megatron")
+def test_pixtral_tower_round_trip_and_logits(images, tmp_path):
+    """Pixtral-12B's layout (LLaVA + a Pixtral tower, models/mistral3/tower.py, no patch
+    merging): bit-exact round trip, and logits on images of three sizes within 1e-4 of
+    transformers', every patch an image token."""
+    from megabridge.conversion import image_inputs
+    from megabridge.conversion.auto_bridge import AutoBridge
+    from megabridge.conversion.verify import verify
+
+    source = save_tiny_llava(tmp_path / "hf", "pixtral_mistral")
+    bridge = AutoBridge.from_hf_pretrained(source)
+    model = bridge.to_megatron_model()
+    bridge.save_hf_pretrained(model, tmp_path / "back")
+    checks.assert_same_hf_folder(source, tmp_path / "back")
+    result = verify(source, images=images)
+    assert result.ok and result.max_abs_diff <= ATOL and result.top1_agreement == 1.0, result
+    samples = image_inputs.image_samples(source, images, {"kind": "pixtral"})
+    sizes = [s.hf_extra["image_sizes"][0].tolist() for s in samples]
+    assert len({tuple(s) for s in sizes}) == 3  # each image kept at its own aspect
+    tokens = [int((s.input_ids == 92).sum()) for s in samples]
+    assert tokens == [(h // 4) * (w // 4) for h, w in sizes], (tokens, sizes)
 
 
 @pytest.mark.unit
@@ -143,13 +167,17 @@ def test_streamed_checkpoint_round_trip_bit_exact(hf_dirs, tmp_path):
     [
         (dict(text_config=dict(model_type="gpt2", n_layer=2, n_embd=64, n_head=4)),
          "with a 'gpt2' language model is not supported yet; supported: "),
-        (dict(vision_config=dict(model_type="pixtral")), "with a 'pixtral' vision tower"),
+        (dict(vision_config=dict(model_type="siglip2_vision_model")),
+         "with a 'siglip2_vision_model' vision tower"),
+        (dict(vision_config=dict(model_type="pixtral")),
+         "with a Pixtral tower is supported with one vision_feature_layer and "
+         "vision_feature_select_strategy='full'"),
         (dict(vision_config=dict(model_type="clip_vision_model", hidden_act="relu")),
          "with vision hidden_act='relu' is not supported yet"),
         (dict(vision_feature_layer=5), "vision_feature_layer=5 is not supported"),
         (dict(projector_hidden_act="relu"), "projector_hidden_act='relu' is not supported yet"),
     ],
-    ids=["text-family", "tower", "tower-act", "feature-layer", "projector-act"],
+    ids=["text-family", "tower", "pixtral-default", "tower-act", "feature-layer", "projector-act"],
 )  # fmt: skip
 def test_unsupported_configurations_are_one_line(change, message):
     from megabridge.errors import UserError

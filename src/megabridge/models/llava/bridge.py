@@ -1,6 +1,7 @@
 """LLaVA (LlavaForConditionalGeneration): a CLIP or SigLIP vision tower and a two-layer
 projector (models/llava/tower.py) in front of a language model of any supported text family,
-read with that family's own bridge.
+read with that family's own bridge. A Pixtral tower (Pixtral-12B in transformers' format) is
+Mistral 3's (models/mistral3/tower.py) without its patch merger: every patch is a token.
 
 The language model's tensors are the text family's under ``language_model.`` (the names
 transformers writes); the tower's and the projector's keep their HF names under ``vision.``.
@@ -18,8 +19,11 @@ from megabridge.conversion.vit import (
     ACTIVATIONS,
     HF_RENAMES,
     language_model,
+    pixtral_mappings,
+    read_pixtral,
     read_vit,
     tower_mappings,
+    write_pixtral,
     write_vit,
 )
 from megabridge.errors import UserError
@@ -44,19 +48,30 @@ class LlavaBridge(FamilyBridge):
     PARALLELISM = ("TP", "PP")
     NOTES = (
         "CLIP or SigLIP tower + projector in front of any supported text family; the tower "
-        "is a torch module replicated on every TP rank, on the first PP stage; SFT and LoRA on "
-        "images (padded)"
+        "is a torch module replicated on every TP rank, on the first PP stage; a Pixtral tower "
+        "(Pixtral-12B) as Mistral 3's, its layers split over TP; SFT and LoRA on images (padded)"
     )
 
     @classmethod
     def for_model(cls, cfg):
         base = cls.__bases__[0] if "LANGUAGE_FAMILY" in cls.__dict__ else cls
-        return _composed(base, bridge_for_family(cfg.vision["text_family"]))
+        return _composed(base, bridge_for_family(cfg.vision["text_family"]), cfg.vision["kind"])
+
+    @classmethod
+    def vision_mappings(cls, kind: str) -> list:
+        """The tower's and the projector's mappings for a tower of ``kind``."""
+        if kind == "pixtral":  # Pixtral-12B: its layers are Megatron-Core layers
+            return pixtral_mappings(cls.PROJECTOR)
+        return tower_mappings(cls.PROJECTOR)
 
     @classmethod
     def model_config(cls, hf_config):
         text_bridge = bridge_for_model_type(hf_config.text_config.model_type, cls.display_name())
-        vit = read_vit(cls, hf_config.vision_config)
+        pixtral = hf_config.vision_config.model_type == "pixtral"
+        if pixtral:
+            vit = read_pixtral(cls.display_name(), hf_config.vision_config)
+        else:
+            vit = read_vit(cls, hf_config.vision_config)
         llava = {name: getattr(hf_config, name) for name in LLAVA_FIELDS}
         if llava["vision_feature_select_strategy"] not in ("default", "full"):
             raise UserError(
@@ -77,12 +92,19 @@ class LlavaBridge(FamilyBridge):
                 f"{llava['projector_hidden_act']!r} is not supported yet"
             )
         llava["vision_feature_layer"] = layers if isinstance(layers, int) else listed
+        if pixtral and (
+            not isinstance(layers, int) or llava["vision_feature_select_strategy"] != "full"
+        ):
+            raise UserError(
+                f"{cls.display_name()} with a Pixtral tower is supported with one "
+                f"vision_feature_layer and vision_feature_select_strategy='full' (Pixtral-12B's)"
+            )
         cfg = text_bridge.model_config(hf_config.text_config)
         cfg.family = cls.family
         # transformers reads the top-level flag (set from text_config's when that one ties)
         cfg.share_embeddings_and_output_weights = bool(hf_config.tie_word_embeddings)
         cfg.vision = {
-            "kind": "llava", "text_family": text_bridge.family,
+            "kind": "pixtral" if pixtral else "llava", "text_family": text_bridge.family,
             "text_hidden_size": cfg.hidden_size, **vit, **llava,
         }  # fmt: skip
         return cfg
@@ -99,7 +121,9 @@ class LlavaBridge(FamilyBridge):
             "architectures": [cls.architectures[0]],
             "model_type": cls.hf_model_type,
             "text_config": text,
-            "vision_config": write_vit(cfg.vision),
+            "vision_config": (write_pixtral if cfg.vision["kind"] == "pixtral" else write_vit)(
+                cfg.vision
+            ),
             "image_token_index": cfg.vision["image_token_id"],
             "tie_word_embeddings": tie,
             **llava,
@@ -107,10 +131,10 @@ class LlavaBridge(FamilyBridge):
 
 
 @functools.cache
-def _composed(bridge: type[LlavaBridge], text: type[FamilyBridge]) -> type[LlavaBridge]:
+def _composed(bridge: type[LlavaBridge], text: type[FamilyBridge], kind: str) -> type[LlavaBridge]:
     """``bridge`` with ``text``'s language model: its mappings under ``language_model.``,
-    then the tower's and the projector's."""
-    mappings = [*language_model(text.MAPPINGS), *tower_mappings(bridge.PROJECTOR)]
+    then the tower's and the projector's (a tower of ``kind``)."""
+    mappings = [*language_model(text.MAPPINGS), *bridge.vision_mappings(kind)]
     name = f"{bridge.__name__}[{text.family}]"
     body = {"MAPPINGS": mappings, "IGNORED_HF": text.IGNORED_HF, "LANGUAGE_FAMILY": text}
     return type(name, (bridge,), body)

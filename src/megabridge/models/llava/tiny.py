@@ -5,6 +5,9 @@ and a 2-layer language model (hidden 64) of a supported text family.
   layer without the class token (LLaVA 1.5's choice): 16 image tokens.
 * ``siglip_qwen2``: SigLIP (patch bias, pooling head carried) + Qwen2 with tied embeddings,
   two feature layers concatenated, every position kept ("full"): 16 image tokens.
+* ``pixtral_mistral``: Pixtral-12B's shape: a Pixtral tower (each image at its own size, up
+  to 32 pixels a side, every 4 x 4 patch a token; models/mistral3/tower.py) + Mistral, with
+  the projector's biases.
 
 Vision-language families are not in the text-only conformance suite (they need images);
 tests/unit_tests/models/test_llava.py runs these.
@@ -31,5 +34,10 @@ TINY = {
         image_token_index=IMAGE_TOKEN_ID, image_seq_length=16, tie_word_embeddings=True,
         vision_feature_layer=[-1, 1], vision_feature_select_strategy="full",
         projector_hidden_act="gelu_pytorch_tanh",
+    ),
+    "pixtral_mistral": dict(
+        text_config=dict(TEXT, model_type="mistral", head_dim=32, sliding_window=None),
+        vision_config=dict(VIT, model_type="pixtral", hidden_act="silu", image_size=32),
+        image_token_index=IMAGE_TOKEN_ID, vision_feature_select_strategy="full",
     ),
 }  # fmt: skip

@@ -30,7 +30,8 @@ dataset's pixels are never all in memory. Samples are padded, one example each; 
 micro-batch concatenates its images' patches (``pixel_values``), has one
 ``image_grid_thw`` row per image, and M-RoPE positions per sample (Qwen2.5-VL, Qwen3-VL);
 Gemma 3's and LLaVA's processors resize every image to one size, so ``pixel_values`` stacks
-whole images and there is no grid.
+whole images and there is no grid. Pixtral's (Mistral 3) keeps each image's aspect: whole
+images zero-padded to the micro-batch's largest, with each one's ``image_sizes`` row.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from megabridge.conversion import image_inputs
 from megabridge.errors import ConfigError, UserError
@@ -266,10 +268,12 @@ def render(
 
 
 def _grids(processed) -> tuple[tuple[int, ...], ...]:
-    """Each image's patch grid (Qwen's image_grid_thw), or its pixel shape for a processor
-    that resizes every image to one size (Gemma 3, LLaVA): what must not change later."""
-    if "image_grid_thw" in processed:
-        return tuple(tuple(g) for g in processed["image_grid_thw"].tolist())
+    """Each image's patch grid (Qwen's image_grid_thw), its size (Pixtral's image_sizes), or
+    its pixel shape for a processor that resizes every image to one size (Gemma 3, LLaVA):
+    what must not change later."""
+    for key in ("image_grid_thw", "image_sizes"):
+        if key in processed:
+            return tuple(tuple(g) for g in processed[key].tolist())
     return tuple(tuple(p.shape) for p in processed["pixel_values"])
 
 
@@ -321,6 +325,7 @@ class PaddedVisionSFTDataset(PaddedSFTDataset):
     def __init__(self, examples, seq_length: int, seed: int, processor, model_cfg):
         super().__init__(examples, seq_length, seed)
         self.image_processor = processor.image_processor
+        self.image_kwargs = _image_kwargs(processor)
         self.video_processor = getattr(processor, "video_processor", None)
         self.vision = model_cfg.vision
         self.mrope = model_cfg.position_embedding_type == "mrope"
@@ -330,12 +335,13 @@ class PaddedVisionSFTDataset(PaddedSFTDataset):
         example = self.examples[self.order[index]]
         if example.images:
             images = [_read_image(Path(p), example.where) for p in example.images]
-            pixels = self.image_processor(images=images, return_tensors="pt")
+            pixels = self.image_processor(images=images, return_tensors="pt", **self.image_kwargs)
             if _grids(pixels) != example.grids:
                 raise UserError(f"{example.where}: an image changed since the run started")
             sample["pixel_values"] = pixels["pixel_values"]
-            if "image_grid_thw" in pixels:  # Qwen: patches of any grid; others: whole images
-                sample["image_grid_thw"] = pixels["image_grid_thw"]
+            for key in ("image_grid_thw", "image_sizes"):  # Qwen's patch grids, Pixtral's sizes
+                if key in pixels:
+                    sample[key] = pixels[key]
         if example.videos:
             sample.update(self._video_pixels(example))
         return sample
@@ -362,10 +368,12 @@ class PaddedVisionSFTDataset(PaddedSFTDataset):
         with_images = [s for s in samples if "pixel_values" in s]
         grid = None
         if with_images:
-            batch["pixel_values"] = torch.cat([s["pixel_values"] for s in with_images])
+            batch["pixel_values"] = _padded_cat([s["pixel_values"] for s in with_images])
             if "image_grid_thw" in with_images[0]:
                 grid = torch.cat([s["image_grid_thw"] for s in with_images])
                 batch["image_grid_thw"] = grid
+            if "image_sizes" in with_images[0]:
+                batch["image_sizes"] = torch.cat([s["image_sizes"] for s in with_images])
         batch.update(_collate_videos(samples))
         if self.mrope:  # positions follow the image and video grids (models/vision.py)
             batch["position_ids"] = mrope_positions(
@@ -383,6 +391,29 @@ class PaddedVisionSFTDataset(PaddedSFTDataset):
             "video_token_id": self.vision["video_token_id"],
             "video_steps": video_steps(self.vision, batch["second_per_grid_ts"]),
         }
+
+
+def _image_kwargs(processor) -> dict:
+    """What the whole processor passes its image processor besides the images: Pixtral's
+    sizes images in multiples of patch x spatial merge (PixtralProcessor._process_images),
+    not in the image processor's own patch_size."""
+    merge, patch = (
+        getattr(processor, "spatial_merge_size", None),
+        getattr(processor, "patch_size", None),
+    )
+    if isinstance(merge, int) and isinstance(patch, int):
+        return {"patch_size": {"height": patch * merge, "width": patch * merge}}
+    return {}
+
+
+def _padded_cat(pixels: list[torch.Tensor]) -> torch.Tensor:
+    """Whole images [n, c, h, w] of several samples in one tensor, zero-padded at the bottom
+    and right to the largest (Pixtral: each image's own size is in image_sizes); Qwen's
+    patches [patches, d] concatenated."""
+    if pixels[0].dim() != 4:
+        return torch.cat(pixels)
+    h, w = max(p.shape[2] for p in pixels), max(p.shape[3] for p in pixels)
+    return torch.cat([F.pad(p, [0, w - p.shape[3], 0, h - p.shape[2]]) for p in pixels])
 
 
 def _collate_videos(samples: list[dict]) -> dict:

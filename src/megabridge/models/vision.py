@@ -120,8 +120,8 @@ class Qwen25VisionTower(MegatronModule):
         angles = self._angles(grids, x.device)  # [patches, head_dim / 2]
         angles = angles.reshape(n // unit, unit, -1)[order].reshape(n, -1)
         angles = torch.cat([angles, angles], dim=-1)  # [patches, head_dim]
-        images = vision_encoder.segments(frame_bounds(grids))
-        windows = vision_encoder.segments(windows)
+        images = vision_encoder.segments(frame_bounds(grids), x.device)
+        windows = vision_encoder.segments(windows, x.device)
         for i, layer in enumerate(self.blocks):
             segments = images if i in self.full_blocks else windows
             x = vision_encoder.run_layer(layer, x, segments, angles)

@@ -43,10 +43,11 @@ def test_config_round_trip(variant):
 @pytest.mark.usefixtures("single_process_megatron")
 @pytest.mark.parametrize(
     "variant, dtype, shards, tower_params",
-    # CLIP: 3 embedding tensors (with the class token), pre/post norms, 16 per layer,
-    # projector 4; SigLIP: 3 (a patch bias, no class token), a post-norm, the pooling head's 11.
-    [("base", torch.float32, 40_000, 3 + 4 + 32 + 4),
-     ("siglip_qwen2", torch.bfloat16, None, 3 + 2 + 32 + 11 + 4)],
+    # CLIP: 3 embedding tensors (with the class token), pre/post norms, 12 per layer
+    # (Megatron-Core's: q, k, v fused), projector 4; SigLIP: 3 (a patch bias, no class
+    # token), a post-norm, the pooling head's 11.
+    [("base", torch.float32, 40_000, 3 + 4 + 24 + 4),
+     ("siglip_qwen2", torch.bfloat16, None, 3 + 2 + 24 + 11 + 4)],
     ids=["clip-llama-fp32-sharded", "siglip-qwen2-tied-bf16"],
 )  # fmt: skip
 def test_round_trip_bit_exact(variant, dtype, shards, tower_params, tmp_path):

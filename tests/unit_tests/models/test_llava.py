@@ -164,11 +164,12 @@ def test_unsupported_configurations_are_one_line(change, message):
 
 @pytest.mark.system
 @pytest.mark.skipduringci  # two 2-process launches: minutes on a loaded 2-core machine
-@pytest.mark.parametrize("layout", [["--tp", "2"], ["--pp", "2"]], ids=["tp2", "pp2"])
-def test_logits_on_images_at_tp2_and_pp2(hf_dirs, images, layout):
-    """The language model split over two processes; the tower replicated (TP) or on the first
-    stage (PP)."""
+def test_logits_on_images_at_pp2(hf_dirs, images):
+    """The language model over two stages, the tower on the first. (TP=2, the tower's layers
+    split too: test_vision_language.py test_vision_towers_at_tp2, one launch for all towers.)"""
     images_args = [a for p in images for a in ("--image", str(p))]
     for variant in VARIANTS:
-        code, result = checks.verify_cli(hf_dirs[variant], nproc=2, extra=[*layout, *images_args])
+        code, result = checks.verify_cli(
+            hf_dirs[variant], nproc=2, extra=["--pp", "2", *images_args]
+        )
         assert code == 0 and result["max_abs_diff"] <= ATOL, (variant, result)

@@ -12,6 +12,7 @@ sample and one batch (M-RoPE temporal steps included), verify --video, and the b
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -207,16 +208,38 @@ def test_cli_refuses_training_on_mock_data_in_one_line(hf_dir):
 
 
 @pytest.mark.system
-@pytest.mark.skipduringci  # two 2-process launches: minutes on a loaded 2-core machine
-@pytest.mark.parametrize("layout", [["--tp", "2"], ["--pp", "2"]], ids=["tp2", "pp2"])
-def test_logits_on_images_at_tp2_and_pp2(hf_dir, images, frames, layout):
-    """The language model split over two processes; the vision tower's blocks split too (TP:
-    heads and MLP over the two ranks) or the whole tower on the first stage (PP); images and
-    a clip."""
+@pytest.mark.skipduringci  # a 2-process launch: a minute on a loaded 2-core machine
+def test_logits_on_images_at_pp2(hf_dir, images, frames):
+    """The language model split over two stages, the whole tower on the first; images and a
+    clip."""
     images_args = [a for p in images for a in ("--image", str(p))]
     videos = ["--video", *map(str, frames)]
-    code, result = checks.verify_cli(hf_dir, nproc=2, extra=[*layout, *images_args, *videos])
+    code, result = checks.verify_cli(hf_dir, nproc=2, extra=["--pp", "2", *images_args, *videos])
     assert code == 0 and result["max_abs_diff"] <= ATOL, result
+
+
+@pytest.mark.system
+def test_vision_towers_at_tp2(hf_dir, images, frames, tmp_path):
+    """Every vision tower's layers split over TP=2 (heads and MLP; models/vision_encoder.py)
+    with the language model's, in one 2-process launch for all towers: Qwen2.5-VL (images
+    and a clip), LLaVA with CLIP and with SigLIP, Gemma 3 (SigLIP). Logits on the images
+    within 1e-4 of transformers', and the model built at TP=2 exports the same files."""
+    from tests.vision_models import parallel_vision_checks, save_tiny_gemma3_vl, save_tiny_llava
+
+    # (hf folder, images, clips); the tower's tensors split over TP: qkv, fc1 (weights and
+    # biases), proj and fc2 weights, 6 per layer (2 layers, Gemma 3's tiny SigLIP 1)
+    cases = {
+        "qwen2_5_vl": (hf_dir, images, [frames]),
+        "llava_clip": (save_tiny_llava(tmp_path / "llava_clip", "base"), images, []),
+        "llava_siglip": (save_tiny_llava(tmp_path / "llava_siglip", "siglip_qwen2"), images, []),
+        "gemma3_vl": (save_tiny_gemma3_vl(tmp_path / "gemma3_vl"), images, []),
+    }
+    records = parallel_vision_checks(cases, tmp_path / "work", {"tp2": {"tp": 2, "pp": 1, "ep": 1}})
+    for name, (source, _, _) in cases.items():
+        record = records[name, "tp2"]
+        assert record["max_abs_diff"] <= ATOL and record["top1_agreement"] == 1.0, record
+        assert record["tower_split"] == (6 if name == "gemma3_vl" else 12), record
+        checks.assert_same_hf_folder(source, Path(record["hf_dir"]))
 
 
 @pytest.mark.unit
@@ -241,7 +264,7 @@ def test_attention_within_segments_is_one_call_per_segment():
     is each segment's own bidirectional attention, and nothing crosses a boundary."""
     import torch.nn.functional as F
 
-    from megabridge.models.attention_ops import attend_in_segments
+    from megabridge.models.attention_ops import attend_in_segments, segment_groups
 
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(23, 2, 8, generator=gen) for _ in range(3))  # [s, heads, d]
@@ -251,7 +274,9 @@ def test_attention_within_segments_is_one_call_per_segment():
         out = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (qs, ks, vs)))
         return out.transpose(1, 2)
 
-    got = attend_in_segments(attend, q, k, v, bounds)
+    groups = segment_groups(bounds)
+    assert [length for length, _ in groups] == [4, 5, 6]  # one call per length
+    got = attend_in_segments(attend, q, k, v, groups)
     for a, b in zip(bounds[:-1], bounds[1:], strict=True):
         if b > a:
             expected = attend(q[None, a:b], k[None, a:b], v[None, a:b])[0]

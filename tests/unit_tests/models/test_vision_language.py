@@ -259,6 +259,31 @@ def test_megatron_rope_on_patch_angles_is_transformers_vision_rope_in_fp32():
 
 
 @pytest.mark.unit
+@pytest.mark.usefixtures("single_process_megatron")
+def test_random_init_zeroes_the_padded_tower_mlp_units():
+    """A randomly initialised tower's padded MLP units (tiny Qwen2.5-VL: 60 -> 64, gated) are
+    zero in fc1 (both halves, weights and biases) and in fc2's columns: they add nothing, as
+    in a converted checkpoint; the real units are drawn."""
+    from megabridge.conversion.auto_bridge import AutoBridge
+    from megabridge.conversion.vit import padded_ffn
+    from megabridge.models import init
+    from megabridge.models.qwen2_5_vl.bridge import Qwen25VLBridge
+
+    cfg = Qwen25VLBridge.model_config(tiny_config("qwen2_5_vl"))
+    bridge = AutoBridge(Qwen25VLBridge, cfg, Qwen25VLBridge.hf_config_dict(cfg))
+    (model,) = bridge.to_megatron_model(load_weights=False)
+    init.initialize([model], cfg, seed=3)
+    ffn = cfg.vision["intermediate_size"]
+    assert padded_ffn(ffn) > ffn
+    for layer in model.vision.blocks:
+        fc1 = layer.mlp.linear_fc1.weight.unflatten(0, (2, -1))  # [gate; up]
+        assert fc1[:, ffn:].eq(0).all() and fc1[:, :ffn].ne(0).all()
+        fc2 = layer.mlp.linear_fc2.weight
+        assert fc2[:, ffn:].eq(0).all() and fc2[:, :ffn].ne(0).all()
+        assert layer.mlp.linear_fc1.bias.eq(0).all()  # biases start at zero anyway
+
+
+@pytest.mark.unit
 def test_attention_within_segments_is_one_call_per_segment():
     """Segments of one length attend together (attention_ops.attend_in_segments); the result
     is each segment's own bidirectional attention, and nothing crosses a boundary."""

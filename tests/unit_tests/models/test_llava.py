@@ -162,6 +162,28 @@ def test_unsupported_configurations_are_one_line(change, message):
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.unit
+def test_tp_that_does_not_divide_the_tower_heads_is_one_line():
+    """The tower's heads are split over TP with the language model's: a 1-head CLIP at TP=2
+    (the language model's 4 heads, 2 groups would split) is refused before anything is built
+    (a ConfigError: one line, exit 2 from the CLI)."""
+    from megabridge.errors import ConfigError
+    from megabridge.models.config import validate_model_config
+    from megabridge.models.llava.bridge import LlavaBridge
+
+    config = tiny_config("llava", "base", vision_config=dict(num_attention_heads=1))
+    cfg = LlavaBridge.model_config(config)
+    cfg.tensor_model_parallel_size = 2
+    message = (
+        "the vision tower's 1 attention heads are not divisible by tensor_model_parallel_size=2"
+    )
+    with pytest.raises(ConfigError, match=message) as e:
+        validate_model_config(cfg)
+    assert "\n" not in str(e.value)
+    cfg.vision["num_attention_heads"] = 2
+    validate_model_config(cfg)  # 2 heads split
+
+
 @pytest.mark.system
 @pytest.mark.skipduringci  # two 2-process launches: minutes on a loaded 2-core machine
 def test_logits_on_images_at_pp2(hf_dirs, images):

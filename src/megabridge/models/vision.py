@@ -9,10 +9,10 @@ text families' mappings, sharding and checkpoints apply unchanged; the tower's a
 under ``vision.``.
 
 ``ModelConfig.vision`` describes the tower, ``TOWERS`` builds it by ``vision["kind"]``.
-Qwen2.5-VL's blocks are Megatron-Core TransformerLayers split over tensor-parallel ranks
-(models/vision_encoder.py), its patch embedding and merger whole on every rank; the other
-towers (Qwen3-VL's; LLaVA's and Gemma 3's CLIP / SigLIP: models/llava/tower.py) are plain
-torch modules, replicated on every tensor-parallel rank. With
+Every tower's layers are Megatron-Core TransformerLayers split over tensor-parallel ranks
+(models/vision_encoder.py): Qwen2.5-VL's (here), Qwen3-VL's (models/qwen3_vl/tower.py),
+LLaVA's and Gemma 3's CLIP / SigLIP (models/llava/tower.py); their patch embeddings, mergers
+and projectors are whole on every rank. With
 ``bidirectional_image_attention`` (Gemma 3) every stage passes the image tokens' block ids
 as the attention mask, and the torch spec lets each image's tokens see each other.
 

@@ -60,6 +60,10 @@ def test_round_trip_bit_exact(variant, dtype, shards, tower_params, tmp_path):
     model = bridge.to_megatron_model()
     vision = [n for n, _ in model[0].named_parameters() if n.startswith("vision.")]
     assert len(vision) == tower_params, vision
+    # the layers' MLP padded to 64 units (SigLIP's 60: zeros), the export unpadded
+    fc1 = model[0].vision.vision_tower.encoder.layers[0].mlp.linear_fc1.weight
+    ffn = bridge.model_config.vision["intermediate_size"]
+    assert fc1.shape[0] == 64 and fc1[ffn:].eq(0).all()
     bridge.save_hf_pretrained(model, tmp_path / "back")
     checks.assert_same_hf_folder(source, tmp_path / "back")
     assert (tmp_path / "back" / "processor_config.json").is_file()  # the processor travels

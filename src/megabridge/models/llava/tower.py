@@ -27,12 +27,9 @@ from torch import nn
 from megabridge.conversion import vit
 from megabridge.models import vision_encoder
 
-# HF activation names -> functions (the bridge refuses any other name in one line).
-ACTIVATIONS = {
-    "gelu": F.gelu,
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),  # CLIP's
-}
+# HF activation names -> functions, the towers' own (the bridge refuses any other name in one
+# line): the pooling head's and the projector's.
+ACTIVATIONS = vision_encoder.ACTIVATIONS
 
 
 class Embeddings(nn.Module):

@@ -1,5 +1,5 @@
-"""The vision side of LLaVA-style models and Gemma 3, in plain torch: a CLIP or SigLIP ViT
-(``ViT``) and the projector that maps its features into the language model's embeddings.
+"""The vision side of LLaVA-style models and Gemma 3: a CLIP or SigLIP ViT (``ViT``) and the
+projector that maps its features into the language model's embeddings.
 
 The encoder's layers are Megatron-Core TransformerLayers (models/vision_encoder.py: pre-norm
 LayerNorm, biases everywhere, bidirectional attention within each image, no RoPE), their

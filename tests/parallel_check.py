@@ -14,8 +14,9 @@ at that layout (written to ``work``; the pytest side compares the bytes), and th
 logits of the model loaded from that checkpoint vs transformers' in fp32. For a variant
 with a ``tp1_checkpoint``: logits and gradients at TP=2 of the model loaded from it
 (resharded). A vision-language variant (``"images": [paths]``, optional ``"videos": [[frame
-paths]]``) instead: verify's logits on those images vs transformers', and the round trip of
-the model built at that layout (vision_at_layout). Starting a process and importing megatron-core costs more than all the
+paths]]``, optional ``"checkpoint"``: a Megatron checkpoint of it) instead: verify's logits
+on those images vs transformers', and the round trip of the model built at that layout
+(vision_at_layout). Starting a process and importing megatron-core costs more than all the
 checks of a family, hence one launch for all of them.
 
 Rank 0 prints ``STARTED <family>`` before a family and one line per check,
@@ -118,10 +119,13 @@ def at_layout(hf_dir: str, work: Path, layout: dict) -> dict:
     }
 
 
-def vision_at_layout(hf_dir: str, work: Path, layout: dict, images: list, videos: list) -> dict:
+def vision_at_layout(
+    hf_dir: str, work: Path, layout: dict, images: list, videos: list, checkpoint: str | None
+) -> dict:
     """A vision-language model at ``layout``: verify's logits on ``images`` (and ``videos``)
     vs transformers' in fp32, and HF -> model -> HF (``work``/back); the tower's layers split
-    over TP as the language model's."""
+    over TP as the language model's. With ``checkpoint`` (a Megatron checkpoint written in
+    one process): its model loaded at ``layout`` (resharded) verified too."""
     bridge = AutoBridge.from_hf_pretrained(hf_dir)
     cfg = bridge.to_megatron_provider()
     _set_layout(cfg, layout)
@@ -129,6 +133,9 @@ def vision_at_layout(hf_dir: str, work: Path, layout: dict, images: list, videos
         hf_dir, tp=layout["tp"], pp=layout["pp"], ep=layout["ep"], images=images,
         videos=videos or None,
     )  # fmt: skip
+    if checkpoint:
+        loaded = verify(hf_dir, checkpoint, tp=layout["tp"], pp=layout["pp"], images=images)
+        result = max(result, loaded, key=lambda r: r.max_abs_diff)
     model = bridge.to_megatron_model(cfg)
     bridge.save_hf_pretrained(model, work / "back")
     split = [n for n, p in model[0].named_parameters()
@@ -207,7 +214,7 @@ def run(plan: dict) -> None:
 def run_family(plan: dict) -> None:
     for variant, case in plan["variants"].items():
         if "images" in case:
-            visual = (case["images"], case.get("videos", []))
+            visual = (case["images"], case.get("videos", []), case.get("checkpoint"))
             checks = [(name, vision_at_layout, (case["hf_dir"], Path(case["work"]) / name,
                                                 layout, *visual))
                       for name, layout in plan["layouts"].items()]  # fmt: skip

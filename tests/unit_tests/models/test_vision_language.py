@@ -219,11 +219,13 @@ def test_logits_on_images_at_pp2(hf_dir, images, frames):
 
 
 @pytest.mark.system
+@pytest.mark.usefixtures("single_process_megatron")  # the one-process checkpoint
 def test_vision_towers_at_tp2(hf_dir, images, frames, tmp_path):
     """Every vision tower's layers split over TP=2 (heads and MLP; models/vision_encoder.py)
     with the language model's, in one 2-process launch for all towers: Qwen2.5-VL (images
     and a clip), Qwen3-VL (DeepStack), LLaVA with CLIP and with SigLIP, Gemma 3 (SigLIP). Logits on the images
-    within 1e-4 of transformers', and the model built at TP=2 exports the same files."""
+    within 1e-4 of transformers', and the model built at TP=2 exports the same files; LLaVA's
+    SigLIP also from a one-process Megatron checkpoint loaded at TP=2."""
     from tests.vision_models import (
         parallel_vision_checks,
         save_tiny_gemma3_vl,
@@ -234,15 +236,22 @@ def test_vision_towers_at_tp2(hf_dir, images, frames, tmp_path):
     # (hf folder, images, clips); the tower's tensors split over TP: qkv, fc1 (weights and
     # biases), proj and fc2 weights, 6 per layer (Qwen3-VL's tiny tower 3 layers, Gemma 3's
     # tiny SigLIP 1, the others 2)
+    siglip = save_tiny_llava(tmp_path / "llava_siglip", "siglip_qwen2")
     cases = {
         "qwen2_5_vl": (hf_dir, images, [frames]),
         "qwen3_vl": (save_tiny_vl("qwen3_vl", tmp_path / "qwen3_vl"), images, []),
         "llava_clip": (save_tiny_llava(tmp_path / "llava_clip", "base"), images, []),
-        "llava_siglip": (save_tiny_llava(tmp_path / "llava_siglip", "siglip_qwen2"), images, []),
+        # also its Megatron checkpoint written in one process, loaded at TP=2 (resharded)
+        "llava_siglip": (
+            siglip,
+            images,
+            [],
+            checks.to_megatron_checkpoint(siglip, tmp_path / "mg"),
+        ),
         "gemma3_vl": (save_tiny_gemma3_vl(tmp_path / "gemma3_vl"), images, []),
     }
     records = parallel_vision_checks(cases, tmp_path / "work", {"tp2": {"tp": 2, "pp": 1, "ep": 1}})
-    for name, (source, _, _) in cases.items():
+    for name, (source, *_) in cases.items():
         record = records[name, "tp2"]
         assert record["max_abs_diff"] <= ATOL and record["top1_agreement"] == 1.0, record
         assert record["tower_split"] == 6 * {"qwen3_vl": 3, "gemma3_vl": 1}.get(name, 2), record

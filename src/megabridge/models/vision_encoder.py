@@ -92,8 +92,8 @@ def _quick_gelu(x: torch.Tensor) -> torch.Tensor:
     return x * torch.sigmoid(1.702 * x)
 
 
-# HF vision hidden_act -> the function Megatron-Core's MLP applies (module-level functions:
-# the config's activation_func is compared and pickled by reference).
+# HF vision hidden_act -> the function Megatron-Core's MLP applies (also the CLIP / SigLIP
+# pooling head's and LLaVA's projector's, models/llava/tower.py).
 ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": _gelu_tanh,
                "quick_gelu": _quick_gelu}  # fmt: skip
 

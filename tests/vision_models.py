@@ -374,10 +374,12 @@ def lora_train_and_export(cfg, root: Path):
 
 def parallel_vision_checks(cases: dict, work: Path, layouts: dict) -> dict:
     """One 2-process launch of tests/parallel_check.py for vision-language models (starting
-    processes and importing megatron-core costs more than the checks): ``cases`` {name:
-    (hf_dir, images, videos[, a Megatron checkpoint to load at each layout too])}, ``layouts`` {name: {"tp", "pp", "ep"}} -> {(case, layout):
-    its record} (logits vs transformers' on the images, the round-tripped folder); a launch
-    that failed is reported with its stderr."""
+    processes and importing megatron-core costs more than the checks).
+
+    ``cases`` {name: (hf_dir, images, videos[, a Megatron checkpoint to load at each layout
+    too])}, ``layouts`` {name: {"tp", "pp", "ep"}} -> {(case, layout): its record} (logits
+    vs transformers' on the images, the round-tripped folder); a launch that failed is
+    reported with its stderr."""
     import json
 
     from tests.helpers import torchrun

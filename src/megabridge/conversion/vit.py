@@ -39,8 +39,8 @@ VIT_FIELDS = (
 )  # fmt: skip
 VISION_MODEL_TYPES = ("clip_vision_model", "siglip_vision_model")
 ACTIVATIONS = ("gelu", "gelu_pytorch_tanh", "quick_gelu")  # what tower.py builds
-# Every tensor a CLIP or SigLIP tower may have besides its layers (clip_layers), which a
-# model holds the ones of its kind of.
+# Every tensor a CLIP or SigLIP tower may have besides its layers (clip_layers); a model
+# holds those of its kind.
 VIT_TENSORS = (
     "embeddings.class_embedding", "embeddings.patch_embedding.weight",
     "embeddings.patch_embedding.bias", "embeddings.position_embedding.weight",

@@ -13,7 +13,10 @@ For every variant and layout: HF -> Megatron checkpoint -> HF with both conversi
 at that layout (written to ``work``; the pytest side compares the bytes), and the
 logits of the model loaded from that checkpoint vs transformers' in fp32. For a variant
 with a ``tp1_checkpoint``: logits and gradients at TP=2 of the model loaded from it
-(resharded). Starting a process and importing megatron-core costs more than all the
+(resharded). A vision-language variant (``"images": [paths]``, optional ``"videos": [[frame
+paths]]``, optional ``"checkpoint"``: a Megatron checkpoint of it) instead: verify's logits
+on those images vs transformers', and the round trip of the model built at that layout
+(vision_at_layout). Starting a process and importing megatron-core costs more than all the
 checks of a family, hence one launch for all of them.
 
 Rank 0 prints ``STARTED <family>`` before a family and one line per check,
@@ -40,7 +43,13 @@ from transformers import AutoModelForCausalLM
 from megabridge import runtime
 from megabridge.conversion import sharding
 from megabridge.conversion.auto_bridge import AutoBridge
-from megabridge.conversion.verify import compare, hf_logits, megatron_logits, sample_tokens
+from megabridge.conversion.verify import (
+    compare,
+    hf_logits,
+    megatron_logits,
+    sample_tokens,
+    verify,
+)
 from megabridge.models.config import expert_tensor_parallel_size
 from megabridge.training import console
 
@@ -110,6 +119,35 @@ def at_layout(hf_dir: str, work: Path, layout: dict) -> dict:
     }
 
 
+def vision_at_layout(
+    hf_dir: str, work: Path, layout: dict, images: list, videos: list, checkpoint: str | None
+) -> dict:
+    """A vision-language model at ``layout``: verify's logits on ``images`` (and ``videos``)
+    vs transformers' in fp32, and HF -> model -> HF (``work``/back); the tower's layers split
+    over TP as the language model's. With ``checkpoint`` (a Megatron checkpoint written in
+    one process): its model loaded at ``layout`` (resharded) verified too."""
+    bridge = AutoBridge.from_hf_pretrained(hf_dir)
+    cfg = bridge.to_megatron_provider()
+    _set_layout(cfg, layout)
+    result = verify(
+        hf_dir, tp=layout["tp"], pp=layout["pp"], ep=layout["ep"], images=images,
+        videos=videos or None,
+    )  # fmt: skip
+    if checkpoint:
+        loaded = verify(hf_dir, checkpoint, tp=layout["tp"], pp=layout["pp"], images=images)
+        result = max(result, loaded, key=lambda r: r.max_abs_diff)
+    model = bridge.to_megatron_model(cfg)
+    bridge.save_hf_pretrained(model, work / "back")
+    split = [n for n, p in model[0].named_parameters()
+             if n.startswith("vision.") and getattr(p, "tensor_model_parallel", False)]  # fmt: skip
+    return {
+        "max_abs_diff": result.max_abs_diff,
+        "top1_agreement": result.top1_agreement,
+        "hf_dir": str(work / "back"),
+        "tower_split": len(split),  # the tower's tensors split over TP on this rank
+    }
+
+
 def _hf_loss_and_grads(hf_path, tokens):
     model = AutoModelForCausalLM.from_pretrained(str(hf_path), dtype=torch.float32)
     logits = model(input_ids=tokens).logits
@@ -175,8 +213,14 @@ def run(plan: dict) -> None:
 
 def run_family(plan: dict) -> None:
     for variant, case in plan["variants"].items():
-        checks = [(name, at_layout, (case["hf_dir"], Path(case["work"]) / name, layout))
-                  for name, layout in plan["layouts"].items()]  # fmt: skip
+        if "images" in case:
+            visual = (case["images"], case.get("videos", []), case.get("checkpoint"))
+            checks = [(name, vision_at_layout, (case["hf_dir"], Path(case["work"]) / name,
+                                                layout, *visual))
+                      for name, layout in plan["layouts"].items()]  # fmt: skip
+        else:
+            checks = [(name, at_layout, (case["hf_dir"], Path(case["work"]) / name, layout))
+                      for name, layout in plan["layouts"].items()]  # fmt: skip
         if case.get("tp1_checkpoint"):
             checks.append(("gradients_tp2", gradients, (case["hf_dir"], case["tp1_checkpoint"])))
         for check, fn, args in checks:

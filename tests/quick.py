@@ -26,6 +26,7 @@ QUICK = [
     # vision-language: logits on images (in-process, seconds)
     "tests/unit_tests/models/test_vision_language.py::test_logits_on_images_match_transformers",
     "tests/unit_tests/models/test_qwen3_vl.py::test_logits_on_images_match_transformers[qwen3_vl]",
+    "tests/unit_tests/models/test_llava.py::test_logits_on_images_match_transformers[base]",
     # vision-language SFT: a mixed-size image batch's loss against transformers (seconds)
     "tests/unit_tests/data/test_vision_sft.py::test_mixed_size_batch_loss_matches_transformers",
     # one parallel check; training

@@ -416,3 +416,36 @@ def lora_train_and_export(cfg, root: Path):
     lora.merge_and_unload(s.model)
     bridge.save_hf_pretrained(s.model, root / "merged")
     return s
+
+
+def parallel_vision_checks(cases: dict, work: Path, layouts: dict) -> dict:
+    """One 2-process launch of tests/parallel_check.py for vision-language models (starting
+    processes and importing megatron-core costs more than the checks).
+
+    ``cases`` {name: (hf_dir, images, videos[, a Megatron checkpoint to load at each layout
+    too])}, ``layouts`` {name: {"tp", "pp", "ep"}} -> {(case, layout): its record} (logits
+    vs transformers' on the images, the round-tripped folder); a launch that failed is
+    reported with its stderr."""
+    import json
+
+    from tests.helpers import torchrun
+
+    plan = []
+    for name, (hf_dir, images, videos, *checkpoint) in cases.items():
+        for layout in layouts:
+            (work / name / layout).mkdir(parents=True)
+        variant = {"hf_dir": str(hf_dir), "work": str(work / name),
+                   "images": [str(p) for p in images],
+                   "videos": [[str(p) for p in clip] for clip in videos],
+                   "checkpoint": str(checkpoint[0]) if checkpoint else None}  # fmt: skip
+        plan.append({"family": name, "layouts": layouts, "variants": {"base": variant}})
+    (work / "plan.json").write_text(json.dumps({"families": plan}))
+    script = Path(__file__).with_name("parallel_check.py")
+    launch = torchrun(2, [str(script), str(work / "plan.json")], timeout=1200)
+    records = {}
+    for line in launch.stdout.splitlines():
+        if line.startswith("RESULT "):
+            record = json.loads(line.removeprefix("RESULT "))
+            records[record["family"], record["check"]] = record
+    assert launch.returncode == 0, launch.stderr[-3000:]
+    return records

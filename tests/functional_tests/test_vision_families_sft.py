@@ -1,6 +1,6 @@
 """Nightly: Qwen3-VL, Qwen3-VL-MoE, Gemma 3 and LLaVA fine-tuned through the CLI on generated
-colour questions, one process and two (the language model split by TP, each rank with the
-whole tower; Qwen3-VL also by PP, DeepStack's layers on the first stage; Qwen3-VL-MoE's
+colour questions, one process and two (the language model and the tower's layers split by
+TP; Qwen3-VL also by PP, DeepStack's layers on the first stage; Qwen3-VL-MoE's
 experts by EP): equal losses.
 tests/unit_tests/data/test_vision_families_sft.py checks each family against transformers."""
 

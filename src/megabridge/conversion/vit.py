@@ -1,6 +1,8 @@
-"""The CLIP / SigLIP vision tower's tables that LLaVA and Gemma 3 share (models/llava/tower.py
-builds the tower): which HF vision_config fields ModelConfig.vision keeps, every tensor such
-a tower may have, and the names of a multimodal checkpoint's parts in transformers' layouts.
+"""Vision towers' mappings. The CLIP / SigLIP tower's tables that LLaVA and Gemma 3 share
+(models/llava/tower.py builds the tower): which HF vision_config fields ModelConfig.vision
+keeps, every tensor such a tower may have, and the names of a multimodal checkpoint's parts
+in transformers' layouts. And the mappings of every tower's Megatron-Core layers
+(models/vision_encoder.py): qkv in Megatron's per-head layout, the MLP padded (padded_ffn).
 """
 
 from __future__ import annotations
@@ -37,18 +39,12 @@ VIT_FIELDS = (
 )  # fmt: skip
 VISION_MODEL_TYPES = ("clip_vision_model", "siglip_vision_model")
 ACTIVATIONS = ("gelu", "gelu_pytorch_tanh", "quick_gelu")  # what tower.py builds
-_LAYER = (
-    "layer_norm1.weight", "layer_norm1.bias", "layer_norm2.weight", "layer_norm2.bias",
-    *(f"self_attn.{p}_proj.{w}" for p in "qkv" for w in ("weight", "bias")),
-    "self_attn.out_proj.weight", "self_attn.out_proj.bias",
-    "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias",
-)  # fmt: skip
-# Every tensor a CLIP or SigLIP tower may have (a model holds the ones of its kind).
+# Every tensor a CLIP or SigLIP tower may have besides its layers (clip_layers); a model
+# holds those of its kind.
 VIT_TENSORS = (
     "embeddings.class_embedding", "embeddings.patch_embedding.weight",
     "embeddings.patch_embedding.bias", "embeddings.position_embedding.weight",
     "pre_layrnorm.weight", "pre_layrnorm.bias", "post_layernorm.weight", "post_layernorm.bias",
-    *(f"encoder.layers.*.{t}" for t in _LAYER),
     # SigLIP's pooling head (vision_use_head): carried, never run
     "head.probe", "head.attention.in_proj_weight", "head.attention.in_proj_bias",
     "head.attention.out_proj.weight", "head.attention.out_proj.bias", "head.layernorm.weight",
@@ -58,11 +54,15 @@ VIT_TENSORS = (
 
 
 def tower_mappings(projector: tuple[str, ...]) -> list:
-    """The tower's and the projector's tensors: HF name <-> the same under ``vision.``."""
+    """The tower's and the projector's tensors: HF name <-> the same under ``vision.``, but
+    the encoder's layers, which are Megatron-Core's (clip_layers)."""
     names = [f"vision_tower.{t}" for t in VIT_TENSORS] + [
         f"multi_modal_projector.{t}" for t in projector
     ]
-    return renames({f"vision.{n}": n for n in names})
+    return [
+        *renames({f"vision.{n}": n for n in names}),
+        *clip_layers("vision_tower.encoder.layers"),
+    ]
 
 
 # Pixtral's tensors outside its layers (models/mistral3/tower.py), and its layers' prefix.
@@ -157,20 +157,25 @@ class VisionQKV(FusedQKV):
         return super().megatron_to_hf(tensor, _tower_shape(cfg))
 
 
+def tower_heads(vision: dict) -> int:
+    """A tower's attention heads (HF: num_heads in Qwen's vision_config, num_attention_heads
+    in CLIP's and SigLIP's)."""
+    return vision["num_heads"] if "num_heads" in vision else vision["num_attention_heads"]
+
+
 def _tower_shape(cfg):
     from types import SimpleNamespace
 
-    # Qwen's vision_config says num_heads, Pixtral's num_attention_heads
-    heads = cfg.vision.get("num_heads") or cfg.vision["num_attention_heads"]
-    hidden = cfg.vision["hidden_size"]
+    heads, hidden = tower_heads(cfg.vision), cfg.vision["hidden_size"]
     return SimpleNamespace(
         num_attention_heads=heads, num_query_groups=heads, kv_channels=None, hidden_size=hidden
     )
 
 
 class VisionSplitQKV(QKV):
-    """A vision tower's separate q, k and v projections (Pixtral's) <-> its Megatron-Core
-    linear_qkv (per-head [q; k; v]), with the tower's heads (``cfg.vision``)."""
+    """A vision tower's separate q, k and v projections (CLIP's, SigLIP's, Pixtral's) <->
+    its Megatron-Core linear_qkv (per-head [q; k; v]), with the tower's heads (``cfg.vision``),
+    not the language model's."""
 
     def hf_to_megatron(self, tensors, cfg):
         return super().hf_to_megatron(tensors, _tower_shape(cfg))
@@ -225,6 +230,27 @@ class VisionUp(Mapping):
 
     def megatron_to_hf(self, tensor, cfg):
         return [tensor[: cfg.vision["intermediate_size"]].contiguous()]
+
+
+def clip_layers(hf: str) -> list[Mapping]:
+    """CLIP's and SigLIP's encoder layers (HF ``{hf}.N.``: layer_norm1, self_attn.{q,k,v,out}
+    _proj, layer_norm2, mlp.fc1 / fc2, biases everywhere) <-> the tower's Megatron-Core
+    layers (``vision.{hf}.N.``, models/llava/tower.py): q, k, v fused per head, the plain MLP
+    padded (padded_ffn)."""
+    megatron = f"vision.{hf}.*."
+    layers = renames({
+        **{f"{megatron}input_layernorm.{w}": f"{hf}.*.layer_norm1.{w}" for w in _WB},
+        **{f"{megatron}pre_mlp_layernorm.{w}": f"{hf}.*.layer_norm2.{w}" for w in _WB},
+        **{f"{megatron}self_attention.linear_proj.{w}": f"{hf}.*.self_attn.out_proj.{w}"
+           for w in _WB},
+        f"{megatron}mlp.linear_fc2.bias": f"{hf}.*.mlp.fc2.bias",
+    })  # fmt: skip
+    layers.append(VisionDown(f"{megatron}mlp.linear_fc2.weight", f"{hf}.*.mlp.fc2.weight"))
+    for w in _WB:
+        qkv = tuple(f"{hf}.*.self_attn.{p}_proj.{w}" for p in "qkv")
+        layers.append(VisionSplitQKV(f"{megatron}self_attention.linear_qkv.{w}", qkv))
+        layers.append(VisionUp(f"{megatron}mlp.linear_fc1.{w}", f"{hf}.*.mlp.fc1.{w}"))
+    return layers
 
 
 def qwen3_vit_layers(hf: str) -> list[Mapping]:

@@ -71,22 +71,29 @@ def attend_in_blocks(attend, q, k, v, size: int) -> torch.Tensor:
     return out.unflatten(0, (b, blocks)).transpose(1, 2).flatten(2, 3)[:, :, :s]
 
 
-def attend_in_segments(attend, q, k, v, bounds: list[int]) -> torch.Tensor:
-    """Attention within each segment [bounds[i], bounds[i + 1]) of q, k, v [s, n, hn] (a
-    vision tower's windows or frames): segments of one length go through ``attend`` together,
-    [segments, len, n, hn] -> the same, so a few calls cover the many windows of an image."""
-    assert bounds[0] == 0 and bounds[-1] == q.shape[0], "segments must cover the sequence"
+def segment_groups(bounds: list[int], device=None) -> list[tuple[int, torch.Tensor]]:
+    """The segments [bounds[i], bounds[i + 1]) grouped by length: (length, token positions
+    [segments, length]) per length, shortest first; empty segments left out. Built from host
+    lists (no device sync), once per tower forward (vision_encoder.segments)."""
     by_length: dict[int, list[int]] = {}  # segment length -> the segments' starts
     for a, b in zip(bounds[:-1], bounds[1:], strict=True):
         if b > a:
             by_length.setdefault(b - a, []).append(a)
+    return [
+        (length, torch.tensor(starts, device=device)[:, None] + torch.arange(length, device=device))
+        for length, starts in sorted(by_length.items())
+    ]
+
+
+def attend_in_segments(attend, q, k, v, groups: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
+    """Attention within each segment of q, k, v [s, n, hn] (a vision tower's windows or
+    frames), ``groups`` from segment_groups: segments of one length go through ``attend``
+    together, [segments, len, n, hn] -> the same, so a few calls cover the many windows of an
+    image."""
+    assert sum(rows.numel() for _, rows in groups) == q.shape[0], "segments must cover q"
     out = torch.empty_like(q)
-    for length, starts in sorted(by_length.items()):
-        # [segments, length]: the token positions of the segments of this length (built from
-        # host lists: no device sync)
-        rows = torch.tensor(starts, device=q.device)[:, None] + torch.arange(
-            length, device=q.device
-        )
+    for _, rows in groups:
+        rows = rows.to(q.device)
         out[rows.flatten()] = attend(q[rows], k[rows], v[rows]).flatten(0, 1)
     return out
 

@@ -493,6 +493,14 @@ def _variant_problems(cfg: ModelConfig) -> list[str]:
         problems.append("mrope_interleaved needs position_embedding_type=mrope")
     if cfg.vision is not None and cfg.sequence_parallel:
         problems.append("sequence_parallel with a vision tower is not supported yet")
+    # the tower's heads are split over TP with the language model's (models/vision_encoder.py);
+    # Qwen's vision_config names them num_heads, CLIP's and SigLIP's num_attention_heads
+    tower_heads = (cfg.vision or {}).get("num_heads", (cfg.vision or {}).get("num_attention_heads"))
+    if tower_heads and tower_heads % cfg.tensor_model_parallel_size:
+        problems.append(
+            f"the vision tower's {tower_heads} attention heads are not divisible by "
+            f"tensor_model_parallel_size={cfg.tensor_model_parallel_size}"
+        )
     if cfg.bidirectional_image_attention and cfg.vision is None:
         problems.append("bidirectional_image_attention needs a vision tower (model.vision)")
     return problems

@@ -14,7 +14,7 @@ import zlib
 
 import torch
 
-from megabridge.conversion import sharding
+from megabridge.conversion import sharding, vit
 
 # Megatron-Core's scaled init for the layers that write into the residual stream.
 _OUTPUT_LAYERS = (".linear_proj.weight", ".linear_fc2.weight")
@@ -35,6 +35,20 @@ def _full_init(name: str, shape: torch.Size, cfg, seed: int, device) -> torch.Te
         std = std / math.sqrt(2.0 * cfg.num_layers)
     gen = torch.Generator(device=device).manual_seed(_seed(seed, name))
     return torch.randn(shape, generator=gen, device=device) * std
+
+
+def _zero_tower_padding(name: str, full: torch.Tensor, cfg) -> None:
+    """A vision tower's MLP is padded to vit.padded_ffn units (models/vision_encoder.py): its
+    extra units (rows of fc1, [gate; up] halves each, columns of fc2) start at zero, so they
+    add nothing, as in a converted checkpoint."""
+    if not name.startswith("vision.") or ".mlp.linear_fc" not in name:
+        return
+    ffn = cfg.vision["intermediate_size"]
+    padded = vit.padded_ffn(ffn)
+    if ".mlp.linear_fc1." in name:  # [padded or 2 * padded (gated), ...]
+        full.view(-1, padded, *full.shape[1:])[:, ffn:] = 0
+    elif name.endswith(".mlp.linear_fc2.weight"):  # [hidden, padded]
+        full[:, ffn:] = 0
 
 
 @torch.no_grad()
@@ -58,4 +72,5 @@ def initialize(model_chunks: list[torch.nn.Module], cfg, seed: int) -> None:
             elif how == "dim1":
                 full_shape[1] *= tp_size
             full = _full_init(name, torch.Size(full_shape), cfg, seed, param.device)
+            _zero_tower_padding(name, full, cfg)
             param.copy_(sharding.split(full, how, tp_rank, tp_size))

@@ -34,6 +34,7 @@ from megabridge.models.attention_ops import (
     block_allowed,
     l2_norm,
     packed_positions,
+    segment_groups,
     split_segments,
     temperature_scales,
 )
@@ -183,14 +184,18 @@ class SDPAttention(MegatronModule):
         if not plain or self.chunk_size is not None or query.shape[1] != 1:
             raise ConfigError("bidirectional attention takes one plain sequence of segments")
         s = query.shape[0]
-        bounds = [0, s] if params is None else params.cu_seqlens_q.tolist()
+        # vision_encoder.segments groups the segments once per tower forward
+        groups = getattr(params, "groups", None)
+        if groups is None:
+            bounds = [0, s] if params is None else params.cu_seqlens_q.tolist()
+            groups = segment_groups(bounds, query.device)
         q, k, v = (t[:, 0] for t in (query, key, value))  # [s, n, hn]
 
         def attend(qs, ks, vs):  # [segments, len, n, hn] -> the same
             qs, ks, vs = (t.transpose(1, 2) for t in (qs, ks, vs))
             return sdpa(qs, ks, vs, self._p(), self.softmax_scale, causal=False).transpose(1, 2)
 
-        return attend_in_segments(attend, q, k, v, bounds).reshape(s, 1, -1)
+        return attend_in_segments(attend, q, k, v, groups).reshape(s, 1, -1)
 
     def _temperature_tuned(self, query: torch.Tensor, packed_params) -> torch.Tensor:
         """query [s, b, np, hn] (or packed [t, np, hn]) times its position's temperature;

@@ -9,10 +9,10 @@ text families' mappings, sharding and checkpoints apply unchanged; the tower's a
 under ``vision.``.
 
 ``ModelConfig.vision`` describes the tower, ``TOWERS`` builds it by ``vision["kind"]``.
-Qwen2.5-VL's blocks are Megatron-Core TransformerLayers split over tensor-parallel ranks
-(models/vision_encoder.py), its patch embedding and merger whole on every rank; the other
-towers (Qwen3-VL's; LLaVA's and Gemma 3's CLIP / SigLIP: models/llava/tower.py) are plain
-torch modules, replicated on every tensor-parallel rank. With
+Every tower's layers are Megatron-Core TransformerLayers split over tensor-parallel ranks
+(models/vision_encoder.py): Qwen2.5-VL's (here), Qwen3-VL's (models/qwen3_vl/tower.py),
+LLaVA's and Gemma 3's CLIP / SigLIP (models/llava/tower.py); their patch embeddings, mergers
+and projectors are whole on every rank. With
 ``bidirectional_image_attention`` (Gemma 3) every stage passes the image tokens' block ids
 as the attention mask, and the torch spec lets each image's tokens see each other.
 
@@ -109,8 +109,8 @@ class Qwen25VisionTower(MegatronModule):
         angles = self._angles(grids, x.device)  # [patches, head_dim / 2]
         angles = angles.reshape(n // unit, unit, -1)[order].reshape(n, -1)
         angles = torch.cat([angles, angles], dim=-1)  # [patches, head_dim]
-        images = vision_encoder.segments(frame_bounds(grids))
-        windows = vision_encoder.segments(windows)
+        images = vision_encoder.segments(frame_bounds(grids), x.device)
+        windows = vision_encoder.segments(windows, x.device)
         for i, layer in enumerate(self.blocks):
             segments = images if i in self.full_blocks else windows
             x = vision_encoder.run_layer(layer, x, segments, angles)

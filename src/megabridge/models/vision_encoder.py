@@ -13,10 +13,14 @@ exactly (tests/unit_tests/models/test_vision_language.py), in bf16 Megatron-Core
 in the weights' dtype where transformers rotates in fp32.
 
 The patch embedding and whatever else a tower has around the layers stay plain torch
-modules, whole on every tensor-parallel rank.
+modules, whole on every tensor-parallel rank. Towers: Qwen2.5-VL's (models/vision.py),
+Qwen3-VL's (models/qwen3_vl/tower.py), CLIP's and SigLIP's (models/llava/tower.py: LLaVA and
+Gemma 3; no RoPE, each image one segment).
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +35,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayerSubmodules
 
-from megabridge.models import torch_layers
+from megabridge.models import attention_ops, torch_layers
 
 # What a tower's layers take from the language model's config: precision, initialisation
 # and the tensor-parallel size; never its shape, MoE, pipeline or sequence parallelism.
@@ -50,10 +54,10 @@ def tower_config(
 ) -> TransformerConfig:  # fmt: skip
     """The TransformerConfig of a tower's layers: its own shape, the language model's runtime.
 
-    ``activation``: HF's hidden_act, "silu", "gelu" or "gelu_pytorch_tanh"; ``bias``: biases on every
-    linear (QKV, proj, fc1, fc2: Qwen's towers) or on none (Pixtral's).
+    ``activation``: HF's hidden_act (a key of ACTIVATIONS); ``bias``: biases on every linear
+    (QKV, proj, fc1, fc2: Qwen's, CLIP's and SigLIP's towers) or on none (Pixtral's).
     """
-    act = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": _gelu_tanh}[activation]
+    act = ACTIVATIONS[activation]
     runtime = {name: getattr(lm_config, name) for name in _RUNTIME_FIELDS}
     return TransformerConfig(
         num_layers=depth,
@@ -83,6 +87,17 @@ def tower_config(
 
 def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
+
+
+def _quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    # transformers' QuickGELUActivation (CLIP's hidden_act "quick_gelu")
+    return x * torch.sigmoid(1.702 * x)
+
+
+# HF vision hidden_act -> the function Megatron-Core's MLP applies (also the CLIP / SigLIP
+# pooling head's and LLaVA's projector's, models/llava/tower.py).
+ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": _gelu_tanh,
+               "quick_gelu": _quick_gelu}  # fmt: skip
 
 
 def layer_spec(normalization: str) -> ModuleSpec:
@@ -138,23 +153,34 @@ class TowerLayers(torch.nn.ModuleList):
         return out
 
 
-def run_layer(layer, x: torch.Tensor, segments: PackedSeqParams, angles: torch.Tensor):
+def run_layer(layer, x: torch.Tensor, segments: PackedSeqParams, angles: torch.Tensor | None):
     """One layer on a tower's patches: x [patches, hidden] -> the same; attention within
-    ``segments``; ``angles`` [patches, head_dim] the RoPE angles of each patch."""
+    ``segments``; ``angles`` [patches, head_dim] the RoPE angles of each patch (None: no
+    RoPE, as CLIP and SigLIP)."""
     out, _ = layer(
         x.unsqueeze(1),  # [s, b=1, h]
         attention_mask=None,
-        rotary_pos_emb=angles[:, None, None, :],  # [s, 1, 1, d]
+        rotary_pos_emb=None if angles is None else angles[:, None, None, :],  # [s, 1, 1, d]
         packed_seq_params=segments,
     )
     return out.squeeze(1)
 
 
-def segments(bounds: list[int]) -> PackedSeqParams:
-    """Segments [bounds[i], bounds[i + 1]) of the patch sequence (cumulative patch counts)."""
+@dataclasses.dataclass
+class Segments(PackedSeqParams):
+    """PackedSeqParams plus ``groups``: the segments grouped by length, (length, token
+    positions [segments, length]) each, computed once per tower forward for every layer's
+    attention (attention_ops.attend_in_segments)."""
+
+    groups: list[tuple[int, torch.Tensor]] = dataclasses.field(default_factory=list)
+
+
+def segments(bounds: list[int], device=None) -> Segments:
+    """Segments [bounds[i], bounds[i + 1]) of the patch sequence (cumulative patch counts);
+    their grouping by length on ``device`` (where the patches are)."""
     cu = torch.tensor(bounds, dtype=torch.int32)  # on the CPU: read back without a sync
     longest = max(b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True))
-    return PackedSeqParams(
+    return Segments(
         qkv_format="sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest,
-        max_seqlen_kv=longest,
+        max_seqlen_kv=longest, groups=attention_ops.segment_groups(bounds, device),
     )  # fmt: skip

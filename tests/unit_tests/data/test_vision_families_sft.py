@@ -227,6 +227,7 @@ def _tower_config(family: str, variant: str, **vision) -> dict:
 
 
 @pytest.mark.unit
+@pytest.mark.usefixtures("single_process_megatron")  # the towers' layers are Megatron layers
 @pytest.mark.parametrize(
     "family, variant, vision, unused",
     [
@@ -239,12 +240,16 @@ def _tower_config(family: str, variant: str, **vision) -> dict:
 def test_towers_freeze_exactly_the_weights_without_gradient(family, variant, vision, unused):
     """A backward through the tower leaves exactly its no_gradient() weights without a
     gradient; freeze() turns those off always, and the projector with the projection."""
+    from megatron.core.transformer import TransformerConfig
     from torch import nn
 
     from megabridge.models import vision as vision_models
 
     v = _tower_config(family, variant, **vision)
-    tower = vision_models.TOWERS[v["kind"]](v)
+    lm_config = TransformerConfig(
+        num_layers=1, hidden_size=64, num_attention_heads=4, use_cpu_initialization=True
+    )
+    tower = vision_models.TOWERS[v["kind"]](v, lm_config)
     side = v["image_size"]
     tower(torch.randn(2, 3, side, side)).square().sum().backward()
     no_grad = {n for n, p in tower.named_parameters() if p.grad is None}

@@ -43,10 +43,11 @@ def test_config_round_trip(variant):
 @pytest.mark.usefixtures("single_process_megatron")
 @pytest.mark.parametrize(
     "variant, dtype, shards, tower_params",
-    # CLIP: 3 embedding tensors (with the class token), pre/post norms, 16 per layer,
-    # projector 4; SigLIP: 3 (a patch bias, no class token), a post-norm, the pooling head's 11.
-    [("base", torch.float32, 40_000, 3 + 4 + 32 + 4),
-     ("siglip_qwen2", torch.bfloat16, None, 3 + 2 + 32 + 11 + 4)],
+    # CLIP: 3 embedding tensors (with the class token), pre/post norms, 12 per layer
+    # (Megatron-Core's: q, k, v fused), projector 4; SigLIP: 3 (a patch bias, no class
+    # token), a post-norm, the pooling head's 11.
+    [("base", torch.float32, 40_000, 3 + 4 + 24 + 4),
+     ("siglip_qwen2", torch.bfloat16, None, 3 + 2 + 24 + 11 + 4)],
     ids=["clip-llama-fp32-sharded", "siglip-qwen2-tied-bf16"],
 )  # fmt: skip
 def test_round_trip_bit_exact(variant, dtype, shards, tower_params, tmp_path):
@@ -59,6 +60,10 @@ def test_round_trip_bit_exact(variant, dtype, shards, tower_params, tmp_path):
     model = bridge.to_megatron_model()
     vision = [n for n, _ in model[0].named_parameters() if n.startswith("vision.")]
     assert len(vision) == tower_params, vision
+    # the layers' MLP padded to 64 units (SigLIP's 60: zeros), the export unpadded
+    fc1 = model[0].vision.vision_tower.encoder.layers[0].mlp.linear_fc1.weight
+    ffn = bridge.model_config.vision["intermediate_size"]
+    assert fc1.shape[0] == 64 and fc1[ffn:].eq(0).all()
     bridge.save_hf_pretrained(model, tmp_path / "back")
     checks.assert_same_hf_folder(source, tmp_path / "back")
     assert (tmp_path / "back" / "processor_config.json").is_file()  # the processor travels
@@ -189,13 +194,36 @@ def test_unsupported_configurations_are_one_line(change, message):
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.unit
+def test_tp_that_does_not_divide_the_tower_heads_is_one_line():
+    """The tower's heads are split over TP with the language model's: a 1-head CLIP at TP=2
+    (the language model's 4 heads, 2 groups would split) is refused before anything is built
+    (a ConfigError: one line, exit 2 from the CLI)."""
+    from megabridge.errors import ConfigError
+    from megabridge.models.config import validate_model_config
+    from megabridge.models.llava.bridge import LlavaBridge
+
+    config = tiny_config("llava", "base", vision_config=dict(num_attention_heads=1))
+    cfg = LlavaBridge.model_config(config)
+    cfg.tensor_model_parallel_size = 2
+    message = (
+        "the vision tower's 1 attention heads are not divisible by tensor_model_parallel_size=2"
+    )
+    with pytest.raises(ConfigError, match=message) as e:
+        validate_model_config(cfg)
+    assert "\n" not in str(e.value)
+    cfg.vision["num_attention_heads"] = 2
+    validate_model_config(cfg)  # 2 heads split
+
+
 @pytest.mark.system
 @pytest.mark.skipduringci  # two 2-process launches: minutes on a loaded 2-core machine
-@pytest.mark.parametrize("layout", [["--tp", "2"], ["--pp", "2"]], ids=["tp2", "pp2"])
-def test_logits_on_images_at_tp2_and_pp2(hf_dirs, images, layout):
-    """The language model split over two processes; the tower replicated (TP) or on the first
-    stage (PP)."""
+def test_logits_on_images_at_pp2(hf_dirs, images):
+    """The language model over two stages, the tower on the first. (TP=2, the tower's layers
+    split too: test_vision_language.py test_vision_towers_at_tp2, one launch for all towers.)"""
     images_args = [a for p in images for a in ("--image", str(p))]
     for variant in VARIANTS:
-        code, result = checks.verify_cli(hf_dirs[variant], nproc=2, extra=[*layout, *images_args])
+        code, result = checks.verify_cli(
+            hf_dirs[variant], nproc=2, extra=["--pp", "2", *images_args]
+        )
         assert code == 0 and result["max_abs_diff"] <= ATOL, (variant, result)

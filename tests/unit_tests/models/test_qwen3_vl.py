@@ -179,13 +179,15 @@ def test_deepstack_layers_off_the_first_stage_are_refused():
 @pytest.mark.skipduringci  # 2-process launches: minutes on a loaded 2-core machine
 @pytest.mark.parametrize(
     "family, layout",
-    [("qwen3_vl", ["--tp", "2"]), ("qwen3_vl", ["--pp", "2"]),
-     ("qwen3_vl_moe", ["--ep", "2"]), ("qwen3_vl_moe", ["--tp", "2"])],
-    ids=["dense-tp2", "dense-pp2", "moe-ep2", "moe-tp2"],
+    [("qwen3_vl", ["--pp", "2"]), ("qwen3_vl_moe", ["--ep", "2"]),
+     ("qwen3_vl_moe", ["--tp", "2"])],
+    ids=["dense-pp2", "moe-ep2", "moe-tp2"],
 )  # fmt: skip
 def test_logits_on_images_in_parallel(family, layout, hf_dirs, images):
     """The language model split over two processes; the tower's blocks split too (TP) or on
-    the first stage with both DeepStack layers (PP: 2 + 2 layers); the experts split (EP)."""
+    the first stage with both DeepStack layers (PP: 2 + 2 layers); the experts split (EP).
+    (Dense Qwen3-VL at TP=2: test_vision_language.py test_vision_towers_at_tp2, one launch
+    for all towers.)"""
     images_args = [a for p in images for a in ("--image", str(p))]
     code, result = checks.verify_cli(hf_dirs[family], nproc=2, extra=[*layout, *images_args])
     assert code == 0 and result["max_abs_diff"] <= ATOL, result

@@ -12,6 +12,7 @@ sample and one batch (M-RoPE temporal steps included), verify --video, and the b
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -207,16 +208,54 @@ def test_cli_refuses_training_on_mock_data_in_one_line(hf_dir):
 
 
 @pytest.mark.system
-@pytest.mark.skipduringci  # two 2-process launches: minutes on a loaded 2-core machine
-@pytest.mark.parametrize("layout", [["--tp", "2"], ["--pp", "2"]], ids=["tp2", "pp2"])
-def test_logits_on_images_at_tp2_and_pp2(hf_dir, images, frames, layout):
-    """The language model split over two processes; the vision tower's blocks split too (TP:
-    heads and MLP over the two ranks) or the whole tower on the first stage (PP); images and
-    a clip."""
+@pytest.mark.skipduringci  # a 2-process launch: a minute on a loaded 2-core machine
+def test_logits_on_images_at_pp2(hf_dir, images, frames):
+    """The language model split over two stages, the whole tower on the first; images and a
+    clip."""
     images_args = [a for p in images for a in ("--image", str(p))]
     videos = ["--video", *map(str, frames)]
-    code, result = checks.verify_cli(hf_dir, nproc=2, extra=[*layout, *images_args, *videos])
+    code, result = checks.verify_cli(hf_dir, nproc=2, extra=["--pp", "2", *images_args, *videos])
     assert code == 0 and result["max_abs_diff"] <= ATOL, result
+
+
+@pytest.mark.system
+@pytest.mark.usefixtures("single_process_megatron")  # the one-process checkpoint
+def test_vision_towers_at_tp2(hf_dir, images, frames, tmp_path):
+    """Every vision tower's layers split over TP=2 (heads and MLP; models/vision_encoder.py)
+    with the language model's, in one 2-process launch for all towers: Qwen2.5-VL (images
+    and a clip), Qwen3-VL (DeepStack), LLaVA with CLIP and with SigLIP, Gemma 3 (SigLIP). Logits on the images
+    within 1e-4 of transformers', and the model built at TP=2 exports the same files; LLaVA's
+    SigLIP also from a one-process Megatron checkpoint loaded at TP=2."""
+    from tests.vision_models import (
+        parallel_vision_checks,
+        save_tiny_gemma3_vl,
+        save_tiny_llava,
+        save_tiny_vl,
+    )
+
+    # (hf folder, images, clips); the tower's tensors split over TP: qkv, fc1 (weights and
+    # biases), proj and fc2 weights, 6 per layer (Qwen3-VL's tiny tower 3 layers, Gemma 3's
+    # tiny SigLIP 1, the others 2)
+    siglip = save_tiny_llava(tmp_path / "llava_siglip", "siglip_qwen2")
+    cases = {
+        "qwen2_5_vl": (hf_dir, images, [frames]),
+        "qwen3_vl": (save_tiny_vl("qwen3_vl", tmp_path / "qwen3_vl"), images, []),
+        "llava_clip": (save_tiny_llava(tmp_path / "llava_clip", "base"), images, []),
+        # also its Megatron checkpoint written in one process, loaded at TP=2 (resharded)
+        "llava_siglip": (
+            siglip,
+            images,
+            [],
+            checks.to_megatron_checkpoint(siglip, tmp_path / "mg"),
+        ),
+        "gemma3_vl": (save_tiny_gemma3_vl(tmp_path / "gemma3_vl"), images, []),
+    }
+    records = parallel_vision_checks(cases, tmp_path / "work", {"tp2": {"tp": 2, "pp": 1, "ep": 1}})
+    for name, (source, *_) in cases.items():
+        record = records[name, "tp2"]
+        assert record["max_abs_diff"] <= ATOL and record["top1_agreement"] == 1.0, record
+        assert record["tower_split"] == 6 * {"qwen3_vl": 3, "gemma3_vl": 1}.get(name, 2), record
+        checks.assert_same_hf_folder(source, Path(record["hf_dir"]))
 
 
 @pytest.mark.unit
@@ -236,12 +275,37 @@ def test_megatron_rope_on_patch_angles_is_transformers_vision_rope_in_fp32():
 
 
 @pytest.mark.unit
+@pytest.mark.usefixtures("single_process_megatron")
+def test_random_init_zeroes_the_padded_tower_mlp_units():
+    """A randomly initialised tower's padded MLP units (tiny Qwen2.5-VL: 60 -> 64, gated) are
+    zero in fc1 (both halves, weights and biases) and in fc2's columns: they add nothing, as
+    in a converted checkpoint; the real units are drawn."""
+    from megabridge.conversion.auto_bridge import AutoBridge
+    from megabridge.conversion.vit import padded_ffn
+    from megabridge.models import init
+    from megabridge.models.qwen2_5_vl.bridge import Qwen25VLBridge
+
+    cfg = Qwen25VLBridge.model_config(tiny_config("qwen2_5_vl"))
+    bridge = AutoBridge(Qwen25VLBridge, cfg, Qwen25VLBridge.hf_config_dict(cfg))
+    (model,) = bridge.to_megatron_model(load_weights=False)
+    init.initialize([model], cfg, seed=3)
+    ffn = cfg.vision["intermediate_size"]
+    assert padded_ffn(ffn) > ffn
+    for layer in model.vision.blocks:
+        fc1 = layer.mlp.linear_fc1.weight.unflatten(0, (2, -1))  # [gate; up]
+        assert fc1[:, ffn:].eq(0).all() and fc1[:, :ffn].ne(0).all()
+        fc2 = layer.mlp.linear_fc2.weight
+        assert fc2[:, ffn:].eq(0).all() and fc2[:, :ffn].ne(0).all()
+        assert layer.mlp.linear_fc1.bias.eq(0).all()  # biases start at zero anyway
+
+
+@pytest.mark.unit
 def test_attention_within_segments_is_one_call_per_segment():
     """Segments of one length attend together (attention_ops.attend_in_segments); the result
     is each segment's own bidirectional attention, and nothing crosses a boundary."""
     import torch.nn.functional as F
 
-    from megabridge.models.attention_ops import attend_in_segments
+    from megabridge.models.attention_ops import attend_in_segments, segment_groups
 
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(23, 2, 8, generator=gen) for _ in range(3))  # [s, heads, d]
@@ -251,7 +315,9 @@ def test_attention_within_segments_is_one_call_per_segment():
         out = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (qs, ks, vs)))
         return out.transpose(1, 2)
 
-    got = attend_in_segments(attend, q, k, v, bounds)
+    groups = segment_groups(bounds)
+    assert [length for length, _ in groups] == [4, 5, 6]  # one call per length
+    got = attend_in_segments(attend, q, k, v, groups)
     for a, b in zip(bounds[:-1], bounds[1:], strict=True):
         if b > a:
             expected = attend(q[None, a:b], k[None, a:b], v[None, a:b])[0]

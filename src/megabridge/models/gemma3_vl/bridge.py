@@ -38,7 +38,8 @@ class Gemma3VLBridge(Gemma3Bridge):
         *tower_mappings(PROJECTOR),
     ]
     NOTES = (
-        "images through a SigLIP tower (replicated on every TP rank, first PP stage); "
+        "images through a SigLIP tower (its layers split over TP ranks, the rest replicated; "
+        "first PP stage); "
         "bidirectional attention within each image (torch spec); --text-only reads the "
         "language model alone; SFT and LoRA on images (padded)"
     )

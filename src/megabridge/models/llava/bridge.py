@@ -47,9 +47,9 @@ class LlavaBridge(FamilyBridge):
     PROJECTOR = ("linear_1.weight", "linear_1.bias", "linear_2.weight", "linear_2.bias")
     PARALLELISM = ("TP", "PP")
     NOTES = (
-        "CLIP or SigLIP tower + projector in front of any supported text family; the tower "
-        "is a torch module replicated on every TP rank, on the first PP stage; a Pixtral tower "
-        "(Pixtral-12B) as Mistral 3's, its layers split over TP; SFT and LoRA on images (padded)"
+        "CLIP, SigLIP or Pixtral (Pixtral-12B, as Mistral 3's) tower + projector in front of "
+        "any supported text family; the tower's layers split over TP ranks (embeddings, norms "
+        "and projector replicated), on the first PP stage; SFT and LoRA on images (padded)"
     )
 
     @classmethod

@@ -3,8 +3,9 @@ and a 2-layer language model (hidden 64) of a supported text family.
 
 * ``base``: CLIP (class token, quick_gelu) + Llama, the hidden states of the next-to-last
   layer without the class token (LLaVA 1.5's choice): 16 image tokens.
-* ``siglip_qwen2``: SigLIP (patch bias, pooling head carried) + Qwen2 with tied embeddings,
-  two feature layers concatenated, every position kept ("full"): 16 image tokens.
+* ``siglip_qwen2``: SigLIP (patch bias, pooling head carried, an MLP of 60 units that the
+  Megatron-Core layers pad to 64) + Qwen2 with tied embeddings, two feature layers
+  concatenated, every position kept ("full"): 16 image tokens.
 * ``pixtral_mistral``: Pixtral-12B's shape: a Pixtral tower (each image at its own size, up
   to 32 pixels a side, every 4 x 4 patch a token; models/mistral3/tower.py) + Mistral, with
   the projector's biases.
@@ -30,7 +31,8 @@ TINY = {
     ),
     "siglip_qwen2": dict(
         text_config=dict(TEXT, model_type="qwen2", tie_word_embeddings=True),
-        vision_config=dict(VIT, model_type="siglip_vision_model", vision_use_head=True),
+        vision_config=dict(VIT, model_type="siglip_vision_model", vision_use_head=True,
+                           intermediate_size=60),
         image_token_index=IMAGE_TOKEN_ID, image_seq_length=16, tie_word_embeddings=True,
         vision_feature_layer=[-1, 1], vision_feature_select_strategy="full",
         projector_hidden_act="gelu_pytorch_tanh",

@@ -1,11 +1,14 @@
-"""The vision side of LLaVA-style models and Gemma 3, in plain torch: a CLIP or SigLIP ViT
-(``ViT``) and the projector that maps its features into the language model's embeddings.
+"""The vision side of LLaVA-style models and Gemma 3: a CLIP or SigLIP ViT (``ViT``) and the
+projector that maps its features into the language model's embeddings.
 
-Module and parameter names are transformers' (``vision_tower.encoder.layers.*.self_attn.
-q_proj``, ``multi_modal_projector.linear_1``), so the bridge maps them one to one. The
-tower is replicated on every tensor-parallel rank and lives on the first pipeline stage
-(models/vision.py); ``ModelConfig.vision`` (the HF vision_config fields plus the
-projector's) describes it.
+The encoder's layers are Megatron-Core TransformerLayers (models/vision_encoder.py: pre-norm
+LayerNorm, biases everywhere, bidirectional attention within each image, no RoPE), their
+heads and MLP split over tensor-parallel ranks; conversion/vit.py ``clip_layers`` maps
+transformers' q/k/v, out_proj, fc1/fc2 onto them. Everything else (embeddings, pre/post
+norms, SigLIP's pooling head, the projector) keeps transformers' names
+(``vision_tower.post_layernorm``, ``multi_modal_projector.linear_1``), mapped one to one, and
+is whole on every rank. The tower lives on the first pipeline stage (models/vision.py);
+``ModelConfig.vision`` (the HF vision_config fields plus the projector's) describes it.
 
 * ``LlavaVision`` (kind "llava"): the ViT's hidden states of ``vision_feature_layer``
   (one index or a list, concatenated), without the class token under the "default"
@@ -18,14 +21,15 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from megatron.core.transformer.module import MegatronModule
 from torch import nn
 
-# HF activation names -> functions (the bridge refuses any other name in one line).
-ACTIVATIONS = {
-    "gelu": F.gelu,
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),  # CLIP's
-}
+from megabridge.conversion import vit
+from megabridge.models import vision_encoder
+
+# HF activation names -> functions, the towers' own (the bridge refuses any other name in one
+# line): the pooling head's and the projector's.
+ACTIVATIONS = vision_encoder.ACTIVATIONS
 
 
 class Embeddings(nn.Module):
@@ -53,23 +57,9 @@ class Embeddings(nn.Module):
         return x + self.position_embedding.weight
 
 
-class Attention(nn.Module):
-    def __init__(self, hidden: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (
-            nn.Linear(hidden, hidden) for _ in range(4)
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, s, _ = x.shape
-        q, k, v = (p(x).view(b, s, self.heads, -1).transpose(1, 2)
-                   for p in (self.q_proj, self.k_proj, self.v_proj))  # fmt: skip
-        out = F.scaled_dot_product_attention(q, k, v)  # every patch sees every patch
-        return self.out_proj(out.transpose(1, 2).reshape(b, s, -1))
-
-
 class MLP(nn.Module):
+    """fc1 - activation - fc2 (SigLIP's pooling head's; the layers' MLPs are Megatron-Core's)."""
+
     def __init__(self, hidden: int, ffn: int, act: str):
         super().__init__()
         self.fc1, self.fc2 = nn.Linear(hidden, ffn), nn.Linear(ffn, hidden)
@@ -79,24 +69,13 @@ class MLP(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
-class EncoderLayer(nn.Module):
-    def __init__(self, v: dict):
-        super().__init__()
-        hidden, eps = v["hidden_size"], v["layer_norm_eps"]
-        self.layer_norm1 = nn.LayerNorm(hidden, eps=eps)
-        self.self_attn = Attention(hidden, v["num_attention_heads"])
-        self.layer_norm2 = nn.LayerNorm(hidden, eps=eps)
-        self.mlp = MLP(hidden, v["intermediate_size"], v["hidden_act"])
+class Encoder(MegatronModule):
+    """The ViT's layers: Megatron-Core TransformerLayers split over TP (``layers.N.``;
+    conversion/vit.py ``clip_layers`` maps transformers' ``encoder.layers.N.``)."""
 
-    def forward(self, x):
-        x = x + self.self_attn(self.layer_norm1(x))
-        return x + self.mlp(self.layer_norm2(x))
-
-
-class Encoder(nn.Module):
-    def __init__(self, v: dict):
-        super().__init__()
-        self.layers = nn.ModuleList(EncoderLayer(v) for _ in range(v["num_hidden_layers"]))
+    def __init__(self, config):
+        super().__init__(config=config)
+        self.layers = vision_encoder.TowerLayers(config, "LayerNorm")
 
 
 class PoolingHead(nn.Module):
@@ -112,17 +91,24 @@ class PoolingHead(nn.Module):
         self.mlp = MLP(hidden, v["intermediate_size"], v["hidden_act"])
 
 
-class ViT(nn.Module):
+class ViT(MegatronModule):
     """CLIP's or SigLIP's vision transformer (``model_type`` clip_vision_model /
-    siglip_vision_model): pixel values -> the hidden state after each layer."""
+    siglip_vision_model): pixel values -> the hidden state after each layer. Its layers are
+    Megatron-Core's, built with the language model's runtime (``lm_config``: dtype, init,
+    TP); embeddings, norms and the pooling head are whole on every rank."""
 
-    def __init__(self, v: dict):
-        super().__init__()
+    def __init__(self, v: dict, lm_config):
         hidden, eps = v["hidden_size"], v["layer_norm_eps"]
+        config = vision_encoder.tower_config(
+            lm_config, depth=v["num_hidden_layers"], hidden=hidden,
+            heads=v["num_attention_heads"], ffn=vit.padded_ffn(v["intermediate_size"]),
+            activation=v["hidden_act"], gated=False, normalization="LayerNorm", eps=eps,
+        )  # fmt: skip
+        super().__init__(config=config)
         self.embeddings = Embeddings(v)
         if self.embeddings.clip:  # spelled so in CLIP's checkpoints
             self.pre_layrnorm = nn.LayerNorm(hidden, eps=eps)
-        self.encoder = Encoder(v)
+        self.encoder = Encoder(config)
         self.post_layernorm = nn.LayerNorm(hidden, eps=eps)
         if v.get("vision_use_head"):
             self.head = PoolingHead(v)
@@ -140,20 +126,27 @@ class ViT(nn.Module):
         x = self.embeddings(pixels)
         if self.embeddings.clip:
             x = self.pre_layrnorm(x)
+        n, s, _ = x.shape
+        # the images one after another, [images * s, h], each attending within itself
+        images = vision_encoder.segments([i * s for i in range(n + 1)], x.device)
         states = [x]
-        for layer in self.encoder.layers[:last]:
-            states.append(layer(states[-1]))
+        x = x.flatten(0, 1)
+        for layer in list(self.encoder.layers)[:last]:
+            x = vision_encoder.run_layer(layer, x, images, angles=None)
+            states.append(x.view(n, s, -1))
         return states
 
 
-class LlavaVision(nn.Module):
+class LlavaVision(MegatronModule):
     """LLaVA: the ViT's selected hidden states through the two-layer projector."""
 
     PROJECTION = ("multi_modal_projector.",)  # what model.freeze_vision_projection freezes
+    MEGATRON_LAYERS = True  # built with the language model's TransformerConfig (runtime)
 
-    def __init__(self, v: dict):
-        super().__init__()
-        self.vision_tower = ViT(v)
+    def __init__(self, v: dict, lm_config):
+        tower = ViT(v, lm_config)
+        super().__init__(config=tower.config)
+        self.vision_tower = tower
         layers = v["vision_feature_layer"]
         self.feature_layers = [layers] if isinstance(layers, int) else list(layers)
         depth = v["num_hidden_layers"]
@@ -205,14 +198,16 @@ class Gemma3Projector(nn.Module):
         return torch.matmul(normed, self.mm_input_projection_weight).type_as(x)
 
 
-class Gemma3Vision(nn.Module):
+class Gemma3Vision(MegatronModule):
     """Gemma 3: SigLIP's last hidden state (post-normed), pooled and projected."""
 
     PROJECTION = ("multi_modal_projector.",)  # what model.freeze_vision_projection freezes
+    MEGATRON_LAYERS = True  # built with the language model's TransformerConfig (runtime)
 
-    def __init__(self, v: dict):
-        super().__init__()
-        self.vision_tower = ViT(v)
+    def __init__(self, v: dict, lm_config):
+        tower = ViT(v, lm_config)
+        super().__init__(config=tower.config)
+        self.vision_tower = tower
         self.multi_modal_projector = Gemma3Projector(v)
 
     def no_gradient(self) -> tuple[str, ...]:

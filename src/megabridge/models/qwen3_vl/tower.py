@@ -104,7 +104,7 @@ class Qwen3VisionTower(MegatronModule):
         inv = self.inv_freq.to(x.device)
         angles = torch.cat([rows[:, None].float() * inv, cols[:, None].float() * inv], dim=-1)
         angles = torch.cat([angles, angles], dim=-1)  # [patches, head_dim]
-        frames = vision_encoder.segments(frame_bounds(grids))
+        frames = vision_encoder.segments(frame_bounds(grids), x.device)
         deepstack = []
         for i, layer in enumerate(self.blocks):
             x = vision_encoder.run_layer(layer, x, frames, angles)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Nightly: the vision-language tests CI leaves out (the CLI both ways, TP=2 / PP=2 / EP=2 on
-# images; SFT at TP=2 / PP=2 / DP=2 against one process); CI runs the rest of these files.
+# Nightly: the vision-language tests CI leaves out (the CLI both ways, PP=2 / EP=2 and
+# Qwen3-VL-MoE's TP=2 on images; SFT at TP=2 / PP=2 / DP=2 against one process); CI runs the
+# rest of these files, every dense tower at TP=2 in one launch among them.
 set -euo pipefail
 cd "$(dirname "$0")/../../../.."
 uv run pytest tests/unit_tests/models/test_vision_language.py \

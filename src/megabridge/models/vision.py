@@ -105,7 +105,7 @@ class Qwen25VisionTower(MegatronModule):
         self.patch_embed = PatchEmbed(
             v["in_channels"], v["temporal_patch_size"], v["patch_size"], hidden, bias=False
         )
-        self.blocks = vision_encoder.TowerLayers(config, "RMSNorm")
+        self.blocks = vision_encoder.TowerLayers(config, "RMSNorm", v["intermediate_size"])
         self.merger = PatchMerger(hidden, self.merge**2, v["out_hidden_size"])
         # 2D RoPE, rotated by halves over the whole head (angles [rows | columns | rows | columns])
         self.inv_freq = rope_inv_freq(hidden, heads, v.get("rope_theta", 10000.0))

@@ -194,6 +194,54 @@ def test_lora_exports_merged_and_peft_with_megatron_logits(family, hf_dirs, data
     _generates(merged, hf_dir, data_dir)
 
 
+@pytest.mark.unit
+@pytest.mark.usefixtures("single_process_megatron")
+def test_qwen3_vl_tower_lora_keeps_off_the_padded_mlp_units(data_dir, tmp_path):
+    """peft.vision_target_modules on Qwen3-VL with a tower MLP of 60 units (Megatron pads it to
+    64). Its MLP is plain GELU, so an adapter on the padded units would bring them to life
+    (fc1's B rows, through fc2's A columns): masked, megabridge's adapted model (before
+    merging), the merged export in transformers and the peft adapter on transformers' own
+    model give the same logits."""
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    from tests.vision_models import save_tiny_vl
+
+    hf_dir = save_tiny_vl("qwen3_vl", tmp_path / "hf", processor=True,
+                          vision={"intermediate_size": 60})  # fmt: skip
+    cfg = _config(
+        "qwen3_vl_tiny_lora_config",
+        hf_dir,
+        data_dir,
+        tmp_path,
+        "peft.dim=4",
+        "peft.vision_target_modules=linear_qkv,linear_proj,linear_fc1,linear_fc2",
+    )
+    batch, model_cfg = _batch(hf_dir, data_dir, [1, 6])
+    ours = {}
+
+    def adapted_logits(s):
+        chunk = s.model[0].module  # inside DDP
+        assert chunk.vision.blocks[0].mlp.linear_fc2.live.shape == (1, 64)
+        with torch.no_grad():
+            ours["logits"] = _megatron_logits(chunk, batch)
+
+    lora_train_and_export(cfg, tmp_path, adapted_logits)
+    inputs = _hf_inputs(batch, model_cfg.vision)
+    with torch.no_grad():
+        merged_logits = AutoModelForImageTextToText.from_pretrained(str(tmp_path / "merged"))(
+            **inputs
+        ).logits
+        base = AutoModelForImageTextToText.from_pretrained(str(hf_dir))
+        adapted = PeftModel.from_pretrained(base, str(tmp_path / "adapter"))
+        adapter_logits = adapted(**inputs).logits
+    real = batch["tokens"] != 0  # padding's logits are not compared
+    assert (merged_logits - ours["logits"])[real].abs().max() <= ATOL
+    assert (merged_logits - adapter_logits)[real].abs().max() <= ATOL
+    tower = [n for n, _ in adapted.named_parameters() if ".lora_" in n and ".visual." in n]
+    assert len(tower) == 3 * 4 * 2  # A and B of qkv, proj, linear_fc1, linear_fc2 in 3 blocks
+
+
 def _generates(model, hf_dir, data_dir):
     """transformers generates from the model on a chat prompt with one image."""
     from PIL import Image

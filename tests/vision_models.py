@@ -97,8 +97,9 @@ def save_tiny_vl(
         small = dict(min_pixels=16 * 16, max_pixels=64 * 64)
         if family == "qwen2_5_vl":
             videos, processor_class = Qwen2VLVideoProcessor(**sizes, **small), Qwen2_5_VLProcessor
-        else:  # Qwen3-VL's processor takes its own video processor
-            videos, processor_class = Qwen3VLVideoProcessor(**sizes), Qwen3VLProcessor
+        else:  # Qwen3-VL's processor takes its own video processor (its pixel limits: a clip's)
+            clip = dict(size={"shortest_edge": 16 * 16, "longest_edge": 8 * 64 * 64})
+            videos, processor_class = Qwen3VLVideoProcessor(**sizes, **clip), Qwen3VLProcessor
         processor_class(images, tokenizer, videos, chat_template=CHAT_TEMPLATE).save_pretrained(
             str(path)
         )

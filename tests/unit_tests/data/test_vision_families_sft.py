@@ -242,6 +242,49 @@ def test_qwen3_vl_tower_lora_keeps_off_the_padded_mlp_units(data_dir, tmp_path):
     assert len(tower) == 3 * 4 * 2  # A and B of qkv, proj, linear_fc1, linear_fc2 in 3 blocks
 
 
+@pytest.mark.unit
+@pytest.mark.usefixtures("single_process_megatron")
+def test_qwen3_vl_sft_on_a_clip_an_image_and_text(hf_dirs, tmp_path_factory, tmp_path):
+    """Video parts for Qwen3-VL: a padded micro-batch of a 4-frame clip (its temporal patches'
+    timestamps in the text), an image and a text-only example gives Megatron per-token losses
+    equal to transformers' on the answers (positions, DeepStack on both); a few SFT steps on
+    clips, images and text lower the loss."""
+    from transformers import AutoModelForImageTextToText
+
+    from megabridge.training import loop
+    from megabridge.training.data import sft, vision_sft
+    from tests.vision_models import save_mixed_colour_dataset
+
+    hf_dir = hf_dirs("qwen3_vl")
+    mixed = save_mixed_colour_dataset(tmp_path_factory.mktemp("mixed"), count=12)
+    processor = _processor(hf_dir)
+    records = sft.read_records(mixed / "train.jsonl")[3:6]  # clip (4 frames), image, text
+    examples = vision_sft.tokenize(records, processor, 96, videos=True)
+    assert examples[0].video_grids == ((2, 6, 8),) and examples[0].video_fps == (2.0,)
+    s = loop.setup(_config("qwen3_vl_tiny_finetune_config", hf_dir, mixed, tmp_path,
+                           "dataset.seq_length=96", "train.global_batch_size=3",
+                           "train.micro_batch_size=3"))  # fmt: skip
+    data = vision_sft.PaddedVisionSFTDataset(examples, 96, 0, processor, s.cfg.model)
+    batch = data.collate([data[i] for i in range(3)])
+    visual = {k: batch[k] for k in ("pixel_values", "image_grid_thw", "pixel_values_videos",
+                                    "video_grid_thw")}  # fmt: skip
+    tokens, vision = batch["tokens"], s.cfg.model.vision
+    types = (tokens == vision["image_token_id"]).int() + 2 * (tokens == vision["video_token_id"])
+    with torch.no_grad():
+        ours = s.model[0].module(tokens, batch["position_ids"], None, labels=batch["labels"],
+                                 **visual)  # fmt: skip
+        hf = AutoModelForImageTextToText.from_pretrained(str(hf_dir))
+        logits = hf(input_ids=tokens, mm_token_type_ids=types.int(), **visual).logits
+        theirs = torch.nn.functional.cross_entropy(
+            logits.transpose(1, 2), batch["labels"], reduction="none"
+        )
+    mask = batch["loss_mask"].bool()
+    assert mask.sum() == 3 * 2  # the colour and the turn's end of each answer
+    assert (ours[mask] - theirs[mask]).abs().max() <= ATOL
+    losses = train_steps(s, 3)
+    assert losses[-1] < losses[0], losses
+
+
 def _generates(model, hf_dir, data_dir):
     """transformers generates from the model on a chat prompt with one image."""
     from PIL import Image

@@ -52,6 +52,7 @@ import torch.nn.functional as F
 
 from megabridge.conversion import sharding
 from megabridge.errors import CheckpointError, ConfigError
+from megabridge.models.vision_encoder import TowerLayers
 
 # Which layers are adapted is torch-free (recipes and config checks read it): re-exported here.
 from megabridge.peft.targets import (  # noqa: F401
@@ -329,8 +330,6 @@ def _wrap(name: str, module, target: str, s: dict):
 
 def _targets(chunk, s: dict):
     """(name, module, target, in the tower) of every layer that ``s`` adapts in ``chunk``."""
-    from megabridge.models.vision_encoder import TowerLayers
-
     towers = [n for n, m in chunk.named_modules() if isinstance(m, TowerLayers)]
     tower_layer = re.compile(f"^(?:{'|'.join(map(re.escape, towers))}){_TOWER_LAYER}")
     for name, module in list(chunk.named_modules()):

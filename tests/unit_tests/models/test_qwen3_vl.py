@@ -298,3 +298,13 @@ def test_verify_on_a_clip_matches_transformers(family, processor_dirs, frames):
     assert clip.second_per_grid_ts is None and _runs(clip.input_ids[0], VIDEO_TOKEN) == [20, 20]
     result = verify(hf_dir, videos=[frames])
     assert result.ok and result.max_abs_diff <= ATOL and result.tokens == clip.input_ids.numel()
+
+
+@pytest.mark.system
+@pytest.mark.skipduringci  # a 2-process launch: a minute on a loaded 2-core machine
+def test_verify_on_a_clip_at_tp2(processor_dirs, frames):
+    """verify --video with the language model and the tower's blocks split over two ranks."""
+    code, result = checks.verify_cli(
+        processor_dirs["qwen3_vl"], nproc=2, extra=["--tp", "2", "--video", *map(str, frames)]
+    )
+    assert code == 0 and result["max_abs_diff"] <= ATOL, result

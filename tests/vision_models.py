@@ -61,11 +61,13 @@ def save_tiny_vl(
     dtype: torch.dtype = torch.float32,
     max_shard_size: int | None = None,
     processor: bool | None = None,
+    vision: dict | None = None,
 ) -> Path:
     """transformers' model of a vision-language family's tiny config (Qwen2.5-VL, Qwen3-VL,
     Qwen3-VL-MoE), random weights, with its image processor and tokenizer files (with
     ``max_shard_size``, bytes: several safetensors files and an index); with ``processor``
-    (default: Qwen2.5-VL's) its HF processor and a chat template too (AutoProcessor)."""
+    (default: Qwen2.5-VL's) its HF processor and a chat template too (AutoProcessor);
+    ``vision``: vision_config fields changed from the tiny config's."""
     from transformers import (
         AutoModelForImageTextToText,
         Qwen2_5_VLProcessor,
@@ -76,6 +78,8 @@ def save_tiny_vl(
     )
 
     config = tiny_config(family, variant)
+    for name, value in (vision or {}).items():
+        setattr(config.vision_config, name, value)
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(config)
     randomize(model, seed)
@@ -93,8 +97,9 @@ def save_tiny_vl(
         small = dict(min_pixels=16 * 16, max_pixels=64 * 64)
         if family == "qwen2_5_vl":
             videos, processor_class = Qwen2VLVideoProcessor(**sizes, **small), Qwen2_5_VLProcessor
-        else:  # Qwen3-VL's processor takes its own video processor
-            videos, processor_class = Qwen3VLVideoProcessor(**sizes), Qwen3VLProcessor
+        else:  # Qwen3-VL's processor takes its own video processor (its pixel limits: a clip's)
+            clip = dict(size={"shortest_edge": 16 * 16, "longest_edge": 8 * 64 * 64})
+            videos, processor_class = Qwen3VLVideoProcessor(**sizes, **clip), Qwen3VLProcessor
         processor_class(images, tokenizer, videos, chat_template=CHAT_TEMPLATE).save_pretrained(
             str(path)
         )
@@ -398,9 +403,11 @@ def train_steps(s, count: int, same_batch: bool = False) -> list[float]:
     return losses
 
 
-def lora_train_and_export(cfg, root: Path):
-    """Set up a LoRA run of ``cfg``, check only the language model's adapters train, take 3
-    steps with falling loss, then write root/adapter (peft) and root/merged (HF); the session."""
+def lora_train_and_export(cfg, root: Path, before_merge=None):
+    """Set up a LoRA run of ``cfg``, check only adapters train (the language model's, and the
+    tower's blocks' if peft.vision_target_modules names any), take 3 steps with falling loss,
+    call ``before_merge(session)``, then write root/adapter (peft) and root/merged (HF);
+    the session."""
     from megabridge.peft import lora
     from megabridge.peft.export import save_adapter
     from megabridge.training import loop, save_hf
@@ -408,9 +415,13 @@ def lora_train_and_export(cfg, root: Path):
     s = loop.setup(cfg)
     chunk = s.model[0].module  # inside DDP
     trainable = [n for n, p in chunk.named_parameters() if p.requires_grad]
-    assert trainable and all(lora.is_adapter(n) and n.startswith("decoder.") for n in trainable)
+    parts = ("decoder.", "vision.blocks.") if cfg.peft.vision_target_modules else ("decoder.",)
+    assert trainable and all(lora.is_adapter(n) and n.startswith(parts) for n in trainable)
+    assert {n.split(".")[0] for n in trainable} == {p.split(".")[0] for p in parts}
     losses = train_steps(s, 3)
     assert losses[-1] < losses[0], losses
+    if before_merge is not None:
+        before_merge(s)
     bridge = save_hf.bridge_for_run(cfg)
     save_adapter(s.model, bridge, root / "adapter", chunk.megabridge_peft)
     lora.merge_and_unload(s.model)

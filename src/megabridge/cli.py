@@ -292,8 +292,8 @@ def _register_conversion(sub) -> None:
         action="append",
         nargs="+",
         metavar="FRAME",
-        help="Qwen2.5-VL: one video to compare on, as its frame images in order (or one folder "
-        "of them, sorted by name); at least temporal_patch_size (2) frames of one size; "
+        help="Qwen2.5-VL, Qwen3-VL: one video to compare on, as its frame images in order (or "
+        "one folder of them, sorted by name); at least temporal_patch_size (2) frames of one size; "
         "repeatable, one sample per --video, made by the model's own HF processor. Video files "
         "(.mp4, ...) are not decoded: extract their frames first",
     )
@@ -301,7 +301,8 @@ def _register_conversion(sub) -> None:
         "--video-fps",
         type=float,
         default=2.0,
-        help="the frame rate of the --video frames (default 2.0): M-RoPE spaces frames in time",
+        help="the frame rate of the --video frames (default 2.0): M-RoPE spaces frames in time "
+        "(Qwen2.5-VL); the processor samples frames and writes their timestamps (Qwen3-VL)",
     )
     _text_only_arg(p)
     p.add_argument("--json", action="store_true", help="print the result as JSON on the last line")

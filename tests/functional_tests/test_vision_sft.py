@@ -99,3 +99,46 @@ def test_two_process_losses_equal_one_process(run, tmp_path, layout):
     assert sorted(got) == sorted(ref)
     for step, loss in ref.items():
         assert got[step] == pytest.approx(loss, rel=1e-4), (step, loss, got[step])
+
+
+@pytest.mark.skipduringci  # three 1- and 2-process launches: ~3 min on a loaded 2-core machine
+def test_tower_lora_at_tp2_trains_and_exports_as_at_tp1(tmp_path):
+    """peft.vision_target_modules on Qwen3-VL at TP=2: the tower's adapters split like the
+    language model's (the tower MLP padded 60 -> 64, its padded units on rank 1); the losses
+    equal TP=1's, and the TP=2 exports (merged, peft adapter) of the TP=2 checkpoint equal
+    the TP=1 ones'."""
+    from safetensors.torch import load_file
+
+    from tests.helpers import torchrun
+    from tests.vision_models import save_tiny_vl
+
+    hf = save_tiny_vl("qwen3_vl", tmp_path / "hf", processor=True, vision={"intermediate_size": 60})
+    data = save_colour_dataset(tmp_path / "data", count=16)
+    merged, adapters = {}, {}
+    for tp in (1, 2):
+        root = tmp_path / f"tp{tp}"
+        train(tp, "qwen3_vl_tiny_lora_config", [
+            *_overrides(root, hf, data), "train.train_iters=3", "peft.dim=4",
+            "peft.vision_target_modules=linear_qkv,linear_proj,linear_fc1,linear_fc2",
+            f"model.tensor_model_parallel_size={tp}",
+        ])  # fmt: skip
+        args = ["-m", "megabridge", "export", "--megatron-path", str(root / "ckpt"),
+                "--hf-path", str(root / "merged"), "--adapter-path", str(root / "adapter"),
+                "--tp", str(tp)]  # fmt: skip
+        result = torchrun(tp, args)
+        assert result.returncode == 0, result.stderr[-3000:]
+        merged[tp] = load_file(str(root / "merged" / "model.safetensors"))
+        adapters[tp] = load_file(str(root / "adapter" / "adapter_model.safetensors"))
+    ref, got = losses(tmp_path / "tp1" / "logs"), losses(tmp_path / "tp2" / "logs")
+    assert sorted(got) == sorted(ref) == [1, 2, 3]
+    for step, loss in ref.items():
+        assert got[step] == pytest.approx(loss, rel=1e-4), (step, loss, got[step])
+    for one, two in ((merged[1], merged[2]), (adapters[1], adapters[2])):
+        assert one.keys() == two.keys()
+        for name, tensor in one.items():
+            torch.testing.assert_close(two[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+    down_a = "base_model.model.model.visual.blocks.0.mlp.linear_fc2.lora_A.weight"
+    assert adapters[2][down_a].shape == (4, 60)  # the padded units' columns dropped
+    base = load_file(str(hf / "model.safetensors"))
+    qkv = next(n for n in base if n.endswith("visual.blocks.0.attn.qkv.weight"))
+    assert (merged[2][qkv] - base[qkv]).abs().max() > 1e-4  # the tower's adapters trained

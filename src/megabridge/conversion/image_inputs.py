@@ -4,7 +4,7 @@ that places the image's tokens between the vision start and end tokens, as the H
 processor does. LLaVA and Gemma 3 run their whole HF processor (processor_config.json) on
 the prompt with its image marker. Used by verify (--image).
 
-A video (Qwen2.5-VL, verify --video) is a clip of frame images, in order, given to the
+A video (Qwen2.5-VL, Qwen3-VL; verify --video) is a clip of frame images, in order, given to the
 model's whole HF processor as one video (``videos=[frames]``); video files are not decoded
 here. Training reads its clips' frames with read_frames too (training/data/vision_sft.py)."""
 
@@ -102,7 +102,9 @@ class VideoSample:
     input_ids: torch.Tensor  # [1, s]
     pixel_values_videos: torch.Tensor  # [patches, channels * temporal * patch * patch]
     video_grid_thw: torch.Tensor  # [1, 3]: temporal patches, rows, columns
-    second_per_grid_ts: torch.Tensor  # [1]: seconds per temporal patch (M-RoPE's time steps)
+    # [1]: seconds per temporal patch (Qwen2.5-VL's M-RoPE time steps); None: Qwen3-VL's
+    # processor writes each temporal patch's time into the text instead
+    second_per_grid_ts: torch.Tensor | None
 
 
 def frame_paths(paths: list, where: str = "") -> list[Path]:
@@ -176,7 +178,7 @@ def video_samples(hf_path, clips: list[list], vision: dict, fps: float = DEFAULT
             return_tensors="pt",
         )  # fmt: skip
         samples.append(VideoSample(out["input_ids"], out["pixel_values_videos"],
-                                   out["video_grid_thw"], out["second_per_grid_ts"]))  # fmt: skip
+                                   out["video_grid_thw"], out.get("second_per_grid_ts")))  # fmt: skip
     return samples
 
 

@@ -10,7 +10,7 @@ import torch.distributed as dist
 from megabridge.conversion import image_inputs
 from megabridge.conversion.auto_bridge import AutoBridge
 from megabridge.errors import UserError
-from megabridge.models.vision import VIDEO_TOWERS, mrope_positions, video_steps
+from megabridge.models.vision import VIDEO_TOWERS, mrope_positions, video_position_args
 
 DEFAULT_ATOL = {torch.float32: 1e-3, torch.bfloat16: 0.25}
 DEFAULT_MIN_TOP1 = {torch.float32: 0.99, torch.bfloat16: 0.9}
@@ -74,10 +74,11 @@ def hf_image_logits(
         out.append(model(input_ids=ids, pixel_values=pixels, **extra).logits.float())
     for clip in clips:
         ids = clip.input_ids.to(device)
+        seconds = clip.second_per_grid_ts  # Qwen2.5-VL's; Qwen3-VL's times are in the text
+        seconds = {} if seconds is None else {"second_per_grid_ts": seconds.to(device)}
         out.append(model(
             input_ids=ids, pixel_values_videos=clip.pixel_values_videos.to(device, dtype),
-            video_grid_thw=clip.video_grid_thw.to(device),
-            second_per_grid_ts=clip.second_per_grid_ts.to(device),
+            video_grid_thw=clip.video_grid_thw.to(device), **seconds,
             mm_token_type_ids=2 * (ids == vision["video_token_id"]).int(),  # 2: video tokens
         ).logits.float())  # fmt: skip
     del model
@@ -107,8 +108,7 @@ def megatron_video_logits(chunks, clips, vision: dict) -> torch.Tensor | None:
     for clip in clips:
         positions = mrope_positions(
             clip.input_ids, None, vision["image_token_id"], vision["spatial_merge_size"],
-            clip.video_grid_thw, vision["video_token_id"],
-            video_steps(vision, clip.second_per_grid_ts),
+            **video_position_args(vision, clip.video_grid_thw, clip.second_per_grid_ts),
         )  # fmt: skip
         videos = {"pixel_values_videos": clip.pixel_values_videos,
                   "video_grid_thw": clip.video_grid_thw}  # fmt: skip
@@ -264,10 +264,10 @@ def _check_visual_inputs(hf_bridge: AutoBridge, images, videos) -> None:
     if vision is not None and not images and not videos:
         raise UserError(
             f"verify of the vision-language {name} compares logits on images: pass --image PATH "
-            "(one or more), or for Qwen2.5-VL --video FRAME [FRAME ...]"
+            "(one or more), or for Qwen2.5-VL and Qwen3-VL --video FRAME [FRAME ...]"
         )
     if vision is None and (images or videos):
         flag = "--image" if images else "--video"
         raise UserError(f"{flag}: {name} is a text-only model")
     if videos and vision["kind"] not in VIDEO_TOWERS:
-        raise UserError(f"--video: {name} takes images only here (video: Qwen2.5-VL)")
+        raise UserError(f"--video: {name} takes images only here (video: Qwen2.5-VL, Qwen3-VL)")

@@ -207,6 +207,9 @@ class VisionDown(Mapping):
     """HF down_proj.weight [hidden, ffn] <-> the tower's linear_fc2.weight, zero-padded to
     padded_ffn columns."""
 
+    # peft/export.py: a LoRA A of this layer [r, padded] has the weight's padded columns too
+    PADDED_INPUT = True
+
     def hf_to_megatron(self, tensors, cfg):
         import torch.nn.functional as F
 

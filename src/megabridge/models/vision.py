@@ -25,10 +25,13 @@ Patches arrive grouped by merge neighbourhood (the image processor's order); the
 blocks see them regrouped by window, and the merger's output goes back to the
 processor's order.
 
-Video (towers in ``VIDEO_TOWERS``: Qwen2.5-VL): a clip's frames, two per temporal patch, go
-through the same tower (``pixel_values_videos``, ``video_grid_thw``); their features replace
-the video placeholder tokens (``embed_videos``), and ``mrope_positions`` spaces the clip's
-temporal patches by ``video_steps``.
+Video (towers in ``VIDEO_TOWERS``: Qwen2.5-VL, Qwen3-VL): a clip's frames, two per temporal
+patch, go through the same tower (``pixel_values_videos``, ``video_grid_thw``); their features
+replace the video placeholder tokens (``embed_videos``; Qwen3-VL: DeepStack's too). M-RoPE
+(``video_position_args``): Qwen2.5-VL spaces the clip's temporal patches by ``video_steps``;
+Qwen3-VL's processor writes each temporal patch's time into the text ("<0.5 seconds>", then
+the patch's tokens between vision start and end), and each patch is placed as an image of its
+own (transformers' Qwen3-VL get_rope_index).
 """
 
 from __future__ import annotations
@@ -94,7 +97,7 @@ class Qwen25VisionTower(MegatronModule):
         self.patch_embed = PatchEmbed(
             v["in_channels"], v["temporal_patch_size"], v["patch_size"], hidden, bias=False
         )
-        self.blocks = vision_encoder.TowerLayers(config, "RMSNorm")
+        self.blocks = vision_encoder.TowerLayers(config, "RMSNorm", v["intermediate_size"])
         self.merger = PatchMerger(hidden, self.merge**2, v["out_hidden_size"])
         # 2D RoPE, rotated by halves over the whole head (angles [rows | columns | rows | columns])
         self.inv_freq = rope_inv_freq(hidden, heads, v.get("rope_theta", 10000.0))
@@ -150,8 +153,8 @@ TOWERS = {
 }
 
 
-# Tower kinds whose model takes video frames (their M-RoPE positions: mrope_positions).
-VIDEO_TOWERS = ("qwen2_5_vl",)
+# Tower kinds whose model takes video frames (their M-RoPE positions: video_position_args).
+VIDEO_TOWERS = ("qwen2_5_vl", "qwen3_vl")
 
 
 def _filled(embeddings, placeholders, features, what: str) -> torch.Tensor:
@@ -223,19 +226,29 @@ class VisionLanguageModel(GPTModel):
             return embeddings
         features = self.vision(pixel_values, image_grid_thw)  # [image tokens, h]
         placeholders = input_ids == self.image_token_id  # [b, s]
-        if isinstance(features, tuple):  # (features, DeepStack's features per LM layer)
-            features, deepstack = features
-            self._deepstack = (placeholders, deepstack)
-        return _filled(embeddings, placeholders, features, "image")
+        return _filled(embeddings, placeholders, self._keep_deepstack(features, placeholders),
+                       "image")  # fmt: skip
 
     def embed_videos(self, embeddings, input_ids, pixel_values_videos, video_grid_thw):
         """``embeddings`` [s, b, h] with the video tokens' rows replaced by the frames' features.
-        Qwen2.5-VL embeds a video's patches (pairs of frames: temporal_patch_size 2) with the
-        same tower as images; only its placeholder token and M-RoPE positions differ."""
+        Qwen2.5-VL and Qwen3-VL embed a video's patches (pairs of frames: temporal_patch_size
+        2) with the same tower as images; only the placeholder token and M-RoPE positions
+        differ (Qwen3-VL: DeepStack adds the video's features as it adds the images')."""
         if self.vision_kind not in VIDEO_TOWERS:
             raise UserError(f"video input for {self.vision_kind} is not supported yet")
         features = self.vision(pixel_values_videos, video_grid_thw)  # [video tokens, h]
-        return _filled(embeddings, input_ids == self.video_token_id, features, "video")
+        placeholders = input_ids == self.video_token_id  # [b, s]
+        return _filled(embeddings, placeholders, self._keep_deepstack(features, placeholders),
+                       "video")  # fmt: skip
+
+    def _keep_deepstack(self, features, placeholders) -> torch.Tensor:
+        """The features; a tower's (features, DeepStack's features per LM layer) keeps the
+        latter, with the tokens they go to, for _deepstack_add (images, then videos)."""
+        if not isinstance(features, tuple):
+            return features
+        features, deepstack = features
+        self._deepstack = [*(self._deepstack or []), (placeholders, deepstack)]
+        return features
 
     def _add_deepstack_hooks(self, layers: int) -> None:
         """LM layer i's output gets DeepStack's i-th features added on the image tokens, for
@@ -256,10 +269,12 @@ class VisionLanguageModel(GPTModel):
         if self._deepstack is None:
             return output
         hidden, context = output  # hidden [s, b, h]
-        placeholders, features = self._deepstack
-        added = torch.zeros_like(hidden.transpose(0, 1)).masked_scatter(
-            placeholders.unsqueeze(-1), features[index].to(hidden.dtype)
-        )  # [b, s, h], image tokens in batch-major order (as embed_with_images fills them)
+        added = torch.zeros_like(hidden.transpose(0, 1))  # [b, s, h]
+        for placeholders, features in self._deepstack:  # images', videos' (disjoint tokens)
+            # their tokens in batch-major order, as embed_with_images / embed_videos fill them
+            added = added.masked_scatter(
+                placeholders.unsqueeze(-1), features[index].to(hidden.dtype)
+            )
         return hidden + added.transpose(0, 1), context
 
 
@@ -374,6 +389,24 @@ def mrope_positions(
             out[:, row, i : i + n] = grid + pos
             i, pos = i + n, pos + max(h, w)
     return out.to(input_ids.device)
+
+
+def video_position_args(vision: dict, video_grid_thw, second_per_grid_ts) -> dict:
+    """mrope_positions' video arguments for clips of ``video_grid_thw`` [clips, 3].
+
+    Qwen2.5-VL: a clip's temporal patches on one grid, spaced by video_steps (its
+    ``second_per_grid_ts``). Qwen3-VL: every temporal patch is placed as an image of its own
+    (a [1, h, w] grid): the processor separates them in the text by their timestamps, which
+    carry the time instead (transformers' Qwen3-VL get_rope_index; ``second_per_grid_ts``
+    unused, None)."""
+    if vision["kind"] == "qwen3_vl":
+        grids = torch.repeat_interleave(video_grid_thw, video_grid_thw[:, 0], dim=0)
+        grids[:, 0] = 1
+        steps = torch.ones(grids.shape[0])
+    else:
+        grids, steps = video_grid_thw, video_steps(vision, second_per_grid_ts)
+    return {"video_grid_thw": grids, "video_token_id": vision["video_token_id"],
+            "video_steps": steps}  # fmt: skip
 
 
 def video_steps(vision: dict, second_per_grid_ts) -> torch.Tensor:

@@ -134,17 +134,24 @@ def layer_spec(normalization: str) -> ModuleSpec:
 class TowerLayers(torch.nn.ModuleList):
     """The tower's TransformerLayers, ``blocks.N.`` in checkpoints, each layer's tensors
     sharded over TP as Megatron-Core shards them (a plain ModuleList's would be saved as
-    replicated, every rank's half under one key)."""
+    replicated, every rank's half under one key).
 
-    def __init__(self, config: TransformerConfig, normalization: str):
+    ``ffn_units``: the MLP's width in the HF model when ``config.ffn_hidden_size`` pads it
+    (conversion/vit.py padded_ffn); fc1 and fc2 record it (``live_units``) so that LoRA
+    (peft/lora.py) keeps its adapters off the padded units. The layers are what
+    ``peft.vision_target_modules`` adapts."""
+
+    def __init__(self, config: TransformerConfig, normalization: str, ffn_units: int | None = None):
         spec = layer_spec(normalization)
         super().__init__(
             build_module(spec, config=config, layer_number=i + 1) for i in range(config.num_layers)
         )
-        if not config.gated_linear_unit:  # sharding.param_split: not [gate; up] halves
-            for layer in self:
+        for layer in self:
+            if not config.gated_linear_unit:  # sharding.param_split: not [gate; up] halves
                 for param in layer.mlp.linear_fc1.parameters():
                     param.plain_fc1 = True
+            if ffn_units is not None and ffn_units < config.ffn_hidden_size:
+                layer.mlp.linear_fc1.live_units = layer.mlp.linear_fc2.live_units = ffn_units
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         out = {}

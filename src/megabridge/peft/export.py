@@ -51,12 +51,16 @@ _PEFT_SUFFIX = {
 
 
 class _Shared:
-    """A as a "mapping": the one A of a fused layer, copied to each of its HF projections."""
+    """A as a "mapping": the one A of a fused layer, copied to each of its HF projections;
+    ``padded``: the layer's own mapping, whose input is zero-padded (a tower's fc2:
+    conversion/vit.py VisionDown), drops A's padded columns as it drops the weight's."""
 
-    def __init__(self, count: int):
-        self.count = count
+    def __init__(self, count: int, padded=None):
+        self.count, self.padded = count, padded
 
     def megatron_to_hf(self, tensor: torch.Tensor, cfg) -> list[torch.Tensor]:
+        if self.padded is not None:
+            (tensor,) = self.padded.megatron_to_hf(tensor, cfg)
         return [tensor.clone() for _ in range(self.count)]
 
     def expert_of(self, megatron_name: str) -> None:
@@ -77,7 +81,10 @@ class _AdapterNames:
             f"base_model.model.{self.module_path(w).removesuffix('.weight')}" for w in hf_weights
         ]
         names = tuple(f"{m}.{_PEFT_SUFFIX[param]}" for m in modules)
-        return (_Shared(len(names)) if param == "lora_a" else mapping), names
+        if param == "lora_a":
+            padded = mapping if getattr(mapping, "PADDED_INPUT", False) else None
+            return _Shared(len(names), padded), names
+        return mapping, names
 
 
 def hf_module_paths(bridge):
@@ -126,7 +133,8 @@ def adapter_config(settings: dict, family, base_name: str | None, modules=None) 
     """adapter_config.json for peft's LoraConfig (fields it does not get: its defaults).
 
     ``modules``: the adapted modules' paths; given, target_modules is a pattern of exactly
-    those (a vision-language model's tower has layers of the same names, left alone)."""
+    those (a vision-language model's tower has layers of the same names, adapted only as
+    peft.vision_target_modules asks)."""
     by_target = lora.hf_names_by_target(family)
     targets = sorted(h for t in settings["target_modules"] for h in by_target[t])
     return {

@@ -30,6 +30,13 @@ Only the low-rank activation h = A x ([tokens, r]) crosses ranks:
 
 The gated MLP's fc1 keeps [gate_r; up_r] on each rank; its B rows follow the same
 layout, so sharding.py and checkpoints treat B like the base weight.
+
+The vision tower (``peft.vision_target_modules``). A tower built of Megatron-Core layers
+(models/vision_encoder.py ``TowerLayers``) is adapted the same way, layer by layer. Its MLP
+is zero-padded to a multiple of 64 units (conversion/vit.py padded_ffn), units that HF's
+model does not have: the adapters never reach them (fc1's B rows and fc2's A columns of
+the padded units are masked to zero), so merging leaves them zero and the export, which
+drops them, loses nothing.
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ import torch.nn.functional as F
 
 from megabridge.conversion import sharding
 from megabridge.errors import CheckpointError, ConfigError
+from megabridge.models.vision_encoder import TowerLayers
 
 # Which layers are adapted is torch-free (recipes and config checks read it): re-exported here.
 from megabridge.peft.targets import (  # noqa: F401
@@ -57,8 +65,10 @@ from megabridge.peft.targets import (  # noqa: F401
 
 ADAPTER_PARAMS = ("lora_a", "lora_b", "lora_magnitude")
 # The adapter settings that decide what a checkpoint's adapter tensors mean.
-_SHAPE_SETTINGS = ("method", "target_modules", "dim", "alpha")
+_SHAPE_SETTINGS = ("method", "target_modules", "vision_target_modules", "dim", "alpha")
+_SETTING_DEFAULTS = {"vision_target_modules": []}  # what a checkpoint that predates one meant
 _LAYER = re.compile(r"^decoder\.layers\.\d+\.(?:self_attention|mlp)\.(linear_\w+)$")
+_TOWER_LAYER = r"\.\d+\.(?:self_attention|mlp)\.(linear_\w+)$"  # after a TowerLayers' name
 
 
 def settings(cfg) -> dict:
@@ -67,6 +77,7 @@ def settings(cfg) -> dict:
     return {
         "method": p.method,
         "target_modules": resolve_targets(p.target_modules, cfg.model.family),
+        "vision_target_modules": [t for t in MEGATRON_TARGETS if t in p.vision_target_modules],
         "dim": p.dim,
         "alpha": float(p.alpha),
         "dropout": p.dropout,
@@ -87,6 +98,24 @@ def _resolved(path: str | None) -> str | None:
 def _tp(base) -> tuple[object, int]:
     group = base.tp_group
     return group, dist.get_world_size(group) if group is not None else 1
+
+
+def _live_mask(base, kind: str, gated: bool, param) -> torch.Tensor | None:
+    """1 for the units HF's model has, 0 for the zero padding (``base.live_units``: how many
+    of a tower MLP's padded units are real, set by vision_encoder.TowerLayers), split like
+    ``param``: B's rows [out_local, 1] (fc1), A's columns [1, in_local] (fc2); None: no padding.
+    """
+    live = getattr(base, "live_units", None)
+    if live is None:
+        return None
+    group, size = _tp(base)
+    rank = dist.get_rank(group) if size > 1 else 0
+    padded = param.shape[0 if kind == "column" else 1] * size // (2 if gated else 1)
+    unit = (torch.arange(padded, device=param.device) < live).to(param.dtype)
+    full = torch.cat([unit, unit]) if gated else unit  # fc1 of a gated MLP: [gate; up]
+    how = "gated_dim0" if gated else "dim0"
+    local = sharding.split(full, how, rank, size)
+    return local[:, None] if kind == "column" else local[None, :]
 
 
 class LoRALinear(torch.nn.Module):
@@ -118,13 +147,27 @@ class LoRALinear(torch.nn.Module):
             split(self.lora_a, True, 1, 1)
             replicated(self.lora_b)
             self.lora_b.sequence_parallel = self.sequence_parallel
+        if getattr(base.weight, "plain_fc1", False):  # sharding.param_split: not [gate; up]
+            self.lora_b.plain_fc1 = True
+        live = _live_mask(base, kind, gated, self.lora_b if kind == "column" else self.lora_a)
+        self.register_buffer("live", live, persistent=False)
 
     # ---------------------------------------------------------------- forward
 
     def forward(self, x, *args, **kwargs):
         out, bias = self.base(x, *args, **kwargs)
-        delta = self.scale * F.linear(self._low_rank(x), self.lora_b)  # [.., out_local]
+        delta = self.scale * F.linear(self._low_rank(x), self._b())  # [.., out_local]
         return self._combine(out, bias, delta)
+
+    def _a(self) -> torch.Tensor:
+        """A, its columns of padded units zero (a row layer's input: a tower's fc2)."""
+        return (
+            self.lora_a if self.live is None or self.kind == "column" else self.lora_a * self.live
+        )
+
+    def _b(self) -> torch.Tensor:
+        """B, its rows of padded units zero (a column layer's output: a tower's fc1)."""
+        return self.lora_b if self.live is None or self.kind == "row" else self.lora_b * self.live
 
     def _combine(self, out, bias, delta):
         return out + delta, bias
@@ -134,7 +177,7 @@ class LoRALinear(torch.nn.Module):
         from megatron.core import tensor_parallel as tpl
 
         group, _ = _tp(self.base)
-        h = F.linear(self._dropped(x), self.lora_a)
+        h = F.linear(self._dropped(x), self._a())
         if self.kind == "column":
             if self.sequence_parallel:
                 return tpl.gather_from_sequence_parallel_region(h, True, group=group)
@@ -159,7 +202,7 @@ class LoRALinear(torch.nn.Module):
     @torch.no_grad()
     def adapted_weight(self) -> torch.Tensor:
         """W + s B A for this rank's piece, in fp32."""
-        return self.base.weight.float() + self.scale * (self.lora_b.float() @ self.lora_a.float())
+        return self.base.weight.float() + self.scale * (self._b().float() @ self._a().float())
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
@@ -268,7 +311,7 @@ def _unwrapped(model_chunks):
     return [unwrap_model(m) for m in model_chunks]
 
 
-def _wrap(name: str, module, target: str, s: dict, config):
+def _wrap(name: str, module, target: str, s: dict):
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
     if isinstance(module, ColumnParallelLinear) and not module.gather_output:
@@ -280,25 +323,32 @@ def _wrap(name: str, module, target: str, s: dict, config):
             f"{name} is a {type(module).__name__}: {s['method']} wraps Megatron-Core's "
             "ColumnParallelLinear / RowParallelLinear only (use model.transformer_impl=torch)"
         )
-    gated = target == "linear_fc1" and bool(config.gated_linear_unit)
+    gated = target == "linear_fc1" and bool(module.config.gated_linear_unit)  # a tower's own
     cls = DoRALinear if s["method"] == "dora" else LoRALinear
     return cls(module, kind, gated, s["dim"], s["alpha"], s["dropout"])
 
 
+def _targets(chunk, s: dict):
+    """(name, module, target, in the tower) of every layer that ``s`` adapts in ``chunk``."""
+    towers = [n for n, m in chunk.named_modules() if isinstance(m, TowerLayers)]
+    tower_layer = re.compile(f"^(?:{'|'.join(map(re.escape, towers))}){_TOWER_LAYER}")
+    for name, module in list(chunk.named_modules()):
+        if m := _LAYER.match(name):
+            if m.group(1) in s["target_modules"]:
+                yield name, module, m.group(1), False
+        elif towers and (m := tower_layer.match(name)):
+            if m.group(1) in s.get("vision_target_modules", ()):
+                yield name, module, m.group(1), True
+
+
 def add_adapters(model_chunks, s: dict) -> None:
     """Wrap the target layers of every chunk, initialise A, freeze the base (``s``: settings())."""
-    found = set()
+    found, tower_found = set(), set()
     for chunk in _unwrapped(model_chunks):
-        for name, module in list(chunk.named_modules()):
-            m = _LAYER.match(name)
-            if m and m.group(1) in s["target_modules"]:
-                parent, _, attr = name.rpartition(".")
-                setattr(
-                    chunk.get_submodule(parent),
-                    attr,
-                    _wrap(name, module, m.group(1), s, chunk.config),
-                )
-                found.add(m.group(1))
+        for name, module, target, in_tower in _targets(chunk, s):
+            parent, _, attr = name.rpartition(".")
+            setattr(chunk.get_submodule(parent), attr, _wrap(name, module, target, s))
+            (tower_found if in_tower else found).add(target)
         for name, param in chunk.named_parameters():
             param.requires_grad_(is_adapter(name))
         _init_a(chunk, s["seed"])
@@ -309,6 +359,21 @@ def add_adapters(model_chunks, s: dict) -> None:
             f"peft.target_modules: this model has no {', '.join(missing)} layer to adapt "
             "(only the dense attention and MLP projections of decoder layers are; "
             "MoE experts are not supported yet)"
+        )
+    _check_tower_found(s.get("vision_target_modules", []), tower_found)
+
+
+def _check_tower_found(targets: list[str], found: set[str]) -> None:
+    """The tower sits on the first pipeline stage: it is there, or no stage has it."""
+    from megatron.core import parallel_state as ps
+
+    first = not ps.model_parallel_is_initialized() or ps.is_pipeline_first_stage()
+    missing = [t for t in targets if t not in found]
+    if first and missing:
+        raise ConfigError(
+            f"peft.vision_target_modules: this model's vision tower has no "
+            f"{', '.join(missing)} layer to adapt (only towers of Megatron-Core layers are: "
+            "Qwen2.5-VL's, Qwen3-VL's)"
         )
 
 
@@ -399,9 +464,10 @@ def check_checkpoint(saved: dict | None, current: dict | None, ckpt_dir, resumin
             f"{current['method']} run from it with checkpoint.pretrained_checkpoint={ckpt_dir}"
         )
     diffs = [
-        f"peft.{k}: checkpoint {saved.get(k)!r} vs config {current[k]!r}"
+        f"peft.{k}: checkpoint {saved.get(k, _SETTING_DEFAULTS.get(k))!r} vs config "
+        f"{current.get(k, _SETTING_DEFAULTS.get(k))!r}"
         for k in _SHAPE_SETTINGS
-        if saved.get(k) != current[k]
+        if saved.get(k, _SETTING_DEFAULTS.get(k)) != current.get(k, _SETTING_DEFAULTS.get(k))
     ]
     if resuming and saved.get("base") != current["base"]:
         diffs.append(

@@ -7,7 +7,8 @@ from megabridge.errors import ConfigError, UserError
 from megabridge.models.specs import resolve_impl
 
 MEGATRON_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
-_MAPPED = re.compile(r"\.(?:self_attention|mlp)\.(linear_\w+)\.weight$")
+# the language model's layers (a vision tower's same-named ones are peft.vision_target_modules')
+_MAPPED = re.compile(r"^decoder\.layers\.\*\.(?:self_attention|mlp)\.(linear_\w+)\.weight$")
 
 
 def default_targets(model) -> list[str]:
@@ -75,6 +76,27 @@ def resolve_targets(names: list[str], family: str) -> list[str]:
     return [t for t in MEGATRON_TARGETS if t in chosen]
 
 
+def _vision_target_problems(p, model) -> list[str]:
+    """What is wrong with ``peft.vision_target_modules`` (whether the tower has Megatron-Core
+    layers is known once it is built: lora.add_adapters says so)."""
+    if not p.vision_target_modules:
+        return []
+    unknown = [n for n in p.vision_target_modules if n not in MEGATRON_TARGETS]
+    if unknown:
+        return [
+            f"peft.vision_target_modules: unknown {', '.join(map(repr, unknown))}; expected "
+            f"Megatron names ({', '.join(MEGATRON_TARGETS)})"
+        ]
+    if model.vision is None:
+        return ["peft.vision_target_modules: the model has no vision tower"]
+    if p.method == "dora":
+        return [
+            "peft.vision_target_modules with peft.method=dora is not supported yet (the "
+            "tower's zero-padded MLP units have no direction to normalise); use peft.method=lora"
+        ]
+    return []
+
+
 def config_problems(cfg) -> list[str]:
     """What is wrong with ``cfg.peft`` (for training/config.py's validate)."""
     p, problems = cfg.peft, []
@@ -88,6 +110,7 @@ def config_problems(cfg) -> list[str]:
         resolve_targets(p.target_modules, cfg.model.family)
     except ConfigError as e:
         problems.append(str(e))
+    problems += _vision_target_problems(p, cfg.model)
     try:
         impl = resolve_impl(cfg.model)
     except ConfigError:

@@ -140,6 +140,12 @@ class PEFTConfig:
         ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"],
         "layers to adapt: Megatron names (linear_qkv) or HF names (q_proj, ...)",
     )
+    vision_target_modules: list[str] = option(
+        [],
+        "the vision tower's layers to adapt too (Megatron names: linear_qkv, linear_proj, "
+        "linear_fc1, linear_fc2; towers of Megatron-Core layers: Qwen2.5-VL, Qwen3-VL); "
+        "[]: the tower keeps its weights",
+    )
     dim: int = option(8, "LoRA rank")
     alpha: float = option(16.0, "LoRA alpha (scale = alpha / dim)")
     dropout: float = option(0.0, "dropout on the adapter input")

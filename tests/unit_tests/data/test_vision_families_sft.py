@@ -200,6 +200,97 @@ def test_lora_exports_merged_and_peft_with_megatron_logits(family, hf_dirs, data
     _generates(merged, hf_dir, data_dir)
 
 
+@pytest.mark.unit
+@pytest.mark.usefixtures("single_process_megatron")
+def test_qwen3_vl_tower_lora_keeps_off_the_padded_mlp_units(data_dir, tmp_path):
+    """peft.vision_target_modules on Qwen3-VL with a tower MLP of 60 units (Megatron pads it to
+    64). Its MLP is plain GELU, so an adapter on the padded units would bring them to life
+    (fc1's B rows, through fc2's A columns): masked, megabridge's adapted model (before
+    merging), the merged export in transformers and the peft adapter on transformers' own
+    model give the same logits."""
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    from tests.vision_models import save_tiny_vl
+
+    hf_dir = save_tiny_vl("qwen3_vl", tmp_path / "hf", processor=True,
+                          vision={"intermediate_size": 60})  # fmt: skip
+    cfg = _config(
+        "qwen3_vl_tiny_lora_config",
+        hf_dir,
+        data_dir,
+        tmp_path,
+        "peft.dim=4",
+        "peft.vision_target_modules=linear_qkv,linear_proj,linear_fc1,linear_fc2",
+    )
+    batch, model_cfg = _batch(hf_dir, data_dir, [1, 6])
+    ours = {}
+
+    def adapted_logits(s):
+        chunk = s.model[0].module  # inside DDP
+        assert chunk.vision.blocks[0].mlp.linear_fc2.live.shape == (1, 64)
+        with torch.no_grad():
+            ours["logits"] = _megatron_logits(chunk, batch)
+
+    lora_train_and_export(cfg, tmp_path, adapted_logits)
+    inputs = _hf_inputs(batch, model_cfg.vision)
+    with torch.no_grad():
+        merged_logits = AutoModelForImageTextToText.from_pretrained(str(tmp_path / "merged"))(
+            **inputs
+        ).logits
+        base = AutoModelForImageTextToText.from_pretrained(str(hf_dir))
+        adapted = PeftModel.from_pretrained(base, str(tmp_path / "adapter"))
+        adapter_logits = adapted(**inputs).logits
+    real = batch["tokens"] != 0  # padding's logits are not compared
+    assert (merged_logits - ours["logits"])[real].abs().max() <= ATOL
+    assert (merged_logits - adapter_logits)[real].abs().max() <= ATOL
+    tower = [n for n, _ in adapted.named_parameters() if ".lora_" in n and ".visual." in n]
+    assert len(tower) == 3 * 4 * 2  # A and B of qkv, proj, linear_fc1, linear_fc2 in 3 blocks
+
+
+@pytest.mark.unit
+@pytest.mark.usefixtures("single_process_megatron")
+def test_qwen3_vl_sft_on_a_clip_an_image_and_text(hf_dirs, tmp_path_factory, tmp_path):
+    """Video parts for Qwen3-VL: a padded micro-batch of a 4-frame clip (its temporal patches'
+    timestamps in the text), an image and a text-only example gives Megatron per-token losses
+    equal to transformers' on the answers (positions, DeepStack on both); a few SFT steps on
+    clips, images and text lower the loss."""
+    from transformers import AutoModelForImageTextToText
+
+    from megabridge.training import loop
+    from megabridge.training.data import sft, vision_sft
+    from tests.vision_models import save_mixed_colour_dataset
+
+    hf_dir = hf_dirs("qwen3_vl")
+    mixed = save_mixed_colour_dataset(tmp_path_factory.mktemp("mixed"), count=12)
+    processor = _processor(hf_dir)
+    records = sft.read_records(mixed / "train.jsonl")[3:6]  # clip (4 frames), image, text
+    examples = vision_sft.tokenize(records, processor, 96, videos=True)
+    assert examples[0].video_grids == ((2, 6, 8),) and examples[0].video_fps == (2.0,)
+    s = loop.setup(_config("qwen3_vl_tiny_finetune_config", hf_dir, mixed, tmp_path,
+                           "dataset.seq_length=96", "train.global_batch_size=3",
+                           "train.micro_batch_size=3"))  # fmt: skip
+    data = vision_sft.PaddedVisionSFTDataset(examples, 96, 0, processor, s.cfg.model)
+    batch = data.collate([data[i] for i in range(3)])
+    visual = {k: batch[k] for k in ("pixel_values", "image_grid_thw", "pixel_values_videos",
+                                    "video_grid_thw")}  # fmt: skip
+    tokens, vision = batch["tokens"], s.cfg.model.vision
+    types = (tokens == vision["image_token_id"]).int() + 2 * (tokens == vision["video_token_id"])
+    with torch.no_grad():
+        ours = s.model[0].module(tokens, batch["position_ids"], None, labels=batch["labels"],
+                                 **visual)  # fmt: skip
+        hf = AutoModelForImageTextToText.from_pretrained(str(hf_dir))
+        logits = hf(input_ids=tokens, mm_token_type_ids=types.int(), **visual).logits
+        theirs = torch.nn.functional.cross_entropy(
+            logits.transpose(1, 2), batch["labels"], reduction="none"
+        )
+    mask = batch["loss_mask"].bool()
+    assert mask.sum() == 3 * 2  # the colour and the turn's end of each answer
+    assert (ours[mask] - theirs[mask]).abs().max() <= ATOL
+    losses = train_steps(s, 3)
+    assert losses[-1] < losses[0], losses
+
+
 def _generates(model, hf_dir, data_dir):
     """transformers generates from the model on a chat prompt with one image."""
     from PIL import Image

@@ -202,6 +202,59 @@ def test_lora_trains_the_language_model_and_exports_merged_and_peft(
     assert all(".language_model.layers." in n for n in adapted_names)
 
 
+@pytest.mark.unit
+@pytest.mark.usefixtures("single_process_megatron")
+def test_lora_on_the_tower_exports_merged_and_peft(hf_dir, processor, data_dir, tmp_path):
+    """peft.vision_target_modules: adapters on the tower's blocks too. megabridge's model with
+    its adapters, its merged export in transformers, and the peft adapter on transformers' own
+    VLM give the same logits on an image: the tower's MLP, padded from 60 to 64 units in
+    Megatron, gets no adapter on the padded units (they would leak into megabridge's logits
+    and be dropped from the export)."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForImageTextToText
+
+    targets = "linear_qkv,linear_proj,linear_fc1,linear_fc2"
+    cfg = _config(hf_dir, data_dir, tmp_path, "peft.method=lora", "peft.dim=4",
+                  f"peft.vision_target_modules={targets}")  # fmt: skip
+    data = _dataset(hf_dir, processor, data_dir, [8])
+    batch = data.collate([data[0]])
+    real = batch["tokens"][0] != processor.tokenizer.pad_token_id  # [s]
+    images = {k: batch[k] for k in ("pixel_values", "image_grid_thw")}
+    ours = {}
+
+    def megabridge_logits(s):
+        chunk = s.model[0].module
+        fc1 = chunk.vision.blocks[0].mlp.linear_fc1
+        assert fc1.lora_b.abs().sum() > 0 and fc1.live.shape == (2 * 64, 1)  # [gate; up] rows
+        with torch.no_grad():
+            ours["logits"] = chunk(batch["tokens"], batch["position_ids"], None, **images)[0, real]
+
+    lora_train_and_export(cfg, tmp_path, megabridge_logits)
+    hf_inputs = dict(
+        input_ids=batch["tokens"][:, real],
+        mm_token_type_ids=(batch["tokens"][:, real] == IMAGE_TOKEN).int(),
+        **images,
+    )
+    with torch.no_grad():
+        merged = AutoModelForImageTextToText.from_pretrained(str(tmp_path / "merged"))
+        merged_logits = merged(**hf_inputs).logits[0]
+        base = AutoModelForImageTextToText.from_pretrained(str(hf_dir))
+        adapted = PeftModel.from_pretrained(base, str(tmp_path / "adapter"))
+        adapter_logits = adapted(**hf_inputs).logits[0]
+    assert (ours["logits"] - merged_logits).abs().max() <= ATOL
+    assert (merged_logits - adapter_logits).abs().max() <= ATOL
+    merged_sd, base_sd = (load_file(str(d / "model.safetensors")) for d in (tmp_path / "merged",
+                                                                             hf_dir))  # fmt: skip
+    qkv = "visual.blocks.1.attn.qkv.weight"  # as both files name it
+    assert (merged_sd[qkv] - base_sd[qkv]).abs().max() > 1e-4  # the tower's adapters trained
+    assert merged_sd["visual.blocks.0.mlp.up_proj.weight"].shape[0] == 60
+    names = [n for n, _ in adapted.named_parameters() if ".lora_" in n]
+    # A and B of 7 projections in 2 LM layers, of 5 (qkv, proj, gate, up, down) in 2 blocks
+    assert len(names) == 2 * 7 * 2 + 2 * 5 * 2
+    assert sum(".visual.blocks." in n for n in names) == 2 * 5 * 2
+
+
 def _image(folder, i):
     from PIL import Image
 
@@ -262,8 +315,16 @@ def test_image_parts_for_a_text_only_model_are_one_line(data_dir):
     [
         (["dataset.type=mock"], "trains on dataset.type=sft .*, not mock"),
         (["dataset.packed=true"], "packed samples are not supported yet .*dataset.packed=false"),
+        (
+            ["peft.method=lora", "peft.vision_target_modules=qkv"],
+            r"peft.vision_target_modules: unknown 'qkv'; expected Megatron names \(linear_qkv",
+        ),
+        (
+            ["peft.method=dora", "peft.vision_target_modules=linear_qkv"],
+            "vision_target_modules with peft.method=dora is not supported yet",
+        ),
     ],
-    ids=["mock-data", "packed"],
+    ids=["mock-data", "packed", "tower-lora-hf-name", "tower-dora"],
 )
 def test_vision_training_refusals(overrides, message):
     from megabridge.recipes import get_recipe
@@ -282,6 +343,17 @@ def test_an_untested_tower_does_not_train():
     cfg = get_recipe("qwen25_vl_tiny_finetune_config")
     cfg.model.family = "another"
     with pytest.raises(ConfigError, match=r"vision-language model \(another\) is not supported"):
+        validate(cfg, 1)
+
+
+@pytest.mark.unit
+def test_tower_lora_for_a_model_without_a_tower():
+    from megabridge.recipes import get_recipe
+    from megabridge.training.config import apply_overrides, validate
+
+    cfg = apply_overrides(get_recipe("qwen2_tiny_pretrain_config"),
+                          ["peft.method=lora", "peft.vision_target_modules=linear_fc1"])  # fmt: skip
+    with pytest.raises(ConfigError, match="peft.vision_target_modules: the model has no vision"):
         validate(cfg, 1)
 
 

@@ -205,3 +205,108 @@ def test_streamed_checkpoint_round_trip_bit_exact(tmp_path):
     out = AutoBridge.from_megatron_checkpoint(megatron).save_hf_from_checkpoint(tmp_path / "back")
     assert out is not None  # streamed, not built
     checks.assert_same_hf_folder(source, tmp_path / "back")
+
+
+# ------------------------------------------------------------------ video (frames)
+
+VIDEO_TOKEN = 93
+
+
+@pytest.fixture(scope="module")
+def frames(tmp_path_factory):
+    """A clip of four 32 x 40 frames (two temporal patches of 8 x 10 patches: 20 tokens each)."""
+    return save_images(tmp_path_factory.mktemp("frames"), sizes=[(32, 40)] * 4, seed=1)
+
+
+@pytest.fixture(scope="module")
+def processor_dirs(tmp_path_factory):
+    """family -> the tiny model with its whole HF processor (its video processor too)."""
+    return {f: save_tiny_vl(f, tmp_path_factory.mktemp(f) / "hf", processor=True)
+            for f in FAMILIES}  # fmt: skip
+
+
+def _runs(ids: torch.Tensor, token: int) -> list[int]:
+    """The lengths of the runs of ``token`` in ``ids`` [s]."""
+    runs, count = [], 0
+    for t in [*ids.tolist(), -1]:
+        if t == token:
+            count += 1
+        elif count:
+            runs, count = [*runs, count], 0
+    return runs
+
+
+@pytest.mark.unit
+@pytest.mark.usefixtures("single_process_megatron")
+def test_video_and_image_logits_match_transformers(processor_dirs, images, frames):
+    """A batch of two: an image then a clip, and another clip then the image. Qwen3-VL's
+    processor writes each temporal patch's timestamp into the text; the positions place each
+    patch as an image of its own (transformers' get_rope_index), and DeepStack adds the
+    video's features as it adds the image's (both in one batch)."""
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from megabridge.conversion.auto_bridge import AutoBridge
+    from megabridge.models.vision import mrope_positions, video_position_args
+
+    hf_dir = processor_dirs["qwen3_vl"]
+    processor = AutoProcessor.from_pretrained(str(hf_dir))
+    image, video = ("<|vision_start|><|image_pad|><|vision_end|>",
+                    "<|vision_start|><|video_pad|><|vision_end|>")  # fmt: skip
+    texts = [f"what {image} is {video} it ?", f"what {video} is {image} it ?"]
+    clip = [Image.open(p).convert("RGB") for p in frames]
+    metadata = [{"fps": 2.0, "total_num_frames": 4}] * 2
+    inputs = processor(text=texts, images=[Image.open(images[1]).convert("RGB")] * 2,
+                       videos=[clip, clip[::-1]], video_metadata=metadata,
+                       return_tensors="pt")  # fmt: skip
+    ids = inputs["input_ids"]
+    assert inputs["video_grid_thw"].tolist() == [[2, 8, 10], [2, 8, 10]]
+    assert _runs(ids[0], VIDEO_TOKEN) == [20, 20]  # two patches, their timestamps between
+    vision = AutoBridge.from_hf_pretrained(hf_dir).model_config.vision
+    positions = mrope_positions(
+        ids, inputs["image_grid_thw"], 92, 2,
+        **video_position_args(vision, inputs["video_grid_thw"], None),
+    )  # fmt: skip
+    hf = AutoModelForImageTextToText.from_pretrained(str(hf_dir)).eval()
+    expected, _ = hf.model.get_rope_index(
+        ids, inputs["mm_token_type_ids"], inputs["image_grid_thw"], inputs["video_grid_thw"]
+    )
+    assert torch.equal(positions, expected)
+    visual = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
+    (chunk,) = AutoBridge.from_hf_pretrained(hf_dir).to_megatron_model()
+    with torch.no_grad():
+        ours = chunk(ids, positions, None, **{k: inputs[k] for k in visual})
+        theirs = hf(**{k: v for k, v in inputs.items() if k != "attention_mask"}).logits
+        assert (ours - theirs).abs().max() <= ATOL
+        no_deepstack = chunk(ids, positions, None, **{k: inputs[k] for k in visual[:2]},
+                             pixel_values_videos=inputs["pixel_values_videos"].flip(0),
+                             video_grid_thw=inputs["video_grid_thw"])  # fmt: skip
+    assert (no_deepstack - ours).abs().max() > 1e-3  # the clip's pixels matter
+
+
+@pytest.mark.unit
+@pytest.mark.usefixtures("single_process_megatron")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_verify_on_a_clip_matches_transformers(family, processor_dirs, frames):
+    """verify --video: the clip through the model's HF processor (frames sampled at its fps,
+    timestamps in the text), logits within 1e-4 of transformers' on every token."""
+    from megabridge.conversion import image_inputs
+    from megabridge.conversion.auto_bridge import AutoBridge
+    from megabridge.conversion.verify import verify
+
+    hf_dir = processor_dirs[family]
+    vision = AutoBridge.from_hf_pretrained(hf_dir).model_config.vision
+    (clip,) = image_inputs.video_samples(hf_dir, [frames], vision)
+    assert clip.second_per_grid_ts is None and _runs(clip.input_ids[0], VIDEO_TOKEN) == [20, 20]
+    result = verify(hf_dir, videos=[frames])
+    assert result.ok and result.max_abs_diff <= ATOL and result.tokens == clip.input_ids.numel()
+
+
+@pytest.mark.system
+@pytest.mark.skipduringci  # a 2-process launch: a minute on a loaded 2-core machine
+def test_verify_on_a_clip_at_tp2(processor_dirs, frames):
+    """verify --video with the language model and the tower's blocks split over two ranks."""
+    code, result = checks.verify_cli(
+        processor_dirs["qwen3_vl"], nproc=2, extra=["--tp", "2", "--video", *map(str, frames)]
+    )
+    assert code == 0 and result["max_abs_diff"] <= ATOL, result

@@ -37,9 +37,9 @@ class Qwen25VLBridge(Qwen2Bridge):
     PARALLELISM = ("TP", "PP")
     NOTES = (
         "images and video (as frames); M-RoPE; the vision tower's blocks split over TP ranks "
-        "(patch embedding and merger replicated), on the first PP stage; SFT and LoRA on images "
-        "and video frames at TP / PP / DP (padded, not packed yet); freezing of the language "
-        "model, tower or merger"
+        "(patch embedding and merger replicated), on the first PP stage; SFT and LoRA (tower "
+        "blocks too) on images and video frames at TP / PP / DP (padded, not packed yet); "
+        "freezing of the language model, tower or merger"
     )
 
     @classmethod

@@ -45,10 +45,11 @@ class Qwen3VLBridge(Qwen3Bridge):
     MAPPINGS = [*hf_moved(Qwen3Bridge.MAPPINGS, "model.", HF_LANGUAGE_MODEL), *TOWER_MAPPINGS]
     PARALLELISM = ("TP", "PP")
     NOTES = (
-        "images (no video yet); interleaved M-RoPE; DeepStack (its layers on the first PP "
-        "stage); the vision tower's blocks split over TP ranks (patch embedding, positions "
-        "and mergers replicated), on the first PP stage; SFT and LoRA on images (padded, not "
-        "packed yet); freezing of the language model, tower or merger"
+        "images and video (as frames, timestamps in the text); interleaved M-RoPE; DeepStack "
+        "(its layers on the first PP stage); the vision tower's blocks split over TP ranks "
+        "(patch embedding, positions and mergers replicated), on the first PP stage; SFT and "
+        "LoRA (tower blocks too) on images and video frames (padded, not packed yet); freezing "
+        "of the language model, tower or merger"
     )
 
     @classmethod

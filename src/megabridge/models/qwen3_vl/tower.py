@@ -82,7 +82,7 @@ class Qwen3VisionTower(MegatronModule):
         )
         self.pos_embed = nn.Embedding(v["num_position_embeddings"], hidden)
         self.side = int(v["num_position_embeddings"] ** 0.5)
-        self.blocks = vision_encoder.TowerLayers(config, "LayerNorm")
+        self.blocks = vision_encoder.TowerLayers(config, "LayerNorm", v["intermediate_size"])
         self.merger = Merger(hidden, unit, out, after_shuffle=False)
         self.deepstack_indexes = list(v["deepstack_visual_indexes"])
         self.deepstack_merger_list = nn.ModuleList(

@@ -41,8 +41,9 @@ class Qwen3VLMoeBridge(Qwen3VLBridge):
     MAPPINGS = [*hf_moved(TEXT_MAPPINGS, "model.", HF_LANGUAGE_MODEL), *TOWER_MAPPINGS]
     PARALLELISM = ("TP", "PP", "EP")
     NOTES = (
-        "as Qwen3-VL (images, interleaved M-RoPE, DeepStack, tower blocks split over TP), with "
-        "Qwen3-MoE experts stacked in the checkpoint; SFT and LoRA on images (padded)"
+        "as Qwen3-VL (images and video frames, interleaved M-RoPE, DeepStack, tower blocks "
+        "split over TP), with Qwen3-MoE experts stacked in the checkpoint; SFT and LoRA (tower "
+        "blocks too) on images and video frames (padded)"
     )
 
     @classmethod

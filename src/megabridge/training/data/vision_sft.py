@@ -15,14 +15,17 @@ each placeholder to as many image tokens as the tower gives that image. The loss
 the assistant turns exactly as for text (sft.py): the turns are found in the rendered text,
 and shifted by the placeholders' expansion (the processor reports where each one went).
 
-Qwen2.5-VL also takes videos, as their frames (the list-of-frames form qwen-vl-utils
-documents; a string names a folder of frames; "fps", default 2, places them in time)::
+Qwen2.5-VL and Qwen3-VL also take videos, as their frames (the list-of-frames form
+qwen-vl-utils documents; a string names a folder of frames; "fps", default 2, places them in
+time)::
 
     {"type": "video", "video": ["clip/0001.png", "clip/0002.png", ...], "fps": 2}
 
 A clip's frames are read in order, all of one size, at least the tower's
 temporal_patch_size of them; the processor expands its one placeholder to the clip's video
-tokens, and the M-RoPE positions count its frames in time (models/vision.py).
+tokens (Qwen3-VL's: each temporal patch's tokens after its timestamp, "<0.5 seconds>", the
+video processor sampling the frames at its own fps from the clip's), and the M-RoPE
+positions place its frames in time (models/vision.py video_position_args).
 
 Examples are tokenized when the run starts (images are read then, to count their tokens);
 their pixels are made again by the image processor when a batch needs them, so a large
@@ -45,7 +48,7 @@ import torch.nn.functional as F
 
 from megabridge.conversion import image_inputs
 from megabridge.errors import ConfigError, UserError
-from megabridge.models.vision import VIDEO_TOWERS, mrope_positions, video_steps
+from megabridge.models.vision import VIDEO_TOWERS, mrope_positions, video_position_args
 from megabridge.training.data import sft
 from megabridge.training.data.packing import PaddedSFTDataset
 from megabridge.training.data.tokenizer import tokenizer_path
@@ -59,7 +62,8 @@ class VisionExample(sft.Example):
     grids: tuple[tuple[int, ...], ...] = ()  # the image processor's grid of each, at load
     videos: tuple[tuple[str, ...], ...] = ()  # each clip's frames (absolute paths), in order
     video_grids: tuple[tuple[int, ...], ...] = ()  # the video processor's grid of each clip
-    video_seconds: tuple[float, ...] = ()  # each clip's seconds per temporal patch
+    video_fps: tuple[float, ...] = ()  # each clip's frame rate (the part's "fps")
+    video_seconds: tuple[float, ...] = ()  # each clip's seconds per temporal patch (Qwen2.5-VL)
 
 
 def _first_line(e: Exception) -> str:
@@ -144,7 +148,7 @@ def parse_messages(
             if kind == "video" and not videos:
                 raise UserError(
                     f"{where}: messages[{i}] has a video part; this model's training takes "
-                    "images only (video frames: Qwen2.5-VL)"
+                    "images only (video frames: Qwen2.5-VL, Qwen3-VL)"
                 )
             if kind == "image":
                 images.append(_image_path(part, where, folder))
@@ -263,7 +267,9 @@ def render(
     if clips:
         example.videos = tuple(tuple(str(p) for p in c.frames) for c in clips)
         example.video_grids = tuple(tuple(g) for g in out["video_grid_thw"].tolist())
-        example.video_seconds = tuple(float(x) for x in out["second_per_grid_ts"])
+        example.video_fps = tuple(c.fps for c in clips)
+        if "second_per_grid_ts" in out:  # Qwen2.5-VL's; Qwen3-VL's times are in the text
+            example.video_seconds = tuple(float(x) for x in out["second_per_grid_ts"])
     return example
 
 
@@ -351,11 +357,14 @@ class PaddedVisionSFTDataset(PaddedSFTDataset):
         patch = self.video_processor.temporal_patch_size
         frames = [image_inputs.read_frames([Path(p) for p in c], patch, example.where)
                   for c in example.videos]  # fmt: skip
-        pixels = self.video_processor(videos=frames, return_tensors="pt")
+        metadata = [image_inputs.video_metadata(f, fps)
+                    for f, fps in zip(frames, example.video_fps, strict=True)]  # fmt: skip
+        # the same metadata as at load: Qwen3-VL's video processor samples frames by it
+        pixels = self.video_processor(videos=frames, video_metadata=metadata, return_tensors="pt")
         grid = pixels["video_grid_thw"]
         if tuple(tuple(g) for g in grid.tolist()) != example.video_grids:
             raise UserError(f"{example.where}: a video's frames changed since the run started")
-        seconds = torch.tensor(example.video_seconds, dtype=torch.float32)
+        seconds = torch.tensor(example.video_seconds, dtype=torch.float32)  # [] for Qwen3-VL
         return {"pixel_values_videos": pixels["pixel_values_videos"], "video_grid_thw": grid,
                 "second_per_grid_ts": seconds}  # fmt: skip
 
@@ -386,11 +395,9 @@ class PaddedVisionSFTDataset(PaddedSFTDataset):
         """mrope_positions' video arguments for a collated batch ({} without videos)."""
         if "video_grid_thw" not in batch:
             return {}
-        return {
-            "video_grid_thw": batch["video_grid_thw"],
-            "video_token_id": self.vision["video_token_id"],
-            "video_steps": video_steps(self.vision, batch["second_per_grid_ts"]),
-        }
+        return video_position_args(
+            self.vision, batch["video_grid_thw"], batch["second_per_grid_ts"]
+        )
 
 
 def _image_kwargs(processor) -> dict:

@@ -405,7 +405,7 @@ def train_steps(s, count: int, same_batch: bool = False) -> list[float]:
 
 def lora_train_and_export(cfg, root: Path, before_merge=None):
     """Set up a LoRA run of ``cfg``, check only adapters train (the language model's, and the
-    tower's blocks' if peft.vision_target_modules names any), take 3 steps with falling loss,
+    tower's layers' if peft.vision_target_modules names any), take 3 steps with falling loss,
     call ``before_merge(session)``, then write root/adapter (peft) and root/merged (HF);
     the session."""
     from megabridge.peft import lora
@@ -415,7 +415,7 @@ def lora_train_and_export(cfg, root: Path, before_merge=None):
     s = loop.setup(cfg)
     chunk = s.model[0].module  # inside DDP
     trainable = [n for n, p in chunk.named_parameters() if p.requires_grad]
-    parts = ("decoder.", "vision.blocks.") if cfg.peft.vision_target_modules else ("decoder.",)
+    parts = ("decoder.", "vision.") if cfg.peft.vision_target_modules else ("decoder.",)
     assert trainable and all(lora.is_adapter(n) and n.startswith(parts) for n in trainable)
     assert {n.split(".")[0] for n in trainable} == {p.split(".")[0] for p in parts}
     losses = train_steps(s, 3)

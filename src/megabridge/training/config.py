@@ -143,7 +143,7 @@ class PEFTConfig:
     vision_target_modules: list[str] = option(
         [],
         "the vision tower's layers to adapt too (Megatron names: linear_qkv, linear_proj, "
-        "linear_fc1, linear_fc2; towers of Megatron-Core layers: Qwen2.5-VL, Qwen3-VL); "
+        "linear_fc1, linear_fc2; every vision-language family's tower); "
         "[]: the tower keeps its weights",
     )
     dim: int = option(8, "LoRA rank")

@@ -250,6 +250,49 @@ def test_qwen3_vl_tower_lora_keeps_off_the_padded_mlp_units(data_dir, tmp_path):
 
 @pytest.mark.unit
 @pytest.mark.usefixtures("single_process_megatron")
+@pytest.mark.parametrize("family", ["gemma3_vl", "llava", "mistral3"])
+def test_tower_lora_of_clip_siglip_and_pixtral_towers(family, hf_dirs, data_dir, tmp_path):
+    """peft.vision_target_modules on the SigLIP (Gemma 3), CLIP (LLaVA) and Pixtral (Mistral
+    3) towers, whose q, k and v are separate in transformers: megabridge's adapted model, the
+    merged export and the peft adapter on transformers' own model give the same logits, and
+    the adapter holds A and B of every projection of every tower layer."""
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    hf_dir = hf_dirs(family)
+    recipe = f"{family}_tiny_lora_config"
+    targets = "peft.vision_target_modules=linear_qkv,linear_proj,linear_fc1,linear_fc2"
+    cfg = _config(recipe, hf_dir, data_dir, tmp_path, "peft.dim=4", targets)
+    batch, model_cfg = _batch(hf_dir, data_dir, [1, 6])
+    ours = {}
+
+    def adapted_logits(s):
+        with torch.no_grad():
+            ours["logits"] = _megatron_logits(s.model[0].module, batch)
+
+    lora_train_and_export(cfg, tmp_path, adapted_logits)
+    inputs = _hf_inputs(batch, model_cfg.vision)
+    with torch.no_grad():
+        merged = AutoModelForImageTextToText.from_pretrained(str(tmp_path / "merged"))
+        merged_logits = merged(**inputs).logits
+        base = AutoModelForImageTextToText.from_pretrained(str(hf_dir))
+        tower_base = {n: p.clone() for n, p in base.named_parameters() if "vision_tower" in n}
+        adapted = PeftModel.from_pretrained(base, str(tmp_path / "adapter"))
+        adapter_logits = adapted(**inputs).logits
+    real = batch["tokens"] != 0  # padding's logits are not compared
+    assert (merged_logits - ours["logits"])[real].abs().max() <= ATOL
+    assert (merged_logits - adapter_logits)[real].abs().max() <= ATOL
+    tower = [n for n, _ in adapted.named_parameters() if ".lora_" in n and "vision_tower" in n]
+    layers = model_cfg.vision["num_hidden_layers"]
+    per_layer = 6 if family == "mistral3" else 5  # q, k, v, o + gate, up, down / fc1, fc2
+    assert len(tower) == layers * (per_layer + 1) * 2, tower
+    moved = [n for n, p in merged.named_parameters()
+             if n in tower_base and (p - tower_base[n]).abs().max() > 1e-4]  # fmt: skip
+    assert moved, "the tower's adapters did not train"
+
+
+@pytest.mark.unit
+@pytest.mark.usefixtures("single_process_megatron")
 def test_qwen3_vl_sft_on_a_clip_an_image_and_text(hf_dirs, tmp_path_factory, tmp_path):
     """Video parts for Qwen3-VL: a padded micro-batch of a 4-frame clip (its temporal patches'
     timestamps in the text), an image and a text-only example gives Megatron per-token losses

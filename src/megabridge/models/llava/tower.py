@@ -73,9 +73,9 @@ class Encoder(MegatronModule):
     """The ViT's layers: Megatron-Core TransformerLayers split over TP (``layers.N.``;
     conversion/vit.py ``clip_layers`` maps transformers' ``encoder.layers.N.``)."""
 
-    def __init__(self, config):
+    def __init__(self, config, ffn_units: int):
         super().__init__(config=config)
-        self.layers = vision_encoder.TowerLayers(config, "LayerNorm")
+        self.layers = vision_encoder.TowerLayers(config, "LayerNorm", ffn_units)
 
 
 class PoolingHead(nn.Module):
@@ -108,7 +108,7 @@ class ViT(MegatronModule):
         self.embeddings = Embeddings(v)
         if self.embeddings.clip:  # spelled so in CLIP's checkpoints
             self.pre_layrnorm = nn.LayerNorm(hidden, eps=eps)
-        self.encoder = Encoder(config)
+        self.encoder = Encoder(config, v["intermediate_size"])
         self.post_layernorm = nn.LayerNorm(hidden, eps=eps)
         if v.get("vision_use_head"):
             self.head = PoolingHead(v)

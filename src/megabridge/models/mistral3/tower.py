@@ -97,7 +97,7 @@ class PixtralTower(MegatronModule):
             v["num_channels"], hidden, kernel_size=self.patch, stride=self.patch, bias=False
         )
         self.ln_pre = VisionRMSNorm(hidden, eps=EPS)
-        self.blocks = vision_encoder.TowerLayers(config, "RMSNorm")
+        self.blocks = vision_encoder.TowerLayers(config, "RMSNorm", v["intermediate_size"])
         self.multi_modal_projector = Projector(v, merge)
         self.head_dim, self.theta = hidden // heads, v["rope_theta"]
         # HF's hidden_states (the layers' input, then each layer's output) from either end

@@ -10,7 +10,8 @@ two steps:
 * ``cli``: `megabridge train` itself (cli.main in this process) on an indexed dataset of the
   standard library's source, as fp8_loss_curve.py runs it;
 * ``cli-mock``: the same command on mock data;
-* ``bench``: train_throughput.py's way (loop.setup + train_step, mock data, its config).
+* ``bench``: train_throughput.py's way (loop.setup + train_step, mock data, its config);
+  ``bench16``: the same at micro-batch 16 (where train_throughput.py measured 65k tokens/s).
 
 Tables go to DIR/<case>.txt too. Needs a GPU with FP8 tensor cores.
 """
@@ -105,11 +106,12 @@ def child(args) -> None:
     ns = argparse.Namespace(recipe=RECIPE, warmup=0, iters=args.steps, seq=2048,
                             overrides=["model.vocab_size=32768",
                                        "model.share_embeddings_and_output_weights=false"])  # fmt: skip
-    cfg = tt._config(ns, args.mbs, str(out / "runs" / "bench"))
+    mbs = 16 if args.child == "bench16" else args.mbs
+    cfg = tt._config(ns, mbs, str(out / "runs" / args.child))
     apply_overrides(cfg, ["model.fp8=tensorwise"])
     s = loop.setup(cfg)
     for i in range(args.steps):
-        timer(cfg, s.model, s.optimizer, s.scheduler, s.train_data, i * args.mbs)
+        timer(cfg, s.model, s.optimizer, s.scheduler, s.train_data, i * mbs)
     runtime.shutdown()
 
 

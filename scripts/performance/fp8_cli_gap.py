@@ -52,7 +52,7 @@ class StepTimer:
 
     def __init__(self, train_step, profile_from: int, report: Path):
         self.train_step, self.profile_from, self.report = train_step, profile_from, report
-        self.i, self.prof = 0, None
+        self.i, self.prof, self.stop_after_profile = 0, None, False
 
     def __call__(self, *args, **kwargs):
         from torch._dynamo.utils import counters
@@ -80,6 +80,8 @@ class StepTimer:
             print(table.table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=50))
             print(table.table(sort_by="self_cpu_time_total", row_limit=8, max_name_column_width=50))
             self.prof = None
+            if self.stop_after_profile:  # the CLI would write a 1.1B checkpoint at the end
+                raise SystemExit(0)
         return result
 
 
@@ -92,7 +94,7 @@ def child(args) -> None:
     if args.child in ("cli", "cli-mock"):
         from megabridge.cli import main
 
-        loop.train_step = timer
+        loop.train_step, timer.stop_after_profile = timer, True
         sys.exit(main(["train", "--recipe", RECIPE, *overrides]))
     # bench: train_throughput.py's config and loop
     import train_throughput as tt

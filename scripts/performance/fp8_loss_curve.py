@@ -9,8 +9,12 @@ it (``--vocab``, default 32768), and ``megabridge data preprocess`` into an inde
 dataset. Then ``megabridge train`` runs the recipe on it once in bf16 and once per
 ``--variant`` (LABEL:section.field=value[,...]), same seed, data order and schedule, and
 the script prints each variant's loss against bf16's: the largest relative difference of
-the 20-step moving averages after the warm-up, and the last 20 steps' mean. Exit code 1 if
-a variant strays past ``--tolerance`` (default 1%) or does not run (each run is reported).
+the 20-step moving averages after the warm-up, and the last 20 steps' mean; then the mean of
+each block of 20 steps side by side, and each run's tokens/s (the median of the logged
+rates after its first 10 steps, which compile). Exit code 1 if a variant strays past
+``--tolerance`` (default 1%) or does not run (each run is reported). ``--run-limit S``
+stops a run after S seconds and compares it as far as it got (said so in the table), so
+that one call of a time-limited machine still prints every run's numbers.
 ``--measure-compiled-fp8`` lets ``model.compile_layers=true`` run with ``model.fp8``, which
 users are refused until this curve and tests/unit_tests/models/test_fp8_gradients.py on a GPU
 show it right.
@@ -73,15 +77,41 @@ MEASURE_COMPILED_FP8 = (
 )
 
 
-def megabridge(*args: str, compiled_fp8: bool = False) -> None:
+def megabridge(*args: str, compiled_fp8: bool = False, limit: float | None = None) -> None:
     env = {**os.environ, "PYTHONPATH": f"{REPO / 'src'}:{os.environ.get('PYTHONPATH', '')}"}
     entry = ["-c", MEASURE_COMPILED_FP8] if compiled_fp8 else ["-m", "megabridge"]
-    subprocess.run([sys.executable, *entry, *args], check=True, env=env)
+    subprocess.run([sys.executable, *entry, *args], check=True, env=env, timeout=limit)
+
+
+def records(log_dir: Path) -> list[dict]:
+    """metrics.jsonl's records; a last line cut off by a stopped run is left out."""
+    path, out = log_dir / "metrics.jsonl", []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
 
 
 def losses(log_dir: Path) -> dict[int, float]:
-    records = [json.loads(line) for line in (log_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["iteration"]: r["loss"] for r in records if "loss" in r}
+    return {r["iteration"]: r["loss"] for r in records(log_dir) if "loss" in r}
+
+
+def tokens_per_s(log_dir: Path, skip: int = 10) -> float | None:
+    """The median logged rate after the first ``skip`` steps (compilation, warm-up)."""
+    rates = sorted(
+        r["tokens_per_s"] for r in records(log_dir) if "tokens_per_s" in r and r["iteration"] > skip
+    )
+    return rates[len(rates) // 2] if rates else None
+
+
+def block_means(curve: dict[int, float]) -> dict[int, float]:
+    """{first step of each full block of WINDOW steps: the block's mean loss}."""
+    blocks: dict[int, list[float]] = {}
+    for step, loss in curve.items():
+        blocks.setdefault((step - 1) // WINDOW * WINDOW + 1, []).append(loss)
+    return {b: sum(v) / len(v) for b, v in sorted(blocks.items()) if len(v) == WINDOW}
 
 
 def moving(curve: dict[int, float], start: int) -> dict[int, float]:
@@ -117,6 +147,8 @@ def main() -> int:
     p.add_argument("--vocab", type=int, default=32768)
     p.add_argument("--corpus-mb", type=float, default=40.0, help="text taken from the stdlib")
     p.add_argument("--tolerance", type=float, default=0.01)
+    p.add_argument("--run-limit", type=float, help="seconds per training run (then compared "
+                   "as far as it got)")  # fmt: skip
     p.add_argument("--variant", action="append", default=[], metavar="LABEL:OVERRIDES")
     p.add_argument(
         "--measure-compiled-fp8",
@@ -146,32 +178,59 @@ def main() -> int:
     for text in args.variant:
         label, _, overrides = text.partition(":")
         runs[label] = overrides.split(",")
-    curves, failed_runs = {}, []
+    curves, rates, failed_runs, cut = {}, {}, [], set()
     for label, overrides in runs.items():
         run = out / "runs" / label
         try:
             megabridge("train", "--recipe", args.recipe, *common, f"checkpoint.save={run / 'ckpt'}",
                        f"logger.log_dir={run / 'logs'}", *overrides,
-                       compiled_fp8=args.measure_compiled_fp8)  # fmt: skip
+                       compiled_fp8=args.measure_compiled_fp8, limit=args.run_limit)  # fmt: skip
         except subprocess.CalledProcessError as e:  # refused (exit 2) or crashed: report, go on
             failed_runs.append(f"{label}: megabridge train exited with {e.returncode}")
             continue
+        except subprocess.TimeoutExpired:
+            cut.add(label)
         curves[label] = losses(run / "logs")
+        rates[label] = tokens_per_s(run / "logs")
+        if not curves[label]:
+            failed_runs.append(f"{label}: no step logged within --run-limit")
+            del curves[label]
     start = min(args.iters // 5, 50)  # past the warm-up's steepest part
     print(
         f"\nloss, {args.recipe}, {args.iters} steps of {args.mbs} x {args.seq} tokens of stdlib source"
     )
     print(f"{'run':24s} {'first':>8s} {'last 20':>8s} {'worst rel diff of 20-step means':>34s}")
     failed = False
-    reference = curves["bf16"]
+    reference = curves.get("bf16", {})
     for label, curve in curves.items():
         last = sum(curve[s] for s in sorted(curve)[-WINDOW:]) / WINDOW
         line = f"{label:24s} {curve[min(curve)]:8.4f} {last:8.4f}"
-        if label != "bf16":
-            step, worst, _, _ = compare(reference, curve, start)
-            failed |= worst > args.tolerance
-            line += f" {worst:14.2%} at step {step}"
+        if label != "bf16" and reference:
+            try:
+                step, worst, _, _ = compare(reference, curve, start)
+            except ValueError:  # no 20-step window past the warm-up in common
+                failed, line = True, line + "   (too few steps to compare)"
+            else:
+                failed |= worst > args.tolerance
+                line += f" {worst:14.2%} at step {step}"
+        if label in cut:
+            failed, line = True, line + f"   (stopped by --run-limit at step {max(curve)})"
         print(line)
+    print("\n20-step mean losses (steps), and tokens/s (median after step 10)")
+    means = {label: block_means(curve) for label, curve in curves.items()}
+    labels = list(curves)
+    print(f"{'steps':>9s} " + " ".join(f"{label:>20s}" for label in labels))
+    for b in sorted({b for m in means.values() for b in m}):
+        cells = []
+        for label in labels:
+            value, cell = means[label].get(b), ""
+            if value is not None:
+                cell = f"{value:.3f}"
+                if label != "bf16" and b in means.get("bf16", {}):
+                    cell += f" ({value / means['bf16'][b] - 1:+.2%})"
+            cells.append(f"{cell:>20s}")
+        print(f"{b:4d}-{b + WINDOW - 1:<4d} " + " ".join(cells))
+    print(f"{'tokens/s':>9s} " + " ".join(f"{rates.get(label) or 0:20,.0f}" for label in labels))
     for line in failed_runs:
         print(f"{line} (its output is above)")
     return 1 if failed or failed_runs else 0

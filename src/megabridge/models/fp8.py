@@ -63,15 +63,28 @@ _compiled: dict = {}
 
 
 def _quantize_fn(emulate: bool):
-    """quantize, as one compiled kernel on the GPU (amax, scale and cast fused)."""
+    """quantize, as one compiled kernel on the GPU (amax, scale and cast fused).
+
+    Its operands reach it detached (``_operand``), so that dynamo sees one kind of tensor:
+    an activation that requires grad or is a view of a bigger tensor (the norm's output
+    reshaped) guarded it into graphs of its own, 4 graphs for 2 formats in the CPU test.
+    """
     if emulate:
-        return quantize
+        return lambda x, dtype, rowwise: quantize(_operand(x), dtype, rowwise)
     if "quantize" not in _compiled:
         # Symbolic shapes from the start: one kernel per (format, rowwise) for every operand
         # shape (activations, weights, gradients and their transposes) rather than one per
         # shape, which would reach dynamo's recompile limit and fall back to eager.
-        _compiled["quantize"] = torch.compile(quantize, dynamic=True)
+        compiled_quantize = torch.compile(quantize, dynamic=True)
+        _compiled["quantize"] = lambda x, dtype, rowwise: compiled_quantize(
+            _operand(x), dtype, rowwise
+        )
     return _compiled["quantize"]
+
+
+def _operand(x: torch.Tensor) -> torch.Tensor:
+    """x as quantize's input: detached (no grad, not a view; the same storage, no copy)."""
+    return x.detach()
 
 
 class FP8Linear(torch.autograd.Function):
@@ -82,9 +95,9 @@ class FP8Linear(torch.autograd.Function):
         rowwise = recipe == "rowwise"
         q = _quantize_fn(emulate)
         x_fp8, x_scale = q(x, E4M3, rowwise)  # [M, K], [] or [M, 1]
-        # detached: dynamo keeps a Parameter's shape static, so each layer's weight shape
-        # would compile anew, past the recompile limit (measured: eager fallback, 0.78x bf16)
-        w_fp8, w_scale = q(weight.detach(), E4M3, rowwise)  # [N, K], [] or [N, 1]
+        # detached (_operand): dynamo keeps a Parameter's shape static, so each layer's weight
+        # shape would compile anew, past the recompile limit (measured: eager fallback, 0.78x)
+        w_fp8, w_scale = q(weight, E4M3, rowwise)  # [N, K], [] or [N, 1]
         y = scaled_mm(x_fp8, w_fp8.t(), x_scale, w_scale.t().contiguous(), emulate)
         ctx.recipe, ctx.emulate, ctx.dtypes = recipe, emulate, (x.dtype, weight.dtype)
         if rowwise:  # the backward GEMMs sum over other dimensions: quantised again there

@@ -84,6 +84,41 @@ def test_the_scaled_mm_operand_layouts_match_the_emulation(monkeypatch, recipe):
         torch.testing.assert_close(real, emulated, atol=1e-2, rtol=1e-2)
 
 
+@pytest.mark.parametrize("recipe,graphs", [("tensorwise", 2), ("rowwise", 1)])
+def test_the_compiled_cast_traces_one_graph_per_format(monkeypatch, recipe, graphs):
+    """The GPU's compiled quantize sees activations that require grad and are views of a
+    bigger tensor (the norm's output reshaped), others that are not, weights and gradients:
+    dynamo guards on requires_grad and on a view's base, so each kind traced a graph of its
+    own (4 for tensorwise's two formats before the operands went in detached). One graph per
+    FP8 format, none after the first step: far from dynamo's recompile limit (8), whatever
+    mix of layouts a GPU's kernels hand over. A counting backend: dynamo's part only."""
+    traced = []
+
+    def counting_backend(gm, example_inputs):
+        traced.append(gm)
+        return gm.forward
+
+    compile_ = torch.compile
+    monkeypatch.setattr(
+        torch, "compile", lambda fn, **kw: compile_(fn, **kw, backend=counting_backend)
+    )
+    monkeypatch.setattr(fp8, "_compiled", {})
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(5)
+    base = torch.randn(16, 4, 32, generator=gen, dtype=torch.bfloat16, requires_grad=True)
+    w1 = (torch.randn(128, 32, generator=gen) * 0.1).to(torch.bfloat16).requires_grad_()
+    w2 = (torch.randn(32, 64, generator=gen) * 0.1).to(torch.bfloat16).requires_grad_()
+    per_step = []
+    for _ in range(2):
+        x = (base * 1.0).reshape(-1, 32)  # a view that requires grad
+        y = fp8.FP8Linear.apply(x, w1, recipe, False)
+        h = torch.nn.functional.silu(y[:, :64]) * y[:, 64:]  # a new tensor
+        fp8.FP8Linear.apply(h, w2, recipe, False).float().square().sum().backward()
+        per_step.append(len(traced))
+    torch._dynamo.reset()
+    assert per_step == [graphs, graphs]
+
+
 def test_rowwise_keeps_an_outlier_row_from_spoiling_the_others():
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(32, 64, generator=gen)

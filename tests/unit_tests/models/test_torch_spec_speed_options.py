@@ -1,6 +1,8 @@
 """The torch spec's speed options on the CPU: FP8 linears (models/fp8.py: the scaling math,
 emulated, and where it refuses to run) and the recomputed SwiGLU (models/swiglu_recompute.py)."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -109,14 +111,32 @@ def test_the_compiled_cast_traces_one_graph_per_format(monkeypatch, recipe, grap
     w1 = (torch.randn(128, 32, generator=gen) * 0.1).to(torch.bfloat16).requires_grad_()
     w2 = (torch.randn(32, 64, generator=gen) * 0.1).to(torch.bfloat16).requires_grad_()
     per_step = []
-    for _ in range(2):
-        x = (base * 1.0).reshape(-1, 32)  # a view that requires grad
-        y = fp8.FP8Linear.apply(x, w1, recipe, False)
-        h = torch.nn.functional.silu(y[:, :64]) * y[:, 64:]  # a new tensor
-        fp8.FP8Linear.apply(h, w2, recipe, False).float().square().sum().backward()
-        per_step.append(len(traced))
+    with _no_torch_function_modes():  # as on a GPU
+        for _ in range(2):
+            x = (base * 1.0).reshape(-1, 32)  # a view that requires grad
+            y = fp8.FP8Linear.apply(x, w1, recipe, False)
+            h = torch.nn.functional.silu(y[:, :64]) * y[:, 64:]  # a new tensor
+            fp8.FP8Linear.apply(h, w2, recipe, False).float().square().sum().backward()
+            per_step.append(len(traced))
     torch._dynamo.reset()
     assert per_step == [graphs, graphs]
+
+
+@contextlib.contextmanager
+def _no_torch_function_modes():
+    """The torch-function modes off for a while. A test before this one may have started the
+    CPU runtime, whose CudaToCpuMode stays on for the life of the process (runtime.py); with
+    it, quantize's calls met different mode stacks (dynamo's recompile log:
+    ___check_torch_function_mode_stack) and rowwise traced 2 graphs in CI's order. A GPU run
+    has no such mode."""
+    modes = []
+    while torch._C._len_torch_function_stack():
+        modes.append(torch._C._pop_torch_function_stack())
+    try:
+        yield
+    finally:
+        for mode in reversed(modes):
+            torch._C._push_on_torch_function_stack(mode)
 
 
 def test_rowwise_keeps_an_outlier_row_from_spoiling_the_others():

@@ -45,6 +45,7 @@ class LlavaBridge(FamilyBridge):
     VISION = True
     HF_RENAMES = HF_RENAMES
     PROJECTOR = ("linear_1.weight", "linear_1.bias", "linear_2.weight", "linear_2.bias")
+    FIELDS = LLAVA_FIELDS  # the top-level HF config fields ModelConfig.vision keeps
     PARALLELISM = ("TP", "PP")
     NOTES = (
         "CLIP, SigLIP or Pixtral (Pixtral-12B, as Mistral 3's) tower + projector in front of "
@@ -99,14 +100,20 @@ class LlavaBridge(FamilyBridge):
                 f"{cls.display_name()} with a Pixtral tower is supported with one "
                 f"vision_feature_layer and vision_feature_select_strategy='full' (Pixtral-12B's)"
             )
+        return cls.with_language_model(
+            hf_config, text_bridge, {"kind": "pixtral" if pixtral else "llava", **vit, **llava}
+        )
+
+    @classmethod
+    def with_language_model(cls, hf_config, text_bridge, vision: dict):
+        """The language model's ModelConfig (read by ``text_bridge``) as this family's, with
+        ``vision`` (plus the text family and width) as its ModelConfig.vision."""
         cfg = text_bridge.model_config(hf_config.text_config)
         cfg.family = cls.family
         # transformers reads the top-level flag (set from text_config's when that one ties)
         cfg.share_embeddings_and_output_weights = bool(hf_config.tie_word_embeddings)
-        cfg.vision = {
-            "kind": "pixtral" if pixtral else "llava", "text_family": text_bridge.family,
-            "text_hidden_size": cfg.hidden_size, **vit, **llava,
-        }  # fmt: skip
+        cfg.vision = {"text_family": text_bridge.family, "text_hidden_size": cfg.hidden_size,
+                      **vision}  # fmt: skip
         return cfg
 
     @classmethod
@@ -116,17 +123,16 @@ class LlavaBridge(FamilyBridge):
         del text["architectures"]
         tie = cfg.share_embeddings_and_output_weights
         text["tie_word_embeddings"] = tie
-        llava = {k: cfg.vision[k] for k in LLAVA_FIELDS if k != "image_token_id"}
+        fields = {k: cfg.vision[k] for k in cls.FIELDS if k != "image_token_id"}
+        write_tower = write_vit if cfg.vision["kind"] == "llava" else write_pixtral
         return {
             "architectures": [cls.architectures[0]],
             "model_type": cls.hf_model_type,
             "text_config": text,
-            "vision_config": (write_pixtral if cfg.vision["kind"] == "pixtral" else write_vit)(
-                cfg.vision
-            ),
+            "vision_config": write_tower(cfg.vision),
             "image_token_index": cfg.vision["image_token_id"],
             "tie_word_embeddings": tie,
-            **llava,
+            **fields,
         }
 
 

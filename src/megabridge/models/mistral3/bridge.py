@@ -11,8 +11,8 @@ transformers 5's ``model.*`` names read too); the tower's layers are Megatron-Co
 
 from __future__ import annotations
 
-from megabridge.conversion.registry import bridge_for_family, bridge_for_model_type, register_bridge
-from megabridge.conversion.vit import ACTIVATIONS, pixtral_mappings, read_pixtral, write_pixtral
+from megabridge.conversion.registry import bridge_for_model_type, register_bridge
+from megabridge.conversion.vit import ACTIVATIONS, pixtral_mappings, read_pixtral
 from megabridge.errors import UserError
 from megabridge.models.llava.bridge import LlavaBridge
 
@@ -31,6 +31,7 @@ class Mistral3Bridge(LlavaBridge):
     architectures = ("Mistral3ForConditionalGeneration",)
     hf_model_type = "mistral3"
     NAME = "Mistral3ForConditionalGeneration"
+    FIELDS = MISTRAL3_FIELDS
     PROJECTOR = ("norm.weight", "patch_merger.merging_layer.weight", "linear_1.weight",
                  "linear_1.bias", "linear_2.weight", "linear_2.bias")  # fmt: skip
     NOTES = (
@@ -62,30 +63,6 @@ class Mistral3Bridge(LlavaBridge):
                 f"{name} with projector_hidden_act={fields['projector_hidden_act']!r} is not "
                 "supported yet"
             )
-        cfg = text_bridge.model_config(hf_config.text_config)
-        cfg.family = cls.family
-        cfg.share_embeddings_and_output_weights = bool(hf_config.tie_word_embeddings)
-        cfg.vision = {
-            "kind": "mistral3", "text_family": text_bridge.family,
-            "text_hidden_size": cfg.hidden_size,
-            "projector_norm_eps": float(hf_config.text_config.rms_norm_eps),
-            **vision, **fields,
-        }  # fmt: skip
-        return cfg
-
-    @classmethod
-    def hf_config_dict(cls, cfg):
-        text = bridge_for_family(cfg.vision["text_family"]).hf_config_dict(cfg)
-        del text["architectures"]
-        tie = cfg.share_embeddings_and_output_weights
-        text["tie_word_embeddings"] = tie
-        fields = {k: cfg.vision[k] for k in MISTRAL3_FIELDS if k != "image_token_id"}
-        return {
-            "architectures": [cls.architectures[0]],
-            "model_type": cls.hf_model_type,
-            "text_config": text,
-            "vision_config": write_pixtral(cfg.vision),
-            "image_token_index": cfg.vision["image_token_id"],
-            "tie_word_embeddings": tie,
-            **fields,
-        }
+        vision |= {"kind": "mistral3",
+                   "projector_norm_eps": float(hf_config.text_config.rms_norm_eps)}  # fmt: skip
+        return cls.with_language_model(hf_config, text_bridge, {**vision, **fields})

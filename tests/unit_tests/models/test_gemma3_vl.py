@@ -15,7 +15,7 @@ import torch
 
 from megabridge.conversion.tiny import tiny_config
 from tests import conversion_checks as checks
-from tests.vision_models import save_images, save_tiny_gemma3_vl
+from tests.vision_models import save_tiny_gemma3_vl
 
 ATOL = 1e-4
 
@@ -23,11 +23,6 @@ ATOL = 1e-4
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
     return save_tiny_gemma3_vl(tmp_path_factory.mktemp("gemma3_vl") / "hf")
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    return save_images(tmp_path_factory.mktemp("images"))
 
 
 @pytest.mark.unit

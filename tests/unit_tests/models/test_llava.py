@@ -16,7 +16,7 @@ import torch
 
 from megabridge.conversion.tiny import tiny_config
 from tests import conversion_checks as checks
-from tests.vision_models import save_images, save_tiny_llava
+from tests.vision_models import save_tiny_llava
 
 ATOL = 1e-4
 VARIANTS = ["base", "siglip_qwen2"]
@@ -26,11 +26,6 @@ VARIANTS = ["base", "siglip_qwen2"]
 def hf_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("llava")
     return {v: save_tiny_llava(root / v, v) for v in VARIANTS}
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    return save_images(tmp_path_factory.mktemp("images"))
 
 
 @pytest.mark.unit

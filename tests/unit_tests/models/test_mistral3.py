@@ -18,7 +18,7 @@ import torch
 from megabridge.conversion.tiny import tiny_config
 from tests import conversion_checks as checks
 from tests.helpers import megabridge
-from tests.vision_models import save_images, save_tiny_mistral3
+from tests.vision_models import save_tiny_mistral3
 
 ATOL = 1e-4
 VARIANTS = ["base", "tied"]
@@ -28,11 +28,6 @@ VARIANTS = ["base", "tied"]
 def hf_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("mistral3")
     return {v: save_tiny_mistral3(root / v, v) for v in VARIANTS}
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    return save_images(tmp_path_factory.mktemp("images"))
 
 
 @pytest.mark.unit

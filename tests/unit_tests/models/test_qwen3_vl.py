@@ -25,11 +25,6 @@ FAMILIES = ["qwen3_vl", "qwen3_vl_moe"]
 
 
 @pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    return save_images(tmp_path_factory.mktemp("images"))
-
-
-@pytest.fixture(scope="module")
 def hf_dirs(tmp_path_factory):
     """family -> the tiny model saved by transformers 5 (MoE experts [E, out, in])."""
     return {f: save_tiny_vl(f, tmp_path_factory.mktemp(f) / "hf") for f in FAMILIES}

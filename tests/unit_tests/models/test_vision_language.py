@@ -30,11 +30,6 @@ def hf_dir(tmp_path_factory):
     return save_tiny_qwen2_5_vl(tmp_path_factory.mktemp("qwen2_5_vl") / "hf")
 
 
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    return save_images(tmp_path_factory.mktemp("images"))
-
-
 @pytest.mark.unit
 @pytest.mark.parametrize("variant", ["base", "tied"])
 def test_config_round_trip(variant):

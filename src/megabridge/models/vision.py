@@ -193,7 +193,7 @@ class VisionLanguageModel(GPTModel):
             bidirectional_images  # ModelConfig.bidirectional_image_attention
         )
         # DeepStack (Qwen3-VL): a tower that also returns features for the first LM layers
-        self._deepstack = None  # (image positions [b, s], features per layer), in a forward
+        self._deepstack = None  # [(placeholder positions [b, s], features per layer)] of images, then videos, in a forward
         if self.vision is not None and getattr(self.vision, "deepstack_layers", 0):
             self._add_deepstack_hooks(self.vision.deepstack_layers)
 

@@ -5,7 +5,7 @@
 One table: for bf16 and for each FP8 path, the relative error of the embedding's and the
 block linears' gradients (the tiny model of tests/unit_tests/models/test_fp8_gradients.py,
 on a GPU if torch sees one). The FP8 rows take the pieces apart: the casts eager or
-compiled (torch.compile of models/fp8.quantize, as training runs them), the GEMM simulated
+compiled (models/fp8._quantize_fn: the compiled cast, as training runs them), the GEMM simulated
 in float32 or torch._scaled_mm, and the whole layer compiled (aot_eager: dynamo's trace
 only; inductor: model.compile_layers). Simulated FP8 (eager casts, float32 GEMM) is what
 FP8's precision predicts; a row well above it names the piece that goes wrong.
@@ -64,7 +64,8 @@ def fp8_pieces(casts: str, gemm: str):
     "scaled_mm"), whatever the device (training picks: a GPU compiled + scaled_mm)."""
     saved = fp8.fp8_linear, fp8._quantize_fn, fp8.check_fp8_supported
     linear, emulate = fp8.fp8_linear, gemm == "fp32"
-    quantize = fp8.quantize if casts == "eager" else torch.compile(fp8.quantize, dynamic=True)
+    fp8._compiled.clear()
+    quantize = fp8.quantize if casts == "eager" else fp8._quantize_fn(False)
     fp8.fp8_linear = lambda x, w, r, **_: linear(x, w, r, emulate)
     fp8._quantize_fn = lambda _emulate: quantize
     fp8.check_fp8_supported = lambda *a: None  # the CPU's _scaled_mm kernel runs FP8 too

@@ -104,7 +104,7 @@ def run_megabridge(args, mbs: int, name: str = "megabridge", overrides: tuple = 
         try:
             times = _time_steps(step, args.warmup, args.iters)
             if args.profile:
-                _profile(step)
+                _profile(step, name)
             return _result(name, mbs, args.seq, times, flops_tok, args.ceiling)
         finally:
             runtime.shutdown()
@@ -119,18 +119,49 @@ def run_peer(name: str, args, mbs: int) -> dict:
     torch.cuda.reset_peak_memory_stats()
     step = peers.build(name, cfg.model, mbs, args.seq)
     times = _time_steps(step, args.warmup, args.iters)
+    if args.profile:
+        _profile(step, name)
     flops_tok = flops_per_token(cfg.model, args.seq)
     return _result(name, mbs, args.seq, times, flops_tok, args.ceiling)
 
 
-def _profile(step) -> None:
+def _profile(step, name: str) -> None:
+    """Two steps' CUDA kernels, the costliest first, under ``name``'s heading."""
     from torch.profiler import ProfilerActivity, profile
 
+    print(f"profile of two steps: {name}", flush=True)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for i in range(2):
             step(i)
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25), flush=True)
+    events = prof.key_averages()
+    print(events.table(sort_by="self_device_time_total", row_limit=30), flush=True)
+    kinds: dict[str, float] = {}
+    for e in events:
+        if e.self_device_time_total > 0:
+            kind = _kernel_kind(e.key)
+            kinds[kind] = kinds.get(kind, 0.0) + e.self_device_time_total / 2e3  # ms per step
+    total = sum(kinds.values())
+    print(f"{name}: GPU ms per step by kind (total {total:.1f}): " + ", ".join(
+        f"{k} {v:.1f}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])), flush=True)  # fmt: skip
+
+
+KINDS = (
+    ("attention", ("flash", "fmha", "cudnn", "attention", "sdpa")),
+    ("gemm", ("gemm", "cutlass", "xmma", "nvjet", "sm90", "sm100", "scaled_mm", "matmul")),
+    ("optimizer", ("adam", "multi_tensor", "foreach")),
+    ("compiled (triton)", ("triton",)),
+    ("copy / cast", ("copy", "cast", "memcpy", "memset", "fill")),
+    ("reduction", ("reduce", "norm")),
+)
+
+
+def _kernel_kind(name: str) -> str:
+    """A profiled kernel's kind by its name (first match in KINDS; element-wise otherwise)."""
+    low = name.lower()
+    return next(
+        (kind for kind, keys in KINDS if any(k in low for k in keys)), "element-wise / other"
+    )
 
 
 def _guarded(name: str, fn, args, mbs) -> dict:
@@ -223,7 +254,9 @@ def main() -> None:
         "compiled:model.compile_layers=true or fp8c:model.compile_layers=true,model.fp8=tensorwise",
     )  # fmt: skip
     p.add_argument(
-        "--profile", action="store_true", help="print the top CUDA kernels of megabridge"
+        "--profile",
+        action="store_true",
+        help="print two steps' top CUDA kernels and GPU time by kind, for every stack",
     )
     p.add_argument("--json-out", help="write all results here")
     p.add_argument("overrides", nargs="*", help="section.field=value")

@@ -48,10 +48,12 @@ def check_compile_supported(impl: str, fp8_recipe: str | None) -> None:
         )
     if fp8_recipe is not None:
         # Measured on an H200 (torch 2.11): compiled FP8 layers trained wrongly (loss 9.22
-        # against bf16's 6.34 after 60 steps), while eager FP8 layers tracked bf16. On the CPU
-        # (torch 2.15, inductor, torch._scaled_mm's CPU kernel) their gradients are within FP8's
-        # rounding of float64 (tests/unit_tests/models/test_fp8_gradients.py); lifted once that
-        # file passes on a GPU and fp8_loss_curve.py --measure-compiled-fp8 tracks bf16.
+        # against bf16's 6.34 after 60 steps), while eager FP8 layers tracked bf16; a compiled
+        # FP8 linear's gradients come out zero there, with dynamo alone too
+        # (scripts/performance/fp8_inductor_probe.py). On the CPU (torch 2.15, inductor,
+        # torch._scaled_mm's CPU kernel) their gradients are within FP8's rounding of float64
+        # (tests/unit_tests/models/test_fp8_gradients.py); lifted once that file passes on a
+        # GPU and fp8_loss_curve.py --measure-compiled-fp8 tracks bf16.
         raise ConfigError("model.compile_layers with model.fp8 is not supported yet")
 
 

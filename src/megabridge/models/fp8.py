@@ -37,10 +37,26 @@ def quantize(x: torch.Tensor, dtype: torch.dtype, rowwise: bool):
     x ~= x_fp8.float() * scale. Rowwise takes one scale per row (the amax over C) and
     rounds the multiplier down to a power of two (no overflow, and the scaling is exact).
     """
+    return cast(x, amax(x, rowwise), dtype, rowwise)
+
+
+def amax(x: torch.Tensor, rowwise: bool) -> torch.Tensor:
+    """The largest magnitude of x [R, C]: [] (tensorwise) or [R, 1] (rowwise), in x's dtype.
+
+    One aten reduction kernel, never compiled: inductor's kernel for a whole-tensor
+    reduction under symbolic shapes ran on too few blocks (13 ms per 8M-element cast on an
+    H200, 95% of an FP8 step; NOTES.md, "the 20x slower FP8").
+    """
+    if rowwise:
+        return torch.linalg.vector_norm(x, float("inf"), dim=-1, keepdim=True)
+    return torch.linalg.vector_norm(x, float("inf"))
+
+
+def cast(x: torch.Tensor, x_amax: torch.Tensor, dtype: torch.dtype, rowwise: bool):
+    """x [R, C] in ``dtype``, scaled so that ``x_amax`` maps onto the format's largest value;
+    -> (x_fp8, dequantising scale). Element-wise only: one fused kernel when compiled."""
     largest = torch.finfo(dtype).max
-    amax = x.abs().amax(dim=-1, keepdim=True) if rowwise else x.abs().amax()
-    amax = amax.float().clamp(min=1e-12)  # an all-zero tensor keeps a finite scale
-    scale = largest / amax
+    scale = largest / x_amax.float().clamp(min=1e-12)  # an all-zero tensor: a finite scale
     if rowwise:
         scale = torch.exp2(torch.floor(torch.log2(scale)))
     x_fp8 = (x.float() * scale).clamp(-largest, largest).to(dtype)
@@ -63,7 +79,7 @@ _compiled: dict = {}
 
 
 def _quantize_fn(emulate: bool):
-    """quantize, as one compiled kernel on the GPU (amax, scale and cast fused).
+    """quantize for the GPU: the amax by aten, the scale and cast as one compiled kernel.
 
     Its operands reach it detached (``_operand``), so that dynamo sees one kind of tensor:
     an activation that requires grad or is a view of a bigger tensor (the norm's output
@@ -71,15 +87,17 @@ def _quantize_fn(emulate: bool):
     """
     if emulate:
         return lambda x, dtype, rowwise: quantize(_operand(x), dtype, rowwise)
-    if "quantize" not in _compiled:
+    if "cast" not in _compiled:
         # Symbolic shapes from the start: one kernel per (format, rowwise) for every operand
         # shape (activations, weights, gradients and their transposes) rather than one per
         # shape, which would reach dynamo's recompile limit and fall back to eager.
-        compiled_quantize = torch.compile(quantize, dynamic=True)
-        _compiled["quantize"] = lambda x, dtype, rowwise: compiled_quantize(
-            _operand(x), dtype, rowwise
-        )
-    return _compiled["quantize"]
+        _compiled["cast"] = torch.compile(cast, dynamic=True)
+
+    def compiled_quantize(x, dtype, rowwise):
+        x = _operand(x)
+        return _compiled["cast"](x, amax(x, rowwise), dtype, rowwise)
+
+    return compiled_quantize
 
 
 def _operand(x: torch.Tensor) -> torch.Tensor:

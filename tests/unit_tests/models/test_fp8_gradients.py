@@ -168,7 +168,15 @@ def test_compiled_fp8_layers_carry_fp8_rounding_and_no_more(
 
 
 # On the CPU, tensorwise only: each recipe is one inductor C++ compile (8-33 s on 2 cores),
-# and the layouts checked are the same; the GPU smoke runs both recipes.
+# and the layouts checked are the same. On the H200 (torch 2.11) both recipes' gradients come
+# out zero, with inductor and with dynamo alone (backend="eager"; fp8_inductor_probe.py), so
+# model.compile_layers with model.fp8 is refused; strict: a torch that fixes it fails here,
+# and the refusal can go.
+@pytest.mark.xfail(
+    torch.cuda.is_available(),
+    strict=True,
+    reason="compiled FP8 linears get zero gradients on CUDA (H200, torch 2.11)",
+)
 @pytest.mark.parametrize("recipe", fp8.RECIPES if torch.cuda.is_available() else ["tensorwise"])
 def test_a_compiled_fp8_linear_between_element_wise_ops_matches_eager(
     fp8_anywhere, monkeypatch, recipe

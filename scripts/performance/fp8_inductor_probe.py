@@ -1,12 +1,13 @@
-"""Which inductor setting makes a compiled FP8 linear's gradients wrong on the GPU (issue 15).
+"""Where a compiled FP8 linear's gradients go wrong on the GPU (issue 15).
 
     python scripts/performance/fp8_inductor_probe.py [--recipe tensorwise] [--only NAME ...]
 
-The GPU smoke's fp8_gradients path found that an FP8 linear (models/fp8.py) between two
-element-wise ops, compiled by inductor, gives gradients at relative difference 1.0 from eager
-on an H200 (0.02-0.03 on the CPU). Each case here compiles the same block one way and prints
-the forward's and both gradients' relative difference from eager, and the gradients' norms
-(a norm of 0 says the gradient never arrived). Needs a GPU with FP8 tensor cores.
+An FP8 linear (models/fp8.py) between two element-wise ops, compiled, gave gradients at
+relative difference 1.0 from eager on an H200 (0.02-0.03 on the CPU). Each case here
+compiles the same block one way (dynamo alone, aot_eager, inductor with some of its passes
+off; the casts compiled or eager, the GEMMs torch._scaled_mm or float32) and prints the
+forward's and both gradients' relative difference from eager, and the gradients' norms (a
+norm of 0 says the gradient never arrived). Needs a GPU with FP8 tensor cores.
 """
 
 from __future__ import annotations
@@ -26,10 +27,6 @@ def block(x, w, recipe):
     """An RMSNorm-like scaling before, SiLU after, as in a layer (the smoke test's block)."""
     h = x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6).to(x.dtype)
     return torch.nn.functional.silu(fp8.fp8_linear(h, w, recipe))
-
-
-def _plain_quantize(emulate: bool):
-    return lambda x, dtype, rowwise: fp8.quantize(x.detach(), dtype, rowwise)
 
 
 CASES = {
@@ -81,7 +78,8 @@ def main() -> None:
         case = dict(CASES[name])
         torch._dynamo.reset()
         fp8._compiled.clear()
-        fp8._quantize_fn = _plain_quantize if case.pop("plain_quantize", False) else original
+        if case.pop("plain_quantize", False):  # the casts eager (the CPU's path)
+            fp8._quantize_fn = lambda _emulate: original(True)
         if case.pop("emulate_gemm", False):  # the GEMMs in float32 from the FP8 values
             fp8.fp8_linear = lambda x, w, r: linear(x, w, r, emulate=True)
         try:

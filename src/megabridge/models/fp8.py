@@ -87,17 +87,18 @@ def _quantize_fn(emulate: bool):
     """
     if emulate:
         return lambda x, dtype, rowwise: quantize(_operand(x), dtype, rowwise)
-    if "cast" not in _compiled:
+    if "quantize" not in _compiled:
         # Symbolic shapes from the start: one kernel per (format, rowwise) for every operand
         # shape (activations, weights, gradients and their transposes) rather than one per
         # shape, which would reach dynamo's recompile limit and fall back to eager.
-        _compiled["cast"] = torch.compile(cast, dynamic=True)
+        compiled_cast = torch.compile(cast, dynamic=True)
 
-    def compiled_quantize(x, dtype, rowwise):
-        x = _operand(x)
-        return _compiled["cast"](x, amax(x, rowwise), dtype, rowwise)
+        def compiled_quantize(x, dtype, rowwise):
+            x = _operand(x)
+            return compiled_cast(x, amax(x, rowwise), dtype, rowwise)
 
-    return compiled_quantize
+        _compiled["quantize"] = compiled_quantize
+    return _compiled["quantize"]
 
 
 def _operand(x: torch.Tensor) -> torch.Tensor:

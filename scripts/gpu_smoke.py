@@ -234,6 +234,19 @@ def packed_equals_padded(s: Smoke) -> str:
 
 
 @path
+def triton_kernels(s: Smoke) -> str:
+    """megabridge's Triton kernels (SwiGLU, RoPE, RMSNorm: every bf16 training step of the
+    torch spec runs them) against the torch math, forward and backward, compiled for this GPU."""
+    gpu = {"CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES") or "0"}
+    output = s.run("triton_kernels", ["-m", "pytest", "-v", "-p", "no:cacheprovider",
+                                      "tests/unit_tests/models/test_triton_kernels.py"], env=gpu)  # fmt: skip
+    case = "test_the_kernels_match_the_torch_math_on_cuda PASSED"
+    if case not in output:
+        raise Failure(f"not in the pytest output: {case}")
+    return "SwiGLU, RoPE and RMSNorm forward and backward match the torch math on CUDA"
+
+
+@path
 def compiled_layers(s: Smoke) -> str:
     """model.compile_layers through inductor (bf16 layers against eager ones), then a compiled
     training run."""

@@ -193,13 +193,13 @@ def _gpu_fusions(cfg: ModelConfig) -> dict:
     on = torch.cuda.is_available() and specs.resolve_impl(cfg) == "torch"
     if on and cfg.position_embedding_type == "rope":
         torch_layers.install_fused_rope()
+    # The dense MLP's SwiGLU as megabridge's Triton module (torch_layers.triton_swiglu says
+    # when), through Megatron's activation-module slot; else Megatron's compiled one.
+    own_swiglu = on and torch_layers.triton_swiglu(cfg)
     return dict(
+        use_te_activation_func=own_swiglu,
         # Megatron fuses only plain silu SwiGLU (no alpha, offset or clamp).
-        bias_activation_fusion=on
-        and cfg.activation == "swiglu"
-        and cfg.swiglu_alpha is None
-        and not cfg.glu_linear_offset
-        and cfg.activation_clamp is None,
+        bias_activation_fusion=on and not own_swiglu and torch_layers.plain_swiglu(cfg),
         # torch_layers.fused_rope rotates halves only: interleaved RoPE (GLM-4) stays unfused.
         apply_rope_fusion=on
         and cfg.position_embedding_type == "rope"

@@ -11,24 +11,10 @@ inductor's recomputation of element-wise work.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from megatron.core.tensor_parallel.layers import RowParallelLinear
 from megatron.core.transformer.mlp import MLP
 
-from megabridge.models import compiled
-
-
-def _swiglu(h: torch.Tensor) -> torch.Tensor:
-    # h [..., 2f] -> silu(gate) * up [..., f]
-    gate, up = torch.chunk(h, 2, -1)
-    return F.silu(gate) * up
-
-
-def _swiglu_grad(grad_a: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    # d/dgate silu(gate) = sigmoid(gate) * (1 + gate * (1 - sigmoid(gate)))
-    gate, up = torch.chunk(h, 2, -1)
-    sig = torch.sigmoid(gate)
-    return torch.cat((grad_a * up * sig * (1 + gate * (1 - sig)), grad_a * F.silu(gate)), -1)
+from megabridge.models.triton_kernels import swiglu, swiglu_grad
 
 
 class _SwiGLUThenLinear(torch.autograd.Function):
@@ -37,17 +23,15 @@ class _SwiGLUThenLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight):
         ctx.save_for_backward(h, weight)
-        return torch.matmul(compiled.cuda_kernel(_swiglu, h)(h), weight.t())
+        return torch.matmul(swiglu(h), weight.t())
 
     @staticmethod
     def backward(ctx, grad_y):
         h, weight = ctx.saved_tensors
         grad_w = None
         if ctx.needs_input_grad[1]:
-            grad_w = torch.matmul(
-                grad_y.t(), compiled.cuda_kernel(_swiglu, h)(h)
-            )  # [n, f], recomputed
-        grad_h = compiled.cuda_kernel(_swiglu_grad, h)(torch.matmul(grad_y, weight), h)  # [M, 2f]
+            grad_w = torch.matmul(grad_y.t(), swiglu(h))  # [n, f], recomputed
+        grad_h = swiglu_grad(torch.matmul(grad_y, weight), h)  # [M, 2f]
         return grad_h, grad_w
 
 

@@ -27,7 +27,14 @@ from megatron.core.utils import divide
 from torch.utils.checkpoint import checkpoint
 
 from megabridge.errors import ConfigError
-from megabridge.models import compiled, fp8, norm_recompute, rope, swiglu_recompute
+from megabridge.models import (
+    compiled,
+    fp8,
+    norm_recompute,
+    rope,
+    swiglu_recompute,
+    triton_kernels,
+)
 from megabridge.models.attention_ops import (
     attend_in_blocks,
     attend_in_segments,
@@ -430,9 +437,9 @@ class RMSNorm(torch.nn.Module):
         if self.zero_centered:
             y = F.rms_norm(x.float(), (x.shape[-1],), None, self.eps)
             return (y * (1.0 + self.weight.float())).to(x.dtype)
-        if x.dtype == torch.float32 or x.is_cuda:
-            # One fused kernel on GPU (it accumulates in fp32 internally); on the CPU in
-            # fp32 this is exactly transformers' order of operations.
+        if x.is_cuda:  # one kernel forward and one backward, accumulating in fp32
+            return triton_kernels.rms_norm(x, self.weight, self.eps)
+        if x.dtype == torch.float32:  # exactly transformers' order of operations
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         y = F.rms_norm(x.float(), (x.shape[-1],), None, self.eps).to(x.dtype)
         return y * self.weight
@@ -458,35 +465,26 @@ class LayerNorm(torch.nn.LayerNorm):
             p.sequence_parallel = config.sequence_parallel
 
 
-def _rope_bshd(t: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    # t [s, b, n, d], freqs [s, 1, 1, rot]: the rotate-half RoPE in one fused pass.
-    rot = freqs.shape[-1]
-    x, rest = t[..., :rot], t[..., rot:]
-    cos, sin = torch.cos(freqs).to(t.dtype), torch.sin(freqs).to(t.dtype)
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return torch.cat((x * cos + rotated * sin, rest), dim=-1)
-
-
 _compiled_rope = None
 
 
 def fused_rope(t: torch.Tensor, freqs: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
-    """RoPE as one compiled kernel forward and backward (Megatron's fused-RoPE signature).
+    """RoPE as one kernel forward and one backward (Megatron's fused-RoPE signature).
 
-    t [s, b, n, d], freqs [s, 1, 1, rot]. Compiled on the GPU only; on the CPU (tests
-    that route through this path) the same function runs eagerly.
+    t [s, b, n, d], freqs [s, 1, 1, rot]. On the GPU megabridge's Triton kernel
+    (triton_kernels.rope), or a compiled one for layouts it does not take; on the CPU
+    (tests that route through this path) the same function runs eagerly.
     """
     global _compiled_rope
     if interleaved:
         raise ConfigError("interleaved RoPE is not supported by the torch layer spec")
-    if not t.is_cuda:
-        return _rope_bshd(t, freqs)
+    if not t.is_cuda or triton_kernels.rope_fits(t, freqs):
+        return triton_kernels.rope(t, freqs)
     if _compiled_rope is None:
         # Automatic dynamic shapes: a second shape (keys have fewer heads than queries, another
         # micro-batch or sequence length) compiles one kernel with symbolic sizes instead of one
         # per shape, which would run into dynamo's recompile limit and fall back to eager.
-        _compiled_rope = torch.compile(_rope_bshd, dynamic=None)
+        _compiled_rope = torch.compile(triton_kernels.rope_torch, dynamic=None)
     return _compiled_rope(t, freqs)
 
 
@@ -725,9 +723,29 @@ def block_spec(cfg, tconfig):
     return TransformerBlockSubmodules(layer_specs=layers, layer_norm=norm)
 
 
+def plain_swiglu(cfg) -> bool:
+    """SwiGLU without GPT-OSS's alpha, offset or clamp (what the fused SwiGLUs compute)."""
+    return (
+        cfg.activation == "swiglu"
+        and cfg.swiglu_alpha is None
+        and not cfg.glu_linear_offset
+        and cfg.activation_clamp is None
+    )
+
+
+def triton_swiglu(cfg) -> bool:
+    """Whether the dense MLPs take triton_kernels.SwiGLU as their activation module (when
+    Triton is here). Not with experts: Megatron's config switch for activation modules
+    (use_te_activation_func) reaches every MLP of the model, and its expert MLPs have no
+    such module, so they would apply a plain silu to [gate | up]."""
+    return plain_swiglu(cfg) and not cfg.num_moe_experts and triton_kernels.triton is not None
+
+
 def _use_megabridge_modules(spec, cfg, norm) -> None:
     spec.module = TransformerLayer
     sub = spec.submodules
+    if triton_swiglu(cfg):  # used only where provider sets use_te_activation_func (on GPU)
+        sub.mlp.submodules.activation_func = ModuleSpec(module=triton_kernels.SwiGLU)
     sub.input_layernorm = norm
     sub.pre_mlp_layernorm = norm
     if cfg.norm_placement == "post":  # OLMo 2: norms after the sublayers only

@@ -98,9 +98,11 @@ def test_attention_keeps_k_and_v_not_the_whole_qkv_output():
 
 
 def test_the_loss_keeps_the_logits_and_gives_the_same_math():
-    today, lean = _run(_cfg()), _run(_cfg(recompute_cross_entropy=True))
+    # Megatron-Core's cross entropy (the default until 2026-12-04) against the logits-keeping one
+    megatron_ce = dict(recompute_cross_entropy=False)
+    today, lean = _run(_cfg(**megatron_ce)), _run(_cfg(recompute_cross_entropy=True))
     _assert_same_math(lean, today)
-    bf16_today = outside_layers_bytes(_run(_cfg(bf16=True))[0])["(model: loss)"]
+    bf16_today = outside_layers_bytes(_run(_cfg(bf16=True, **megatron_ce))[0])["(model: loss)"]
     bf16_lean = outside_layers_bytes(_run(_cfg(bf16=True, recompute_cross_entropy=True))[0])
     tokens = B * S
     assert bf16_today >= V * 4 * tokens  # an fp32 softmax [tokens, V]
@@ -111,7 +113,8 @@ def test_norms_and_loss_together_keep_the_math():
     """(recompute_swiglu writes SwiGLU's backward out, so its gradients are equal to ~1e-6,
     not bitwise: test_torch_spec_speed_options.py.)"""
     options = dict(recompute_cross_entropy=True, **NORMS)
-    _assert_same_math(_run(_cfg(bf16=True, **options)), _run(_cfg(bf16=True)))
+    plain = _run(_cfg(bf16=True, recompute_cross_entropy=False))
+    _assert_same_math(_run(_cfg(bf16=True, **options)), plain)
 
 
 @pytest.mark.parametrize(

@@ -37,13 +37,13 @@ def test_torch_spec_loss_equals_local_spec(shape):
 def test_rope_kernel_matches_megatron_rope():
     from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
 
-    from megabridge.models.torch_layers import _rope_bshd
+    from megabridge.models.triton_kernels import rope_torch
 
     gen = torch.Generator().manual_seed(0)
     t = torch.randn(16, 2, 4, 8, generator=gen)
     freqs = torch.randn(16, 1, 1, 8, generator=gen)
     torch.testing.assert_close(
-        _rope_bshd(t, freqs), _apply_rotary_pos_emb_bshd(t, freqs), atol=1e-6, rtol=1e-6
+        rope_torch(t, freqs), _apply_rotary_pos_emb_bshd(t, freqs), atol=1e-6, rtol=1e-6
     )
 
 
@@ -95,14 +95,15 @@ def _assert_packed_is_each_segment_alone(attn, q, k, v, params, atol: float) -> 
 
 def test_packed_rope_restarts_positions_in_every_segment():
     """The fused THD RoPE equals RoPE applied to each segment on its own, from position 0."""
-    from megabridge.models.torch_layers import _rope_bshd, rope_thd
+    from megabridge.models.torch_layers import rope_thd
+    from megabridge.models.triton_kernels import rope_torch
 
     gen = torch.Generator().manual_seed(0)
     t = torch.randn(10, 4, 8, generator=gen)  # [tokens, heads, dim]
     freqs = torch.randn(7, 1, 1, 6, generator=gen)  # the longest segment's angles, 6 rotated
     cu = torch.tensor([0, 3, 3, 10], dtype=torch.int32)  # an empty segment in the middle
     got = rope_thd(t, cu, freqs)
-    expected = torch.cat([_rope_bshd(t[:3, None], freqs[:3]), _rope_bshd(t[3:, None], freqs)])
+    expected = torch.cat([rope_torch(t[:3, None], freqs[:3]), rope_torch(t[3:, None], freqs)])
     torch.testing.assert_close(got, expected[:, 0], atol=0, rtol=0)
     with pytest.raises(Exception, match="cu_seqlens ends at 9"):
         rope_thd(t, torch.tensor([0, 9], dtype=torch.int32), freqs)

@@ -1,0 +1,105 @@
+"""megabridge's Triton kernels (models/triton_kernels.py) against what they replace, on this GPU.
+
+    python scripts/performance/kernel_speed.py [--tokens 32768] [--hidden 2048] [--ffn 8192]
+
+At the Llama-3.2-1B shape and micro-batch 16 x seq 2048 by default: SwiGLU forward and
+backward (against Megatron-Core's compiled swiglu / swiglu_back), RoPE on q and k forward
+and backward (against the compiled torch function, and for each --rope-rows), RMSNorm
+forward and backward (against aten's). Prints microseconds per call and the GB/s of the
+bytes each call must move (its inputs read once, its outputs written once).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+
+def timed(fn, iters: int = 20) -> float:
+    """Median microseconds of fn() over iters calls, after three warm-up calls."""
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def row(name: str, us: float, nbytes: int) -> None:
+    print(f"{name:44s} {us:9.1f} us {nbytes / us / 1e3:8.0f} GB/s")
+
+
+def swiglu_rows(m: int, f: int) -> None:
+    from megatron.core.fusions import fused_bias_swiglu
+
+    from megabridge.models import triton_kernels as tk
+
+    x = torch.randn(m, 2 * f, device="cuda", dtype=torch.bfloat16)
+    g = torch.randn(m, f, device="cuda", dtype=torch.bfloat16)
+    io = (3 * f) * m * 2
+    row("SwiGLU forward, Megatron compiled", timed(lambda: fused_bias_swiglu.swiglu(x)), io)
+    row("SwiGLU forward, Triton", timed(lambda: tk.swiglu(x)), io)
+    io = (5 * f) * m * 2
+    back = fused_bias_swiglu.swiglu_back
+    row("SwiGLU backward, Megatron compiled", timed(lambda: back(g, x)), io)
+    row("SwiGLU backward, Triton", timed(lambda: tk.swiglu_grad(g, x)), io)
+
+
+def main() -> None:
+    from megabridge.models import triton_kernels as tk
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--tokens", type=int, default=32768)
+    p.add_argument("--batch", type=int, default=16, help="of --tokens, for RoPE's [s, b] rows")
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--ffn", type=int, default=8192)
+    p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--groups", type=int, default=8)
+    p.add_argument("--rope-rows", type=int, nargs="+", default=[16, 32, 64])
+    args = p.parse_args()
+    dev, bf16 = "cuda", torch.bfloat16
+    m, h, f = args.tokens, args.hidden, args.ffn
+    print(
+        f"{torch.cuda.get_device_name()}, torch {torch.__version__}; tokens {m}, hidden {h}, ffn {f}"
+    )
+
+    swiglu_rows(m, f)
+    s, d = m // args.batch, h // args.heads
+    freqs = torch.randn(s, 1, 1, d, device=dev)
+    compiled = torch.compile(tk.rope_torch, dynamic=None)
+    for heads in (args.heads, args.groups):
+        t = torch.randn(s, args.batch, heads, d, device=dev, dtype=bf16, requires_grad=True)
+        grad = torch.randn_like(t)
+        io = 2 * t.numel() * 2 * 2  # forward and backward, each reads t and writes as much
+
+        def step(fn, t=t, grad=grad):
+            return lambda: torch.autograd.grad(fn(t, freqs), t, grad)
+
+        row(f"RoPE {heads} heads fwd+bwd, compiled", timed(step(compiled)), io)
+        for rows in args.rope_rows:
+            tk._ROPE_ROWS = rows
+            row(f"RoPE {heads} heads fwd+bwd, Triton rows={rows}", timed(step(tk.rope)), io)
+
+    x = torch.randn(m, h, device=dev, dtype=bf16, requires_grad=True)
+    w = torch.ones(h, device=dev, dtype=bf16, requires_grad=True)
+    grad = torch.randn_like(x)
+    io = 5 * x.numel() * 2  # forward: x in, y out; backward: x and grad in, dx out
+
+    def norm_step(fn):
+        return lambda: torch.autograd.grad(fn(x, w, 1e-5), (x, w), grad)
+
+    row(
+        "RMSNorm fwd+bwd, aten", timed(norm_step(lambda *a: F.rms_norm(a[0], (h,), a[1], a[2]))), io
+    )
+    row("RMSNorm fwd+bwd, Triton", timed(norm_step(tk.rms_norm)), io)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,351 @@
+"""Fused GPU kernels written in Triton, where torch.compile's or aten's were measured slower:
+SwiGLU, rotate-half RoPE and RMSNorm, each forward and backward.
+
+Measured on the H200 (scripts/performance/NOTES.md, 2026-12-04; Llama 1.1B, micro-batch 16):
+- inductor's kernel for SwiGLU's backward (the gate's and the up projection's gradients
+  concatenated into one [M, 2f] tensor) took 1.20 ms a layer, twice torchtitan's 0.62 ms
+  for the same bytes: a concatenation compiles to one masked load per half and output
+  element. Here each program reads g, gate and up once and stores both halves.
+- the compiled RoPE computed cos and sin for every element of q and k (198 us a call where
+  the bytes take ~50 us). Here each program takes one position and rotates all its heads
+  (and batch rows) with one cos / sin of the position's angles.
+- aten's RMSNorm backward is two kernels (the input's gradient, then the weight's as a
+  column reduction), 0.26 ms a norm. Here one pass over the rows gives both, the weight's
+  as per-program partial sums.
+
+Each kernel computes in fp32 and rounds once, as inductor's kernels did; the torch functions
+next to each kernel are the same math for the CPU, for compiled graphs (inductor fuses them
+there) and for machines without Triton. Tests compare the two through Triton's interpreter
+(TRITON_INTERPRET=1), which runs these kernels on CPU tensors.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # macOS and other machines without Triton: the torch functions run
+    triton = None
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def runs_on(t: torch.Tensor) -> bool:
+    """Whether t's operation runs as a Triton kernel here: CUDA (or the interpreter), Triton
+    installed, and not inside a graph dynamo is tracing (inductor fuses the torch math)."""
+    return (
+        triton is not None
+        and (t.is_cuda or _INTERPRET)
+        and t.dtype in (torch.float32, torch.bfloat16, torch.float16)
+        and not torch.compiler.is_compiling()
+    )
+
+
+# ---- SwiGLU: h [M, 2f] = [gate | up] -> silu(gate) * up [M, f] -------------------------------
+
+
+def swiglu_torch(h: torch.Tensor) -> torch.Tensor:
+    gate, up = torch.chunk(h, 2, -1)
+    return F.silu(gate) * up
+
+
+def swiglu_grad_torch(grad: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    # d/dgate silu(gate) = sigmoid(gate) * (1 + gate * (1 - sigmoid(gate))); Megatron's order.
+    gate, up = torch.chunk(h, 2, -1)
+    sig = torch.sigmoid(gate)
+    return torch.cat((grad * sig * (1 + gate * (1 - sig)) * up, grad * F.silu(gate)), -1)
+
+
+_SWIGLU_BLOCK = 1024
+
+if triton is not None:
+
+    @triton.jit
+    def _swiglu_kernel(h_ptr, out_ptr, f, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < f
+        gate = tl.load(h_ptr + row * 2 * f + cols, mask=mask).to(tl.float32)
+        up = tl.load(h_ptr + row * 2 * f + f + cols, mask=mask).to(tl.float32)
+        out = gate * tl.sigmoid(gate) * up
+        tl.store(out_ptr + row * f + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _swiglu_grad_kernel(grad_ptr, h_ptr, out_ptr, f, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < f
+        g = tl.load(grad_ptr + row * f + cols, mask=mask).to(tl.float32)
+        gate = tl.load(h_ptr + row * 2 * f + cols, mask=mask).to(tl.float32)
+        up = tl.load(h_ptr + row * 2 * f + f + cols, mask=mask).to(tl.float32)
+        sig = tl.sigmoid(gate)
+        d_gate = g * sig * (1 + gate * (1 - sig)) * up
+        d_up = g * (gate * sig)
+        dtype = out_ptr.dtype.element_ty
+        tl.store(out_ptr + row * 2 * f + cols, d_gate.to(dtype), mask=mask)
+        tl.store(out_ptr + row * 2 * f + f + cols, d_up.to(dtype), mask=mask)
+
+
+def _swiglu_launch(h: torch.Tensor, grad: torch.Tensor | None = None) -> torch.Tensor:
+    """SwiGLU of h [..., 2f] (grad None) or its gradient given grad [..., f]."""
+    h = h.contiguous()
+    f = h.shape[-1] // 2
+    rows = h.numel() // (2 * f)
+    grid = (rows, triton.cdiv(f, _SWIGLU_BLOCK))
+    if grad is None:
+        out = h.new_empty(*h.shape[:-1], f)
+        _swiglu_kernel[grid](h, out, f, BLOCK=_SWIGLU_BLOCK)
+    else:
+        out = torch.empty_like(h)
+        _swiglu_grad_kernel[grid](grad.contiguous(), h, out, f, BLOCK=_SWIGLU_BLOCK)
+    return out
+
+
+def swiglu(h: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of h [..., 2f] (no autograd: the forward of the functions below)."""
+    return _swiglu_launch(h) if runs_on(h) else swiglu_torch(h)
+
+
+def swiglu_grad(grad: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """d SwiGLU(h) / d h given grad [..., f] -> [..., 2f]."""
+    return _swiglu_launch(h, grad) if runs_on(h) else swiglu_grad_torch(grad, h)
+
+
+class _SwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h):
+        ctx.save_for_backward(h)
+        return swiglu(h)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (h,) = ctx.saved_tensors
+        return swiglu_grad(grad, h)
+
+
+class SwiGLU(torch.nn.Module):
+    """SwiGLU as the dense MLP's activation module (Megatron's MLPSubmodules.activation_func,
+    applied to fc1's whole output [s, b, 2f / tp]); keeps fc1's output for backward, as
+    Megatron's fused SwiGLU does."""
+
+    def __init__(self, config=None):
+        super().__init__()
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return swiglu_torch(h)
+        return _SwiGLU.apply(h)
+
+
+# ---- RoPE, rotate-half: t [s, b, n, d], angles [s, 1, 1, rot] (rot <= d, even) --------------
+
+
+def rope_torch(t: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    rot = freqs.shape[-1]
+    x, rest = t[..., :rot], t[..., rot:]
+    cos, sin = torch.cos(freqs).to(t.dtype), torch.sin(freqs).to(t.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return torch.cat((x * cos + rotated * sin, rest), dim=-1)
+
+
+_ROPE_ROWS = 16
+
+if triton is not None:
+
+    @triton.jit
+    def _rope_kernel(
+        x_ptr,
+        freqs_ptr,
+        out_ptr,
+        rows_per_pos,
+        heads,
+        stride_s,
+        stride_b,
+        stride_n,
+        freqs_stride,
+        d,
+        half,
+        ROWS: tl.constexpr,
+        HALF: tl.constexpr,
+        REST: tl.constexpr,
+        BACKWARD: tl.constexpr,
+    ):
+        # One position, ROWS of its (batch row, head) pairs; the angles' cos and sin once.
+        pos = tl.program_id(0).to(tl.int64)
+        r = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
+        rmask = r < rows_per_pos
+        src = pos * stride_s + (r // heads) * stride_b + (r % heads) * stride_n  # [ROWS]
+        dst = (pos * rows_per_pos + r) * d
+        c = tl.arange(0, HALF)
+        cmask = c < half
+        dtype = out_ptr.dtype.element_ty
+        # cos and sin rounded to t's dtype first, as the torch function does.
+        f1 = tl.load(freqs_ptr + pos * freqs_stride + c, mask=cmask, other=0.0)
+        f2 = tl.load(freqs_ptr + pos * freqs_stride + half + c, mask=cmask, other=0.0)
+        cos1 = tl.cos(f1).to(dtype).to(tl.float32)[None, :]
+        sin1 = tl.sin(f1).to(dtype).to(tl.float32)[None, :]
+        cos2 = tl.cos(f2).to(dtype).to(tl.float32)[None, :]
+        sin2 = tl.sin(f2).to(dtype).to(tl.float32)[None, :]
+        mask = rmask[:, None] & cmask[None, :]
+        x1 = tl.load(x_ptr + src[:, None] + c[None, :], mask=mask).to(tl.float32)
+        x2 = tl.load(x_ptr + src[:, None] + half + c[None, :], mask=mask).to(tl.float32)
+        if BACKWARD:  # the transpose of the forward's rotation
+            o1 = x1 * cos1 + x2 * sin2
+            o2 = x2 * cos2 - x1 * sin1
+        else:
+            o1 = x1 * cos1 - x2 * sin1
+            o2 = x2 * cos2 + x1 * sin2
+        tl.store(out_ptr + dst[:, None] + c[None, :], o1.to(dtype), mask=mask)
+        tl.store(out_ptr + dst[:, None] + half + c[None, :], o2.to(dtype), mask=mask)
+        if REST > 0:  # partial rotary: the dimensions past rot pass through
+            e = tl.arange(0, REST)
+            emask = rmask[:, None] & (e < d - 2 * half)[None, :]
+            rest = tl.load(x_ptr + src[:, None] + 2 * half + e[None, :], mask=emask)
+            tl.store(out_ptr + dst[:, None] + 2 * half + e[None, :], rest, mask=emask)
+
+
+def _rope_launch(t: torch.Tensor, freqs: torch.Tensor, backward: bool) -> torch.Tensor:
+    if t.stride(-1) != 1:
+        t = t.contiguous()
+    s, b, n, d = t.shape
+    half = freqs.shape[-1] // 2
+    out = torch.empty(t.shape, dtype=t.dtype, device=t.device)
+    grid = (s, triton.cdiv(b * n, _ROPE_ROWS))
+    _rope_kernel[grid](
+        t, freqs, out, b * n, n, t.stride(0), t.stride(1), t.stride(2), freqs.stride(0), d, half,
+        ROWS=_ROPE_ROWS, HALF=triton.next_power_of_2(half),
+        REST=triton.next_power_of_2(d - 2 * half) if d > 2 * half else 0, BACKWARD=backward,
+    )  # fmt: skip
+    return out
+
+
+class _RoPE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, t, freqs):
+        ctx.save_for_backward(freqs)
+        return _rope_launch(t, freqs, backward=False)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (freqs,) = ctx.saved_tensors
+        return _rope_launch(grad, freqs, backward=True), None
+
+
+def rope_fits(t: torch.Tensor, freqs: torch.Tensor) -> bool:
+    """Whether the kernel takes this call: one fp32 angle row per position, shared by every
+    batch row and head (Megatron's [s, 1, 1, rot] layout) and an even rot <= d."""
+    return (
+        runs_on(t)
+        and t.dim() == 4
+        and freqs.dim() == 4
+        and freqs.dtype == torch.float32
+        and freqs.shape[0] == t.shape[0]
+        and freqs.shape[1] == freqs.shape[2] == 1
+        and freqs.stride(-1) == 1
+        and freqs.shape[-1] % 2 == 0
+        and freqs.shape[-1] <= t.shape[-1]
+        and not freqs.requires_grad
+    )
+
+
+def rope(t: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE of t [s, b, n, d] by angles [s, 1, 1, rot]: one kernel forward and
+    one backward where rope_fits, else the torch function."""
+    return _RoPE.apply(t, freqs) if rope_fits(t, freqs) else rope_torch(t, freqs)
+
+
+# ---- RMSNorm: y = x / sqrt(mean(x^2) + eps) * w over the last dimension --------------------
+
+
+def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, h, eps, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < h
+        x = tl.load(x_ptr + row * h + cols, mask=mask, other=0.0).to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / h + eps)
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(y_ptr + row * h + cols, (x * rstd * w).to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(rstd_ptr + row, rstd)
+
+    @triton.jit
+    def _rms_norm_grad_kernel(
+        grad_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_ptr, rows, h, rows_per_program,
+        BLOCK: tl.constexpr,
+    ):  # fmt: skip
+        # A run of rows: each row's input gradient, and this run's sum of the weight's.
+        pid = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < h
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        dw = tl.zeros([BLOCK], dtype=tl.float32)
+        first = pid.to(tl.int64) * rows_per_program  # int64 rows: row * h past 2^31
+        for row in range(first, tl.minimum(first + rows_per_program, rows)):
+            at = row * h + cols
+            x = tl.load(x_ptr + at, mask=mask, other=0.0).to(tl.float32)
+            g = tl.load(grad_ptr + at, mask=mask, other=0.0).to(tl.float32)
+            rstd = tl.load(rstd_ptr + row)
+            x_hat = x * rstd
+            wg = w * g
+            dx = (wg - x_hat * (tl.sum(wg * x_hat, axis=0) / h)) * rstd
+            tl.store(dx_ptr + at, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+            dw += g * x_hat
+        tl.store(dw_ptr + pid.to(tl.int64) * h + cols, dw, mask=mask)
+
+
+_RMS_NORM_MAX_BLOCK = 16384  # one row in one program's registers: hidden sizes up to 16k
+
+
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        h = x.shape[-1]
+        x2 = x.reshape(-1, h).contiguous()  # [rows, h]
+        y = torch.empty_like(x2)
+        rstd = torch.empty(x2.shape[0], dtype=torch.float32, device=x.device)
+        _rms_norm_kernel[(x2.shape[0],)](
+            x2, weight, y, rstd, h, eps, BLOCK=triton.next_power_of_2(h)
+        )
+        ctx.save_for_backward(x2, weight, rstd)
+        return y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x2, weight, rstd = ctx.saved_tensors
+        rows, h = x2.shape
+        programs = min(rows, _programs(x2.device))
+        per = triton.cdiv(rows, programs)
+        dx = torch.empty_like(x2)
+        dw = torch.empty(programs, h, dtype=torch.float32, device=x2.device)  # partial sums
+        _rms_norm_grad_kernel[(programs,)](
+            grad.reshape(-1, h).contiguous(), x2, weight, rstd, dx, dw, rows, h, per,
+            BLOCK=triton.next_power_of_2(h),
+        )  # fmt: skip
+        return dx.view(grad.shape), dw.sum(0).to(weight.dtype), None
+
+
+def _programs(device: torch.device) -> int:
+    # Four runs of rows per SM keep every SM busy; the CPU interpreter takes a few.
+    if device.type != "cuda":
+        return 4
+    return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of x [..., h] with weight [h]: one kernel forward and one backward where
+    Triton runs (h up to 16k), else aten's."""
+    if runs_on(x) and x.shape[-1] <= _RMS_NORM_MAX_BLOCK and weight.dtype == x.dtype:
+        return _RMSNorm.apply(x, weight, eps)
+    return rms_norm_torch(x, weight, eps)

@@ -1,0 +1,141 @@
+"""megabridge's Triton kernels (models/triton_kernels.py: SwiGLU, RoPE, RMSNorm) against the
+torch math they replace,
+forward and backward: on the CPU through Triton's interpreter (a subprocess with
+TRITON_INTERPRET=1, which must be set before the kernels are defined), and on a GPU
+(scripts/gpu_smoke.sh runs this file there) as compiled kernels."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.unit
+
+triton = pytest.importorskip("triton")
+
+
+def _close(got, want, dtype):
+    # fp32: the same operations up to their order. bf16: the kernels round once from fp32
+    # (to nearest on a GPU: half a unit of the last place), against the torch math in fp32 on
+    # the same inputs. Triton's interpreter truncates its bf16 casts instead (measured: 1 +
+    # 2^-8 + 2^-10 -> 1.0), a unit of the last place each for the output and RoPE's cos / sin.
+    if dtype == torch.float32:
+        tol = dict(rtol=1e-5, atol=1e-6)
+    elif got.is_cuda:
+        tol = dict(rtol=8e-3, atol=1e-3)
+    else:
+        tol = dict(rtol=2e-2, atol=3e-2)
+    torch.testing.assert_close(got.float(), want.float(), **tol)
+
+
+def check_swiglu(device: str, dtype: torch.dtype) -> None:
+    from megabridge.models import triton_kernels as tk
+
+    assert tk.runs_on(torch.empty(1, device=device, dtype=dtype))
+    gen = torch.Generator().manual_seed(0)
+    # f = 1300: not a multiple of the kernel's block (masked tail), 15 rows of [s, b, 2f]
+    h = (torch.randn(3, 5, 2600, generator=gen) * 3).to(device, dtype).requires_grad_()
+    grad = torch.randn(3, 5, 1300, generator=gen).to(device, dtype)
+    out = tk.SwiGLU()(h)
+    (dh,) = torch.autograd.grad(out, h, grad)
+    h32 = h.detach().float().requires_grad_()
+    want = tk.swiglu_torch(h32)
+    (want_dh,) = torch.autograd.grad(want, h32, grad.float())
+    assert out.dtype == dtype and out.shape == (3, 5, 1300) and dh.shape == h.shape
+    _close(out, want, dtype)
+    _close(dh, want_dh, dtype)
+    _close(tk.swiglu_grad(grad, h.detach()), tk.swiglu_grad_torch(grad.float(), h32), dtype)
+
+
+def check_rope(device: str, dtype: torch.dtype) -> None:
+    from megabridge.models import triton_kernels as tk
+
+    gen = torch.Generator().manual_seed(1)
+    # t a strided view (5 of 9 heads, as q is of the fused QKV projection); rot 12 of 16
+    # dimensions (partial rotary, half = 6: not a power of two); then rot = d.
+    for d, rot in ((16, 12), (8, 8)):
+        whole = torch.randn(7, 3, 9, d, generator=gen).to(device, dtype)
+        t = whole[:, :, 2:7].requires_grad_()
+        freqs = (torch.randn(7, 1, 1, rot, generator=gen) * 4).to(device)
+        assert tk.rope_fits(t, freqs)
+        out = tk.rope(t, freqs)
+        grad = torch.randn(out.shape, generator=gen).to(device, dtype)
+        (dt,) = torch.autograd.grad(out, t, grad)
+        t32 = t.detach().float().requires_grad_()
+        # the torch math with cos and sin rounded to t's dtype first, as the kernel does
+        ref = tk.rope_torch(t32, freqs) if dtype == torch.float32 else None
+        if ref is None:
+            cos, sin = torch.cos(freqs).to(dtype).float(), torch.sin(freqs).to(dtype).float()
+            x, rest = t32[..., :rot], t32[..., rot:]
+            x1, x2 = x.chunk(2, -1)
+            ref = torch.cat((x * cos + torch.cat((-x2, x1), -1) * sin, rest), -1)
+        (want_dt,) = torch.autograd.grad(ref, t32, grad.float())
+        assert out.is_contiguous() and out.shape == t.shape
+        _close(out, ref, dtype)
+        _close(dt, want_dt, dtype)
+        # the passed-through dimensions are copied, not computed
+        assert torch.equal(out[..., rot:], t.detach()[..., rot:])
+
+
+def check_rms_norm(device: str, dtype: torch.dtype) -> None:
+    from megabridge.models import triton_kernels as tk
+
+    gen = torch.Generator().manual_seed(3)
+    # h = 300 (not a power of two); 15 rows, split into runs with a short last one
+    x = (torch.randn(3, 5, 300, generator=gen) * 2).to(device, dtype).requires_grad_()
+    w = (1 + torch.randn(300, generator=gen) / 4).to(device, dtype).requires_grad_()
+    grad = torch.randn(3, 5, 300, generator=gen).to(device, dtype)
+    out = tk.rms_norm(x, w, 1e-5)
+    dx, dw = torch.autograd.grad(out, (x, w), grad)
+    x32, w32 = (v.detach().float().requires_grad_() for v in (x, w))
+    want = tk.rms_norm_torch(x32, w32, 1e-5)
+    want_dx, want_dw = torch.autograd.grad(want, (x32, w32), grad.float())
+    assert out.dtype == dx.dtype == dw.dtype == dtype
+    _close(out, want, dtype)
+    _close(dx, want_dx, dtype)
+    _close(dw, want_dw, dtype)
+
+
+def check_kernels(device: str) -> None:
+    for dtype in (torch.float32, torch.bfloat16):
+        check_swiglu(device, dtype)
+        check_rope(device, dtype)
+        check_rms_norm(device, dtype)
+
+
+def test_the_kernels_match_the_torch_math_in_triton_s_interpreter():
+    code = "import test_triton_kernels as t; t.check_kernels('cpu'); print('checked')"
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=Path(__file__).parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0 and "checked" in done.stdout, done.stderr[-3000:]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled kernels need a GPU")
+def test_the_kernels_match_the_torch_math_on_cuda():
+    check_kernels("cuda")
+
+
+def test_without_the_kernels_the_cpu_runs_the_torch_math_exactly():
+    """No interpreter: the CPU path is the torch math itself (bit-exact conversion tests)."""
+    from megabridge.models import triton_kernels as tk
+
+    gen = torch.Generator().manual_seed(2)
+    h = torch.randn(4, 2, 20, generator=gen)
+    t, freqs = torch.randn(5, 2, 3, 8, generator=gen), torch.randn(5, 1, 1, 8, generator=gen)
+    assert not tk.runs_on(h)
+    assert torch.equal(tk.SwiGLU()(h), tk.swiglu_torch(h))
+    assert torch.equal(tk.rope(t, freqs), tk.rope_torch(t, freqs))
+    w = torch.randn(20, generator=gen)
+    assert torch.equal(tk.rms_norm(h, w, 1e-6), tk.rms_norm_torch(h, w, 1e-6))

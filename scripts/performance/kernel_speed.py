@@ -62,7 +62,7 @@ def main() -> None:
     p.add_argument("--ffn", type=int, default=8192)
     p.add_argument("--heads", type=int, default=32)
     p.add_argument("--groups", type=int, default=8)
-    p.add_argument("--rope-rows", type=int, nargs="+", default=[16, 32, 64])
+    p.add_argument("--rope-rows", type=int, nargs="+", default=[16, 64, 128])
     args = p.parse_args()
     dev, bf16 = "cuda", torch.bfloat16
     m, h, f = args.tokens, args.hidden, args.ffn
@@ -83,9 +83,13 @@ def main() -> None:
             return lambda: torch.autograd.grad(fn(t, freqs), t, grad)
 
         row(f"RoPE {heads} heads fwd+bwd, compiled", timed(step(compiled)), io)
+        chosen = tk._rope_rows
         for rows in args.rope_rows:
-            tk._ROPE_ROWS = rows
+            tk._rope_rows = lambda *_, rows=rows: rows
             row(f"RoPE {heads} heads fwd+bwd, Triton rows={rows}", timed(step(tk.rope)), io)
+        tk._rope_rows = chosen
+        rows = chosen(s, args.batch * heads)
+        row(f"RoPE {heads} heads fwd+bwd, Triton (chooses {rows})", timed(step(tk.rope)), io)
 
     x = torch.randn(m, h, device=dev, dtype=bf16, requires_grad=True)
     w = torch.ones(h, device=dev, dtype=bf16, requires_grad=True)

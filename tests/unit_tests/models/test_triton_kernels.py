@@ -58,10 +58,14 @@ def check_rope(device: str, dtype: torch.dtype) -> None:
     gen = torch.Generator().manual_seed(1)
     # t a strided view (5 of 9 heads, as q is of the fused QKV projection); rot 12 of 16
     # dimensions (partial rotary, half = 6: not a power of two); then rot = d.
-    for d, rot in ((16, 12), (8, 8)):
-        whole = torch.randn(7, 3, 9, d, generator=gen).to(device, dtype)
-        t = whole[:, :, 2:7].requires_grad_()
-        freqs = (torch.randn(7, 1, 1, rot, generator=gen) * 4).to(device)
+    # On a GPU also shapes whose programs take 32 and 128 rows (tk._rope_rows).
+    shapes = [(7, 3, 9, 16, 12), (7, 3, 9, 8, 8)]
+    if device == "cuda":
+        shapes += [(512, 16, 20, 64, 64), (4096, 2, 68, 64, 32)]
+    for s, b, heads, d, rot in shapes:
+        whole = torch.randn(s, b, heads, d, generator=gen).to(device, dtype)
+        t = whole[:, :, 2:-2].requires_grad_()
+        freqs = (torch.randn(s, 1, 1, rot, generator=gen) * 4).to(device)
         assert tk.rope_fits(t, freqs)
         out = tk.rope(t, freqs)
         grad = torch.randn(out.shape, generator=gen).to(device, dtype)

@@ -126,15 +126,20 @@ def run_peer(name: str, args, mbs: int) -> dict:
 
 
 def _profile(step, name: str) -> None:
-    """Two steps' CUDA kernels, the costliest first, under ``name``'s heading."""
+    """Two steps' CUDA kernels, the costliest first, and where the GPU sat idle, under
+    ``name``'s heading. Host ops are recorded too, to name the op that launched each kernel
+    (their profiling adds a little host time, so host-bound gaps read slightly long)."""
+    from torch.autograd import DeviceType
+    from torch.autograd.profiler_util import EventList
     from torch.profiler import ProfilerActivity, profile
 
     print(f"profile of two steps: {name}", flush=True)
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for i in range(2):
             step(i)
         torch.cuda.synchronize()
-    events = prof.key_averages()
+    device = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    events = EventList(device, use_device="cuda").key_averages()
     print(events.table(sort_by="self_device_time_total", row_limit=30), flush=True)
     kinds: dict[str, float] = {}
     for e in events:
@@ -144,6 +149,86 @@ def _profile(step, name: str) -> None:
     total = sum(kinds.values())
     print(f"{name}: GPU ms per step by kind (total {total:.1f}): " + ", ".join(
         f"{k} {v:.1f}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])), flush=True)  # fmt: skip
+    _print_gaps(name, device, _launchers(prof.events()), steps=2)
+
+
+def _launchers(events) -> dict[int, str]:
+    """Correlation id -> the host op that launched a kernel with that id: "outermost > op"
+    (e.g. an autograd node > aten::mm), or the op alone when it has no parent op."""
+    from torch.autograd import DeviceType
+
+    ops = {}
+    for e in events:
+        # Host ops, as torch's profiler finds them: CUDA runtime calls (cudaLaunchKernel) are
+        # linked to an op; unlinked runtime records have no external id and may alias op ids.
+        if e.device_type == DeviceType.CPU and not e.linked_correlation_id and e.external_id:
+            top = e
+            while top.cpu_parent is not None:
+                top = top.cpu_parent
+            ops[e.id] = e.name if top is e else f"{top.name} > {e.name}"
+    return ops
+
+
+def _print_gaps(name: str, device_events, launchers: dict[int, str], steps: int) -> None:
+    """GPU idle time per step and the ten costliest places it falls (previous GPU op ->
+    next GPU op, with the host op that launched the next one)."""
+    activities = []
+    for e in device_events:
+        launcher = launchers.get(e.linked_correlation_id)
+        label = _short_kernel_name(e.name) + (f" [{launcher}]" if launcher else "")
+        activities.append((label, e.time_range.start, e.time_range.elapsed_us()))
+    idle_us, top = gpu_idle_gaps(activities)
+    print(f"{name}: GPU idle ms per step {idle_us / steps / 1e3:.1f} (gaps over "
+          f"{MIN_GAP_US:.0f} us); the costliest, ms per step / count per step:")  # fmt: skip
+    for prev, nxt, count, total_us in top:
+        print(f"  {total_us / steps / 1e3:6.2f} {count / steps:6.1f}x  {prev}  ->  {nxt}")
+    print(flush=True)
+
+
+MIN_GAP_US = 20.0
+
+
+def gpu_idle_gaps(
+    activities: list[tuple[str, float, float]], min_gap_us: float = MIN_GAP_US, top: int = 10
+) -> tuple[float, list[tuple[str, str, int, float]]]:
+    """Idle stretches between GPU activities, given as (name, start us, duration us).
+
+    Activities may overlap (several streams): a gap is where nothing runs, from the latest
+    end so far to the next start, and counts when longer than ``min_gap_us``. Returns (total
+    idle us in such gaps, the ``top`` (previous name, next name, count, total us) by total
+    us), the previous name being the activity that ended last before the gap.
+    """
+    by_pair: dict[tuple[str, str], list[float]] = {}
+    idle = 0.0
+    prev_name, prev_end = None, None
+    for name, start, duration in sorted(activities, key=lambda a: a[1]):
+        if prev_end is not None and start - prev_end > min_gap_us:
+            gap = start - prev_end
+            idle += gap
+            count_total = by_pair.setdefault((prev_name, name), [0, 0.0])
+            count_total[0] += 1
+            count_total[1] += gap
+        if prev_end is None or start + duration >= prev_end:
+            prev_name, prev_end = name, start + duration
+    ranked = sorted(by_pair.items(), key=lambda kv: -kv[1][1])[:top]
+    return idle, [(p, n, int(c), t) for (p, n), (c, t) in ranked]
+
+
+def _short_kernel_name(name: str) -> str:
+    """A kernel's name without its return type, namespaces, arguments and all but the first
+    template argument: "void at::native::vectorized_elementwise_kernel<4, at::...>(int, ...)"
+    -> "vectorized_elementwise_kernel<4>"; "Memcpy DtoD (Device -> Device)" -> "Memcpy DtoD"."""
+    name = name.removeprefix("void ").replace("(anonymous namespace)::", "")
+    depth = 0
+    for i, char in enumerate(name):  # the arguments: the first "(" outside the template
+        depth += {"<": 1, ">": -1}.get(char, 0)
+        if char == "(" and depth == 0:
+            name = name[:i]
+            break
+    base, _, template = name.partition("<")
+    base = base.rsplit("::", 1)[-1].strip()
+    first = template.split(",")[0].split(">")[0].split("<")[0].split("(")[0].strip()
+    return f"{base}<{first[:24]}>" if first else base
 
 
 KINDS = (

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 
 import torch
@@ -53,6 +55,7 @@ def build_optimizer(cfg: ConfigContainer, model_chunks: list[torch.nn.Module]):
     )
     optimizer = get_megatron_optimizer(opt_config, model_chunks)
     _use_fused_adam(optimizer)
+    _batch_main_to_model_copy(optimizer)
     return optimizer
 
 
@@ -66,6 +69,24 @@ def _use_fused_adam(optimizer) -> None:
         if isinstance(inner, torch.optim.AdamW):
             for group in inner.param_groups:
                 group["fused"], group["foreach"] = True, False
+
+
+def _batch_main_to_model_copy(optimizer) -> None:
+    """After each step Megatron-Core's bf16 optimizer casts its fp32 main params into the
+    bf16 model params one tensor at a time (optimizer.py _multi_tensor_copy_this_to_that: its
+    overflow_buf is None for bf16, with or without Apex): a kernel per parameter. The same
+    casts through torch._foreach_copy_, in a few multi-tensor launches."""
+    from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
+
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if isinstance(opt, Float16OptimizerWithFloat16Params) and not opt.is_stub_optimizer:
+            opt._copy_main_params_to_model_params = functools.partial(_copy_main_to_model, opt)
+
+
+def _copy_main_to_model(opt) -> None:
+    model_data, main_data = opt._get_model_and_main_params_data_float16()
+    if model_data:
+        torch._foreach_copy_(model_data, main_data)
 
 
 def build_scheduler(cfg: ConfigContainer, optimizer):
@@ -100,7 +121,35 @@ def grad_norm_before_step(optimizer) -> float:
     """
     if optimizer.prepare_grads():  # a loss scaler found inf
         return float("nan")
-    return float(optimizer.get_grad_norm())
+    with _l2_norm_with_one_host_copy():
+        return float(optimizer.get_grad_norm())
+
+
+@contextlib.contextmanager
+def _l2_norm_with_one_host_copy():
+    """Megatron-Core's norm without Apex / TE (utils.local_multi_tensor_l2_norm, which
+    clip_grads.py takes as l2_norm_impl) reads the per-parameter norms back with
+    torch.tensor(list of device scalars): a blocking copy per parameter, the GPU idle between
+    them. While active, the same norms come back in one copy and are reduced on the host as
+    before, so the result is the same to the bit."""
+    from megatron.core import utils
+    from megatron.core.optimizer import clip_grads
+
+    if clip_grads.l2_norm_impl is not utils.local_multi_tensor_l2_norm:  # Apex / TE kernels
+        yield
+        return
+    clip_grads.l2_norm_impl = _l2_norm_one_host_copy
+    try:
+        yield
+    finally:
+        clip_grads.l2_norm_impl = utils.local_multi_tensor_l2_norm
+
+
+def _l2_norm_one_host_copy(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
+    """utils.local_multi_tensor_l2_norm, but the [lists, tensors] norms cross in one copy."""
+    norms = torch.stack([torch.stack([torch.norm(t) for t in ts]) for ts in tensor_lists])
+    total = torch.norm(norms.cpu())  # on the host, as upstream's torch.tensor(norms) is
+    return torch.tensor([float(total)], dtype=torch.float, device="cuda"), None
 
 
 def step_if_finite(optimizer, grad_norm: float) -> bool:
@@ -109,15 +158,22 @@ def step_if_finite(optimizer, grad_norm: float) -> bool:
     Megatron-Core's optimizer.step() applies a NaN/Inf gradient to the weights
     when there is no loss scaler (bf16 / fp32): the update is skipped here instead.
     """
-    from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
-
     if not math.isfinite(grad_norm):
         return False
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        params = opt.get_parameters()
-        if opt.config.clip_grad > 0.0 and params:
-            clip_grad_by_total_norm_fp32(params, opt.config.clip_grad, grad_norm)
+        if opt.config.clip_grad > 0.0:
+            _clip_grads(opt.get_parameters(), opt.config.clip_grad, grad_norm)
     return bool(optimizer.step_with_ready_grads())
+
+
+def _clip_grads(params, max_norm: float, total_norm: float) -> None:
+    """clip_grads.clip_grad_by_total_norm_fp32: the same coefficient and the same fp32
+    products, in place. Without Apex / TE its scaling (utils.local_multi_tensor_scale) writes
+    grad * coeff to a temporary and copies it back: two kernels per parameter."""
+    clip_coeff = max_norm / (total_norm + 1.0e-6)
+    grads = [p.grad.detach() for p in params if p.grad is not None]
+    if clip_coeff < 1.0 and grads:
+        torch._foreach_mul_(grads, clip_coeff)
 
 
 def connect_to_schedules(cfg: ConfigContainer, model_chunks, optimizer) -> None:

@@ -1,0 +1,74 @@
+"""The GPU idle-gap analysis of scripts/performance/train_throughput.py --profile, on
+hand-made timelines (the profiler itself needs a GPU)."""
+
+import importlib.util
+
+import pytest
+
+from tests.helpers import REPO
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture(scope="module")
+def throughput():
+    path = REPO / "scripts" / "performance" / "train_throughput.py"
+    spec = importlib.util.spec_from_file_location("train_throughput", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gaps_are_summed_and_grouped_by_the_ops_around_them(throughput):
+    timeline = [  # (name, start us, duration us), out of order as streams interleave
+        ("norm", 200.0, 10.0),
+        ("gemm", 0.0, 100.0),
+        ("copy", 100.0, 5.0),  # 0 us after gemm: no gap
+        ("norm", 250.0, 10.0),  # 40 us after the first norm
+        ("copy", 130.0, 10.0),  # 25 us after the first copy
+        ("norm", 300.0, 10.0),  # 40 us after the second norm
+        ("gemm", 320.0, 5.0),  # 10 us: under the threshold
+    ]
+    idle, top = throughput.gpu_idle_gaps(timeline, min_gap_us=20.0)
+    assert idle == pytest.approx(25 + 60 + 40 + 40)
+    assert top == [
+        ("norm", "norm", 2, pytest.approx(80.0)),
+        ("copy", "norm", 1, pytest.approx(60.0)),
+        ("copy", "copy", 1, pytest.approx(25.0)),
+    ]
+
+
+def test_overlapping_activities_leave_no_gap_and_the_last_to_end_precedes_one(throughput):
+    timeline = [
+        ("allreduce", 0.0, 500.0),  # another stream, running under the kernels
+        ("gemm", 10.0, 100.0),
+        ("add", 200.0, 10.0),
+        ("adam", 600.0, 10.0),
+    ]
+    idle, top = throughput.gpu_idle_gaps(timeline, min_gap_us=20.0)
+    assert idle == pytest.approx(100.0)
+    assert top == [("allreduce", "adam", 1, pytest.approx(100.0))]
+
+
+def test_top_keeps_the_costliest_pairs(throughput):
+    timeline = [(f"k{i}", i * 100.0, 50.0 - i) for i in range(6)]
+    _, top = throughput.gpu_idle_gaps(timeline, min_gap_us=20.0, top=2)
+    assert [(p, n) for p, n, _, _ in top] == [("k4", "k5"), ("k3", "k4")]
+
+
+@pytest.mark.parametrize(
+    "name, short",
+    [
+        ("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<float>,"
+         " std::array<char*, 3ul> >(int, at::native::CUDAFunctor_add<float>, std::array<char*, 3ul>)",
+         "vectorized_elementwise_kernel<4>"),
+        ("Memcpy DtoD (Device -> Device)", "Memcpy DtoD"),
+        ("void (anonymous namespace)::elementwise_kernel_with_index<int, at::native::(anonymous"
+         " namespace)::arange_cuda_out(...)::{lambda(int)#1}>(int, ...)", "elementwise_kernel_with_index<int>"),
+        ("ncclDevKernel_AllReduce_Sum_f32_RING_LL(ncclDevKernelArgsStorage<4096ul>)",
+         "ncclDevKernel_AllReduce_Sum_f32_RING_LL"),
+        ("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NTN", "nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NTN"),
+    ],
+)  # fmt: skip
+def test_kernel_names_are_shortened(throughput, name, short):
+    assert throughput._short_kernel_name(name) == short

@@ -142,6 +142,10 @@ class SwiGLU(torch.nn.Module):
             return swiglu_torch(h)
         return _SwiGLU.apply(h)
 
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None) -> dict:
+        # Megatron's MLP asks each of its modules for its checkpoint entries: none here.
+        return {}
+
 
 # ---- RoPE, rotate-half: t [s, b, n, d], angles [s, 1, 1, rot] (rot <= d, even) --------------
 

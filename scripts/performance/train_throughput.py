@@ -138,8 +138,11 @@ def _profile(step, name: str) -> None:
         for i in range(2):
             step(i)
         torch.cuda.synchronize()
+    # The device rows of the profiler's own averages (an EventList of a subset of its events
+    # cannot average them again: torch 2.11 asserts that its tree was never built).
+    averages = prof.key_averages()
+    events = EventList([e for e in averages if e.device_type == DeviceType.CUDA], use_device="cuda")
     device = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
-    events = EventList(device, use_device="cuda").key_averages()
     print(events.table(sort_by="self_device_time_total", row_limit=30), flush=True)
     kinds: dict[str, float] = {}
     for e in events:

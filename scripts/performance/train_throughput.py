@@ -167,7 +167,10 @@ def _launchers(events) -> dict[int, str]:
     for e in events:
         # Host ops, as torch's profiler finds them: CUDA runtime calls (cudaLaunchKernel) are
         # linked to an op; unlinked runtime records have no external id and may alias op ids.
-        if e.device_type == DeviceType.CPU and not e.linked_correlation_id and e.external_id:
+        linked = getattr(e, "linked_correlation_id", None)
+        if linked is None:  # torch 2.11's events do not link kernels to ops: no launchers
+            return {}
+        if e.device_type == DeviceType.CPU and not linked and e.external_id:
             top = e
             while top.cpu_parent is not None:
                 top = top.cpu_parent
@@ -180,7 +183,7 @@ def _print_gaps(name: str, device_events, launchers: dict[int, str], steps: int)
     next GPU op, with the host op that launched the next one)."""
     activities = []
     for e in device_events:
-        launcher = launchers.get(e.linked_correlation_id)
+        launcher = launchers.get(getattr(e, "linked_correlation_id", None))
         label = _short_kernel_name(e.name) + (f" [{launcher}]" if launcher else "")
         activities.append((label, e.time_range.start, e.time_range.elapsed_us()))
     idle_us, top = gpu_idle_gaps(activities)

@@ -10,8 +10,9 @@ storage released during the forward (Megatron's CheckpointWithoutOutput frees it
 ``untyped_storage().resize_(0)``) counts as what it holds when the context ends: nothing.
 
 This is what decides the activation part of peak memory on the GPU too, with one caveat: the
-pieces that run compiled on CUDA only (RoPE, SwiGLU, the cross entropy: provider._gpu_fusions)
-save what inductor's partitioner picks there, and the CPU's bf16 RMSNorm and grouped-query
+pieces that run as GPU kernels on CUDA only (RoPE, SwiGLU, RMSNorm: models/triton_kernels.py;
+the cross entropy's compiled passes) save what those kernels' autograd functions or inductor's
+partitioner keep there, and the CPU's bf16 RMSNorm and grouped-query
 SDPA take other code paths (scripts/performance/activation_memory.py lists the differences).
 """
 

@@ -78,8 +78,8 @@ _kernels: dict = {}
 
 def cuda_kernel(fn, like: torch.Tensor):
     """fn as one compiled kernel on the GPU; eager on the CPU (tests: exact numerics). The
-    element-wise pieces of the memory-saving autograd functions (swiglu_recompute.py,
-    cross_entropy.py) run through it."""
+    element-wise passes of the logits-keeping cross entropy (cross_entropy.py) run through
+    it."""
     if not like.is_cuda:
         return fn
     if fn not in _kernels:

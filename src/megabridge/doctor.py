@@ -127,14 +127,14 @@ def fast_paths(found: dict, on_gpu: bool) -> list[tuple[str, str]]:
     if not on_gpu:
         compiled = "off on CPU (exact numerics)"
     elif found["triton"]:
-        compiled = f"yes: torch.compile with triton {found['triton']}"
+        compiled = f"yes: megabridge's Triton kernels and torch.compile (triton {found['triton']})"
     else:
         compiled = "no: triton is not installed"
     te = found["transformer-engine"]
     te_line = f"{te} installed (model.transformer_impl=te)" if te else "not installed: torch spec"
     return [
         ("packed attention (flash varlen)", flash),
-        ("compiled RoPE / SwiGLU / cross entropy", compiled),
+        ("fused RoPE / SwiGLU / RMSNorm / cross entropy", compiled),
         ("Transformer Engine layers", te_line),
     ]
 

@@ -185,10 +185,12 @@ def _sigmoid_gated(x: torch.Tensor, alpha: float) -> torch.Tensor:
 
 
 def _gpu_fusions(cfg: ModelConfig) -> dict:
-    """Megatron-Core's compiled fusions, for the torch spec on GPU (off on CPU: exact numerics).
+    """The fused kernels, for the torch spec on GPU (off on CPU: exact numerics).
 
-    SwiGLU and the vocab-parallel cross entropy are compiled by Megatron-Core
-    itself (jit_fuser = torch.compile); RoPE by megabridge (torch_layers.fused_rope).
+    RoPE and the dense MLP's SwiGLU are megabridge's Triton kernels (models/triton_kernels.py,
+    through torch_layers.fused_rope and Megatron's activation-module slot); other SwiGLUs and
+    Megatron's own cross entropy (model.recompute_cross_entropy=false) are compiled by
+    Megatron-Core itself (jit_fuser = torch.compile).
     """
     on = torch.cuda.is_available() and specs.resolve_impl(cfg) == "torch"
     if on and cfg.position_embedding_type == "rope":

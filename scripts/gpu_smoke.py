@@ -240,10 +240,28 @@ def triton_kernels(s: Smoke) -> str:
     gpu = {"CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES") or "0"}
     output = s.run("triton_kernels", ["-m", "pytest", "-v", "-p", "no:cacheprovider",
                                       "tests/unit_tests/models/test_triton_kernels.py"], env=gpu)  # fmt: skip
-    case = "test_the_kernels_match_the_torch_math_on_cuda PASSED"
-    if case not in output:
-        raise Failure(f"not in the pytest output: {case}")
-    return "SwiGLU, RoPE and RMSNorm forward and backward match the torch math on CUDA"
+    for case in ("test_the_kernels_match_the_torch_math_on_cuda PASSED",
+                 "test_a_model_with_the_swiglu_module_trains_and_saves_like_megatron_s_swiglu PASSED",
+                 "test_attention_with_the_fused_qkv_rope_matches_megatron_s_split_on_cuda PASSED"):  # fmt: skip
+        if case not in output:
+            raise Failure(f"not in the pytest output: {case}")
+    return ("SwiGLU, RoPE, the fused Q/K/V RoPE and RMSNorm forward and backward match the "
+            "torch math on CUDA; a model with them matches Megatron's own modules")  # fmt: skip
+
+
+@path
+def optimizer_fusions(s: Smoke) -> str:
+    """The weight gradients accumulated into main_grad by the GEMMs, and the token division
+    and clipping inside fused AdamW, against Megatron-Core's separate passes on CUDA."""
+    gpu = {"CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES") or "0"}
+    output = s.run("optimizer_fusions", ["-m", "pytest", "-v", "-p", "no:cacheprovider",
+                                         "tests/unit_tests/training/test_wgrad_fusion.py",
+                                         "tests/unit_tests/training/test_optim_batched.py"], env=gpu)  # fmt: skip
+    for case in ("test_fused_weight_gradients_match_the_unfused_ones_on_cuda PASSED",
+                 "test_token_division_and_clipping_inside_fused_adamw_match_the_separate_passes PASSED"):  # fmt: skip
+        if case not in output:
+            raise Failure(f"not in the pytest output: {case}")
+    return "fused weight-gradient accumulation and the division / clipping inside AdamW match"
 
 
 @path

@@ -134,16 +134,21 @@ def _profile(step, name: str) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     print(f"profile of two steps: {name}", flush=True)
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with profile(
+        activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True
+    ) as prof:
         for i in range(2):
             step(i)
         torch.cuda.synchronize()
     # The device rows of the profiler's own averages (an EventList of a subset of its events
     # cannot average them again: torch 2.11 asserts that its tree was never built).
-    averages = prof.key_averages()
+    # User annotations (record_function ranges, e.g. "Optimizer.step#AdamW.step") have GPU
+    # rows spanning the kernels inside them: counted, they would add those kernels twice.
+    averages = [e for e in prof.key_averages() if not _annotation(e)]
     events = EventList([e for e in averages if e.device_type == DeviceType.CUDA], use_device="cuda")
-    device = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    device = [e for e in prof.events() if e.device_type == DeviceType.CUDA and not _annotation(e)]
     print(events.table(sort_by="self_device_time_total", row_limit=30), flush=True)
+    _print_ops(prof, name)
     kinds: dict[str, float] = {}
     for e in events:
         if e.self_device_time_total > 0:
@@ -156,6 +161,30 @@ def _profile(step, name: str) -> None:
         _print_gaps(name, device, _launchers(prof.events()), steps=2)
     except AttributeError as e:  # a torch whose profiler events lack a field read here
         print(f"{name}: no idle-gap table ({e})", flush=True)
+
+
+def _annotation(event) -> bool:
+    return bool(getattr(event, "is_user_annotation", False))
+
+
+def _print_ops(prof, name: str, rows: int = 40) -> None:
+    """The host ops whose kernels took the most GPU time, by op and input shapes, with calls
+    per step: which op a copy, cast or element-wise kernel of the kernel table belongs to."""
+    from torch.autograd import DeviceType
+
+    ops = [
+        e
+        for e in prof.key_averages(group_by_input_shape=True)
+        if e.device_type == DeviceType.CPU and e.self_device_time_total > 0 and not _annotation(e)
+    ]
+    ops.sort(key=lambda e: -e.self_device_time_total)
+    print(f"{name}: host ops by their own kernels' GPU time (ms per step, calls per step, shapes)")
+    for e in ops[:rows]:
+        shapes = str(e.input_shapes)[:110]
+        print(
+            f"  {e.self_device_time_total / 2e3:7.2f} {e.count / 2:6.1f}x  {e.key[:48]:48s} {shapes}"
+        )
+    print(flush=True)
 
 
 def _launchers(events) -> dict[int, str]:
@@ -244,7 +273,8 @@ KINDS = (
     ("attention", ("flash", "fmha", "cudnn", "attention", "sdpa")),
     ("gemm", ("gemm", "cutlass", "xmma", "nvjet", "sm90", "sm100", "scaled_mm", "matmul")),
     ("optimizer", ("adam", "multi_tensor", "foreach")),
-    ("compiled (triton)", ("triton",)),
+    # megabridge's own Triton kernels (models/triton_kernels.py) by their names
+    ("compiled (triton)", ("triton", "_swiglu", "_rope_kernel", "_rms_norm")),
     ("copy / cast", ("copy", "cast", "memcpy", "memset", "fill")),
     ("reduction", ("reduce", "norm")),
 )

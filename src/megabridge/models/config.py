@@ -319,6 +319,13 @@ class ModelConfig:
         "of keeping an fp32 softmax [tokens, vocab] (same loss and gradients; on the GPU also "
         "faster than Megatron-Core's fused cross entropy); false: Megatron-Core's",
     )
+    gradient_accumulation_fusion: bool = runtime_field(
+        True,
+        "on the GPU, each linear's weight-gradient GEMM accumulates into DDP's fp32 gradient "
+        "buffer itself (torch.addmm with out_dtype=float32, Megatron-Core's "
+        "gradient_accumulation_fusion without Apex) instead of returning a bf16 gradient that a "
+        "hook adds in; no effect on the CPU",
+    )
     compile_layers: bool = runtime_field(
         False,
         "torch spec: compile each transformer layer with torch.compile (fused element-wise "

@@ -19,6 +19,7 @@ import inspect
 
 import torch
 import torch.nn.functional as F
+from megatron.core.transformer.attention import SelfAttention as MegatronSelfAttention
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
@@ -517,11 +518,68 @@ def install_fused_rope() -> None:
     None. The torch spec on GPU fills them with a compiled kernel.
     """
     from megatron.core.models.common.embeddings import rope_utils
+    from megatron.core.transformer import attention
 
     if rope_utils.fused_apply_rotary_pos_emb is None:
         rope_utils.fused_apply_rotary_pos_emb = fused_rope
     if rope_utils.fused_apply_rotary_pos_emb_thd is None:
         rope_utils.fused_apply_rotary_pos_emb_thd = rope_thd
+    # Megatron's slot for TE's fused Q/K/V split with RoPE (config.fused_single_qkv_rope),
+    # which SelfAttention below switches on where it applies
+    if not attention.HAVE_FUSED_QKV_ROPE:
+        attention.apply_fused_qkv_rotary_pos_emb = triton_kernels.qkv_rope
+        attention.HAVE_FUSED_QKV_ROPE = True
+
+
+class SelfAttention(MegatronSelfAttention):
+    """Megatron-Core's self-attention; on the GPU the split of the fused QKV projection and
+    RoPE are one step (triton_kernels.qkv_rope, through Megatron's fused_single_qkv_rope slot).
+
+    Megatron reshapes the query out of the fused row first (a copy of a strided view), rotates
+    q and k, and in backward concatenates dq, dk and dv into the row's gradient; the fused
+    step reads and writes the row directly. Megatron asserts that fused_single_qkv_rope is
+    only set where its fused path applies, so the flag is set per call, for calls it takes:
+    plain RoPE on [s, b] sequences (not packed, no inference cache), no Q/K norms or output
+    gate, no YaRN attention scale, the query groups not split across tensor-parallel ranks.
+    """
+
+    def forward(self, hidden_states, *args, **kwargs):
+        config = self.config
+        before = config.fused_single_qkv_rope
+        config.fused_single_qkv_rope = self._fuses_qkv_rope(hidden_states, args, kwargs)
+        try:
+            return super().forward(hidden_states, *args, **kwargs)
+        finally:
+            config.fused_single_qkv_rope = before
+
+    def _fuses_qkv_rope(self, hidden_states, args, kwargs) -> bool:
+        from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import (
+            _yarn_get_concentration_factor_from_config as yarn_scale,
+        )
+        from megatron.core.transformer import attention
+
+        config = self.config
+        plain = lambda norm: norm is None or isinstance(norm, IdentityOp)  # noqa: E731
+        return (
+            hidden_states.is_cuda
+            and getattr(attention, "apply_fused_qkv_rotary_pos_emb", None)
+            is triton_kernels.qkv_rope
+            and not torch.compiler.is_compiling()
+            and len(args) <= 1  # (attention_mask); the rest comes by keyword
+            and torch.is_tensor(kwargs.get("rotary_pos_emb"))
+            and kwargs.get("packed_seq_params") is None
+            and kwargs.get("inference_context") is None
+            and kwargs.get("key_value_states") is None
+            and plain(self.q_layernorm)
+            and plain(self.k_layernorm)
+            and not config.attention_output_gate
+            and not config.flash_decode
+            and not config.test_mode
+            and config.apply_rope_fusion
+            and not config.rotary_interleaved
+            and config.num_query_groups >= self.world_size
+            and yarn_scale(config) == 1.0
+        )
 
 
 class _SumOverTP(torch.autograd.Function):
@@ -753,6 +811,8 @@ def _use_megabridge_modules(spec, cfg, norm) -> None:
     experts = getattr(sub.mlp.submodules, "experts", None)
     if experts is not None and cfg.add_bias_linear:
         experts.submodules.linear_fc2 = _expert_output_linear()
+    if sub.self_attention.module is MegatronSelfAttention:
+        sub.self_attention.module = SelfAttention
     attn = sub.self_attention.submodules
     attn.core_attention = SDPAttention
     if cfg.qk_layernorm:  # multi-latent attention has q_layernorm and kv_layernorm

@@ -179,9 +179,15 @@ if triton is not None:
         out_ptr,
         rows_per_pos,
         heads,
+        per_group,
         stride_s,
         stride_b,
-        stride_n,
+        stride_g,
+        stride_h,
+        out_s,
+        out_b,
+        out_g,
+        out_h,
         freqs_stride,
         d,
         half,
@@ -191,11 +197,15 @@ if triton is not None:
         BACKWARD: tl.constexpr,
     ):
         # One position, ROWS of its (batch row, head) pairs; the angles' cos and sin once.
+        # Head h of a row sits at group h // per_group, place h % per_group: the strides
+        # address a [s, b, n, d] tensor (one group) or the heads inside a fused Q/K/V row.
         pos = tl.program_id(0).to(tl.int64)
         r = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
         rmask = r < rows_per_pos
-        src = pos * stride_s + (r // heads) * stride_b + (r % heads) * stride_n  # [ROWS]
-        dst = (pos * rows_per_pos + r) * d
+        row, h = r // heads, r % heads
+        g, j = h // per_group, h % per_group
+        src = pos * stride_s + row * stride_b + g * stride_g + j * stride_h  # [ROWS]
+        dst = pos * out_s + row * out_b + g * out_g + j * out_h
         c = tl.arange(0, HALF)
         cmask = c < half
         dtype = out_ptr.dtype.element_ty
@@ -224,19 +234,28 @@ if triton is not None:
             tl.store(out_ptr + dst[:, None] + 2 * half + e[None, :], rest, mask=emask)
 
 
-def _rope_launch(t: torch.Tensor, freqs: torch.Tensor, backward: bool) -> torch.Tensor:
-    if t.stride(-1) != 1:
-        t = t.contiguous()
-    s, b, n, d = t.shape
+def _rope_grouped(x, out, freqs, shape, per_group, strides, out_strides, backward: bool):
+    """Rotate the heads of x into out. shape (s, b, heads, d); a head h lives at group
+    h // per_group, place h % per_group; strides and out_strides are (s, b, group, place)."""
+    s, b, n, d = shape
     half = freqs.shape[-1] // 2
-    out = torch.empty(t.shape, dtype=t.dtype, device=t.device)
     rows = _rope_rows(s, b * n)
     grid = (s, triton.cdiv(b * n, rows))
     _rope_kernel[grid](
-        t, freqs, out, b * n, n, t.stride(0), t.stride(1), t.stride(2), freqs.stride(0), d, half,
+        x, freqs, out, b * n, n, per_group, *strides, *out_strides, freqs.stride(0), d, half,
         ROWS=rows, HALF=triton.next_power_of_2(half),
         REST=triton.next_power_of_2(d - 2 * half) if d > 2 * half else 0, BACKWARD=backward,
     )  # fmt: skip
+
+
+def _rope_launch(t: torch.Tensor, freqs: torch.Tensor, backward: bool) -> torch.Tensor:
+    if t.stride(-1) != 1:
+        t = t.contiguous()
+    out = torch.empty(t.shape, dtype=t.dtype, device=t.device)
+    n = t.shape[2]  # one group of all n heads
+    strides = (t.stride(0), t.stride(1), 0, t.stride(2))
+    out_strides = (out.stride(0), out.stride(1), 0, out.stride(2))
+    _rope_grouped(t, out, freqs, t.shape, n, strides, out_strides, backward)
     return out
 
 
@@ -273,6 +292,90 @@ def rope(t: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     """Rotate-half RoPE of t [s, b, n, d] by angles [s, 1, 1, rot]: one kernel forward and
     one backward where rope_fits, else the torch function."""
     return _RoPE.apply(t, freqs) if rope_fits(t, freqs) else rope_torch(t, freqs)
+
+
+# ---- Q/K/V split + RoPE: Megatron's fused QKV row [s, b, ng, (qpg + 2) * hn] -> q, k, v -----
+
+
+def qkv_rope_torch(mixed, q_freqs, k_freqs, split: list[int]):
+    """Megatron-Core's split of the fused QKV projection (per group: qpg query heads, one key,
+    one value), then RoPE of q and k: the math of qkv_rope."""
+    s, b = mixed.shape[:2]
+    query, key, value = torch.split(mixed, split, dim=3)
+    query = query.reshape(s, b, -1, key.shape[-1])
+    return rope_torch(query, q_freqs), rope_torch(key, k_freqs), value
+
+
+def _qkv_strides(t: torch.Tensor, per_group: int) -> tuple[int, int, int, int]:
+    """(s, b, group, place) strides of the heads of a [s, b, n, d] tensor, n = groups x
+    per_group."""
+    return t.stride(0), t.stride(1), per_group * t.stride(2), t.stride(2)
+
+
+class _QKVRoPE(torch.autograd.Function):
+    """Forward: q and k rotated straight out of the fused row (no copy of the strided query
+    view first), v copied out. Backward: the gradients rotated back straight into the fused
+    row's gradient (no concatenation of dq, dk, dv after)."""
+
+    @staticmethod
+    def forward(ctx, mixed, freqs, per_group: int, head: int):
+        s, b, groups = mixed.shape[:3]
+        ctx.save_for_backward(freqs)
+        ctx.per_group, ctx.head, ctx.mixed_shape = per_group, head, mixed.shape
+        q = mixed.new_empty(s, b, groups * per_group, head)
+        k = mixed.new_empty(s, b, groups, head)
+        row = (mixed.stride(0), mixed.stride(1), mixed.stride(2))
+        _rope_grouped(mixed, q, freqs, q.shape, per_group, (*row, head),
+                      _qkv_strides(q, per_group), backward=False)  # fmt: skip
+        _rope_grouped(mixed[..., per_group * head :], k, freqs, k.shape, 1, (*row, 0),
+                      _qkv_strides(k, 1), backward=False)  # fmt: skip
+        v = mixed[..., (per_group + 1) * head :].contiguous()
+        return q, k, v
+
+    @staticmethod
+    def backward(ctx, dq, dk, dv):
+        (freqs,) = ctx.saved_tensors
+        per_group, head = ctx.per_group, ctx.head
+        given = [t for t in (dq, dk, dv) if t is not None]
+        # every part of the row is written when all three gradients came back
+        make = given[0].new_empty if len(given) == 3 else given[0].new_zeros
+        grad = make(ctx.mixed_shape)
+        row = (grad.stride(0), grad.stride(1), grad.stride(2))
+        if dq is not None:
+            if dq.stride(-1) != 1:
+                dq = dq.contiguous()
+            _rope_grouped(dq, grad, freqs, dq.shape, per_group,
+                          _qkv_strides(dq, per_group), (*row, head), backward=True)  # fmt: skip
+        if dk is not None:
+            if dk.stride(-1) != 1:
+                dk = dk.contiguous()
+            _rope_grouped(dk, grad[..., per_group * head :], freqs, dk.shape, 1,
+                          _qkv_strides(dk, 1), (*row, 0), backward=True)  # fmt: skip
+        if dv is not None:
+            grad[..., (per_group + 1) * head :].copy_(dv)
+        return grad, None, None, None
+
+
+def qkv_rope(mixed, q_freqs, k_freqs, split: list[int]):
+    """Split Megatron's fused QKV output [s, b, ng, (qpg + 2) * hn] (``split`` = [qpg * hn, hn,
+    hn]) into q [s, b, ng * qpg, hn], k and v [s, b, ng, hn], rotating q and k by angles
+    [s, 1, 1, rot]: two kernels and a copy forward, the same backward, where the kernel fits;
+    else the torch function."""
+    head = split[1] if len(split) == 3 else 0
+    fits = (
+        len(split) == 3
+        and split[1] == split[2]
+        and split[0] % head == 0
+        and mixed.dim() == 4
+        and mixed.shape[-1] == sum(split)
+        and mixed.stride(-1) == 1
+        and q_freqs is k_freqs
+        and rope_fits(mixed, q_freqs)
+        and q_freqs.shape[-1] <= head
+    )
+    if not fits:
+        return qkv_rope_torch(mixed, q_freqs, k_freqs, split)
+    return _QKVRoPE.apply(mixed, q_freqs, split[0] // head, head)
 
 
 # ---- RMSNorm: y = x / sqrt(mean(x^2) + eps) * w over the last dimension --------------------

@@ -33,7 +33,68 @@ def wrap_ddp(cfg: ConfigContainer, model_chunks: list[torch.nn.Module]) -> list[
                 disable_bucketing=i > 0,
             )
         )
+    if cfg.model.gradient_accumulation_fusion:
+        accumulate_wgrad_in_main_grad(wrapped)
     return wrapped
+
+
+def accumulate_wgrad_in_main_grad(model_chunks: list[torch.nn.Module]) -> int:
+    """Megatron-Core's gradient_accumulation_fusion on the GPU without Apex: the weight-gradient
+    GEMM of each Megatron linear adds into DDP's fp32 ``main_grad`` itself.
+
+    Without it, each linear returns a bf16 weight gradient and DDP's hook adds it into the
+    fp32 buffer: a bf16 write, then a mixed-dtype add per parameter (one kernel each). Megatron's
+    fused path calls Apex's fused_weight_gradient_mlp_cuda, which is not on PyPI;
+    ``_FP32Accumulate`` does the same with torch.addmm(out_dtype=float32), one cuBLAS GEMM that
+    reads and writes main_grad (fp32 accumulation throughout, where the unfused path rounds each
+    weight gradient to bf16 first). Switched on per layer after DDP has made ``main_grad``:
+    Megatron's linears read ``gradient_accumulation_fusion`` at each call, so layers that DDP does
+    not own (no main_grad), frozen ones and CPU runs keep the unfused path. Returns the number of
+    layers switched.
+    """
+    from megatron.core.tensor_parallel import layers
+
+    if not torch.cuda.is_available() or not _fp32_accumulate_works():
+        return 0
+    layers.fused_weight_gradient_mlp_cuda = _FP32Accumulate
+    switched = 0
+    for chunk in model_chunks:
+        for module in chunk.modules():
+            if not isinstance(module, layers.ColumnParallelLinear | layers.RowParallelLinear):
+                continue
+            weight = getattr(module, "weight", None)
+            owned = weight is not None and weight.requires_grad and hasattr(weight, "main_grad")
+            if owned and weight.main_grad.dtype == torch.float32:
+                module.gradient_accumulation_fusion = True
+                switched += 1
+    # A tied output layer has no weight of its own (the embedding's is passed in at each
+    # call): it keeps the unfused path.
+    return switched
+
+
+class _FP32Accumulate:
+    """The function of Apex's fused_weight_gradient_mlp_cuda that Megatron-Core calls for an
+    fp32 main_grad (the only kind switched on here): main_grad += grad_output^T @ input,
+    input [tokens, in], grad_output [tokens, out]."""
+
+    @staticmethod
+    def wgrad_gemm_accum_fp32(total_input, grad_output, main_grad):
+        torch.addmm(main_grad, grad_output.t(), total_input, out_dtype=torch.float32, out=main_grad)
+
+
+@functools.cache
+def _fp32_accumulate_works() -> bool:
+    """Whether this torch's CUDA addmm takes bf16 operands into an fp32 output in place
+    (out_dtype arrived in torch 2.8), checked once against an fp32 reference."""
+    try:
+        g = torch.randn(64, 32, device="cuda", dtype=torch.bfloat16)
+        x = torch.randn(64, 48, device="cuda", dtype=torch.bfloat16)
+        acc = torch.ones(32, 48, device="cuda")
+        expected = acc + g.t().float() @ x.float()
+        _FP32Accumulate.wgrad_gemm_accum_fp32(x, g, acc)
+        return bool(torch.allclose(acc, expected, rtol=1e-4, atol=1e-3))
+    except (RuntimeError, TypeError):
+        return False
 
 
 def build_optimizer(cfg: ConfigContainer, model_chunks: list[torch.nn.Module]):
@@ -122,7 +183,14 @@ def grad_norm_before_step(optimizer) -> float:
     if optimizer.prepare_grads():  # a loss scaler found inf
         return float("nan")
     with _l2_norm_with_one_host_copy():
-        return float(optimizer.get_grad_norm())
+        norm = float(optimizer.get_grad_norm())
+    tokens = getattr(optimizer, _TOKENS, None)
+    if tokens is None:  # the gradients were divided by the token count already
+        return norm
+    # The norm of the sums: divided, it is the norm of the per-token gradients (to rounding).
+    count = float(tokens)  # computed before the norm: no further wait
+    setattr(optimizer, _TOKENS, count)
+    return norm / count if count > 0 else norm
 
 
 @contextlib.contextmanager
@@ -158,12 +226,84 @@ def step_if_finite(optimizer, grad_norm: float) -> bool:
     Megatron-Core's optimizer.step() applies a NaN/Inf gradient to the weights
     when there is no loss scaler (bf16 / fp32): the update is skipped here instead.
     """
+    tokens = getattr(optimizer, _TOKENS, None)
+    setattr(optimizer, _TOKENS, None)
     if not math.isfinite(grad_norm):
         return False
+    if tokens is not None:
+        return _step_dividing_in_adam(optimizer, grad_norm, tokens)
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         if opt.config.clip_grad > 0.0:
             _clip_grads(opt.get_parameters(), opt.config.clip_grad, grad_norm)
     return bool(optimizer.step_with_ready_grads())
+
+
+def _step_dividing_in_adam(optimizer, grad_norm: float, tokens: float) -> bool:
+    """The step for gradients that are still sums over the batch's tokens: fused AdamW divides
+    each gradient by ``grad_scale`` as it reads it, so the division by the token count and the
+    clipping (the coefficient clip_grads.clip_grad_by_total_norm_fp32 takes) cost no pass of
+    their own over the fp32 gradients."""
+    inners = []
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        factor = 1.0 / tokens if tokens > 0 else 1.0
+        clip_coeff = opt.config.clip_grad / (grad_norm + 1.0e-6)
+        if opt.config.clip_grad > 0.0 and clip_coeff < 1.0:
+            factor *= clip_coeff
+        device = opt.get_parameters()[0].device
+        opt.optimizer.grad_scale = torch.tensor(1.0 / factor, dtype=torch.float32, device=device)
+        inners.append(opt.optimizer)
+    try:
+        return bool(optimizer.step_with_ready_grads())
+    finally:
+        for inner in inners:
+            inner.grad_scale = None
+
+
+# The optimizer's attribute for a step's global token count when the gradients are left as
+# sums (see _finalize_model_grads): a device tensor until the norm is read, then a float.
+_TOKENS = "megabridge_global_tokens"
+
+
+def _adam_divides(optimizer) -> bool:
+    """Whether every optimizer inside is torch's fused AdamW (training on the GPU), which
+    divides gradients by its ``grad_scale`` tensor in its own kernel."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if not isinstance(inner, torch.optim.AdamW) or opt.is_stub_optimizer:
+            return False
+        if not all(group.get("fused") for group in inner.param_groups):
+            return False
+    return True
+
+
+def _finalize_model_grads(optimizer, model, num_tokens=None, **kwargs) -> None:
+    """Megatron-Core's finalize_model_grads; with fused AdamW, without its last part.
+
+    For the per-token loss it broadcasts the global batch's token count from the last pipeline
+    stage, sums it over data parallelism, waits for it on the host (``num_tokens > 0``) and
+    divides the whole fp32 gradient buffer by it: a pass over every gradient. With fused
+    AdamW the count is kept instead (the same broadcast and sum, no wait), and the step divides
+    by it inside Adam's kernel (_step_dividing_in_adam). Elsewhere (the CPU) this is upstream's
+    function unchanged.
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import finalize_model_grads
+    from megatron.core.pipeline_parallel.utils import get_pp_last_rank
+
+    if num_tokens is None or not _adam_divides(optimizer):
+        finalize_model_grads(model, num_tokens, **kwargs)
+        return
+    finalize_model_grads(model, None, **kwargs)
+    groups = kwargs.get("pg_collection")
+    pp = groups.pp if groups is not None else ps.get_pipeline_model_parallel_group()
+    dp_cp = (
+        groups.dp_cp
+        if groups is not None
+        else ps.get_data_parallel_group(with_context_parallel=True)
+    )
+    torch.distributed.broadcast(num_tokens, src=get_pp_last_rank(pp), group=pp)
+    torch.distributed.all_reduce(num_tokens, group=dp_cp)
+    setattr(optimizer, _TOKENS, num_tokens)
 
 
 def _clip_grads(params, max_norm: float, total_norm: float) -> None:
@@ -178,12 +318,12 @@ def _clip_grads(params, max_norm: float, total_norm: float) -> None:
 
 def connect_to_schedules(cfg: ConfigContainer, model_chunks, optimizer) -> None:
     """Tell Megatron-Core's pipeline schedules how to sync, finalize and scale grads."""
-    from megatron.core.distributed import finalize_model_grads
     from megatron.core.utils import get_model_config
 
     config = get_model_config(model_chunks[0])
-    # All-reduce over DP, tied embeddings over PP, then divide by the token count.
-    config.finalize_model_grads_func = finalize_model_grads
+    # All-reduce over DP, tied embeddings over PP, then divide by the token count (on the
+    # GPU: inside the optimizer's step).
+    config.finalize_model_grads_func = functools.partial(_finalize_model_grads, optimizer)
     config.grad_scale_func = optimizer.scale_loss
     no_sync = [m.no_sync for m in model_chunks]
     config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync

@@ -1,4 +1,5 @@
-"""megabridge's Triton kernels (models/triton_kernels.py: SwiGLU, RoPE, RMSNorm) against the
+"""megabridge's Triton kernels (models/triton_kernels.py: SwiGLU, RoPE, the fused Q/K/V split
+with RoPE, RMSNorm) against the
 torch math they replace,
 forward and backward: on the CPU through Triton's interpreter (a subprocess with
 TRITON_INTERPRET=1, which must be set before the kernels are defined), and on a GPU
@@ -71,19 +72,55 @@ def check_rope(device: str, dtype: torch.dtype) -> None:
         grad = torch.randn(out.shape, generator=gen).to(device, dtype)
         (dt,) = torch.autograd.grad(out, t, grad)
         t32 = t.detach().float().requires_grad_()
-        # the torch math with cos and sin rounded to t's dtype first, as the kernel does
-        ref = tk.rope_torch(t32, freqs) if dtype == torch.float32 else None
-        if ref is None:
-            cos, sin = torch.cos(freqs).to(dtype).float(), torch.sin(freqs).to(dtype).float()
-            x, rest = t32[..., :rot], t32[..., rot:]
-            x1, x2 = x.chunk(2, -1)
-            ref = torch.cat((x * cos + torch.cat((-x2, x1), -1) * sin, rest), -1)
+        ref = _rope_ref(t32, freqs, dtype)
         (want_dt,) = torch.autograd.grad(ref, t32, grad.float())
         assert out.is_contiguous() and out.shape == t.shape
         _close(out, ref, dtype)
         _close(dt, want_dt, dtype)
         # the passed-through dimensions are copied, not computed
         assert torch.equal(out[..., rot:], t.detach()[..., rot:])
+
+
+def _rope_ref(t32, freqs, dtype):
+    """The torch math in fp32, with cos and sin rounded to ``dtype`` first, as the kernel does."""
+    from megabridge.models import triton_kernels as tk
+
+    if dtype == torch.float32:
+        return tk.rope_torch(t32, freqs)
+    rot = freqs.shape[-1]
+    cos, sin = torch.cos(freqs).to(dtype).float(), torch.sin(freqs).to(dtype).float()
+    x, rest = t32[..., :rot], t32[..., rot:]
+    x1, x2 = x.chunk(2, -1)
+    return torch.cat((x * cos + torch.cat((-x2, x1), -1) * sin, rest), -1)
+
+
+def check_qkv_rope(device: str, dtype: torch.dtype) -> None:
+    """The fused split + RoPE of Megatron's QKV row: q, k, v and the row's gradient."""
+    from megabridge.models import triton_kernels as tk
+
+    gen = torch.Generator().manual_seed(3)
+    # (s, b, groups, query heads per group, head dim, rot): partial rotary, then GQA shapes
+    shapes = [(6, 3, 2, 3, 16, 12), (5, 2, 4, 1, 8, 8)]
+    if device == "cuda":
+        shapes += [(2048, 4, 8, 4, 64, 64), (512, 8, 2, 6, 128, 128)]
+    for s, b, groups, per_group, head, rot in shapes:
+        split = [per_group * head, head, head]
+        mixed = torch.randn(s, b, groups, sum(split), generator=gen).to(device, dtype)
+        mixed.requires_grad_()
+        freqs = (torch.randn(s, 1, 1, rot, generator=gen) * 4).to(device)
+        q, k, v = tk.qkv_rope(mixed, freqs, freqs, split)
+        assert q.shape == (s, b, groups * per_group, head) and k.shape == v.shape
+        assert k.shape == (s, b, groups, head) and q.is_contiguous() and v.is_contiguous()
+        grads = [torch.randn(t.shape, generator=gen).to(device, dtype) for t in (q, k, v)]
+        (dmixed,) = torch.autograd.grad((q, k, v), mixed, grads)
+        m32 = mixed.detach().float().requires_grad_()
+        query, key, value = torch.split(m32, split, dim=3)
+        want = (_rope_ref(query.reshape(s, b, -1, head), freqs, dtype),
+                _rope_ref(key, freqs, dtype), value)  # fmt: skip
+        (want_dmixed,) = torch.autograd.grad(want, m32, [g.float() for g in grads])
+        for got, ref in zip((q, k, v, dmixed), (*want, want_dmixed), strict=True):
+            _close(got, ref, dtype)
+        assert torch.equal(v, mixed.detach()[..., -head:])  # copied, not computed
 
 
 def check_rms_norm(device: str, dtype: torch.dtype) -> None:
@@ -109,6 +146,7 @@ def check_kernels(device: str) -> None:
     for dtype in (torch.float32, torch.bfloat16):
         check_swiglu(device, dtype)
         check_rope(device, dtype)
+        check_qkv_rope(device, dtype)
         check_rms_norm(device, dtype)
 
 
@@ -168,7 +206,9 @@ def test_a_model_with_the_swiglu_module_trains_and_saves_like_megatron_s_swiglu(
         (model,) = provider.build_model(cfg)
         weight_init.initialize([model], cfg, seed=3)
         tokens = torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(5))
-        loss = model(tokens[:, :-1], torch.arange(16).expand(2, -1), None, labels=tokens[:, 1:])
+        device = next(model.parameters()).device  # the GPU where there is one
+        tokens, positions = tokens.to(device), torch.arange(16, device=device).expand(2, -1)
+        loss = model(tokens[:, :-1], positions, None, labels=tokens[:, 1:])
         loss.sum().backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters()}
         return model, loss.detach(), grads
@@ -187,3 +227,42 @@ def test_a_model_with_the_swiglu_module_trains_and_saves_like_megatron_s_swiglu(
             own_grads[name], grad, rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}"
         )
     assert model.sharded_state_dict().keys() == megatron_model.sharded_state_dict().keys()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused Q/K/V RoPE is the GPU's")
+@pytest.mark.usefixtures("single_process_megatron")
+def test_attention_with_the_fused_qkv_rope_matches_megatron_s_split_on_cuda(monkeypatch):
+    """torch_layers.SelfAttention switches Megatron's fused_single_qkv_rope on for plain RoPE
+    on the GPU (triton_kernels.qkv_rope); the loss and every gradient are those of Megatron's
+    own split, reshape and RoPE (fp32, GQA with 4 query heads per group), and it did run."""
+    from megatron.core.transformer import attention
+
+    from megabridge.models import init as weight_init
+    from megabridge.models import provider, triton_kernels
+    from megabridge.models.config import ModelConfig
+
+    cfg = ModelConfig(num_layers=2, hidden_size=256, ffn_hidden_size=512, num_attention_heads=8,
+                      num_query_groups=2, vocab_size=256, seq_length=64, bf16=False,
+                      transformer_impl="torch", share_embeddings_and_output_weights=False)  # fmt: skip
+    calls = []
+    fused = triton_kernels._QKVRoPE.apply
+    monkeypatch.setattr(triton_kernels._QKVRoPE, "apply", lambda *a: calls.append(1) or fused(*a))
+
+    def run():
+        (model,) = provider.build_model(cfg)
+        weight_init.initialize([model], cfg, seed=3)
+        tokens = torch.randint(0, 256, (2, 65), generator=torch.Generator().manual_seed(5))
+        tokens, positions = tokens.cuda(), torch.arange(64, device="cuda").expand(2, -1)
+        loss = model(tokens[:, :-1], positions, None, labels=tokens[:, 1:])
+        loss.sum().backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    loss, grads = run()
+    assert len(calls) == cfg.num_layers
+    # any other function in the slot: SelfAttention leaves Megatron's flag off
+    monkeypatch.setattr(attention, "apply_fused_qkv_rotary_pos_emb", triton_kernels.qkv_rope_torch)
+    plain_loss, plain_grads = run()
+    assert len(calls) == cfg.num_layers
+    torch.testing.assert_close(loss, plain_loss, rtol=1e-5, atol=1e-6)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)

@@ -33,7 +33,9 @@ def _train(tmp_path, steps: int = 3):
         history.append((loss, norm))
     weights = {n: p.detach().clone() for n, p in s.model[0].named_parameters()}
     main = [p.detach().clone() for p in s.optimizer.get_parameters()]
-    return history, weights, main
+    # the gradients the last step applied: fused AdamW writes back those it divided
+    grads = [p.grad.detach().clone() for p in s.optimizer.get_parameters()]
+    return history, weights, main, grads
 
 
 def test_batched_copies_norm_and_clipping_match_megatron_core_bit_for_bit(tmp_path, monkeypatch):
@@ -54,3 +56,40 @@ def test_batched_copies_norm_and_clipping_match_megatron_core_bit_for_bit(tmp_pa
         assert torch.equal(weight, upstream[1][name]), name
     for a, b in zip(ours[2], upstream[2], strict=True):
         assert torch.equal(a, b)
+
+
+def test_token_division_and_clipping_inside_fused_adamw_match_the_separate_passes(
+    tmp_path, monkeypatch
+):
+    """With torch's fused AdamW (the GPU's; it runs on the CPU too) the gradients stay sums over
+    the tokens and Adam's grad_scale divides them by the count and clips them: the same losses,
+    norms, fp32 weights and applied gradients as Megatron-Core's division and the clipping pass,
+    to fp32 rounding. On a GPU this runs on CUDA."""
+    from megabridge.training import optim
+
+    def fused_adamw(optimizer):
+        for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+            for group in opt.optimizer.param_groups:
+                group["fused"], group["foreach"] = True, False
+
+    monkeypatch.setattr(optim, "_use_fused_adam", fused_adamw)
+    calls = []
+    inside_adam = optim._step_dividing_in_adam
+    monkeypatch.setattr(
+        optim, "_step_dividing_in_adam", lambda *a: calls.append(a[1:]) or inside_adam(*a)
+    )
+    inside = _train(tmp_path / "inside")
+    assert len(calls) == 3 and all(tokens == 4 * 128 for _, tokens in calls), calls
+    monkeypatch.setattr(optim, "_adam_divides", lambda optimizer: False)
+    separate = _train(tmp_path / "separate")
+    assert len(calls) == 3  # the second run took upstream's passes
+
+    for (loss_a, norm_a), (loss_b, norm_b) in zip(inside[0], separate[0], strict=True):
+        assert loss_a == pytest.approx(loss_b, rel=1e-5)
+        assert norm_a == pytest.approx(norm_b, rel=1e-5)
+    for a, b in zip(inside[2], separate[2], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # Adam barely sees a gradient's scale; the gradients themselves show the division and
+    # the clipping (a missing 1/512 or clip coefficient is off by orders of magnitude)
+    for a, b in zip(inside[3], separate[3], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-9)

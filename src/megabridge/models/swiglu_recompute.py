@@ -4,7 +4,8 @@ Megatron-Core's MLP saves fc1's output h [s, b, 2f] (for SwiGLU's backward) and 
 output a [s, b, f] (for fc2's weight gradient). Here fc2 applies SwiGLU itself and
 recomputes a = SwiGLU(h) in backward: f bf16 values per token and layer are not kept
 (16 KB at f = 8192: ~8.6 GB for the 1.1B Llama shape at micro-batch 16 and seq 2048), for
-one element-wise pass over h in backward. torchtitan's compiled blocks get the same from
+one more write of f values per token: on the GPU the kernel of SwiGLU's gradient, which
+reads h anyway, stores a too. torchtitan's compiled blocks get the same from
 inductor's recomputation of element-wise work.
 """
 
@@ -14,7 +15,7 @@ import torch
 from megatron.core.tensor_parallel.layers import RowParallelLinear
 from megatron.core.transformer.mlp import MLP
 
-from megabridge.models.triton_kernels import swiglu, swiglu_grad
+from megabridge.models.triton_kernels import swiglu, swiglu_grad, swiglu_grad_and_output
 
 
 class _SwiGLUThenLinear(torch.autograd.Function):
@@ -28,11 +29,12 @@ class _SwiGLUThenLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         h, weight = ctx.saved_tensors
-        grad_w = None
-        if ctx.needs_input_grad[1]:
-            grad_w = torch.matmul(grad_y.t(), swiglu(h))  # [n, f], recomputed
-        grad_h = swiglu_grad(torch.matmul(grad_y, weight), h)  # [M, 2f]
-        return grad_h, grad_w
+        grad_a = torch.matmul(grad_y, weight)  # [M, f]
+        if not ctx.needs_input_grad[1]:
+            return swiglu_grad(grad_a, h), None
+        # SwiGLU's output recomputed in the same pass as its gradient (one read of h)
+        grad_h, a = swiglu_grad_and_output(grad_a, h)  # [M, 2f], [M, f]
+        return grad_h, torch.matmul(grad_y.t(), a)
 
 
 class SwiGLURowParallelLinear(RowParallelLinear):

@@ -77,7 +77,9 @@ if triton is not None:
         tl.store(out_ptr + row * f + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _swiglu_grad_kernel(grad_ptr, h_ptr, out_ptr, f, BLOCK: tl.constexpr):
+    def _swiglu_grad_kernel(
+        grad_ptr, h_ptr, out_ptr, act_ptr, f, BLOCK: tl.constexpr, ACT: tl.constexpr
+    ):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < f
@@ -90,10 +92,13 @@ if triton is not None:
         dtype = out_ptr.dtype.element_ty
         tl.store(out_ptr + row * 2 * f + cols, d_gate.to(dtype), mask=mask)
         tl.store(out_ptr + row * 2 * f + f + cols, d_up.to(dtype), mask=mask)
+        if ACT:  # SwiGLU's output too, as _swiglu_kernel computes it
+            tl.store(act_ptr + row * f + cols, (gate * sig * up).to(dtype), mask=mask)
 
 
-def _swiglu_launch(h: torch.Tensor, grad: torch.Tensor | None = None) -> torch.Tensor:
-    """SwiGLU of h [..., 2f] (grad None) or its gradient given grad [..., f]."""
+def _swiglu_launch(h: torch.Tensor, grad: torch.Tensor | None = None, act: bool = False):
+    """SwiGLU of h [..., 2f] (grad None) or its gradient given grad [..., f]; with ``act``
+    (gradient, SwiGLU's output) from the one pass."""
     h = h.contiguous()
     f = h.shape[-1] // 2
     rows = h.numel() // (2 * f)
@@ -101,10 +106,11 @@ def _swiglu_launch(h: torch.Tensor, grad: torch.Tensor | None = None) -> torch.T
     if grad is None:
         out = h.new_empty(*h.shape[:-1], f)
         _swiglu_kernel[grid](h, out, f, BLOCK=_SWIGLU_BLOCK)
-    else:
-        out = torch.empty_like(h)
-        _swiglu_grad_kernel[grid](grad.contiguous(), h, out, f, BLOCK=_SWIGLU_BLOCK)
-    return out
+        return out
+    out = torch.empty_like(h)
+    output = h.new_empty(*h.shape[:-1], f) if act else out
+    _swiglu_grad_kernel[grid](grad.contiguous(), h, out, output, f, BLOCK=_SWIGLU_BLOCK, ACT=act)
+    return (out, output) if act else out
 
 
 def swiglu(h: torch.Tensor) -> torch.Tensor:
@@ -115,6 +121,13 @@ def swiglu(h: torch.Tensor) -> torch.Tensor:
 def swiglu_grad(grad: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     """d SwiGLU(h) / d h given grad [..., f] -> [..., 2f]."""
     return _swiglu_launch(h, grad) if runs_on(h) else swiglu_grad_torch(grad, h)
+
+
+def swiglu_grad_and_output(grad: torch.Tensor, h: torch.Tensor):
+    """(swiglu_grad(grad, h), swiglu(h)) from one pass over h and grad."""
+    if runs_on(h):
+        return _swiglu_launch(h, grad, act=True)
+    return swiglu_grad_torch(grad, h), swiglu_torch(h)
 
 
 class _SwiGLU(torch.autograd.Function):
@@ -177,6 +190,8 @@ if triton is not None:
         x_ptr,
         freqs_ptr,
         out_ptr,
+        copy_ptr,
+        copy_out_ptr,
         rows_per_pos,
         heads,
         per_group,
@@ -195,6 +210,7 @@ if triton is not None:
         HALF: tl.constexpr,
         REST: tl.constexpr,
         BACKWARD: tl.constexpr,
+        COPY: tl.constexpr,
     ):
         # One position, ROWS of its (batch row, head) pairs; the angles' cos and sin once.
         # Head h of a row sits at group h // per_group, place h % per_group: the strides
@@ -232,19 +248,28 @@ if triton is not None:
             emask = rmask[:, None] & (e < d - 2 * half)[None, :]
             rest = tl.load(x_ptr + src[:, None] + 2 * half + e[None, :], mask=emask)
             tl.store(out_ptr + dst[:, None] + 2 * half + e[None, :], rest, mask=emask)
+        if COPY > 0:  # a second head per row copied as it is, at the same offsets (the value)
+            e = tl.arange(0, COPY)
+            emask = rmask[:, None] & (e < d)[None, :]
+            value = tl.load(copy_ptr + src[:, None] + e[None, :], mask=emask)
+            tl.store(copy_out_ptr + dst[:, None] + e[None, :], value, mask=emask)
 
 
-def _rope_grouped(x, out, freqs, shape, per_group, strides, out_strides, backward: bool):
+def _rope_grouped(x, out, freqs, shape, per_group, strides, out_strides, backward: bool, copy=None):
     """Rotate the heads of x into out. shape (s, b, heads, d); a head h lives at group
-    h // per_group, place h % per_group; strides and out_strides are (s, b, group, place)."""
+    h // per_group, place h % per_group; strides and out_strides are (s, b, group, place).
+    ``copy`` (source, destination): also copy the heads at the same offsets from one to the
+    other (laid out as x and out are)."""
     s, b, n, d = shape
     half = freqs.shape[-1] // 2
     rows = _rope_rows(s, b * n)
     grid = (s, triton.cdiv(b * n, rows))
+    copy_src, copy_dst = copy if copy is not None else (x, out)
     _rope_kernel[grid](
-        x, freqs, out, b * n, n, per_group, *strides, *out_strides, freqs.stride(0), d, half,
-        ROWS=rows, HALF=triton.next_power_of_2(half),
+        x, freqs, out, copy_src, copy_dst, b * n, n, per_group, *strides, *out_strides,
+        freqs.stride(0), d, half, ROWS=rows, HALF=triton.next_power_of_2(half),
         REST=triton.next_power_of_2(d - 2 * half) if d > 2 * half else 0, BACKWARD=backward,
+        COPY=triton.next_power_of_2(d) if copy is not None else 0,
     )  # fmt: skip
 
 
@@ -327,9 +352,10 @@ class _QKVRoPE(torch.autograd.Function):
         row = (mixed.stride(0), mixed.stride(1), mixed.stride(2))
         _rope_grouped(mixed, q, freqs, q.shape, per_group, (*row, head),
                       _qkv_strides(q, per_group), backward=False)  # fmt: skip
+        v = torch.empty_like(k)  # copied by k's kernel: the head after each key in the row
         _rope_grouped(mixed[..., per_group * head :], k, freqs, k.shape, 1, (*row, 0),
-                      _qkv_strides(k, 1), backward=False)  # fmt: skip
-        v = mixed[..., (per_group + 1) * head :].contiguous()
+                      _qkv_strides(k, 1), backward=False,
+                      copy=(mixed[..., (per_group + 1) * head :], v))  # fmt: skip
         return q, k, v
 
     @staticmethod
@@ -346,13 +372,18 @@ class _QKVRoPE(torch.autograd.Function):
                 dq = dq.contiguous()
             _rope_grouped(dq, grad, freqs, dq.shape, per_group,
                           _qkv_strides(dq, per_group), (*row, head), backward=True)  # fmt: skip
+        value_grad = grad[..., (per_group + 1) * head :]
+        # dv goes into the row with dk's kernel where the two are laid out alike
+        together = dk is not None and dv is not None and dk.stride() == dv.stride()
         if dk is not None:
             if dk.stride(-1) != 1:
                 dk = dk.contiguous()
+                together = False
             _rope_grouped(dk, grad[..., per_group * head :], freqs, dk.shape, 1,
-                          _qkv_strides(dk, 1), (*row, 0), backward=True)  # fmt: skip
-        if dv is not None:
-            grad[..., (per_group + 1) * head :].copy_(dv)
+                          _qkv_strides(dk, 1), (*row, 0), backward=True,
+                          copy=(dv, value_grad) if together else None)  # fmt: skip
+        if dv is not None and not together:
+            value_grad.copy_(dv)
         return grad, None, None, None
 
 

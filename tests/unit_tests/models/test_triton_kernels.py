@@ -51,6 +51,10 @@ def check_swiglu(device: str, dtype: torch.dtype) -> None:
     _close(out, want, dtype)
     _close(dh, want_dh, dtype)
     _close(tk.swiglu_grad(grad, h.detach()), tk.swiglu_grad_torch(grad.float(), h32), dtype)
+    # the gradient and the output from one pass (model.recompute_swiglu's backward)
+    both_dh, both_out = tk.swiglu_grad_and_output(grad, h.detach())
+    assert torch.equal(both_dh, tk.swiglu_grad(grad, h.detach()))
+    assert torch.equal(both_out, tk.swiglu(h.detach()))
 
 
 def check_rope(device: str, dtype: torch.dtype) -> None:

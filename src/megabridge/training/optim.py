@@ -269,7 +269,7 @@ def _adam_divides(optimizer) -> bool:
     divides gradients by its ``grad_scale`` tensor in its own kernel."""
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         inner = getattr(opt, "optimizer", None)
-        if not isinstance(inner, torch.optim.AdamW) or opt.is_stub_optimizer:
+        if not isinstance(inner, torch.optim.AdamW) or getattr(opt, "is_stub_optimizer", False):
             return False
         if not all(group.get("fused") for group in inner.param_groups):
             return False

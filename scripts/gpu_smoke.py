@@ -67,6 +67,16 @@ class Smoke:
                           f"{last[0][:300]}")  # fmt: skip
         return output
 
+    def pytest(self, log: str, *args: str, passed: tuple[str, ...] = ()) -> str:
+        """pytest -v on the GPU (tests/conftest.py hides it unless CUDA_VISIBLE_DEVICES says
+        otherwise); each of ``passed`` (test names) must be in its output as PASSED."""
+        gpu = {"CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES") or "0"}
+        output = self.run(log, ["-m", "pytest", "-v", "-p", "no:cacheprovider", *args], env=gpu)
+        for case in passed:
+            if f"{case} PASSED" not in output:
+                raise Failure(f"not in the pytest output: {case} PASSED")
+        return output
+
     def megabridge(self, log: str, *args: str, timeout: int = 600) -> str:
         """The ``megabridge`` command; returns its output."""
         return self.run(log, ["-m", "megabridge", *args], timeout)
@@ -218,17 +228,12 @@ def packed_equals_padded(s: Smoke) -> str:
     """The unit tests of packed sequences, which add CUDA fp32 and bf16 cases on a GPU."""
     tests = ["tests/unit_tests/data/test_packed_loss.py",
              "tests/unit_tests/models/test_torch_spec.py"]  # fmt: skip
-    # tests/conftest.py hides the GPU unless CUDA_VISIBLE_DEVICES says otherwise
-    gpu = {"CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES") or "0"}
-    output = s.run("packed_equals_padded", ["-m", "pytest", "-v", "-p", "no:cacheprovider",
-                                            "-k", "packed", *tests], env=gpu)  # fmt: skip
     # the bf16 cases, which exist only where torch sees a GPU, ran and passed
-    for case in ("test_packed_and_padded_losses_match[rope-True-True] PASSED",
-                 "test_packed_attention_does_not_cross_segments[4-cuda-dtype2-0.02] PASSED",
-                 "test_packed_llama4_attention_restarts_chunks_and_temperature_per_segment"
-                 "[cuda-dtype2-0.02] PASSED"):  # fmt: skip
-        if case not in output:
-            raise Failure(f"not in the pytest output: {case}")
+    output = s.pytest("packed_equals_padded", "-k", "packed", *tests, passed=(
+        "test_packed_and_padded_losses_match[rope-True-True]",
+        "test_packed_attention_does_not_cross_segments[4-cuda-dtype2-0.02]",
+        "test_packed_llama4_attention_restarts_chunks_and_temperature_per_segment"
+        "[cuda-dtype2-0.02]"))  # fmt: skip
     summary = [line for line in output.splitlines() if re.search(r"\d+ passed", line)]
     return summary[-1].strip("= ") if summary else "passed"
 
@@ -237,14 +242,10 @@ def packed_equals_padded(s: Smoke) -> str:
 def triton_kernels(s: Smoke) -> str:
     """megabridge's Triton kernels (SwiGLU, RoPE, RMSNorm: every bf16 training step of the
     torch spec runs them) against the torch math, forward and backward, compiled for this GPU."""
-    gpu = {"CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES") or "0"}
-    output = s.run("triton_kernels", ["-m", "pytest", "-v", "-p", "no:cacheprovider",
-                                      "tests/unit_tests/models/test_triton_kernels.py"], env=gpu)  # fmt: skip
-    for case in ("test_the_kernels_match_the_torch_math_on_cuda PASSED",
-                 "test_a_model_with_the_swiglu_module_trains_and_saves_like_megatron_s_swiglu PASSED",
-                 "test_attention_with_the_fused_qkv_rope_matches_megatron_s_split_on_cuda PASSED"):  # fmt: skip
-        if case not in output:
-            raise Failure(f"not in the pytest output: {case}")
+    s.pytest("triton_kernels", "tests/unit_tests/models/test_triton_kernels.py", passed=(
+        "test_the_kernels_match_the_torch_math_on_cuda",
+        "test_a_model_with_the_swiglu_module_trains_and_saves_like_megatron_s_swiglu",
+        "test_attention_with_the_fused_qkv_rope_matches_megatron_s_split_on_cuda"))  # fmt: skip
     return ("SwiGLU, RoPE, the fused Q/K/V RoPE and RMSNorm forward and backward match the "
             "torch math on CUDA; a model with them matches Megatron's own modules")  # fmt: skip
 
@@ -253,14 +254,10 @@ def triton_kernels(s: Smoke) -> str:
 def optimizer_fusions(s: Smoke) -> str:
     """The weight gradients accumulated into main_grad by the GEMMs, and the token division
     and clipping inside fused AdamW, against Megatron-Core's separate passes on CUDA."""
-    gpu = {"CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES") or "0"}
-    output = s.run("optimizer_fusions", ["-m", "pytest", "-v", "-p", "no:cacheprovider",
-                                         "tests/unit_tests/training/test_wgrad_fusion.py",
-                                         "tests/unit_tests/training/test_optim_batched.py"], env=gpu)  # fmt: skip
-    for case in ("test_fused_weight_gradients_match_the_unfused_ones_on_cuda PASSED",
-                 "test_token_division_and_clipping_inside_fused_adamw_match_the_separate_passes PASSED"):  # fmt: skip
-        if case not in output:
-            raise Failure(f"not in the pytest output: {case}")
+    s.pytest("optimizer_fusions", "tests/unit_tests/training/test_wgrad_fusion.py",
+             "tests/unit_tests/training/test_optim_batched.py", passed=(
+        "test_fused_weight_gradients_match_the_unfused_ones_on_cuda",
+        "test_token_division_and_clipping_inside_fused_adamw_match_the_separate_passes"))  # fmt: skip
     return "fused weight-gradient accumulation and the division / clipping inside AdamW match"
 
 
@@ -268,9 +265,7 @@ def optimizer_fusions(s: Smoke) -> str:
 def compiled_layers(s: Smoke) -> str:
     """model.compile_layers through inductor (bf16 layers against eager ones), then a compiled
     training run."""
-    gpu = {"CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES") or "0"}
-    output = s.run("compiled_layers", ["-m", "pytest", "-v", "-p", "no:cacheprovider",
-                                       "tests/unit_tests/models/test_compiled_layers.py"], env=gpu)  # fmt: skip
+    output = s.pytest("compiled_layers", "tests/unit_tests/models/test_compiled_layers.py")
     cases = re.findall(r"give_the_eager_loss_and_gradients\[(\S+)\] PASSED", output)
     if len(cases) != 1:  # inductor, bf16
         raise Failure(f"{len(cases)} of the 1 CUDA case passed (see compiled_layers.log)")
@@ -288,9 +283,9 @@ def fp8_gradients(s: Smoke) -> str:
     because their CUDA cases fail (H200, torch 2.11, 2026-12-03: the input and weight
     gradients of a compiled FP8 linear are zero, with inductor and with dynamo alone;
     scripts/performance/fp8_inductor_probe.py); run the whole file by hand to check a fix."""
-    gpu = {"CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES") or "0"}
-    output = s.run("fp8_gradients", ["-m", "pytest", "-v", "-p", "no:cacheprovider", "-k", "test_eager_fp8",
-                                     "tests/unit_tests/models/test_fp8_gradients.py"], env=gpu)  # fmt: skip
+    output = s.pytest(
+        "fp8_gradients", "-k", "test_eager_fp8", "tests/unit_tests/models/test_fp8_gradients.py"
+    )
     passed = re.findall(r"::(test_\w+\[\w+\]) PASSED", output)
     if len(passed) != 2:  # tensorwise, rowwise
         raise Failure(f"{len(passed)} of 2 cases passed (see fp8_gradients.log)")

@@ -38,7 +38,7 @@ def wrap_ddp(cfg: ConfigContainer, model_chunks: list[torch.nn.Module]) -> list[
     return wrapped
 
 
-def accumulate_wgrad_in_main_grad(model_chunks: list[torch.nn.Module]) -> int:
+def accumulate_wgrad_in_main_grad(model_chunks: list[torch.nn.Module]) -> None:
     """Megatron-Core's gradient_accumulation_fusion on the GPU without Apex: the weight-gradient
     GEMM of each Megatron linear adds into DDP's fp32 ``main_grad`` itself.
 
@@ -49,15 +49,13 @@ def accumulate_wgrad_in_main_grad(model_chunks: list[torch.nn.Module]) -> int:
     reads and writes main_grad (fp32 accumulation throughout, where the unfused path rounds each
     weight gradient to bf16 first). Switched on per layer after DDP has made ``main_grad``:
     Megatron's linears read ``gradient_accumulation_fusion`` at each call, so layers that DDP does
-    not own (no main_grad), frozen ones and CPU runs keep the unfused path. Returns the number of
-    layers switched.
+    not own (no main_grad), frozen ones and CPU runs keep the unfused path.
     """
     from megatron.core.tensor_parallel import layers
 
     if not torch.cuda.is_available() or not _fp32_accumulate_works():
-        return 0
+        return
     layers.fused_weight_gradient_mlp_cuda = _FP32Accumulate
-    switched = 0
     for chunk in model_chunks:
         for module in chunk.modules():
             if not isinstance(module, layers.ColumnParallelLinear | layers.RowParallelLinear):
@@ -66,10 +64,8 @@ def accumulate_wgrad_in_main_grad(model_chunks: list[torch.nn.Module]) -> int:
             owned = weight is not None and weight.requires_grad and hasattr(weight, "main_grad")
             if owned and weight.main_grad.dtype == torch.float32:
                 module.gradient_accumulation_fusion = True
-                switched += 1
     # A tied output layer has no weight of its own (the embedding's is passed in at each
     # call): it keeps the unfused path.
-    return switched
 
 
 class _FP32Accumulate:
@@ -243,10 +239,11 @@ def _step_dividing_in_adam(optimizer, grad_norm: float, tokens: float) -> bool:
     each gradient by ``grad_scale`` as it reads it, so the division by the token count and the
     clipping (the coefficient clip_grads.clip_grad_by_total_norm_fp32 takes) cost no pass of
     their own over the fp32 gradients."""
+    per_token = 1.0 / tokens if tokens > 0 else 1.0
     inners = []
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        factor = 1.0 / tokens if tokens > 0 else 1.0
-        clip_coeff = opt.config.clip_grad / (grad_norm + 1.0e-6)
+        factor = per_token
+        clip_coeff = _clip_coeff(opt.config.clip_grad, grad_norm)
         if opt.config.clip_grad > 0.0 and clip_coeff < 1.0:
             factor *= clip_coeff
         device = opt.get_parameters()[0].device
@@ -265,8 +262,9 @@ _TOKENS = "megabridge_global_tokens"
 
 
 def _adam_divides(optimizer) -> bool:
-    """Whether every optimizer inside is torch's fused AdamW (training on the GPU), which
-    divides gradients by its ``grad_scale`` tensor in its own kernel."""
+    """Whether every optimizer inside is torch's fused AdamW (_use_fused_adam makes it so
+    on the GPU and the CPU; not for another optimizer or a stub), which divides gradients by
+    its ``grad_scale`` tensor in its own kernel."""
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         inner = getattr(opt, "optimizer", None)
         if not isinstance(inner, torch.optim.AdamW) or getattr(opt, "is_stub_optimizer", False):
@@ -283,8 +281,8 @@ def _finalize_model_grads(optimizer, model, num_tokens=None, **kwargs) -> None:
     stage, sums it over data parallelism, waits for it on the host (``num_tokens > 0``) and
     divides the whole fp32 gradient buffer by it: a pass over every gradient. With fused
     AdamW the count is kept instead (the same broadcast and sum, no wait), and the step divides
-    by it inside Adam's kernel (_step_dividing_in_adam). Elsewhere (the CPU) this is upstream's
-    function unchanged.
+    by it inside Adam's kernel (_step_dividing_in_adam). For any other optimizer this is
+    upstream's function unchanged.
     """
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import finalize_model_grads
@@ -310,10 +308,15 @@ def _clip_grads(params, max_norm: float, total_norm: float) -> None:
     """clip_grads.clip_grad_by_total_norm_fp32: the same coefficient and the same fp32
     products, in place. Without Apex / TE its scaling (utils.local_multi_tensor_scale) writes
     grad * coeff to a temporary and copies it back: two kernels per parameter."""
-    clip_coeff = max_norm / (total_norm + 1.0e-6)
+    clip_coeff = _clip_coeff(max_norm, total_norm)
     grads = [p.grad.detach() for p in params if p.grad is not None]
     if clip_coeff < 1.0 and grads:
         torch._foreach_mul_(grads, clip_coeff)
+
+
+def _clip_coeff(max_norm: float, total_norm: float) -> float:
+    """clip_grads.clip_grad_by_total_norm_fp32's coefficient (clipping where it is below 1)."""
+    return max_norm / (total_norm + 1.0e-6)
 
 
 def connect_to_schedules(cfg: ConfigContainer, model_chunks, optimizer) -> None:
@@ -321,8 +324,8 @@ def connect_to_schedules(cfg: ConfigContainer, model_chunks, optimizer) -> None:
     from megatron.core.utils import get_model_config
 
     config = get_model_config(model_chunks[0])
-    # All-reduce over DP, tied embeddings over PP, then divide by the token count (on the
-    # GPU: inside the optimizer's step).
+    # All-reduce over DP, tied embeddings over PP, then divide by the token count (with
+    # fused AdamW: inside the optimizer's step).
     config.finalize_model_grads_func = functools.partial(_finalize_model_grads, optimizer)
     config.grad_scale_func = optimizer.scale_loss
     no_sync = [m.no_sync for m in model_chunks]

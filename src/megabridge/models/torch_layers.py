@@ -19,6 +19,10 @@ import inspect
 
 import torch
 import torch.nn.functional as F
+from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import (
+    _yarn_get_concentration_factor_from_config as yarn_scale,
+)
+from megatron.core.transformer import attention as megatron_attention
 from megatron.core.transformer.attention import SelfAttention as MegatronSelfAttention
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.module import MegatronModule
@@ -518,7 +522,6 @@ def install_fused_rope() -> None:
     None. The torch spec on GPU fills them with a compiled kernel.
     """
     from megatron.core.models.common.embeddings import rope_utils
-    from megatron.core.transformer import attention
 
     if rope_utils.fused_apply_rotary_pos_emb is None:
         rope_utils.fused_apply_rotary_pos_emb = fused_rope
@@ -526,9 +529,9 @@ def install_fused_rope() -> None:
         rope_utils.fused_apply_rotary_pos_emb_thd = rope_thd
     # Megatron's slot for TE's fused Q/K/V split with RoPE (config.fused_single_qkv_rope),
     # which SelfAttention below switches on where it applies
-    if not attention.HAVE_FUSED_QKV_ROPE:
-        attention.apply_fused_qkv_rotary_pos_emb = triton_kernels.qkv_rope
-        attention.HAVE_FUSED_QKV_ROPE = True
+    if not megatron_attention.HAVE_FUSED_QKV_ROPE:
+        megatron_attention.apply_fused_qkv_rotary_pos_emb = triton_kernels.qkv_rope
+        megatron_attention.HAVE_FUSED_QKV_ROPE = True
 
 
 class SelfAttention(MegatronSelfAttention):
@@ -553,16 +556,11 @@ class SelfAttention(MegatronSelfAttention):
             config.fused_single_qkv_rope = before
 
     def _fuses_qkv_rope(self, hidden_states, args, kwargs) -> bool:
-        from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import (
-            _yarn_get_concentration_factor_from_config as yarn_scale,
-        )
-        from megatron.core.transformer import attention
-
         config = self.config
         plain = lambda norm: norm is None or isinstance(norm, IdentityOp)  # noqa: E731
         return (
             hidden_states.is_cuda
-            and getattr(attention, "apply_fused_qkv_rotary_pos_emb", None)
+            and getattr(megatron_attention, "apply_fused_qkv_rotary_pos_emb", None)
             is triton_kernels.qkv_rope
             and not torch.compiler.is_compiling()
             and len(args) <= 1  # (attention_mask); the rest comes by keyword

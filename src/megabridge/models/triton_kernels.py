@@ -273,14 +273,18 @@ def _rope_grouped(x, out, freqs, shape, per_group, strides, out_strides, backwar
     )  # fmt: skip
 
 
+def _head_strides(t: torch.Tensor, per_group: int) -> tuple[int, int, int, int]:
+    """(s, b, group, place) strides of the heads of a [s, b, n, d] tensor, n = groups x
+    per_group."""
+    return t.stride(0), t.stride(1), per_group * t.stride(2), t.stride(2)
+
+
 def _rope_launch(t: torch.Tensor, freqs: torch.Tensor, backward: bool) -> torch.Tensor:
     if t.stride(-1) != 1:
         t = t.contiguous()
     out = torch.empty(t.shape, dtype=t.dtype, device=t.device)
     n = t.shape[2]  # one group of all n heads
-    strides = (t.stride(0), t.stride(1), 0, t.stride(2))
-    out_strides = (out.stride(0), out.stride(1), 0, out.stride(2))
-    _rope_grouped(t, out, freqs, t.shape, n, strides, out_strides, backward)
+    _rope_grouped(t, out, freqs, t.shape, n, _head_strides(t, n), _head_strides(out, n), backward)
     return out
 
 
@@ -331,12 +335,6 @@ def qkv_rope_torch(mixed, q_freqs, k_freqs, split: list[int]):
     return rope_torch(query, q_freqs), rope_torch(key, k_freqs), value
 
 
-def _qkv_strides(t: torch.Tensor, per_group: int) -> tuple[int, int, int, int]:
-    """(s, b, group, place) strides of the heads of a [s, b, n, d] tensor, n = groups x
-    per_group."""
-    return t.stride(0), t.stride(1), per_group * t.stride(2), t.stride(2)
-
-
 class _QKVRoPE(torch.autograd.Function):
     """Forward: q and k rotated straight out of the fused row (no copy of the strided query
     view first), v copied out. Backward: the gradients rotated back straight into the fused
@@ -351,10 +349,10 @@ class _QKVRoPE(torch.autograd.Function):
         k = mixed.new_empty(s, b, groups, head)
         row = (mixed.stride(0), mixed.stride(1), mixed.stride(2))
         _rope_grouped(mixed, q, freqs, q.shape, per_group, (*row, head),
-                      _qkv_strides(q, per_group), backward=False)  # fmt: skip
+                      _head_strides(q, per_group), backward=False)  # fmt: skip
         v = torch.empty_like(k)  # copied by k's kernel: the head after each key in the row
         _rope_grouped(mixed[..., per_group * head :], k, freqs, k.shape, 1, (*row, 0),
-                      _qkv_strides(k, 1), backward=False,
+                      _head_strides(k, 1), backward=False,
                       copy=(mixed[..., (per_group + 1) * head :], v))  # fmt: skip
         return q, k, v
 
@@ -371,7 +369,7 @@ class _QKVRoPE(torch.autograd.Function):
             if dq.stride(-1) != 1:
                 dq = dq.contiguous()
             _rope_grouped(dq, grad, freqs, dq.shape, per_group,
-                          _qkv_strides(dq, per_group), (*row, head), backward=True)  # fmt: skip
+                          _head_strides(dq, per_group), (*row, head), backward=True)  # fmt: skip
         value_grad = grad[..., (per_group + 1) * head :]
         # dv goes into the row with dk's kernel where the two are laid out alike
         together = dk is not None and dv is not None and dk.stride() == dv.stride()
@@ -380,7 +378,7 @@ class _QKVRoPE(torch.autograd.Function):
                 dk = dk.contiguous()
                 together = False
             _rope_grouped(dk, grad[..., per_group * head :], freqs, dk.shape, 1,
-                          _qkv_strides(dk, 1), (*row, 0), backward=True,
+                          _head_strides(dk, 1), (*row, 0), backward=True,
                           copy=(dv, value_grad) if together else None)  # fmt: skip
         if dv is not None and not together:
             value_grad.copy_(dv)

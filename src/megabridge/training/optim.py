@@ -174,19 +174,13 @@ def grad_norm_before_step(optimizer) -> float:
     """The global gradient norm (NaN where a loss scaler found inf), gradients made ready.
 
     A collective: every rank takes the same step-or-skip decision from it. Reading it is
-    the step's one wait for the GPU.
+    the step's one wait for the GPU. (With fused AdamW, step_deciding_on_device takes the
+    decision without that wait.)
     """
     if optimizer.prepare_grads():  # a loss scaler found inf
         return float("nan")
     with _l2_norm_with_one_host_copy():
-        norm = float(optimizer.get_grad_norm())
-    tokens = getattr(optimizer, _TOKENS, None)
-    if tokens is None:  # the gradients were divided by the token count already
-        return norm
-    # The norm of the sums: divided, it is the norm of the per-token gradients (to rounding).
-    count = float(tokens)  # computed before the norm: no further wait
-    setattr(optimizer, _TOKENS, count)
-    return norm / count if count > 0 else norm
+        return float(optimizer.get_grad_norm())
 
 
 @contextlib.contextmanager
@@ -222,42 +216,85 @@ def step_if_finite(optimizer, grad_norm: float) -> bool:
     Megatron-Core's optimizer.step() applies a NaN/Inf gradient to the weights
     when there is no loss scaler (bf16 / fp32): the update is skipped here instead.
     """
-    tokens = getattr(optimizer, _TOKENS, None)
-    setattr(optimizer, _TOKENS, None)
     if not math.isfinite(grad_norm):
         return False
-    if tokens is not None:
-        return _step_dividing_in_adam(optimizer, grad_norm, tokens)
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         if opt.config.clip_grad > 0.0:
             _clip_grads(opt.get_parameters(), opt.config.clip_grad, grad_norm)
     return bool(optimizer.step_with_ready_grads())
 
 
-def _step_dividing_in_adam(optimizer, grad_norm: float, tokens: float) -> bool:
-    """The step for gradients that are still sums over the batch's tokens: fused AdamW divides
-    each gradient by ``grad_scale`` as it reads it, so the division by the token count and the
-    clipping (the coefficient clip_grads.clip_grad_by_total_norm_fp32 takes) cost no pass of
-    their own over the fp32 gradients."""
-    per_token = 1.0 / tokens if tokens > 0 else 1.0
+def decides_on_device(optimizer) -> bool:
+    """Whether this step's gradients were left as sums for fused AdamW to divide
+    (_finalize_model_grads kept the token count), so step_deciding_on_device takes it."""
+    return getattr(optimizer, _TOKENS, None) is not None
+
+
+@torch.no_grad()
+def step_deciding_on_device(
+    optimizer, loss_total: torch.Tensor
+) -> tuple[float, float, float, bool]:
+    """Step, or skip a step whose loss or gradient norm is not finite, without the host
+    waiting for the GPU first. Returns (loss sum, tokens, gradient norm, stepped).
+
+    The decision and the scale are device tensors that torch's fused AdamW reads in its
+    kernel: ``found_inf`` (the step is skipped, the step counts stay) and ``grad_scale``
+    (each gradient, a sum over the batch's tokens, is divided by the token count and by the
+    clipping coefficient of clip_grads.clip_grad_by_total_norm_fp32 as it is read). The
+    values come back to the host after Adam is queued: the host then waits only for the norm,
+    while the GPU runs Adam, and the next step's kernels follow Adam's without a gap. The
+    gradients' per-token norm is the norm of the sums divided by the count (to rounding).
+    """
+    tokens = getattr(optimizer, _TOKENS)
+    setattr(optimizer, _TOKENS, None)
+    optimizer.prepare_grads()  # bf16 / fp32 have no loss scaler: the main grads made ready
+    count = tokens.to(torch.float32)
+    per_token = torch.where(count > 0, 1.0 / count.clamp(min=1.0), 1.0)
+    norm = _grad_norm_squared(optimizer, count.device).sqrt() * per_token
+    skip = ~(torch.isfinite(norm) & torch.isfinite(loss_total[0]))
     inners = []
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         factor = per_token
-        clip_coeff = _clip_coeff(opt.config.clip_grad, grad_norm)
-        if opt.config.clip_grad > 0.0 and clip_coeff < 1.0:
-            factor *= clip_coeff
-        device = opt.get_parameters()[0].device
-        opt.optimizer.grad_scale = torch.tensor(1.0 / factor, dtype=torch.float32, device=device)
+        if opt.config.clip_grad > 0.0:
+            factor = factor * _clip_coeff(opt.config.clip_grad, norm).clamp(max=1.0)
+        opt.optimizer.grad_scale = 1.0 / factor
+        opt.optimizer.found_inf = skip.to(torch.float32)
         inners.append(opt.optimizer)
+    values = torch.stack([loss_total[0], loss_total[1], norm.double(), skip.double()])
+    values = values.to("cpu", non_blocking=True)  # to pinned memory, after the norm
+    ready = torch.cuda.Event() if norm.is_cuda else None
+    if ready is not None:
+        ready.record()
     try:
-        return bool(optimizer.step_with_ready_grads())
+        optimizer.step_with_ready_grads()
     finally:
         for inner in inners:
-            inner.grad_scale = None
+            inner.grad_scale = inner.found_inf = None
+    if ready is not None:
+        ready.synchronize()  # the norm is done; Adam may still run
+    loss_sum, total_tokens, grad_norm, skipped = values.tolist()
+    return loss_sum, total_tokens, grad_norm, not skipped
 
 
-# The optimizer's attribute for a step's global token count when the gradients are left as
-# sums (see _finalize_model_grads): a device tensor until the norm is read, then a float.
+def _grad_norm_squared(optimizer, device: torch.device) -> torch.Tensor:
+    """The squared global gradient norm, on the device: the gradients Megatron-Core's
+    get_grad_norm takes (get_main_grads_for_grad_norm), summed over each optimizer's
+    get_grad_stats_parallel_group as there. Upstream's get_grad_norm_fp32 ends by reading
+    the value on the host; this is the same sum kept where the step's kernels read it."""
+    total = None
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        grads = opt.get_main_grads_for_grad_norm()
+        if grads:
+            squared = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) ** 2
+        else:
+            squared = torch.zeros((), dtype=torch.float32, device=device)
+        torch.distributed.all_reduce(squared, group=opt.get_grad_stats_parallel_group())
+        total = squared if total is None else total + squared
+    return total
+
+
+# The optimizer's attribute for a step's global token count (a device tensor) when the
+# gradients are left as sums for fused AdamW to divide (see _finalize_model_grads).
 _TOKENS = "megabridge_global_tokens"
 
 
@@ -314,8 +351,9 @@ def _clip_grads(params, max_norm: float, total_norm: float) -> None:
         torch._foreach_mul_(grads, clip_coeff)
 
 
-def _clip_coeff(max_norm: float, total_norm: float) -> float:
-    """clip_grads.clip_grad_by_total_norm_fp32's coefficient (clipping where it is below 1)."""
+def _clip_coeff(max_norm: float, total_norm):
+    """clip_grads.clip_grad_by_total_norm_fp32's coefficient (clipping where it is below 1);
+    the norm a float or a device tensor."""
     return max_norm / (total_norm + 1.0e-6)
 
 

@@ -10,7 +10,12 @@ import torch
 import torch.distributed as dist
 
 from megabridge.training.data.batching import collate, micro_batches
-from megabridge.training.optim import grad_norm_before_step, step_if_finite
+from megabridge.training.optim import (
+    decides_on_device,
+    grad_norm_before_step,
+    step_deciding_on_device,
+    step_if_finite,
+)
 
 
 def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
@@ -107,14 +112,20 @@ def train_step(cfg, model_chunks, optimizer, scheduler, dataset, consumed: int):
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
     total = _forward_backward(cfg, model_chunks, dataset, consumed, False, step_func)
-    # One wait for the GPU per step, on the gradient norm; the loss is read after it (done
-    # by then). Reading the loss first left the GPU idle while the host launched the
-    # gradient copies and the norm kernels (host gaps in the 2026-11 profile).
-    grad_norm = grad_norm_before_step(optimizer)
-    loss, tokens = _mean_loss(total)
-    if not math.isfinite(loss):
-        return loss, float("nan"), False, tokens
-    stepped = step_if_finite(optimizer, grad_norm)
+    if decides_on_device(optimizer):  # fused AdamW: no wait for the GPU before the step
+        loss_sum, tokens, grad_norm, stepped = step_deciding_on_device(optimizer, total)
+        loss = loss_sum / tokens if tokens else float("nan")
+        if not math.isfinite(loss):
+            grad_norm = float("nan")
+    else:
+        # One wait for the GPU per step, on the gradient norm; the loss is read after it
+        # (done by then). Reading the loss first left the GPU idle while the host launched
+        # the gradient copies and the norm kernels (host gaps in the 2026-11 profile).
+        grad_norm = grad_norm_before_step(optimizer)
+        loss, tokens = _mean_loss(total)
+        if not math.isfinite(loss):
+            return loss, float("nan"), False, tokens
+        stepped = step_if_finite(optimizer, grad_norm)
     if stepped:
         scheduler.step(increment=cfg.train.global_batch_size)
     return loss, grad_norm, stepped, tokens

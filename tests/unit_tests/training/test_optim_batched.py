@@ -4,6 +4,7 @@ bf16 steps with clipping give the same losses, norms and weights, to the bit, as
 own code."""
 
 import contextlib
+import math
 
 import pytest
 import torch
@@ -68,15 +69,15 @@ def test_token_division_and_clipping_inside_fused_adamw_match_the_separate_passe
     tokens and Adam's grad_scale divides them by the count and clips them: the same losses,
     norms, fp32 weights and applied gradients as Megatron-Core's division and the clipping pass,
     to fp32 rounding. On a GPU this runs on CUDA."""
-    from megabridge.training import optim
+    from megabridge.training import optim, step
 
     calls = []
-    inside_adam = optim._step_dividing_in_adam
+    on_device = step.step_deciding_on_device
     monkeypatch.setattr(
-        optim, "_step_dividing_in_adam", lambda *a: calls.append(a[1:]) or inside_adam(*a)
+        step, "step_deciding_on_device", lambda *a: calls.append(on_device(*a)) or calls[-1]
     )
     inside = _train(tmp_path / "inside")
-    assert len(calls) == 3 and all(tokens == 4 * 128 for _, tokens in calls), calls
+    assert len(calls) == 3 and all(tokens == 4 * 128 for _, tokens, _, _ in calls), calls
     monkeypatch.setattr(optim, "_adam_divides", lambda optimizer: False)
     separate = _train(tmp_path / "separate")
     assert len(calls) == 3  # the second run took upstream's passes
@@ -90,3 +91,44 @@ def test_token_division_and_clipping_inside_fused_adamw_match_the_separate_passe
     # the clipping (a missing 1/512 or clip coefficient is off by orders of magnitude)
     for a, b in zip(inside[3], separate[3], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-9)
+
+
+def test_a_non_finite_step_is_skipped_inside_fused_adamw(tmp_path, monkeypatch):
+    """The step decided on the device: a NaN loss (and NaN gradients) at iteration 2 changes
+    neither the weights, the fp32 main weights, Adam's moments and step count, nor the
+    learning rate schedule; iteration 3 steps again."""
+    from megabridge.recipes import get_recipe
+    from megabridge.training import loop
+    from megabridge.training.config import apply_overrides
+    from megabridge.training.step import INJECT_NAN_AT, train_step
+
+    monkeypatch.setenv(INJECT_NAN_AT, "2")
+    cfg = apply_overrides(get_recipe("llama_tiny_pretrain_config"), [
+        "model.bf16=true", "dataset.type=mock", "train.global_batch_size=4",
+        "train.eval_interval=None", f"checkpoint.save={tmp_path / 'ckpt'}",
+        f"logger.log_dir={tmp_path / 'logs'}", "logger.tensorboard=false",
+    ])  # fmt: skip
+    s = loop.setup(cfg)
+
+    def snapshot():
+        inner = s.optimizer.optimizer
+        moments = [t.clone() for st in inner.state.values() for t in st.values()]
+        weights = [p.detach().clone() for p in s.model[0].parameters()]
+        main = [p.detach().clone() for p in s.optimizer.get_parameters()]
+        return weights + main + moments, s.scheduler.num_steps
+
+    results = []
+    for it in range(3):
+        before = snapshot()
+        results.append(train_step(cfg, s.model, s.optimizer, s.scheduler, s.train_data, it * 4))
+        if it == 1:
+            after = snapshot()
+            assert after[1] == before[1]  # the schedule did not advance
+            assert len(after[0]) == len(before[0])
+            for a, b in zip(after[0], before[0], strict=True):
+                assert torch.equal(a, b)
+    (loss1, norm1, stepped1, _), (loss2, norm2, stepped2, _), (_, norm3, stepped3, _) = results
+    assert stepped1 and stepped3 and not stepped2
+    assert math.isnan(loss2) and math.isnan(norm2)
+    assert math.isfinite(loss1) and norm1 > 0 and norm3 > 0
+    assert s.scheduler.num_steps == 2 * 4

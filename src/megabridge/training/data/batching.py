@@ -21,10 +21,14 @@ def collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
 def to_device(value, device: torch.device):
     """A tensor, or a dataclass of tensors (PackedSeqParams), on ``device``; anything else as is."""
     if torch.is_tensor(value):
+        if device.type == "cuda" and value.device.type == "cpu":
+            # From pinned memory the copy is queued behind the GPU's work and the host goes
+            # on; from pageable memory the host waits for the stream to reach it.
+            value = value.pin_memory()
         return value.to(device, non_blocking=True)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         moved = {
-            f.name: getattr(value, f.name).to(device, non_blocking=True)
+            f.name: to_device(getattr(value, f.name), device)
             for f in dataclasses.fields(value)
             if torch.is_tensor(getattr(value, f.name))
         }

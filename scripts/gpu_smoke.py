@@ -240,14 +240,16 @@ def packed_equals_padded(s: Smoke) -> str:
 
 @path
 def triton_kernels(s: Smoke) -> str:
-    """megabridge's Triton kernels (SwiGLU, RoPE, RMSNorm: every bf16 training step of the
-    torch spec runs them) against the torch math, forward and backward, compiled for this GPU."""
+    """megabridge's Triton kernels (SwiGLU, RoPE, RMSNorm, AdamW: every bf16 training step of
+    the torch spec runs them) against the torch math (AdamW: torch's fused one), forward and
+    backward, compiled for this GPU."""
     s.pytest("triton_kernels", "tests/unit_tests/models/test_triton_kernels.py", passed=(
         "test_the_kernels_match_the_torch_math_on_cuda",
         "test_a_model_with_the_swiglu_module_trains_and_saves_like_megatron_s_swiglu",
         "test_attention_with_the_fused_qkv_rope_matches_megatron_s_split_on_cuda"))  # fmt: skip
-    return ("SwiGLU, RoPE, the fused Q/K/V RoPE and RMSNorm forward and backward match the "
-            "torch math on CUDA; a model with them matches Megatron's own modules")  # fmt: skip
+    return ("SwiGLU, RoPE, the fused Q/K/V RoPE and RMSNorm forward and backward, and AdamW "
+            "with its bf16 copies match the torch math on CUDA; a model with them matches "
+            "Megatron's own modules")  # fmt: skip
 
 
 @path

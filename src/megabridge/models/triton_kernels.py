@@ -1,5 +1,6 @@
 """Fused GPU kernels written in Triton, where torch.compile's or aten's were measured slower:
-SwiGLU, rotate-half RoPE and RMSNorm, each forward and backward.
+SwiGLU, rotate-half RoPE and RMSNorm, each forward and backward; and AdamW for bf16 training
+(the fp32 weight's update and its bf16 copy in one pass, training/optim.py uses it).
 
 Measured on the H200 (scripts/performance/NOTES.md, 2026-12-04; Llama 1.1B, micro-batch 16):
 - inductor's kernel for SwiGLU's backward (the gate's and the up projection's gradients
@@ -496,3 +497,86 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if runs_on(x) and x.shape[-1] <= _RMS_NORM_MAX_BLOCK and weight.dtype == x.dtype:
         return _RMSNorm.apply(x, weight, eps)
     return rms_norm_torch(x, weight, eps)
+
+
+# ---- AdamW on fp32 main weights, their bf16 copies written in the same pass ----------------
+
+
+if triton is not None:
+
+    @triton.jit
+    def _adamw_kernel(
+        p_ptr, g_ptr, m_ptr, v_ptr, out_ptr, n, lr, beta1, beta2, eps, decay,
+        corrections_ptr, index, scale_ptr, skip_ptr,
+        HAS_OUT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SKIP: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):  # fmt: skip
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        if HAS_SKIP:  # a skipped step reads and writes nothing
+            n = tl.where(tl.load(skip_ptr) == 0, n, 0)
+        mask = offs < n
+        param = tl.load(p_ptr + offs, mask=mask, other=0.0)
+        grad = tl.load(g_ptr + offs, mask=mask, other=0.0)
+        if HAS_SCALE:
+            grad = grad / tl.load(scale_ptr)
+        exp_avg = tl.load(m_ptr + offs, mask=mask, other=0.0)
+        exp_avg_sq = tl.load(v_ptr + offs, mask=mask, other=0.0)
+        # torch's fused AdamW's order (ATen fused_adam_utils.cuh, ADAMW mode)
+        param = param - lr * decay * param
+        exp_avg = beta1 * exp_avg + (1 - beta1) * grad
+        exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad
+        step_size = lr / tl.load(corrections_ptr + 2 * index)
+        denom = tl.sqrt(exp_avg_sq) / tl.load(corrections_ptr + 2 * index + 1) + eps
+        param = param - step_size * exp_avg / denom
+        tl.store(p_ptr + offs, param, mask=mask)
+        tl.store(m_ptr + offs, exp_avg, mask=mask)
+        tl.store(v_ptr + offs, exp_avg_sq, mask=mask)
+        if HAS_OUT:
+            tl.store(out_ptr + offs, param.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+_ADAMW_BLOCK = 4096
+
+
+def adamw_with_copies(optimizer: torch.optim.AdamW, copies: dict) -> None:
+    """One step of ``optimizer`` (torch's AdamW, its state in torch's format), each fp32
+    parameter's update written together with its low-precision copy (``copies``: id of the
+    fp32 parameter -> the model's bf16 tensor), where Megatron-Core's mixed-precision
+    optimizer casts them in a pass of its own after the step.
+
+    Reads ``optimizer.grad_scale`` and ``optimizer.found_inf`` as torch's fused AdamW does
+    (the gradient divided by the scale; nothing changes where found_inf is 1, the step
+    counts included), but does not write the divided gradients back.
+    """
+    scale = getattr(optimizer, "grad_scale", None)
+    skip = getattr(optimizer, "found_inf", None)
+    for group in optimizer.param_groups:
+        if group["amsgrad"] or group["maximize"]:
+            raise NotImplementedError("adamw_with_copies: amsgrad / maximize not supported yet")
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            continue
+        for p in params:
+            state = optimizer.state[p]
+            if not state:
+                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        steps = [optimizer.state[p]["step"] for p in params]
+        torch._foreach_add_(steps, 1.0)
+        beta1, beta2 = group["betas"]
+        count = torch.stack(steps)
+        # [bias correction 1, sqrt(bias correction 2)] per parameter, from its own count
+        corrections = torch.stack([1 - beta1**count, (1 - beta2**count).sqrt()], dim=1)
+        for index, p in enumerate(params):
+            state, out = optimizer.state[p], copies.get(id(p))
+            _adamw_kernel[(triton.cdiv(p.numel(), _ADAMW_BLOCK),)](
+                p, p.grad, state["exp_avg"], state["exp_avg_sq"], p if out is None else out,
+                p.numel(), group["lr"], beta1, beta2, group["eps"], group["weight_decay"],
+                corrections, index, scale if scale is not None else p,
+                skip if skip is not None else p,
+                HAS_OUT=out is not None, HAS_SCALE=scale is not None, HAS_SKIP=skip is not None,
+                BLOCK=_ADAMW_BLOCK,
+            )  # fmt: skip
+        if skip is not None:
+            torch._foreach_sub_(steps, [skip] * len(steps))

@@ -113,6 +113,7 @@ def build_optimizer(cfg: ConfigContainer, model_chunks: list[torch.nn.Module]):
     optimizer = get_megatron_optimizer(opt_config, model_chunks)
     _use_fused_adam(optimizer)
     _batch_main_to_model_copy(optimizer)
+    _write_copies_in_adam(optimizer)
     return optimizer
 
 
@@ -141,9 +142,57 @@ def _batch_main_to_model_copy(optimizer) -> None:
 
 
 def _copy_main_to_model(opt) -> None:
+    if getattr(opt, _COPIED, False):  # the step wrote them (_write_copies_in_adam)
+        setattr(opt, _COPIED, False)
+        return
     model_data, main_data = opt._get_model_and_main_params_data_float16()
     if model_data:
         torch._foreach_copy_(model_data, main_data)
+
+
+def _write_copies_in_adam(optimizer) -> None:
+    """On the GPU, the bf16 optimizer's AdamW step (triton_kernels.adamw_with_copies) writes
+    each bf16 model weight as it updates the fp32 one: the cast after the step (a read of
+    every fp32 weight and a write of every bf16 one) goes, and so does fused AdamW's write-back
+    of the gradients it divided. Only where _use_fused_adam made the inner AdamW fused (the
+    kernel reads grad_scale / found_inf as torch's does) and its parameters are on CUDA."""
+    from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
+
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not isinstance(opt, Float16OptimizerWithFloat16Params) or opt.is_stub_optimizer:
+            continue
+        inner = opt.optimizer
+        params = [p for group in inner.param_groups for p in group["params"]]
+        usable = isinstance(inner, torch.optim.AdamW) and all(
+            group["fused"] and not group["amsgrad"] and not group["maximize"]
+            for group in inner.param_groups
+        )
+        if not (usable and params and all(_adam_kernel_runs_on(p) for p in params)):
+            continue
+        copies = {
+            id(main): model
+            for models, mains in zip(opt.float16_groups, opt.fp32_from_float16_groups, strict=True)
+            for model, main in zip(models, mains, strict=True)
+        }
+        inner.step = functools.partial(_step_writing_copies, opt, copies)
+
+
+def _adam_kernel_runs_on(p: torch.Tensor) -> bool:
+    from megabridge.models.triton_kernels import runs_on
+
+    return p.is_cuda and p.dtype == torch.float32 and p.is_contiguous() and runs_on(p)
+
+
+def _step_writing_copies(opt, copies: dict, closure=None) -> None:
+    from megabridge.models.triton_kernels import adamw_with_copies
+
+    adamw_with_copies(opt.optimizer, copies)
+    setattr(opt, _COPIED, True)
+
+
+# Set on a bf16 optimizer whose step wrote the model's bf16 weights (_write_copies_in_adam):
+# the copy Megatron-Core calls next has nothing left to do.
+_COPIED = "megabridge_copies_written"
 
 
 def build_scheduler(cfg: ConfigContainer, optimizer):

@@ -1,6 +1,6 @@
 """megabridge's Triton kernels (models/triton_kernels.py: SwiGLU, RoPE, the fused Q/K/V split
-with RoPE, RMSNorm) against the
-torch math they replace,
+with RoPE, RMSNorm, AdamW with its bf16 copies) against the torch math (or torch's fused
+AdamW) they replace,
 forward and backward: on the CPU through Triton's interpreter (a subprocess with
 TRITON_INTERPRET=1, which must be set before the kernels are defined), and on a GPU
 (scripts/gpu_smoke.sh runs this file there) as compiled kernels."""
@@ -146,12 +146,60 @@ def check_rms_norm(device: str, dtype: torch.dtype) -> None:
     _close(dw, want_dw, dtype)
 
 
+def check_adamw(device: str) -> None:
+    """adamw_with_copies against torch's fused AdamW over four steps (two parameter groups,
+    one without weight decay, a parameter without a bf16 copy, one without a gradient):
+    grad_scale divides, found_inf skips a step (weights, moments and step counts unchanged),
+    and each bf16 copy is its fp32 weight cast to bf16."""
+    from megabridge.models import triton_kernels as tk
+
+    gen = torch.Generator().manual_seed(4)
+    shapes = [(37, 5000), (300,), (64, 3), (9,)]  # 185,000 elements: several programs
+    start = [torch.randn(*shape, generator=gen).to(device) for shape in shapes]
+    ours = [t.clone().requires_grad_() for t in start]
+    ref = [t.clone().requires_grad_() for t in start]
+
+    def adamw(params):
+        groups = [dict(params=params[:2]), dict(params=params[2:], weight_decay=0.0)]
+        return torch.optim.AdamW(groups, lr=1e-2, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1,
+                                 fused=True)  # fmt: skip
+
+    opt_ours, opt_ref = adamw(ours), adamw(ref)
+    copies = {id(p): torch.empty_like(p, dtype=torch.bfloat16) for p in ours[:3]}
+    for step, (scale, skip) in enumerate([(512.0, 0.0), (3.0, 0.0), (7.0, 1.0), (1.0, 0.0)]):
+        for a, b in zip(ours[:3], ref[:3], strict=True):  # the last one has no gradient
+            a.grad = torch.randn(a.shape, generator=gen).to(device) * scale
+            b.grad = a.grad.clone()
+        before = [p.detach().clone() for p in ours]
+        for opt in (opt_ours, opt_ref):
+            opt.grad_scale = torch.tensor(scale, device=device)
+            opt.found_inf = torch.tensor(skip, device=device)
+        with torch.no_grad():
+            tk.adamw_with_copies(opt_ours, copies)
+            opt_ref.step()
+        for a, b, old in zip(ours, ref, before, strict=True):
+            _close(a.detach(), b.detach(), torch.float32)
+            if skip or a is ours[3]:
+                assert torch.equal(a.detach(), old), step
+        for a, b in zip(ours[:3], ref[:3], strict=True):
+            state_a, state_b = opt_ours.state[a], opt_ref.state[b]
+            assert float(state_a["step"]) == float(state_b["step"]) == [1, 2, 2, 3][step]
+            _close(state_a["exp_avg"], state_b["exp_avg"], torch.float32)
+            _close(state_a["exp_avg_sq"], state_b["exp_avg_sq"], torch.float32)
+            assert torch.equal(copies[id(a)], a.detach().to(torch.bfloat16)) or (
+                device == "cpu"  # the interpreter truncates its bf16 casts (see _close)
+                and torch.allclose(copies[id(a)].float(), a.detach(), rtol=2**-7)
+            )
+        assert not opt_ours.state[ours[3]]  # no gradient: no state, as torch's
+
+
 def check_kernels(device: str) -> None:
     for dtype in (torch.float32, torch.bfloat16):
         check_swiglu(device, dtype)
         check_rope(device, dtype)
         check_qkv_rope(device, dtype)
         check_rms_norm(device, dtype)
+    check_adamw(device)
 
 
 # Where torch sees a GPU the compiled kernels are checked instead (the next test): on the H200

@@ -25,6 +25,7 @@ def _train(tmp_path, steps: int = 3):
         "logger.tensorboard=false",
     ])  # fmt: skip
     s = loop.setup(cfg)
+    start = [p.detach().clone() for p in s.optimizer.get_parameters()]
     history = []
     for it in range(steps):
         loss, norm, stepped, _ = train_step(
@@ -34,9 +35,11 @@ def _train(tmp_path, steps: int = 3):
         history.append((loss, norm))
     weights = {n: p.detach().clone() for n, p in s.model[0].named_parameters()}
     main = [p.detach().clone() for p in s.optimizer.get_parameters()]
-    # the gradients the last step applied: fused AdamW writes back those it divided
-    grads = [p.grad.detach().clone() for p in s.optimizer.get_parameters()]
-    return history, weights, main, grads
+    # Adam's first moments: the running mean of the gradients the steps applied (after the
+    # division by the token count and the clipping)
+    inner = s.optimizer.optimizer
+    moments = [inner.state[p]["exp_avg"].clone() for p in s.optimizer.get_parameters()]
+    return history, weights, main, moments, start
 
 
 def test_batched_copies_norm_and_clipping_match_megatron_core_bit_for_bit(tmp_path, monkeypatch):
@@ -47,6 +50,8 @@ def test_batched_copies_norm_and_clipping_match_megatron_core_bit_for_bit(tmp_pa
     # Megatron-Core's division and clipping passes in both runs (the path taken where AdamW
     # cannot divide by itself); the next test compares the two paths.
     monkeypatch.setattr(optim, "_adam_divides", lambda optimizer: False)
+    # torch's AdamW in both (on a GPU the step would write the bf16 copies itself)
+    monkeypatch.setattr(optim, "_write_copies_in_adam", lambda optimizer: None)
     ours = _train(tmp_path / "ours")
     monkeypatch.setattr(optim, "_batch_main_to_model_copy", lambda optimizer: None)
     monkeypatch.setattr(optim, "_clip_grads", clip_grad_by_total_norm_fp32)
@@ -66,9 +71,9 @@ def test_token_division_and_clipping_inside_fused_adamw_match_the_separate_passe
     tmp_path, monkeypatch
 ):
     """With torch's fused AdamW (the GPU's and the CPU's) the gradients stay sums over the
-    tokens and Adam's grad_scale divides them by the count and clips them: the same losses,
-    norms, fp32 weights and applied gradients as Megatron-Core's division and the clipping pass,
-    to fp32 rounding. On a GPU this runs on CUDA."""
+    tokens and Adam's grad_scale divides them by the count and clips them: the same losses
+    and norms (to fp32 rounding), Adam's updates and moments as Megatron-Core's division and
+    the clipping pass. On a GPU this runs on CUDA (with AdamW writing the bf16 weights)."""
     from megabridge.training import optim, step
 
     calls = []
@@ -85,12 +90,20 @@ def test_token_division_and_clipping_inside_fused_adamw_match_the_separate_passe
     for (loss_a, norm_a), (loss_b, norm_b) in zip(inside[0], separate[0], strict=True):
         assert loss_a == pytest.approx(loss_b, rel=1e-5)
         assert norm_a == pytest.approx(norm_b, rel=1e-5)
-    for a, b in zip(inside[2], separate[2], strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    # Adam barely sees a gradient's scale; the gradients themselves show the division and
-    # the clipping (a missing 1/512 or clip coefficient is off by orders of magnitude)
+    # Adam's updates, against the separate passes'. Compared as whole tensors: where a
+    # gradient is near zero Adam's update turns on a rounding difference, and a bf16 weight
+    # rounded the other way changes later gradients (torch 2.11's CPU kernels: 3.8% of one
+    # weight's elements beyond rtol 1e-5 after three steps)
+    for a, b, start in zip(inside[2], separate[2], separate[4], strict=True):
+        assert _relative_difference(a - start, b - start) < 2e-2
+    # Adam's update barely sees a gradient's scale; its moments show the division and the
+    # clipping (a missing 1/512 or clip coefficient is off by orders of magnitude)
     for a, b in zip(inside[3], separate[3], strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-9)
+        assert _relative_difference(a, b) < 1e-3
+
+
+def _relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
 
 
 def test_a_non_finite_step_is_skipped_inside_fused_adamw(tmp_path, monkeypatch):

@@ -283,8 +283,9 @@ def decides_on_device(optimizer) -> bool:
 def step_deciding_on_device(
     optimizer, loss_total: torch.Tensor
 ) -> tuple[float, float, float, bool]:
-    """Step, or skip a step whose loss or gradient norm is not finite, without the host
-    waiting for the GPU first. Returns (loss sum, tokens, gradient norm, stepped).
+    """Step, or skip a step whose loss or gradient norm is not finite (or whose batch has no
+    token to learn from), without the host waiting for the GPU first. Returns (loss sum,
+    tokens, gradient norm, stepped).
 
     The decision and the scale are device tensors that torch's fused AdamW reads in its
     kernel: ``found_inf`` (the step is skipped, the step counts stay) and ``grad_scale``
@@ -300,7 +301,8 @@ def step_deciding_on_device(
     count = tokens.to(torch.float32)
     per_token = torch.where(count > 0, 1.0 / count.clamp(min=1.0), 1.0)
     norm = _grad_norm_squared(optimizer, count.device).sqrt() * per_token
-    skip = ~(torch.isfinite(norm) & torch.isfinite(loss_total[0]))
+    # as the host's check of the mean loss: not finite, or no token in the batch
+    skip = ~(torch.isfinite(norm) & torch.isfinite(loss_total[0]) & (loss_total[1] > 0))
     inners = []
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         factor = per_token

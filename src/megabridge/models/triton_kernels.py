@@ -556,6 +556,8 @@ def adamw_with_copies(optimizer: torch.optim.AdamW, copies: dict) -> None:
         params = [p for p in group["params"] if p.grad is not None]
         if not params:
             continue
+        if not all(p.grad.is_contiguous() and p.grad.dtype == p.dtype for p in params):
+            raise NotImplementedError("adamw_with_copies: strided or mixed-dtype gradients")
         for p in params:
             state = optimizer.state[p]
             if not state:

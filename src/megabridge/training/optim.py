@@ -186,6 +186,9 @@ def _adam_kernel_runs_on(p: torch.Tensor) -> bool:
 def _step_writing_copies(opt, copies: dict, closure=None) -> None:
     from megabridge.models.triton_kernels import adamw_with_copies
 
+    if closure is not None:  # torch's step signature; Megatron-Core never passes one
+        raise NotImplementedError("AdamW writing the bf16 weights takes no closure")
+
     adamw_with_copies(opt.optimizer, copies)
     setattr(opt, _COPIED, True)
 

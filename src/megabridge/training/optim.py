@@ -9,6 +9,7 @@ import math
 import torch
 
 from megabridge.models.provider import use_bf16
+from megabridge.models.triton_kernels import adamw_with_copies, runs_on
 from megabridge.training.config import ConfigContainer
 
 
@@ -178,14 +179,10 @@ def _write_copies_in_adam(optimizer) -> None:
 
 
 def _adam_kernel_runs_on(p: torch.Tensor) -> bool:
-    from megabridge.models.triton_kernels import runs_on
-
     return p.is_cuda and p.dtype == torch.float32 and p.is_contiguous() and runs_on(p)
 
 
 def _step_writing_copies(opt, copies: dict, closure=None) -> None:
-    from megabridge.models.triton_kernels import adamw_with_copies
-
     if closure is not None:  # torch's step signature; Megatron-Core never passes one
         raise NotImplementedError("AdamW writing the bf16 weights takes no closure")
 

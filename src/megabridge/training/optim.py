@@ -160,22 +160,20 @@ def _write_copies_in_adam(optimizer) -> None:
     from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
 
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        if not isinstance(opt, Float16OptimizerWithFloat16Params) or opt.is_stub_optimizer:
+        if not (isinstance(opt, Float16OptimizerWithFloat16Params) and _fused_adamw(opt)):
             continue
-        inner = opt.optimizer
-        params = [p for group in inner.param_groups for p in group["params"]]
-        usable = isinstance(inner, torch.optim.AdamW) and all(
-            group["fused"] and not group["amsgrad"] and not group["maximize"]
-            for group in inner.param_groups
-        )
-        if not (usable and params and all(_adam_kernel_runs_on(p) for p in params)):
+        groups = opt.optimizer.param_groups
+        if any(group["amsgrad"] or group["maximize"] for group in groups):
+            continue  # torch's fused AdamW keeps those
+        params = [p for group in groups for p in group["params"]]
+        if not (params and all(_adam_kernel_runs_on(p) for p in params)):
             continue
         copies = {
             id(main): model
             for models, mains in zip(opt.float16_groups, opt.fp32_from_float16_groups, strict=True)
             for model, main in zip(models, mains, strict=True)
         }
-        inner.step = functools.partial(_step_writing_copies, opt, copies)
+        opt.optimizer.step = functools.partial(_step_writing_copies, opt, copies)
 
 
 def _adam_kernel_runs_on(p: torch.Tensor) -> bool:
@@ -184,7 +182,9 @@ def _adam_kernel_runs_on(p: torch.Tensor) -> bool:
 
 def _step_writing_copies(opt, copies: dict, closure=None) -> None:
     if closure is not None:  # torch's step signature; Megatron-Core never passes one
-        raise NotImplementedError("AdamW writing the bf16 weights takes no closure")
+        raise NotImplementedError(
+            "AdamW writing the bf16 weights takes no closure (not supported yet)"
+        )
 
     adamw_with_copies(opt.optimizer, copies)
     setattr(opt, _COPIED, True)
@@ -353,13 +353,15 @@ def _adam_divides(optimizer) -> bool:
     """Whether every optimizer inside is torch's fused AdamW (_use_fused_adam makes it so
     on the GPU and the CPU; not for another optimizer or a stub), which divides gradients by
     its ``grad_scale`` tensor in its own kernel."""
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(opt, "optimizer", None)
-        if not isinstance(inner, torch.optim.AdamW) or getattr(opt, "is_stub_optimizer", False):
-            return False
-        if not all(group.get("fused") for group in inner.param_groups):
-            return False
-    return True
+    return all(_fused_adamw(opt) for opt in getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def _fused_adamw(opt) -> bool:
+    """Whether one Megatron-Core optimizer steps with torch's fused AdamW (not a stub)."""
+    inner = getattr(opt, "optimizer", None)
+    if not isinstance(inner, torch.optim.AdamW) or getattr(opt, "is_stub_optimizer", False):
+        return False
+    return all(group.get("fused") for group in inner.param_groups)
 
 
 def _finalize_model_grads(optimizer, model, num_tokens=None, **kwargs) -> None:
@@ -369,7 +371,7 @@ def _finalize_model_grads(optimizer, model, num_tokens=None, **kwargs) -> None:
     stage, sums it over data parallelism, waits for it on the host (``num_tokens > 0``) and
     divides the whole fp32 gradient buffer by it: a pass over every gradient. With fused
     AdamW the count is kept instead (the same broadcast and sum, no wait), and the step divides
-    by it inside Adam's kernel (_step_dividing_in_adam). For any other optimizer this is
+    by it inside Adam's kernel (step_deciding_on_device). For any other optimizer this is
     upstream's function unchanged.
     """
     from megatron.core import parallel_state as ps

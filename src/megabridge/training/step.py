@@ -62,7 +62,11 @@ def _loss_total(losses_reduced: list[dict], device) -> torch.Tensor:
 
 def _mean_loss(total: torch.Tensor) -> tuple[float, float]:
     loss_sum, tokens = total.tolist()
-    return (loss_sum / tokens if tokens else float("nan")), tokens
+    return _per_token(loss_sum, tokens), tokens
+
+
+def _per_token(loss_sum: float, tokens: float) -> float:
+    return loss_sum / tokens if tokens else float("nan")
 
 
 def run_microbatches(
@@ -114,7 +118,7 @@ def train_step(cfg, model_chunks, optimizer, scheduler, dataset, consumed: int):
     total = _forward_backward(cfg, model_chunks, dataset, consumed, False, step_func)
     if decides_on_device(optimizer):  # fused AdamW: no wait for the GPU before the step
         loss_sum, tokens, grad_norm, stepped = step_deciding_on_device(optimizer, total)
-        loss = loss_sum / tokens if tokens else float("nan")
+        loss = _per_token(loss_sum, tokens)
         if not math.isfinite(loss):
             grad_norm = float("nan")
     else:

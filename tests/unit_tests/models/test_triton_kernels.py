@@ -193,6 +193,21 @@ def check_adamw(device: str) -> None:
         assert not opt_ours.state[ours[3]]  # no gradient: no state, as torch's
 
 
+@pytest.mark.parametrize("case", ["amsgrad", "maximize", "strided gradient"])
+def test_adamw_with_copies_refuses_what_it_does_not_handle(case):
+    """Refused in one line before any kernel runs (so on the CPU too), the weights untouched."""
+    from megabridge.models import triton_kernels as tk
+
+    p = torch.nn.Parameter(torch.randn(4, 4))
+    p.grad = torch.randn(4, 4).t() if case == "strided gradient" else torch.randn(4, 4)
+    flags = {"amsgrad": case == "amsgrad", "maximize": case == "maximize"}
+    opt = torch.optim.AdamW([p], lr=0.1, **flags)
+    before = p.detach().clone()
+    with pytest.raises(NotImplementedError, match="not supported yet"):
+        tk.adamw_with_copies(opt, {})
+    assert torch.equal(p.detach(), before) and not opt.state[p]
+
+
 def check_kernels(device: str) -> None:
     for dtype in (torch.float32, torch.bfloat16):
         check_swiglu(device, dtype)

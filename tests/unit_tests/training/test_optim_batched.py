@@ -145,3 +145,12 @@ def test_a_non_finite_step_is_skipped_inside_fused_adamw(tmp_path, monkeypatch):
     assert math.isnan(loss2) and math.isnan(norm2)
     assert math.isfinite(loss1) and norm1 > 0 and norm3 > 0
     assert s.scheduler.num_steps == 2 * 4
+
+
+def test_adamw_writing_the_bf16_weights_takes_no_closure():
+    """torch's step(closure) signature: the Triton step refuses a closure in one line
+    (Megatron-Core never passes one) instead of ignoring it."""
+    from megabridge.training import optim
+
+    with pytest.raises(NotImplementedError, match="takes no closure"):
+        optim._step_writing_copies(None, {}, closure=lambda: 0.0)

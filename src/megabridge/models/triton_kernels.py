@@ -506,16 +506,22 @@ if triton is not None:
 
     @triton.jit
     def _adamw_kernel(
-        p_ptr, g_ptr, m_ptr, v_ptr, out_ptr, n, lr, beta1, beta2, eps, decay,
+        p_ptr, g_ptr, m_ptr, v_ptr, out_ptr, rem_ptr, n, lr, beta1, beta2, eps, decay,
         corrections_ptr, index, scale_ptr, skip_ptr,
-        HAS_OUT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SKIP: tl.constexpr,
-        BLOCK: tl.constexpr,
+        HAS_OUT: tl.constexpr, HAS_REM: tl.constexpr, HAS_SCALE: tl.constexpr,
+        HAS_SKIP: tl.constexpr, BLOCK: tl.constexpr,
     ):  # fmt: skip
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         if HAS_SKIP:  # a skipped step reads and writes nothing
             n = tl.where(tl.load(skip_ptr) == 0, n, 0)
         mask = offs < n
-        param = tl.load(p_ptr + offs, mask=mask, other=0.0)
+        if HAS_REM:  # the fp32 weight is its bf16 copy's bits and a 16-bit remainder
+            high = tl.load(out_ptr + offs, mask=mask, other=0.0).to(tl.int16, bitcast=True)
+            low = tl.load(rem_ptr + offs, mask=mask, other=0).to(tl.int32) & 0xFFFF
+            high = (high.to(tl.int32) & 0xFFFF) - (low >= 0x8000).to(tl.int32)  # rounded up
+            param = ((high << 16) | low).to(tl.float32, bitcast=True)
+        else:
+            param = tl.load(p_ptr + offs, mask=mask, other=0.0)
         grad = tl.load(g_ptr + offs, mask=mask, other=0.0)
         if HAS_SCALE:
             grad = grad / tl.load(scale_ptr)
@@ -528,26 +534,41 @@ if triton is not None:
         step_size = lr / tl.load(corrections_ptr + 2 * index)
         denom = tl.sqrt(exp_avg_sq) / tl.load(corrections_ptr + 2 * index + 1) + eps
         param = param - step_size * exp_avg / denom
-        tl.store(p_ptr + offs, param, mask=mask)
         tl.store(m_ptr + offs, exp_avg, mask=mask)
         tl.store(v_ptr + offs, exp_avg_sq, mask=mask)
-        if HAS_OUT:
-            tl.store(out_ptr + offs, param.to(out_ptr.dtype.element_ty), mask=mask)
+        if HAS_REM:  # split again: the high half rounded half away from zero, and the rest
+            bits = param.to(tl.int32, bitcast=True)
+            low = bits & 0xFFFF
+            high = ((bits >> 16) & 0xFFFF) + (low >= 0x8000).to(tl.int32)
+            tl.store(out_ptr + offs, high.to(tl.int16).to(tl.bfloat16, bitcast=True), mask=mask)
+            tl.store(rem_ptr + offs, low.to(tl.int16), mask=mask)
+        else:
+            tl.store(p_ptr + offs, param, mask=mask)
+            if HAS_OUT:
+                tl.store(out_ptr + offs, param.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 _ADAMW_BLOCK = 4096
 
 
-def adamw_with_copies(optimizer: torch.optim.AdamW, copies: dict) -> None:
+def adamw_with_copies(
+    optimizer: torch.optim.AdamW, copies: dict, remainders: dict | None = None
+) -> None:
     """One step of ``optimizer`` (torch's AdamW, its state in torch's format), each fp32
     parameter's update written together with its low-precision copy (``copies``: id of the
     fp32 parameter -> the model's bf16 tensor), where Megatron-Core's mixed-precision
     optimizer casts them in a pass of its own after the step.
 
+    ``remainders`` (id of the fp32 parameter -> an int16 tensor of its shape): those fp32
+    weights are not read from the parameter but put together from their bf16 copy and the
+    remainder (``join_halves``), and written back the same way (``split_halves``); the
+    parameter's own storage is not touched.
+
     Reads ``optimizer.grad_scale`` and ``optimizer.found_inf`` as torch's fused AdamW does
     (the gradient divided by the scale; nothing changes where found_inf is 1, the step
     counts included), but does not write the divided gradients back.
     """
+    remainders = remainders or {}
     scale = getattr(optimizer, "grad_scale", None)
     skip = getattr(optimizer, "found_inf", None)
     for group in optimizer.param_groups:
@@ -562,8 +583,9 @@ def adamw_with_copies(optimizer: torch.optim.AdamW, copies: dict) -> None:
             state = optimizer.state[p]
             if not state:
                 state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                # (a parameter held as halves has no storage of its own to take strides from)
+                state["exp_avg"] = torch.zeros(p.shape, dtype=p.dtype, device=p.device)
+                state["exp_avg_sq"] = torch.zeros(p.shape, dtype=p.dtype, device=p.device)
         steps = [optimizer.state[p]["step"] for p in params]
         torch._foreach_add_(steps, 1.0)
         beta1, beta2 = group["betas"]
@@ -571,14 +593,46 @@ def adamw_with_copies(optimizer: torch.optim.AdamW, copies: dict) -> None:
         # [bias correction 1, sqrt(bias correction 2)] per parameter, from its own count
         corrections = torch.stack([1 - beta1**count, (1 - beta2**count).sqrt()], dim=1)
         for index, p in enumerate(params):
-            state, out = optimizer.state[p], copies.get(id(p))
+            state, out, rem = optimizer.state[p], copies.get(id(p)), remainders.get(id(p))
+            if rem is not None and out is None:
+                raise ValueError("adamw_with_copies: a remainder needs its bf16 copy")
             _adamw_kernel[(triton.cdiv(p.numel(), _ADAMW_BLOCK),)](
-                p, p.grad, state["exp_avg"], state["exp_avg_sq"], p if out is None else out,
+                p if rem is None else rem, p.grad, state["exp_avg"], state["exp_avg_sq"],
+                p if out is None else out, p if rem is None else rem,
                 p.numel(), group["lr"], beta1, beta2, group["eps"], group["weight_decay"],
                 corrections, index, scale if scale is not None else p,
                 skip if skip is not None else p,
-                HAS_OUT=out is not None, HAS_SCALE=scale is not None, HAS_SKIP=skip is not None,
-                BLOCK=_ADAMW_BLOCK,
+                HAS_OUT=out is not None, HAS_REM=rem is not None, HAS_SCALE=scale is not None,
+                HAS_SKIP=skip is not None, BLOCK=_ADAMW_BLOCK,
             )  # fmt: skip
         if skip is not None:
             torch._foreach_sub_(steps, [skip] * len(steps))
+
+
+# ---- fp32 weights held as a bf16 weight and a 16-bit remainder --------------------------------
+# The bf16 half is the fp32 value's high 16 bits rounded half away from zero (to nearest, ties
+# away: round-to-nearest-even's result except at an exact tie), the remainder its low 16 bits.
+# Rounding up happened exactly where the low half's top bit is set, so the two give the fp32
+# value back bit for bit. _adamw_kernel reads and writes the same format.
+
+
+def split_halves(x: torch.Tensor, high: torch.Tensor, low: torch.Tensor) -> None:
+    """Write fp32 ``x`` into ``high`` (bf16) and ``low`` (int16) of its shape."""
+    bits = x.detach().float().contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    rest = bits & 0xFFFF
+    top = (bits >> 16) + (rest >= 0x8000)
+    high.copy_(_as_int16(top).view(torch.bfloat16).view(high.shape))
+    low.copy_(_as_int16(rest).view(low.shape))
+
+
+def join_halves(high: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+    """The fp32 tensor that ``split_halves`` wrote into ``high`` and ``low``."""
+    rest = low.contiguous().to(torch.int64) & 0xFFFF
+    top = (high.contiguous().view(torch.int16).to(torch.int64) & 0xFFFF) - (rest >= 0x8000).long()
+    bits = (top << 16) | rest
+    return torch.where(bits >= 2**31, bits - 2**32, bits).to(torch.int32).view(torch.float32)
+
+
+def _as_int16(unsigned: torch.Tensor) -> torch.Tensor:
+    """Values in [0, 2^16) as the int16 with the same bits."""
+    return torch.where(unsigned >= 2**15, unsigned - 2**16, unsigned).to(torch.int16)

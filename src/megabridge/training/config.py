@@ -50,6 +50,11 @@ class OptimizerConfig:
     adam_eps: float = option(1e-8, "Adam epsilon")
     clip_grad: float = option(1.0, "gradient clipping by global norm (0: off)")
     use_distributed_optimizer: bool = option(False, "shard optimizer state over data parallel")
+    store_param_remainders: bool = option(
+        True,
+        "bf16 on a GPU: keep each fp32 main weight as its bf16 model weight plus a 16-bit "
+        "remainder (2 bytes a parameter less, the same fp32 values)",
+    )
 
 
 @dataclass

@@ -9,7 +9,7 @@ import math
 import torch
 
 from megabridge.models.provider import use_bf16
-from megabridge.models.triton_kernels import adamw_with_copies, runs_on
+from megabridge.models.triton_kernels import adamw_with_copies, join_halves, runs_on, split_halves
 from megabridge.training.config import ConfigContainer
 
 
@@ -114,7 +114,7 @@ def build_optimizer(cfg: ConfigContainer, model_chunks: list[torch.nn.Module]):
     optimizer = get_megatron_optimizer(opt_config, model_chunks)
     _use_fused_adam(optimizer)
     _batch_main_to_model_copy(optimizer)
-    _write_copies_in_adam(optimizer)
+    _write_copies_in_adam(optimizer, remainders=o.store_param_remainders)
     return optimizer
 
 
@@ -143,6 +143,8 @@ def _batch_main_to_model_copy(optimizer) -> None:
 
 
 def _copy_main_to_model(opt) -> None:
+    if hasattr(opt, _REMAINDERS):  # the bf16 weights are the main ones' high halves
+        return
     if getattr(opt, _COPIED, False):  # the step wrote them (_write_copies_in_adam)
         setattr(opt, _COPIED, False)
         return
@@ -151,12 +153,14 @@ def _copy_main_to_model(opt) -> None:
         torch._foreach_copy_(model_data, main_data)
 
 
-def _write_copies_in_adam(optimizer) -> None:
+def _write_copies_in_adam(optimizer, remainders: bool = False) -> None:
     """On the GPU, the bf16 optimizer's AdamW step (triton_kernels.adamw_with_copies) writes
     each bf16 model weight as it updates the fp32 one: the cast after the step (a read of
     every fp32 weight and a write of every bf16 one) goes, and so does fused AdamW's write-back
     of the gradients it divided. Only where _use_fused_adam made the inner AdamW fused (the
-    kernel reads grad_scale / found_inf as torch's does) and its parameters are on CUDA."""
+    kernel reads grad_scale / found_inf as torch's does) and its parameters are on CUDA.
+    With ``remainders`` (optimizer.store_param_remainders) the fp32 main weights are held as
+    their bf16 model weights and 16-bit remainders (_keep_remainders)."""
     from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
 
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
@@ -168,31 +172,135 @@ def _write_copies_in_adam(optimizer) -> None:
         params = [p for group in groups for p in group["params"]]
         if not (params and all(_adam_kernel_runs_on(p) for p in params)):
             continue
-        copies = {
-            id(main): model
-            for models, mains in zip(opt.float16_groups, opt.fp32_from_float16_groups, strict=True)
-            for model, main in zip(models, mains, strict=True)
-        }
-        opt.optimizer.step = functools.partial(_step_writing_copies, opt, copies)
+        copies = _models_by_main(opt)
+        rems = _keep_remainders(opt) if remainders else None
+        opt.optimizer.step = functools.partial(_step_writing_copies, opt, copies, rems)
+
+
+def _models_by_main(opt) -> dict[int, torch.Tensor]:
+    """A bf16 optimizer's model weights by id of their fp32 main weights."""
+    return {
+        id(main): model
+        for models, mains in zip(opt.float16_groups, opt.fp32_from_float16_groups, strict=True)
+        for model, main in zip(models, mains, strict=True)
+    }
 
 
 def _adam_kernel_runs_on(p: torch.Tensor) -> bool:
-    return p.is_cuda and p.dtype == torch.float32 and p.is_contiguous() and runs_on(p)
+    return (
+        (p.is_cuda or _ADAM_KERNEL_ON_CPU)
+        and p.dtype == torch.float32
+        and p.is_contiguous()
+        and runs_on(p)
+    )
 
 
-def _step_writing_copies(opt, copies: dict, closure=None) -> None:
+# Tests set this in a process running Triton's interpreter (TRITON_INTERPRET=1): the CPU
+# then takes the GPU's Triton AdamW, so its remainders can be trained and checkpointed here.
+_ADAM_KERNEL_ON_CPU = False
+
+
+def _step_writing_copies(opt, copies: dict, remainders: dict | None, closure=None) -> None:
     if closure is not None:  # torch's step signature; Megatron-Core never passes one
         raise NotImplementedError(
             "AdamW writing the bf16 weights takes no closure (not supported yet)"
         )
 
-    adamw_with_copies(opt.optimizer, copies)
+    adamw_with_copies(opt.optimizer, copies, remainders)
     setattr(opt, _COPIED, True)
 
 
 # Set on a bf16 optimizer whose step wrote the model's bf16 weights (_write_copies_in_adam):
 # the copy Megatron-Core calls next has nothing left to do.
 _COPIED = "megabridge_copies_written"
+
+
+def _keep_remainders(opt) -> dict:
+    """Hold each fp32 main weight of Megatron-Core's bf16 optimizer ``opt`` as its bf16
+    model weight (the high half, rounded) and an int16 remainder (the low half), as
+    Transformer Engine's FusedAdam does with store_param_remainders: 4 bytes a parameter
+    where a separate fp32 copy takes 6, the same fp32 values in the AdamW step.
+
+    The main parameters stay the optimizer's keys (their shapes, attributes and gradients
+    as before) but lose their storage: each becomes a NaN broadcast to its shape, so a read
+    that this module did not route is loud. Upstream's reads are routed here: state_dict (so
+    the checkpoint's optimizer.state.fp32_param holds the fp32 values), load_state_dict (the
+    loaded fp32 values split into the halves) and the model-to-main copy of
+    reload_model_params. Returns the remainders by id of the main parameter."""
+    rems = {}
+    with torch.no_grad():
+        for models, mains in zip(opt.float16_groups, opt.fp32_from_float16_groups, strict=True):
+            for model, main in zip(models, mains, strict=True):
+                rem = torch.empty(main.shape, dtype=torch.int16, device=main.device)
+                split_halves(main, model, rem)
+                rems[id(main)] = rem
+                main.data = torch.full((), math.nan, device=main.device).expand(main.shape)
+    setattr(opt, _REMAINDERS, rems)
+    opt.state_dict = functools.partial(_state_dict_from_halves, opt, opt.state_dict)
+    opt.load_state_dict = functools.partial(_load_state_dict_into_halves, opt, opt.load_state_dict)
+    opt._copy_model_params_to_main_params = functools.partial(_model_to_main_halves, opt)
+    return rems
+
+
+# Set on a bf16 optimizer whose fp32 main weights are held as halves (_keep_remainders).
+_REMAINDERS = "megabridge_param_remainders"
+
+
+def main_weights(optimizer) -> list[torch.Tensor]:
+    """Copies of the fp32 main weights, in get_parameters() order; those held as halves
+    (optimizer.store_param_remainders) put together."""
+    weights = []
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        rems = getattr(opt, _REMAINDERS, {})
+        models = _models_by_main(opt) if rems else {}
+        for p in opt.get_parameters():
+            held = id(p) in rems
+            weights.append(join_halves(models[id(p)], rems[id(p)]) if held else p.detach().clone())
+    return weights
+
+
+def _main_values(opt) -> list[list[torch.Tensor]]:
+    """The fp32 main weights of a _keep_remainders optimizer, put together (new tensors)."""
+    rems = getattr(opt, _REMAINDERS)
+    return [
+        [join_halves(model, rems[id(main)]) for model, main in zip(models, mains, strict=True)]
+        for models, mains in zip(opt.float16_groups, opt.fp32_from_float16_groups, strict=True)
+    ]
+
+
+def _state_dict_from_halves(opt, upstream, *args, **kwargs) -> dict:
+    """Upstream's state_dict (sharded_state_dict builds on it) with the fp32 main weights as
+    tensors of their own: what is saved, or the buffers a checkpoint is loaded into."""
+    mains = opt.fp32_from_float16_groups
+    opt.fp32_from_float16_groups = _main_values(opt)
+    try:
+        return upstream(*args, **kwargs)
+    finally:
+        opt.fp32_from_float16_groups = mains
+
+
+def _load_state_dict_into_halves(opt, upstream, state_dict: dict) -> None:
+    """Upstream's load_state_dict, the saved fp32 main weights split into the halves."""
+    key = "fp32_from_fp16_params" if "fp32_from_fp16_params" in state_dict else "fp32_from_fp16"
+    saved = state_dict[key]
+    if len(saved) != len(opt.fp32_from_float16_groups):
+        raise ValueError("the checkpoint's fp32 main weights do not match the optimizer's groups")
+    upstream({**state_dict, key: []})  # upstream copies the main weights group by group
+    rems = getattr(opt, _REMAINDERS)
+    with torch.no_grad():
+        for models, mains, values in zip(
+            opt.float16_groups, opt.fp32_from_float16_groups, saved, strict=True
+        ):
+            for model, main, value in zip(models, mains, values, strict=True):
+                split_halves(value.to(model.device), model, rems[id(main)])
+
+
+def _model_to_main_halves(opt, state_dict=None) -> None:
+    """reload_model_params: the main weights become the model's bf16 values (remainder 0)."""
+    if state_dict is not None:
+        raise NotImplementedError("main weights from a state dict (not supported yet, as upstream)")
+    for rem in getattr(opt, _REMAINDERS).values():
+        rem.zero_()
 
 
 def build_scheduler(cfg: ConfigContainer, optimizer):

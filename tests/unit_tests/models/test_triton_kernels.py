@@ -193,6 +193,75 @@ def check_adamw(device: str) -> None:
         assert not opt_ours.state[ours[3]]  # no gradient: no state, as torch's
 
 
+def check_adamw_remainders(device: str) -> None:
+    """With remainders (optimizer.store_param_remainders) the kernel computes exactly what it
+    computes on fp32 weights: after each of four steps (one skipped) the bf16 weight and
+    remainder put back together are the fp32 path's weight, bit for bit, the bf16 weight its
+    high half rounded half away from zero (split_halves), and the fp32 parameter's own
+    storage is never written."""
+    from megabridge.models import triton_kernels as tk
+
+    gen = torch.Generator().manual_seed(5)
+    shapes = [(37, 5000), (300,), (9,)]
+    start = [torch.randn(*shape, generator=gen).to(device) for shape in shapes]
+    plain = [t.clone().requires_grad_() for t in start]
+    halved = [t.clone().requires_grad_() for t in start]
+    sentinels = [torch.full_like(t, 7.0) for t in start]
+    for p, sentinel in zip(halved, sentinels, strict=True):
+        p.data.copy_(sentinel)  # the kernel reads the halves, never this
+    opt_plain, opt_halved = (
+        torch.optim.AdamW(ps, lr=1e-2, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1, fused=True)
+        for ps in (plain, halved)
+    )
+    copies_plain = {id(p): torch.empty_like(p, dtype=torch.bfloat16) for p in plain}
+    highs = {id(p): torch.empty_like(p, dtype=torch.bfloat16) for p in halved}
+    lows = {id(p): torch.empty(p.shape, dtype=torch.int16, device=device) for p in halved}
+    for p, t in zip(halved, start, strict=True):
+        tk.split_halves(t, highs[id(p)], lows[id(p)])
+    for step, skip in enumerate([0.0, 0.0, 1.0, 0.0]):
+        for a, b in zip(plain, halved, strict=True):
+            a.grad = torch.randn(a.shape, generator=gen).to(device)
+            b.grad = a.grad.clone()
+        for opt in (opt_plain, opt_halved):
+            opt.grad_scale = torch.tensor(3.0, device=device)
+            opt.found_inf = torch.tensor(skip, device=device)
+        with torch.no_grad():
+            tk.adamw_with_copies(opt_plain, copies_plain)
+            tk.adamw_with_copies(opt_halved, highs, lows)
+        for a, b, sentinel in zip(plain, halved, sentinels, strict=True):
+            joined = tk.join_halves(highs[id(b)], lows[id(b)])
+            assert torch.equal(joined.view(torch.int32), a.detach().view(torch.int32)), step
+            high, low = torch.empty_like(highs[id(b)]), torch.empty_like(lows[id(b)])
+            tk.split_halves(a.detach(), high, low)
+            assert torch.equal(high, highs[id(b)]) and torch.equal(low, lows[id(b)]), step
+            assert torch.equal(b.detach(), sentinel), step
+            assert float(opt_halved.state[b]["step"]) == [1, 2, 2, 3][step]
+    with pytest.raises(ValueError, match="needs its bf16 copy"):
+        tk.adamw_with_copies(opt_halved, {}, lows)
+
+
+def test_split_halves_gives_fp32_back_bit_for_bit_and_rounds_to_nearest():
+    """The bf16 half is round-to-nearest-even's except at an exact tie (half away from zero
+    there), and join_halves gives every fp32 value back, zeros, subnormals and the largest
+    finite ones included."""
+    from megabridge.models import triton_kernels as tk
+
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(50_000, generator=gen) * torch.logspace(-38, 38, 50_000)
+    tie = 1 + 2**-8  # exactly between two bf16 neighbours, 1 (even) and 1 + 2^-7
+    specials = [0.0, -0.0, 1.0, -1.0, tie, -tie, 1 + 3 * 2**-8, 3.3e38, -3.3e38, 1e-40, -1e-42]
+    x = torch.cat([torch.tensor(specials), x])
+    high = torch.empty(x.shape, dtype=torch.bfloat16)
+    low = torch.empty(x.shape, dtype=torch.int16)
+    tk.split_halves(x, high, low)
+    assert torch.equal(tk.join_halves(high, low).view(torch.int32), x.view(torch.int32))
+    nearest = x.to(torch.bfloat16)
+    differs = (high != nearest).nonzero().flatten().tolist()
+    assert differs == [4, 5]  # the two ties, rounded away from zero where RNE went to even
+    assert high[4].item() == 1 + 2**-7 and high[5].item() == -(1 + 2**-7)
+    assert high[6].item() == 1 + 2**-6  # 1 + 3 * 2^-8: a tie, to even and away alike
+
+
 @pytest.mark.parametrize("case", ["amsgrad", "maximize", "strided gradient"])
 def test_adamw_with_copies_refuses_what_it_does_not_handle(case):
     """Refused in one line before any kernel runs (so on the CPU too), the weights untouched."""
@@ -215,6 +284,7 @@ def check_kernels(device: str) -> None:
         check_qkv_rope(device, dtype)
         check_rms_norm(device, dtype)
     check_adamw(device)
+    check_adamw_remainders(device)
 
 
 # Where torch sees a GPU the compiled kernels are checked instead (the next test): on the H200

@@ -14,7 +14,7 @@ pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("single_process_megatron
 
 def _train(tmp_path, steps: int = 3):
     from megabridge.recipes import get_recipe
-    from megabridge.training import loop
+    from megabridge.training import loop, optim
     from megabridge.training.config import apply_overrides
     from megabridge.training.step import train_step
 
@@ -25,7 +25,7 @@ def _train(tmp_path, steps: int = 3):
         "logger.tensorboard=false",
     ])  # fmt: skip
     s = loop.setup(cfg)
-    start = [p.detach().clone() for p in s.optimizer.get_parameters()]
+    start = optim.main_weights(s.optimizer)
     history = []
     for it in range(steps):
         loss, norm, stepped, _ = train_step(
@@ -34,7 +34,7 @@ def _train(tmp_path, steps: int = 3):
         assert stepped and norm > 0.05  # clipped
         history.append((loss, norm))
     weights = {n: p.detach().clone() for n, p in s.model[0].named_parameters()}
-    main = [p.detach().clone() for p in s.optimizer.get_parameters()]
+    main = optim.main_weights(s.optimizer)
     # Adam's first moments: the running mean of the gradients the steps applied (after the
     # division by the token count and the clipping)
     inner = s.optimizer.optimizer
@@ -51,7 +51,7 @@ def test_batched_copies_norm_and_clipping_match_megatron_core_bit_for_bit(tmp_pa
     # cannot divide by itself); the next test compares the two paths.
     monkeypatch.setattr(optim, "_adam_divides", lambda optimizer: False)
     # torch's AdamW in both (on a GPU the step would write the bf16 copies itself)
-    monkeypatch.setattr(optim, "_write_copies_in_adam", lambda optimizer: None)
+    monkeypatch.setattr(optim, "_write_copies_in_adam", lambda optimizer, remainders: None)
     ours = _train(tmp_path / "ours")
     monkeypatch.setattr(optim, "_batch_main_to_model_copy", lambda optimizer: None)
     monkeypatch.setattr(optim, "_clip_grads", clip_grad_by_total_norm_fp32)
@@ -111,7 +111,7 @@ def test_a_non_finite_step_is_skipped_inside_fused_adamw(tmp_path, monkeypatch):
     neither the weights, the fp32 main weights, Adam's moments and step count, nor the
     learning rate schedule; iteration 3 steps again."""
     from megabridge.recipes import get_recipe
-    from megabridge.training import loop
+    from megabridge.training import loop, optim
     from megabridge.training.config import apply_overrides
     from megabridge.training.step import INJECT_NAN_AT, train_step
 
@@ -127,7 +127,7 @@ def test_a_non_finite_step_is_skipped_inside_fused_adamw(tmp_path, monkeypatch):
         inner = s.optimizer.optimizer
         moments = [t.clone() for st in inner.state.values() for t in st.values()]
         weights = [p.detach().clone() for p in s.model[0].parameters()]
-        main = [p.detach().clone() for p in s.optimizer.get_parameters()]
+        main = optim.main_weights(s.optimizer)
         return weights + main + moments, s.scheduler.num_steps
 
     results = []
@@ -153,4 +153,4 @@ def test_adamw_writing_the_bf16_weights_takes_no_closure():
     from megabridge.training import optim
 
     with pytest.raises(NotImplementedError, match="takes no closure"):
-        optim._step_writing_copies(None, {}, closure=lambda: 0.0)
+        optim._step_writing_copies(None, {}, None, closure=lambda: 0.0)

@@ -6,24 +6,32 @@ recomputes a = SwiGLU(h) in backward: f bf16 values per token and layer are not 
 (16 KB at f = 8192: ~8.6 GB for the 1.1B Llama shape at micro-batch 16 and seq 2048), for
 one more write of f values per token: on the GPU the kernel of SwiGLU's gradient, which
 reads h anyway, stores a too. torchtitan's compiled blocks get the same from
-inductor's recomputation of element-wise work.
+inductor's recomputation of element-wise work. On by default wherever it applies (the torch
+spec's plain SwiGLU MLPs, not with FP8 or compiled layers): at micro-batch 4-16 on an H200
+it cost 0-1.4% of the step (scripts/performance/NOTES.md).
 """
 
 from __future__ import annotations
 
 import torch
-from megatron.core.tensor_parallel.layers import RowParallelLinear
+from megatron.core.tensor_parallel import layers
 from megatron.core.transformer.mlp import MLP
 
+from megabridge.models.compiled import RowParallelLinear
 from megabridge.models.triton_kernels import swiglu, swiglu_grad, swiglu_grad_and_output
 
 
 class _SwiGLUThenLinear(torch.autograd.Function):
-    """y = SwiGLU(h) W^T, saving h and W only. h [M, 2f], W [n, f] -> y [M, n]."""
+    """y = SwiGLU(h) W^T, saving h and W only. h [M, 2f], W [n, f] -> y [M, n].
+
+    With ``accumulate`` (the linear's gradient_accumulation_fusion, which training/optim.py
+    switches on where DDP gave W an fp32 main_grad) the weight gradient is added into
+    main_grad by the GEMM itself, as Megatron's linears do it."""
 
     @staticmethod
-    def forward(ctx, h, weight):
+    def forward(ctx, h, weight, accumulate):
         ctx.save_for_backward(h, weight)
+        ctx.accumulate = accumulate
         return torch.matmul(swiglu(h), weight.t())
 
     @staticmethod
@@ -31,20 +39,42 @@ class _SwiGLUThenLinear(torch.autograd.Function):
         h, weight = ctx.saved_tensors
         grad_a = torch.matmul(grad_y, weight)  # [M, f]
         if not ctx.needs_input_grad[1]:
-            return swiglu_grad(grad_a, h), None
+            return swiglu_grad(grad_a, h), None, None
         # SwiGLU's output recomputed in the same pass as its gradient (one read of h)
         grad_h, a = swiglu_grad_and_output(grad_a, h)  # [M, 2f], [M, f]
-        return grad_h, torch.matmul(grad_y.t(), a)
+        if not ctx.accumulate:
+            return grad_h, torch.matmul(grad_y.t(), a), None
+        layers.fused_weight_gradient_mlp_cuda.wgrad_gemm_accum_fp32(a, grad_y, weight.main_grad)
+        if not hasattr(weight, "grad_added_to_main_grad"):
+            return grad_h, None, None
+        # as Megatron's linear: a placeholder gradient that DDP's hook sees but does not add
+        weight.grad_added_to_main_grad = True
+        return grad_h, torch.empty(weight.shape, dtype=h.dtype, device=h.device), None
 
 
 class SwiGLURowParallelLinear(RowParallelLinear):
     """fc2 fed SwiGLU's input: Megatron's row-parallel linear (its TP all-reduce and bias
-    after the GEMM are unchanged) with SwiGLU applied inside its GEMM step."""
+    after the GEMM are unchanged) with SwiGLU applied inside its GEMM step, when called
+    through ``swiglu_then_linear``. Called as a module (by a LoRA adapter wrapping it, under
+    Megatron's own MLP forward) it is Megatron's linear on SwiGLU's output."""
+
+    swiglu_input = False
+
+    def swiglu_then_linear(self, h):
+        self.swiglu_input = True
+        try:
+            return self(h)
+        finally:
+            self.swiglu_input = False
 
     def _forward_impl(self, input, weight, bias=None, *args, **kwargs):
+        if not self.swiglu_input:
+            return super()._forward_impl(input, weight, bias, *args, **kwargs)
         # input [s, b, 2f / tp] -> [s, b, n]; Megatron passes no bias here (added after).
         flat = input.reshape(-1, input.shape[-1])
-        out = _SwiGLUThenLinear.apply(flat, weight).view(*input.shape[:-1], weight.shape[0])
+        accumulate = self.gradient_accumulation_fusion and weight.requires_grad
+        out = _SwiGLUThenLinear.apply(flat, weight, accumulate)
+        out = out.view(*input.shape[:-1], weight.shape[0])
         return out if bias is None else out + bias
 
 
@@ -61,4 +91,4 @@ class RecomputedSwiGLUMLP(MLP):
         h, bias = self.linear_fc1(hidden_states)  # [s, b, 2f / tp]
         if bias is not None:
             h = h + bias
-        return self.linear_fc2(h)
+        return self.linear_fc2.swiglu_then_linear(h)

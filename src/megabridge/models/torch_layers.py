@@ -825,7 +825,7 @@ def _use_megabridge_modules(spec, cfg, norm) -> None:
         attn.k_layernorm = ModuleSpec(module=AcrossHeadsRMSNorm, params={"heads": "key"})
     if cfg.fp8 is not None:
         _use_fp8_linears(sub, cfg)
-    if cfg.recompute_swiglu:
+    if cfg.recompute_swiglu is not False:
         _use_recomputed_swiglu(sub, cfg)
     _use_own_row_linears(sub)
 
@@ -845,14 +845,20 @@ def _use_own_row_linears(sub) -> None:
 
 
 def _use_recomputed_swiglu(sub, cfg) -> None:
-    """A dense SwiGLU MLP that keeps fc1's output only (models/swiglu_recompute.py)."""
+    """A dense SwiGLU MLP that keeps fc1's output only (models/swiglu_recompute.py): where
+    model.recompute_swiglu asks for it (true), or wherever it applies (None)."""
     from megatron.core.tensor_parallel.layers import RowParallelLinear
     from megatron.core.transformer.mlp import MLP
 
-    if cfg.fp8 is not None:
-        raise ConfigError("model.recompute_swiglu with model.fp8 is not supported yet")
-    clamped = cfg.swiglu_alpha is not None or cfg.glu_linear_offset or cfg.activation_clamp
-    if cfg.activation != "swiglu" or clamped:  # GPT-OSS's SwiGLU is not the recomputed one
+    required = cfg.recompute_swiglu is True
+    if cfg.fp8 is not None or cfg.compile_layers:
+        if not required:
+            return
+        other = "model.fp8" if cfg.fp8 is not None else "model.compile_layers"
+        raise ConfigError(f"model.recompute_swiglu with {other} is not supported yet")
+    if not plain_swiglu(cfg):  # GPT-OSS's SwiGLU is not the recomputed one
+        if not required:
+            return
         raise ConfigError("model.recompute_swiglu needs a plain SwiGLU MLP (activation=swiglu)")
     if sub.mlp.module is MLP and sub.mlp.submodules.linear_fc2 is RowParallelLinear:
         sub.mlp.module = swiglu_recompute.RecomputedSwiGLUMLP

@@ -21,7 +21,8 @@ NORMS = dict(recompute_modules=["layernorm"])  # selective recompute, implied
 def _cfg(**kw) -> ModelConfig:
     kw = dict(num_layers=LAYERS, hidden_size=H, ffn_hidden_size=F, num_attention_heads=4,
               num_query_groups=2, vocab_size=V, seq_length=S, bf16=False,
-              transformer_impl="torch", share_embeddings_and_output_weights=False) | kw  # fmt: skip
+              transformer_impl="torch", share_embeddings_and_output_weights=False,
+              recompute_swiglu=False) | kw  # fmt: skip
     return ModelConfig(**kw)
 
 
@@ -82,8 +83,9 @@ def test_recomputed_norms_in_an_moe_layer_keep_the_math():
     assert today[0].total_bytes() - lean[0].total_bytes() >= 2 * H * 2 * B * S * LAYERS
 
 
-def test_recomputed_swiglu_drops_its_output_from_what_is_kept():
-    today, lean = _run(_cfg()), _run(_cfg(recompute_swiglu=True))
+@pytest.mark.parametrize("setting", [True, None], ids=["true", "default"])
+def test_recomputed_swiglu_drops_its_output_from_what_is_kept(setting):
+    today, lean = _run(_cfg()), _run(_cfg(recompute_swiglu=setting))
     # fc2's input, SwiGLU's output [tokens, f], is no longer kept.
     assert today[0].total_bytes() - lean[0].total_bytes() >= F * 4 * B * S * LAYERS
 

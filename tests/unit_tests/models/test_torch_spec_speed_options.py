@@ -171,7 +171,7 @@ def test_refused_without_a_gpu_or_fp8_tensor_cores_or_with_tp(monkeypatch):
 def _tiny(**kw) -> ModelConfig:
     kw = dict(num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
               num_query_groups=2, vocab_size=128, seq_length=32, bf16=True,
-              transformer_impl="torch") | kw  # fmt: skip
+              transformer_impl="torch", recompute_swiglu=False) | kw  # fmt: skip
     return ModelConfig(**kw)
 
 
@@ -242,3 +242,63 @@ def test_recomputed_swiglu_is_refused_where_it_does_not_apply():
         build_model(_tiny(recompute_swiglu=True, activation="gelu"), meta=True)
     with pytest.raises(ConfigError, match="recompute_swiglu with model.fp8 is not supported yet"):
         build_model(_tiny(recompute_swiglu=True, fp8="rowwise"), meta=True)
+    with pytest.raises(ConfigError, match="with model.compile_layers is not supported yet"):
+        build_model(_tiny(recompute_swiglu=True, compile_layers=True), meta=True)
+
+
+def _recomputed(model) -> list[bool]:
+    from megabridge.models import swiglu_recompute
+
+    return [
+        isinstance(layer.mlp, swiglu_recompute.RecomputedSwiGLUMLP)
+        for layer in model.decoder.layers
+    ]
+
+
+@pytest.mark.usefixtures("single_process_megatron")
+@pytest.mark.parametrize(
+    "kw, expected",
+    [
+        (dict(), True),
+        (dict(activation="gelu"), False),
+        (dict(compile_layers=True), False),
+        (dict(transformer_impl="local"), False),
+    ],
+    ids=["swiglu", "gelu", "compiled", "local-spec"],
+)
+def test_by_default_swiglu_is_recomputed_wherever_it_applies(kw, expected):
+    """model.recompute_swiglu=None (the default): on in the torch spec's plain SwiGLU MLPs,
+    silently off elsewhere (false turns it off everywhere)."""
+    (model,) = build_model(_tiny(**(dict(recompute_swiglu=None) | kw)), meta=True)
+    assert _recomputed(model) == [expected, expected]
+    (off,) = build_model(_tiny(**kw), meta=True)  # recompute_swiglu=False
+    assert _recomputed(off) == [False, False]
+
+
+@pytest.mark.usefixtures("single_process_megatron")
+def test_a_lora_adapter_on_the_recomputed_fc2_sees_swiglu_s_output():
+    """A LoRA-wrapped fc2 runs under Megatron's own MLP forward: fc2 is then Megatron's
+    linear on SwiGLU's output (the adapter's input), not SwiGLU applied a second time."""
+    from megabridge.peft.lora import LoRALinear
+
+    tokens = torch.randint(0, 128, (2, 17), generator=torch.Generator().manual_seed(2))
+    results = []
+    for setting in (True, False):
+        cfg = _tiny(recompute_swiglu=setting, bf16=False)
+        (model,) = build_model(cfg)
+        weight_init.initialize([model], cfg, seed=7)
+        for layer in model.decoder.layers:
+            layer.mlp.linear_fc2 = LoRALinear(layer.mlp.linear_fc2, "row", False, 4, 8.0, 0.0)
+            gen = torch.Generator().manual_seed(3)
+            with torch.no_grad():
+                layer.mlp.linear_fc2.lora_a.copy_(torch.randn(4, 128, generator=gen) * 0.1)
+                layer.mlp.linear_fc2.lora_b.copy_(torch.randn(64, 4, generator=gen) * 0.1)
+        positions = torch.arange(16).expand(2, -1)
+        loss = model(tokens[:, :-1], positions, None, labels=tokens[:, 1:]).float().mean()
+        loss.backward()
+        results.append((model, loss, {n: p.grad for n, p in model.named_parameters()}))
+    (model, loss, grads), (_, ref_loss, ref_grads) = results
+    assert _recomputed(model) == [True, True]
+    torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-6)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, ref_grads[name], atol=1e-6, rtol=1e-5, msg=name)

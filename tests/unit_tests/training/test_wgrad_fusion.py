@@ -9,7 +9,7 @@ import torch
 pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("single_process_megatron")]
 
 
-def _main_grads(tmp_path, fused: bool):
+def _main_grads(tmp_path, fused: bool, extra: tuple[str, ...] = ()):
     from megabridge.recipes import get_recipe
     from megabridge.runtime import seed_everything
     from megabridge.training import loop
@@ -23,7 +23,7 @@ def _main_grads(tmp_path, fused: bool):
         "model.share_embeddings_and_output_weights=false",
         f"model.gradient_accumulation_fusion={str(fused).lower()}",
         f"checkpoint.save={tmp_path / 'ckpt'}", f"logger.log_dir={tmp_path / 'logs'}",
-        "logger.tensorboard=false",
+        "logger.tensorboard=false", *extra,
     ])  # fmt: skip
     s = loop.setup(cfg)
     chunk = s.model[0]
@@ -45,9 +45,12 @@ def test_off_on_the_cpu(tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused GEMM is CUDA's")
-def test_fused_weight_gradients_match_the_unfused_ones_on_cuda(tmp_path):
-    switched, fused = _main_grads(tmp_path / "fused", fused=True)
-    plain_switched, plain = _main_grads(tmp_path / "plain", fused=False)
+@pytest.mark.parametrize("extra", [(), ("model.recompute_swiglu=true",)], ids=["", "recompute"])
+def test_fused_weight_gradients_match_the_unfused_ones_on_cuda(tmp_path, extra):
+    """With model.recompute_swiglu, fc2 is models/swiglu_recompute.py's linear, whose
+    backward adds its weight gradient into main_grad the same way."""
+    switched, fused = _main_grads(tmp_path / "fused", fused=True, extra=extra)
+    plain_switched, plain = _main_grads(tmp_path / "plain", fused=False, extra=extra)
     assert plain_switched == []
     # every layer's four linears and the untied output layer
     layers = sum(name.endswith(("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"))

@@ -16,7 +16,9 @@ format's largest value, multiplies, and the product comes back in bf16, rescaled
 The three GEMMs of a linear layer, x [M, K] @ W^T (W [N, K]):
 forward y = x W^T, input gradient dx = dy W, weight gradient dW = dy^T x.
 torch._scaled_mm takes its left operand row-major and its right one column-major, so
-each GEMM quantises the layout it needs (tensorwise reuses one FP8 copy and transposes it).
+each GEMM quantises the layout it needs. Tensorwise on the GPU quantises each operand once
+and writes its transpose in the same pass (triton_kernels.cast_transpose); elsewhere (the
+CPU's emulation, rowwise) the casts are fp8.cast's, one compiled kernel per format.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
 from megabridge.errors import ConfigError
-from megabridge.models import compiled
+from megabridge.models import compiled, triton_kernels
 
 RECIPES = ("tensorwise", "rowwise")
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
@@ -106,19 +108,33 @@ def _operand(x: torch.Tensor) -> torch.Tensor:
     return x.detach()
 
 
+def _cast_transpose(x: torch.Tensor, dtype: torch.dtype):
+    """Tensorwise quantize of x [R, C] and of x^T from one read (triton_kernels.cast_transpose):
+    (x [R, C], x^T [C, R] in ``dtype``, dequantising scale [])."""
+    x = _operand(x).contiguous()
+    return triton_kernels.cast_transpose(x, amax(x, False), dtype)
+
+
 class FP8Linear(torch.autograd.Function):
     """y = x W^T with the three GEMMs in FP8. x [M, K], W [N, K] (bf16) -> y [M, N] bf16."""
 
     @staticmethod
     def forward(ctx, x, weight, recipe: str, emulate: bool):
         rowwise = recipe == "rowwise"
+        ctx.recipe, ctx.emulate, ctx.dtypes = recipe, emulate, (x.dtype, weight.dtype)
+        ctx.transposed = not (rowwise or emulate) and triton_kernels.runs_on(x)
+        if ctx.transposed:  # tensorwise on the GPU: each operand and its transpose in one pass
+            x_fp8, xt_fp8, x_scale = _cast_transpose(x, E4M3)
+            w_fp8, wt_fp8, w_scale = _cast_transpose(weight, E4M3)
+            y = scaled_mm(x_fp8, w_fp8.t(), x_scale, w_scale, False)
+            ctx.save_for_backward(xt_fp8, x_scale, wt_fp8, w_scale)  # what backward multiplies
+            return y.to(x.dtype)
         q = _quantize_fn(emulate)
         x_fp8, x_scale = q(x, E4M3, rowwise)  # [M, K], [] or [M, 1]
         # detached (_operand): dynamo keeps a Parameter's shape static, so each layer's weight
         # shape would compile anew, past the recompile limit (measured: eager fallback, 0.78x)
         w_fp8, w_scale = q(weight, E4M3, rowwise)  # [N, K], [] or [N, 1]
         y = scaled_mm(x_fp8, w_fp8.t(), x_scale, w_scale.t().contiguous(), emulate)
-        ctx.recipe, ctx.emulate, ctx.dtypes = recipe, emulate, (x.dtype, weight.dtype)
         if rowwise:  # the backward GEMMs sum over other dimensions: quantised again there
             ctx.save_for_backward(x, weight)
         else:  # FP8 copies: half the bytes of the bf16 input kept for backward
@@ -128,6 +144,12 @@ class FP8Linear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         grad_y = grad_y.contiguous()  # [M, N]
+        if ctx.transposed:
+            xt_fp8, x_scale, wt_fp8, w_scale = ctx.saved_tensors  # x^T [K, M], W^T [K, N]
+            g_fp8, gt_fp8, g_scale = _cast_transpose(grad_y, E5M2)
+            grad_x = scaled_mm(g_fp8, wt_fp8.t(), g_scale, w_scale, False)  # dy W
+            grad_w = scaled_mm(gt_fp8, xt_fp8.t(), g_scale, x_scale, False)  # dy^T x
+            return grad_x.to(ctx.dtypes[0]), grad_w.to(ctx.dtypes[1]), None, None
         q = _quantize_fn(ctx.emulate)
         if ctx.recipe == "rowwise":
             x, weight = ctx.saved_tensors

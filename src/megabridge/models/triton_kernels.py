@@ -609,6 +609,57 @@ def adamw_with_copies(
             torch._foreach_sub_(steps, [skip] * len(steps))
 
 
+# ---- FP8 cast of a matrix and of its transpose in one pass (models/fp8.py, tensorwise) ------
+
+
+if triton is not None:
+
+    @triton.jit
+    def _cast_transpose_kernel(
+        x_ptr, amax_ptr, out_ptr, out_t_ptr, inverse_ptr, R, C, largest,
+        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):  # fmt: skip
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+        mask = (rows[:, None] < R) & (cols[None, :] < C)
+        x = tl.load(x_ptr + rows[:, None] * C + cols[None, :], mask=mask, other=0.0)
+        # fp8.cast's arithmetic: the scale maps amax onto the format's largest value
+        scale = largest / tl.maximum(tl.load(amax_ptr).to(tl.float32), 1e-12)
+        y = tl.minimum(tl.maximum(x.to(tl.float32) * scale, -largest), largest)
+        y = y.to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + rows[:, None] * C + cols[None, :], y, mask=mask)
+        tl.store(out_t_ptr + cols[:, None] * R + rows[None, :], tl.trans(y), mask=tl.trans(mask))
+        if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
+            tl.store(inverse_ptr, 1.0 / scale)
+
+
+def cast_transpose(
+    x: torch.Tensor, amax: torch.Tensor, dtype: torch.dtype, largest: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [R, C] (contiguous) scaled so that ``amax`` (a [] tensor) maps onto ``largest``
+    (the largest value of ``dtype``, an FP8 format), in ``dtype``: (x [R, C], x^T [C, R],
+    dequantising scale [] float32), as fp8.cast computes it, read once. torch._scaled_mm's
+    three GEMMs of a linear take each operand in one layout and its transpose in the other
+    (a transposing copy of an FP8 tensor by aten is ~10x slower than the bytes)."""
+    if not (runs_on(x) and x.dim() == 2 and x.is_contiguous()):
+        raise NotImplementedError(
+            "cast_transpose: a contiguous 2-D CUDA tensor (not supported yet)"
+        )
+    rows, cols = x.shape
+    out = torch.empty((rows, cols), dtype=dtype, device=x.device)
+    out_t = torch.empty((cols, rows), dtype=dtype, device=x.device)
+    inverse = torch.empty((), dtype=torch.float32, device=x.device)
+    top = torch.finfo(dtype).max if largest is None else largest
+    grid = (triton.cdiv(rows, _CAST_BLOCK), triton.cdiv(cols, _CAST_BLOCK))
+    _cast_transpose_kernel[grid](
+        x, amax, out, out_t, inverse, rows, cols, top, BLOCK_R=_CAST_BLOCK, BLOCK_C=_CAST_BLOCK
+    )
+    return out, out_t, inverse
+
+
+_CAST_BLOCK = 64
+
+
 # ---- fp32 weights held as a bf16 weight and a 16-bit remainder --------------------------------
 # The bf16 half is the fp32 value's high 16 bits rounded half away from zero (to nearest, ties
 # away: round-to-nearest-even's result except at an exact tie), the remainder its low 16 bits.

@@ -1,5 +1,5 @@
 """megabridge's Triton kernels (models/triton_kernels.py: SwiGLU, RoPE, the fused Q/K/V split
-with RoPE, RMSNorm, AdamW with its bf16 copies) against the torch math (or torch's fused
+with RoPE, RMSNorm, AdamW with its bf16 copies or remainders, FP8 cast-transpose) against the torch math (or torch's fused
 AdamW) they replace,
 forward and backward: on the CPU through Triton's interpreter (a subprocess with
 TRITON_INTERPRET=1, which must be set before the kernels are defined), and on a GPU
@@ -240,6 +240,61 @@ def check_adamw_remainders(device: str) -> None:
         tk.adamw_with_copies(opt_halved, {}, lows)
 
 
+def check_cast_transpose(device: str) -> None:
+    """cast_transpose against fp8.cast: the same values, the transpose the same values
+    transposed, the same dequantising scale. On CUDA in both FP8 formats, bit for bit; in the
+    interpreter into float32 (its FP8 conversion truncates: 127.8 -> 64 in e4m3), which
+    checks the tiles, masks and scale, with the FP8 rounding left to the GPU."""
+    from megabridge.models import fp8
+    from megabridge.models import triton_kernels as tk
+
+    gen = torch.Generator().manual_seed(7)
+    for shape in [(100, 70), (3, 130), (256, 64)]:  # tails in both dimensions, one exact
+        x = (torch.randn(*shape, generator=gen) * 5).to(device, torch.bfloat16)
+        amax = fp8.amax(x, False)
+        formats = [fp8.E4M3, fp8.E5M2] if device == "cuda" else [torch.float32]
+        for dtype in formats:
+            largest = torch.finfo(fp8.E4M3 if dtype == torch.float32 else dtype).max
+            out, out_t, inverse = tk.cast_transpose(x, amax, dtype, largest)
+            scale = largest / amax.float().clamp(min=1e-12)
+            want = (x.float() * scale).clamp(-largest, largest).to(dtype)
+            if dtype != torch.float32:
+                want, want_inverse = fp8.cast(x, amax, dtype, False)
+                assert torch.equal(inverse, want_inverse)
+            else:
+                torch.testing.assert_close(inverse, scale.reciprocal(), rtol=2**-22, atol=0)
+            assert out.shape == shape and out_t.shape == shape[::-1] and out.dtype == dtype
+            assert torch.equal(out_t.view(torch.uint8), out.t().contiguous().view(torch.uint8))
+            if dtype != torch.float32:
+                assert torch.equal(out.view(torch.uint8), want.view(torch.uint8))
+            else:  # the interpreter's scale: numpy's arithmetic, within a unit of the last place
+                torch.testing.assert_close(out, want, rtol=2**-22, atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FP8 GEMMs need a GPU")
+def test_fp8_linear_with_one_pass_casts_matches_the_separate_casts_on_cuda(monkeypatch):
+    """Tensorwise FP8Linear on the GPU casts each operand and its transpose in one pass: the
+    output and both gradients are those of the separate casts and transposing copies, bit
+    for bit (the same FP8 operands, the same GEMMs)."""
+    from megabridge.models import fp8
+
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("no FP8 tensor cores")
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(300, 256, generator=gen).cuda().bfloat16().requires_grad_()
+    w = (torch.randn(192, 256, generator=gen) * 0.05).cuda().bfloat16().requires_grad_()
+    grad = torch.randn(300, 192, generator=gen).cuda().bfloat16()
+    results = []
+    for one_pass in (True, False):
+        if not one_pass:
+            monkeypatch.setattr(fp8.triton_kernels, "runs_on", lambda t: False)
+        y = fp8.fp8_linear(x, w, "tensorwise")
+        dx, dw = torch.autograd.grad(y, (x, w), grad)
+        results.append((y, dx, dw))
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
+
+
 def test_split_halves_gives_fp32_back_bit_for_bit_and_rounds_to_nearest():
     """The bf16 half is round-to-nearest-even's except at an exact tie (half away from zero
     there), and join_halves gives every fp32 value back, zeros, subnormals and the largest
@@ -285,6 +340,7 @@ def check_kernels(device: str) -> None:
         check_rms_norm(device, dtype)
     check_adamw(device)
     check_adamw_remainders(device)
+    check_cast_transpose(device)
 
 
 # Where torch sees a GPU the compiled kernels are checked instead (the next test): on the H200

@@ -241,15 +241,16 @@ def packed_equals_padded(s: Smoke) -> str:
 @path
 def triton_kernels(s: Smoke) -> str:
     """megabridge's Triton kernels (SwiGLU, RoPE, RMSNorm, AdamW: every bf16 training step of
-    the torch spec runs them) against the torch math (AdamW: torch's fused one), forward and
+    the torch spec runs them; the FP8 cast-transpose of model.fp8=tensorwise) against the torch math (AdamW: torch's fused one), forward and
     backward, compiled for this GPU."""
     s.pytest("triton_kernels", "tests/unit_tests/models/test_triton_kernels.py", passed=(
         "test_the_kernels_match_the_torch_math_on_cuda",
         "test_a_model_with_the_swiglu_module_trains_and_saves_like_megatron_s_swiglu",
-        "test_attention_with_the_fused_qkv_rope_matches_megatron_s_split_on_cuda"))  # fmt: skip
-    return ("SwiGLU, RoPE, the fused Q/K/V RoPE and RMSNorm forward and backward, and AdamW "
-            "with its bf16 copies match the torch math on CUDA; a model with them matches "
-            "Megatron's own modules")  # fmt: skip
+        "test_attention_with_the_fused_qkv_rope_matches_megatron_s_split_on_cuda",
+        "test_fp8_linear_with_one_pass_casts_matches_the_separate_casts_on_cuda"))  # fmt: skip
+    return ("SwiGLU, RoPE, the fused Q/K/V RoPE and RMSNorm forward and backward, AdamW with its "
+            "bf16 copies or remainders, and the FP8 cast-transpose match the torch math on CUDA; "
+            "a model with them matches Megatron's own modules")  # fmt: skip
 
 
 @path
@@ -259,7 +260,8 @@ def optimizer_fusions(s: Smoke) -> str:
     step decided on the device skips a NaN step."""
     s.pytest("optimizer_fusions", "tests/unit_tests/training/test_wgrad_fusion.py",
              "tests/unit_tests/training/test_optim_batched.py", passed=(
-        "test_fused_weight_gradients_match_the_unfused_ones_on_cuda",
+        "test_fused_weight_gradients_match_the_unfused_ones_on_cuda[plain]",
+        "test_fused_weight_gradients_match_the_unfused_ones_on_cuda[recompute]",
         "test_token_division_and_clipping_inside_fused_adamw_match_the_separate_passes",
         "test_a_non_finite_step_is_skipped_inside_fused_adamw"))  # fmt: skip
     return ("fused weight-gradient accumulation and the division / clipping inside AdamW match; "

@@ -623,14 +623,16 @@ if triton is not None:
         cols = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
         mask = (rows[:, None] < R) & (cols[None, :] < C)
         x = tl.load(x_ptr + rows[:, None] * C + cols[None, :], mask=mask, other=0.0)
-        # fp8.cast's arithmetic: the scale maps amax onto the format's largest value
-        scale = largest / tl.maximum(tl.load(amax_ptr).to(tl.float32), 1e-12)
+        # fp8.cast's arithmetic, rounding for rounding: torch's ``largest / amax`` is
+        # largest * (1 / amax), and its reciprocals are IEEE divisions
+        amax = tl.maximum(tl.load(amax_ptr).to(tl.float32), 1e-12)
+        scale = tl.math.div_rn(1.0, amax) * largest
         y = tl.minimum(tl.maximum(x.to(tl.float32) * scale, -largest), largest)
         y = y.to(out_ptr.dtype.element_ty)
         tl.store(out_ptr + rows[:, None] * C + cols[None, :], y, mask=mask)
         tl.store(out_t_ptr + cols[:, None] * R + rows[None, :], tl.trans(y), mask=tl.trans(mask))
         if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
-            tl.store(inverse_ptr, 1.0 / scale)
+            tl.store(inverse_ptr, tl.math.div_rn(1.0, scale))
 
 
 def cast_transpose(

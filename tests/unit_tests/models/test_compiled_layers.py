@@ -106,10 +106,14 @@ def test_a_torch_spec_layer_traces_as_one_graph(fp8_anywhere, options):
 def test_the_row_parallel_linears_are_ours():
     """Megatron-Core's RowParallelLinear looks its group up and warns on every call: a graph
     break. The torch spec builds the subclass that hands its group down."""
-    (model,) = build_model(_tiny(), meta=True)
-    layer = model.decoder.layers[0]
-    assert type(layer.self_attention.linear_proj) is compiled.RowParallelLinear
-    assert type(layer.mlp.linear_fc2) is compiled.RowParallelLinear
+    from megabridge.models.swiglu_recompute import SwiGLURowParallelLinear
+
+    for recompute, fc2 in ((False, compiled.RowParallelLinear), (None, SwiGLURowParallelLinear)):
+        (model,) = build_model(_tiny(recompute_swiglu=recompute), meta=True)
+        layer = model.decoder.layers[0]
+        assert type(layer.self_attention.linear_proj) is compiled.RowParallelLinear
+        assert type(layer.mlp.linear_fc2) is fc2  # model.recompute_swiglu's fc2 builds on ours
+        assert isinstance(layer.mlp.linear_fc2, compiled.RowParallelLinear)
 
 
 def test_compile_layers_is_refused_off_the_torch_spec_and_with_fp8():

@@ -45,7 +45,9 @@ def test_off_on_the_cpu(tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused GEMM is CUDA's")
-@pytest.mark.parametrize("extra", [(), ("model.recompute_swiglu=true",)], ids=["", "recompute"])
+@pytest.mark.parametrize(
+    "extra", [(), ("model.recompute_swiglu=true",)], ids=["plain", "recompute"]
+)
 def test_fused_weight_gradients_match_the_unfused_ones_on_cuda(tmp_path, extra):
     """With model.recompute_swiglu, fc2 is models/swiglu_recompute.py's linear, whose
     backward adds its weight gradient into main_grad the same way."""

@@ -82,3 +82,19 @@ def read_metrics(log_dir: Path) -> list[dict]:
 
 def losses(log_dir: Path) -> dict[int, float]:
     return {r["iteration"]: r["loss"] for r in read_metrics(log_dir) if "loss" in r}
+
+
+def check_in_fresh_process(folder: Path, code: str, env: dict[str, str], timeout: int) -> None:
+    """Run ``code`` in a new interpreter started in ``folder`` (so a test module there imports
+    by name) with this process's sys.path and ``env`` added to its environment; it must exit
+    cleanly having printed 'checked'."""
+    full_env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), **env}
+    done = subprocess.run(
+        [sys.executable, "-c", f"{code}; print('checked')"],
+        cwd=folder,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert done.returncode == 0 and "checked" in done.stdout, done.stderr[-4000:]

@@ -7,13 +7,12 @@ TRITON_INTERPRET=1, which must be set before the kernels are defined), and on a 
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.helpers import check_in_fresh_process
 
 pytestmark = pytest.mark.unit
 
@@ -349,17 +348,8 @@ def check_kernels(device: str) -> None:
 # looked into yet.
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the compiled kernels are checked on the GPU")
 def test_the_kernels_match_the_torch_math_in_triton_s_interpreter():
-    code = "import test_triton_kernels as t; t.check_kernels('cpu'); print('checked')"
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    done = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=Path(__file__).parent,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0 and "checked" in done.stdout, done.stderr[-3000:]
+    code = "import test_triton_kernels as t; t.check_kernels('cpu')"
+    check_in_fresh_process(Path(__file__).parent, code, {"TRITON_INTERPRET": "1"}, timeout=300)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled kernels need a GPU")

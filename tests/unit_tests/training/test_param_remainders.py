@@ -6,13 +6,12 @@ written from the halves resumes exactly."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.helpers import check_in_fresh_process
 
 pytestmark = pytest.mark.unit
 
@@ -146,19 +145,10 @@ def check_remainders(tmp: str) -> None:
 
 
 def test_remainders_train_as_fp32_main_weights_and_resume_exactly(tmp_path):
-    code = f"import test_param_remainders as t; t.check_remainders({str(tmp_path)!r}); print('checked')"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    if not torch.cuda.is_available():  # the CPU takes the GPU's Triton AdamW, interpreted
-        env["TRITON_INTERPRET"] = "1"
-    done = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=Path(__file__).parent,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0 and "checked" in done.stdout, done.stderr[-4000:]
+    # without a GPU, the CPU takes the GPU's Triton AdamW in Triton's interpreter
+    interpret = {} if torch.cuda.is_available() else {"TRITON_INTERPRET": "1"}
+    code = f"import test_param_remainders as t; t.check_remainders({str(tmp_path)!r})"
+    check_in_fresh_process(Path(__file__).parent, code, interpret, timeout=600)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU steps with the Triton AdamW")

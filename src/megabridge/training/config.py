@@ -52,8 +52,9 @@ class OptimizerConfig:
     use_distributed_optimizer: bool = option(False, "shard optimizer state over data parallel")
     store_param_remainders: bool = option(
         True,
-        "bf16 on a GPU: keep each fp32 main weight as its bf16 model weight plus a 16-bit "
-        "remainder (2 bytes a parameter less, the same fp32 values)",
+        "bf16 AdamW on a GPU: keep each fp32 main weight as its bf16 model weight plus a "
+        "16-bit remainder (2 bytes a parameter less, the same fp32 values; checkpoints hold "
+        "fp32 main weights as before); not with the distributed optimizer, whose fp32 shards stay",
     )
 
 

@@ -370,7 +370,8 @@ def main() -> None:
     )  # fmt: skip
     p.add_argument(
         "--recompute-swiglu", action="store_true",
-        help="also time megabridge with model.recompute_swiglu=true (less activation memory)",
+        help="also time megabridge with model.recompute_swiglu=true (required; the default "
+        "already recomputes where it applies: a --variant with =false times it off)",
     )  # fmt: skip
     p.add_argument(
         "--variant", action="append", default=[], metavar="LABEL:OVERRIDES",

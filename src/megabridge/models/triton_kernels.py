@@ -1,6 +1,8 @@
 """Fused GPU kernels written in Triton, where torch.compile's or aten's were measured slower:
-SwiGLU, rotate-half RoPE and RMSNorm, each forward and backward; and AdamW for bf16 training
-(the fp32 weight's update and its bf16 copy in one pass, training/optim.py uses it).
+SwiGLU, rotate-half RoPE and RMSNorm, each forward and backward; AdamW for bf16 training
+(the fp32 weight's update and its bf16 copy in one pass, or the fp32 weight held as the bf16
+one and a 16-bit remainder; training/optim.py uses it); and FP8's cast of a matrix and its
+transpose in one pass (models/fp8.py, tensorwise).
 
 Measured on the H200 (scripts/performance/NOTES.md, 2026-12-04; Llama 1.1B, micro-batch 16):
 - inductor's kernel for SwiGLU's backward (the gate's and the up projection's gradients
@@ -674,18 +676,18 @@ def split_halves(x: torch.Tensor, high: torch.Tensor, low: torch.Tensor) -> None
     bits = x.detach().float().contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
     rest = bits & 0xFFFF
     top = (bits >> 16) + (rest >= 0x8000)
-    high.copy_(_as_int16(top).view(torch.bfloat16).view(high.shape))
-    low.copy_(_as_int16(rest).view(low.shape))
+    high.copy_(_signed(top, torch.int16).view(torch.bfloat16).view(high.shape))
+    low.copy_(_signed(rest, torch.int16).view(low.shape))
 
 
 def join_halves(high: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
     """The fp32 tensor that ``split_halves`` wrote into ``high`` and ``low``."""
     rest = low.contiguous().to(torch.int64) & 0xFFFF
     top = (high.contiguous().view(torch.int16).to(torch.int64) & 0xFFFF) - (rest >= 0x8000).long()
-    bits = (top << 16) | rest
-    return torch.where(bits >= 2**31, bits - 2**32, bits).to(torch.int32).view(torch.float32)
+    return _signed((top << 16) | rest, torch.int32).view(torch.float32)
 
 
-def _as_int16(unsigned: torch.Tensor) -> torch.Tensor:
-    """Values in [0, 2^16) as the int16 with the same bits."""
-    return torch.where(unsigned >= 2**15, unsigned - 2**16, unsigned).to(torch.int16)
+def _signed(unsigned: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Values in [0, 2^bits) (int64) as the signed ``dtype`` (int16, int32) with the same bits."""
+    bits = torch.iinfo(dtype).bits
+    return torch.where(unsigned >= 2 ** (bits - 1), unsigned - 2**bits, unsigned).to(dtype)

@@ -123,7 +123,7 @@ def _use_fused_adam(optimizer) -> None:
     multi-kernel (foreach) path; switch its param groups to torch's fused kernel. On the GPU
     it is one kernel per step; the CPU has the same fused kernel, so CPU runs (the tests) take
     the GPU's optimizer path too, the token division and clipping inside it included."""
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+    for opt in inner_optimizers(optimizer):
         inner = getattr(opt, "optimizer", None)
         if isinstance(inner, torch.optim.AdamW):
             for group in inner.param_groups:
@@ -137,7 +137,7 @@ def _batch_main_to_model_copy(optimizer) -> None:
     casts through torch._foreach_copy_, in a few multi-tensor launches."""
     from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
 
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+    for opt in inner_optimizers(optimizer):
         if isinstance(opt, Float16OptimizerWithFloat16Params) and not opt.is_stub_optimizer:
             opt._copy_main_params_to_model_params = functools.partial(_copy_main_to_model, opt)
 
@@ -163,7 +163,7 @@ def _write_copies_in_adam(optimizer, remainders: bool = False) -> None:
     their bf16 model weights and 16-bit remainders (_keep_remainders)."""
     from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
 
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+    for opt in inner_optimizers(optimizer):
         if not (isinstance(opt, Float16OptimizerWithFloat16Params) and _fused_adamw(opt)):
             continue
         groups = opt.optimizer.param_groups
@@ -187,17 +187,9 @@ def _models_by_main(opt) -> dict[int, torch.Tensor]:
 
 
 def _adam_kernel_runs_on(p: torch.Tensor) -> bool:
-    return (
-        (p.is_cuda or _ADAM_KERNEL_ON_CPU)
-        and p.dtype == torch.float32
-        and p.is_contiguous()
-        and runs_on(p)
-    )
-
-
-# Tests set this in a process running Triton's interpreter (TRITON_INTERPRET=1): the CPU
-# then takes the GPU's Triton AdamW, so its remainders can be trained and checkpointed here.
-_ADAM_KERNEL_ON_CPU = False
+    """Where the Triton AdamW steps: CUDA (or, in a process running Triton's interpreter,
+    the CPU: the tests train and checkpoint its remainders there)."""
+    return p.dtype == torch.float32 and p.is_contiguous() and runs_on(p)
 
 
 def _step_writing_copies(opt, copies: dict, remainders: dict | None, closure=None) -> None:
@@ -250,7 +242,7 @@ def main_weights(optimizer) -> list[torch.Tensor]:
     """Copies of the fp32 main weights, in get_parameters() order; those held as halves
     (optimizer.store_param_remainders) put together."""
     weights = []
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+    for opt in inner_optimizers(optimizer):
         rems = getattr(opt, _REMAINDERS, {})
         models = _models_by_main(opt) if rems else {}
         for p in opt.get_parameters():
@@ -301,6 +293,11 @@ def _model_to_main_halves(opt, state_dict=None) -> None:
         raise NotImplementedError("main weights from a state dict (not supported yet, as upstream)")
     for rem in getattr(opt, _REMAINDERS).values():
         rem.zero_()
+
+
+def inner_optimizers(optimizer) -> list:
+    """The Megatron-Core optimizers inside ``optimizer``: a ChainedOptimizer's, or itself."""
+    return getattr(optimizer, "chained_optimizers", [optimizer])
 
 
 def build_scheduler(cfg: ConfigContainer, optimizer):
@@ -375,7 +372,7 @@ def step_if_finite(optimizer, grad_norm: float) -> bool:
     """
     if not math.isfinite(grad_norm):
         return False
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+    for opt in inner_optimizers(optimizer):
         if opt.config.clip_grad > 0.0:
             _clip_grads(opt.get_parameters(), opt.config.clip_grad, grad_norm)
     return bool(optimizer.step_with_ready_grads())
@@ -412,7 +409,7 @@ def step_deciding_on_device(
     # as the host's check of the mean loss: not finite, or no token in the batch
     skip = ~(torch.isfinite(norm) & torch.isfinite(loss_total[0]) & (loss_total[1] > 0))
     inners = []
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+    for opt in inner_optimizers(optimizer):
         factor = per_token
         if opt.config.clip_grad > 0.0:
             factor = factor * _clip_coeff(opt.config.clip_grad, norm).clamp(max=1.0)
@@ -441,7 +438,7 @@ def _grad_norm_squared(optimizer, device: torch.device) -> torch.Tensor:
     get_grad_stats_parallel_group as there. Upstream's get_grad_norm_fp32 ends by reading
     the value on the host; this is the same sum kept where the step's kernels read it."""
     total = None
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+    for opt in inner_optimizers(optimizer):
         grads = opt.get_main_grads_for_grad_norm()
         if grads:
             squared = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) ** 2
@@ -461,7 +458,7 @@ def _adam_divides(optimizer) -> bool:
     """Whether every optimizer inside is torch's fused AdamW (_use_fused_adam makes it so
     on the GPU and the CPU; not for another optimizer or a stub), which divides gradients by
     its ``grad_scale`` tensor in its own kernel."""
-    return all(_fused_adamw(opt) for opt in getattr(optimizer, "chained_optimizers", [optimizer]))
+    return all(_fused_adamw(opt) for opt in inner_optimizers(optimizer))
 
 
 def _fused_adamw(opt) -> bool:

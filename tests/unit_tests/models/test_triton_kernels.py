@@ -270,6 +270,20 @@ def check_cast_transpose(device: str) -> None:
                 torch.testing.assert_close(out, want, rtol=2**-22, atol=0)
 
 
+def test_cast_transpose_refuses_what_it_does_not_handle():
+    """Without a GPU (or Triton's interpreter), or for a strided or 3-D tensor: one line,
+    before any kernel runs (fp8.FP8Linear takes it on the GPU only, contiguous, 2-D)."""
+    from megabridge.models import fp8
+    from megabridge.models import triton_kernels as tk
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x = torch.randn(64, 32, device=device, dtype=torch.bfloat16)
+    cases = [x.t(), x.view(2, 32, 32)] + ([x] if device == "cpu" else [])
+    for case in cases:
+        with pytest.raises(NotImplementedError, match="not supported yet"):
+            tk.cast_transpose(case, fp8.amax(x, False), fp8.E4M3)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="FP8 GEMMs need a GPU")
 def test_fp8_linear_with_one_pass_casts_matches_the_separate_casts_on_cuda(monkeypatch):
     """Tensorwise FP8Linear on the GPU casts each operand and its transpose in one pass: the

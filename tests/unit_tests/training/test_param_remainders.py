@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from megabridge.training.optim import inner_optimizers
 from tests.helpers import check_in_fresh_process
 
 pytestmark = pytest.mark.unit
@@ -52,15 +53,11 @@ def _weights(s) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in s.model[0].named_parameters()}
 
 
-def _inner(optimizer) -> list:
-    return getattr(optimizer, "chained_optimizers", [optimizer])
-
-
 def _fp32_mains(optimizer) -> list[torch.Tensor]:
     from megabridge.training import optim
 
     mains = []
-    for opt in _inner(optimizer):
+    for opt in inner_optimizers(optimizer):
         if hasattr(opt, optim._REMAINDERS):
             mains += [t for group in optim._main_values(opt) for t in group]
         else:
@@ -69,7 +66,12 @@ def _fp32_mains(optimizer) -> list[torch.Tensor]:
 
 
 def _main_params(optimizer) -> list[torch.Tensor]:
-    return [p for opt in _inner(optimizer) for group in opt.fp32_from_float16_groups for p in group]
+    return [
+        p
+        for opt in inner_optimizers(optimizer)
+        for group in opt.fp32_from_float16_groups
+        for p in group
+    ]
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -85,7 +87,6 @@ def check_remainders(tmp: str) -> None:
     from megabridge.training import checkpointing, optim
 
     tmp = Path(tmp)
-    optim._ADAM_KERNEL_ON_CPU = True
     exact = not torch.cuda.is_available()
 
     def same(a: list, b: list) -> None:
@@ -105,9 +106,9 @@ def check_remainders(tmp: str) -> None:
     opt = halved.optimizer
     mains = _main_params(opt)
     assert mains and all(p.stride() == (0,) * p.dim() and p.isnan().all() for p in mains)
-    remainders = [r for o in _inner(opt) for r in getattr(o, optim._REMAINDERS).values()]
+    remainders = [r for o in inner_optimizers(opt) for r in getattr(o, optim._REMAINDERS).values()]
     assert sum(r.numel() for r in remainders) == sum(p.numel() for p in mains)
-    for o in _inner(plain.optimizer):  # the option off: the fp32 copies are kept
+    for o in inner_optimizers(plain.optimizer):  # the option off: the fp32 copies are kept
         assert not hasattr(o, optim._REMAINDERS)
     for a, b in zip(_fp32_mains(plain.optimizer), _fp32_mains(opt), strict=True):
         assert torch.equal(_bits(a), _bits(b))  # the same start
@@ -139,7 +140,7 @@ def check_remainders(tmp: str) -> None:
 
     # reload_model_params: the main weights become the model's bf16 values exactly
     again.optimizer.reload_model_params()
-    models = [p for o in _inner(again.optimizer) for g in o.float16_groups for p in g]
+    models = [p for o in inner_optimizers(again.optimizer) for g in o.float16_groups for p in g]
     for model, main in zip(models, _fp32_mains(again.optimizer), strict=True):
         assert torch.equal(_bits(main), _bits(model.detach().float()))
 
@@ -157,6 +158,15 @@ def test_without_a_triton_adamw_the_fp32_main_weights_stay(tmp_path, single_proc
     from megabridge.training import optim
 
     _, s = _setup(tmp_path, "cpu", remainders=True)
-    assert not any(hasattr(o, optim._REMAINDERS) for o in _inner(s.optimizer))
+    assert not any(hasattr(o, optim._REMAINDERS) for o in inner_optimizers(s.optimizer))
     mains = _main_params(s.optimizer)
     assert mains and all(p.is_contiguous() and p.isfinite().all() for p in mains)
+
+
+def test_main_weights_from_a_state_dict_are_refused_as_upstream_refuses_them():
+    """reload_model_params(state_dict) with remainders: upstream asserts it is not supported;
+    here it is refused in one line, before any remainder changes."""
+    from megabridge.training import optim
+
+    with pytest.raises(NotImplementedError, match="not supported yet"):
+        optim._model_to_main_halves(None, state_dict={})

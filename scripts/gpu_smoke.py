@@ -240,17 +240,20 @@ def packed_equals_padded(s: Smoke) -> str:
 
 @path
 def triton_kernels(s: Smoke) -> str:
-    """megabridge's Triton kernels (SwiGLU, RoPE, RMSNorm, AdamW: every bf16 training step of
-    the torch spec runs them; the FP8 cast-transpose of model.fp8=tensorwise) against the torch math (AdamW: torch's fused one), forward and
+    """megabridge's Triton kernels (SwiGLU, RoPE, RMSNorm with the residual add before it,
+    AdamW: every bf16 training step of the torch spec runs them; the FP8 cast-transpose of
+    model.fp8=tensorwise) against the torch math (AdamW: torch's fused one), forward and
     backward, compiled for this GPU."""
-    s.pytest("triton_kernels", "tests/unit_tests/models/test_triton_kernels.py", passed=(
+    s.pytest("triton_kernels", "tests/unit_tests/models/test_triton_kernels.py",
+             "tests/unit_tests/models/test_residual_norm.py", passed=(
         "test_the_kernels_match_the_torch_math_on_cuda",
+        "test_fused_adds_give_the_unfused_loss_and_gradients_bit_for_bit",
         "test_a_model_with_the_swiglu_module_trains_and_saves_like_megatron_s_swiglu",
         "test_attention_with_the_fused_qkv_rope_matches_megatron_s_split_on_cuda",
         "test_fp8_linear_with_one_pass_casts_matches_the_separate_casts_on_cuda"))  # fmt: skip
-    return ("SwiGLU, RoPE, the fused Q/K/V RoPE and RMSNorm forward and backward, AdamW with its "
-            "bf16 copies or remainders, and the FP8 cast-transpose match the torch math on CUDA; "
-            "a model with them matches Megatron's own modules")  # fmt: skip
+    return ("SwiGLU, RoPE, the fused Q/K/V RoPE, RMSNorm (with the residual add) forward and "
+            "backward, AdamW with its bf16 copies or remainders, and the FP8 cast-transpose match "
+            "the torch math on CUDA; a model with them matches Megatron's own modules")  # fmt: skip
 
 
 @path

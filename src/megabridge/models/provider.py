@@ -21,6 +21,7 @@ from megabridge.models import (
     cross_entropy,
     fp8,
     hooks,
+    residual_norm,
     rope,
     specs,
     torch_layers,
@@ -324,6 +325,8 @@ def build_model(cfg: ModelConfig, meta: bool = False) -> list[torch.nn.Module]:
         rope.apply_rope_scaling(model, cfg)
         vision.apply_interleaved_mrope(model, cfg)
         hooks.apply(model, cfg)
+        if residual_norm.applies(cfg):
+            residual_norm.fuse_residual_norms(model)
         if cfg.recompute_cross_entropy and getattr(model, "post_process", False):
             cross_entropy.install(model)
     if meta:

@@ -1,5 +1,6 @@
 """Fused GPU kernels written in Triton, where torch.compile's or aten's were measured slower:
-SwiGLU, rotate-half RoPE and RMSNorm, each forward and backward; AdamW for bf16 training
+SwiGLU, rotate-half RoPE and RMSNorm (alone, or with the residual add before it:
+models/residual_norm.py), each forward and backward; AdamW for bf16 training
 (the fp32 weight's update and its bf16 copy in one pass, or the fp32 weight held as the bf16
 one and a 16-bit remainder; training/optim.py uses it); and FP8's cast of a matrix and its
 transpose in one pass (models/fp8.py, tensorwise).
@@ -420,11 +421,21 @@ def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
 if triton is not None:
 
     @triton.jit
-    def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, h, eps, BLOCK: tl.constexpr):
+    def _rms_norm_kernel(
+        x_ptr, w_ptr, y_ptr, rstd_ptr, h, eps, add_ptr, sum_ptr, ADD: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):  # fmt: skip
+        # ADD: x is a residual add's first operand; the sum (rounded to x's dtype, as aten's
+        # add rounds it) is stored and normed.
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < h
         x = tl.load(x_ptr + row * h + cols, mask=mask, other=0.0).to(tl.float32)
+        if ADD:
+            x += tl.load(add_ptr + row * h + cols, mask=mask, other=0.0).to(tl.float32)
+            total = x.to(sum_ptr.dtype.element_ty)
+            tl.store(sum_ptr + row * h + cols, total, mask=mask)
+            x = total.to(tl.float32)
         rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / h + eps)
         w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
         tl.store(y_ptr + row * h + cols, (x * rstd * w).to(y_ptr.dtype.element_ty), mask=mask)
@@ -432,10 +443,12 @@ if triton is not None:
 
     @triton.jit
     def _rms_norm_grad_kernel(
-        grad_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_ptr, rows, h, rows_per_program,
-        BLOCK: tl.constexpr,
+        grad_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_ptr, rows, h, rows_per_program, add_ptr,
+        ADD: tl.constexpr, BLOCK: tl.constexpr,
     ):  # fmt: skip
         # A run of rows: each row's input gradient, and this run's sum of the weight's.
+        # ADD: the residual stream's other gradient is added to the input's, after rounding
+        # it to the stored dtype (what autograd's bf16 sum of the two would give).
         pid = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         mask = cols < h
@@ -450,7 +463,11 @@ if triton is not None:
             x_hat = x * rstd
             wg = w * g
             dx = (wg - x_hat * (tl.sum(wg * x_hat, axis=0) / h)) * rstd
-            tl.store(dx_ptr + at, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+            dx = dx.to(dx_ptr.dtype.element_ty)
+            if ADD:
+                other = tl.load(add_ptr + at, mask=mask, other=0.0).to(tl.float32)
+                dx = (dx.to(tl.float32) + other).to(dx_ptr.dtype.element_ty)
+            tl.store(dx_ptr + at, dx, mask=mask)
             dw += g * x_hat
         tl.store(dw_ptr + pid.to(tl.int64) * h + cols, dw, mask=mask)
 
@@ -458,32 +475,69 @@ if triton is not None:
 _RMS_NORM_MAX_BLOCK = 16384  # one row in one program's registers: hidden sizes up to 16k
 
 
+def _rms_norm_forward(x, weight, eps, add=None):
+    """(y, rstd, the normed input) for x [..., h]; with ``add``, x + add is normed and is the
+    third: a new contiguous tensor of x's shape (not a view: Megatron's layers pass it on)."""
+    h = x.shape[-1]
+    x2 = x.reshape(-1, h).contiguous()  # [rows, h]
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    rstd = torch.empty(x2.shape[0], dtype=torch.float32, device=x.device)
+    total = x2 if add is None else torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    other = x2 if add is None else add.reshape(-1, h).contiguous()
+    _rms_norm_kernel[(x2.shape[0],)](
+        x2, weight, y, rstd, h, eps, other, total, ADD=add is not None,
+        BLOCK=triton.next_power_of_2(h),
+    )  # fmt: skip
+    return y, rstd, total
+
+
+def _rms_norm_backward(grad, normed, weight, rstd, add=None):
+    """(the input's gradient, plus ``add`` where given; the weight's gradient)."""
+    h = normed.shape[-1]
+    normed = normed.reshape(-1, h)
+    rows = normed.shape[0]
+    programs = min(rows, _programs(normed.device))
+    dx = torch.empty(grad.shape, dtype=grad.dtype, device=grad.device)
+    dw = torch.empty(programs, h, dtype=torch.float32, device=normed.device)  # partial sums
+    grad2 = grad.reshape(-1, h).contiguous()
+    other = grad2 if add is None else add.reshape(-1, h).contiguous()
+    _rms_norm_grad_kernel[(programs,)](
+        grad2, normed, weight, rstd, dx, dw, rows, h, triton.cdiv(rows, programs), other,
+        ADD=add is not None, BLOCK=triton.next_power_of_2(h),
+    )  # fmt: skip
+    return dx, dw.sum(0).to(weight.dtype)
+
+
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps):
-        h = x.shape[-1]
-        x2 = x.reshape(-1, h).contiguous()  # [rows, h]
-        y = torch.empty_like(x2)
-        rstd = torch.empty(x2.shape[0], dtype=torch.float32, device=x.device)
-        _rms_norm_kernel[(x2.shape[0],)](
-            x2, weight, y, rstd, h, eps, BLOCK=triton.next_power_of_2(h)
-        )
-        ctx.save_for_backward(x2, weight, rstd)
-        return y.view(x.shape)
+        y, rstd, normed = _rms_norm_forward(x, weight, eps)
+        ctx.save_for_backward(normed, weight, rstd)
+        return y
 
     @staticmethod
     def backward(ctx, grad):
-        x2, weight, rstd = ctx.saved_tensors
-        rows, h = x2.shape
-        programs = min(rows, _programs(x2.device))
-        per = triton.cdiv(rows, programs)
-        dx = torch.empty_like(x2)
-        dw = torch.empty(programs, h, dtype=torch.float32, device=x2.device)  # partial sums
-        _rms_norm_grad_kernel[(programs,)](
-            grad.reshape(-1, h).contiguous(), x2, weight, rstd, dx, dw, rows, h, per,
-            BLOCK=triton.next_power_of_2(h),
-        )  # fmt: skip
-        return dx.view(grad.shape), dw.sum(0).to(weight.dtype), None
+        dx, dw = _rms_norm_backward(grad, *ctx.saved_tensors)
+        return dx, dw, None
+
+
+class _AddRMSNorm(torch.autograd.Function):
+    """(x + add, rms_norm(x + add)): the residual stream and the next sublayer's input."""
+
+    @staticmethod
+    def forward(ctx, x, add, weight, eps):
+        y, rstd, total = _rms_norm_forward(x, weight, eps, add)
+        ctx.save_for_backward(total, weight, rstd)
+        ctx.set_materialize_grads(False)
+        return total, y
+
+    @staticmethod
+    def backward(ctx, grad_total, grad_y):
+        if grad_y is None:  # only the sum was used
+            return grad_total, grad_total, None, None
+        total, weight, rstd = ctx.saved_tensors
+        dx, dw = _rms_norm_backward(grad_y, total, weight, rstd, grad_total)
+        return dx, dx, dw, None  # the sum's gradient, as aten's add gives it to both
 
 
 def _programs(device: torch.device) -> int:
@@ -496,9 +550,23 @@ def _programs(device: torch.device) -> int:
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm of x [..., h] with weight [h]: one kernel forward and one backward where
     Triton runs (h up to 16k), else aten's."""
-    if runs_on(x) and x.shape[-1] <= _RMS_NORM_MAX_BLOCK and weight.dtype == x.dtype:
+    if rms_norm_fits(x, weight):
         return _RMSNorm.apply(x, weight, eps)
     return rms_norm_torch(x, weight, eps)
+
+
+def rms_norm_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the RMSNorm kernels take x [..., h] and weight [h] here."""
+    return runs_on(x) and x.shape[-1] <= _RMS_NORM_MAX_BLOCK and weight.dtype == x.dtype
+
+
+def add_rms_norm(x: torch.Tensor, add: torch.Tensor, weight: torch.Tensor, eps: float):
+    """(x + add, rms_norm(x + add, weight)) in one kernel forward and one backward, where
+    rms_norm_fits(x, weight) and add is x's shape and dtype (the caller checks). The values
+    and both gradients are those of aten's add followed by rms_norm() bit for bit: the sum is
+    rounded to x's dtype before it is normed, and the input gradient to its dtype before the
+    sum's own gradient is added to it."""
+    return _AddRMSNorm.apply(x, add, weight, eps)
 
 
 # ---- AdamW on fp32 main weights, their bf16 copies written in the same pass ----------------

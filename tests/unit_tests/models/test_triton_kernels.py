@@ -1,5 +1,5 @@
 """megabridge's Triton kernels (models/triton_kernels.py: SwiGLU, RoPE, the fused Q/K/V split
-with RoPE, RMSNorm, AdamW with its bf16 copies or remainders, FP8 cast-transpose) against the torch math (or torch's fused
+with RoPE, RMSNorm with or without the residual add before it, AdamW with its bf16 copies or remainders, FP8 cast-transpose) against the torch math (or torch's fused
 AdamW) they replace,
 forward and backward: on the CPU through Triton's interpreter (a subprocess with
 TRITON_INTERPRET=1, which must be set before the kernels are defined), and on a GPU
@@ -143,6 +143,39 @@ def check_rms_norm(device: str, dtype: torch.dtype) -> None:
     _close(out, want, dtype)
     _close(dx, want_dx, dtype)
     _close(dw, want_dw, dtype)
+
+
+def check_add_rms_norm(device: str, dtype: torch.dtype) -> None:
+    """add_rms_norm against aten's add and the RMSNorm kernel: bit for bit where the two
+    round alike (fp32; bf16 on a GPU: the interpreter truncates its bf16 casts, aten's add
+    rounds to nearest), forward and backward, with the sum's gradient, the norm's, or both."""
+    from megabridge.models import triton_kernels as tk
+
+    gen = torch.Generator().manual_seed(4)
+    x = (torch.randn(3, 5, 300, generator=gen) * 2).to(device, dtype).requires_grad_()
+    add = torch.randn(3, 5, 300, generator=gen).to(device, dtype).requires_grad_()
+    w = (1 + torch.randn(300, generator=gen) / 4).to(device, dtype).requires_grad_()
+    grads = [torch.randn(3, 5, 300, generator=gen).to(device, dtype) for _ in range(2)]
+    total, y = tk.add_rms_norm(x, add, w, 1e-5)
+    want_total = x + add
+    want_y = tk.rms_norm(want_total, w, 1e-5)
+    exact = dtype == torch.float32 or device == "cuda"
+
+    def same(a, b) -> bool:
+        if exact:
+            return torch.equal(a, b)
+        _close(a, b, dtype)
+        return True
+
+    assert total.is_contiguous() and total._base is None and total.shape == x.shape
+    assert same(total, want_total) and same(y, want_y)
+    for used in ((0, 1), (1,), (0,)):  # both outputs, the norm's only (a final norm), the sum's
+        outs, want = [(total, y)[i] for i in used], [(want_total, want_y)[i] for i in used]
+        g = [grads[i] for i in used]
+        got = torch.autograd.grad(outs, (x, add, w), g, retain_graph=True, allow_unused=True)
+        ref = torch.autograd.grad(want, (x, add, w), g, retain_graph=True, allow_unused=True)
+        for a, b in zip(got, ref, strict=True):
+            assert (a is None and b is None) or same(a, b)
 
 
 def check_adamw(device: str) -> None:
@@ -352,6 +385,7 @@ def check_kernels(device: str) -> None:
         check_rope(device, dtype)
         check_qkv_rope(device, dtype)
         check_rms_norm(device, dtype)
+        check_add_rms_norm(device, dtype)
     check_adamw(device)
     check_adamw_remainders(device)
     check_cast_transpose(device)

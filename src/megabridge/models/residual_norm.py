@@ -10,9 +10,10 @@ where autograd summed the two gradients in a kernel of its own. The norm, called
 that very sum, returns what was computed (RMSNorm.computed). Per add, three reads or writes
 of an activation [tokens, hidden] and two kernel launches fewer.
 
-Values and gradients are the unfused path's bit for bit. At call time the add is Megatron's
-own wherever the fused one does not apply: a bias or dropout, operands of another shape or
-dtype, no Triton (CPU runs: exact conversion numerics). Not wired where norms are recomputed
+Values and gradients are the unfused path's bit for bit in bf16 (triton_kernels.add_rms_norm
+says where fp32 may differ by a rounding). At call time the add is Megatron's own wherever
+the fused one does not apply: a bias or dropout, operands of another shape or dtype, no
+Triton (CPU runs: exact conversion numerics). Not wired where norms are recomputed
 (model.recompute_granularity=full, "layernorm" in recompute_modules) or where layers are
 compiled (inductor fuses the add itself), nor around post-norms or residual multipliers.
 """

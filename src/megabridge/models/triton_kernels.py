@@ -565,7 +565,8 @@ def add_rms_norm(x: torch.Tensor, add: torch.Tensor, weight: torch.Tensor, eps: 
     rms_norm_fits(x, weight) and add is x's shape and dtype (the caller checks). The values
     and both gradients are those of aten's add followed by rms_norm() bit for bit: the sum is
     rounded to x's dtype before it is normed, and the input gradient to its dtype before the
-    sum's own gradient is added to it."""
+    sum's own gradient is added to it. (In fp32 on a GPU the compiler may fuse that gradient's
+    last multiply with the add: one rounding fewer. bf16 and fp16 round in between.)"""
     return _AddRMSNorm.apply(x, add, weight, eps)
 
 

@@ -146,9 +146,11 @@ def check_rms_norm(device: str, dtype: torch.dtype) -> None:
 
 
 def check_add_rms_norm(device: str, dtype: torch.dtype) -> None:
-    """add_rms_norm against aten's add and the RMSNorm kernel: bit for bit where the two
-    round alike (fp32; bf16 on a GPU: the interpreter truncates its bf16 casts, aten's add
-    rounds to nearest), forward and backward, with the sum's gradient, the norm's, or both."""
+    """add_rms_norm against aten's add and the RMSNorm kernel, forward and backward, with the
+    sum's gradient, the norm's, or both: bit for bit where the two round alike. Not bf16 in
+    the interpreter, whose bf16 casts truncate where aten's add rounds to nearest; not fp32
+    gradients on a GPU, where the compiler may fuse the norm gradient's last multiply with
+    the add into one FMA (one rounding fewer; bf16's rounding in between rules that out)."""
     from megabridge.models import triton_kernels as tk
 
     gen = torch.Generator().manual_seed(4)
@@ -161,7 +163,7 @@ def check_add_rms_norm(device: str, dtype: torch.dtype) -> None:
     want_y = tk.rms_norm(want_total, w, 1e-5)
     exact = dtype == torch.float32 or device == "cuda"
 
-    def same(a, b) -> bool:
+    def same(a, b, exact=exact) -> bool:
         if exact:
             return torch.equal(a, b)
         _close(a, b, dtype)
@@ -174,8 +176,9 @@ def check_add_rms_norm(device: str, dtype: torch.dtype) -> None:
         g = [grads[i] for i in used]
         got = torch.autograd.grad(outs, (x, add, w), g, retain_graph=True, allow_unused=True)
         ref = torch.autograd.grad(want, (x, add, w), g, retain_graph=True, allow_unused=True)
+        fma = device == "cuda" and dtype == torch.float32 and len(used) == 2
         for a, b in zip(got, ref, strict=True):
-            assert (a is None and b is None) or same(a, b)
+            assert (a is None and b is None) or same(a, b, exact=exact and not fma)
 
 
 def check_adamw(device: str) -> None:

@@ -1,9 +1,9 @@
 """models/residual_norm.py: each residual add and the RMSNorm after it as one Triton kernel.
 
 A model with the fused adds against the same model with Megatron's adds and separate norms:
-the loss and every gradient bit for bit, where Triton runs (the CPU through Triton's
-interpreter in a process of its own, in fp32; a GPU in bf16, scripts/gpu_smoke.sh). Where
-the fused add does not apply, Megatron's add runs unchanged."""
+the loss and every gradient bit for bit where Triton runs (the CPU through Triton's
+interpreter in a process of its own; a GPU, scripts/gpu_smoke.sh, to fp32 rounding for the
+gradients), in fp32. Where the fused add does not apply, Megatron's add runs unchanged."""
 
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ def check_model() -> None:
     runtime.init_model_parallel(1, 1)
     runtime.seed_everything(1234)
     cuda = torch.cuda.is_available()
-    cfg = _config(bf16=cuda)
+    cfg = _config()  # fp32: bf16's rounding is the kernel test's (test_triton_kernels.py)
     loss, grads, calls = _loss_and_grads(cfg, fused=False)
     fused_loss, fused_grads, fused_calls = _loss_and_grads(cfg, fused=True)
     # every add (the one before the final norm too) fused; the first layer's input norm alone
@@ -83,8 +83,9 @@ def check_model() -> None:
     assert fused_calls == {"add_rms_norm": 2 * cfg.num_layers, "rms_norm": 1}
     assert torch.equal(fused_loss, loss)
     for name, grad in grads.items():
-        if cuda:  # the GPU's attention backward accumulates with atomics: not bit for bit
-            torch.testing.assert_close(fused_grads[name], grad, rtol=2e-2, atol=1e-5)
+        if cuda:  # the GPU's attention backward accumulates with atomics, and an FMA may
+            # fuse the norm gradient's last multiply with the add in fp32: not bit for bit
+            torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
         else:
             assert torch.equal(fused_grads[name], grad), name
 

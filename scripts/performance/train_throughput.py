@@ -12,6 +12,10 @@ counted as Megatron-Core's num_floating_point_operations counts them (causal att
 gated MLP, logits layer) for every stack; MFU is against 989 TFLOP/s (H100 / H200 dense
 bf16 peak, also for FP8 rows) and against ``--ceiling`` (the matmul rate measured on the
 machine). Peak GiB is torch's max_memory_allocated during that stack's run.
+
+``--rounds N`` times every stack N times in one process, round after round, and prints each
+round's same-run ratios with their median: the GPU machines lent one call after another
+differ by 1-2% (their GEMM rates do), more than some changes are worth.
 """
 
 from __future__ import annotations
@@ -335,17 +339,36 @@ def _row(r: dict) -> str:
             f"{r['tflops_per_gpu']:8.1f} {r['mfu_989']:8.1%} {r['mfu_ceiling']:8.1%} {r['peak_mem_gib']:8.1f}")  # fmt: skip
 
 
+def ratios(results: list[dict]) -> dict[tuple[str, str, int], list[float]]:
+    """{(megabridge row, other stack, micro-batch): its tokens/s over the other's, one ratio per
+    round in which both ran}. Rows without a round are round 0."""
+    ok = {
+        (r["impl"], r["micro_batch"], r.get("round", 0)): r["tokens_per_s"]
+        for r in results
+        if "tokens_per_s" in r
+    }
+    out: dict[tuple[str, str, int], list[float]] = {}
+    for (ours, mbs, rnd), rate in sorted(ok.items()):
+        if not ours.startswith("megabridge"):
+            continue
+        for other in sorted({i for i, _, _ in ok if i != ours}):
+            if (other, mbs, rnd) in ok:
+                out.setdefault((ours, other, mbs), []).append(rate / ok[other, mbs, rnd])
+    return out
+
+
 def _print_ratios(results: list[dict]) -> None:
-    """megabridge's tokens/s over each other stack's, micro-batch by micro-batch."""
-    ok = {(r["impl"], r["micro_batch"]): r["tokens_per_s"] for r in results if "tokens_per_s" in r}
-    for ours in sorted({i for i, _ in ok if i.startswith("megabridge")}):
-        for other in sorted({i for i, _ in ok if i != ours}):
-            pairs = [
-                (m, ok[ours, m] / ok[other, m]) for i, m in ok if i == ours and (other, m) in ok
-            ]
-            if pairs:
-                text = ", ".join(f"mbs {m}: {x:.2f}x" for m, x in sorted(pairs))
-                print(f"{ours} / {other}: {text}")
+    """megabridge's tokens/s over each other stack's, micro-batch by micro-batch: with several
+    rounds, each round's ratio (same-run pairs) and their median."""
+    by_pair: dict[tuple[str, str], list[str]] = {}
+    for (ours, other, mbs), values in ratios(results).items():
+        text = f"mbs {mbs}: {values[0]:.3f}x"
+        if len(values) > 1:
+            each = ", ".join(f"{v:.3f}" for v in values)
+            text = f"mbs {mbs}: {statistics.median(values):.3f}x (median of {each})"
+        by_pair.setdefault((ours, other), []).append(text)
+    for (ours, other), texts in by_pair.items():
+        print(f"{ours} / {other}: {'; '.join(texts)}")
 
 
 def main() -> None:
@@ -383,19 +406,33 @@ def main() -> None:
         action="store_true",
         help="print two steps' top CUDA kernels and GPU time by kind, for every stack",
     )
+    p.add_argument(
+        "--rounds", type=int, default=1,
+        help="time every stack this many times, one round after another (each round runs all "
+        "stacks), and print each round's ratios and their median: two calls' machines differ "
+        "by more than 1%%, rounds in one process share the machine",
+    )  # fmt: skip
     p.add_argument("--json-out", help="write all results here")
     p.add_argument("overrides", nargs="*", help="section.field=value")
     args = p.parse_args()
+    if args.rounds < 1:
+        sys.exit("--rounds: expected 1 or more")
+    if args.rounds > 1 and "hf" in args.compare.split(","):
+        sys.exit("--rounds with hf: Liger's patches to transformers stay in the process, so a "
+                 "later round's plain HF would be HF + Liger; time hf in a run of its own")  # fmt: skip
     stacks = _stacks(args)
     if not torch.cuda.is_available():
         sys.exit("train_throughput.py needs a GPU")
     quiet_expected_warnings()
     setup_logging()
     results = []
-    for name, fn in stacks:
-        for mbs in args.mbs:
-            results.append(_guarded(name, fn, args, mbs))
-            print("result:", _row(results[-1]), flush=True)  # kept even if a later one is cut off
+    for rnd in range(args.rounds):
+        for name, fn in stacks:
+            for mbs in args.mbs:
+                results.append({**_guarded(name, fn, args, mbs), "round": rnd})
+                # printed now: kept even if a later row is cut off
+                label = "result:" if args.rounds == 1 else f"result (round {rnd + 1}):"
+                print(label, _row(results[-1]), flush=True)
     print(
         f"\n{torch.cuda.get_device_name()} | seq {args.seq} | recipe {args.recipe} {' '.join(args.overrides)}"
     )
@@ -405,6 +442,8 @@ def main() -> None:
     print(f"{'impl':26s} {'mbs':>3s} {'step ms':>8s} {'tokens/s':>10s} {'TFLOP/s':>8s} {'MFU/989':>8s} "
           f"{'MFU/ceil':>8s} {'peak GiB':>8s}")  # fmt: skip
     for r in results:
+        if args.rounds > 1 and r is next(x for x in results if x["round"] == r["round"]):
+            print(f"round {r['round'] + 1}")
         print(_row(r))
     _print_ratios(results)
     if args.json_out:

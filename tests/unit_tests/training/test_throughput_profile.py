@@ -72,3 +72,35 @@ def test_top_keeps_the_costliest_pairs(throughput):
 )  # fmt: skip
 def test_kernel_names_are_shortened(throughput, name, short):
     assert throughput._short_kernel_name(name) == short
+
+
+def test_ratios_pair_rows_of_the_same_round_and_micro_batch(throughput):
+    rows = [
+        {"impl": "megabridge", "micro_batch": 16, "tokens_per_s": 110.0, "round": 0},
+        {"impl": "hf-liger", "micro_batch": 16, "tokens_per_s": 100.0, "round": 0},
+        {"impl": "megabridge", "micro_batch": 16, "tokens_per_s": 99.0, "round": 1},
+        {"impl": "hf-liger", "micro_batch": 16, "tokens_per_s": 90.0, "round": 1},
+        {"impl": "megabridge", "micro_batch": 8, "tokens_per_s": 80.0, "round": 1},  # no pair
+        {"impl": "hf-liger", "micro_batch": 8, "oom": True, "round": 1},
+        {"impl": "megabridge", "micro_batch": 16, "tokens_per_s": 50.0, "round": 2},
+    ]
+    assert throughput.ratios(rows) == {
+        ("megabridge", "hf-liger", 16): [pytest.approx(1.1), pytest.approx(1.1)]
+    }
+    # rows from before rounds existed (no "round") pair as one round
+    single = [{k: v for k, v in r.items() if k != "round"} for r in rows[:2]]
+    assert throughput.ratios(single) == {("megabridge", "hf-liger", 16): [pytest.approx(1.1)]}
+
+
+def test_ratios_print_each_round_and_the_median(throughput, capsys):
+    rows = [
+        {"impl": "megabridge", "micro_batch": 16, "tokens_per_s": rate, "round": i}
+        for i, rate in enumerate((113.0, 116.0, 114.0))
+    ] + [
+        {"impl": "torchtitan", "micro_batch": 16, "tokens_per_s": 100.0, "round": i}
+        for i in range(3)
+    ]
+    throughput._print_ratios(rows)
+    assert capsys.readouterr().out.strip() == (
+        "megabridge / torchtitan: mbs 16: 1.140x (median of 1.130, 1.160, 1.140)"
+    )

@@ -75,19 +75,24 @@ def check_model() -> None:
     runtime.init_model_parallel(1, 1)
     runtime.seed_everything(1234)
     cuda = torch.cuda.is_available()
-    cfg = _config()  # fp32: bf16's rounding is the kernel test's (test_triton_kernels.py)
-    loss, grads, calls = _loss_and_grads(cfg, fused=False)
-    fused_loss, fused_grads, fused_calls = _loss_and_grads(cfg, fused=True)
-    # every add (the one before the final norm too) fused; the first layer's input norm alone
-    assert calls == {"add_rms_norm": 0, "rms_norm": 2 * cfg.num_layers + 1}
-    assert fused_calls == {"add_rms_norm": 2 * cfg.num_layers, "rms_norm": 1}
-    assert torch.equal(fused_loss, loss)
-    for name, grad in grads.items():
-        if cuda:  # the GPU's attention backward accumulates with atomics, and an FMA may
-            # fuse the norm gradient's last multiply with the add in fp32: not bit for bit
-            torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
-        else:
-            assert torch.equal(fused_grads[name], grad), name
+    # fp32: bf16's rounding is the kernel test's (test_triton_kernels.py). Dense, MoE, and
+    # with per-head q / k RMSNorms (not wired: no add before them).
+    moe = dict(num_moe_experts=4, moe_router_topk=2, moe_ffn_hidden_size=32)
+    for fields, qk_norms in (({}, 0), (moe, 0), ({"qk_layernorm": True}, 6)):
+        cfg = _config(**fields)
+        loss, grads, calls = _loss_and_grads(cfg, fused=False)
+        fused_loss, fused_grads, fused_calls = _loss_and_grads(cfg, fused=True)
+        # every add (the one before the final norm too) fused; the first input norm alone
+        adds = 2 * cfg.num_layers
+        assert calls == {"add_rms_norm": 0, "rms_norm": adds + 1 + qk_norms}, fields
+        assert fused_calls == {"add_rms_norm": adds, "rms_norm": 1 + qk_norms}, fields
+        assert torch.equal(fused_loss, loss), fields
+        for name, grad in grads.items():
+            if cuda:  # the GPU's attention backward accumulates with atomics, and an FMA may
+                # fuse the norm gradient's last multiply with the add in fp32
+                torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-6)
+            else:
+                assert torch.equal(fused_grads[name], grad), (fields, name)
 
 
 def test_fused_adds_give_the_unfused_loss_and_gradients_bit_for_bit():

@@ -15,6 +15,9 @@ rates after its first 10 steps, which compile). Exit code 1 if a variant strays 
 ``--tolerance`` (default 1%) or does not run (each run is reported). ``--run-limit S``
 stops a run after S seconds and compares it as far as it got (said so in the table), so
 that one call of a time-limited machine still prints every run's numbers.
+``--seeds 1234,4321,99`` runs each of them once per seed and compares the step-by-step means
+(a second bf16 seed alone strayed up to 8% in 20-step blocks at 16k tokens a step: the
+blocks' losses depend on which files they hold); ``--global-batch`` accumulates micro-batches.
 ``--measure-compiled-fp8`` lets ``model.compile_layers=true`` run with ``model.fp8``, which
 users are refused until this curve and tests/unit_tests/models/test_fp8_gradients.py on a GPU
 show it right.
@@ -106,6 +109,12 @@ def tokens_per_s(log_dir: Path, skip: int = 10) -> float | None:
     return rates[len(rates) // 2] if rates else None
 
 
+def mean_curve(curves: list[dict[int, float]]) -> dict[int, float]:
+    """The step-by-step mean of several runs' losses, at the steps every run logged."""
+    steps = set.intersection(*(set(c) for c in curves)) if curves else set()
+    return {s: sum(c[s] for c in curves) / len(curves) for s in sorted(steps)}
+
+
 def block_means(curve: dict[int, float]) -> dict[int, float]:
     """{first step of each full block of WINDOW steps: the block's mean loss}."""
     blocks: dict[int, list[float]] = {}
@@ -152,6 +161,12 @@ def main() -> int:
     p.add_argument("--vocab", type=int, default=32768)
     p.add_argument("--corpus-mb", type=float, default=40.0, help="text taken from the stdlib")
     p.add_argument("--tolerance", type=float, default=0.01)
+    p.add_argument(
+        "--seeds", type=lambda text: [int(v) for v in text.split(",")],
+        help="comma-separated rng.seed values: every run (bf16 and each variant) once per seed, "
+        "and each run's curve the step-by-step mean over its seeds (weights and data order "
+        "change with the seed; the mean is steadier than one run)",
+    )  # fmt: skip
     p.add_argument("--run-limit", type=float, help="seconds per training run (then compared "
                    "as far as it got)")  # fmt: skip
     p.add_argument("--variant", action="append", default=[], metavar="LABEL:OVERRIDES")
@@ -186,27 +201,37 @@ def main() -> int:
     for text in args.variant:
         label, _, overrides = text.partition(":")
         runs[label] = overrides.split(",")
+    seeds = args.seeds or [None]  # None: the recipe's own seed
     curves, rates, failed_runs, cut = {}, {}, [], set()
     for label, overrides in runs.items():
-        run = out / "runs" / label
-        try:
-            megabridge("train", "--recipe", args.recipe, *common, f"checkpoint.save={run / 'ckpt'}",
-                       f"logger.log_dir={run / 'logs'}", *overrides,
-                       compiled_fp8=args.measure_compiled_fp8, limit=args.run_limit)  # fmt: skip
-        except subprocess.CalledProcessError as e:  # refused (exit 2) or crashed: report, go on
-            failed_runs.append(f"{label}: megabridge train exited with {e.returncode}")
-            continue
-        except subprocess.TimeoutExpired:
-            cut.add(label)
-        curves[label] = losses(run / "logs")
-        rates[label] = tokens_per_s(run / "logs")
-        if not curves[label]:
-            failed_runs.append(f"{label}: no step logged within --run-limit")
-            del curves[label]
+        seed_curves, seed_rates = [], []
+        for seed in seeds:
+            name = label if seed is None else f"{label}-seed{seed}"
+            run = out / "runs" / name
+            seeded = [] if seed is None else [f"rng.seed={seed}"]
+            try:
+                megabridge("train", "--recipe", args.recipe, *common, *seeded,
+                           f"checkpoint.save={run / 'ckpt'}", f"logger.log_dir={run / 'logs'}",
+                           *overrides, compiled_fp8=args.measure_compiled_fp8,
+                           limit=args.run_limit)  # fmt: skip
+            except subprocess.CalledProcessError as e:  # refused (exit 2) or crashed: go on
+                failed_runs.append(f"{name}: megabridge train exited with {e.returncode}")
+                continue
+            except subprocess.TimeoutExpired:
+                cut.add(label)
+            if curve := losses(run / "logs"):
+                seed_curves.append(curve)
+                seed_rates.append(tokens_per_s(run / "logs"))
+            else:
+                failed_runs.append(f"{name}: no step logged within --run-limit")
+        if len(seed_curves) == len(seeds):  # a label with a failed seed is not averaged
+            curves[label] = mean_curve(seed_curves)
+            known = [r for r in seed_rates if r is not None]
+            rates[label] = sum(known) / len(known) if known else None
     start = min(args.iters // 5, 50)  # past the warm-up's steepest part
     print(
         f"\nloss, {args.recipe}, {args.iters} steps of {global_batch} x {args.seq} tokens of "
-        "stdlib source"
+        "stdlib source" + (f", each run the mean over seeds {args.seeds}" if args.seeds else "")
     )
     print(f"{'run':24s} {'first':>8s} {'last 20':>8s} {'worst rel diff of 20-step means':>34s}")
     failed = False
@@ -222,7 +247,7 @@ def main() -> int:
             else:
                 failed |= worst > args.tolerance
                 line += f" {worst:14.2%} at step {step}"
-        if label in cut:
+        if label in cut:  # with seeds: the steps every seed's run reached
             failed, line = True, line + f"   (stopped by --run-limit at step {max(curve)})"
         print(line)
     print("\n20-step mean losses (steps), and tokens/s (median after step 10)")

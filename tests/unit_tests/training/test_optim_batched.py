@@ -97,9 +97,11 @@ def test_token_division_and_clipping_inside_fused_adamw_match_the_separate_passe
     for a, b, start in zip(inside[2], separate[2], separate[4], strict=True):
         assert _relative_difference(a - start, b - start) < 2e-2
     # Adam's update barely sees a gradient's scale; its moments show the division and the
-    # clipping (a missing 1/512 or clip coefficient is off by orders of magnitude)
+    # clipping (a missing 1/512 is off by orders of magnitude, a missing clip coefficient, 0.05
+    # against norms near 0.55, ten times). The two paths' bf16 roundings differ with the CPU's
+    # kernels: 1.08e-3 on one 2-core machine (2026-12-04), under 1e-3 on CI's before.
     for a, b in zip(inside[3], separate[3], strict=True):
-        assert _relative_difference(a, b) < 1e-3
+        assert _relative_difference(a, b) < 1e-2
 
 
 def _relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -98,3 +98,14 @@ def check_in_fresh_process(folder: Path, code: str, env: dict[str, str], timeout
         timeout=timeout,
     )
     assert done.returncode == 0 and "checked" in done.stdout, done.stderr[-4000:]
+
+
+def performance_script(name: str):
+    """scripts/performance/<name>.py imported as a module (its functions, not its main)."""
+    import importlib.util
+
+    path = REPO / "scripts" / "performance" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

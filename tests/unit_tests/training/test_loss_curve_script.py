@@ -1,22 +1,16 @@
 """The curve arithmetic of scripts/performance/fp8_loss_curve.py (its runs need a GPU): the
 mean over seeds, the 20-step blocks and the comparison against bf16."""
 
-import importlib.util
-
 import pytest
 
-from tests.helpers import REPO
+from tests.helpers import performance_script
 
 pytestmark = pytest.mark.unit
 
 
 @pytest.fixture(scope="module")
 def curves():
-    path = REPO / "scripts" / "performance" / "fp8_loss_curve.py"
-    spec = importlib.util.spec_from_file_location("fp8_loss_curve", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return performance_script("fp8_loss_curve")
 
 
 def test_the_mean_over_seeds_is_taken_at_the_steps_every_run_logged(curves):

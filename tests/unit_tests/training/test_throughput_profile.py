@@ -1,22 +1,16 @@
-"""The GPU idle-gap analysis of scripts/performance/train_throughput.py --profile, on
-hand-made timelines (the profiler itself needs a GPU)."""
-
-import importlib.util
+"""scripts/performance/train_throughput.py's arithmetic on hand-made inputs (its runs need a
+GPU): the idle-gap analysis of --profile, and the same-round ratios of --rounds."""
 
 import pytest
 
-from tests.helpers import REPO
+from tests.helpers import performance_script
 
 pytestmark = pytest.mark.unit
 
 
 @pytest.fixture(scope="module")
 def throughput():
-    path = REPO / "scripts" / "performance" / "train_throughput.py"
-    spec = importlib.util.spec_from_file_location("train_throughput", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return performance_script("train_throughput")
 
 
 def test_gaps_are_summed_and_grouped_by_the_ops_around_them(throughput):

@@ -441,9 +441,11 @@ def main() -> None:
     )
     print(f"{'impl':26s} {'mbs':>3s} {'step ms':>8s} {'tokens/s':>10s} {'TFLOP/s':>8s} {'MFU/989':>8s} "
           f"{'MFU/ceil':>8s} {'peak GiB':>8s}")  # fmt: skip
+    shown_round = None
     for r in results:
-        if args.rounds > 1 and r is next(x for x in results if x["round"] == r["round"]):
-            print(f"round {r['round'] + 1}")
+        if args.rounds > 1 and r["round"] != shown_round:
+            shown_round = r["round"]
+            print(f"round {shown_round + 1}")
         print(_row(r))
     _print_ratios(results)
     if args.json_out:

@@ -42,7 +42,9 @@ def test_quick_run_trains_logs_and_checkpoints(tmp_path):
 
 @pytest.mark.parametrize("layout", ["tp2", "pp2"])
 def test_parallel_losses_equal_single_process(tmp_path, layout):
-    base = [*QUICK, "train.train_iters=4", *LLAMA_LIKE, "checkpoint.save_interval=None"]
+    # no checkpoint at all (nothing here resumes): checkpoint.save_at_end=false checked too
+    base = [*QUICK, "train.train_iters=4", *LLAMA_LIKE, "checkpoint.save_interval=None",
+            "checkpoint.save_at_end=false"]  # fmt: skip
     train(
         1,
         RECIPE,
@@ -67,6 +69,8 @@ def test_parallel_losses_equal_single_process(tmp_path, layout):
     for it in ref:
         assert got[it] == pytest.approx(ref[it], rel=1e-4), (it, ref, got)
     assert ref[4] < ref[1]
+    for save in ("c1", "c2"):
+        assert not list((tmp_path / save).glob("*iter_*")), save
 
 
 @pytest.mark.parametrize("layout", ["tp1", "pp2"])

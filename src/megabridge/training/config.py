@@ -111,7 +111,12 @@ class LoggerConfig:
 class CheckpointConfig:
     save: str | None = option(None, "checkpoint folder (None: <run dir>/checkpoints)")
     load: str | None = option(None, "resume from this folder's latest complete checkpoint")
-    save_interval: int | None = option(None, "save every N iterations (always at the end)")
+    save_interval: int | None = option(None, "save every N iterations (and at the end)")
+    save_at_end: bool = option(
+        True,
+        "save when training ends (false: only every save_interval, or never without one: for "
+        "benchmarks and throwaway runs; a stop by signal or time limit still saves)",
+    )
     keep_last_n: int | None = option(None, "keep only the N newest checkpoints")
     pretrained_checkpoint: str | None = option(
         None, "start from these weights: an HF model folder or a Megatron checkpoint"

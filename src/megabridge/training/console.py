@@ -112,10 +112,16 @@ def summary(cfg: ConfigContainer, params: tuple[int, int], save_dir: Path, log_d
         rows.append(("from", cfg.checkpoint.pretrained_checkpoint))
     if cfg.checkpoint.load:
         rows.append(("resume", cfg.checkpoint.load))
-    every = cfg.checkpoint.save_interval
-    rows.append(("checkpoints", f"{save_dir} ({f'every {every} and ' if every else ''}at the end)"))
+    rows.append(("checkpoints", f"{save_dir} ({_when_saved(cfg.checkpoint)})"))
     rows.append(("logs", f"{log_dir} (metrics.jsonl, config.json)"))
     return rows
+
+
+def _when_saved(ckpt) -> str:
+    every = f"every {ckpt.save_interval}" if ckpt.save_interval else ""
+    if ckpt.save_at_end:
+        return f"{every} and at the end" if every else "at the end"
+    return every or "none: checkpoint.save_at_end=false and no save_interval"
 
 
 def non_defaults(cfg: ConfigContainer) -> list[tuple[str, str]]:

@@ -118,7 +118,8 @@ def _loop(s: Session, writer: MetricsWriter, signals: ExitSignalHandler, start: 
         if reason:
             _exit_early(s, reason)
             return
-    save(s)
+    if cfg.checkpoint.save_at_end:
+        save(s)
 
 
 def _every(interval: int | None, iteration: int) -> bool:

@@ -30,6 +30,12 @@ def test_summary_rows():
     assert rows["batch"] == "8 sequences = micro 4 x 2 accumulation x DP 1"
     assert rows["sequence"].startswith("128 tokens")
     assert rows["checkpoints"] == "runs/x/ck (every 5 and at the end)"
+    apply_overrides(cfg, ["checkpoint.save_at_end=false"])
+    rows = dict(console.summary(cfg, (1, 1), "ck", "l"))
+    assert rows["checkpoints"] == "ck (every 5)"
+    apply_overrides(cfg, ["checkpoint.save_interval=None"])
+    rows = dict(console.summary(cfg, (1, 1), "ck", "l"))
+    assert rows["checkpoints"].startswith("ck (none: checkpoint.save_at_end=false")
     lora = dict(console.summary(cfg, (1_000_000, 2_000), "c", "l"))["model"]
     assert "2K trainable" in lora
 

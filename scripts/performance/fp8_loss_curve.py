@@ -18,6 +18,11 @@ that one call of a time-limited machine still prints every run's numbers.
 ``--seeds 1234,4321,99`` runs each of them once per seed and compares the step-by-step means
 (a second bf16 seed alone strayed up to 8% in 20-step blocks at 16k tokens a step: the
 blocks' losses depend on which files they hold); ``--global-batch`` accumulates micro-batches.
+The runs save no checkpoint (``checkpoint.save_at_end=false``: a 1.1B model's with its
+optimizer is 13 GB, longer to write than 300 steps take). ``--report-only`` prints the
+tables again from the runs already in ``--out`` (same labels and seeds) without training.
+``--variant bf16-again:`` (no overrides) runs bf16 a second time: whether two runs of the same
+seed and data drift apart on this GPU, the yardstick for any variant's difference.
 ``--measure-compiled-fp8`` lets ``model.compile_layers=true`` run with ``model.fp8``, which
 users are refused until this curve and tests/unit_tests/models/test_fp8_gradients.py on a GPU
 show it right.
@@ -28,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -176,12 +182,29 @@ def main() -> int:
         help="let model.compile_layers=true run with model.fp8 (refused for users until this "
         "curve and the GPU gradient tests show it right)",
     )
+    p.add_argument("--report-only", action="store_true", help="train nothing: compare the runs "
+                   "already in --out/runs (the same --variant and --seeds)")  # fmt: skip
     p.add_argument("overrides", nargs="*", help="section.field=value for every run")
     args = p.parse_args()
     global_batch = args.global_batch or args.mbs
     if global_batch % args.mbs:
         sys.exit(f"--global-batch {global_batch} is not a multiple of --mbs {args.mbs}")
     out = Path(args.out)
+    runs = {"bf16": []}
+    for text in args.variant:
+        label, _, overrides = text.partition(":")
+        runs[label] = overrides.split(",") if overrides else []  # "again:": bf16 once more
+    seeds = args.seeds or [None]  # None: the recipe's own seed
+    failed_runs = [] if args.report_only else train_all(args, out, runs, seeds, global_batch)
+    return report(args, out, runs, seeds, global_batch, failed_runs)
+
+
+def run_name(label: str, seed: int | None) -> str:
+    return label if seed is None else f"{label}-seed{seed}"
+
+
+def train_all(args, out: Path, runs: dict, seeds: list, global_batch: int) -> list[str]:
+    """Every run of ``runs`` once per seed, into out/runs/<name>; returns the failures' lines."""
     out.mkdir(parents=True, exist_ok=True)
     corpus = stdlib_corpus(out / "stdlib.jsonl", args.corpus_mb)
     tokenizer = train_tokenizer(corpus, out / "tokenizer", args.vocab)
@@ -195,19 +218,15 @@ def main() -> int:
         f"model.vocab_size={args.vocab}", "model.share_embeddings_and_output_weights=false",
         f"train.train_iters={args.iters}", f"train.micro_batch_size={args.mbs}",
         f"train.global_batch_size={global_batch}",
-        f"checkpoint.save_interval={args.iters * 10}", "logger.tensorboard=false", *args.overrides,
+        "checkpoint.save_interval=None", "checkpoint.save_at_end=false",
+        "logger.tensorboard=false", *args.overrides,
     ]  # fmt: skip
-    runs = {"bf16": []}
-    for text in args.variant:
-        label, _, overrides = text.partition(":")
-        runs[label] = overrides.split(",")
-    seeds = args.seeds or [None]  # None: the recipe's own seed
-    curves, rates, failed_runs, cut = {}, {}, [], set()
+    failed_runs = []
     for label, overrides in runs.items():
-        seed_curves, seed_rates = [], []
         for seed in seeds:
-            name = label if seed is None else f"{label}-seed{seed}"
+            name = run_name(label, seed)
             run = out / "runs" / name
+            shutil.rmtree(run / "logs", ignore_errors=True)  # no curve from an earlier call
             seeded = [] if seed is None else [f"rng.seed={seed}"]
             try:
                 megabridge("train", "--recipe", args.recipe, *common, *seeded,
@@ -215,15 +234,28 @@ def main() -> int:
                            *overrides, compiled_fp8=args.measure_compiled_fp8,
                            limit=args.run_limit)  # fmt: skip
             except subprocess.CalledProcessError as e:  # refused (exit 2) or crashed: go on
-                failed_runs.append(f"{name}: megabridge train exited with {e.returncode}")
-                continue
+                failed_runs.append(
+                    f"{name}: megabridge train exited with {e.returncode} (output above)"
+                )
             except subprocess.TimeoutExpired:
-                cut.add(label)
-            if curve := losses(run / "logs"):
+                pass  # compared as far as it got
+    return failed_runs
+
+
+def report(args, out: Path, runs: dict, seeds: list, global_batch: int, failed_runs) -> int:
+    """The tables, from the metrics in out/runs; exit code 1 past --tolerance or on a failure."""
+    curves, rates, cut = {}, {}, set()
+    for label in runs:
+        seed_curves, seed_rates = [], []
+        for seed in seeds:
+            logs = out / "runs" / run_name(label, seed) / "logs"
+            if curve := losses(logs):
                 seed_curves.append(curve)
-                seed_rates.append(tokens_per_s(run / "logs"))
-            else:
-                failed_runs.append(f"{name}: no step logged within --run-limit")
+                seed_rates.append(tokens_per_s(logs))
+                if max(curve) < args.iters:
+                    cut.add(label)
+            elif not any(line.startswith(f"{run_name(label, seed)}:") for line in failed_runs):
+                failed_runs.append(f"{run_name(label, seed)}: no step in {logs / 'metrics.jsonl'}")
         if len(seed_curves) == len(seeds):  # a label with a failed seed is not averaged
             curves[label] = mean_curve(seed_curves)
             known = [r for r in seed_rates if r is not None]
@@ -248,7 +280,7 @@ def main() -> int:
                 failed |= worst > args.tolerance
                 line += f" {worst:14.2%} at step {step}"
         if label in cut:  # with seeds: the steps every seed's run reached
-            failed, line = True, line + f"   (stopped by --run-limit at step {max(curve)})"
+            failed, line = True, line + f"   (stopped at step {max(curve)} of {args.iters})"
         print(line)
     print("\n20-step mean losses (steps), and tokens/s (median after step 10)")
     means = {label: block_means(curve) for label, curve in curves.items()}
@@ -266,7 +298,7 @@ def main() -> int:
         print(f"{b:4d}-{b + WINDOW - 1:<4d} " + " ".join(cells))
     print(f"{'tokens/s':>9s} " + " ".join(f"{rates.get(label) or 0:20,.0f}" for label in labels))
     for line in failed_runs:
-        print(f"{line} (its output is above)")
+        print(line)
     return 1 if failed or failed_runs else 0
 
 

@@ -32,3 +32,47 @@ def test_blocks_and_the_worst_moving_average(curves):
     # five steps 5% high inside one 20-step window: 1.25% at the window holding all five
     assert worst == pytest.approx(5 * 0.5 / window / 10.0)
     assert 2 * window + 5 <= step < 3 * window
+
+
+def _metrics(folder, losses: dict[int, float]) -> None:
+    import json
+
+    folder.mkdir(parents=True)
+    lines = [json.dumps({"iteration": s, "loss": v, "tokens_per_s": 1000.0 * s})
+             for s, v in losses.items()]  # fmt: skip
+    (folder / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def _report(curves, out, iters: int, tolerance: float = 0.01) -> int:
+    import argparse
+
+    args = argparse.Namespace(iters=iters, tolerance=tolerance, recipe="r", seq=8, seeds=[1, 2])
+    runs = {"bf16": [], "fp8": ["model.fp8=tensorwise"]}
+    return curves.report(args, out, runs, [1, 2], 4, [])
+
+
+def test_report_only_compares_the_seed_means_of_runs_on_disk(curves, tmp_path, capsys):
+    iters = 3 * curves.WINDOW
+    flat = {s: 4.0 for s in range(1, iters + 1)}
+    _metrics(tmp_path / "runs/bf16-seed1/logs", flat)
+    _metrics(tmp_path / "runs/bf16-seed2/logs", flat)
+    # one seed 1% high, the other 0.5% low: their mean is 0.25% high, inside the tolerance
+    _metrics(tmp_path / "runs/fp8-seed1/logs", {s: 4.04 for s in flat})
+    _metrics(tmp_path / "runs/fp8-seed2/logs", {s: 3.98 for s in flat})
+    assert _report(curves, tmp_path, iters) == 0
+    out = capsys.readouterr().out
+    assert "0.25% at step" in out and "(+0.25%)" in out
+    assert _report(curves, tmp_path, iters, tolerance=0.002) == 1
+
+
+def test_report_only_flags_a_run_that_stopped_early_or_is_missing(curves, tmp_path, capsys):
+    iters = 3 * curves.WINDOW
+    full = {s: 4.0 for s in range(1, iters + 1)}
+    for name in ("bf16-seed1", "bf16-seed2", "fp8-seed1"):
+        _metrics(tmp_path / "runs" / name / "logs", full)
+    _metrics(tmp_path / "runs/fp8-seed2/logs", {s: 4.0 for s in range(1, iters - 5)})
+    assert _report(curves, tmp_path, iters) == 1
+    assert f"stopped at step {iters - 6} of {iters}" in capsys.readouterr().out
+    (tmp_path / "runs/fp8-seed2/logs/metrics.jsonl").unlink()
+    assert _report(curves, tmp_path, iters) == 1
+    assert "fp8-seed2: no step in" in capsys.readouterr().out

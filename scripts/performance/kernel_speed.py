@@ -5,7 +5,8 @@
 At the Llama-3.2-1B shape and micro-batch 16 x seq 2048 by default: SwiGLU forward and
 backward (against Megatron-Core's compiled swiglu / swiglu_back), RoPE on q and k forward
 and backward (against the compiled torch function, and for each --rope-rows), RMSNorm
-forward and backward (against aten's). Prints microseconds per call and the GB/s of the
+forward and backward (against aten's); the cross entropy's forward and backward (against the
+compiled passes it replaces). Prints microseconds per call and the GB/s of the
 bytes each call must move (its inputs read once, its outputs written once).
 """
 
@@ -63,6 +64,7 @@ def main() -> None:
     p.add_argument("--heads", type=int, default=32)
     p.add_argument("--groups", type=int, default=8)
     p.add_argument("--rope-rows", type=int, nargs="+", default=[16, 64, 128])
+    p.add_argument("--vocab", type=int, default=32768, help="for the cross entropy's rows")
     args = p.parse_args()
     dev, bf16 = "cuda", torch.bfloat16
     m, h, f = args.tokens, args.hidden, args.ffn
@@ -103,6 +105,33 @@ def main() -> None:
         "RMSNorm fwd+bwd, aten", timed(norm_step(lambda *a: F.rms_norm(a[0], (h,), a[1], a[2]))), io
     )
     row("RMSNorm fwd+bwd, Triton", timed(norm_step(tk.rms_norm)), io)
+    cross_entropy_rows(m, args.batch, args.vocab)
+
+
+def cross_entropy_rows(m: int, batch: int, vocab: int) -> None:
+    """The logits-keeping loss forward and backward at TP 1: Triton's one-pass statistics and
+    its gradient kernel, against the compiled passes (models/cross_entropy.py)."""
+    import torch.distributed as dist
+
+    from megabridge.models import cross_entropy, triton_kernels
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    group = dist.new_group([0], backend="gloo")
+    logits = torch.randn(m // batch, batch, vocab, device="cuda", dtype=torch.bfloat16) * 3
+    logits.requires_grad_()
+    target = torch.randint(0, vocab, (m // batch, batch), device="cuda")
+    io = 3 * logits.numel() * 2  # forward reads the logits; backward reads them, writes as many
+
+    def step():
+        loss = cross_entropy.LogitsKeptCrossEntropy.apply(logits, target, group)
+        return torch.autograd.grad(loss.sum(), logits)
+
+    fits = triton_kernels.softmax_stats_fits
+    triton_kernels.softmax_stats_fits = lambda t: False
+    row(f"cross entropy fwd+bwd V={vocab}, compiled", timed(step), io)
+    triton_kernels.softmax_stats_fits = fits
+    row(f"cross entropy fwd+bwd V={vocab}, Triton", timed(step), io)
 
 
 if __name__ == "__main__":

@@ -7,18 +7,26 @@ and vocabulary entry (4.3 GB at micro-batch 16, seq 2048, vocab 32768), next to 
 logits while the loss is computed (2.1 GB more). Here backward keeps the logits as they came
 (bf16: 2 bytes) with each row's max and sum of exponentials, and recomputes the softmax from
 them with the same operations in the same order: the loss and gradients are Megatron-Core's.
-On the GPU each step is one compiled kernel, so the fp32 [s, b, V] copy never exists.
+On the GPU each step is one kernel, so the fp32 [s, b, V] copy never exists: where Triton
+runs, the row statistics (max, sum of exponentials, the target's logit) come from one read of
+the logits at TP 1 (triton_kernels.softmax_stats, an online softmax whose sum is rescaled as its max
+grows: the same values to fp32 rounding) and the gradient from one more
+(triton_kernels.softmax_grad); elsewhere from the compiled passes below, which read the logits
+twice for the statistics.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 
 import torch
 import torch.distributed as dist
 from megatron.core.tensor_parallel.utils import VocabUtility
 
-from megabridge.models import compiled
+from megabridge.models import compiled, triton_kernels
+
+log = logging.getLogger(__name__)
 
 
 def _row_max(logits: torch.Tensor) -> torch.Tensor:
@@ -49,16 +57,28 @@ class LogitsKeptCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, target, tp_group):
-        row_max = compiled.cuda_kernel(_row_max, logits)(logits)
-        dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=tp_group)
         start, end = VocabUtility.vocab_range_from_per_partition_vocab_size(
             logits.shape[-1], tp_group.rank(), tp_group.size()
         )
         target_mask = (target < start) | (target >= end)  # targets on another rank's slice
         local_target = (target - start).masked_fill(target_mask, 0)
-        predicted, sum_exp = compiled.cuda_kernel(_predicted_and_sum_exp, logits)(
-            logits, row_max, local_target, target_mask
+        # Triton's one-pass statistics at TP 1 (with TP, the max is all-reduced between passes)
+        ctx.triton = (
+            tp_group.size() == 1
+            and triton_kernels.softmax_stats_fits(logits)
+            and _kernels_agree(logits.device)
         )
+        if ctx.triton:
+            row_max, sum_exp, picked = triton_kernels.softmax_stats(
+                logits, local_target.masked_fill(target_mask, -1)
+            )
+            predicted = (picked - row_max).masked_fill(target_mask, 0.0)
+        else:
+            row_max = compiled.cuda_kernel(_row_max, logits)(logits)
+            dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=tp_group)
+            predicted, sum_exp = compiled.cuda_kernel(_predicted_and_sum_exp, logits)(
+                logits, row_max, local_target, target_mask
+            )
         both = torch.cat((predicted, sum_exp))  # one all-reduce for the two
         dist.all_reduce(both, group=tp_group)
         predicted, sum_exp = both.chunk(2)
@@ -68,10 +88,38 @@ class LogitsKeptCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         logits, row_max, sum_exp, local_target, target_mask = ctx.saved_tensors
+        if ctx.triton:
+            target = local_target.masked_fill(target_mask, -1)
+            return (
+                triton_kernels.softmax_grad(logits, row_max, sum_exp, target, grad_loss),
+                None,
+                None,
+            )
         grad = compiled.cuda_kernel(_logits_grad, logits)(
             logits, row_max, sum_exp, local_target, target_mask, grad_loss
         )
         return grad, None, None
+
+
+@functools.cache
+def _kernels_agree(device: torch.device) -> bool:
+    """Whether this machine's compiled softmax kernels give the torch math on a small problem
+    (checked once per device, as the interpreter's tests cannot see a GPU compiler's
+    code); if not, the compiled passes run and a warning says so."""
+    gen = torch.Generator().manual_seed(0)
+    logits = (torch.randn(6, 5000, generator=gen) * 4).to(device)
+    target = torch.randint(0, 5000, (6,), generator=gen).to(device)
+    grad_loss = torch.rand(6, generator=gen).to(device)
+    row_max, sum_exp, picked = triton_kernels.softmax_stats(logits, target)
+    grad = triton_kernels.softmax_grad(logits, row_max, sum_exp, target, grad_loss)
+    want = torch.nn.functional.cross_entropy(logits, target, reduction="none")
+    want_grad = torch.softmax(logits, -1) - torch.nn.functional.one_hot(target, 5000)
+    agree = torch.allclose(torch.log(sum_exp) - (picked - row_max), want, rtol=1e-4, atol=1e-4)
+    agree &= torch.allclose(grad, want_grad * grad_loss[:, None], rtol=1e-4, atol=1e-6)
+    if not agree:
+        log.warning("the Triton cross-entropy kernels disagree with torch on %s; the compiled "
+                    "passes run instead", device)  # fmt: skip
+    return bool(agree)
 
 
 def language_model_loss(model, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:

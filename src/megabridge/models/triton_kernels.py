@@ -1,6 +1,7 @@
 """Fused GPU kernels written in Triton, where torch.compile's or aten's were measured slower:
 SwiGLU, rotate-half RoPE and RMSNorm (alone, or with the residual add before it:
-models/residual_norm.py), each forward and backward; AdamW for bf16 training
+models/residual_norm.py), each forward and backward; the cross entropy's softmax statistics
+and gradient (models/cross_entropy.py); AdamW for bf16 training
 (the fp32 weight's update and its bf16 copy in one pass, or the fp32 weight held as the bf16
 one and a 16-bit remainder; training/optim.py uses it); and FP8's cast of a matrix and its
 transpose in one pass (models/fp8.py, tensorwise).
@@ -568,6 +569,101 @@ def add_rms_norm(x: torch.Tensor, add: torch.Tensor, weight: torch.Tensor, eps: 
     sum's own gradient is added to it. (In fp32 on a GPU the compiler may fuse that gradient's
     last multiply with the add: one rounding fewer. bf16 and fp16 round in between.)"""
     return _AddRMSNorm.apply(x, add, weight, eps)
+
+
+# ---- Cross entropy over the vocabulary: each row's softmax statistics in one pass over the
+# logits, the gradient in one more (models/cross_entropy.py) ---------------------------------
+
+if triton is not None:
+
+    @triton.jit
+    def _softmax_stats_kernel(
+        logits_ptr, target_ptr, max_ptr, sum_ptr, picked_ptr, v, stride, BLOCK: tl.constexpr
+    ):
+        # One row: its max, the sum of exp(x - max) and its target's logit (row's target -1:
+        # none here). An online softmax: each lane keeps a running max and a sum rescaled
+        # when its max grows; the lanes are combined at the end. One read of the row.
+        row = tl.program_id(0).to(tl.int64)
+        base = logits_ptr + row * stride
+        cols = tl.arange(0, BLOCK)
+        # a running max starts below every finite logit (and -inf - it is -inf, not NaN)
+        lane_max = tl.full([BLOCK], -3.0e38, tl.float32)
+        lane_sum = tl.zeros([BLOCK], tl.float32)
+        for start in range(0, v, BLOCK):
+            at = start + cols
+            x = tl.load(base + at, mask=at < v, other=float("-inf")).to(tl.float32)
+            grown = tl.maximum(lane_max, x)
+            lane_sum = lane_sum * tl.exp(lane_max - grown) + tl.exp(x - grown)
+            lane_max = grown
+        row_max = tl.max(lane_max, axis=0)
+        tl.store(max_ptr + row, row_max)
+        tl.store(sum_ptr + row, tl.sum(lane_sum * tl.exp(lane_max - row_max), axis=0))
+        target = tl.load(target_ptr + row)
+        picked = tl.load(base + tl.maximum(target, 0)).to(tl.float32)
+        tl.store(picked_ptr + row, tl.where(target >= 0, picked, 0.0))
+
+    @triton.jit
+    def _softmax_grad_kernel(
+        logits_ptr, grad_ptr, max_ptr, sum_ptr, target_ptr, scale_ptr, v, stride,
+        BLOCK: tl.constexpr,
+    ):  # fmt: skip
+        # One row of (softmax - onehot(target)) * the row's loss gradient, in the logits' dtype.
+        row = tl.program_id(0).to(tl.int64)
+        row_max = tl.load(max_ptr + row)
+        total = tl.load(sum_ptr + row)
+        target = tl.load(target_ptr + row)
+        scale = tl.load(scale_ptr + row)
+        cols = tl.arange(0, BLOCK)
+        for start in range(0, v, BLOCK):
+            at = start + cols
+            x = tl.load(logits_ptr + row * stride + at, mask=at < v, other=0.0).to(tl.float32)
+            softmax = tl.exp(x - row_max) / total
+            grad = (softmax - tl.where(at == target, 1.0, 0.0)) * scale
+            tl.store(grad_ptr + row * v + at, grad.to(grad_ptr.dtype.element_ty), mask=at < v)
+
+
+_SOFTMAX_BLOCK = 4096  # vocabulary entries a program holds at a time
+
+
+def softmax_stats_fits(logits: torch.Tensor) -> bool:
+    """Whether softmax_stats / softmax_grad take logits [..., V] here (rows of contiguous
+    entries, a row's stride below 2^31)."""
+    return runs_on(logits) and logits.stride(-1) == 1 and logits.dim() >= 2
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    return t.view(-1, t.shape[-1]) if t.is_contiguous() else t.reshape(-1, t.shape[-1])
+
+
+def softmax_stats(logits: torch.Tensor, target: torch.Tensor):
+    """(max, sum of exp(x - max), the target's logit or 0 where target is -1), each fp32 of
+    logits' leading shape, for logits [..., V] and target [...] (int64, in [-1, V))."""
+    rows = _rows(logits)
+    n, v = rows.shape
+    out = [torch.empty(n, dtype=torch.float32, device=logits.device) for _ in range(3)]
+    block = min(_SOFTMAX_BLOCK, triton.next_power_of_2(v))
+    _softmax_stats_kernel[(n,)](
+        rows, target.reshape(-1).contiguous(), *out, v, rows.stride(0), BLOCK=block,
+        num_warps=8 if block >= 2048 else 4,
+    )  # fmt: skip
+    return tuple(t.view(logits.shape[:-1]) for t in out)
+
+
+def softmax_grad(logits, row_max, sum_exp, target, grad_loss) -> torch.Tensor:
+    """(softmax(logits) - onehot(target)) * grad_loss[..., None] in logits' dtype and shape,
+    the softmax from softmax_stats' max and sum; target -1: no entry of the row is the
+    target."""
+    rows = _rows(logits)
+    n, v = rows.shape
+    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    scale = grad_loss.reshape(-1).float().contiguous()
+    block = min(_SOFTMAX_BLOCK, triton.next_power_of_2(v))
+    _softmax_grad_kernel[(n,)](
+        rows, grad, row_max.reshape(-1).contiguous(), sum_exp.reshape(-1).contiguous(),
+        target.reshape(-1).contiguous(), scale, v, rows.stride(0), BLOCK=block,
+        num_warps=8 if block >= 2048 else 4,
+    )  # fmt: skip
+    return grad
 
 
 # ---- AdamW on fp32 main weights, their bf16 copies written in the same pass ----------------

@@ -1,7 +1,7 @@
 """megabridge's Triton kernels (models/triton_kernels.py: SwiGLU, RoPE, the fused Q/K/V split
-with RoPE, RMSNorm with or without the residual add before it, AdamW with its bf16 copies or remainders, FP8 cast-transpose) against the torch math (or torch's fused
-AdamW) they replace,
-forward and backward: on the CPU through Triton's interpreter (a subprocess with
+with RoPE, RMSNorm with or without the residual add before it, the cross entropy's softmax
+statistics and gradient, AdamW with its bf16 copies or remainders, FP8 cast-transpose)
+against the torch math (or torch's fused AdamW) they replace, forward and backward: on the CPU through Triton's interpreter (a subprocess with
 TRITON_INTERPRET=1, which must be set before the kernels are defined), and on a GPU
 (scripts/gpu_smoke.sh runs this file there) as compiled kernels."""
 
@@ -179,6 +179,63 @@ def check_add_rms_norm(device: str, dtype: torch.dtype) -> None:
         fma = device == "cuda" and dtype == torch.float32 and len(used) == 2
         for a, b in zip(got, ref, strict=True):
             assert (a is None and b is None) or same(a, b, exact=exact and not fma)
+
+
+def check_softmax(device: str, dtype: torch.dtype) -> None:
+    """The cross entropy's row statistics in one pass and its gradient against the torch math,
+    then the loss through them against the loss through the compiled passes."""
+    from megabridge.models import triton_kernels as tk
+
+    gen = torch.Generator().manual_seed(5)
+    # V = 9000: two full blocks of 4096 and a masked tail; one row's target is -1 (another
+    # rank's), one row holds a large logit the running max must catch up with late
+    logits = (torch.randn(3, 2, 9000, generator=gen) * 4).to(device, dtype)
+    logits[1, 0, 8999] = 60.0
+    target = torch.randint(0, 9000, (3, 2), generator=gen).to(device)
+    target[2, 1] = -1
+    row_max, sum_exp, picked = tk.softmax_stats(logits, target)
+    x = logits.float()
+    want_max = x.max(-1)[0]
+    want_sum = torch.exp(x - want_max.unsqueeze(-1)).sum(-1)
+    want_picked = torch.gather(x, -1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    want_picked = want_picked.masked_fill(target < 0, 0.0)
+    assert torch.equal(row_max, want_max) and torch.equal(picked, want_picked)
+    torch.testing.assert_close(sum_exp, want_sum, rtol=1e-5, atol=0)
+    grad_loss = torch.rand(3, 2, generator=gen).to(device)
+    grad = tk.softmax_grad(logits, row_max, sum_exp, target, grad_loss)
+    onehot = torch.nn.functional.one_hot(target.clamp(min=0), 9000).float()
+    onehot[target < 0] = 0.0
+    softmax = torch.exp(x - want_max.unsqueeze(-1)) / want_sum.unsqueeze(-1)
+    want_grad = (softmax - onehot) * grad_loss.unsqueeze(-1)
+    assert grad.dtype == dtype and grad.shape == logits.shape
+    _close(grad, want_grad, dtype)
+    _check_loss_through_the_kernels(logits, target.clamp(min=0), dtype)
+
+
+def _check_loss_through_the_kernels(logits, target, dtype) -> None:
+    import torch.distributed as dist
+
+    from megabridge.models import cross_entropy, triton_kernels
+
+    assert cross_entropy._kernels_agree(logits.device)  # else the loss takes the passes too
+    if not dist.is_initialized():  # a one-process group: TP 1
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    group = dist.new_group([0], backend="gloo")
+    results = []
+    for triton_path in (True, False):
+        x = logits.detach().clone().requires_grad_()
+        fits = triton_kernels.softmax_stats_fits
+        if not triton_path:
+            triton_kernels.softmax_stats_fits = lambda t: False
+        try:
+            loss = cross_entropy.LogitsKeptCrossEntropy.apply(x, target, group)
+            (grad,) = torch.autograd.grad(loss, x, torch.ones_like(loss) / loss.numel())
+        finally:
+            triton_kernels.softmax_stats_fits = fits
+        results.append((loss, grad))
+    (loss, grad), (want_loss, want_grad) = results
+    torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-5)
+    _close(grad, want_grad, dtype)
 
 
 def check_adamw(device: str) -> None:
@@ -389,6 +446,7 @@ def check_kernels(device: str) -> None:
         check_qkv_rope(device, dtype)
         check_rms_norm(device, dtype)
         check_add_rms_norm(device, dtype)
+        check_softmax(device, dtype)
     check_adamw(device)
     check_adamw_remainders(device)
     check_cast_transpose(device)
@@ -501,3 +559,28 @@ def test_attention_with_the_fused_qkv_rope_matches_megatron_s_split_on_cuda(monk
     torch.testing.assert_close(loss, plain_loss, rtol=1e-5, atol=1e-6)
     for name, grad in plain_grads.items():
         torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_softmax_kernels_that_disagree_with_torch_are_not_used(monkeypatch, caplog):
+    """The loss's check of the kernels on first use, with the kernels replaced by torch math:
+    right, it passes; a gradient off by 1%, it fails and says so."""
+    from megabridge.models import cross_entropy
+    from megabridge.models import triton_kernels as tk
+
+    def stats(logits, target):
+        row_max = logits.max(-1)[0]
+        picked = torch.gather(logits, -1, target.unsqueeze(-1)).squeeze(-1)
+        return row_max, torch.exp(logits - row_max[:, None]).sum(-1), picked
+
+    def grad(logits, row_max, sum_exp, target, grad_loss, off=1.0):
+        softmax = torch.exp(logits - row_max[:, None]) / sum_exp[:, None]
+        onehot = torch.nn.functional.one_hot(target, logits.shape[-1])
+        return (softmax - onehot) * grad_loss[:, None] * off
+
+    monkeypatch.setattr(tk, "softmax_stats", stats)
+    for off, agree in ((1.0, True), (1.01, False)):
+        monkeypatch.setattr(tk, "softmax_grad", lambda *a, off=off: grad(*a, off=off))
+        cross_entropy._kernels_agree.cache_clear()
+        assert cross_entropy._kernels_agree(torch.device("cpu")) is agree
+    assert "disagree with torch" in caplog.text
+    cross_entropy._kernels_agree.cache_clear()

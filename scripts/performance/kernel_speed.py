@@ -6,7 +6,8 @@ At the Llama-3.2-1B shape and micro-batch 16 x seq 2048 by default: SwiGLU forwa
 backward (against Megatron-Core's compiled swiglu / swiglu_back), RoPE on q and k forward
 and backward (against the compiled torch function, and for each --rope-rows), RMSNorm
 forward and backward (against aten's); the cross entropy's forward and backward (against the
-compiled passes it replaces). Prints microseconds per call and the GB/s of the
+compiled passes it replaces); FP8's casts of an operand and its transpose, tensorwise and
+rowwise (against the separate casts of a transposed copy). Prints microseconds per call and the GB/s of the
 bytes each call must move (its inputs read once, its outputs written once).
 """
 
@@ -106,6 +107,29 @@ def main() -> None:
     )
     row("RMSNorm fwd+bwd, Triton", timed(norm_step(tk.rms_norm)), io)
     cross_entropy_rows(m, args.batch, args.vocab)
+    if torch.cuda.get_device_capability() >= (8, 9):
+        fp8_cast_rows(m, h)
+
+
+def fp8_cast_rows(m: int, h: int) -> None:
+    """FP8's casts of an activation [m, h] and its transpose, as a linear's GEMMs need them:
+    one pass (triton_kernels.cast_transpose / cast_transpose_rowwise) against the amax and
+    compiled cast of the operand and of a transposed copy (models/fp8.py)."""
+    from megabridge.models import fp8
+
+    x = torch.randn(m, h, device="cuda", dtype=torch.bfloat16)
+    io = x.numel() * (2 + 1 + 1)  # x read, two FP8 tensors written
+    q = fp8._quantize_fn(False)
+    for recipe, rowwise in (("tensorwise", False), ("rowwise", True)):
+
+        def separate(rowwise=rowwise):
+            q(x, fp8.E4M3, rowwise)
+            q(x.t().contiguous(), fp8.E4M3, rowwise)
+
+        one_pass = fp8._rowwise_cast_transpose if rowwise else fp8._cast_transpose
+        row(f"FP8 {recipe} cast + transpose, separate", timed(separate), io)
+        row(f"FP8 {recipe} cast + transpose, one pass",
+            timed(lambda f=one_pass: f(x, fp8.E4M3)), io)  # fmt: skip
 
 
 def cross_entropy_rows(m: int, batch: int, vocab: int) -> None:

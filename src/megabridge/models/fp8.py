@@ -16,9 +16,10 @@ format's largest value, multiplies, and the product comes back in bf16, rescaled
 The three GEMMs of a linear layer, x [M, K] @ W^T (W [N, K]):
 forward y = x W^T, input gradient dx = dy W, weight gradient dW = dy^T x.
 torch._scaled_mm takes its left operand row-major and its right one column-major, so
-each GEMM quantises the layout it needs. Tensorwise on the GPU quantises each operand once
-and writes its transpose in the same pass (triton_kernels.cast_transpose); elsewhere (the
-CPU's emulation, rowwise) the casts are fp8.cast's, one compiled kernel per format.
+each GEMM quantises the layout it needs. On the GPU each operand is quantised once and its
+transpose written in the same pass (triton_kernels.cast_transpose; rowwise, the transpose
+with a scale per column of the operand: cast_transpose_rowwise); the CPU's emulation casts
+with fp8.cast, transposing copies first.
 """
 
 from __future__ import annotations
@@ -58,11 +59,18 @@ def cast(x: torch.Tensor, x_amax: torch.Tensor, dtype: torch.dtype, rowwise: boo
     """x [R, C] in ``dtype``, scaled so that ``x_amax`` maps onto the format's largest value;
     -> (x_fp8, dequantising scale). Element-wise only: one fused kernel when compiled."""
     largest = torch.finfo(dtype).max
-    scale = largest / x_amax.float().clamp(min=1e-12)  # an all-zero tensor: a finite scale
-    if rowwise:
-        scale = torch.exp2(torch.floor(torch.log2(scale)))
+    scale = quantizing_scale(x_amax, dtype, rowwise)
     x_fp8 = (x.float() * scale).clamp(-largest, largest).to(dtype)
     return x_fp8, scale.reciprocal()
+
+
+def quantizing_scale(x_amax: torch.Tensor, dtype: torch.dtype, rowwise: bool) -> torch.Tensor:
+    """What x is multiplied by before its cast to ``dtype`` (float32, x_amax's shape): the
+    format's largest value over the amax, rounded down to a power of two when rowwise."""
+    scale = torch.finfo(dtype).max / x_amax.float().clamp(min=1e-12)  # all zeros: finite
+    if rowwise:
+        scale = torch.exp2(torch.floor(torch.log2(scale)))
+    return scale
 
 
 def scaled_mm(a, b, scale_a, scale_b, emulate: bool) -> torch.Tensor:
@@ -115,6 +123,18 @@ def _cast_transpose(x: torch.Tensor, dtype: torch.dtype):
     return triton_kernels.cast_transpose(x, amax(x, False), dtype)
 
 
+def _rowwise_cast_transpose(x: torch.Tensor, dtype: torch.dtype):
+    """Rowwise quantize of x [R, C] (one scale per row) and of x^T (one per column of x) from
+    one read (triton_kernels.cast_transpose_rowwise): (x [R, C], its dequantising scales
+    [R, 1], x^T [C, R], its scales [C, 1]); the values fp8.cast gives x and x^T.contiguous()."""
+    x = _operand(x).contiguous()
+    row_scale = quantizing_scale(amax(x, True), dtype, True)  # [R, 1]
+    col_amax = torch.linalg.vector_norm(x, float("inf"), dim=0, keepdim=True).t()  # [C, 1]
+    col_scale = quantizing_scale(col_amax, dtype, True)
+    out, out_t = triton_kernels.cast_transpose_rowwise(x, row_scale, col_scale, dtype)
+    return out, row_scale.reciprocal(), out_t, col_scale.reciprocal()
+
+
 class FP8Linear(torch.autograd.Function):
     """y = x W^T with the three GEMMs in FP8. x [M, K], W [N, K] (bf16) -> y [M, N] bf16."""
 
@@ -122,12 +142,19 @@ class FP8Linear(torch.autograd.Function):
     def forward(ctx, x, weight, recipe: str, emulate: bool):
         rowwise = recipe == "rowwise"
         ctx.recipe, ctx.emulate, ctx.dtypes = recipe, emulate, (x.dtype, weight.dtype)
-        ctx.transposed = not (rowwise or emulate) and triton_kernels.runs_on(x)
-        if ctx.transposed:  # tensorwise on the GPU: each operand and its transpose in one pass
+        # on the GPU: each operand and its transpose in one pass, what backward multiplies kept
+        ctx.transposed = not emulate and triton_kernels.runs_on(x)
+        if ctx.transposed and rowwise:
+            x_fp8, x_scale, xt_fp8, xt_scale = _rowwise_cast_transpose(x, E4M3)
+            w_fp8, w_scale, wt_fp8, wt_scale = _rowwise_cast_transpose(weight, E4M3)
+            y = scaled_mm(x_fp8, w_fp8.t(), x_scale, w_scale.t().contiguous(), False)
+            ctx.save_for_backward(xt_fp8, xt_scale, wt_fp8, wt_scale)
+            return y.to(x.dtype)
+        if ctx.transposed:
             x_fp8, xt_fp8, x_scale = _cast_transpose(x, E4M3)
             w_fp8, wt_fp8, w_scale = _cast_transpose(weight, E4M3)
             y = scaled_mm(x_fp8, w_fp8.t(), x_scale, w_scale, False)
-            ctx.save_for_backward(xt_fp8, x_scale, wt_fp8, w_scale)  # what backward multiplies
+            ctx.save_for_backward(xt_fp8, x_scale, wt_fp8, w_scale)
             return y.to(x.dtype)
         q = _quantize_fn(emulate)
         x_fp8, x_scale = q(x, E4M3, rowwise)  # [M, K], [] or [M, 1]
@@ -144,6 +171,12 @@ class FP8Linear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         grad_y = grad_y.contiguous()  # [M, N]
+        if ctx.transposed and ctx.recipe == "rowwise":
+            xt_fp8, xt_scale, wt_fp8, wt_scale = ctx.saved_tensors  # x^T [K, M], W^T [K, N]
+            g_fp8, g_scale, gt_fp8, gt_scale = _rowwise_cast_transpose(grad_y, E4M3)
+            grad_x = scaled_mm(g_fp8, wt_fp8.t(), g_scale, wt_scale.t().contiguous(), False)
+            grad_w = scaled_mm(gt_fp8, xt_fp8.t(), gt_scale, xt_scale.t().contiguous(), False)
+            return grad_x.to(ctx.dtypes[0]), grad_w.to(ctx.dtypes[1]), None, None
         if ctx.transposed:
             xt_fp8, x_scale, wt_fp8, w_scale = ctx.saved_tensors  # x^T [K, M], W^T [K, N]
             g_fp8, gt_fp8, g_scale = _cast_transpose(grad_y, E5M2)

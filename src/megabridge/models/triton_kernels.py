@@ -4,7 +4,7 @@ models/residual_norm.py), each forward and backward; the cross entropy's softmax
 and gradient (models/cross_entropy.py); AdamW for bf16 training
 (the fp32 weight's update and its bf16 copy in one pass, or the fp32 weight held as the bf16
 one and a 16-bit remainder; training/optim.py uses it); and FP8's cast of a matrix and its
-transpose in one pass (models/fp8.py, tensorwise).
+transpose in one pass (models/fp8.py; tensorwise, and rowwise with a scale per row of each).
 
 Measured on the H200 (scripts/performance/NOTES.md, 2026-12-04; Llama 1.1B, micro-batch 16):
 - inductor's kernel for SwiGLU's backward (the gate's and the up projection's gradients
@@ -776,7 +776,7 @@ def adamw_with_copies(
             torch._foreach_sub_(steps, [skip] * len(steps))
 
 
-# ---- FP8 cast of a matrix and of its transpose in one pass (models/fp8.py, tensorwise) ------
+# ---- FP8 cast of a matrix and of its transpose in one pass (models/fp8.py) -------------------
 
 
 if triton is not None:
@@ -827,6 +827,56 @@ def cast_transpose(
 
 
 _CAST_BLOCK = 64
+
+
+if triton is not None:
+
+    @triton.jit
+    def _cast_transpose_rowwise_kernel(
+        x_ptr, row_scale_ptr, col_scale_ptr, out_ptr, out_t_ptr, R, C, largest,
+        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):  # fmt: skip
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+        mask = (rows[:, None] < R) & (cols[None, :] < C)
+        x = tl.load(x_ptr + rows[:, None] * C + cols[None, :], mask=mask, other=0.0)
+        x = x.to(tl.float32)
+        row_scale = tl.load(row_scale_ptr + rows, mask=rows < R, other=0.0)
+        col_scale = tl.load(col_scale_ptr + cols, mask=cols < C, other=0.0)
+        y = tl.minimum(tl.maximum(x * row_scale[:, None], -largest), largest)
+        tl.store(out_ptr + rows[:, None] * C + cols[None, :], y.to(out_ptr.dtype.element_ty),
+                 mask=mask)  # fmt: skip
+        y_t = tl.minimum(tl.maximum(x * col_scale[None, :], -largest), largest)
+        y_t = tl.trans(y_t.to(out_t_ptr.dtype.element_ty))
+        tl.store(out_t_ptr + cols[:, None] * R + rows[None, :], y_t, mask=tl.trans(mask))
+
+
+def cast_transpose_rowwise(
+    x: torch.Tensor,
+    row_scale: torch.Tensor,
+    col_scale: torch.Tensor,
+    dtype: torch.dtype,
+    largest: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [R, C] (contiguous) in ``dtype`` twice from one read: each row times ``row_scale``
+    [R] (-> [R, C]) and each column times ``col_scale`` [C], transposed (-> [C, R]), clamped
+    to +-``largest`` (the largest value of ``dtype``, an FP8 format) as fp8.cast does.
+    Rowwise FP8's three GEMMs need x scaled over each row and x^T over each of its rows, x's
+    columns; aten transposed a copy for the second (a bf16 read and write more)."""
+    if not (runs_on(x) and x.dim() == 2 and x.is_contiguous()):
+        raise NotImplementedError(
+            "cast_transpose_rowwise: a contiguous 2-D CUDA tensor (not supported yet)"
+        )
+    rows, cols = x.shape
+    out = torch.empty((rows, cols), dtype=dtype, device=x.device)
+    out_t = torch.empty((cols, rows), dtype=dtype, device=x.device)
+    top = torch.finfo(dtype).max if largest is None else largest
+    grid = (triton.cdiv(rows, _CAST_BLOCK), triton.cdiv(cols, _CAST_BLOCK))
+    _cast_transpose_rowwise_kernel[grid](
+        x, row_scale.reshape(-1).float().contiguous(), col_scale.reshape(-1).float().contiguous(),
+        out, out_t, rows, cols, top, BLOCK_R=_CAST_BLOCK, BLOCK_C=_CAST_BLOCK,
+    )  # fmt: skip
+    return out, out_t
 
 
 # ---- fp32 weights held as a bf16 weight and a 16-bit remainder --------------------------------

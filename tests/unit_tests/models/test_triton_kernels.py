@@ -363,6 +363,34 @@ def check_cast_transpose(device: str) -> None:
                 torch.testing.assert_close(out, want, rtol=2**-22, atol=0)
 
 
+def check_cast_transpose_rowwise(device: str) -> None:
+    """cast_transpose_rowwise against fp8.cast of x over its rows and of x^T over its rows
+    (x's columns), with fp8.quantizing_scale's power-of-two scales: the same values bit for
+    bit (on CUDA in e4m3; in the interpreter into float32, where the products by powers of
+    two are exact and only the FP8 rounding is left to the GPU)."""
+    from megabridge.models import fp8
+    from megabridge.models import triton_kernels as tk
+
+    gen = torch.Generator().manual_seed(9)
+    for shape in [(100, 70), (3, 130), (256, 64)]:
+        x = (torch.randn(*shape, generator=gen) * 5).to(device, torch.bfloat16)
+        x[0, 1] = 300.0  # an outlier: its row's and its column's scales only
+        dtype = fp8.E4M3 if device == "cuda" else torch.float32
+        largest = torch.finfo(fp8.E4M3).max
+        row_amax = fp8.amax(x, True)
+        col_amax = fp8.amax(x.t().contiguous(), True)
+        row_scale = fp8.quantizing_scale(row_amax, fp8.E4M3, True)
+        col_scale = fp8.quantizing_scale(col_amax, fp8.E4M3, True)
+        out, out_t = tk.cast_transpose_rowwise(x, row_scale, col_scale, dtype, largest)
+        assert out.shape == shape and out_t.shape == shape[::-1] and out.dtype == dtype
+        for got, rows, scale in ((out, x, row_scale), (out_t, x.t().contiguous(), col_scale)):
+            want = (rows.float() * scale).clamp(-largest, largest).to(dtype)
+            if dtype != torch.float32:
+                want = fp8.cast(rows, fp8.amax(rows, True), dtype, True)[0]
+            assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+        assert not torch.equal(out_t.float().t(), out.float())  # scaled differently
+
+
 def test_cast_transpose_refuses_what_it_does_not_handle():
     """Without a GPU (or Triton's interpreter), or for a strided or 3-D tensor: one line,
     before any kernel runs (fp8.FP8Linear takes it on the GPU only, contiguous, 2-D)."""
@@ -379,9 +407,9 @@ def test_cast_transpose_refuses_what_it_does_not_handle():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="FP8 GEMMs need a GPU")
 def test_fp8_linear_with_one_pass_casts_matches_the_separate_casts_on_cuda(monkeypatch):
-    """Tensorwise FP8Linear on the GPU casts each operand and its transpose in one pass: the
-    output and both gradients are those of the separate casts and transposing copies, bit
-    for bit (the same FP8 operands, the same GEMMs)."""
+    """FP8Linear on the GPU casts each operand and its transpose in one pass (tensorwise, and
+    rowwise with the transpose's own scales): the output and both gradients are those of the
+    separate casts and transposing copies, bit for bit (the same FP8 operands and GEMMs)."""
     from megabridge.models import fp8
 
     if torch.cuda.get_device_capability() < (8, 9):
@@ -391,15 +419,16 @@ def test_fp8_linear_with_one_pass_casts_matches_the_separate_casts_on_cuda(monke
     x = torch.randn(320, 256, generator=gen).cuda().bfloat16().requires_grad_()
     w = (torch.randn(192, 256, generator=gen) * 0.05).cuda().bfloat16().requires_grad_()
     grad = torch.randn(320, 192, generator=gen).cuda().bfloat16()
-    results = []
-    for one_pass in (True, False):
-        if not one_pass:
-            monkeypatch.setattr(fp8.triton_kernels, "runs_on", lambda t: False)
-        y = fp8.fp8_linear(x, w, "tensorwise")
-        dx, dw = torch.autograd.grad(y, (x, w), grad)
-        results.append((y, dx, dw))
-    for a, b in zip(*results, strict=True):
-        assert torch.equal(a, b)
+    runs_on, no = fp8.triton_kernels.runs_on, lambda t: False
+    for recipe in ("tensorwise", "rowwise"):
+        results = []
+        for one_pass in (True, False):
+            monkeypatch.setattr(fp8.triton_kernels, "runs_on", runs_on if one_pass else no)
+            y = fp8.fp8_linear(x, w, recipe)
+            dx, dw = torch.autograd.grad(y, (x, w), grad)
+            results.append((y, dx, dw))
+        for a, b in zip(*results, strict=True):
+            assert torch.equal(a, b), recipe
 
 
 def test_split_halves_gives_fp32_back_bit_for_bit_and_rounds_to_nearest():
@@ -450,6 +479,7 @@ def check_kernels(device: str) -> None:
     check_adamw(device)
     check_adamw_remainders(device)
     check_cast_transpose(device)
+    check_cast_transpose_rowwise(device)
 
 
 # Where torch sees a GPU the compiled kernels are checked instead (the next test): on the H200

@@ -18,8 +18,8 @@ forward y = x W^T, input gradient dx = dy W, weight gradient dW = dy^T x.
 torch._scaled_mm takes its left operand row-major and its right one column-major, so
 each GEMM quantises the layout it needs. On the GPU each operand is quantised once and its
 transpose written in the same pass (triton_kernels.cast_transpose; rowwise, the transpose
-with a scale per column of the operand: cast_transpose_rowwise); the CPU's emulation casts
-with fp8.cast, transposing copies first.
+with a scale per column of the operand); the CPU's emulation casts with fp8.cast,
+transposing copies first.
 """
 
 from __future__ import annotations
@@ -68,8 +68,8 @@ def quantizing_scale(x_amax: torch.Tensor, dtype: torch.dtype, rowwise: bool) ->
     """What x is multiplied by before its cast to ``dtype`` (float32, x_amax's shape): the
     format's largest value over the amax, rounded down to a power of two when rowwise."""
     scale = torch.finfo(dtype).max / x_amax.float().clamp(min=1e-12)  # all zeros: finite
-    if rowwise:
-        scale = torch.exp2(torch.floor(torch.log2(scale)))
+    if rowwise:  # the exponent's bits alone: exact, where log2's rounding could step over
+        scale = (scale.view(torch.int32) & 0x7F800000).view(torch.float32)
     return scale
 
 
@@ -116,23 +116,16 @@ def _operand(x: torch.Tensor) -> torch.Tensor:
     return x.detach()
 
 
-def _cast_transpose(x: torch.Tensor, dtype: torch.dtype):
-    """Tensorwise quantize of x [R, C] and of x^T from one read (triton_kernels.cast_transpose):
-    (x [R, C], x^T [C, R] in ``dtype``, dequantising scale [])."""
+def _cast_transpose(x: torch.Tensor, dtype: torch.dtype, rowwise: bool):
+    """quantize of x [R, C] and of x^T [C, R] from one read (triton_kernels.cast_transpose):
+    (x, x^T in ``dtype``, the dequantising scales of x, of x^T: [] both tensorwise; [R, 1]
+    and [C, 1] rowwise, where x^T's rows are x's columns). The values fp8.cast gives x and
+    x.t().contiguous()."""
     x = _operand(x).contiguous()
-    return triton_kernels.cast_transpose(x, amax(x, False), dtype)
-
-
-def _rowwise_cast_transpose(x: torch.Tensor, dtype: torch.dtype):
-    """Rowwise quantize of x [R, C] (one scale per row) and of x^T (one per column of x) from
-    one read (triton_kernels.cast_transpose_rowwise): (x [R, C], its dequantising scales
-    [R, 1], x^T [C, R], its scales [C, 1]); the values fp8.cast gives x and x^T.contiguous()."""
-    x = _operand(x).contiguous()
-    row_scale = quantizing_scale(amax(x, True), dtype, True)  # [R, 1]
-    col_amax = torch.linalg.vector_norm(x, float("inf"), dim=0, keepdim=True).t()  # [C, 1]
-    col_scale = quantizing_scale(col_amax, dtype, True)
-    out, out_t = triton_kernels.cast_transpose_rowwise(x, row_scale, col_scale, dtype)
-    return out, row_scale.reciprocal(), out_t, col_scale.reciprocal()
+    if not rowwise:
+        return triton_kernels.cast_transpose(x, amax(x, False), dtype)
+    columns = torch.linalg.vector_norm(x, float("inf"), dim=0)  # x^T's rows' amax
+    return triton_kernels.cast_transpose(x, amax(x, True), dtype, amax_t=columns)
 
 
 class FP8Linear(torch.autograd.Function):
@@ -144,17 +137,11 @@ class FP8Linear(torch.autograd.Function):
         ctx.recipe, ctx.emulate, ctx.dtypes = recipe, emulate, (x.dtype, weight.dtype)
         # on the GPU: each operand and its transpose in one pass, what backward multiplies kept
         ctx.transposed = not emulate and triton_kernels.runs_on(x)
-        if ctx.transposed and rowwise:
-            x_fp8, x_scale, xt_fp8, xt_scale = _rowwise_cast_transpose(x, E4M3)
-            w_fp8, w_scale, wt_fp8, wt_scale = _rowwise_cast_transpose(weight, E4M3)
+        if ctx.transposed:
+            x_fp8, xt_fp8, x_scale, xt_scale = _cast_transpose(x, E4M3, rowwise)
+            w_fp8, wt_fp8, w_scale, wt_scale = _cast_transpose(weight, E4M3, rowwise)
             y = scaled_mm(x_fp8, w_fp8.t(), x_scale, w_scale.t().contiguous(), False)
             ctx.save_for_backward(xt_fp8, xt_scale, wt_fp8, wt_scale)
-            return y.to(x.dtype)
-        if ctx.transposed:
-            x_fp8, xt_fp8, x_scale = _cast_transpose(x, E4M3)
-            w_fp8, wt_fp8, w_scale = _cast_transpose(weight, E4M3)
-            y = scaled_mm(x_fp8, w_fp8.t(), x_scale, w_scale, False)
-            ctx.save_for_backward(xt_fp8, x_scale, wt_fp8, w_scale)
             return y.to(x.dtype)
         q = _quantize_fn(emulate)
         x_fp8, x_scale = q(x, E4M3, rowwise)  # [M, K], [] or [M, 1]
@@ -171,17 +158,13 @@ class FP8Linear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         grad_y = grad_y.contiguous()  # [M, N]
-        if ctx.transposed and ctx.recipe == "rowwise":
+        if ctx.transposed:
             xt_fp8, xt_scale, wt_fp8, wt_scale = ctx.saved_tensors  # x^T [K, M], W^T [K, N]
-            g_fp8, g_scale, gt_fp8, gt_scale = _rowwise_cast_transpose(grad_y, E4M3)
+            rowwise = ctx.recipe == "rowwise"  # all in e4m3; tensorwise: dy in e5m2 (range)
+            dtype = E4M3 if rowwise else E5M2
+            g_fp8, gt_fp8, g_scale, gt_scale = _cast_transpose(grad_y, dtype, rowwise)
             grad_x = scaled_mm(g_fp8, wt_fp8.t(), g_scale, wt_scale.t().contiguous(), False)
             grad_w = scaled_mm(gt_fp8, xt_fp8.t(), gt_scale, xt_scale.t().contiguous(), False)
-            return grad_x.to(ctx.dtypes[0]), grad_w.to(ctx.dtypes[1]), None, None
-        if ctx.transposed:
-            xt_fp8, x_scale, wt_fp8, w_scale = ctx.saved_tensors  # x^T [K, M], W^T [K, N]
-            g_fp8, gt_fp8, g_scale = _cast_transpose(grad_y, E5M2)
-            grad_x = scaled_mm(g_fp8, wt_fp8.t(), g_scale, w_scale, False)  # dy W
-            grad_w = scaled_mm(gt_fp8, xt_fp8.t(), g_scale, x_scale, False)  # dy^T x
             return grad_x.to(ctx.dtypes[0]), grad_w.to(ctx.dtypes[1]), None, None
         q = _quantize_fn(ctx.emulate)
         if ctx.recipe == "rowwise":

@@ -782,101 +782,88 @@ def adamw_with_copies(
 if triton is not None:
 
     @triton.jit
+    def _quantizing_scale(amax, largest, ROWWISE: tl.constexpr):
+        # fp8.quantizing_scale's arithmetic, rounding for rounding: torch's ``largest / amax``
+        # is largest * (1 / amax), its reciprocals IEEE divisions; rowwise keeps the
+        # exponent's bits only (the largest power of two at or below)
+        scale = tl.math.div_rn(1.0, tl.maximum(amax.to(tl.float32), 1e-12)) * largest
+        if ROWWISE:
+            scale = (scale.to(tl.int32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True)
+        return scale
+
+    @triton.jit
     def _cast_transpose_kernel(
-        x_ptr, amax_ptr, out_ptr, out_t_ptr, inverse_ptr, R, C, largest,
-        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+        x_ptr, amax_ptr, amax_t_ptr, out_ptr, out_t_ptr, inverse_ptr, inverse_t_ptr, R, C,
+        largest, ROWWISE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
     ):  # fmt: skip
-        rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-        cols = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+        # ROWWISE: amax [R] scales x's rows, amax_t [C] its columns (x^T's rows); else one
+        # amax [] scales both.
+        pid_r, pid_c = tl.program_id(0), tl.program_id(1)
+        rows = pid_r.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = pid_c.to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
         mask = (rows[:, None] < R) & (cols[None, :] < C)
         x = tl.load(x_ptr + rows[:, None] * C + cols[None, :], mask=mask, other=0.0)
-        # fp8.cast's arithmetic, rounding for rounding: torch's ``largest / amax`` is
-        # largest * (1 / amax), and its reciprocals are IEEE divisions
-        amax = tl.maximum(tl.load(amax_ptr).to(tl.float32), 1e-12)
-        scale = tl.math.div_rn(1.0, amax) * largest
-        y = tl.minimum(tl.maximum(x.to(tl.float32) * scale, -largest), largest)
-        y = y.to(out_ptr.dtype.element_ty)
-        tl.store(out_ptr + rows[:, None] * C + cols[None, :], y, mask=mask)
-        tl.store(out_t_ptr + cols[:, None] * R + rows[None, :], tl.trans(y), mask=tl.trans(mask))
-        if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
-            tl.store(inverse_ptr, tl.math.div_rn(1.0, scale))
+        x = x.to(tl.float32)
+        if ROWWISE:
+            scale = _quantizing_scale(tl.load(amax_ptr + rows, mask=rows < R, other=1.0),
+                                      largest, True)  # fmt: skip
+            scale_t = _quantizing_scale(tl.load(amax_t_ptr + cols, mask=cols < C, other=1.0),
+                                        largest, True)  # fmt: skip
+            y = tl.minimum(tl.maximum(x * scale[:, None], -largest), largest)
+            y_t = tl.minimum(tl.maximum(x * scale_t[None, :], -largest), largest)
+            y_t = y_t.to(out_t_ptr.dtype.element_ty)
+            if pid_c == 0:  # the dequantising scales: exact, of powers of two
+                tl.store(inverse_ptr + rows, tl.math.div_rn(1.0, scale), mask=rows < R)
+            if pid_r == 0:
+                tl.store(inverse_t_ptr + cols, tl.math.div_rn(1.0, scale_t), mask=cols < C)
+        else:
+            scale = _quantizing_scale(tl.load(amax_ptr), largest, False)
+            y = tl.minimum(tl.maximum(x * scale, -largest), largest)
+            y_t = y.to(out_t_ptr.dtype.element_ty)
+            if (pid_r == 0) & (pid_c == 0):
+                tl.store(inverse_ptr, tl.math.div_rn(1.0, scale))
+        tl.store(out_ptr + rows[:, None] * C + cols[None, :], y.to(out_ptr.dtype.element_ty),
+                 mask=mask)  # fmt: skip
+        tl.store(out_t_ptr + cols[:, None] * R + rows[None, :], tl.trans(y_t), mask=tl.trans(mask))
 
 
 def cast_transpose(
-    x: torch.Tensor, amax: torch.Tensor, dtype: torch.dtype, largest: float | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x [R, C] (contiguous) scaled so that ``amax`` (a [] tensor) maps onto ``largest``
-    (the largest value of ``dtype``, an FP8 format), in ``dtype``: (x [R, C], x^T [C, R],
-    dequantising scale [] float32), as fp8.cast computes it, read once. torch._scaled_mm's
-    three GEMMs of a linear take each operand in one layout and its transpose in the other
-    (a transposing copy of an FP8 tensor by aten is ~10x slower than the bytes)."""
+    x: torch.Tensor,
+    amax: torch.Tensor,
+    dtype: torch.dtype,
+    largest: float | None = None,
+    amax_t: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [R, C] (contiguous) in ``dtype``, an FP8 format, and x^T [C, R], from one read, as
+    fp8.cast computes them: scaled so that ``amax`` maps onto ``largest`` (the format's
+    largest value by default). Tensorwise: ``amax`` [] for both. Rowwise (``amax_t`` given):
+    ``amax`` [R] scales each row of x and ``amax_t`` [C] each row of x^T (x's columns), by
+    powers of two. Returns (x, x^T, dequantising scales of x, of x^T): [] and the same
+    tensor twice, or [R, 1] and [C, 1] (float32). torch._scaled_mm's three GEMMs of a
+    linear take each operand in one layout and its transpose in the other (aten's
+    transposing copy of an FP8 tensor is ~10x slower than the bytes; rowwise, a bf16 copy
+    was transposed and cast again)."""
     if not (runs_on(x) and x.dim() == 2 and x.is_contiguous()):
         raise NotImplementedError(
             "cast_transpose: a contiguous 2-D CUDA tensor (not supported yet)"
         )
     rows, cols = x.shape
+    rowwise = amax_t is not None
     out = torch.empty((rows, cols), dtype=dtype, device=x.device)
     out_t = torch.empty((cols, rows), dtype=dtype, device=x.device)
-    inverse = torch.empty((), dtype=torch.float32, device=x.device)
+    inverse = torch.empty((rows, 1) if rowwise else (), dtype=torch.float32, device=x.device)
+    inverse_t = torch.empty((cols, 1), dtype=torch.float32, device=x.device) if rowwise else inverse
     top = torch.finfo(dtype).max if largest is None else largest
     grid = (triton.cdiv(rows, _CAST_BLOCK), triton.cdiv(cols, _CAST_BLOCK))
     _cast_transpose_kernel[grid](
-        x, amax, out, out_t, inverse, rows, cols, top, BLOCK_R=_CAST_BLOCK, BLOCK_C=_CAST_BLOCK
-    )
-    return out, out_t, inverse
+        x, amax.reshape(-1).contiguous(), (amax if amax_t is None else amax_t).reshape(-1).contiguous(),
+        out, out_t, inverse, inverse_t, rows, cols, top, ROWWISE=rowwise,
+        BLOCK_R=_CAST_BLOCK, BLOCK_C=_CAST_BLOCK,
+    )  # fmt: skip
+    return out, out_t, inverse, inverse_t
 
 
 _CAST_BLOCK = 64
-
-
-if triton is not None:
-
-    @triton.jit
-    def _cast_transpose_rowwise_kernel(
-        x_ptr, row_scale_ptr, col_scale_ptr, out_ptr, out_t_ptr, R, C, largest,
-        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-    ):  # fmt: skip
-        rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-        cols = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
-        mask = (rows[:, None] < R) & (cols[None, :] < C)
-        x = tl.load(x_ptr + rows[:, None] * C + cols[None, :], mask=mask, other=0.0)
-        x = x.to(tl.float32)
-        row_scale = tl.load(row_scale_ptr + rows, mask=rows < R, other=0.0)
-        col_scale = tl.load(col_scale_ptr + cols, mask=cols < C, other=0.0)
-        y = tl.minimum(tl.maximum(x * row_scale[:, None], -largest), largest)
-        tl.store(out_ptr + rows[:, None] * C + cols[None, :], y.to(out_ptr.dtype.element_ty),
-                 mask=mask)  # fmt: skip
-        y_t = tl.minimum(tl.maximum(x * col_scale[None, :], -largest), largest)
-        y_t = tl.trans(y_t.to(out_t_ptr.dtype.element_ty))
-        tl.store(out_t_ptr + cols[:, None] * R + rows[None, :], y_t, mask=tl.trans(mask))
-
-
-def cast_transpose_rowwise(
-    x: torch.Tensor,
-    row_scale: torch.Tensor,
-    col_scale: torch.Tensor,
-    dtype: torch.dtype,
-    largest: float | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [R, C] (contiguous) in ``dtype`` twice from one read: each row times ``row_scale``
-    [R] (-> [R, C]) and each column times ``col_scale`` [C], transposed (-> [C, R]), clamped
-    to +-``largest`` (the largest value of ``dtype``, an FP8 format) as fp8.cast does.
-    Rowwise FP8's three GEMMs need x scaled over each row and x^T over each of its rows, x's
-    columns; aten transposed a copy for the second (a bf16 read and write more)."""
-    if not (runs_on(x) and x.dim() == 2 and x.is_contiguous()):
-        raise NotImplementedError(
-            "cast_transpose_rowwise: a contiguous 2-D CUDA tensor (not supported yet)"
-        )
-    rows, cols = x.shape
-    out = torch.empty((rows, cols), dtype=dtype, device=x.device)
-    out_t = torch.empty((cols, rows), dtype=dtype, device=x.device)
-    top = torch.finfo(dtype).max if largest is None else largest
-    grid = (triton.cdiv(rows, _CAST_BLOCK), triton.cdiv(cols, _CAST_BLOCK))
-    _cast_transpose_rowwise_kernel[grid](
-        x, row_scale.reshape(-1).float().contiguous(), col_scale.reshape(-1).float().contiguous(),
-        out, out_t, rows, cols, top, BLOCK_R=_CAST_BLOCK, BLOCK_C=_CAST_BLOCK,
-    )  # fmt: skip
-    return out, out_t
 
 
 # ---- fp32 weights held as a bf16 weight and a 16-bit remainder --------------------------------

@@ -347,7 +347,8 @@ def check_cast_transpose(device: str) -> None:
         formats = [fp8.E4M3, fp8.E5M2] if device == "cuda" else [torch.float32]
         for dtype in formats:
             largest = torch.finfo(fp8.E4M3 if dtype == torch.float32 else dtype).max
-            out, out_t, inverse = tk.cast_transpose(x, amax, dtype, largest)
+            out, out_t, inverse, inverse_t = tk.cast_transpose(x, amax, dtype, largest)
+            assert inverse_t is inverse
             scale = largest / amax.float().clamp(min=1e-12)
             want = (x.float() * scale).clamp(-largest, largest).to(dtype)
             if dtype != torch.float32:
@@ -364,10 +365,10 @@ def check_cast_transpose(device: str) -> None:
 
 
 def check_cast_transpose_rowwise(device: str) -> None:
-    """cast_transpose_rowwise against fp8.cast of x over its rows and of x^T over its rows
-    (x's columns), with fp8.quantizing_scale's power-of-two scales: the same values bit for
-    bit (on CUDA in e4m3; in the interpreter into float32, where the products by powers of
-    two are exact and only the FP8 rounding is left to the GPU)."""
+    """cast_transpose with a scale per row of x and per row of x^T (x's columns) against
+    fp8.cast of x and of x.t().contiguous() over their rows: the same values and scales bit
+    for bit (on CUDA in e4m3; in the interpreter into float32, where the products by powers
+    of two are exact and only the FP8 rounding is left to the GPU)."""
     from megabridge.models import fp8
     from megabridge.models import triton_kernels as tk
 
@@ -375,19 +376,25 @@ def check_cast_transpose_rowwise(device: str) -> None:
     for shape in [(100, 70), (3, 130), (256, 64)]:
         x = (torch.randn(*shape, generator=gen) * 5).to(device, torch.bfloat16)
         x[0, 1] = 300.0  # an outlier: its row's and its column's scales only
+        x[2, 2] = 1.75  # 448 / 1.75 = 256: a scale that is a power of two (row 2's amax)
+        x[2, :2] = 0.0
+        x[2, 3:] = 0.0
         dtype = fp8.E4M3 if device == "cuda" else torch.float32
         largest = torch.finfo(fp8.E4M3).max
-        row_amax = fp8.amax(x, True)
-        col_amax = fp8.amax(x.t().contiguous(), True)
-        row_scale = fp8.quantizing_scale(row_amax, fp8.E4M3, True)
-        col_scale = fp8.quantizing_scale(col_amax, fp8.E4M3, True)
-        out, out_t = tk.cast_transpose_rowwise(x, row_scale, col_scale, dtype, largest)
+        x_t = x.t().contiguous()
+        out, out_t, inverse, inverse_t = tk.cast_transpose(
+            x, fp8.amax(x, True), dtype, largest, amax_t=fp8.amax(x_t, True)
+        )
         assert out.shape == shape and out_t.shape == shape[::-1] and out.dtype == dtype
-        for got, rows, scale in ((out, x, row_scale), (out_t, x.t().contiguous(), col_scale)):
+        assert inverse.shape == (shape[0], 1) and inverse_t.shape == (shape[1], 1)
+        for got, got_inverse, rows in ((out, inverse, x), (out_t, inverse_t, x_t)):
+            scale = fp8.quantizing_scale(fp8.amax(rows, True), fp8.E4M3, True)
             want = (rows.float() * scale).clamp(-largest, largest).to(dtype)
             if dtype != torch.float32:
                 want = fp8.cast(rows, fp8.amax(rows, True), dtype, True)[0]
             assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+            assert torch.equal(got_inverse, scale.reciprocal())
+        assert inverse[2].item() == 1 / 256
         assert not torch.equal(out_t.float().t(), out.float())  # scaled differently
 
 

@@ -239,7 +239,20 @@ def train_all(args, out: Path, runs: dict, seeds: list, global_batch: int) -> li
                 )
             except subprocess.TimeoutExpired:
                 pass  # compared as far as it got
+            print(run_summary(name, run / "logs"), flush=True)  # seen even if the call is cut
     return failed_runs
+
+
+def run_summary(name: str, logs: Path) -> str:
+    """One line as soon as a run ends: its last step, last 20 steps' mean loss and tokens/s."""
+    curve, rate = losses(logs), tokens_per_s(logs)
+    if not curve:
+        return f"run {name}: no step logged"
+    last = [curve[s] for s in sorted(curve)[-WINDOW:]]
+    rate_text = f"{rate:,.0f} tokens/s" if rate else "no rate yet"
+    return (
+        f"run {name}: step {max(curve)}, last-20 mean loss {sum(last) / len(last):.4f}, {rate_text}"
+    )
 
 
 def report(args, out: Path, runs: dict, seeds: list, global_batch: int, failed_runs) -> int:

@@ -76,3 +76,11 @@ def test_report_only_flags_a_run_that_stopped_early_or_is_missing(curves, tmp_pa
     (tmp_path / "runs/fp8-seed2/logs/metrics.jsonl").unlink()
     assert _report(curves, tmp_path, iters) == 1
     assert "fp8-seed2: no step in" in capsys.readouterr().out
+
+
+def test_each_run_is_summed_up_in_one_line_as_it_ends(curves, tmp_path):
+    _metrics(tmp_path / "logs", {s: 3.0 + s / 100 for s in range(1, 31)})
+    line = curves.run_summary("fp8-seed1", tmp_path / "logs")
+    # the last 20 steps: 3.11 .. 3.30, mean 3.205; the rate's median after step 10: 21,000
+    assert line == "run fp8-seed1: step 30, last-20 mean loss 3.2050, 21,000 tokens/s"
+    assert curves.run_summary("x", tmp_path / "none") == "run x: no step logged"

@@ -427,6 +427,7 @@ def test_fp8_linear_with_one_pass_casts_matches_the_separate_casts_on_cuda(monke
     w = (torch.randn(192, 256, generator=gen) * 0.05).cuda().bfloat16().requires_grad_()
     grad = torch.randn(320, 192, generator=gen).cuda().bfloat16()
     runs_on, no = fp8.triton_kernels.runs_on, lambda t: False
+    assert fp8._one_pass_casts_agree(x.device)  # else both runs take the separate casts
     for recipe in ("tensorwise", "rowwise"):
         results = []
         for one_pass in (True, False):
@@ -621,3 +622,25 @@ def test_softmax_kernels_that_disagree_with_torch_are_not_used(monkeypatch, capl
         assert cross_entropy._kernels_agree(torch.device("cpu")) is agree
     assert "disagree with torch" in caplog.text
     cross_entropy._kernels_agree.cache_clear()
+
+
+def test_fp8_one_pass_casts_that_disagree_with_torch_are_not_used(monkeypatch, caplog):
+    """FP8Linear's check of the one-pass casts on first use, with the kernel replaced by
+    torch's casts: right, it passes; one FP8 value off in the rowwise transpose, it fails
+    and says so."""
+    from megabridge.models import fp8
+
+    def casts(x, dtype, rowwise, spoil=False):
+        out, scale = fp8.quantize(x, dtype, rowwise)
+        out_t, scale_t = fp8.quantize(x.t().contiguous(), dtype, rowwise)
+        if spoil and rowwise:
+            out_t = out_t.clone()
+            out_t[0, 0] = (-out_t[0, 0].float()).to(dtype)
+        return out, out_t, scale, scale_t
+
+    for spoil, agree in ((False, True), (True, False)):
+        monkeypatch.setattr(fp8, "_cast_transpose", lambda *a, spoil=spoil: casts(*a, spoil=spoil))
+        fp8._one_pass_casts_agree.cache_clear()
+        assert fp8._one_pass_casts_agree(torch.device("cpu")) is agree
+    assert "FP8 casts disagree with torch" in caplog.text
+    fp8._one_pass_casts_agree.cache_clear()

@@ -261,14 +261,15 @@ def report(args, out: Path, runs: dict, seeds: list, global_batch: int, failed_r
     for label in runs:
         seed_curves, seed_rates = [], []
         for seed in seeds:
-            logs = out / "runs" / run_name(label, seed) / "logs"
+            name = run_name(label, seed)
+            logs = out / "runs" / name / "logs"
             if curve := losses(logs):
                 seed_curves.append(curve)
                 seed_rates.append(tokens_per_s(logs))
                 if max(curve) < args.iters:
                     cut.add(label)
-            elif not any(line.startswith(f"{run_name(label, seed)}:") for line in failed_runs):
-                failed_runs.append(f"{run_name(label, seed)}: no step in {logs / 'metrics.jsonl'}")
+            elif not any(line.startswith(f"{name}:") for line in failed_runs):
+                failed_runs.append(f"{name}: no step in {logs / 'metrics.jsonl'}")
         if len(seed_curves) == len(seeds):  # a label with a failed seed is not averaged
             curves[label] = mean_curve(seed_curves)
             known = [r for r in seed_rates if r is not None]

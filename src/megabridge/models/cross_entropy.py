@@ -68,10 +68,9 @@ class LogitsKeptCrossEntropy(torch.autograd.Function):
             and triton_kernels.softmax_stats_fits(logits)
             and _kernels_agree(logits.device)
         )
-        if ctx.triton:
-            row_max, sum_exp, picked = triton_kernels.softmax_stats(
-                logits, local_target.masked_fill(target_mask, -1)
-            )
+        if ctx.triton:  # the kernels' target: -1 where none of the row is this rank's
+            local_target = local_target.masked_fill(target_mask, -1)
+            row_max, sum_exp, picked = triton_kernels.softmax_stats(logits, local_target)
             predicted = (picked - row_max).masked_fill(target_mask, 0.0)
         else:
             row_max = compiled.cuda_kernel(_row_max, logits)(logits)
@@ -89,12 +88,8 @@ class LogitsKeptCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         logits, row_max, sum_exp, local_target, target_mask = ctx.saved_tensors
         if ctx.triton:
-            target = local_target.masked_fill(target_mask, -1)
-            return (
-                triton_kernels.softmax_grad(logits, row_max, sum_exp, target, grad_loss),
-                None,
-                None,
-            )
+            grad = triton_kernels.softmax_grad(logits, row_max, sum_exp, local_target, grad_loss)
+            return grad, None, None
         grad = compiled.cuda_kernel(_logits_grad, logits)(
             logits, row_max, sum_exp, local_target, target_mask, grad_loss
         )

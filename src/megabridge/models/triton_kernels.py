@@ -627,18 +627,14 @@ _SOFTMAX_BLOCK = 4096  # vocabulary entries a program holds at a time
 
 def softmax_stats_fits(logits: torch.Tensor) -> bool:
     """Whether softmax_stats / softmax_grad take logits [..., V] here (rows of contiguous
-    entries, a row's stride below 2^31)."""
+    entries)."""
     return runs_on(logits) and logits.stride(-1) == 1 and logits.dim() >= 2
-
-
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    return t.view(-1, t.shape[-1]) if t.is_contiguous() else t.reshape(-1, t.shape[-1])
 
 
 def softmax_stats(logits: torch.Tensor, target: torch.Tensor):
     """(max, sum of exp(x - max), the target's logit or 0 where target is -1), each fp32 of
     logits' leading shape, for logits [..., V] and target [...] (int64, in [-1, V))."""
-    rows = _rows(logits)
+    rows = logits.reshape(-1, logits.shape[-1])
     n, v = rows.shape
     out = [torch.empty(n, dtype=torch.float32, device=logits.device) for _ in range(3)]
     block = min(_SOFTMAX_BLOCK, triton.next_power_of_2(v))
@@ -653,7 +649,7 @@ def softmax_grad(logits, row_max, sum_exp, target, grad_loss) -> torch.Tensor:
     """(softmax(logits) - onehot(target)) * grad_loss[..., None] in logits' dtype and shape,
     the softmax from softmax_stats' max and sum; target -1: no entry of the row is the
     target."""
-    rows = _rows(logits)
+    rows = logits.reshape(-1, logits.shape[-1])
     n, v = rows.shape
     grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     scale = grad_loss.reshape(-1).float().contiguous()

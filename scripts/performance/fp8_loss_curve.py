@@ -20,7 +20,9 @@ that one call of a time-limited machine still prints every run's numbers.
 blocks' losses depend on which files they hold); ``--global-batch`` accumulates micro-batches.
 The runs save no checkpoint (``checkpoint.save_at_end=false``: a 1.1B model's with its
 optimizer is 13 GB, longer to write than 300 steps take). ``--report-only`` prints the
-tables again from the runs already in ``--out`` (same labels and seeds) without training.
+tables again from the runs already in ``--out`` (same labels and seeds) without training;
+``--train LABEL,...`` trains only those runs and reports on all (the others from an earlier
+call's ``--out/runs``).
 ``--variant bf16-again:`` (no overrides) runs bf16 a second time: whether two runs of the same
 seed and data drift apart on this GPU, the yardstick for any variant's difference.
 ``--measure-compiled-fp8`` lets ``model.compile_layers=true`` run with ``model.fp8``, which
@@ -184,6 +186,12 @@ def main() -> int:
     )
     p.add_argument("--report-only", action="store_true", help="train nothing: compare the runs "
                    "already in --out/runs (the same --variant and --seeds)")  # fmt: skip
+    p.add_argument(
+        "--train", type=lambda text: text.split(","), metavar="LABEL[,LABEL]",
+        help="train only these runs (bf16 and/or --variant labels, every seed); the report "
+        "reads the others from --out/runs, where an earlier call left them: one comparison "
+        "split over calls of a time-limited machine",
+    )  # fmt: skip
     p.add_argument("overrides", nargs="*", help="section.field=value for every run")
     args = p.parse_args()
     global_batch = args.global_batch or args.mbs
@@ -195,7 +203,10 @@ def main() -> int:
         label, _, overrides = text.partition(":")
         runs[label] = overrides.split(",") if overrides else []  # "again:": bf16 once more
     seeds = args.seeds or [None]  # None: the recipe's own seed
-    failed_runs = [] if args.report_only else train_all(args, out, runs, seeds, global_batch)
+    if unknown := set(args.train or ()) - set(runs):
+        sys.exit(f"--train {','.join(sorted(unknown))}: not bf16 or a --variant label")
+    to_train = {label: runs[label] for label in args.train or runs}
+    failed_runs = [] if args.report_only else train_all(args, out, to_train, seeds, global_batch)
     return report(args, out, runs, seeds, global_batch, failed_runs)
 
 

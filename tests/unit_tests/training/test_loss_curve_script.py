@@ -84,3 +84,26 @@ def test_each_run_is_summed_up_in_one_line_as_it_ends(curves, tmp_path):
     # the last 20 steps: 3.11 .. 3.30, mean 3.205; the rate's median after step 10: 21,000
     assert line == "run fp8-seed1: step 30, last-20 mean loss 3.2050, 21,000 tokens/s"
     assert curves.run_summary("x", tmp_path / "none") == "run x: no step logged"
+
+
+def test_train_picks_the_runs_to_train_and_the_report_reads_all(curves, tmp_path, monkeypatch):
+    iters = 2 * curves.WINDOW
+    flat = {s: 4.0 for s in range(1, iters + 1)}
+    _metrics(tmp_path / "runs/bf16-seed1/logs", flat)  # from an earlier call
+    trained = []
+
+    def train_all(args, out, runs, seeds, global_batch):
+        trained.append((dict(runs), seeds))
+        _metrics(out / "runs/fp8-seed1/logs", {s: 4.2 for s in flat})
+        return []
+
+    monkeypatch.setattr(curves, "train_all", train_all)
+    argv = ["x", "--out", str(tmp_path), "--iters", str(iters), "--seeds", "1",
+            "--variant", "fp8:model.fp8=tensorwise", "--variant", "again:"]  # fmt: skip
+    monkeypatch.setattr("sys.argv", [*argv, "--train", "fp8"])
+    # fp8 trained alone, bf16 read from disk: 5% off, past the tolerance; "again" has no run
+    assert curves.main() == 1
+    assert trained == [({"fp8": ["model.fp8=tensorwise"]}, [1])]
+    monkeypatch.setattr("sys.argv", [*argv, "--train", "fp8,bf17"])
+    with pytest.raises(SystemExit, match="--train bf17: not bf16 or a --variant label"):
+        curves.main()

@@ -191,6 +191,27 @@ def pretrain_llama4(s: Smoke) -> str:
     return _pretrain(s, "llama4_tiny_pretrain_config")
 
 
+@path
+def pretrain_fp8(s: Smoke) -> str:
+    """model.fp8 through the command line: tensorwise, then rowwise with the first and last of
+    four layers in bf16 (model.first_last_layers_bf16). The one-pass casts' first-use check
+    must agree with torch's casts (no fallback warning)."""
+    runs = {
+        "tensorwise": ("model.fp8=tensorwise",),
+        "rowwise, first/last layers bf16": ("model.fp8=rowwise", "model.num_layers=4",
+                                            "model.first_last_layers_bf16=true"),
+    }  # fmt: skip
+    done = []
+    for i, (name, overrides) in enumerate(runs.items()):
+        folder = s.work / f"fp8_{i}"
+        records = s.train("pretrain_fp8", "train", "llama_tiny_pretrain_config", folder,
+                          "train.train_iters=10", *overrides)  # fmt: skip
+        done.append(f"{name} {falling(records, name)}")
+    if "disagree with torch" in (s.logs / "pretrain_fp8.log").read_text():
+        raise Failure("a first-use kernel check disagreed (see pretrain_fp8.log)")
+    return "; ".join(done)
+
+
 SFT = ("llama_tiny_finetune_config", "train.train_iters=12", "train.eval_interval=6",
        "dataset.seq_length=128", "optimizer.lr=3e-3")  # fmt: skip
 

@@ -308,6 +308,18 @@ class ModelConfig:
         "FP8 GEMMs in the torch spec's block linears (torch._scaled_mm, no Transformer Engine): "
         "tensorwise or rowwise scaling; needs a GPU of compute capability 8.9+",
     )
+    first_last_layers_bf16: bool = runtime_field(
+        False,
+        "with model.fp8: the first num_layers_at_start_in_bf16 and the last "
+        "num_layers_at_end_in_bf16 transformer layers keep bf16 GEMMs (Megatron-Core's names; "
+        "without model.fp8 it changes nothing)",
+    )
+    num_layers_at_start_in_bf16: int = runtime_field(
+        1, "layers at the model's start kept in bf16 by first_last_layers_bf16"
+    )
+    num_layers_at_end_in_bf16: int = runtime_field(
+        1, "layers at the model's end kept in bf16 by first_last_layers_bf16"
+    )
     recompute_swiglu: bool | None = runtime_field(
         None,
         "torch spec, dense SwiGLU MLPs: recompute SwiGLU's output in backward instead of keeping "
@@ -492,6 +504,7 @@ def _variant_problems(cfg: ModelConfig) -> list[str]:
         problems.append(f"no_rope_layers {bad} are not layers of a {cfg.num_layers}-layer model")
     problems += _llama4_attention_problems(cfg)
     problems += _recompute_problems(cfg)
+    problems += _bf16_layer_problems(cfg)
     if (cfg.swiglu_alpha is not None or cfg.glu_linear_offset) and cfg.activation != "swiglu":
         problems.append("swiglu_alpha and glu_linear_offset need activation=swiglu")
     if cfg.local_rotary_base is not None and cfg.sliding_window is None:
@@ -535,6 +548,23 @@ def _llama4_attention_problems(cfg: ModelConfig) -> list[str]:
             f"moe_apply_probs_on_input needs moe_router_topk=1 (got {cfg.moe_router_topk})"
         )
     return problems
+
+
+def _bf16_layer_problems(cfg: ModelConfig) -> list[str]:
+    return [
+        f"{name}={getattr(cfg, name)} must be between 0 and num_layers={cfg.num_layers}"
+        for name in ("num_layers_at_start_in_bf16", "num_layers_at_end_in_bf16")
+        if not 0 <= getattr(cfg, name) <= cfg.num_layers
+    ]
+
+
+def layer_in_bf16(cfg: ModelConfig, layer: int) -> bool:
+    """Whether 0-based global ``layer`` keeps bf16 GEMMs under model.fp8 (first_last_layers_bf16)."""
+    if not cfg.first_last_layers_bf16:
+        return False
+    return layer < cfg.num_layers_at_start_in_bf16 or (
+        layer >= cfg.num_layers - cfg.num_layers_at_end_in_bf16
+    )
 
 
 # Megatron-Core 0.16's recompute_modules, less "moe_act" (it needs grouped GEMMs, which

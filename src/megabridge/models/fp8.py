@@ -272,3 +272,8 @@ FP8_CLASS_OF = {
     ColumnParallelLinear: FP8ColumnParallelLinear,
     RowParallelLinear: FP8RowParallelLinear,
 }
+# The bf16 linear each FP8 one stands in for in the torch spec (after its own row linears)
+BF16_CLASS_OF = {
+    FP8ColumnParallelLinear: ColumnParallelLinear,
+    FP8RowParallelLinear: compiled.RowParallelLinear,
+}

@@ -50,7 +50,7 @@ from megabridge.models.attention_ops import (
     split_segments,
     temperature_scales,
 )
-from megabridge.models.config import recompute_granularity
+from megabridge.models.config import layer_in_bf16, recompute_granularity
 
 # Queries per block in chunked_attention (module-level so that tests can shrink it).
 ATTENTION_CHUNK = 512
@@ -882,23 +882,39 @@ def _use_recomputed_swiglu(sub, cfg) -> None:
 def _use_fp8_linears(sub, cfg) -> None:
     """The layer's plain linears (attention QKV and output, a dense MLP's two) in FP8.
 
-    An MoE layer's experts stay in bf16 (grouped GEMMs have no FP8 path here yet). Whether
-    this machine can run them is checked where the model is materialised (provider).
+    An MoE layer's experts stay in bf16 (grouped GEMMs have no FP8 path here yet), and so do
+    the layers model.first_last_layers_bf16 names (_layer_spec). Whether this machine can run
+    them is checked where the model is materialised (provider).
     """
 
+    for owner, field, module in _block_linears(sub):
+        if module in fp8.FP8_CLASS_OF:
+            spec = ModuleSpec(module=fp8.FP8_CLASS_OF[module], params={"fp8_recipe": cfg.fp8})
+            setattr(owner, field, spec)
+
+
+def _use_bf16_linears(sub) -> None:
+    """The layer's FP8 linears back in bf16 (model.first_last_layers_bf16)."""
+    for owner, field, module in _block_linears(sub):
+        if isinstance(module, ModuleSpec) and module.module in fp8.BF16_CLASS_OF:
+            setattr(owner, field, fp8.BF16_CLASS_OF[module.module])
+
+
+def _block_linears(sub):
+    """(owner, field, spec) of the layer's attention and dense-MLP linears."""
     mlp = getattr(sub.mlp, "submodules", None)
     for owner in (sub.self_attention.submodules, mlp):
         for field in ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"):
-            module = getattr(owner, field, None)
-            if module in fp8.FP8_CLASS_OF:
-                spec = ModuleSpec(module=fp8.FP8_CLASS_OF[module], params={"fp8_recipe": cfg.fp8})
-                setattr(owner, field, spec)
+            if hasattr(owner, field):
+                yield owner, field, getattr(owner, field)
 
 
 def _layer_spec(spec, cfg, layer: int):
     """``spec`` with the options of 0-based global ``layer``."""
     window = cfg.window_of_layer(layer)
     spec = copy.deepcopy(spec)
+    if cfg.fp8 is not None and layer_in_bf16(cfg, layer):
+        _use_bf16_linears(spec.submodules)
     spec.params = dict(
         post_norm=norm_class(cfg) if cfg.norm_placement != "pre" else None,
         rotary_base=cfg.local_rotary_base if window is not None else None,

@@ -9,7 +9,7 @@ import torch
 from megabridge.errors import ConfigError
 from megabridge.models import fp8
 from megabridge.models import init as weight_init
-from megabridge.models.config import ModelConfig
+from megabridge.models.config import ModelConfig, validate_model_config
 from megabridge.models.provider import build_model
 
 pytestmark = pytest.mark.unit
@@ -208,6 +208,61 @@ def test_the_torch_spec_model_in_fp8_matches_bf16(monkeypatch, recipe):
     assert grads.keys() == ref_grads.keys()
     name = "decoder.layers.0.mlp.linear_fc1.weight"
     assert 1e-4 < _rel(grads[name], ref_grads[name]) < 0.15
+
+
+def _in_fp8(model) -> list[bool]:
+    flags = []
+    for layer in model.decoder.layers:
+        linears = (layer.self_attention.linear_qkv, layer.self_attention.linear_proj,
+                   layer.mlp.linear_fc1, layer.mlp.linear_fc2)  # fmt: skip
+        kinds = {isinstance(m, fp8._FP8Forward) for m in linears}
+        assert len(kinds) == 1  # a layer's four linears alike
+        flags.append(kinds.pop())
+    return flags
+
+
+@pytest.mark.usefixtures("single_process_megatron")
+@pytest.mark.parametrize(
+    "kw, expected",
+    [
+        ({}, [True] * 4),
+        ({"first_last_layers_bf16": True}, [False, True, True, False]),
+        (
+            {
+                "first_last_layers_bf16": True,
+                "num_layers_at_start_in_bf16": 2,
+                "num_layers_at_end_in_bf16": 0,
+            },
+            [False, False, True, True],
+        ),  # fmt: skip
+        ({"num_layers_at_start_in_bf16": 2}, [True] * 4),  # counts alone change nothing
+    ],
+)
+def test_first_last_layers_bf16_keeps_those_layers_out_of_fp8(monkeypatch, kw, expected):
+    monkeypatch.setattr(fp8, "check_fp8_supported", lambda *a: None)
+    (model,) = build_model(_tiny(num_layers=4, fp8="rowwise", **kw), meta=True)
+    assert _in_fp8(model) == expected
+
+
+@pytest.mark.usefixtures("single_process_megatron")
+def test_a_model_with_every_layer_kept_in_bf16_is_the_bf16_model(monkeypatch):
+    monkeypatch.setattr(fp8, "check_fp8_supported", lambda *a: None)
+    tokens = torch.randint(0, 128, (2, 17), generator=torch.Generator().manual_seed(2))
+    kept = dict(fp8="tensorwise", first_last_layers_bf16=True, num_layers_at_start_in_bf16=1,
+                num_layers_at_end_in_bf16=1)  # fmt: skip
+    model, loss, grads = _loss_and_grads(_tiny(**kept), tokens)
+    _, ref_loss, ref_grads = _loss_and_grads(_tiny(), tokens)
+    assert _in_fp8(model) == [False, False]
+    assert loss.item() == ref_loss.item()
+    for name, grad in grads.items():
+        assert torch.equal(grad, ref_grads[name]), name
+
+
+def test_bf16_layer_counts_outside_the_model_are_refused():
+    cfg = _tiny(fp8="tensorwise", first_last_layers_bf16=True, num_layers_at_end_in_bf16=3)
+    with pytest.raises(ConfigError, match="num_layers_at_end_in_bf16=3 must be between 0 and "
+                       "num_layers=2"):  # fmt: skip
+        validate_model_config(cfg)
 
 
 @pytest.mark.usefixtures("single_process_megatron")

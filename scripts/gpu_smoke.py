@@ -193,11 +193,12 @@ def pretrain_llama4(s: Smoke) -> str:
 
 @path
 def pretrain_fp8(s: Smoke) -> str:
-    """model.fp8 through the command line: tensorwise, then rowwise with the first and last of
-    four layers in bf16 (model.first_last_layers_bf16). The one-pass casts' first-use check
-    must agree with torch's casts (no fallback warning)."""
+    """model.fp8 through the command line: tensorwise with SwiGLU recomputed in fc2's FP8
+    backward (model.recompute_swiglu=true), then rowwise with the first and last of four
+    layers in bf16 (model.first_last_layers_bf16). The one-pass casts' first-use check must
+    agree with torch's casts (no fallback warning)."""
     runs = {
-        "tensorwise": ("model.fp8=tensorwise",),
+        "tensorwise, SwiGLU recomputed": ("model.fp8=tensorwise", "model.recompute_swiglu=true"),
         "rowwise, first/last layers bf16": ("model.fp8=rowwise", "model.num_layers=4",
                                             "model.first_last_layers_bf16=true"),
     }  # fmt: skip

@@ -324,7 +324,8 @@ class ModelConfig:
         None,
         "torch spec, dense SwiGLU MLPs: recompute SwiGLU's output in backward instead of keeping "
         "it (16 KB less activation memory per token and layer at FFN 8192, for one element-wise "
-        "write); None: wherever it applies (not with FP8 or compiled layers), true: required",
+        "write); None: wherever it applies (not with FP8 or compiled layers), true: required "
+        "(with FP8 too)",
     )
     recompute_cross_entropy: bool = runtime_field(
         True,

@@ -153,65 +153,121 @@ def _one_pass_casts_agree(device: torch.device) -> bool:
     return bool(agree)
 
 
+def _forward_operand(x: torch.Tensor, rowwise: bool, transposed: bool, emulate: bool):
+    """x (an input or a weight) for the forward GEMM, e4m3: (x_fp8, its scale, what backward
+    keeps of it for its own GEMM, read by _backward_operand). With ``transposed`` (on the GPU)
+    x^T is cast in the same pass and kept in FP8; else tensorwise keeps x_fp8 (half the bytes
+    of x) and rowwise keeps x itself (backward scales it over the other dimension)."""
+    if transposed:
+        x_fp8, xt_fp8, x_scale, xt_scale = _cast_transpose(x, E4M3, rowwise)
+        return x_fp8, x_scale, (xt_fp8, xt_scale)
+    # quantize takes x detached (_operand): dynamo keeps a Parameter's shape static, so each
+    # layer's weight shape would compile anew, past the recompile limit (measured: eager
+    # fallback, 0.78x)
+    x_fp8, x_scale = _quantize_fn(emulate)(x, E4M3, rowwise)  # [R, C], [] or [R, 1]
+    return x_fp8, x_scale, ((x,) if rowwise else (x_fp8, x_scale))
+
+
+def _backward_operand(kept: tuple, rowwise: bool, transposed: bool, emulate: bool):
+    """x^T in e4m3 and its scale, from what _forward_operand kept of x."""
+    if transposed:
+        return kept
+    if rowwise:
+        (x,) = kept
+        return _quantize_fn(emulate)(x.t().contiguous(), E4M3, True)  # scaled over x's rows' axis
+    x_fp8, x_scale = kept
+    return x_fp8.t().contiguous(), x_scale
+
+
+def _gradient_operands(grad_y: torch.Tensor, rowwise: bool, transposed: bool, emulate: bool):
+    """dy [M, N] and dy^T in FP8 (rowwise e4m3, each over its own rows; tensorwise e5m2, one
+    scale): (g_fp8, g_scale, gt_fp8, gt_scale)."""
+    dtype = E4M3 if rowwise else E5M2  # tensorwise: the range of e5m2 for gradients
+    if transposed:
+        g_fp8, gt_fp8, g_scale, gt_scale = _cast_transpose(grad_y, dtype, rowwise)
+        return g_fp8, g_scale, gt_fp8, gt_scale
+    q = _quantize_fn(emulate)
+    g_fp8, g_scale = q(grad_y, dtype, rowwise)
+    if rowwise:
+        return (g_fp8, g_scale, *q(grad_y.t().contiguous(), dtype, True))
+    return g_fp8, g_scale, g_fp8.t().contiguous(), g_scale
+
+
+def _uses_one_pass_casts(x: torch.Tensor, emulate: bool) -> bool:
+    """On the GPU: each operand and its transpose in one pass (what backward multiplies kept)."""
+    return not emulate and triton_kernels.runs_on(x) and _one_pass_casts_agree(x.device)
+
+
+def _fp8_forward(x, weight, rowwise: bool, transposed: bool, emulate: bool):
+    """y = x W^T, both cast to e4m3 -> (y in bf16, what backward keeps of x, of W)."""
+    x_fp8, x_scale, x_kept = _forward_operand(x, rowwise, transposed, emulate)
+    w_fp8, w_scale, w_kept = _forward_operand(weight, rowwise, transposed, emulate)
+    y = scaled_mm(x_fp8, w_fp8.t(), x_scale, w_scale.t().contiguous(), emulate)
+    return y, x_kept, w_kept
+
+
+def _grad_input(grads: tuple, w_kept: tuple, rowwise: bool, transposed: bool, emulate: bool):
+    """dx [M, K] = dy [M, N] @ W [N, K]: W column-major is W^T [K, N] row-major, transposed."""
+    g_fp8, g_scale, _, _ = grads
+    wt_fp8, wt_scale = _backward_operand(w_kept, rowwise, transposed, emulate)
+    return scaled_mm(g_fp8, wt_fp8.t(), g_scale, wt_scale.t().contiguous(), emulate)
+
+
+def _grad_weight(grads: tuple, x_kept: tuple, rowwise: bool, transposed: bool, emulate: bool):
+    """dW [N, K] = dy^T [N, M] @ x [M, K]."""
+    _, _, gt_fp8, gt_scale = grads
+    xt_fp8, xt_scale = _backward_operand(x_kept, rowwise, transposed, emulate)
+    return scaled_mm(gt_fp8, xt_fp8.t(), gt_scale, xt_scale.t().contiguous(), emulate)
+
+
 class FP8Linear(torch.autograd.Function):
     """y = x W^T with the three GEMMs in FP8. x [M, K], W [N, K] (bf16) -> y [M, N] bf16."""
 
     @staticmethod
     def forward(ctx, x, weight, recipe: str, emulate: bool):
-        rowwise = recipe == "rowwise"
-        ctx.recipe, ctx.emulate, ctx.dtypes = recipe, emulate, (x.dtype, weight.dtype)
-        # on the GPU: each operand and its transpose in one pass, what backward multiplies kept
-        ctx.transposed = (
-            not emulate and triton_kernels.runs_on(x) and _one_pass_casts_agree(x.device)
-        )
-        if ctx.transposed:
-            x_fp8, xt_fp8, x_scale, xt_scale = _cast_transpose(x, E4M3, rowwise)
-            w_fp8, wt_fp8, w_scale, wt_scale = _cast_transpose(weight, E4M3, rowwise)
-            y = scaled_mm(x_fp8, w_fp8.t(), x_scale, w_scale.t().contiguous(), False)
-            ctx.save_for_backward(xt_fp8, xt_scale, wt_fp8, wt_scale)
-            return y.to(x.dtype)
-        q = _quantize_fn(emulate)
-        x_fp8, x_scale = q(x, E4M3, rowwise)  # [M, K], [] or [M, 1]
-        # detached (_operand): dynamo keeps a Parameter's shape static, so each layer's weight
-        # shape would compile anew, past the recompile limit (measured: eager fallback, 0.78x)
-        w_fp8, w_scale = q(weight, E4M3, rowwise)  # [N, K], [] or [N, 1]
-        y = scaled_mm(x_fp8, w_fp8.t(), x_scale, w_scale.t().contiguous(), emulate)
-        if rowwise:  # the backward GEMMs sum over other dimensions: quantised again there
-            ctx.save_for_backward(x, weight)
-        else:  # FP8 copies: half the bytes of the bf16 input kept for backward
-            ctx.save_for_backward(x_fp8, x_scale, w_fp8, w_scale)
+        ctx.rowwise, ctx.dtypes = recipe == "rowwise", (x.dtype, weight.dtype)
+        ctx.transposed, ctx.emulate = _uses_one_pass_casts(x, emulate), emulate
+        y, x_kept, w_kept = _fp8_forward(x, weight, ctx.rowwise, ctx.transposed, emulate)
+        ctx.save_for_backward(*x_kept, *w_kept)
+        ctx.x_count = len(x_kept)
         return y.to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_y):
-        grad_y = grad_y.contiguous()  # [M, N]
-        if ctx.transposed:
-            xt_fp8, xt_scale, wt_fp8, wt_scale = ctx.saved_tensors  # x^T [K, M], W^T [K, N]
-            rowwise = ctx.recipe == "rowwise"  # all in e4m3; tensorwise: dy in e5m2 (range)
-            dtype = E4M3 if rowwise else E5M2
-            g_fp8, gt_fp8, g_scale, gt_scale = _cast_transpose(grad_y, dtype, rowwise)
-            grad_x = scaled_mm(g_fp8, wt_fp8.t(), g_scale, wt_scale.t().contiguous(), False)
-            grad_w = scaled_mm(gt_fp8, xt_fp8.t(), gt_scale, xt_scale.t().contiguous(), False)
-            return grad_x.to(ctx.dtypes[0]), grad_w.to(ctx.dtypes[1]), None, None
-        q = _quantize_fn(ctx.emulate)
-        if ctx.recipe == "rowwise":
-            x, weight = ctx.saved_tensors
-            g_fp8, g_scale = q(grad_y, E4M3, True)  # rows of dy over N
-            wt_fp8, wt_scale = q(weight.t().contiguous(), E4M3, True)  # [K, N]: W's columns
-            grad_x = scaled_mm(g_fp8, wt_fp8.t(), g_scale, wt_scale.t().contiguous(), ctx.emulate)
-            gt_fp8, gt_scale = q(grad_y.t().contiguous(), E4M3, True)  # [N, M] over M
-            xt_fp8, xt_scale = q(x.t().contiguous(), E4M3, True)  # [K, M] over M
-            grad_w = scaled_mm(gt_fp8, xt_fp8.t(), gt_scale, xt_scale.t().contiguous(), ctx.emulate)
-        else:
-            x_fp8, x_scale, w_fp8, w_scale = ctx.saved_tensors
-            g_fp8, g_scale = q(grad_y, E5M2, False)
-            # dx [M, K] = dy [M, N] @ W [N, K]: W column-major is W^T row-major, transposed.
-            grad_x = scaled_mm(g_fp8, w_fp8.t().contiguous().t(), g_scale, w_scale, ctx.emulate)
-            # dW [N, K] = dy^T [N, M] @ x [M, K]
-            grad_w = scaled_mm(
-                g_fp8.t().contiguous(), x_fp8.t().contiguous().t(), g_scale, x_scale, ctx.emulate
-            )
+        saved = ctx.saved_tensors
+        x_kept, w_kept = saved[: ctx.x_count], saved[ctx.x_count :]
+        how = (ctx.rowwise, ctx.transposed, ctx.emulate)
+        grads = _gradient_operands(grad_y.contiguous(), *how)
+        grad_x = _grad_input(grads, w_kept, *how)
+        grad_w = _grad_weight(grads, x_kept, *how)
         return grad_x.to(ctx.dtypes[0]), grad_w.to(ctx.dtypes[1]), None, None
+
+
+class FP8SwiGLUThenLinear(torch.autograd.Function):
+    """y = SwiGLU(h) W^T with FP8 GEMMs (FP8Linear's), keeping h and what backward needs of
+    W, not SwiGLU's output a: backward recomputes a with SwiGLU's gradient (one pass over h,
+    as swiglu_recompute's bf16 function does) and casts it again for the weight gradient,
+    the same FP8 values as forward's. h [M, 2f], W [N, f] -> y [M, N]."""
+
+    @staticmethod
+    def forward(ctx, h, weight, recipe: str, emulate: bool):
+        ctx.rowwise, ctx.dtypes = recipe == "rowwise", (h.dtype, weight.dtype)
+        a = triton_kernels.swiglu(h)
+        ctx.transposed, ctx.emulate = _uses_one_pass_casts(a, emulate), emulate
+        y, _, w_kept = _fp8_forward(a, weight, ctx.rowwise, ctx.transposed, emulate)
+        ctx.save_for_backward(h, *w_kept)
+        return y.to(h.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        h, *w_kept = ctx.saved_tensors
+        how = (ctx.rowwise, ctx.transposed, ctx.emulate)
+        grads = _gradient_operands(grad_y.contiguous(), *how)
+        grad_a = _grad_input(grads, tuple(w_kept), *how).to(h.dtype)
+        grad_h, a = triton_kernels.swiglu_grad_and_output(grad_a, h)
+        _, _, a_kept = _forward_operand(a, *how)
+        grad_w = _grad_weight(grads, a_kept, *how)
+        return grad_h, grad_w.to(ctx.dtypes[1]), None, None
 
 
 def fp8_linear(x, weight, recipe: str, emulate: bool = False) -> torch.Tensor:
@@ -261,19 +317,14 @@ class _FP8Forward:
 
 
 class FP8ColumnParallelLinear(_FP8Forward, ColumnParallelLinear):
-    pass
+    bf16_class = ColumnParallelLinear  # what the torch spec has in its place without FP8
 
 
 class FP8RowParallelLinear(_FP8Forward, compiled.RowParallelLinear):
-    pass
+    bf16_class = compiled.RowParallelLinear
 
 
 FP8_CLASS_OF = {
     ColumnParallelLinear: FP8ColumnParallelLinear,
     RowParallelLinear: FP8RowParallelLinear,
-}
-# The bf16 linear each FP8 one stands in for in the torch spec (after its own row linears)
-BF16_CLASS_OF = {
-    FP8ColumnParallelLinear: ColumnParallelLinear,
-    FP8RowParallelLinear: compiled.RowParallelLinear,
 }

@@ -7,8 +7,10 @@ recomputes a = SwiGLU(h) in backward: f bf16 values per token and layer are not 
 one more write of f values per token: on the GPU the kernel of SwiGLU's gradient, which
 reads h anyway, stores a too. torchtitan's compiled blocks get the same from
 inductor's recomputation of element-wise work. On by default wherever it applies (the torch
-spec's plain SwiGLU MLPs, not with FP8 or compiled layers): at micro-batch 4-16 on an H200
-it cost 0-1.4% of the step (scripts/performance/NOTES.md).
+spec's plain SwiGLU MLPs, not with compiled layers): at micro-batch 4-16 on an H200 it cost
+0-1.4% of the step (scripts/performance/NOTES.md). With model.fp8 only where asked
+(model.recompute_swiglu=true): fc2 keeps h instead of an FP8 copy of a^T and casts the
+recomputed a again in backward (FP8SwiGLURowParallelLinear), not yet measured on a GPU.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 from megatron.core.tensor_parallel import layers
 from megatron.core.transformer.mlp import MLP
 
+from megabridge.models import fp8
 from megabridge.models.compiled import RowParallelLinear
 from megabridge.models.triton_kernels import swiglu, swiglu_grad, swiglu_grad_and_output
 
@@ -75,6 +78,31 @@ class SwiGLURowParallelLinear(RowParallelLinear):
         accumulate = self.gradient_accumulation_fusion and weight.requires_grad
         out = _SwiGLUThenLinear.apply(flat, weight, accumulate)
         out = out.view(*input.shape[:-1], weight.shape[0])
+        return out if bias is None else out + bias
+
+
+class FP8SwiGLURowParallelLinear(SwiGLURowParallelLinear):
+    """fc2 under model.fp8 with model.recompute_swiglu=true: fed SwiGLU's input, its GEMMs in
+    FP8 with SwiGLU's output recomputed in backward (fp8.FP8SwiGLUThenLinear); called as a
+    module, an FP8 linear on SwiGLU's output. Frozen weights (LoRA's base) stay bf16, as in
+    the other FP8 linears."""
+
+    bf16_class = SwiGLURowParallelLinear  # model.first_last_layers_bf16's layers
+
+    def __init__(self, *args, fp8_recipe: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fp8_recipe = fp8_recipe
+
+    def _forward_impl(self, input, weight, bias=None, *args, **kwargs):
+        if not weight.requires_grad:
+            return super()._forward_impl(input, weight, bias, *args, **kwargs)
+        emulate = not input.is_cuda  # the CPU's tests (runs are refused there)
+        if not self.swiglu_input:
+            out = fp8.fp8_linear(input, weight, self.fp8_recipe, emulate)
+        else:
+            flat = input.reshape(-1, input.shape[-1])
+            out = fp8.FP8SwiGLUThenLinear.apply(flat, weight, self.fp8_recipe, emulate)
+            out = out.view(*input.shape[:-1], weight.shape[0])
         return out if bias is None else out + bias
 
 

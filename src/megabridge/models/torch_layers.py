@@ -865,18 +865,27 @@ def _use_recomputed_swiglu(sub, cfg) -> None:
     from megatron.core.transformer.mlp import MLP
 
     required = cfg.recompute_swiglu is True
-    if cfg.fp8 is not None or cfg.compile_layers:
+    if cfg.compile_layers:
         if not required:
             return
-        other = "model.fp8" if cfg.fp8 is not None else "model.compile_layers"
-        raise ConfigError(f"model.recompute_swiglu with {other} is not supported yet")
+        raise ConfigError("model.recompute_swiglu with model.compile_layers is not supported yet")
+    if cfg.fp8 is not None and not required:  # with FP8 where asked only, until measured
+        return
     if not plain_swiglu(cfg):  # GPT-OSS's SwiGLU is not the recomputed one
         if not required:
             return
         raise ConfigError("model.recompute_swiglu needs a plain SwiGLU MLP (activation=swiglu)")
-    if sub.mlp.module is MLP and sub.mlp.submodules.linear_fc2 is RowParallelLinear:
+    if sub.mlp.module is not MLP:
+        return
+    fc2 = sub.mlp.submodules.linear_fc2
+    if fc2 is RowParallelLinear:
         sub.mlp.module = swiglu_recompute.RecomputedSwiGLUMLP
         sub.mlp.submodules.linear_fc2 = swiglu_recompute.SwiGLURowParallelLinear
+    elif isinstance(fc2, ModuleSpec) and fc2.module is fp8.FP8RowParallelLinear:
+        sub.mlp.module = swiglu_recompute.RecomputedSwiGLUMLP
+        sub.mlp.submodules.linear_fc2 = ModuleSpec(
+            module=swiglu_recompute.FP8SwiGLURowParallelLinear, params=fc2.params
+        )
 
 
 def _use_fp8_linears(sub, cfg) -> None:
@@ -896,8 +905,8 @@ def _use_fp8_linears(sub, cfg) -> None:
 def _use_bf16_linears(sub) -> None:
     """The layer's FP8 linears back in bf16 (model.first_last_layers_bf16)."""
     for owner, field, module in _block_linears(sub):
-        if isinstance(module, ModuleSpec) and module.module in fp8.BF16_CLASS_OF:
-            setattr(owner, field, fp8.BF16_CLASS_OF[module.module])
+        if isinstance(module, ModuleSpec) and hasattr(module.module, "bf16_class"):
+            setattr(owner, field, module.module.bf16_class)
 
 
 def _block_linears(sub):

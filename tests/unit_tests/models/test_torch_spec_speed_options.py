@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from megabridge.errors import ConfigError
-from megabridge.models import fp8
+from megabridge.models import fp8, swiglu_recompute
 from megabridge.models import init as weight_init
 from megabridge.models.config import ModelConfig, validate_model_config
 from megabridge.models.provider import build_model
@@ -210,12 +210,15 @@ def test_the_torch_spec_model_in_fp8_matches_bf16(monkeypatch, recipe):
     assert 1e-4 < _rel(grads[name], ref_grads[name]) < 0.15
 
 
+FP8_LINEARS = (fp8._FP8Forward, swiglu_recompute.FP8SwiGLURowParallelLinear)
+
+
 def _in_fp8(model) -> list[bool]:
     flags = []
     for layer in model.decoder.layers:
         linears = (layer.self_attention.linear_qkv, layer.self_attention.linear_proj,
                    layer.mlp.linear_fc1, layer.mlp.linear_fc2)  # fmt: skip
-        kinds = {isinstance(m, fp8._FP8Forward) for m in linears}
+        kinds = {isinstance(m, FP8_LINEARS) for m in linears}
         assert len(kinds) == 1  # a layer's four linears alike
         flags.append(kinds.pop())
     return flags
@@ -236,12 +239,20 @@ def _in_fp8(model) -> list[bool]:
             [False, False, True, True],
         ),  # fmt: skip
         ({"num_layers_at_start_in_bf16": 2}, [True] * 4),  # counts alone change nothing
+        ({"first_last_layers_bf16": True, "recompute_swiglu": True}, [False, True, True, False]),
     ],
 )
 def test_first_last_layers_bf16_keeps_those_layers_out_of_fp8(monkeypatch, kw, expected):
     monkeypatch.setattr(fp8, "check_fp8_supported", lambda *a: None)
     (model,) = build_model(_tiny(num_layers=4, fp8="rowwise", **kw), meta=True)
     assert _in_fp8(model) == expected
+    fc2 = [type(layer.mlp.linear_fc2) for layer in model.decoder.layers]
+    if kw.get("recompute_swiglu"):  # the bf16 layers' fc2 recomputes SwiGLU in bf16
+        assert fc2 == [swiglu_recompute.SwiGLURowParallelLinear,
+                       *[swiglu_recompute.FP8SwiGLURowParallelLinear] * 2,
+                       swiglu_recompute.SwiGLURowParallelLinear]  # fmt: skip
+    else:
+        assert swiglu_recompute.SwiGLURowParallelLinear not in fc2
 
 
 @pytest.mark.usefixtures("single_process_megatron")
@@ -263,6 +274,50 @@ def test_bf16_layer_counts_outside_the_model_are_refused():
     with pytest.raises(ConfigError, match="num_layers_at_end_in_bf16=3 must be between 0 and "
                        "num_layers=2"):  # fmt: skip
         validate_model_config(cfg)
+
+
+@pytest.mark.usefixtures("single_process_megatron")
+@pytest.mark.parametrize("recipe", fp8.RECIPES)
+def test_fp8_with_recomputed_swiglu_is_fp8_without_it_keeping_less(monkeypatch, recipe):
+    """model.recompute_swiglu=true under model.fp8: fc2 recomputes SwiGLU's output and casts
+    it again in backward (the same FP8 values): the loss and every gradient of FP8 without
+    it, bit for bit, and fc2 no longer keeps its input (a, or its FP8 copy) for backward."""
+    from megabridge.models import provider
+    from megabridge.models.activation_memory import SavedTensorLog
+
+    monkeypatch.setattr(fp8, "check_fp8_supported", lambda *a: None)
+    # Without the recompute, SwiGLU as the GPU runs it: the activation module (on the CPU its
+    # torch math, the recompute's), not Megatron's bf16 autograd of silu(gate) * up
+    fusions = provider._gpu_fusions
+    monkeypatch.setattr(
+        provider, "_gpu_fusions", lambda cfg: fusions(cfg) | {"use_te_activation_func": True}
+    )
+    tokens = torch.randint(0, 128, (2, 17), generator=torch.Generator().manual_seed(3))
+    kept = {}
+    runs = {}
+    for recompute in (True, False):
+        cfg = _tiny(fp8=recipe, recompute_swiglu=recompute)
+        (model,) = build_model(cfg)
+        weight_init.initialize([model], cfg, seed=7)
+        positions = torch.arange(16).expand(2, -1)
+        with SavedTensorLog(model) as log:
+            loss = model(tokens[:, :-1], positions, None, labels=tokens[:, 1:]).float().mean()
+        loss.backward()
+        fc2 = model.decoder.layers[0].mlp.linear_fc2
+        assert isinstance(fc2, swiglu_recompute.FP8SwiGLURowParallelLinear) is recompute
+        mlp = "decoder.layers.0.mlp"
+        kept[recompute] = sum(s.nbytes for s in log.saved.values() if s.module.startswith(mlp))
+        runs[recompute] = loss, {n: p.grad for n, p in model.named_parameters()}
+    (loss, grads), (ref_loss, ref_grads) = runs[True], runs[False]
+    assert loss.item() == ref_loss.item()
+    assert grads.keys() == ref_grads.keys()
+    for name, grad in grads.items():
+        assert torch.equal(grad, ref_grads[name]), name
+    # The MLP keeps fc1's output h either way (SwiGLU's module or fc2); without the recompute
+    # also SwiGLU's output a [32 tokens, 128] for dW: on the CPU tensorwise as FP8 with its
+    # scale, rowwise in bf16 (on the GPU both as FP8 a^T with scales)
+    a_bytes = 32 * 128 + 4 if recipe == "tensorwise" else 32 * 128 * 2
+    assert kept[False] - kept[True] == a_bytes, kept
 
 
 @pytest.mark.usefixtures("single_process_megatron")
@@ -295,8 +350,6 @@ def test_recomputed_swiglu_gives_the_same_loss_and_gradients():
 def test_recomputed_swiglu_is_refused_where_it_does_not_apply():
     with pytest.raises(ConfigError, match="plain SwiGLU"):
         build_model(_tiny(recompute_swiglu=True, activation="gelu"), meta=True)
-    with pytest.raises(ConfigError, match="recompute_swiglu with model.fp8 is not supported yet"):
-        build_model(_tiny(recompute_swiglu=True, fp8="rowwise"), meta=True)
     with pytest.raises(ConfigError, match="with model.compile_layers is not supported yet"):
         build_model(_tiny(recompute_swiglu=True, compile_layers=True), meta=True)
 

@@ -412,31 +412,67 @@ def test_cast_transpose_refuses_what_it_does_not_handle():
             tk.cast_transpose(case, fp8.amax(x, False), fp8.E4M3)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="FP8 GEMMs need a GPU")
-def test_fp8_linear_with_one_pass_casts_matches_the_separate_casts_on_cuda(monkeypatch):
-    """FP8Linear on the GPU casts each operand and its transpose in one pass (tensorwise, and
-    rowwise with the transpose's own scales): the output and both gradients are those of the
-    separate casts and transposing copies, bit for bit (the same FP8 operands and GEMMs)."""
-    from megabridge.models import fp8
+def _output_and_grads(fn, inputs: tuple, grad: torch.Tensor) -> tuple:
+    y = fn(*inputs)
+    return (y, *torch.autograd.grad(y, inputs, grad))
 
-    if torch.cuda.get_device_capability() < (8, 9):
-        pytest.skip("no FP8 tensor cores")
+
+def check_fp8_one_pass(device: str) -> None:
+    """The FP8 linears with the one-pass casts (each operand and its transpose from one read;
+    rowwise, the transpose with its own scales). On CUDA: output and gradients those of the
+    separate casts and transposing copies, bit for bit (the same FP8 operands and GEMMs), for
+    FP8Linear and for fc2's FP8SwiGLUThenLinear. Everywhere (the interpreter's FP8 casts
+    truncate, so there only this): FP8SwiGLUThenLinear, which recomputes SwiGLU's output and
+    casts it again in backward, gives SwiGLU then FP8Linear's output and gradients."""
+    from megabridge.models import fp8
+    from megabridge.models import triton_kernels as tk
+
     gen = torch.Generator().manual_seed(8)
     # (torch._scaled_mm wants every dimension a multiple of 16: tokens included, in dW)
-    x = torch.randn(320, 256, generator=gen).cuda().bfloat16().requires_grad_()
-    w = (torch.randn(192, 256, generator=gen) * 0.05).cuda().bfloat16().requires_grad_()
-    grad = torch.randn(320, 192, generator=gen).cuda().bfloat16()
-    runs_on, no = fp8.triton_kernels.runs_on, lambda t: False
-    assert fp8._one_pass_casts_agree(x.device)  # else both runs take the separate casts
-    for recipe in ("tensorwise", "rowwise"):
-        results = []
-        for one_pass in (True, False):
-            monkeypatch.setattr(fp8.triton_kernels, "runs_on", runs_on if one_pass else no)
-            y = fp8.fp8_linear(x, w, recipe)
-            dx, dw = torch.autograd.grad(y, (x, w), grad)
-            results.append((y, dx, dw))
-        for a, b in zip(*results, strict=True):
-            assert torch.equal(a, b), recipe
+    x = torch.randn(320, 256, generator=gen).to(device, torch.bfloat16).requires_grad_()
+    h = (torch.randn(320, 512, generator=gen) * 2).to(device, torch.bfloat16).requires_grad_()
+    w = (torch.randn(192, 256, generator=gen) * 0.05).to(device, torch.bfloat16).requires_grad_()
+    grad = torch.randn(320, 192, generator=gen).to(device, torch.bfloat16)
+    checked = fp8._uses_one_pass_casts
+    if device == "cuda":
+        assert checked(x, False)  # else both runs below take the separate casts
+        one_pass = checked
+    else:  # the interpreter's casts are not torch's (see above): taken without the check
+        one_pass = lambda t, emulate: tk.runs_on(t)  # noqa: E731
+    try:
+        for recipe in fp8.RECIPES:
+            runs = []
+            for casts in (one_pass, lambda *a: False) if device == "cuda" else (one_pass,):
+                fp8._uses_one_pass_casts = casts
+                linear = _output_and_grads(
+                    lambda a, b, r=recipe: fp8.FP8Linear.apply(a, b, r, False), (x, w), grad
+                )
+                fc2 = _output_and_grads(
+                    lambda a, b, r=recipe: fp8.FP8SwiGLUThenLinear.apply(a, b, r, False),
+                    (h, w),
+                    grad,
+                )
+                runs.append(linear + fc2)
+            if device == "cuda":  # one pass against the separate casts
+                for got, want in zip(*runs, strict=True):
+                    assert torch.equal(got, want), recipe
+            fp8._uses_one_pass_casts = one_pass
+            apart = _output_and_grads(
+                lambda a, b, r=recipe: fp8.FP8Linear.apply(tk.SwiGLU()(a), b, r, False),
+                (h, w),
+                grad,
+            )
+            for got, want in zip(runs[0][3:], apart, strict=True):
+                assert torch.equal(got, want), recipe
+    finally:
+        fp8._uses_one_pass_casts = checked
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FP8 GEMMs need a GPU")
+def test_fp8_linear_with_one_pass_casts_matches_the_separate_casts_on_cuda():
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("no FP8 tensor cores")
+    check_fp8_one_pass("cuda")
 
 
 def test_split_halves_gives_fp32_back_bit_for_bit_and_rounds_to_nearest():
@@ -488,6 +524,7 @@ def check_kernels(device: str) -> None:
     check_adamw_remainders(device)
     check_cast_transpose(device)
     check_cast_transpose_rowwise(device)
+    check_fp8_one_pass(device)
 
 
 # Where torch sees a GPU the compiled kernels are checked instead (the next test): on the H200

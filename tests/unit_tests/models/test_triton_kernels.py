@@ -433,7 +433,14 @@ def check_fp8_one_pass(device: str) -> None:
     h = (torch.randn(320, 512, generator=gen) * 2).to(device, torch.bfloat16).requires_grad_()
     w = (torch.randn(192, 256, generator=gen) * 0.05).to(device, torch.bfloat16).requires_grad_()
     grad = torch.randn(320, 192, generator=gen).to(device, torch.bfloat16)
-    checked = fp8._uses_one_pass_casts
+    checked, gemm, layouts = fp8._uses_one_pass_casts, fp8.scaled_mm, set()
+
+    def recording_gemm(a, b, scale_a, scale_b, emulate):
+        # cuBLAS's FP8 GEMM takes a row-major, b column-major (the CPU's takes more)
+        layouts.add((a.is_contiguous(), b.t().is_contiguous()))
+        return gemm(a, b, scale_a, scale_b, emulate)
+
+    fp8.scaled_mm = recording_gemm
     if device == "cuda":
         assert checked(x, False)  # else both runs below take the separate casts
         one_pass = checked
@@ -464,8 +471,9 @@ def check_fp8_one_pass(device: str) -> None:
             )
             for got, want in zip(runs[0][3:], apart, strict=True):
                 assert torch.equal(got, want), recipe
+        assert layouts == {(True, True)}
     finally:
-        fp8._uses_one_pass_casts = checked
+        fp8._uses_one_pass_casts, fp8.scaled_mm = checked, gemm
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="FP8 GEMMs need a GPU")

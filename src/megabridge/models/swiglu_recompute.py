@@ -81,28 +81,21 @@ class SwiGLURowParallelLinear(RowParallelLinear):
         return out if bias is None else out + bias
 
 
-class FP8SwiGLURowParallelLinear(SwiGLURowParallelLinear):
+class FP8SwiGLURowParallelLinear(fp8._FP8Forward, SwiGLURowParallelLinear):
     """fc2 under model.fp8 with model.recompute_swiglu=true: fed SwiGLU's input, its GEMMs in
     FP8 with SwiGLU's output recomputed in backward (fp8.FP8SwiGLUThenLinear); called as a
-    module, an FP8 linear on SwiGLU's output. Frozen weights (LoRA's base) stay bf16, as in
+    module, the FP8 linear on SwiGLU's output. Frozen weights (LoRA's base) stay bf16, as in
     the other FP8 linears."""
 
     bf16_class = SwiGLURowParallelLinear  # model.first_last_layers_bf16's layers
 
-    def __init__(self, *args, fp8_recipe: str, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.fp8_recipe = fp8_recipe
-
     def _forward_impl(self, input, weight, bias=None, *args, **kwargs):
-        if not weight.requires_grad:
+        if not self.swiglu_input or not weight.requires_grad:
             return super()._forward_impl(input, weight, bias, *args, **kwargs)
-        emulate = not input.is_cuda  # the CPU's tests (runs are refused there)
-        if not self.swiglu_input:
-            out = fp8.fp8_linear(input, weight, self.fp8_recipe, emulate)
-        else:
-            flat = input.reshape(-1, input.shape[-1])
-            out = fp8.FP8SwiGLUThenLinear.apply(flat, weight, self.fp8_recipe, emulate)
-            out = out.view(*input.shape[:-1], weight.shape[0])
+        flat = input.reshape(-1, input.shape[-1])
+        # emulated on the CPU (tests only: check_fp8_supported refuses it for runs)
+        out = fp8.FP8SwiGLUThenLinear.apply(flat, weight, self.fp8_recipe, not input.is_cuda)
+        out = out.view(*input.shape[:-1], weight.shape[0])
         return out if bias is None else out + bias
 
 

@@ -210,15 +210,12 @@ def test_the_torch_spec_model_in_fp8_matches_bf16(monkeypatch, recipe):
     assert 1e-4 < _rel(grads[name], ref_grads[name]) < 0.15
 
 
-FP8_LINEARS = (fp8._FP8Forward, swiglu_recompute.FP8SwiGLURowParallelLinear)
-
-
 def _in_fp8(model) -> list[bool]:
     flags = []
     for layer in model.decoder.layers:
         linears = (layer.self_attention.linear_qkv, layer.self_attention.linear_proj,
                    layer.mlp.linear_fc1, layer.mlp.linear_fc2)  # fmt: skip
-        kinds = {isinstance(m, FP8_LINEARS) for m in linears}
+        kinds = {isinstance(m, fp8._FP8Forward) for m in linears}
         assert len(kinds) == 1  # a layer's four linears alike
         flags.append(kinds.pop())
     return flags

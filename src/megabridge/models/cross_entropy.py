@@ -61,15 +61,16 @@ class LogitsKeptCrossEntropy(torch.autograd.Function):
             logits.shape[-1], tp_group.rank(), tp_group.size()
         )
         target_mask = (target < start) | (target >= end)  # targets on another rank's slice
-        local_target = (target - start).masked_fill(target_mask, 0)
         # Triton's one-pass statistics at TP 1 (with TP, the max is all-reduced between passes)
         ctx.triton = (
             tp_group.size() == 1
             and triton_kernels.softmax_stats_fits(logits)
             and _kernels_agree(logits.device)
         )
-        if ctx.triton:  # the kernels' target: -1 where none of the row is this rank's
-            local_target = local_target.masked_fill(target_mask, -1)
+        # the kernels' target is -1 where none of the row is this rank's; the compiled passes
+        # take 0 there (and the mask)
+        local_target = (target - start).masked_fill(target_mask, -1 if ctx.triton else 0)
+        if ctx.triton:
             row_max, sum_exp, picked = triton_kernels.softmax_stats(logits, local_target)
             predicted = (picked - row_max).masked_fill(target_mask, 0.0)
         else:

@@ -114,8 +114,10 @@ def main() -> None:
 def fp8_cast_rows(m: int, h: int) -> None:
     """FP8's casts of an activation [m, h] and its transpose, as a linear's GEMMs need them:
     one pass (triton_kernels.cast_transpose, tensorwise and rowwise) against the amax and
-    compiled cast of the operand and of a transposed copy (models/fp8.py)."""
+    compiled cast of the operand and of a transposed copy (models/fp8.py); rowwise's two
+    amaxes in one read (triton_kernels.row_col_amax) against aten's two reductions."""
     from megabridge.models import fp8
+    from megabridge.models import triton_kernels as tk
 
     x = torch.randn(m, h, device="cuda", dtype=torch.bfloat16)
     io = x.numel() * (2 + 1 + 1)  # x read, two FP8 tensors written
@@ -131,6 +133,14 @@ def fp8_cast_rows(m: int, h: int) -> None:
 
         row(f"FP8 {recipe} cast + transpose, separate", timed(separate), io)
         row(f"FP8 {recipe} cast + transpose, one pass", timed(one_pass), io)
+
+    def two_reductions():
+        fp8.amax(x, True)
+        torch.linalg.vector_norm(x, float("inf"), dim=0)
+
+    # rowwise's amax of each row and each column (inside the one pass's time above)
+    row("FP8 rowwise row + column amax, aten", timed(two_reductions), x.numel() * 2)
+    row("FP8 rowwise row + column amax, Triton", timed(lambda: tk.row_col_amax(x)), x.numel() * 2)
 
 
 def cross_entropy_rows(m: int, batch: int, vocab: int) -> None:

@@ -121,16 +121,21 @@ def _operand(x: torch.Tensor) -> torch.Tensor:
     return x.detach()
 
 
-def _cast_transpose(x: torch.Tensor, dtype: torch.dtype, rowwise: bool):
+def _cast_transpose(x: torch.Tensor, dtype: torch.dtype, rowwise: bool, transpose_only=False):
     """quantize of x [R, C] and of x^T [C, R] from one read (triton_kernels.cast_transpose):
     (x, x^T in ``dtype``, the dequantising scales of x, of x^T: [] both tensorwise; [R, 1]
     and [C, 1] rowwise, where x^T's rows are x's columns). The values fp8.cast gives x and
-    x.t().contiguous()."""
+    x.t().contiguous(); rowwise, both amaxes come from one more read (row_col_amax).
+    ``transpose_only``: x itself is not written (None)."""
     x = _operand(x).contiguous()
     if not rowwise:
-        return triton_kernels.cast_transpose(x, amax(x, False), dtype)
-    columns = torch.linalg.vector_norm(x, float("inf"), dim=0)  # x^T's rows' amax
-    return triton_kernels.cast_transpose(x, amax(x, True), dtype, amax_t=columns)
+        return triton_kernels.cast_transpose(
+            x, amax(x, False), dtype, transpose_only=transpose_only
+        )
+    rows, columns = triton_kernels.row_col_amax(x)  # columns: x^T's rows' amax
+    return triton_kernels.cast_transpose(
+        x, rows, dtype, amax_t=columns, transpose_only=transpose_only
+    )
 
 
 @functools.cache
@@ -147,6 +152,9 @@ def _one_pass_casts_agree(device: torch.device) -> bool:
             want, want_scale = quantize(rows, dtype, rowwise)
             agree &= torch.equal(got.view(torch.uint8), want.view(torch.uint8))
             agree &= torch.equal(got_scale, want_scale)
+        _, only_t, _, only_scale_t = _cast_transpose(x, dtype, rowwise, transpose_only=True)
+        agree &= torch.equal(only_t.view(torch.uint8), out_t.view(torch.uint8))
+        agree &= torch.equal(only_scale_t, scale_t)
     if not agree:
         log.warning("the Triton FP8 casts disagree with torch on %s; the separate casts run "
                     "instead", device)  # fmt: skip
@@ -166,6 +174,15 @@ def _forward_operand(x: torch.Tensor, rowwise: bool, transposed: bool, emulate: 
     # fallback, 0.78x)
     x_fp8, x_scale = _quantize_fn(emulate)(x, E4M3, rowwise)  # [R, C], [] or [R, 1]
     return x_fp8, x_scale, ((x,) if rowwise else (x_fp8, x_scale))
+
+
+def _kept_for_backward(x: torch.Tensor, rowwise: bool, transposed: bool, emulate: bool):
+    """What _forward_operand keeps of x, without x's own cast where the one-pass casts run:
+    x^T in e4m3 and its scale (fc2's recomputed SwiGLU output, which no forward GEMM takes)."""
+    if transposed:
+        _, xt_fp8, _, xt_scale = _cast_transpose(x, E4M3, rowwise, transpose_only=True)
+        return xt_fp8, xt_scale
+    return _forward_operand(x, rowwise, transposed, emulate)[2]
 
 
 def _backward_operand(kept: tuple, rowwise: bool, transposed: bool, emulate: bool):
@@ -247,7 +264,7 @@ class FP8SwiGLUThenLinear(torch.autograd.Function):
     """y = SwiGLU(h) W^T with FP8 GEMMs (FP8Linear's), keeping h and what backward needs of
     W, not SwiGLU's output a: backward recomputes a with SwiGLU's gradient (one pass over h,
     as swiglu_recompute's bf16 function does) and casts it again for the weight gradient,
-    the same FP8 values as forward's. h [M, 2f], W [N, f] -> y [M, N]."""
+    the same FP8 values as forward's (on the GPU its transpose alone, which that GEMM takes). h [M, 2f], W [N, f] -> y [M, N]."""
 
     @staticmethod
     def forward(ctx, h, weight, recipe: str, emulate: bool):
@@ -265,8 +282,7 @@ class FP8SwiGLUThenLinear(torch.autograd.Function):
         grads = _gradient_operands(grad_y.contiguous(), *how)
         grad_a = _grad_input(grads, tuple(w_kept), *how).to(h.dtype)
         grad_h, a = triton_kernels.swiglu_grad_and_output(grad_a, h)
-        _, _, a_kept = _forward_operand(a, *how)
-        grad_w = _grad_weight(grads, a_kept, *how)
+        grad_w = _grad_weight(grads, _kept_for_backward(a, *how), *how)
         return grad_h, grad_w.to(ctx.dtypes[1]), None, None
 
 

@@ -841,6 +841,8 @@ def _use_megabridge_modules(spec, cfg, norm) -> None:
         _use_fp8_linears(sub, cfg)
     if cfg.recompute_swiglu is not False:
         _use_recomputed_swiglu(sub, cfg)
+    if cfg.fc2_input_grad_from_transposed_weight:
+        _use_transposed_fc2_input_grad(sub)
     _use_own_row_linears(sub)
 
 
@@ -886,6 +888,19 @@ def _use_recomputed_swiglu(sub, cfg) -> None:
         sub.mlp.submodules.linear_fc2 = ModuleSpec(
             module=swiglu_recompute.FP8SwiGLURowParallelLinear, params=fc2.params
         )
+
+
+def _use_transposed_fc2_input_grad(sub) -> None:
+    """model.fc2_input_grad_from_transposed_weight: the recomputing bf16 fc2's option, set."""
+    mlp = getattr(sub.mlp, "submodules", None)
+    if getattr(mlp, "linear_fc2", None) is not swiglu_recompute.SwiGLURowParallelLinear:
+        raise ConfigError(
+            "model.fc2_input_grad_from_transposed_weight needs the bf16 fc2 of "
+            "model.recompute_swiglu (a dense SwiGLU MLP, without model.fp8 or compiled layers)"
+        )
+    mlp.linear_fc2 = ModuleSpec(
+        module=swiglu_recompute.SwiGLURowParallelLinear, params={"transposed_input_grad": True}
+    )
 
 
 def _use_fp8_linears(sub, cfg) -> None:

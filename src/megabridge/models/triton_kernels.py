@@ -4,7 +4,8 @@ models/residual_norm.py), each forward and backward; the cross entropy's softmax
 and gradient (models/cross_entropy.py); AdamW for bf16 training
 (the fp32 weight's update and its bf16 copy in one pass, or the fp32 weight held as the bf16
 one and a 16-bit remainder; training/optim.py uses it); and FP8's cast of a matrix and its
-transpose in one pass (models/fp8.py; tensorwise, and rowwise with a scale per row of each).
+transpose in one pass (models/fp8.py; tensorwise, and rowwise with a scale per row of each,
+its row and column amaxes from one read).
 
 Measured on the H200 (scripts/performance/NOTES.md, 2026-12-04; Llama 1.1B, micro-batch 16):
 - inductor's kernel for SwiGLU's backward (the gate's and the up projection's gradients
@@ -790,10 +791,11 @@ if triton is not None:
     @triton.jit
     def _cast_transpose_kernel(
         x_ptr, amax_ptr, amax_t_ptr, out_ptr, out_t_ptr, inverse_ptr, inverse_t_ptr, R, C,
-        largest, ROWWISE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+        largest, ROWWISE: tl.constexpr, STORE_X: tl.constexpr, BLOCK_R: tl.constexpr,
+        BLOCK_C: tl.constexpr,
     ):  # fmt: skip
         # ROWWISE: amax [R] scales x's rows, amax_t [C] its columns (x^T's rows); else one
-        # amax [] scales both.
+        # amax [] scales both. STORE_X false: x^T only (out_ptr is not written).
         pid_r, pid_c = tl.program_id(0), tl.program_id(1)
         rows = pid_r.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
         cols = pid_c.to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -818,9 +820,26 @@ if triton is not None:
             y_t = y.to(out_t_ptr.dtype.element_ty)
             if (pid_r == 0) & (pid_c == 0):
                 tl.store(inverse_ptr, tl.math.div_rn(1.0, scale))
-        tl.store(out_ptr + rows[:, None] * C + cols[None, :], y.to(out_ptr.dtype.element_ty),
-                 mask=mask)  # fmt: skip
+        if STORE_X:
+            tl.store(out_ptr + rows[:, None] * C + cols[None, :],
+                     y.to(out_ptr.dtype.element_ty), mask=mask)  # fmt: skip
         tl.store(out_t_ptr + cols[:, None] * R + rows[None, :], tl.trans(y_t), mask=tl.trans(mask))
+
+    @triton.jit
+    def _row_col_amax_kernel(x_ptr, rows_ptr, cols_ptr, R, C, BLOCK_R: tl.constexpr,
+                             BLOCK_C: tl.constexpr):  # fmt: skip
+        # |x|'s largest per row and per column of a tile, merged into the outputs (zeros
+        # before) by integer atomic max on the float32 bits: for values >= 0 the bits order
+        # as the values do (NaN, 0x7FC00000 once its sign is cleared, above inf, as torch's
+        # max keeps it), and any order of the merges gives the same result.
+        pid_r, pid_c = tl.program_id(0), tl.program_id(1)
+        rows = pid_r.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = pid_c.to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+        mask = (rows[:, None] < R) & (cols[None, :] < C)
+        x = tl.load(x_ptr + rows[:, None] * C + cols[None, :], mask=mask, other=0.0)
+        bits = tl.abs(x.to(tl.float32)).to(tl.int32, bitcast=True)
+        tl.atomic_max(rows_ptr + rows, tl.max(bits, axis=1), mask=rows < R)
+        tl.atomic_max(cols_ptr + cols, tl.max(bits, axis=0), mask=cols < C)
 
 
 def cast_transpose(
@@ -829,37 +848,58 @@ def cast_transpose(
     dtype: torch.dtype,
     largest: float | None = None,
     amax_t: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    transpose_only: bool = False,
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [R, C] (contiguous) in ``dtype``, an FP8 format, and x^T [C, R], from one read, as
     fp8.cast computes them: scaled so that ``amax`` maps onto ``largest`` (the format's
     largest value by default). Tensorwise: ``amax`` [] for both. Rowwise (``amax_t`` given):
     ``amax`` [R] scales each row of x and ``amax_t`` [C] each row of x^T (x's columns), by
     powers of two. Returns (x, x^T, dequantising scales of x, of x^T): [] and the same
-    tensor twice, or [R, 1] and [C, 1] (float32). torch._scaled_mm's three GEMMs of a
-    linear take each operand in one layout and its transpose in the other (aten's
+    tensor twice, or [R, 1] and [C, 1] (float32); with ``transpose_only``, x^T alone is
+    written and None is returned for x (its scale still is). torch._scaled_mm's three
+    GEMMs of a linear take each operand in one layout and its transpose in the other (aten's
     transposing copy of an FP8 tensor is ~10x slower than the bytes; rowwise, a bf16 copy
     was transposed and cast again)."""
-    if not (runs_on(x) and x.dim() == 2 and x.is_contiguous()):
-        raise NotImplementedError(
-            "cast_transpose: a contiguous 2-D CUDA tensor (not supported yet)"
-        )
+    _check_2d_contiguous(x, "cast_transpose")
     rows, cols = x.shape
     rowwise = amax_t is not None
-    out = torch.empty((rows, cols), dtype=dtype, device=x.device)
     out_t = torch.empty((cols, rows), dtype=dtype, device=x.device)
+    out = None if transpose_only else torch.empty((rows, cols), dtype=dtype, device=x.device)
     inverse = torch.empty((rows, 1) if rowwise else (), dtype=torch.float32, device=x.device)
     inverse_t = torch.empty((cols, 1), dtype=torch.float32, device=x.device) if rowwise else inverse
     top = torch.finfo(dtype).max if largest is None else largest
     grid = (triton.cdiv(rows, _CAST_BLOCK), triton.cdiv(cols, _CAST_BLOCK))
     _cast_transpose_kernel[grid](
         x, amax.reshape(-1).contiguous(), (amax if amax_t is None else amax_t).reshape(-1).contiguous(),
-        out, out_t, inverse, inverse_t, rows, cols, top, ROWWISE=rowwise,
-        BLOCK_R=_CAST_BLOCK, BLOCK_C=_CAST_BLOCK,
+        out_t if out is None else out, out_t, inverse, inverse_t, rows, cols, top,
+        ROWWISE=rowwise, STORE_X=out is not None, BLOCK_R=_CAST_BLOCK, BLOCK_C=_CAST_BLOCK,
     )  # fmt: skip
     return out, out_t, inverse, inverse_t
 
 
+def row_col_amax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The largest magnitude in each row [R] and in each column [C] of x [R, C] (contiguous),
+    float32, from one read: rowwise FP8's two scales of an operand (fp8.amax of x and of
+    x^T, the same values), which two aten reductions read x twice for."""
+    _check_2d_contiguous(x, "row_col_amax")
+    rows, cols = x.shape
+    row_amax = torch.zeros(rows, dtype=torch.float32, device=x.device)
+    col_amax = torch.zeros(cols, dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(rows, _AMAX_BLOCK_R), triton.cdiv(cols, _AMAX_BLOCK_C))
+    _row_col_amax_kernel[grid](
+        x, row_amax.view(torch.int32), col_amax.view(torch.int32), rows, cols,
+        BLOCK_R=_AMAX_BLOCK_R, BLOCK_C=_AMAX_BLOCK_C,
+    )  # fmt: skip
+    return row_amax, col_amax
+
+
+def _check_2d_contiguous(x: torch.Tensor, name: str) -> None:
+    if not (runs_on(x) and x.dim() == 2 and x.is_contiguous()):
+        raise NotImplementedError(f"{name}: a contiguous 2-D CUDA tensor (not supported yet)")
+
+
 _CAST_BLOCK = 64
+_AMAX_BLOCK_R, _AMAX_BLOCK_C = 64, 128  # a tile's atomics: 64 + 128 for 8192 values
 
 
 # ---- fp32 weights held as a bf16 weight and a 16-bit remainder --------------------------------

@@ -343,6 +343,57 @@ def test_recomputed_swiglu_gives_the_same_loss_and_gradients():
         torch.testing.assert_close(grad, ref_grads[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
+def test_the_transposed_input_grad_reads_a_column_major_weight(monkeypatch):
+    """input_grad with ``transposed``: the GEMM gets W [n, f] column-major (a transposed
+    copy), without it W as stored; the same product."""
+    from megabridge.models.swiglu_recompute import input_grad
+
+    gen = torch.Generator().manual_seed(4)
+    grad_y, w = torch.randn(24, 16, generator=gen), torch.randn(16, 40, generator=gen)
+    matmul, strides = torch.matmul, []
+    monkeypatch.setattr(torch, "matmul", lambda a, b: strides.append(b.stride()) or matmul(a, b))
+    got, want = input_grad(grad_y, w, True), input_grad(grad_y, w, False)
+    assert strides == [(1, 16), (40, 1)]
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.usefixtures("single_process_megatron")
+def test_fc2_input_grad_from_a_transposed_weight_is_the_same_gradient(monkeypatch):
+    """model.fc2_input_grad_from_transposed_weight reaches every recomputing fc2's backward;
+    the loss and gradients are the default's (fp32: up to the GEMMs' order of summation)."""
+    from megabridge.models import swiglu_recompute
+
+    tokens = torch.randint(0, 128, (2, 17), generator=torch.Generator().manual_seed(3))
+    fp32 = dict(bf16=False, recompute_swiglu=True)
+    input_grad, asked = swiglu_recompute.input_grad, []
+
+    def recording(grad_y, weight, transposed):
+        asked.append(transposed)
+        return input_grad(grad_y, weight, transposed)
+
+    monkeypatch.setattr(swiglu_recompute, "input_grad", recording)
+    model, loss, grads = _loss_and_grads(
+        _tiny(fc2_input_grad_from_transposed_weight=True, **fp32), tokens
+    )
+    transposed, asked[:] = list(asked), []
+    _, ref_loss, ref_grads = _loss_and_grads(_tiny(**fp32), tokens)
+    assert transposed == [True, True] and asked == [False, False]  # two layers each
+    assert isinstance(model.decoder.layers[0].mlp, swiglu_recompute.RecomputedSwiGLUMLP)
+    torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-6)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, ref_grads[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.usefixtures("single_process_megatron")
+def test_fc2_input_grad_from_a_transposed_weight_is_refused_without_the_recomputing_fc2(
+    monkeypatch,
+):
+    monkeypatch.setattr(fp8, "check_fp8_supported", lambda *a: None)
+    for kw in (dict(), dict(recompute_swiglu=True, fp8="tensorwise"), dict(activation="gelu")):
+        with pytest.raises(ConfigError, match="fc2_input_grad_from_transposed_weight needs"):
+            build_model(_tiny(fc2_input_grad_from_transposed_weight=True, **kw), meta=True)
+
+
 @pytest.mark.usefixtures("single_process_megatron")
 def test_recomputed_swiglu_is_refused_where_it_does_not_apply():
     with pytest.raises(ConfigError, match="plain SwiGLU"):

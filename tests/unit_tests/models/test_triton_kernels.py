@@ -358,6 +358,8 @@ def check_cast_transpose(device: str) -> None:
                 torch.testing.assert_close(inverse, scale.reciprocal(), rtol=2**-22, atol=0)
             assert out.shape == shape and out_t.shape == shape[::-1] and out.dtype == dtype
             assert torch.equal(out_t.view(torch.uint8), out.t().contiguous().view(torch.uint8))
+            none, only_t, _, _ = tk.cast_transpose(x, amax, dtype, largest, transpose_only=True)
+            assert none is None and torch.equal(only_t.view(torch.uint8), out_t.view(torch.uint8))
             if dtype != torch.float32:
                 assert torch.equal(out.view(torch.uint8), want.view(torch.uint8))
             else:  # the interpreter's scale: numpy's arithmetic, within a unit of the last place
@@ -382,9 +384,17 @@ def check_cast_transpose_rowwise(device: str) -> None:
         dtype = fp8.E4M3 if device == "cuda" else torch.float32
         largest = torch.finfo(fp8.E4M3).max
         x_t = x.t().contiguous()
+        rows_amax, cols_amax = tk.row_col_amax(x)
+        assert torch.equal(rows_amax, fp8.amax(x, True).float().flatten())
+        assert torch.equal(cols_amax, fp8.amax(x_t, True).float().flatten())
         out, out_t, inverse, inverse_t = tk.cast_transpose(
-            x, fp8.amax(x, True), dtype, largest, amax_t=fp8.amax(x_t, True)
+            x, rows_amax, dtype, largest, amax_t=cols_amax
         )
+        none, only_t, _, only_inverse_t = tk.cast_transpose(
+            x, rows_amax, dtype, largest, amax_t=cols_amax, transpose_only=True
+        )
+        assert none is None and torch.equal(only_t.view(torch.uint8), out_t.view(torch.uint8))
+        assert torch.equal(only_inverse_t, inverse_t)
         assert out.shape == shape and out_t.shape == shape[::-1] and out.dtype == dtype
         assert inverse.shape == (shape[0], 1) and inverse_t.shape == (shape[1], 1)
         for got, got_inverse, rows in ((out, inverse, x), (out_t, inverse_t, x_t)):
@@ -396,6 +406,33 @@ def check_cast_transpose_rowwise(device: str) -> None:
             assert torch.equal(got_inverse, scale.reciprocal())
         assert inverse[2].item() == 1 / 256
         assert not torch.equal(out_t.float().t(), out.float())  # scaled differently
+
+
+def check_row_col_amax(device: str) -> None:
+    """row_col_amax: every row's and every column's largest magnitude, as aten's reductions
+    give them (fp8.amax of x and of x^T), bit for bit: over tiles with tails in both
+    dimensions and rows and columns that span several tiles, with negative values, an all-zero
+    row, an infinity and a NaN (which wins its row and column, as in torch)."""
+    from megabridge.models import fp8
+    from megabridge.models import triton_kernels as tk
+
+    gen = torch.Generator().manual_seed(11)
+    for shape in [(200, 300), (1, 5), (64, 128)]:
+        x = (torch.randn(*shape, generator=gen) * 4).to(device, torch.bfloat16)
+        if shape[0] > 100:
+            x[3] = 0.0
+            x[70, 250] = -1000.0  # the largest magnitude is negative
+            x[150, 9] = float("-inf")
+            x[199, 299] = float("nan")
+        rows, cols = tk.row_col_amax(x)
+        assert rows.dtype == cols.dtype == torch.float32
+        for got, want in ((rows, fp8.amax(x, True)), (cols, fp8.amax(x.t().contiguous(), True))):
+            want = want.float().flatten()
+            assert torch.equal(got.isnan(), want.isnan())
+            assert torch.equal(got.nan_to_num(), want.nan_to_num())
+        if shape[0] > 100:
+            assert rows[3] == 0 and rows[70] == 1000 and rows[150] == float("inf")
+            assert rows[199].isnan() and cols[299].isnan() and cols[9] == float("inf")
 
 
 def test_cast_transpose_refuses_what_it_does_not_handle():
@@ -410,6 +447,8 @@ def test_cast_transpose_refuses_what_it_does_not_handle():
     for case in cases:
         with pytest.raises(NotImplementedError, match="not supported yet"):
             tk.cast_transpose(case, fp8.amax(x, False), fp8.E4M3)
+        with pytest.raises(NotImplementedError, match="row_col_amax: .*not supported yet"):
+            tk.row_col_amax(case)
 
 
 def _output_and_grads(fn, inputs: tuple, grad: torch.Tensor) -> tuple:
@@ -532,6 +571,7 @@ def check_kernels(device: str) -> None:
     check_adamw_remainders(device)
     check_cast_transpose(device)
     check_cast_transpose_rowwise(device)
+    check_row_col_amax(device)
     check_fp8_one_pass(device)
 
 
@@ -671,20 +711,22 @@ def test_softmax_kernels_that_disagree_with_torch_are_not_used(monkeypatch, capl
 
 def test_fp8_one_pass_casts_that_disagree_with_torch_are_not_used(monkeypatch, caplog):
     """FP8Linear's check of the one-pass casts on first use, with the kernel replaced by
-    torch's casts: right, it passes; one FP8 value off in the rowwise transpose, it fails
-    and says so."""
+    torch's casts: right, it passes; one FP8 value off in the rowwise transpose, or in the
+    transpose written alone, it fails and says so."""
     from megabridge.models import fp8
 
-    def casts(x, dtype, rowwise, spoil=False):
+    def casts(x, dtype, rowwise, transpose_only=False, spoil=None):
         out, scale = fp8.quantize(x, dtype, rowwise)
         out_t, scale_t = fp8.quantize(x.t().contiguous(), dtype, rowwise)
-        if spoil and rowwise:
+        if spoil == ("transpose_only" if transpose_only else "rowwise") and rowwise:
             out_t = out_t.clone()
             out_t[0, 0] = (-out_t[0, 0].float()).to(dtype)
-        return out, out_t, scale, scale_t
+        return None if transpose_only else out, out_t, scale, scale_t
 
-    for spoil, agree in ((False, True), (True, False)):
-        monkeypatch.setattr(fp8, "_cast_transpose", lambda *a, spoil=spoil: casts(*a, spoil=spoil))
+    for spoil, agree in ((None, True), ("rowwise", False), ("transpose_only", False)):
+        monkeypatch.setattr(
+            fp8, "_cast_transpose", lambda *a, spoil=spoil, **k: casts(*a, spoil=spoil, **k)
+        )
         fp8._one_pass_casts_agree.cache_clear()
         assert fp8._one_pass_casts_agree(torch.device("cpu")) is agree
     assert "FP8 casts disagree with torch" in caplog.text

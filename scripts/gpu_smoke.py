@@ -402,8 +402,9 @@ def lean_memory(s: Smoke) -> str:
                            "model.recompute_cross_entropy=false",
                            "model.recompute_swiglu=false"))  # fmt: skip
     lean = losses(s.train("lean_memory", "train", recipe, s.work / "lean", steps, *LEAN_MEMORY))
+    wt = "model.fc2_input_grad_from_transposed_weight=true"
     transposed = losses(s.train("lean_memory", "train", recipe, s.work / "lean_wt", steps,
-                                *LEAN_MEMORY, "model.fc2_input_grad_from_transposed_weight=true"))  # fmt: skip
+                                *LEAN_MEMORY, wt))  # fmt: skip
     worst = {}
     for name, run in (("lean", lean), ("fc2 input grad from W^T", transposed)):
         if not plain or run.keys() != plain.keys():

@@ -264,7 +264,8 @@ class FP8SwiGLUThenLinear(torch.autograd.Function):
     """y = SwiGLU(h) W^T with FP8 GEMMs (FP8Linear's), keeping h and what backward needs of
     W, not SwiGLU's output a: backward recomputes a with SwiGLU's gradient (one pass over h,
     as swiglu_recompute's bf16 function does) and casts it again for the weight gradient,
-    the same FP8 values as forward's (on the GPU its transpose alone, which that GEMM takes). h [M, 2f], W [N, f] -> y [M, N]."""
+    the same FP8 values as forward's (on the GPU its transpose alone, which that GEMM
+    takes). h [M, 2f], W [N, f] -> y [M, N]."""
 
     @staticmethod
     def forward(ctx, h, weight, recipe: str, emulate: bool):

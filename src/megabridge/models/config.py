@@ -329,7 +329,7 @@ class ModelConfig:
     )
     fc2_input_grad_from_transposed_weight: bool = runtime_field(
         False,
-        "torch spec, MLPs with model.recompute_swiglu: fc2's input gradient multiplies a "
+        "torch spec, dense MLPs with model.recompute_swiglu: fc2's input gradient multiplies a "
         "transposed copy of fc2's weight (made in each backward, freed after it), so that the "
         "GEMM reads both operands along the summed dimension, as fc1's forward does; whether "
         "it is faster depends on the GPU's GEMM kernels (scripts/performance/gemm_layouts.py)",

@@ -276,6 +276,7 @@ def layer_spec(cfg, tconfig):
             f"model.fp8 is built by the torch layer spec only, not {impl}; "
             "set model.transformer_impl=torch"
         )
+    torch_layers.check_transposed_fc2_input_grad(cfg, impl)
     if impl == "torch":
         return torch_layers.block_spec(cfg, tconfig)
     # Megatron-Core's own block spec: a dense or an MoE layer per moe_layer_freq.

@@ -890,17 +890,34 @@ def _use_recomputed_swiglu(sub, cfg) -> None:
         )
 
 
-def _use_transposed_fc2_input_grad(sub) -> None:
-    """model.fc2_input_grad_from_transposed_weight: the recomputing bf16 fc2's option, set."""
-    mlp = getattr(sub.mlp, "submodules", None)
-    if getattr(mlp, "linear_fc2", None) is not swiglu_recompute.SwiGLURowParallelLinear:
+def check_transposed_fc2_input_grad(cfg, impl: str) -> None:
+    """model.fc2_input_grad_from_transposed_weight needs the recomputing bf16 fc2 of
+    model.recompute_swiglu: refused in one line where the model has none."""
+    if not cfg.fc2_input_grad_from_transposed_weight:
+        return
+    if (
+        impl != "torch"
+        or cfg.fp8 is not None
+        or cfg.recompute_swiglu is False
+        or cfg.compile_layers
+        or not plain_swiglu(cfg)
+    ):
         raise ConfigError(
             "model.fc2_input_grad_from_transposed_weight needs the bf16 fc2 of "
-            "model.recompute_swiglu (a dense SwiGLU MLP, without model.fp8 or compiled layers)"
+            "model.recompute_swiglu (the torch spec's SwiGLU MLPs, without model.fp8 or "
+            "compiled layers)"
         )
-    mlp.linear_fc2 = ModuleSpec(
-        module=swiglu_recompute.SwiGLURowParallelLinear, params={"transposed_input_grad": True}
-    )
+
+
+def _use_transposed_fc2_input_grad(sub) -> None:
+    """model.fc2_input_grad_from_transposed_weight, set on a dense layer's recomputing fc2
+    (an MoE layer's experts keep their own GEMMs)."""
+    mlp = getattr(sub.mlp, "submodules", None)
+    if getattr(mlp, "linear_fc2", None) is swiglu_recompute.SwiGLURowParallelLinear:
+        mlp.linear_fc2 = ModuleSpec(
+            module=swiglu_recompute.SwiGLURowParallelLinear,
+            params={"transposed_input_grad": True},
+        )
 
 
 def _use_fp8_linears(sub, cfg) -> None:

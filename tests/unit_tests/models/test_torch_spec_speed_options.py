@@ -385,11 +385,28 @@ def test_fc2_input_grad_from_a_transposed_weight_is_the_same_gradient(monkeypatc
 
 
 @pytest.mark.usefixtures("single_process_megatron")
+def test_fc2_input_grad_from_a_transposed_weight_leaves_an_moe_layer_alone():
+    """A dense layer next to an MoE one: the dense layer's fc2 takes the option, the MoE
+    layer builds as without it."""
+    moe = dict(num_moe_experts=4, moe_ffn_hidden_size=32, moe_layer_freq=[0, 1],
+               recompute_swiglu=None)  # fmt: skip
+    (model,) = build_model(_tiny(fc2_input_grad_from_transposed_weight=True, **moe), meta=True)
+    (plain,) = build_model(_tiny(**moe), meta=True)
+    dense, sparse = model.decoder.layers
+    assert dense.mlp.linear_fc2.transposed_input_grad
+    assert not plain.decoder.layers[0].mlp.linear_fc2.transposed_input_grad
+    assert type(sparse.mlp) is type(plain.decoder.layers[1].mlp)
+    assert not hasattr(sparse.mlp, "linear_fc2")
+
+
+@pytest.mark.usefixtures("single_process_megatron")
 def test_fc2_input_grad_from_a_transposed_weight_is_refused_without_the_recomputing_fc2(
     monkeypatch,
 ):
     monkeypatch.setattr(fp8, "check_fp8_supported", lambda *a: None)
-    for kw in (dict(), dict(recompute_swiglu=True, fp8="tensorwise"), dict(activation="gelu")):
+    refused = (dict(), dict(recompute_swiglu=True, fp8="tensorwise"), dict(activation="gelu"),
+               dict(recompute_swiglu=None, transformer_impl="local"))  # fmt: skip
+    for kw in refused:
         with pytest.raises(ConfigError, match="fc2_input_grad_from_transposed_weight needs"):
             build_model(_tiny(fc2_input_grad_from_transposed_weight=True, **kw), meta=True)
 

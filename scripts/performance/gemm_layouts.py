@@ -10,8 +10,8 @@ megabridge adds into the fp32 main_grad (torch.addmm with out_dtype=float32). Th
 operand and the second can each be read row by row or column by column: "NT" means the
 first as stored and the second transposed. For each GEMM this prints the TFLOP/s of all
 four layouts of the same product, the model's own marked with *: a layout that beats the
-model's by more than its cost (a transposed copy of the smaller operand) is a step's time
-to win. At the Llama-3.2-1B shape and micro-batch 16 x seq 2048 by default.
+model's by more than its cost (a transposed copy of the smaller operand, timed at the end for
+each weight) is a step's time to win. At the Llama-3.2-1B shape and micro-batch 16 x seq 2048 by default.
 """
 
 from __future__ import annotations
@@ -84,6 +84,12 @@ def main() -> None:
         gemm_row(f"{name} forward", t, fan_out, fan_in, "NT", False)
         gemm_row(f"{name} input grad", t, fan_in, fan_out, "NN", False)
         gemm_row(f"{name} weight grad", fan_out, fan_in, t, "TN", True)
+    # what a layout with the weight in its other order costs, once per backward
+    # (model.fc2_input_grad_from_transposed_weight makes this copy of fc2's weight)
+    print("\ntransposing copy of each weight [out, in] (us):")
+    for name, (fan_in, fan_out) in linears.items():
+        w = torch.randn(fan_out, fan_in, device="cuda", dtype=torch.bfloat16)
+        print(f"{name:26s} {timed(lambda w=w: w.t().contiguous()):8.1f}")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ operand and the second can each be read row by row or column by column: "NT" mea
 first as stored and the second transposed. For each GEMM this prints the TFLOP/s of all
 four layouts of the same product, the model's own marked with *: a layout that beats the
 model's by more than its cost (a transposed copy of the smaller operand, timed at the end for
-each weight) is a step's time to win. At the Llama-3.2-1B shape and micro-batch 16 x seq 2048 by default.
+each weight) is a step's time to win. At the Llama-3.2-1B shape and micro-batch 16 x seq 2048
+by default.
 """
 
 from __future__ import annotations

@@ -764,6 +764,12 @@ def _scale_then_add(bda, multiplier: float, training: bool, fused: bool):
     return scale_then_add
 
 
+TRANSPOSED_FC2_NEEDS = (
+    "model.fc2_input_grad_from_transposed_weight needs the bf16 fc2 of model.recompute_swiglu "
+    "(a dense SwiGLU MLP of the torch spec, without model.fp8 or compiled layers)"
+)
+
+
 def block_spec(cfg, tconfig):
     """Megatron-Core's local block spec with megabridge's layer, SDPA attention and norms.
 
@@ -785,6 +791,10 @@ def block_spec(cfg, tconfig):
     norm = norm_class(cfg)
     for spec in {id(s): s for s in layer_specs}.values():  # the dense and the MoE spec
         _use_megabridge_modules(spec, cfg, norm)
+    if cfg.fc2_input_grad_from_transposed_weight and not any(
+        _takes_transposed_fc2_input_grad(spec) for spec in layer_specs
+    ):  # no layer of the model has the recomputing bf16 fc2 it is an option of
+        raise ConfigError(TRANSPOSED_FC2_NEEDS)
     offset = get_transformer_layer_offset(tconfig)
     layers = [
         _layer_spec(layer_specs[offset + i], cfg, offset + i)
@@ -890,25 +900,6 @@ def _use_recomputed_swiglu(sub, cfg) -> None:
         )
 
 
-def check_transposed_fc2_input_grad(cfg, impl: str) -> None:
-    """model.fc2_input_grad_from_transposed_weight needs the recomputing bf16 fc2 of
-    model.recompute_swiglu: refused in one line where the model has none."""
-    if not cfg.fc2_input_grad_from_transposed_weight:
-        return
-    if (
-        impl != "torch"
-        or cfg.fp8 is not None
-        or cfg.recompute_swiglu is False
-        or cfg.compile_layers
-        or not plain_swiglu(cfg)
-    ):
-        raise ConfigError(
-            "model.fc2_input_grad_from_transposed_weight needs the bf16 fc2 of "
-            "model.recompute_swiglu (the torch spec's SwiGLU MLPs, without model.fp8 or "
-            "compiled layers)"
-        )
-
-
 def _use_transposed_fc2_input_grad(sub) -> None:
     """model.fc2_input_grad_from_transposed_weight, set on a dense layer's recomputing fc2
     (an MoE layer's experts keep their own GEMMs)."""
@@ -918,6 +909,11 @@ def _use_transposed_fc2_input_grad(sub) -> None:
             module=swiglu_recompute.SwiGLURowParallelLinear,
             params={"transposed_input_grad": True},
         )
+
+
+def _takes_transposed_fc2_input_grad(spec) -> bool:
+    fc2 = getattr(getattr(spec.submodules.mlp, "submodules", None), "linear_fc2", None)
+    return isinstance(fc2, ModuleSpec) and fc2.params.get("transposed_input_grad", False)
 
 
 def _use_fp8_linears(sub, cfg) -> None:

@@ -405,7 +405,8 @@ def test_fc2_input_grad_from_a_transposed_weight_is_refused_without_the_recomput
 ):
     monkeypatch.setattr(fp8, "check_fp8_supported", lambda *a: None)
     refused = (dict(), dict(recompute_swiglu=True, fp8="tensorwise"), dict(activation="gelu"),
-               dict(recompute_swiglu=None, transformer_impl="local"))  # fmt: skip
+               dict(recompute_swiglu=None, transformer_impl="local"),
+               dict(recompute_swiglu=None, num_moe_experts=4, moe_ffn_hidden_size=32))  # fmt: skip
     for kw in refused:
         with pytest.raises(ConfigError, match="fc2_input_grad_from_transposed_weight needs"):
             build_model(_tiny(fc2_input_grad_from_transposed_weight=True, **kw), meta=True)

@@ -328,8 +328,6 @@ def test_fp8_with_another_spec_is_refused():
 @pytest.mark.usefixtures("single_process_megatron")
 def test_recomputed_swiglu_gives_the_same_loss_and_gradients():
     """model.recompute_swiglu (models/swiglu_recompute.py) changes what is kept, not the math."""
-    from megabridge.models import swiglu_recompute
-
     tokens = torch.randint(0, 128, (2, 17), generator=torch.Generator().manual_seed(1))
     fp32 = dict(bf16=False)
     model, loss, grads = _loss_and_grads(_tiny(recompute_swiglu=True, **fp32), tokens)
@@ -346,13 +344,12 @@ def test_recomputed_swiglu_gives_the_same_loss_and_gradients():
 def test_the_transposed_input_grad_reads_a_column_major_weight(monkeypatch):
     """input_grad with ``transposed``: the GEMM gets W [n, f] column-major (a transposed
     copy), without it W as stored; the same product."""
-    from megabridge.models.swiglu_recompute import input_grad
-
     gen = torch.Generator().manual_seed(4)
     grad_y, w = torch.randn(24, 16, generator=gen), torch.randn(16, 40, generator=gen)
     matmul, strides = torch.matmul, []
     monkeypatch.setattr(torch, "matmul", lambda a, b: strides.append(b.stride()) or matmul(a, b))
-    got, want = input_grad(grad_y, w, True), input_grad(grad_y, w, False)
+    got = swiglu_recompute.input_grad(grad_y, w, True)
+    want = swiglu_recompute.input_grad(grad_y, w, False)
     assert strides == [(1, 16), (40, 1)]
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
 
@@ -361,8 +358,6 @@ def test_the_transposed_input_grad_reads_a_column_major_weight(monkeypatch):
 def test_fc2_input_grad_from_a_transposed_weight_is_the_same_gradient(monkeypatch):
     """model.fc2_input_grad_from_transposed_weight reaches every recomputing fc2's backward;
     the loss and gradients are the default's (fp32: up to the GEMMs' order of summation)."""
-    from megabridge.models import swiglu_recompute
-
     tokens = torch.randint(0, 128, (2, 17), generator=torch.Generator().manual_seed(3))
     fp32 = dict(bf16=False, recompute_swiglu=True)
     input_grad, asked = swiglu_recompute.input_grad, []
@@ -421,8 +416,6 @@ def test_recomputed_swiglu_is_refused_where_it_does_not_apply():
 
 
 def _recomputed(model) -> list[bool]:
-    from megabridge.models import swiglu_recompute
-
     return [
         isinstance(layer.mlp, swiglu_recompute.RecomputedSwiGLUMLP)
         for layer in model.decoder.layers

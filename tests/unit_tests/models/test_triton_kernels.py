@@ -411,19 +411,22 @@ def check_cast_transpose_rowwise(device: str) -> None:
 def check_row_col_amax(device: str) -> None:
     """row_col_amax: every row's and every column's largest magnitude, as aten's reductions
     give them (fp8.amax of x and of x^T), bit for bit: over tiles with tails in both
-    dimensions and rows and columns that span several tiles, with negative values, an all-zero
-    row, an infinity and a NaN (which wins its row and column, as in torch)."""
+    dimensions and rows and columns that span several tiles (and rows that span several
+    programs' partial maxima), with negative values, an all-zero row, an infinity and a NaN
+    (which wins its row and column, as in torch)."""
     from megabridge.models import fp8
     from megabridge.models import triton_kernels as tk
 
     gen = torch.Generator().manual_seed(11)
-    for shape in [(200, 300), (1, 5), (64, 128)]:
+    for shape in [(200, 300), (1, 5), (64, 128), (70, 2100)]:
         x = (torch.randn(*shape, generator=gen) * 4).to(device, torch.bfloat16)
         if shape[0] > 100:
             x[3] = 0.0
             x[70, 250] = -1000.0  # the largest magnitude is negative
             x[150, 9] = float("-inf")
             x[199, 299] = float("nan")
+        if shape[1] > tk._AMAX_COLS:  # a row's largest in the last program, another's in the first
+            x[5, 2090], x[6, 3] = 100.0, -100.0
         rows, cols = tk.row_col_amax(x)
         assert rows.dtype == cols.dtype == torch.float32
         for got, want in ((rows, fp8.amax(x, True)), (cols, fp8.amax(x.t().contiguous(), True))):
@@ -433,6 +436,8 @@ def check_row_col_amax(device: str) -> None:
         if shape[0] > 100:
             assert rows[3] == 0 and rows[70] == 1000 and rows[150] == float("inf")
             assert rows[199].isnan() and cols[299].isnan() and cols[9] == float("inf")
+        if shape[1] > tk._AMAX_COLS:
+            assert rows[5] == 100 and rows[6] == 100 and cols[2090] == 100 and cols[3] == 100
 
 
 def test_cast_transpose_refuses_what_it_does_not_handle():

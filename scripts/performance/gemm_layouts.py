@@ -85,8 +85,8 @@ def main() -> None:
         gemm_row(f"{name} forward", t, fan_out, fan_in, "NT", False)
         gemm_row(f"{name} input grad", t, fan_in, fan_out, "NN", False)
         gemm_row(f"{name} weight grad", fan_out, fan_in, t, "TN", True)
-    # what a layout with the weight in its other order costs, once per backward
-    # (model.fc2_input_grad_from_transposed_weight makes this copy of fc2's weight)
+    # what a layout with the weight in its other order costs, once per backward (fc2's input
+    # gradient from such a copy, tried as an option on 2026-12-05, lost end to end: NOTES.md)
     print("\ntransposing copy of each weight [out, in] (us):")
     for name, (fan_in, fan_out) in linears.items():
         w = torch.randn(fan_out, fan_in, device="cuda", dtype=torch.bfloat16)

@@ -327,13 +327,6 @@ class ModelConfig:
         "write); None: wherever it applies (not with FP8 or compiled layers), true: required "
         "(with FP8 too)",
     )
-    fc2_input_grad_from_transposed_weight: bool = runtime_field(
-        False,
-        "torch spec, dense MLPs with model.recompute_swiglu: fc2's input gradient multiplies a "
-        "transposed copy of fc2's weight (made in each backward, freed after it), so that the "
-        "GEMM reads both operands along the summed dimension, as fc1's forward does; whether "
-        "it is faster depends on the GPU's GEMM kernels (scripts/performance/gemm_layouts.py)",
-    )
     recompute_cross_entropy: bool = runtime_field(
         True,
         "the loss keeps the logits for backward and recomputes the softmax from them, instead "

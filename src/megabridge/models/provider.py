@@ -276,8 +276,6 @@ def layer_spec(cfg, tconfig):
             f"model.fp8 is built by the torch layer spec only, not {impl}; "
             "set model.transformer_impl=torch"
         )
-    if cfg.fc2_input_grad_from_transposed_weight and impl != "torch":
-        raise ConfigError(torch_layers.TRANSPOSED_FC2_NEEDS)
     if impl == "torch":
         return torch_layers.block_spec(cfg, tconfig)
     # Megatron-Core's own block spec: a dense or an MoE layer per moe_layer_freq.

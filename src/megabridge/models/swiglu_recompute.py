@@ -29,41 +29,30 @@ class _SwiGLUThenLinear(torch.autograd.Function):
 
     With ``accumulate`` (the linear's gradient_accumulation_fusion, which training/optim.py
     switches on where DDP gave W an fp32 main_grad) the weight gradient is added into
-    main_grad by the GEMM itself, as Megatron's linears do it. With ``transposed`` the input
-    gradient multiplies a transposed copy of W (input_grad)."""
+    main_grad by the GEMM itself, as Megatron's linears do it."""
 
     @staticmethod
-    def forward(ctx, h, weight, accumulate, transposed=False):
+    def forward(ctx, h, weight, accumulate):
         ctx.save_for_backward(h, weight)
-        ctx.accumulate, ctx.transposed = accumulate, transposed
+        ctx.accumulate = accumulate
         return torch.matmul(swiglu(h), weight.t())
 
     @staticmethod
     def backward(ctx, grad_y):
         h, weight = ctx.saved_tensors
-        grad_a = input_grad(grad_y, weight, ctx.transposed)  # [M, f]
+        grad_a = torch.matmul(grad_y, weight)  # [M, f]
         if not ctx.needs_input_grad[1]:
-            return swiglu_grad(grad_a, h), None, None, None
+            return swiglu_grad(grad_a, h), None, None
         # SwiGLU's output recomputed in the same pass as its gradient (one read of h)
         grad_h, a = swiglu_grad_and_output(grad_a, h)  # [M, 2f], [M, f]
         if not ctx.accumulate:
-            return grad_h, torch.matmul(grad_y.t(), a), None, None
+            return grad_h, torch.matmul(grad_y.t(), a), None
         layers.fused_weight_gradient_mlp_cuda.wgrad_gemm_accum_fp32(a, grad_y, weight.main_grad)
         if not hasattr(weight, "grad_added_to_main_grad"):
-            return grad_h, None, None, None
+            return grad_h, None, None
         # as Megatron's linear: a placeholder gradient that DDP's hook sees but does not add
         weight.grad_added_to_main_grad = True
-        return grad_h, torch.empty(weight.shape, dtype=h.dtype, device=h.device), None, None
-
-
-def input_grad(grad_y: torch.Tensor, weight: torch.Tensor, transposed: bool) -> torch.Tensor:
-    """grad_y [M, n] @ W [n, f]. As stored, W is read along f, the output's dimension; with
-    ``transposed`` a row-major copy of W^T [f, n] is made and read along n, the summed
-    dimension, as both of fc1's forward operands are (model.fc2_input_grad_from_transposed_weight;
-    scripts/performance/gemm_layouts.py times both layouts)."""
-    if transposed:
-        weight = weight.t().contiguous().t()  # the same [n, f] values, column-major
-    return torch.matmul(grad_y, weight)
+        return grad_h, torch.empty(weight.shape, dtype=h.dtype, device=h.device), None
 
 
 class SwiGLURowParallelLinear(RowParallelLinear):
@@ -73,10 +62,6 @@ class SwiGLURowParallelLinear(RowParallelLinear):
     Megatron's own MLP forward) it is Megatron's linear on SwiGLU's output."""
 
     swiglu_input = False
-
-    def __init__(self, *args, transposed_input_grad: bool = False, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.transposed_input_grad = transposed_input_grad
 
     def swiglu_then_linear(self, h):
         self.swiglu_input = True
@@ -91,7 +76,7 @@ class SwiGLURowParallelLinear(RowParallelLinear):
         # input [s, b, 2f / tp] -> [s, b, n]; Megatron passes no bias here (added after).
         flat = input.reshape(-1, input.shape[-1])
         accumulate = self.gradient_accumulation_fusion and weight.requires_grad
-        out = _SwiGLUThenLinear.apply(flat, weight, accumulate, self.transposed_input_grad)
+        out = _SwiGLUThenLinear.apply(flat, weight, accumulate)
         out = out.view(*input.shape[:-1], weight.shape[0])
         return out if bias is None else out + bias
 

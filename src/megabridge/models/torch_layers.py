@@ -764,12 +764,6 @@ def _scale_then_add(bda, multiplier: float, training: bool, fused: bool):
     return scale_then_add
 
 
-TRANSPOSED_FC2_NEEDS = (
-    "model.fc2_input_grad_from_transposed_weight needs the bf16 fc2 of model.recompute_swiglu "
-    "(a dense SwiGLU MLP of the torch spec, without model.fp8 or compiled layers)"
-)
-
-
 def block_spec(cfg, tconfig):
     """Megatron-Core's local block spec with megabridge's layer, SDPA attention and norms.
 
@@ -791,10 +785,6 @@ def block_spec(cfg, tconfig):
     norm = norm_class(cfg)
     for spec in {id(s): s for s in layer_specs}.values():  # the dense and the MoE spec
         _use_megabridge_modules(spec, cfg, norm)
-    if cfg.fc2_input_grad_from_transposed_weight and not any(
-        _takes_transposed_fc2_input_grad(spec) for spec in layer_specs
-    ):  # no layer of the model has the recomputing bf16 fc2 it is an option of
-        raise ConfigError(TRANSPOSED_FC2_NEEDS)
     offset = get_transformer_layer_offset(tconfig)
     layers = [
         _layer_spec(layer_specs[offset + i], cfg, offset + i)
@@ -851,8 +841,6 @@ def _use_megabridge_modules(spec, cfg, norm) -> None:
         _use_fp8_linears(sub, cfg)
     if cfg.recompute_swiglu is not False:
         _use_recomputed_swiglu(sub, cfg)
-    if cfg.fc2_input_grad_from_transposed_weight:
-        _use_transposed_fc2_input_grad(sub)
     _use_own_row_linears(sub)
 
 
@@ -898,22 +886,6 @@ def _use_recomputed_swiglu(sub, cfg) -> None:
         sub.mlp.submodules.linear_fc2 = ModuleSpec(
             module=swiglu_recompute.FP8SwiGLURowParallelLinear, params=fc2.params
         )
-
-
-def _use_transposed_fc2_input_grad(sub) -> None:
-    """model.fc2_input_grad_from_transposed_weight, set on a dense layer's recomputing fc2
-    (an MoE layer's experts keep their own GEMMs)."""
-    mlp = getattr(sub.mlp, "submodules", None)
-    if getattr(mlp, "linear_fc2", None) is swiglu_recompute.SwiGLURowParallelLinear:
-        mlp.linear_fc2 = ModuleSpec(
-            module=swiglu_recompute.SwiGLURowParallelLinear,
-            params={"transposed_input_grad": True},
-        )
-
-
-def _takes_transposed_fc2_input_grad(spec) -> bool:
-    fc2 = getattr(getattr(spec.submodules.mlp, "submodules", None), "linear_fc2", None)
-    return isinstance(fc2, ModuleSpec) and fc2.params.get("transposed_input_grad", False)
 
 
 def _use_fp8_linears(sub, cfg) -> None:

@@ -6,9 +6,10 @@ At the Llama-3.2-1B shape and micro-batch 16 x seq 2048 by default: SwiGLU forwa
 backward (against Megatron-Core's compiled swiglu / swiglu_back), RoPE on q and k forward
 and backward (against the compiled torch function, and for each --rope-rows), RMSNorm
 forward and backward (against aten's); the cross entropy's forward and backward (against the
-compiled passes it replaces); FP8's casts of an operand and its transpose, tensorwise and
-rowwise (against the separate casts of a transposed copy). Prints microseconds per call and the GB/s of the
-bytes each call must move (its inputs read once, its outputs written once).
+compiled passes it replaces); causal attention under each SDPA backend (TFLOP/s); FP8's casts
+of an operand and its transpose, tensorwise and rowwise (against the separate casts of a
+transposed copy). Prints microseconds per call and the GB/s of the bytes each call must move
+(its inputs read once, its outputs written once).
 """
 
 from __future__ import annotations
@@ -107,6 +108,7 @@ def main() -> None:
     )
     row("RMSNorm fwd+bwd, Triton", timed(norm_step(tk.rms_norm)), io)
     cross_entropy_rows(m, args.batch, args.vocab)
+    attention_rows(args.batch, s, args.heads, args.groups, d)
     if torch.cuda.get_device_capability() >= (8, 9):
         fp8_cast_rows(m, h)
 
@@ -141,6 +143,42 @@ def fp8_cast_rows(m: int, h: int) -> None:
     # rowwise's amax of each row and each column (inside the one pass's time above)
     row("FP8 rowwise row + column amax, aten", timed(two_reductions), x.numel() * 2)
     row("FP8 rowwise row + column amax, Triton", timed(lambda: tk.row_col_amax(x)), x.numel() * 2)
+
+
+def attention_rows(batch: int, s: int, heads: int, groups: int, d: int) -> None:
+    """Causal SDPA forward and backward as the torch spec calls it (models/torch_layers.sdpa:
+    [b, heads, s, d] queries, the groups' keys and values, enable_gqa) under each backend torch
+    has, and under SDPA's own choice, the model's: 13.5% of the 1.1B step at micro-batch 16 is
+    attention (scripts/performance/NOTES.md). TFLOP/s counts causal attention's half of the
+    score and value GEMMs, backward 2.5x forward's."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q = torch.randn(batch, heads, s, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(batch, groups, s, d, device="cuda", dtype=torch.bfloat16,
+                        requires_grad=True) for _ in range(2))  # fmt: skip
+    grad = torch.randn_like(q)
+    flops = 3.5 * 2 * 2 * batch * heads * s * s * d / 2
+
+    def step():
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        return torch.autograd.grad(out, (q, k, v), grad)
+
+    backends = [("SDPA's choice", None)] + [
+        (name.lower(), getattr(SDPBackend, name))
+        for name in ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION")
+    ]
+    for name, backend in backends:
+        label = f"attention fwd+bwd, {name}"
+        try:
+            if backend is None:
+                us = timed(step)
+            else:
+                with sdpa_kernel([backend]):
+                    us = timed(step)
+        except RuntimeError as e:  # this backend does not take these inputs here
+            print(f"{label:44s} not available: {str(e).splitlines()[0][:60]}")
+            continue
+        print(f"{label:44s} {us:9.1f} us {flops / us / 1e6:8.0f} TFLOP/s")
 
 
 def cross_entropy_rows(m: int, batch: int, vocab: int) -> None:

@@ -142,7 +142,14 @@ def fp8_cast_rows(m: int, h: int) -> None:
 
     # rowwise's amax of each row and each column (inside the one pass's time above)
     row("FP8 rowwise row + column amax, aten", timed(two_reductions), x.numel() * 2)
-    row("FP8 rowwise row + column amax, Triton", timed(lambda: tk.row_col_amax(x)), x.numel() * 2)
+    us = timed(lambda: tk.row_col_amax(x))
+    row(f"FP8 rowwise row + column amax, Triton ({tk._AMAX_COLS} columns)", us, x.numel() * 2)
+    chosen = tk._AMAX_COLS
+    for cols in (128, 256, 512, 2048):  # columns a program reads (128: one tile, no loop)
+        tk._AMAX_COLS = cols
+        us = timed(lambda: tk.row_col_amax(x))
+        row(f"FP8 rowwise row + column amax, {cols} columns", us, x.numel() * 2)
+    tk._AMAX_COLS = chosen
 
 
 def attention_rows(batch: int, s: int, heads: int, groups: int, d: int) -> None:

@@ -111,6 +111,7 @@ def main() -> None:
     attention_rows(args.batch, s, args.heads, args.groups, d)
     if torch.cuda.get_device_capability() >= (8, 9):
         fp8_cast_rows(m, h)
+        fp8_cast_rows(m, f)  # fc2's input, as wide as the FFN
 
 
 def fp8_cast_rows(m: int, h: int) -> None:
@@ -122,6 +123,7 @@ def fp8_cast_rows(m: int, h: int) -> None:
     from megabridge.models import triton_kernels as tk
 
     x = torch.randn(m, h, device="cuda", dtype=torch.bfloat16)
+    print(f"FP8 casts of [{m}, {h}]:")
     io = x.numel() * (2 + 1 + 1)  # x read, two FP8 tensors written
     q = fp8._quantize_fn(False)
     for recipe, rowwise in (("tensorwise", False), ("rowwise", True)):

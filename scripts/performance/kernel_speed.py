@@ -162,6 +162,8 @@ def attention_rows(batch: int, s: int, heads: int, groups: int, d: int) -> None:
     score and value GEMMs, backward 2.5x forward's."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    from megabridge.models import torch_layers
+
     q = torch.randn(batch, heads, s, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     k, v = (torch.randn(batch, groups, s, d, device="cuda", dtype=torch.bfloat16,
                         requires_grad=True) for _ in range(2))  # fmt: skip
@@ -169,7 +171,7 @@ def attention_rows(batch: int, s: int, heads: int, groups: int, d: int) -> None:
     flops = 3.5 * 2 * 2 * batch * heads * s * s * d / 2
 
     def step():
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        out = torch_layers.sdpa(q, k, v, dropout_p=0.0, scale=None)  # causal, enable_gqa here
         return torch.autograd.grad(out, (q, k, v), grad)
 
     backends = [("SDPA's choice", None)] + [

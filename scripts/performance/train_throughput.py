@@ -4,11 +4,15 @@
         model.vocab_size=32768 model.share_embeddings_and_output_weights=false
 
 For each stack and micro-batch size: one micro-batch per optimizer step, ``--iters`` timed
-steps after ``--warmup``; the median step time gives tokens/s. Every stack trains the same
-shape on the same [mbs, seq] batch with bf16 compute and fp32 master weights, AdamW and
-gradient clipping (scripts/performance/peers.py says how each peer is set up);
-``--fp8 tensorwise rowwise`` adds megabridge rows with model.fp8 set. Model FLOPs are
-counted as Megatron-Core's num_floating_point_operations counts them (causal attention,
+steps after ``--warmup``, each between two synchronizations: their median step time gives
+tokens/s. Then ``--iters`` more steps back to back, as a training run takes them (one
+synchronization before the first and after the last): their mean gives "run tokens/s". The
+two differ by what a stack's host does before its first kernel of a step (its data, its
+schedule), which a synchronized step exposes and a run hides behind the last step's work.
+Every stack trains the same shape on the same [mbs, seq] batch with bf16 compute and fp32
+master weights, AdamW and gradient clipping (scripts/performance/peers.py says how each peer
+is set up); ``--fp8 tensorwise rowwise`` adds megabridge rows with model.fp8 set. Model FLOPs
+are counted as Megatron-Core's num_floating_point_operations counts them (causal attention,
 gated MLP, logits layer) for every stack; MFU is against 989 TFLOP/s (H100 / H200 dense
 bf16 peak, also for FP8 rows) and against ``--ceiling`` (the matmul rate measured on the
 machine). Peak GiB is torch's max_memory_allocated during that stack's run.
@@ -49,7 +53,7 @@ def _config(args, mbs: int, workdir: str):
     cfg = get_recipe(args.recipe)
     apply_overrides(cfg, args.overrides)
     cfg.train.micro_batch_size = cfg.train.global_batch_size = mbs
-    cfg.train.train_iters = args.warmup + args.iters
+    cfg.train.train_iters = args.warmup + 2 * args.iters
     cfg.train.eval_interval = None
     cfg.dataset.type, cfg.dataset.seq_length = "mock", args.seq
     cfg.model.seq_length = max(cfg.model.seq_length, args.seq)
@@ -58,7 +62,9 @@ def _config(args, mbs: int, workdir: str):
     return cfg
 
 
-def _time_steps(step, warmup: int, iters: int) -> list[float]:
+def _time_steps(step, warmup: int, iters: int) -> tuple[list[float], float]:
+    """(each synchronized step's seconds after ``warmup``, the mean seconds of ``iters`` more
+    steps taken back to back)."""
     times = []
     for i in range(warmup + iters):
         torch.cuda.synchronize()
@@ -67,12 +73,18 @@ def _time_steps(step, warmup: int, iters: int) -> list[float]:
         torch.cuda.synchronize()
         if i >= warmup:
             times.append(time.perf_counter() - start)
-    return times
+    start = time.perf_counter()
+    for i in range(warmup + iters, warmup + 2 * iters):
+        step(i)
+    torch.cuda.synchronize()
+    return times, (time.perf_counter() - start) / iters
 
 
 def _result(
-    name: str, mbs: int, seq: int, times: list[float], flops_tok: float, ceiling: float
-) -> dict:
+    name: str, mbs: int, seq: int, timed: tuple[list[float], float], flops_tok: float,
+    ceiling: float,
+) -> dict:  # fmt: skip
+    times, run_step = timed
     step = statistics.median(times)
     tokens_s = mbs * seq / step
     tflops = tokens_s * flops_tok / 1e12
@@ -81,6 +93,8 @@ def _result(
         "micro_batch": mbs,
         "step_ms": step * 1e3,
         "tokens_per_s": tokens_s,
+        "run_step_ms": run_step * 1e3,
+        "run_tokens_per_s": mbs * seq / run_step,
         "tflops_per_gpu": tflops,
         "mfu_989": tflops / H100_BF16_PEAK_TFLOPS,
         "mfu_ceiling": tflops / ceiling,
@@ -106,10 +120,10 @@ def run_megabridge(args, mbs: int, name: str = "megabridge", overrides: tuple = 
             train_step(cfg, s.model, s.optimizer, s.scheduler, s.train_data, i * mbs)
 
         try:
-            times = _time_steps(step, args.warmup, args.iters)
+            timed = _time_steps(step, args.warmup, args.iters)
             if args.profile:
                 _profile(step, name)
-            return _result(name, mbs, args.seq, times, flops_tok, args.ceiling)
+            return _result(name, mbs, args.seq, timed, flops_tok, args.ceiling)
         finally:
             runtime.shutdown()
 
@@ -122,11 +136,11 @@ def run_peer(name: str, args, mbs: int) -> dict:
     apply_overrides(cfg, args.overrides)
     torch.cuda.reset_peak_memory_stats()
     step = peers.build(name, cfg.model, mbs, args.seq)
-    times = _time_steps(step, args.warmup, args.iters)
+    timed = _time_steps(step, args.warmup, args.iters)
     if args.profile:
         _profile(step, name)
     flops_tok = flops_per_token(cfg.model, args.seq)
-    return _result(name, mbs, args.seq, times, flops_tok, args.ceiling)
+    return _result(name, mbs, args.seq, timed, flops_tok, args.ceiling)
 
 
 def _profile(step, name: str) -> None:
@@ -335,18 +349,19 @@ def _row(r: dict) -> str:
     if r.get("oom") or r.get("error"):
         why = "out of memory" if r.get("oom") else r["error"][:60]
         return f"{r['impl']:26s} {r['micro_batch']:3d}   {why}"
+    run = f"{r['run_tokens_per_s']:10,.0f}" if "run_tokens_per_s" in r else f"{'':10s}"
     return (f"{r['impl']:26s} {r['micro_batch']:3d} {r['step_ms']:8.1f} {r['tokens_per_s']:10,.0f} "
-            f"{r['tflops_per_gpu']:8.1f} {r['mfu_989']:8.1%} {r['mfu_ceiling']:8.1%} {r['peak_mem_gib']:8.1f}")  # fmt: skip
+            f"{r['tflops_per_gpu']:8.1f} {r['mfu_989']:8.1%} {r['mfu_ceiling']:8.1%} {r['peak_mem_gib']:8.1f} "
+            f"{run}")  # fmt: skip
 
 
-def ratios(results: list[dict]) -> dict[tuple[str, str, int], list[float]]:
-    """{(megabridge row, other stack, micro-batch): its tokens/s over the other's, one ratio per
-    round in which both ran}. Rows without a round are round 0."""
-    ok = {
-        (r["impl"], r["micro_batch"], r.get("round", 0)): r["tokens_per_s"]
-        for r in results
-        if "tokens_per_s" in r
-    }
+def ratios(
+    results: list[dict], key: str = "tokens_per_s"
+) -> dict[tuple[str, str, int], list[float]]:
+    """{(megabridge row, other stack, micro-batch): its ``key`` (tokens/s of synchronized steps,
+    or run_tokens_per_s: of steps back to back) over the other's, one ratio per round in which
+    both ran}. Rows without a round are round 0."""
+    ok = {(r["impl"], r["micro_batch"], r.get("round", 0)): r[key] for r in results if key in r}
     out: dict[tuple[str, str, int], list[float]] = {}
     for (ours, mbs, rnd), rate in sorted(ok.items()):
         if not ours.startswith("megabridge"):
@@ -357,11 +372,13 @@ def ratios(results: list[dict]) -> dict[tuple[str, str, int], list[float]]:
     return out
 
 
-def _print_ratios(results: list[dict]) -> None:
-    """megabridge's tokens/s over each other stack's, micro-batch by micro-batch: with several
-    rounds, each round's ratio (same-run pairs) and their median."""
+def _print_ratios(results: list[dict], key: str = "tokens_per_s", heading: str = "") -> None:
+    """megabridge's tokens/s (``key``) over each other stack's, micro-batch by micro-batch:
+    with several rounds, each round's ratio (same-run pairs) and their median."""
+    if heading and ratios(results, key):
+        print(heading)
     by_pair: dict[tuple[str, str], list[str]] = {}
-    for (ours, other, mbs), values in ratios(results).items():
+    for (ours, other, mbs), values in ratios(results, key).items():
         text = f"mbs {mbs}: {values[0]:.3f}x"
         if len(values) > 1:
             each = ", ".join(f"{v:.3f}" for v in values)
@@ -440,14 +457,15 @@ def main() -> None:
         "FLOPs: Megatron-Core's num_floating_point_operations (causal attention, gated MLP, logits)"
     )
     print(f"{'impl':26s} {'mbs':>3s} {'step ms':>8s} {'tokens/s':>10s} {'TFLOP/s':>8s} {'MFU/989':>8s} "
-          f"{'MFU/ceil':>8s} {'peak GiB':>8s}")  # fmt: skip
+          f"{'MFU/ceil':>8s} {'peak GiB':>8s} {'run tok/s':>10s}")  # fmt: skip
     shown_round = None
     for r in results:
         if args.rounds > 1 and r["round"] != shown_round:
             shown_round = r["round"]
             print(f"round {shown_round + 1}")
         print(_row(r))
-    _print_ratios(results)
+    _print_ratios(results, heading="tokens/s of synchronized steps (the median step):")
+    _print_ratios(results, "run_tokens_per_s", "tokens/s of steps back to back (run tok/s):")
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(results, indent=2))
     if any(r.get("error") for r in results):

@@ -98,3 +98,38 @@ def test_ratios_print_each_round_and_the_median(throughput, capsys):
     assert capsys.readouterr().out.strip() == (
         "megabridge / torchtitan: mbs 16: 1.140x (median of 1.130, 1.160, 1.140)"
     )
+
+
+def test_steps_are_timed_synchronized_then_back_to_back(throughput, monkeypatch):
+    # A fake clock: each step takes 10 s of host time plus 3 s that only a synchronization
+    # waits for (the GPU's tail); back to back, the tail of one step hides under the next.
+    clock = {"now": 0.0, "pending": 0.0}
+
+    def step(i):
+        clock["now"] += 10.0  # the host does not wait for the GPU
+        clock["pending"] = 3.0
+        seen.append(i)
+
+    def synchronize():
+        clock["now"] += clock["pending"]
+        clock["pending"] = 0.0
+
+    seen = []
+    monkeypatch.setattr(throughput.torch.cuda, "synchronize", synchronize)
+    monkeypatch.setattr(throughput.time, "perf_counter", lambda: clock["now"])
+    times, run = throughput._time_steps(step, warmup=2, iters=3)
+    assert seen == list(range(8))  # warmup, the synchronized steps, then new indexes
+    assert times == [13.0, 13.0, 13.0]
+    assert run == pytest.approx((3 * 10.0 + 3.0) / 3)
+
+
+def test_ratios_of_run_tokens_pair_like_the_synchronized_ones(throughput, capsys):
+    rows = [
+        {"impl": "megabridge", "micro_batch": 16, "tokens_per_s": 110.0, "run_tokens_per_s": 120.0},
+        {"impl": "hf-liger", "micro_batch": 16, "tokens_per_s": 100.0, "run_tokens_per_s": 100.0},
+    ]
+    assert throughput.ratios(rows, "run_tokens_per_s") == {
+        ("megabridge", "hf-liger", 16): [pytest.approx(1.2)]
+    }
+    throughput._print_ratios(rows, "run_tokens_per_s", "back to back:")
+    assert capsys.readouterr().out.strip() == "back to back:\nmegabridge / hf-liger: mbs 16: 1.200x"

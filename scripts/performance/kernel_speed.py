@@ -1,12 +1,14 @@
 """megabridge's Triton kernels (models/triton_kernels.py) against what they replace, on this GPU.
 
     python scripts/performance/kernel_speed.py [--tokens 32768] [--hidden 2048] [--ffn 8192]
+        [--only swiglu rope norm cross_entropy attention fp8]
 
 At the Llama-3.2-1B shape and micro-batch 16 x seq 2048 by default: SwiGLU forward and
 backward (against Megatron-Core's compiled swiglu / swiglu_back), RoPE on q and k forward
 and backward (against the compiled torch function, and for each --rope-rows), RMSNorm
 forward and backward (against aten's); the cross entropy's forward and backward (against the
-compiled passes it replaces); causal attention under each SDPA backend (TFLOP/s); FP8's casts
+compiled passes it replaces); causal attention under each SDPA backend and q / k / v memory
+order (TFLOP/s); FP8's casts
 of an operand and its transpose, tensorwise and rowwise (against the separate casts of a
 transposed copy). Prints microseconds per call and the GB/s of the bytes each call must move
 (its inputs read once, its outputs written once).
@@ -18,6 +20,8 @@ import argparse
 
 import torch
 import torch.nn.functional as F
+
+SECTIONS = ("swiglu", "rope", "norm", "cross_entropy", "attention", "fp8")
 
 
 def timed(fn, iters: int = 20) -> float:
@@ -56,8 +60,6 @@ def swiglu_rows(m: int, f: int) -> None:
 
 
 def main() -> None:
-    from megabridge.models import triton_kernels as tk
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--tokens", type=int, default=32768)
     p.add_argument("--batch", type=int, default=16, help="of --tokens, for RoPE's [s, b] rows")
@@ -67,15 +69,35 @@ def main() -> None:
     p.add_argument("--groups", type=int, default=8)
     p.add_argument("--rope-rows", type=int, nargs="+", default=[16, 64, 128])
     p.add_argument("--vocab", type=int, default=32768, help="for the cross entropy's rows")
+    p.add_argument(
+        "--only", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="these rows alone"
+    )
     args = p.parse_args()
-    dev, bf16 = "cuda", torch.bfloat16
     m, h, f = args.tokens, args.hidden, args.ffn
     print(
         f"{torch.cuda.get_device_name()}, torch {torch.__version__}; tokens {m}, hidden {h}, ffn {f}"
     )
 
-    swiglu_rows(m, f)
     s, d = m // args.batch, h // args.heads
+    if "swiglu" in args.only:
+        swiglu_rows(m, f)
+    if "rope" in args.only:
+        rope_rows(args, s, d)
+    if "norm" in args.only:
+        norm_rows(m, h)
+    if "cross_entropy" in args.only:
+        cross_entropy_rows(m, args.batch, args.vocab)
+    if "attention" in args.only:
+        attention_rows(args.batch, s, args.heads, args.groups, d)
+    if "fp8" in args.only and torch.cuda.get_device_capability() >= (8, 9):
+        fp8_cast_rows(m, h)
+        fp8_cast_rows(m, f)  # fc2's input, as wide as the FFN
+
+
+def rope_rows(args, s: int, d: int) -> None:
+    from megabridge.models import triton_kernels as tk
+
+    dev, bf16 = "cuda", torch.bfloat16
     freqs = torch.randn(s, 1, 1, d, device=dev)
     compiled = torch.compile(tk.rope_torch, dynamic=None)
     for heads in (args.heads, args.groups):
@@ -95,8 +117,12 @@ def main() -> None:
         rows = chosen(s, args.batch * heads)
         row(f"RoPE {heads} heads fwd+bwd, Triton (chooses {rows})", timed(step(tk.rope)), io)
 
-    x = torch.randn(m, h, device=dev, dtype=bf16, requires_grad=True)
-    w = torch.ones(h, device=dev, dtype=bf16, requires_grad=True)
+
+def norm_rows(m: int, h: int) -> None:
+    from megabridge.models import triton_kernels as tk
+
+    x = torch.randn(m, h, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.ones(h, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     grad = torch.randn_like(x)
     io = 5 * x.numel() * 2  # forward: x in, y out; backward: x and grad in, dx out
 
@@ -107,11 +133,6 @@ def main() -> None:
         "RMSNorm fwd+bwd, aten", timed(norm_step(lambda *a: F.rms_norm(a[0], (h,), a[1], a[2]))), io
     )
     row("RMSNorm fwd+bwd, Triton", timed(norm_step(tk.rms_norm)), io)
-    cross_entropy_rows(m, args.batch, args.vocab)
-    attention_rows(args.batch, s, args.heads, args.groups, d)
-    if torch.cuda.get_device_capability() >= (8, 9):
-        fp8_cast_rows(m, h)
-        fp8_cast_rows(m, f)  # fc2's input, as wide as the FFN
 
 
 def fp8_cast_rows(m: int, h: int) -> None:
@@ -160,26 +181,40 @@ def attention_rows(batch: int, s: int, heads: int, groups: int, d: int) -> None:
     has, and under SDPA's own choice, the model's: 13.5% of the 1.1B step at micro-batch 16 is
     attention (scripts/performance/NOTES.md). TFLOP/s counts causal attention's half of the
     score and value GEMMs, backward 2.5x forward's."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention import SDPBackend
 
     from megabridge.models import torch_layers
 
-    q = torch.randn(batch, heads, s, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    k, v = (torch.randn(batch, groups, s, d, device="cuda", dtype=torch.bfloat16,
-                        requires_grad=True) for _ in range(2))  # fmt: skip
-    grad = torch.randn_like(q)
     flops = 3.5 * 2 * 2 * batch * heads * s * s * d / 2
-
-    def step():
-        out = torch_layers.sdpa(q, k, v, dropout_p=0.0, scale=None)  # causal, enable_gqa here
-        return torch.autograd.grad(out, (q, k, v), grad)
-
     backends = [("SDPA's choice", None)] + [
         (name.lower(), getattr(SDPBackend, name))
         for name in ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION")
     ]
+    # Memory order of q, k, v (always passed as [b, n, s, d] views): "bnsd" contiguous;
+    # "sbnd" the model's (Megatron's [s, b, n, d] permuted, as TorchAttention._attend gets
+    # them); "bsnd" the batch-first order. Each layout under every backend.
+    for layout in ("bnsd", "sbnd", "bsnd"):
+        dims = {"b": batch, "s": s, "d": d}
+
+        def made(n, layout=layout, dims=dims):
+            t = torch.randn(*(dims.get(c, n) for c in layout), device="cuda", dtype=torch.bfloat16)
+            return t.permute(*(layout.index(c) for c in "bnsd")).requires_grad_()
+
+        q, k, v = made(heads), made(groups), made(groups)
+        grad = made(heads).detach()
+
+        def step(q=q, k=k, v=v, grad=grad):
+            out = torch_layers.sdpa(q, k, v, dropout_p=0.0, scale=None)  # causal, enable_gqa
+            return torch.autograd.grad(out, (q, k, v), grad)
+
+        _attention_backends(f"attention {layout} fwd+bwd", step, backends, flops)
+
+
+def _attention_backends(prefix: str, step, backends, flops: float) -> None:
+    from torch.nn.attention import sdpa_kernel
+
     for name, backend in backends:
-        label = f"attention fwd+bwd, {name}"
+        label = f"{prefix}, {name}"
         try:
             if backend is None:
                 us = timed(step)

@@ -887,9 +887,8 @@ def row_col_amax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     x^T, the same values), which two aten reductions read x twice for. The kernel writes
     partial maxima (a 64-row block's per column: 1/32 of x's bytes) that one small reduction
     per output finishes; no atomics (merging every tile's maxima into the outputs by atomic max
-    ran no faster than aten's two reductions on the H200). There, with 512 columns a program,
-    1.47x aten's speed at [32768, 8192] and 0.94x at [32768, 2048] (scripts/performance/NOTES.md,
-    2026-12-05, sixth session)."""
+    ran no faster than aten's two reductions on the H200). There, 1.34x aten's speed at 8192
+    columns, 0.82x at 2048 (scripts/performance/NOTES.md, 2026-12-05)."""
     _check_2d_contiguous(x, "row_col_amax")
     rows, cols = x.shape
     cols_per_program = min(_AMAX_COLS, triton.cdiv(cols, _AMAX_BLOCK_C) * _AMAX_BLOCK_C)
@@ -910,7 +909,7 @@ def _check_2d_contiguous(x: torch.Tensor, name: str) -> None:
 
 _CAST_BLOCK = 64
 _AMAX_BLOCK_R, _AMAX_BLOCK_C = 64, 128
-_AMAX_COLS = 512  # columns a program reads, BLOCK_C at a time (the fastest of 128-2048)
+_AMAX_COLS = 1024  # columns a program reads, BLOCK_C at a time
 
 
 # ---- fp32 weights held as a bf16 weight and a 16-bit remainder --------------------------------

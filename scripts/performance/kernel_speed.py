@@ -8,10 +8,10 @@ backward (against Megatron-Core's compiled swiglu / swiglu_back), RoPE on q and 
 and backward (against the compiled torch function, and for each --rope-rows), RMSNorm
 forward and backward (against aten's); the cross entropy's forward and backward (against the
 compiled passes it replaces); causal attention under each SDPA backend and q / k / v memory
-order (TFLOP/s); FP8's casts
-of an operand and its transpose, tensorwise and rowwise (against the separate casts of a
-transposed copy). Prints microseconds per call and the GB/s of the bytes each call must move
-(its inputs read once, its outputs written once).
+order (TFLOP/s); FP8's casts of an operand and its transpose, tensorwise and rowwise (against
+the separate casts of a transposed copy). Prints microseconds per call and the GB/s of the
+bytes each call must move (its inputs read once, its outputs written once). ``--only`` runs
+some of these sections.
 """
 
 from __future__ import annotations

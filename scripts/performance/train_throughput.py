@@ -6,9 +6,10 @@
 For each stack and micro-batch size: one micro-batch per optimizer step, ``--iters`` timed
 steps after ``--warmup``, each between two synchronizations: their median step time gives
 tokens/s. Then ``--iters`` more steps back to back, as a training run takes them (one
-synchronization before the first and after the last): their mean gives "run tokens/s". The
-two differ by what a stack's host does before its first kernel of a step (its data, its
-schedule), which a synchronized step exposes and a run hides behind the last step's work.
+synchronization before the first and after the last): their mean gives "run tokens/s". A
+synchronized step also counts what a stack's host does before the step's first kernel (its
+data, its schedule), which a run can hide behind the last step's work; on the H200 the two
+agreed within 1% for every stack (scripts/performance/NOTES.md, 2026-12-05).
 Every stack trains the same shape on the same [mbs, seq] batch with bf16 compute and fp32
 master weights, AdamW and gradient clipping (scripts/performance/peers.py says how each peer
 is set up); ``--fp8 tensorwise rowwise`` adds megabridge rows with model.fp8 set. Model FLOPs

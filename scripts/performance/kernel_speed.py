@@ -193,10 +193,10 @@ def attention_rows(batch: int, s: int, heads: int, groups: int, d: int) -> None:
     # Memory order of q, k, v (always passed as [b, n, s, d] views): "bnsd" contiguous;
     # "sbnd" the model's (Megatron's [s, b, n, d] permuted, as TorchAttention._attend gets
     # them); "bsnd" the batch-first order. Each layout under every backend.
+    dims = {"b": batch, "s": s, "d": d}  # n: the heads or the groups, per tensor
     for layout in ("bnsd", "sbnd", "bsnd"):
-        dims = {"b": batch, "s": s, "d": d}
 
-        def made(n, layout=layout, dims=dims):
+        def made(n, layout=layout):
             t = torch.randn(*(dims.get(c, n) for c in layout), device="cuda", dtype=torch.bfloat16)
             return t.permute(*(layout.index(c) for c in "bnsd")).requires_grad_()
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import functools
 import gc
+import itertools
 import json
 import statistics
 import sys
@@ -147,7 +148,7 @@ def run_peer(name: str, args, mbs: int) -> dict:
 def _profile(step, name: str) -> None:
     """Two steps' CUDA kernels, the costliest first, and where the GPU sat idle, under
     ``name``'s heading. Host ops are recorded too, to name the op that launched each kernel
-    (their profiling adds a little host time, so host-bound gaps read slightly long)."""
+    (their profiling adds host time, so the GPU's waits for the host read long)."""
     from torch.autograd import DeviceType
     from torch.autograd.profiler_util import EventList
     from torch.profiler import ProfilerActivity, profile
@@ -156,16 +157,17 @@ def _profile(step, name: str) -> None:
     with profile(
         activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True
     ) as prof:
+        start = time.perf_counter()
         for i in range(2):
             step(i)
         torch.cuda.synchronize()
+        wall_ms = (time.perf_counter() - start) * 1e3 / 2
     # The device rows of the profiler's own averages (an EventList of a subset of its events
     # cannot average them again: torch 2.11 asserts that its tree was never built).
     # User annotations (record_function ranges, e.g. "Optimizer.step#AdamW.step") have GPU
     # rows spanning the kernels inside them: counted, they would add those kernels twice.
     averages = [e for e in prof.key_averages() if not _annotation(e)]
     events = EventList([e for e in averages if e.device_type == DeviceType.CUDA], use_device="cuda")
-    device = [e for e in prof.events() if e.device_type == DeviceType.CUDA and not _annotation(e)]
     print(events.table(sort_by="self_device_time_total", row_limit=30), flush=True)
     _print_ops(prof, name)
     kinds: dict[str, float] = {}
@@ -176,10 +178,10 @@ def _profile(step, name: str) -> None:
     total = sum(kinds.values())
     print(f"{name}: GPU ms per step by kind (total {total:.1f}): " + ", ".join(
         f"{k} {v:.1f}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])), flush=True)  # fmt: skip
-    try:
-        _print_gaps(name, device, _launchers(prof.events()), steps=2)
-    except AttributeError as e:  # a torch whose profiler events lack a field read here
-        print(f"{name}: no idle-gap table ({e})", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:  # the trace links kernels to their launches
+        prof.export_chrome_trace(f"{tmp}/trace.json")
+        trace = json.loads(Path(f"{tmp}/trace.json").read_text())
+    print_idle(name, idle_by_cause(gpu_timeline(trace.get("traceEvents", []))), wall_ms, steps=2)
 
 
 def _annotation(event) -> bool:
@@ -206,69 +208,119 @@ def _print_ops(prof, name: str, rows: int = 40) -> None:
     print(flush=True)
 
 
-def _launchers(events) -> dict[int, str]:
-    """Correlation id -> the host op that launched a kernel with that id: "outermost > op"
-    (e.g. an autograd node > aten::mm), or the op alone when it has no parent op."""
-    from torch.autograd import DeviceType
-
-    ops = {}
-    for e in events:
-        # Host ops, as torch's profiler finds them: CUDA runtime calls (cudaLaunchKernel) are
-        # linked to an op; unlinked runtime records have no external id and may alias op ids.
-        linked = getattr(e, "linked_correlation_id", None)
-        if linked is None:  # torch 2.11's events do not link kernels to ops: no launchers
-            return {}
-        if e.device_type == DeviceType.CPU and not linked and e.external_id:
-            top = e
-            while top.cpu_parent is not None:
-                top = top.cpu_parent
-            ops[e.id] = e.name if top is e else f"{top.name} > {e.name}"
-    return ops
+# Chrome-trace categories (torch's Kineto export): what runs on the GPU, and the host calls
+# that launch it, linked by the "correlation" of their args.
+DEVICE_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
+LAUNCH_CATEGORIES = ("cuda_runtime", "cuda_driver")
+GAP_SIZES_US = (5.0, 20.0)  # idle stretches are counted in sizes < 5, 5-20, >= 20 us
 
 
-def _print_gaps(name: str, device_events, launchers: dict[int, str], steps: int) -> None:
-    """GPU idle time per step and the ten costliest places it falls (previous GPU op ->
-    next GPU op, with the host op that launched the next one)."""
-    activities = []
-    for e in device_events:
-        launcher = launchers.get(getattr(e, "linked_correlation_id", None))
-        label = _short_kernel_name(e.name) + (f" [{launcher}]" if launcher else "")
-        activities.append((label, e.time_range.start, e.time_range.elapsed_us()))
-    idle_us, top = gpu_idle_gaps(activities)
-    print(f"{name}: GPU idle ms per step {idle_us / steps / 1e3:.1f} (gaps over "
-          f"{MIN_GAP_US:.0f} us); the costliest, ms per step / count per step:")  # fmt: skip
-    for prev, nxt, count, total_us in top:
-        print(f"  {total_us / steps / 1e3:6.2f} {count / steps:6.1f}x  {prev}  ->  {nxt}")
-    print(flush=True)
+def gpu_timeline(trace_events: list[dict]) -> list[tuple[str, float, float, float | None, str]]:
+    """Each GPU activity of a Chrome trace as (short name, start us, duration us, the end of
+    the host call that launched it or None where the trace has none, "outermost host op > op"
+    that made that call or "" where none did)."""
+    launched = {
+        e["args"]["correlation"]: e["ts"] + e["dur"]
+        for e in trace_events
+        if e.get("cat") in LAUNCH_CATEGORIES and "correlation" in e.get("args", {})
+    }
+    ops = _host_ops(trace_events)
+    timeline = []
+    for e in trace_events:
+        if e.get("cat") in DEVICE_CATEGORIES and e.get("ph") == "X":
+            args = e.get("args", {})
+            timeline.append((
+                _short_kernel_name(e["name"]), float(e["ts"]), float(e["dur"]),
+                launched.get(args.get("correlation")), ops.get(args.get("External id"), ""),
+            ))  # fmt: skip
+    return timeline
 
 
-MIN_GAP_US = 20.0
+def _host_ops(trace_events: list[dict]) -> dict[int, str]:
+    """External id -> "outermost > op" for each host op (the op alone at the top level); an
+    op's outermost is the first op on its thread whose span holds it."""
+    threads: dict[tuple, list[dict]] = {}
+    for e in trace_events:
+        if e.get("cat") == "cpu_op" and e.get("ph") == "X":
+            threads.setdefault((e.get("pid"), e.get("tid")), []).append(e)
+    names = {}
+    for ops in threads.values():
+        ops.sort(key=lambda e: (e["ts"], -e["dur"]))
+        open_ops: list[dict] = []
+        for e in ops:
+            while open_ops and open_ops[-1]["ts"] + open_ops[-1]["dur"] <= e["ts"]:
+                open_ops.pop()
+            outer = open_ops[0] if open_ops else e
+            name = e["name"] if outer is e else f"{outer['name']} > {e['name']}"
+            names[e.get("args", {}).get("External id")] = name
+            open_ops.append(e)
+    return names
 
 
-def gpu_idle_gaps(
-    activities: list[tuple[str, float, float]], min_gap_us: float = MIN_GAP_US, top: int = 10
-) -> tuple[float, list[tuple[str, str, int, float]]]:
-    """Idle stretches between GPU activities, given as (name, start us, duration us).
+def idle_by_cause(
+    timeline: list[tuple[str, float, float, float | None, str]], top: int = 12
+) -> dict:
+    """Where the GPU ran nothing, given gpu_timeline's rows (several streams may overlap: a
+    stretch is idle from the latest end so far to the next start).
 
-    Activities may overlap (several streams): a gap is where nothing runs, from the latest
-    end so far to the next start, and counts when longer than ``min_gap_us``. Returns (total
-    idle us in such gaps, the ``top`` (previous name, next name, count, total us) by total
-    us), the previous name being the activity that ended last before the gap.
+    Each idle stretch has a cause: "host late" where the next activity's launch call ended
+    after the GPU went idle (the GPU waited for the host), "queued" where it had ended before
+    (the time between two activities the GPU already held), "unknown" where the trace links no
+    launch. Returns {"activities", "span_us" (first start to last end), "idle_us", "cells":
+    {(cause, size bucket): [count, us]}, "top": [(previous activity, next activity [its host
+    op], count, us, us of it host late)] by us, the ``top`` costliest pairs}.
     """
-    by_pair: dict[tuple[str, str], list[float]] = {}
-    idle = 0.0
-    prev_name, prev_end = None, None
-    for name, start, duration in sorted(activities, key=lambda a: a[1]):
-        if prev_end is not None and start - prev_end > min_gap_us:
+    cells: dict[tuple[str, int], list] = {}
+    pairs: dict[tuple[str, str], list] = {}
+    first, prev_name, prev_end = None, None, None
+    for name, start, duration, launch_end, op in sorted(timeline, key=lambda a: a[1]):
+        label = f"{name} [{op}]" if op else name
+        if prev_end is not None and start > prev_end:
             gap = start - prev_end
-            idle += gap
-            count_total = by_pair.setdefault((prev_name, name), [0, 0.0])
-            count_total[0] += 1
-            count_total[1] += gap
+            cause = "unknown" if launch_end is None else (
+                "host late" if launch_end > prev_end else "queued")  # fmt: skip
+            size = sum(gap >= edge for edge in GAP_SIZES_US)
+            cell = cells.setdefault((cause, size), [0, 0.0])
+            cell[0], cell[1] = cell[0] + 1, cell[1] + gap
+            pair = pairs.setdefault((prev_name, label), [0, 0.0, 0.0])
+            pair[0], pair[1] = pair[0] + 1, pair[1] + gap
+            pair[2] += gap if cause == "host late" else 0.0
+        first = start if first is None else first
         if prev_end is None or start + duration >= prev_end:
-            prev_name, prev_end = name, start + duration
-    ranked = sorted(by_pair.items(), key=lambda kv: -kv[1][1])[:top]
-    return idle, [(p, n, int(c), t) for (p, n), (c, t) in ranked]
+            prev_name, prev_end = label, start + duration
+    ranked = sorted(pairs.items(), key=lambda kv: -kv[1][1])[:top]
+    return {
+        "activities": len(timeline),
+        "span_us": 0.0 if first is None else prev_end - first,
+        "idle_us": sum(us for _, us in cells.values()),
+        "cells": cells,
+        "top": [(p, n, c, us, late) for (p, n), (c, us, late) in ranked],
+    }
+
+
+def print_idle(name: str, idle: dict, wall_ms: float, steps: int) -> None:
+    """idle_by_cause's findings per step: the GPU's span against its busy time, the idle
+    stretches by cause and size, and the costliest places they fall."""
+    span, gaps = idle["span_us"] / steps / 1e3, idle["idle_us"] / steps / 1e3
+    print(f"{name}: per profiled step: host {wall_ms:.1f} ms; GPU span {span:.1f} = busy "
+          f"{span - gaps:.1f} + idle {gaps:.1f} ms, {idle['activities'] / steps:,.0f} "
+          "GPU activities")  # fmt: skip
+    edges = [f"{e:g}" for e in GAP_SIZES_US]
+    sizes = [f"< {edges[0]} us", *(f"{a}-{b} us" for a, b in itertools.pairwise(edges)),
+             f">= {edges[-1]} us"]  # fmt: skip
+    print("  idle ms / stretches per step  " + "".join(f"{s:>18s}" for s in sizes))
+    for cause in ("host late", "queued", "unknown"):
+        row = [idle["cells"].get((cause, i), [0, 0.0]) for i in range(len(sizes))]
+        if any(count for count, _ in row):
+            print(f"  {cause:29s} " + "".join(
+                f"{us / steps / 1e3:9.2f} / {count / steps:6.1f}" for count, us in row))  # fmt: skip
+    print(
+        "  the costliest places, ms per step (host late) / count per step: previous -> next [host op]"
+    )
+    for prev, nxt, count, us, late in idle["top"]:
+        print(f"  {us / steps / 1e3:6.2f} ({late / steps / 1e3:5.2f}) {count / steps:6.1f}x  "
+              f"{prev}  ->  {nxt}")  # fmt: skip
+    print(flush=True)
 
 
 def _short_kernel_name(name: str) -> str:
@@ -422,7 +474,8 @@ def main() -> None:
     p.add_argument(
         "--profile",
         action="store_true",
-        help="print two steps' top CUDA kernels and GPU time by kind, for every stack",
+        help="print two steps' top CUDA kernels, GPU time by kind and where the GPU idled "
+        "(waiting for the host, or between kernels it held), for every stack",
     )
     p.add_argument(
         "--rounds", type=int, default=1,

@@ -1,7 +1,10 @@
 """scripts/performance/train_throughput.py's arithmetic on hand-made inputs (its runs need a
 GPU): the idle-gap analysis of --profile, and the same-round ratios of --rounds."""
 
+import json
+
 import pytest
+import torch
 
 from tests.helpers import performance_script
 
@@ -13,41 +16,111 @@ def throughput():
     return performance_script("train_throughput")
 
 
-def test_gaps_are_summed_and_grouped_by_the_ops_around_them(throughput):
-    timeline = [  # (name, start us, duration us), out of order as streams interleave
-        ("norm", 200.0, 10.0),
-        ("gemm", 0.0, 100.0),
-        ("copy", 100.0, 5.0),  # 0 us after gemm: no gap
-        ("norm", 250.0, 10.0),  # 40 us after the first norm
-        ("copy", 130.0, 10.0),  # 25 us after the first copy
-        ("norm", 300.0, 10.0),  # 40 us after the second norm
-        ("gemm", 320.0, 5.0),  # 10 us: under the threshold
+def _op(name, ts, dur, ext, tid=1):
+    return {"ph": "X", "cat": "cpu_op", "name": name, "pid": 1, "tid": tid, "ts": ts,
+            "dur": dur, "args": {"External id": ext}}  # fmt: skip
+
+
+def _launch(ts, dur, corr, ext, cat="cuda_runtime"):
+    return {"ph": "X", "cat": cat, "name": "cudaLaunchKernel", "pid": 1, "tid": 1, "ts": ts,
+            "dur": dur, "args": {"External id": ext, "correlation": corr}}  # fmt: skip
+
+
+def _kernel(name, ts, dur, corr, ext, cat="kernel"):
+    return {"ph": "X", "cat": cat, "name": name, "pid": 0, "tid": 7, "ts": ts, "dur": dur,
+            "args": {"External id": ext, "correlation": corr, "stream": 7}}  # fmt: skip
+
+
+def test_the_timeline_links_each_kernel_to_its_launch_and_outermost_host_op(throughput):
+    trace = [
+        _op("autograd::engine::evaluate_function: MmBackward0", 0.0, 100.0, 1),
+        _op("MmBackward0", 1.0, 98.0, 2),
+        _op("aten::mm", 10.0, 50.0, 3),
+        _launch(20.0, 5.0, 501, 3),
+        _op("aten::add_", 200.0, 20.0, 4),  # top level: named alone
+        _launch(205.0, 5.0, 502, 4),
+        _launch(300.0, 4.0, 503, 0, cat="cuda_driver"),  # a Triton launch, no op around it
+        _kernel("void at::native::vectorized_elementwise_kernel<4, at::X>(int)", 400.0, 3.0, 502, 4),
+        _kernel("nvjet_tst_128x256_NTN", 30.0, 300.0, 501, 3),
+        _kernel("_rms_norm_fwd", 410.0, 8.0, 503, 0),
+        _kernel("Memset (Device)", 420.0, 1.0, 504, 0, cat="gpu_memset"),  # no launch traced
+        {"ph": "X", "cat": "gpu_user_annotation", "name": "Optimizer.step", "ts": 0.0, "dur": 900.0,
+         "args": {"correlation": 501}},  # spans kernels: not one of its own
+    ]  # fmt: skip
+    timeline = sorted(throughput.gpu_timeline(trace), key=lambda row: row[1])
+    assert timeline == [
+        ("nvjet_tst_128x256_NTN", 30.0, 300.0, 25.0,
+         "autograd::engine::evaluate_function: MmBackward0 > aten::mm"),
+        ("vectorized_elementwise_kernel<4>", 400.0, 3.0, 210.0, "aten::add_"),
+        ("_rms_norm_fwd", 410.0, 8.0, 304.0, ""),
+        ("Memset", 420.0, 1.0, None, ""),
+    ]  # fmt: skip
+
+
+def test_idle_stretches_are_split_by_cause_and_size(throughput):
+    timeline = [  # (name, start us, duration us, its launch's end us, host op)
+        ("gemm", 0.0, 100.0, -50.0, "mm"),
+        ("add", 102.0, 10.0, 50.0, "add"),  # 2 us after gemm, launched long before: queued
+        ("norm", 120.0, 10.0, 119.0, "norm"),  # 8 us, launched after add ended: host late
+        ("adam", 200.0, 10.0, 195.0, "step > adam"),  # 70 us, host late
+        ("adam", 240.0, 10.0, 205.0, "step > adam"),  # 30 us, queued
+        ("memset", 252.0, 1.0, None, ""),  # 2 us, no launch traced
     ]
-    idle, top = throughput.gpu_idle_gaps(timeline, min_gap_us=20.0)
-    assert idle == pytest.approx(25 + 60 + 40 + 40)
-    assert top == [
-        ("norm", "norm", 2, pytest.approx(80.0)),
-        ("copy", "norm", 1, pytest.approx(60.0)),
-        ("copy", "copy", 1, pytest.approx(25.0)),
+    idle = throughput.idle_by_cause(timeline)
+    assert idle["activities"] == 6
+    assert idle["span_us"] == pytest.approx(253.0)
+    assert idle["idle_us"] == pytest.approx(2 + 8 + 70 + 30 + 2)
+    assert idle["cells"] == {
+        ("queued", 0): [1, pytest.approx(2.0)],
+        ("host late", 1): [1, pytest.approx(8.0)],
+        ("host late", 2): [1, pytest.approx(70.0)],
+        ("queued", 2): [1, pytest.approx(30.0)],
+        ("unknown", 0): [1, pytest.approx(2.0)],
+    }
+    assert idle["top"][:2] == [
+        ("norm [norm]", "adam [step > adam]", 1, pytest.approx(70.0), pytest.approx(70.0)),
+        ("adam [step > adam]", "adam [step > adam]", 1, pytest.approx(30.0), 0.0),
     ]
 
 
 def test_overlapping_activities_leave_no_gap_and_the_last_to_end_precedes_one(throughput):
     timeline = [
-        ("allreduce", 0.0, 500.0),  # another stream, running under the kernels
-        ("gemm", 10.0, 100.0),
-        ("add", 200.0, 10.0),
-        ("adam", 600.0, 10.0),
+        ("allreduce", 0.0, 500.0, 0.0, ""),  # another stream, running under the kernels
+        ("gemm", 10.0, 100.0, 0.0, ""),
+        ("add", 200.0, 10.0, 0.0, ""),
+        ("adam", 600.0, 10.0, 0.0, ""),
     ]
-    idle, top = throughput.gpu_idle_gaps(timeline, min_gap_us=20.0)
-    assert idle == pytest.approx(100.0)
-    assert top == [("allreduce", "adam", 1, pytest.approx(100.0))]
+    idle = throughput.idle_by_cause(timeline)
+    assert idle["idle_us"] == pytest.approx(100.0)
+    assert idle["span_us"] == pytest.approx(610.0)
+    assert idle["top"] == [("allreduce", "adam", 1, pytest.approx(100.0), 0.0)]
 
 
 def test_top_keeps_the_costliest_pairs(throughput):
-    timeline = [(f"k{i}", i * 100.0, 50.0 - i) for i in range(6)]
-    _, top = throughput.gpu_idle_gaps(timeline, min_gap_us=20.0, top=2)
-    assert [(p, n) for p, n, _, _ in top] == [("k4", "k5"), ("k3", "k4")]
+    timeline = [(f"k{i}", i * 100.0, 50.0 - i, 0.0, "") for i in range(6)]
+    top = throughput.idle_by_cause(timeline, top=2)["top"]
+    assert [(p, n) for p, n, *_ in top] == [("k4", "k5"), ("k3", "k4")]
+
+
+def test_the_idle_table_prints_per_step(throughput, capsys):
+    timeline = [("gemm", 0.0, 100.0, 0.0, ""), ("norm", 140.0, 60.0, 120.0, "op")]
+    throughput.print_idle("mb", throughput.idle_by_cause(timeline), wall_ms=0.2, steps=2)
+    out = capsys.readouterr().out
+    assert "GPU span 0.1 = busy 0.1 + idle 0.0 ms, 1 GPU activities" in out
+    assert "host late" in out and "queued" not in out
+    assert "0.02 ( 0.02)    0.5x  gemm  ->  norm [op]" in out
+
+
+def test_host_ops_are_read_from_a_real_profiler_trace(throughput, tmp_path):
+    from torch.profiler import ProfilerActivity, profile
+
+    x = torch.randn(4, 4)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        torch.nn.functional.linear(x, x)
+    prof.export_chrome_trace(str(tmp_path / "trace.json"))
+    names = throughput._host_ops(json.loads((tmp_path / "trace.json").read_text())["traceEvents"])
+    assert "aten::linear" in names.values()
+    assert "aten::linear > aten::mm" in names.values()
 
 
 @pytest.mark.parametrize(

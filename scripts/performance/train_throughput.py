@@ -26,6 +26,8 @@ differ by 1-2% (their GEMM rates do), more than some changes are worth.
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
 import functools
 import gc
 import itertools
@@ -34,6 +36,8 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
+import warnings
 from pathlib import Path
 
 import torch
@@ -123,8 +127,7 @@ def run_megabridge(args, mbs: int, name: str = "megabridge", overrides: tuple = 
 
         try:
             timed = _time_steps(step, args.warmup, args.iters)
-            if args.profile:
-                _profile(step, name)
+            _inspect(step, name, args)
             return _result(name, mbs, args.seq, timed, flops_tok, args.ceiling)
         finally:
             runtime.shutdown()
@@ -139,10 +142,69 @@ def run_peer(name: str, args, mbs: int) -> dict:
     torch.cuda.reset_peak_memory_stats()
     step = peers.build(name, cfg.model, mbs, args.seq)
     timed = _time_steps(step, args.warmup, args.iters)
-    if args.profile:
-        _profile(step, name)
+    _inspect(step, name, args)
     flops_tok = flops_per_token(cfg.model, args.seq)
     return _result(name, mbs, args.seq, timed, flops_tok, args.ceiling)
+
+
+def _inspect(step, name: str, args) -> None:
+    """After the timed steps: the profile (--profile) and the synchronizing calls (--sync-check)
+    of two more steps."""
+    if args.profile:
+        _profile(step, name)
+    if args.sync_check:
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with synchronizing_sites() as sites:
+                for i in range(2):
+                    step(i)
+                torch.cuda.synchronize()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        print_sites(name, sites, steps=2)
+
+
+SYNC_WARNING = "synchronizing"  # torch's sync debug mode: "called a synchronizing CUDA operation"
+
+
+@contextlib.contextmanager
+def synchronizing_sites(match: str = SYNC_WARNING):
+    """Within the block, each warning whose text holds ``match`` is counted by its call site
+    (call_site of the Python stack it was raised from) in the Counter yielded, and not shown;
+    other warnings are shown as before."""
+    sites: collections.Counter = collections.Counter()
+    with warnings.catch_warnings():  # restores showwarning and the filters on exit
+        warnings.simplefilter("always")
+        show = warnings.showwarning
+
+        def count(message, category, filename, lineno, file=None, line=None):
+            if match in str(message):
+                sites[call_site(traceback.extract_stack()[:-1])] += 1
+            else:
+                show(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = count
+        yield sites
+
+
+def call_site(stack: list[traceback.FrameSummary], frames: int = 3) -> str:
+    """The innermost ``frames`` frames of ``stack`` outside torch's own modules, the warnings
+    module and this script: "file:line function", innermost first, joined by " < "."""
+    skip = ("/torch/", "/warnings.py", "/contextlib.py", Path(__file__).name)
+    outside = [f for f in stack if not any(s in f.filename for s in skip)]
+    return " < ".join(
+        f"{'/'.join(Path(f.filename).parts[-2:])}:{f.lineno} {f.name}"
+        for f in reversed(outside[-frames:])
+    )
+
+
+def print_sites(name: str, sites: collections.Counter, steps: int) -> None:
+    print(f"{name}: calls that made the host wait for the GPU, per step (torch's sync debug mode):")
+    for site, count in sites.most_common():
+        print(f"  {count / steps:6.1f}x  {site}")
+    if not sites:
+        print("  none")
+    print(flush=True)
 
 
 def _profile(step, name: str) -> None:
@@ -471,6 +533,12 @@ def main() -> None:
         help="also time megabridge with these overrides, e.g. "
         "compiled:model.compile_layers=true or fp8c:model.compile_layers=true,model.fp8=tensorwise",
     )  # fmt: skip
+    p.add_argument(
+        "--sync-check",
+        action="store_true",
+        help="run two more steps under torch's sync debug mode and print each call that made "
+        "the host wait for the GPU (file:line), for every stack",
+    )
     p.add_argument(
         "--profile",
         action="store_true",

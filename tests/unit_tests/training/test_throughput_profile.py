@@ -1,7 +1,10 @@
 """scripts/performance/train_throughput.py's arithmetic on hand-made inputs (its runs need a
-GPU): the idle-gap analysis of --profile, and the same-round ratios of --rounds."""
+GPU): the idle analysis of --profile, the call sites of --sync-check, and the same-round
+ratios of --rounds."""
 
 import json
+import traceback
+import warnings
 
 import pytest
 import torch
@@ -206,3 +209,37 @@ def test_ratios_of_run_tokens_pair_like_the_synchronized_ones(throughput, capsys
     }
     throughput._print_ratios(rows, "run_tokens_per_s", "back to back:")
     assert capsys.readouterr().out.strip() == "back to back:\nmegabridge / hf-liger: mbs 16: 1.200x"
+
+
+def _waits_for_the_gpu():
+    warnings.warn("called a synchronizing CUDA operation", UserWarning, stacklevel=1)
+
+
+def test_synchronizing_warnings_are_counted_by_their_call_site(throughput, capsys):
+    with pytest.warns(UserWarning, match="something else"):  # passed on, not counted
+        with throughput.synchronizing_sites() as sites:
+            for _ in range(4):
+                _waits_for_the_gpu()
+            warnings.warn("something else", UserWarning, stacklevel=1)
+    assert sum(sites.values()) == 4 and len(sites) == 1
+    site = next(iter(sites))
+    innermost, caller = site.split(" < ")[:2]
+    assert (
+        innermost.startswith("training/test_throughput_profile.py:")
+        and "_waits_for_the_gpu" in innermost
+    )
+    assert "test_synchronizing_warnings_are_counted_by_their_call_site" in caller
+    throughput.print_sites("mb", sites, steps=2)
+    assert f"     2.0x  {site}" in capsys.readouterr().out
+
+
+def test_call_sites_leave_torch_and_the_warnings_module_out(throughput):
+    frames = [
+        traceback.FrameSummary("/x/megatron/core/schedules.py", 10, "forward_step"),
+        traceback.FrameSummary("/x/megabridge/training/step.py", 64, "train_step"),
+        traceback.FrameSummary("/site/torch/_tensor.py", 1000, "tolist"),
+        traceback.FrameSummary("/usr/lib/python3.12/warnings.py", 50, "_showwarnmsg"),
+    ]
+    assert throughput.call_site(frames, frames=2) == (
+        "training/step.py:64 train_step < core/schedules.py:10 forward_step"
+    )

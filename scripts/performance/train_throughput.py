@@ -153,6 +153,7 @@ def _inspect(step, name: str, args) -> None:
     if args.profile:
         _profile(step, name)
     if args.sync_check:
+        before = torch.cuda.memory_stats()
         torch.cuda.set_sync_debug_mode("warn")
         try:
             with synchronizing_sites() as sites:
@@ -162,6 +163,19 @@ def _inspect(step, name: str, args) -> None:
         finally:
             torch.cuda.set_sync_debug_mode("default")
         print_sites(name, sites, steps=2)
+        # cudaFree waits for the whole device, and the debug mode does not report it
+        after = torch.cuda.memory_stats()
+        grew = {k: after.get(k, 0) - before.get(k, 0) for k in ALLOCATOR_COUNTS}
+        print(f"{name}: the caching allocator in those two steps: " + ", ".join(
+            f"{k} +{v}" for k, v in grew.items()), flush=True)  # fmt: skip
+
+
+ALLOCATOR_COUNTS = (
+    "num_device_alloc",
+    "num_device_free",
+    "num_alloc_retries",
+    "num_sync_all_streams",
+)
 
 
 SYNC_WARNING = "synchronizing"  # torch's sync debug mode: "called a synchronizing CUDA operation"
@@ -537,7 +551,8 @@ def main() -> None:
         "--sync-check",
         action="store_true",
         help="run two more steps under torch's sync debug mode and print each call that made "
-        "the host wait for the GPU (file:line), for every stack",
+        "the host wait for the GPU (file:line), and the caching allocator's cudaMalloc / "
+        "cudaFree counts in them (a cudaFree waits for the device), for every stack",
     )
     p.add_argument(
         "--profile",

@@ -243,3 +243,24 @@ def test_call_sites_leave_torch_and_the_warnings_module_out(throughput):
     assert throughput.call_site(frames, frames=2) == (
         "training/step.py:64 train_step < core/schedules.py:10 forward_step"
     )
+
+
+def test_the_sync_check_runs_two_steps_in_the_debug_mode_and_restores_it(
+    throughput, monkeypatch, capsys
+):
+    modes, steps = [], []
+    stats = iter([{"num_device_free": 3}, {"num_device_free": 5, "num_device_alloc": 1}])
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "memory_stats", lambda: next(stats))
+
+    def step(i):
+        steps.append((i, list(modes)))
+        _waits_for_the_gpu()
+
+    args = type("Args", (), {"profile": False, "sync_check": True})()
+    throughput._inspect(step, "mb", args)
+    assert steps == [(0, ["warn"]), (1, ["warn"])] and modes == ["warn", "default"]
+    out = capsys.readouterr().out
+    assert "mb: calls that made the host wait" in out and "1.0x  training/test_throughput" in out
+    assert "num_device_alloc +1, num_device_free +2, num_alloc_retries +0" in out

@@ -10,7 +10,9 @@ forward and backward (against aten's); the cross entropy's forward and backward 
 compiled passes it replaces); causal attention under each SDPA backend and q / k / v memory
 order (TFLOP/s); FP8's casts of an operand and its transpose, tensorwise and rowwise (against
 the separate casts of a transposed copy). Prints microseconds per call and the GB/s of the
-bytes each call must move (its inputs read once, its outputs written once). ``--only`` runs
+bytes each call must move (its inputs read once, its outputs written once). The times are
+the GPU's: each call is queued behind a sleeping kernel (until 2026-12-05 they were not, and
+rows through autograd, RoPE's and RMSNorm's, timed the host's bookkeeping as well). ``--only`` runs
 some of these sections.
 """
 
@@ -24,13 +26,21 @@ import torch.nn.functional as F
 SECTIONS = ("swiglu", "rope", "norm", "cross_entropy", "attention", "fp8")
 
 
+HEAD_START_CYCLES = 4_000_000  # ~2 ms of the GPU's clock: longer than any row's host work
+
+
 def timed(fn, iters: int = 20) -> float:
-    """Median microseconds of fn() over iters calls, after three warm-up calls."""
+    """Median microseconds of the GPU's work in fn() over iters calls, after three warm-up
+    calls. Each call's events are queued behind a sleeping kernel (torch.cuda._sleep), so the
+    host has launched all of fn's kernels before the GPU reaches the first: the time is the
+    kernels' own, not the host's (autograd's bookkeeping around a small kernel takes longer
+    than the kernel)."""
     for _ in range(3):
         fn()
     times = []
     for _ in range(iters):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(HEAD_START_CYCLES)
         start.record()
         fn()
         end.record()

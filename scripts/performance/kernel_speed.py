@@ -5,15 +5,16 @@
 
 At the Llama-3.2-1B shape and micro-batch 16 x seq 2048 by default: SwiGLU forward and
 backward (against Megatron-Core's compiled swiglu / swiglu_back), RoPE on q and k forward
-and backward (against the compiled torch function, and for each --rope-rows), RMSNorm
-forward and backward (against aten's); the cross entropy's forward and backward (against the
+and backward (against the compiled torch function, and for each --rope-rows; also the
+model's Q/K/V RoPE out of the fused QKV row), RMSNorm forward and backward, alone and with the
+residual add before it (against aten's); the cross entropy's forward and backward (against the
 compiled passes it replaces); causal attention under each SDPA backend and q / k / v memory
 order (TFLOP/s); FP8's casts of an operand and its transpose, tensorwise and rowwise (against
 the separate casts of a transposed copy). Prints microseconds per call and the GB/s of the
 bytes each call must move (its inputs read once, its outputs written once). The times are
 the GPU's: each call is queued behind a sleeping kernel (until 2026-12-05 they were not, and
-rows through autograd, RoPE's and RMSNorm's, timed the host's bookkeeping as well). ``--only`` runs
-some of these sections.
+rows through autograd, RoPE's and RMSNorm's, timed the host's bookkeeping as well).
+``--only`` runs some of these sections.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def timed(fn, iters: int = 20) -> float:
 
 
 def row(name: str, us: float, nbytes: int) -> None:
-    print(f"{name:44s} {us:9.1f} us {nbytes / us / 1e3:8.0f} GB/s")
+    print(f"{name:60s} {us:9.1f} us {nbytes / us / 1e3:8.0f} GB/s")
 
 
 def swiglu_rows(m: int, f: int) -> None:
@@ -126,6 +127,39 @@ def rope_rows(args, s: int, d: int) -> None:
         tk._rope_rows = chosen
         rows = chosen(s, args.batch * heads)
         row(f"RoPE {heads} heads fwd+bwd, Triton (chooses {rows})", timed(step(tk.rope)), io)
+    qkv_rope_rows(args, s, d)
+
+
+def qkv_rope_rows(args, s: int, d: int) -> None:
+    """The model's RoPE: q, k and v out of Megatron's fused QKV row [s, b, groups, (q heads
+    per group + 2) * d] and the gradients back into it (triton_kernels.qkv_rope), against
+    the compiled split and RoPE it replaces; the Triton rows per program forced to each
+    --rope-rows for q's and k's kernels alike, then as chosen by shape."""
+    from megabridge.models import triton_kernels as tk
+
+    per_group = args.heads // args.groups
+    split = [per_group * d, d, d]
+    mixed = torch.randn(s, args.batch, args.groups, sum(split), device="cuda",
+                        dtype=torch.bfloat16, requires_grad=True)  # fmt: skip
+    freqs = torch.randn(s, 1, 1, d, device="cuda")
+    outs = tk.qkv_rope_torch(mixed, freqs, freqs, split)
+    grads = [torch.randn_like(o) for o in outs]
+    io = 4 * mixed.numel() * 2  # forward reads the row and writes q, k, v; backward the reverse
+
+    def step(fn):
+        return lambda: torch.autograd.grad(fn(mixed, freqs, freqs, split), mixed, grads)
+
+    name = f"Q/K/V RoPE, fused row, {args.heads}/{args.groups} heads, fwd+bwd"
+    row(f"{name}, compiled", timed(step(torch.compile(tk.qkv_rope_torch))), io)
+    chosen = tk._rope_rows
+    try:
+        for rows in args.rope_rows:
+            tk._rope_rows = lambda *_, rows=rows: rows
+            row(f"{name}, Triton rows={rows}", timed(step(tk.qkv_rope)), io)
+    finally:
+        tk._rope_rows = chosen
+    q_rows, k_rows = chosen(s, args.batch * args.heads), chosen(s, args.batch * args.groups)
+    row(f"{name}, Triton (chooses {q_rows} / {k_rows})", timed(step(tk.qkv_rope)), io)
 
 
 def norm_rows(m: int, h: int) -> None:
@@ -143,6 +177,23 @@ def norm_rows(m: int, h: int) -> None:
         "RMSNorm fwd+bwd, aten", timed(norm_step(lambda *a: F.rms_norm(a[0], (h,), a[1], a[2]))), io
     )
     row("RMSNorm fwd+bwd, Triton", timed(norm_step(tk.rms_norm)), io)
+
+    # the model's norm: the residual add and the next norm in one kernel each way
+    # (models/residual_norm.py); forward reads two and writes two, backward reads three
+    # (the norm's gradient, the sum's own, the sum) and writes one
+    add = torch.randn_like(x, requires_grad=True)
+    grads = (torch.randn_like(x), grad)
+    io = 8 * x.numel() * 2
+
+    def add_norm_step(fn):
+        return lambda: torch.autograd.grad(fn(x, add, w, 1e-5), (x, add, w), grads)
+
+    def unfused(x, add, w, eps):
+        total = x + add
+        return total, F.rms_norm(total, (h,), w, eps)
+
+    row("residual add + RMSNorm fwd+bwd, aten", timed(add_norm_step(unfused)), io)
+    row("residual add + RMSNorm fwd+bwd, Triton", timed(add_norm_step(tk.add_rms_norm)), io)
 
 
 def fp8_cast_rows(m: int, h: int) -> None:

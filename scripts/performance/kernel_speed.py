@@ -1,7 +1,7 @@
 """megabridge's Triton kernels (models/triton_kernels.py) against what they replace, on this GPU.
 
     python scripts/performance/kernel_speed.py [--tokens 32768] [--hidden 2048] [--ffn 8192]
-        [--only swiglu rope norm cross_entropy attention fp8]
+        [--only swiglu rope norm cross_entropy attention fp8 adamw]
 
 At the Llama-3.2-1B shape and micro-batch 16 x seq 2048 by default: SwiGLU forward and
 backward (against Megatron-Core's compiled swiglu / swiglu_back), RoPE on q and k forward
@@ -10,7 +10,9 @@ model's Q/K/V RoPE out of the fused QKV row), RMSNorm forward and backward, alon
 residual add before it (against aten's); the cross entropy's forward and backward (against the
 compiled passes it replaces); causal attention under each SDPA backend and q / k / v memory
 order (TFLOP/s); FP8's casts of an operand and its transpose, tensorwise and rowwise (against
-the separate casts of a transposed copy). Prints microseconds per call and the GB/s of the
+the separate casts of a transposed copy); AdamW's step over the model's parameters. Launch
+constants of the kernels (RoPE's rows, the norm gradient's programs, AdamW's block and warps)
+are swept beside their defaults. Prints microseconds per call and the GB/s of the
 bytes each call must move (its inputs read once, its outputs written once). The times are
 the GPU's: each call is queued behind a sleeping kernel (until 2026-12-05 they were not, and
 rows through autograd, RoPE's and RMSNorm's, timed the host's bookkeeping as well).
@@ -24,13 +26,13 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-SECTIONS = ("swiglu", "rope", "norm", "cross_entropy", "attention", "fp8")
+SECTIONS = ("swiglu", "rope", "norm", "cross_entropy", "attention", "fp8", "adamw")
 
 
 HEAD_START_CYCLES = 4_000_000  # ~2 ms of the GPU's clock: longer than any row's host work
 
 
-def timed(fn, iters: int = 20) -> float:
+def timed(fn, iters: int = 20, head_start: int = HEAD_START_CYCLES) -> float:
     """Median microseconds of the GPU's work in fn() over iters calls, after three warm-up
     calls. Each call's events are queued behind a sleeping kernel (torch.cuda._sleep), so the
     host has launched all of fn's kernels before the GPU reaches the first: the time is the
@@ -41,7 +43,7 @@ def timed(fn, iters: int = 20) -> float:
     times = []
     for _ in range(iters):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda._sleep(HEAD_START_CYCLES)
+        torch.cuda._sleep(head_start)
         start.record()
         fn()
         end.record()
@@ -80,6 +82,7 @@ def main() -> None:
     p.add_argument("--groups", type=int, default=8)
     p.add_argument("--rope-rows", type=int, nargs="+", default=[16, 64, 128])
     p.add_argument("--vocab", type=int, default=32768, help="for the cross entropy's rows")
+    p.add_argument("--layers", type=int, default=16, help="for AdamW's parameters")
     p.add_argument(
         "--only", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="these rows alone"
     )
@@ -103,6 +106,8 @@ def main() -> None:
     if "fp8" in args.only and torch.cuda.get_device_capability() >= (8, 9):
         fp8_cast_rows(m, h)
         fp8_cast_rows(m, f)  # fc2's input, as wide as the FFN
+    if "adamw" in args.only:
+        adamw_rows(args, h, f, d)
 
 
 def rope_rows(args, s: int, d: int) -> None:
@@ -177,6 +182,14 @@ def norm_rows(m: int, h: int) -> None:
         "RMSNorm fwd+bwd, aten", timed(norm_step(lambda *a: F.rms_norm(a[0], (h,), a[1], a[2]))), io
     )
     row("RMSNorm fwd+bwd, Triton", timed(norm_step(tk.rms_norm)), io)
+    chosen = tk._NORM_GRAD_PER_SM
+    try:
+        for per_sm in (2, 8, 16):
+            tk._NORM_GRAD_PER_SM = per_sm
+            row(f"RMSNorm fwd+bwd, Triton, backward {per_sm} programs/SM",
+                timed(norm_step(tk.rms_norm)), io)  # fmt: skip
+    finally:
+        tk._NORM_GRAD_PER_SM = chosen
 
     # the model's norm: the residual add and the next norm in one kernel each way
     # (models/residual_norm.py); forward reads two and writes two, backward reads three
@@ -312,6 +325,43 @@ def cross_entropy_rows(m: int, batch: int, vocab: int) -> None:
     row(f"cross entropy fwd+bwd V={vocab}, compiled", timed(step), io)
     triton_kernels.softmax_stats_fits = fits
     row(f"cross entropy fwd+bwd V={vocab}, Triton", timed(step), io)
+
+
+def adamw_rows(args, h: int, f: int, d: int) -> None:
+    """The optimizer's step over the model's parameters (--layers of the shape's, embeddings
+    untied): triton_kernels.adamw_with_copies as the bf16 training path calls it (fp32 main
+    weights held as bf16 weights + int16 remainders, the gradient scale and skip flag read on
+    the device), for each elements-a-program and warps-a-program pair beside the default."""
+    from megabridge.models import triton_kernels as tk
+
+    layer = [((args.heads + 2 * args.groups) * d, h), (h, h), (2 * f, h), (h, f), (h,), (h,)]
+    shapes = [(args.vocab, h), (args.vocab, h), (h,)] + layer * args.layers
+    params = [torch.nn.Parameter(torch.zeros(s, device="cuda")) for s in shapes]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.1)
+    optimizer.grad_scale = torch.ones((), device="cuda")
+    optimizer.found_inf = torch.zeros((), device="cuda")
+    copies = {id(p): torch.zeros_like(p, dtype=torch.bfloat16) for p in params}
+    remainders = {id(p): torch.zeros_like(p, dtype=torch.int16) for p in params}
+    count = sum(p.numel() for p in params)
+    io = count * (16 + 12)  # reads bf16, int16, fp32 gradient, m, v; writes all but the gradient
+    print(f"AdamW over {len(params)} parameters, {count:,} elements:")
+
+    def step():
+        tk.adamw_with_copies(optimizer, copies, remainders)
+
+    chosen = tk._ADAMW_BLOCK, tk._ADAMW_WARPS
+    row(f"AdamW, Triton ({chosen[0]} elements, {chosen[1]} warps)", timed(step, 10, 3 * 10**7), io)
+    try:
+        for block in (1024, 2048, 4096, 8192):
+            for warps in (4, 8, 16):
+                if (block, warps) != chosen:
+                    tk._ADAMW_BLOCK, tk._ADAMW_WARPS = block, warps
+                    row(f"AdamW, Triton {block} elements, {warps} warps",
+                        timed(step, 10, 3 * 10**7), io)  # fmt: skip
+    finally:
+        tk._ADAMW_BLOCK, tk._ADAMW_WARPS = chosen
 
 
 if __name__ == "__main__":

@@ -542,11 +542,14 @@ class _AddRMSNorm(torch.autograd.Function):
         return dx, dx, dw, None  # the sum's gradient, as aten's add gives it to both
 
 
+_NORM_GRAD_PER_SM = 4  # runs of rows a multiprocessor takes (kernel_speed.py sweeps it)
+
+
 def _programs(device: torch.device) -> int:
-    # Four runs of rows per SM keep every SM busy; the CPU interpreter takes a few.
+    # A few runs of rows per SM keep every SM busy; the CPU interpreter takes a few.
     if device.type != "cuda":
         return 4
-    return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return _NORM_GRAD_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -712,7 +715,7 @@ if triton is not None:
                 tl.store(out_ptr + offs, param.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-_ADAMW_BLOCK = 4096
+_ADAMW_BLOCK, _ADAMW_WARPS = 4096, 4  # a program's elements and warps (kernel_speed.py sweeps)
 
 
 def adamw_with_copies(
@@ -767,7 +770,7 @@ def adamw_with_copies(
                 corrections, index, scale if scale is not None else p,
                 skip if skip is not None else p,
                 HAS_OUT=out is not None, HAS_REM=rem is not None, HAS_SCALE=scale is not None,
-                HAS_SKIP=skip is not None, BLOCK=_ADAMW_BLOCK,
+                HAS_SKIP=skip is not None, BLOCK=_ADAMW_BLOCK, num_warps=_ADAMW_WARPS,
             )  # fmt: skip
         if skip is not None:
             torch._foreach_sub_(steps, [skip] * len(steps))

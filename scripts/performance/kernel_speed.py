@@ -11,8 +11,8 @@ residual add before it (against aten's); the cross entropy's forward and backwar
 compiled passes it replaces); causal attention under each SDPA backend and q / k / v memory
 order (TFLOP/s); FP8's casts of an operand and its transpose, tensorwise and rowwise (against
 the separate casts of a transposed copy); AdamW's step over the model's parameters. Launch
-constants of the kernels (RoPE's rows, the norm gradient's programs, AdamW's block and warps)
-are swept beside their defaults. Prints microseconds per call and the GB/s of the
+constants of the kernels (RoPE's rows, the norm gradient's programs, the cross entropy's and
+AdamW's block and warps) are swept beside their defaults. Prints microseconds per call and the GB/s of the
 bytes each call must move (its inputs read once, its outputs written once). The times are
 the GPU's: each call is queued behind a sleeping kernel (until 2026-12-05 they were not, and
 rows through autograd, RoPE's and RMSNorm's, timed the host's bookkeeping as well).
@@ -324,7 +324,18 @@ def cross_entropy_rows(m: int, batch: int, vocab: int) -> None:
     triton_kernels.softmax_stats_fits = lambda t: False
     row(f"cross entropy fwd+bwd V={vocab}, compiled", timed(step), io)
     triton_kernels.softmax_stats_fits = fits
-    row(f"cross entropy fwd+bwd V={vocab}, Triton", timed(step), io)
+    chosen = triton_kernels._SOFTMAX_BLOCK, triton_kernels._SOFTMAX_WARPS
+    row(f"cross entropy fwd+bwd V={vocab}, Triton ({chosen[0]} entries, {chosen[1]} warps)",
+        timed(step), io)  # fmt: skip
+    try:
+        for block in (2048, 4096, 8192):
+            for warps in (4, 8, 16):
+                if (block, warps) != chosen:
+                    triton_kernels._SOFTMAX_BLOCK, triton_kernels._SOFTMAX_WARPS = block, warps
+                    row(f"cross entropy fwd+bwd, Triton {block} entries, {warps} warps",
+                        timed(step), io)  # fmt: skip
+    finally:
+        triton_kernels._SOFTMAX_BLOCK, triton_kernels._SOFTMAX_WARPS = chosen
 
 
 def adamw_rows(args, h: int, f: int, d: int) -> None:

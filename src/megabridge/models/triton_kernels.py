@@ -626,7 +626,14 @@ if triton is not None:
             tl.store(grad_ptr + row * v + at, grad.to(grad_ptr.dtype.element_ty), mask=at < v)
 
 
-_SOFTMAX_BLOCK = 4096  # vocabulary entries a program holds at a time
+# vocabulary entries a program holds at a time, and its warps from 2048 entries on (fewer
+# entries: 4); kernel_speed.py sweeps both
+_SOFTMAX_BLOCK, _SOFTMAX_WARPS = 4096, 8
+
+
+def _softmax_launch(v: int) -> dict:
+    block = min(_SOFTMAX_BLOCK, triton.next_power_of_2(v))
+    return dict(BLOCK=block, num_warps=_SOFTMAX_WARPS if block >= 2048 else 4)
 
 
 def softmax_stats_fits(logits: torch.Tensor) -> bool:
@@ -641,10 +648,8 @@ def softmax_stats(logits: torch.Tensor, target: torch.Tensor):
     rows = logits.reshape(-1, logits.shape[-1])
     n, v = rows.shape
     out = [torch.empty(n, dtype=torch.float32, device=logits.device) for _ in range(3)]
-    block = min(_SOFTMAX_BLOCK, triton.next_power_of_2(v))
     _softmax_stats_kernel[(n,)](
-        rows, target.reshape(-1).contiguous(), *out, v, rows.stride(0), BLOCK=block,
-        num_warps=8 if block >= 2048 else 4,
+        rows, target.reshape(-1).contiguous(), *out, v, rows.stride(0), **_softmax_launch(v)
     )  # fmt: skip
     return tuple(t.view(logits.shape[:-1]) for t in out)
 
@@ -657,11 +662,9 @@ def softmax_grad(logits, row_max, sum_exp, target, grad_loss) -> torch.Tensor:
     n, v = rows.shape
     grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     scale = grad_loss.reshape(-1).float().contiguous()
-    block = min(_SOFTMAX_BLOCK, triton.next_power_of_2(v))
     _softmax_grad_kernel[(n,)](
         rows, grad, row_max.reshape(-1).contiguous(), sum_exp.reshape(-1).contiguous(),
-        target.reshape(-1).contiguous(), scale, v, rows.stride(0), BLOCK=block,
-        num_warps=8 if block >= 2048 else 4,
+        target.reshape(-1).contiguous(), scale, v, rows.stride(0), **_softmax_launch(v),
     )  # fmt: skip
     return grad
 

@@ -156,15 +156,17 @@ def qkv_rope_rows(args, s: int, d: int) -> None:
 
     name = f"Q/K/V RoPE, fused row, {args.heads}/{args.groups} heads, fwd+bwd"
     row(f"{name}, compiled", timed(step(torch.compile(tk.qkv_rope_torch))), io)
-    chosen = tk._rope_rows
+    chosen, warps = tk._rope_rows, tk._ROPE_WARPS
+    q_rows, k_rows = chosen(s, args.batch * args.heads), chosen(s, args.batch * args.groups)
+    row(f"{name}, Triton (chooses {q_rows} / {k_rows}, {warps} warps)",
+        timed(step(tk.qkv_rope)), io)  # fmt: skip
     try:
         for rows in args.rope_rows:
-            tk._rope_rows = lambda *_, rows=rows: rows
-            row(f"{name}, Triton rows={rows}", timed(step(tk.qkv_rope)), io)
+            for swept in (4, 8):
+                tk._rope_rows, tk._ROPE_WARPS = (lambda *_, rows=rows: rows), swept
+                row(f"{name}, Triton rows={rows}, {swept} warps", timed(step(tk.qkv_rope)), io)
     finally:
-        tk._rope_rows = chosen
-    q_rows, k_rows = chosen(s, args.batch * args.heads), chosen(s, args.batch * args.groups)
-    row(f"{name}, Triton (chooses {q_rows} / {k_rows})", timed(step(tk.qkv_rope)), io)
+        tk._rope_rows, tk._ROPE_WARPS = chosen, warps
 
 
 def norm_rows(m: int, h: int) -> None:

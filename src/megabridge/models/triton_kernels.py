@@ -178,6 +178,9 @@ def rope_torch(t: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     return torch.cat((x * cos + rotated * sin, rest), dim=-1)
 
 
+_ROPE_WARPS = 4  # Triton's default; kernel_speed.py sweeps it with the rows
+
+
 def _rope_rows(positions: int, rows_per_position: int) -> int:
     """(batch row, head) pairs a program takes: the most of 128, 64, 32 that leaves ~4k
     programs, and no more than a position has. kernel_speed.py on the H200 (2026-12-04,
@@ -275,7 +278,7 @@ def _rope_grouped(x, out, freqs, shape, per_group, strides, out_strides, backwar
         x, freqs, out, copy_src, copy_dst, b * n, n, per_group, *strides, *out_strides,
         freqs.stride(0), d, half, ROWS=rows, HALF=triton.next_power_of_2(half),
         REST=triton.next_power_of_2(d - 2 * half) if d > 2 * half else 0, BACKWARD=backward,
-        COPY=triton.next_power_of_2(d) if copy is not None else 0,
+        COPY=triton.next_power_of_2(d) if copy is not None else 0, num_warps=_ROPE_WARPS,
     )  # fmt: skip
 
 

@@ -280,13 +280,15 @@ def triton_kernels(s: Smoke) -> str:
 
 @path
 def optimizer_fusions(s: Smoke) -> str:
-    """The weight gradients accumulated into main_grad by the GEMMs, and the token division
-    and clipping inside fused AdamW, against Megatron-Core's separate passes on CUDA; the
-    step decided on the device skips a NaN step."""
+    """The weight gradients accumulated into main_grad by the GEMMs (and written by a step's
+    first GEMM where the buffer was not zeroed), and the token division and clipping inside
+    fused AdamW, against Megatron-Core's separate passes on CUDA; the step decided on the
+    device skips a NaN step."""
     s.pytest("optimizer_fusions", "tests/unit_tests/training/test_wgrad_fusion.py",
              "tests/unit_tests/training/test_optim_batched.py", passed=(
         "test_fused_weight_gradients_match_the_unfused_ones_on_cuda[plain]",
         "test_fused_weight_gradients_match_the_unfused_ones_on_cuda[recompute]",
+        "test_first_writes_leave_the_gradients_of_a_zeroed_buffer",
         "test_token_division_and_clipping_inside_fused_adamw_match_the_separate_passes",
         "test_a_non_finite_step_is_skipped_inside_fused_adamw"))  # fmt: skip
     return ("fused weight-gradient accumulation and the division / clipping inside AdamW match; "

@@ -35,11 +35,21 @@ def wrap_ddp(cfg: ConfigContainer, model_chunks: list[torch.nn.Module]) -> list[
             )
         )
     if cfg.model.gradient_accumulation_fusion:
-        accumulate_wgrad_in_main_grad(wrapped)
+        # compiled layers' backward is traced once: first writes need each call's Python
+        first_writes = FIRST_WRITES and not cfg.model.compile_layers
+        accumulate_wgrad_in_main_grad(wrapped, first_writes=first_writes)
     return wrapped
 
 
-def accumulate_wgrad_in_main_grad(model_chunks: list[torch.nn.Module]) -> None:
+# FirstWrites is off until it has run on a GPU: gpu_smoke.sh's optimizer_fusions path checks
+# it against the zeroed buffer on CUDA, and train_throughput.py measures what it saves
+# (scripts/performance/NOTES.md, 2026-12-05, seventh session). The CPU tests switch it on.
+FIRST_WRITES = False
+
+
+def accumulate_wgrad_in_main_grad(
+    model_chunks: list[torch.nn.Module], first_writes: bool = True
+) -> None:
     """Megatron-Core's gradient_accumulation_fusion on the GPU without Apex: the weight-gradient
     GEMM of each Megatron linear adds into DDP's fp32 ``main_grad`` itself.
 
@@ -51,13 +61,17 @@ def accumulate_wgrad_in_main_grad(model_chunks: list[torch.nn.Module]) -> None:
     weight gradient to bf16 first). Switched on per layer after DDP has made ``main_grad``:
     Megatron's linears read ``gradient_accumulation_fusion`` at each call, so layers that DDP does
     not own (no main_grad), frozen ones and CPU runs keep the unfused path.
+
+    With ``first_writes``, the weights whose gradients the GEMM alone writes are also spared
+    DDP's zeroing (``FirstWrites``).
     """
     from megatron.core.tensor_parallel import layers
 
-    if not torch.cuda.is_available() or not _fp32_accumulate_works():
+    if not _fusion_runs():
         return
     layers.fused_weight_gradient_mlp_cuda = _FP32Accumulate
     for chunk in model_chunks:
+        switched = []
         for module in chunk.modules():
             if not isinstance(module, layers.ColumnParallelLinear | layers.RowParallelLinear):
                 continue
@@ -65,8 +79,87 @@ def accumulate_wgrad_in_main_grad(model_chunks: list[torch.nn.Module]) -> None:
             owned = weight is not None and weight.requires_grad and hasattr(weight, "main_grad")
             if owned and weight.main_grad.dtype == torch.float32:
                 module.gradient_accumulation_fusion = True
+                switched.append(weight)
+        if first_writes and switched and _first_write_works():
+            FirstWrites.attach(chunk, switched)
     # A tied output layer has no weight of its own (the embedding's is passed in at each
     # call): it keeps the unfused path.
+
+
+def _fusion_runs() -> bool:
+    return torch.cuda.is_available() and _fp32_accumulate_works()
+
+
+class FirstWrites:
+    """DDP zeroes its whole fp32 gradient buffer before each step (a pass over every
+    gradient, ~1 ms for 1.1B parameters on an H200), and each fused weight-gradient GEMM then
+    reads the zeros it adds to (fp32, ~2 ms a step). Here a DDP chunk's buffers zero only the
+    gradients that something else adds to; a fused weight's main_grad is written by its first
+    weight-gradient GEMM of the step (beta 0: nothing read) and added to by the next ones
+    (further micro-batches).
+
+    Which weights those are is learned, not assumed: the first step zeroes everything as
+    upstream does, and its gradients' finalization (``finalize``) keeps the weights whose
+    main_grad the fused GEMM wrote (``_FP32Accumulate`` marks it) and whose linear told DDP's
+    hook so (``grad_added_to_main_grad``). An FP8 linear, a weight that got no gradient in
+    that step, or one whose gradient also came another way stays zeroed. A kept weight that
+    gets no gradient in a later step (an expert no token reached) is zeroed when the step's
+    gradients are finalized, before anything reads them.
+    """
+
+    def __init__(self, chunk, candidates: list[torch.nn.Parameter]):
+        self.candidates = candidates
+        self.learned = False
+        self.kept: list[torch.Tensor] = []  # the kept weights' main_grads
+        # a buffer's id -> (the main_grads its reset zeroes, those it leaves to the GEMMs)
+        self.plan: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        for buffer in chunk.buffers + chunk.expert_parallel_buffers:
+            buffer.reset = functools.partial(self._reset, buffer)
+
+    @classmethod
+    def attach(cls, chunk, candidates: list[torch.nn.Parameter]) -> None:
+        if getattr(chunk.ddp_config, "reuse_grad_buf_for_mxfp8_param_ag", False):
+            return  # that buffer holds parameters between steps: it must be zeroed whole
+        chunk.first_writes = cls(chunk, candidates)
+
+    def _reset(self, buffer) -> None:
+        zeroed, left = self.plan.get(id(buffer), (None, None))
+        if not left:
+            buffer.grad_data.zero_()  # upstream's reset
+            return
+        if zeroed:
+            torch._foreach_zero_(zeroed)
+        for grad in left:
+            grad.first_write_pending = True
+
+    def finalize(self, buffers) -> None:
+        """Before the step's gradients are read: after the first step, learn the weights to
+        keep; after later ones, zero the kept main_grads no GEMM wrote."""
+        if not self.learned:
+            self.learned = True
+            kept = {
+                id(p) for p in self.candidates
+                if getattr(p.main_grad, "written_by_gemm", False)
+                and getattr(p, "grad_added_to_main_grad", False)
+            }  # fmt: skip
+            for buffer in buffers:
+                grads = [(id(p) in kept, p.main_grad) for p in buffer.params]
+                left = [g for is_kept, g in grads if is_kept]
+                self.plan[id(buffer)] = ([g for is_kept, g in grads if not is_kept], left)
+                self.kept += left
+            return
+        unwritten = [g for g in self.kept if getattr(g, "first_write_pending", False)]
+        if unwritten:
+            torch._foreach_zero_(unwritten)
+        for grad in unwritten:
+            grad.first_write_pending = False
+
+    @staticmethod
+    def finalize_all(model_chunks) -> None:
+        for chunk in model_chunks:
+            writes = getattr(chunk, "first_writes", None)
+            if writes is not None:
+                writes.finalize(chunk.buffers + chunk.expert_parallel_buffers)
 
 
 class _FP32Accumulate:
@@ -76,7 +169,29 @@ class _FP32Accumulate:
 
     @staticmethod
     def wgrad_gemm_accum_fp32(total_input, grad_output, main_grad):
-        torch.addmm(main_grad, grad_output.t(), total_input, out_dtype=torch.float32, out=main_grad)
+        # FirstWrites: a main_grad not zeroed for this step is written, not added to
+        first = getattr(main_grad, "first_write_pending", False)
+        _FP32Accumulate.gemm(main_grad, grad_output, total_input, beta=0.0 if first else 1.0)
+        main_grad.first_write_pending, main_grad.written_by_gemm = False, True
+
+    @staticmethod
+    def gemm(out, grad_output, total_input, beta: float) -> None:
+        """out = beta * out + grad_output^T @ input in fp32 (beta 0: out is not read)."""
+        torch.addmm(out, grad_output.t(), total_input, beta=beta, out_dtype=torch.float32, out=out)
+
+
+@functools.cache
+def _first_write_works() -> bool:
+    """Whether this torch's addmm with beta 0 ignores what its fp32 output held (NaN
+    included), as FirstWrites needs; checked once."""
+    try:
+        g = torch.randn(64, 32, device="cuda", dtype=torch.bfloat16)
+        x = torch.randn(64, 48, device="cuda", dtype=torch.bfloat16)
+        out = torch.full((32, 48), float("nan"), device="cuda")
+        _FP32Accumulate.gemm(out, g, x, beta=0.0)
+        return bool(torch.allclose(out, g.t().float() @ x.float(), rtol=1e-4, atol=1e-3))
+    except (RuntimeError, TypeError):
+        return False
 
 
 @functools.cache
@@ -483,6 +598,7 @@ def _finalize_model_grads(optimizer, model, num_tokens=None, **kwargs) -> None:
     from megatron.core.distributed import finalize_model_grads
     from megatron.core.pipeline_parallel.utils import get_pp_last_rank
 
+    FirstWrites.finalize_all(model)  # before anything reads the gradients
     if num_tokens is None or not _adam_divides(optimizer):
         finalize_model_grads(model, num_tokens, **kwargs)
         return

@@ -108,9 +108,13 @@ def _result(
     }
 
 
-def run_megabridge(args, mbs: int, name: str = "megabridge", overrides: tuple = ()) -> dict:
-    """megabridge's row ``name``: the recipe with the command's overrides, then ``overrides``."""
+def run_megabridge(
+    args, mbs: int, name: str = "megabridge", overrides: tuple = (), first_writes: bool = False
+) -> dict:
+    """megabridge's row ``name``: the recipe with the command's overrides, then ``overrides``;
+    ``first_writes``: with training/optim.py's FirstWrites switched on (off by default)."""
     from megabridge import runtime
+    from megabridge.training import optim
     from megabridge.training.config import apply_overrides
     from megabridge.training.loop import setup
     from megabridge.training.step import train_step
@@ -119,7 +123,12 @@ def run_megabridge(args, mbs: int, name: str = "megabridge", overrides: tuple = 
         cfg = _config(args, mbs, workdir)
         apply_overrides(cfg, list(overrides))
         torch.cuda.reset_peak_memory_stats()
-        s = setup(cfg)
+        default = optim.FIRST_WRITES
+        optim.FIRST_WRITES = default or first_writes
+        try:
+            s = setup(cfg)  # (DDP reads FIRST_WRITES as it wraps the model)
+        finally:
+            optim.FIRST_WRITES = default
         flops_tok = flops_per_token(cfg.model, args.seq)
 
         def step(i):
@@ -464,6 +473,9 @@ def _stacks(args) -> list[tuple[str, object]]:
     stacks = [
         (name, functools.partial(run_megabridge, name=name, overrides=o)) for name, o in variants
     ]
+    if args.first_writes:
+        name = "megabridge-first-writes"
+        stacks.append((name, functools.partial(run_megabridge, name=name, first_writes=True)))
     names = [n for n in args.compare.split(",") if n]
     unknown = sorted(set(names) - set(peers.PEERS))
     if unknown:
@@ -536,6 +548,12 @@ def main() -> None:
     p.add_argument(
         "--fp8", nargs="*", default=[], choices=("tensorwise", "rowwise"),
         help="also time megabridge with model.fp8 set to each of these",
+    )  # fmt: skip
+    p.add_argument(
+        "--first-writes", action="store_true",
+        help="also time megabridge with training/optim.py's FirstWrites on (off by default "
+        "until it has run on a GPU): the fused weights' gradients written by the step's first "
+        "GEMM instead of zeroed before it",
     )  # fmt: skip
     p.add_argument(
         "--recompute-swiglu", action="store_true",

@@ -264,3 +264,12 @@ def test_the_sync_check_runs_two_steps_in_the_debug_mode_and_restores_it(
     out = capsys.readouterr().out
     assert "mb: calls that made the host wait" in out and "1.0x  training/test_throughput" in out
     assert "num_device_alloc +1, num_device_free +2, num_alloc_retries +0" in out
+
+
+def test_first_writes_adds_a_megabridge_row_with_the_switch_on(throughput):
+    args = type("Args", (), {"fp8": [], "recompute_swiglu": False, "variant": [],
+                             "first_writes": True, "compare": "torchtitan"})()  # fmt: skip
+    stacks = throughput._stacks(args)
+    assert [name for name, _ in stacks] == ["megabridge", "megabridge-first-writes", "torchtitan"]
+    assert stacks[1][1].keywords == {"name": "megabridge-first-writes", "first_writes": True}
+    assert "first_writes" not in stacks[0][1].keywords

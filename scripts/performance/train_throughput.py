@@ -336,8 +336,9 @@ def _host_ops(trace_events: list[dict]) -> dict[int, str]:
             while open_ops and open_ops[-1]["ts"] + open_ops[-1]["dur"] <= e["ts"]:
                 open_ops.pop()
             outer = open_ops[0] if open_ops else e
-            name = e["name"] if outer is e else f"{outer['name']} > {e['name']}"
-            names[e.get("args", {}).get("External id")] = name
+            external = e.get("args", {}).get("External id")
+            if external is not None:
+                names[external] = e["name"] if outer is e else f"{outer['name']} > {e['name']}"
             open_ops.append(e)
     return names
 

@@ -41,12 +41,15 @@ def test_the_timeline_links_each_kernel_to_its_launch_and_outermost_host_op(thro
         _op("aten::mm", 10.0, 50.0, 3),
         _launch(20.0, 5.0, 501, 3),
         _op("aten::add_", 200.0, 20.0, 4),  # top level: named alone
+        {**_op("aten::empty", 250.0, 1.0, 0), "args": {}},  # no External id: names nothing
         _launch(205.0, 5.0, 502, 4),
         _launch(300.0, 4.0, 503, 0, cat="cuda_driver"),  # a Triton launch, no op around it
         _kernel("void at::native::vectorized_elementwise_kernel<4, at::X>(int)", 400.0, 3.0, 502, 4),
         _kernel("nvjet_tst_128x256_NTN", 30.0, 300.0, 501, 3),
         _kernel("_rms_norm_fwd", 410.0, 8.0, 503, 0),
         _kernel("Memset (Device)", 420.0, 1.0, 504, 0, cat="gpu_memset"),  # no launch traced
+        {**_kernel("Memcpy HtoD (Pinned -> Device)", 430.0, 1.0, 505, 0, cat="gpu_memcpy"),
+         "args": {"correlation": 505}},  # no External id
         {"ph": "X", "cat": "gpu_user_annotation", "name": "Optimizer.step", "ts": 0.0, "dur": 900.0,
          "args": {"correlation": 501}},  # spans kernels: not one of its own
     ]  # fmt: skip
@@ -57,6 +60,7 @@ def test_the_timeline_links_each_kernel_to_its_launch_and_outermost_host_op(thro
         ("vectorized_elementwise_kernel<4>", 400.0, 3.0, 210.0, "aten::add_"),
         ("_rms_norm_fwd", 410.0, 8.0, 304.0, ""),
         ("Memset", 420.0, 1.0, None, ""),
+        ("Memcpy HtoD", 430.0, 1.0, None, ""),
     ]  # fmt: skip
 
 

@@ -12,11 +12,11 @@ compiled passes it replaces); causal attention under each SDPA backend and q / k
 order (TFLOP/s); FP8's casts of an operand and its transpose, tensorwise and rowwise (against
 the separate casts of a transposed copy); AdamW's step over the model's parameters. Launch
 constants of the kernels (RoPE's rows, the norm gradient's programs, the cross entropy's and
-AdamW's block and warps) are swept beside their defaults. Prints microseconds per call and the GB/s of the
-bytes each call must move (its inputs read once, its outputs written once). The times are
-the GPU's: each call is queued behind a sleeping kernel (until 2026-12-05 they were not, and
-rows through autograd, RoPE's and RMSNorm's, timed the host's bookkeeping as well).
-``--only`` runs some of these sections.
+AdamW's block and warps) are swept beside their defaults. Prints microseconds per call and
+the GB/s of the bytes each call must move (its inputs read once, its outputs written once).
+The times are the GPU's: each call is queued behind a sleeping kernel (until 2026-12-05 they
+were not, and rows through autograd, RoPE's and RMSNorm's, timed the host's bookkeeping as
+well). ``--only`` runs some of these sections.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ import torch
 from megatron.core.tensor_parallel import layers
 from megatron.core.transformer.mlp import MLP
 
-from megabridge.models import fp8
+from megabridge.models import fp8, triton_kernels
 from megabridge.models.compiled import RowParallelLinear
 from megabridge.models.triton_kernels import swiglu, swiglu_grad, swiglu_grad_and_output
 
@@ -40,11 +40,10 @@ class _SwiGLUThenLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         h, weight = ctx.saved_tensors
-        grad_a = torch.matmul(grad_y, weight)  # [M, f]
         if not ctx.needs_input_grad[1]:
-            return swiglu_grad(grad_a, h), None, None
+            return _swiglu_grad_of_product(grad_y, weight, h, act=False), None, None
         # SwiGLU's output recomputed in the same pass as its gradient (one read of h)
-        grad_h, a = swiglu_grad_and_output(grad_a, h)  # [M, 2f], [M, f]
+        grad_h, a = _swiglu_grad_of_product(grad_y, weight, h, act=True)  # [M, 2f], [M, f]
         if not ctx.accumulate:
             return grad_h, torch.matmul(grad_y.t(), a), None
         layers.fused_weight_gradient_mlp_cuda.wgrad_gemm_accum_fp32(a, grad_y, weight.main_grad)
@@ -53,6 +52,18 @@ class _SwiGLUThenLinear(torch.autograd.Function):
         # as Megatron's linear: a placeholder gradient that DDP's hook sees but does not add
         weight.grad_added_to_main_grad = True
         return grad_h, torch.empty(weight.shape, dtype=h.dtype, device=h.device), None
+
+
+def _swiglu_grad_of_product(grad_y, weight, h, act: bool):
+    """SwiGLU's gradient given fc2's input gradient grad_y @ weight, and with ``act`` SwiGLU's
+    output too: in one kernel where triton_kernels.PRODUCT_SWIGLU_GRAD is set and the kernel
+    fits, else the GEMM and then one pass over h."""
+    if triton_kernels.PRODUCT_SWIGLU_GRAD and triton_kernels.product_swiglu_grad_fits(
+        grad_y, weight, h
+    ):
+        return triton_kernels.product_swiglu_grad(grad_y, weight, h, act)
+    grad_a = torch.matmul(grad_y, weight)  # [M, f]
+    return swiglu_grad_and_output(grad_a, h) if act else swiglu_grad(grad_a, h)
 
 
 class SwiGLURowParallelLinear(RowParallelLinear):

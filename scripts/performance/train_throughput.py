@@ -108,13 +108,42 @@ def _result(
     }
 
 
+# --switch: megabridge's speed-ups that are off by default until measured on a GPU, each a
+# module constant (label -> (module, name))
+SWITCHES = {
+    "first-writes": ("megabridge.training.optim", "FIRST_WRITES"),
+    "product-swiglu-grad": ("megabridge.models.triton_kernels", "PRODUCT_SWIGLU_GRAD"),
+}
+
+
+@contextlib.contextmanager
+def switched_on(labels: tuple[str, ...]):
+    """SWITCHES' constants named by ``labels`` set to True inside the block."""
+    import importlib
+
+    saved = []
+    try:
+        for label in labels:
+            module = importlib.import_module(SWITCHES[label][0])
+            saved.append((module, SWITCHES[label][1], getattr(module, SWITCHES[label][1])))
+            setattr(module, SWITCHES[label][1], True)
+        yield
+    finally:
+        for module, name, value in reversed(saved):
+            setattr(module, name, value)
+
+
 def run_megabridge(
-    args, mbs: int, name: str = "megabridge", overrides: tuple = (), first_writes: bool = False
+    args, mbs: int, name: str = "megabridge", overrides: tuple = (), switches: tuple = ()
 ) -> dict:
-    """megabridge's row ``name``: the recipe with the command's overrides, then ``overrides``;
-    ``first_writes``: with training/optim.py's FirstWrites switched on (off by default)."""
+    """megabridge's row ``name``: the recipe with the command's overrides, then ``overrides``,
+    with SWITCHES' ``switches`` on for the whole row (setup, timing and profile)."""
+    with switched_on(switches):
+        return _run_megabridge(args, mbs, name, overrides)
+
+
+def _run_megabridge(args, mbs: int, name: str, overrides: tuple) -> dict:
     from megabridge import runtime
-    from megabridge.training import optim
     from megabridge.training.config import apply_overrides
     from megabridge.training.loop import setup
     from megabridge.training.step import train_step
@@ -123,12 +152,7 @@ def run_megabridge(
         cfg = _config(args, mbs, workdir)
         apply_overrides(cfg, list(overrides))
         torch.cuda.reset_peak_memory_stats()
-        default = optim.FIRST_WRITES
-        optim.FIRST_WRITES = default or first_writes
-        try:
-            s = setup(cfg)  # (DDP reads FIRST_WRITES as it wraps the model)
-        finally:
-            optim.FIRST_WRITES = default
+        s = setup(cfg)
         flops_tok = flops_per_token(cfg.model, args.seq)
 
         def step(i):
@@ -474,9 +498,13 @@ def _stacks(args) -> list[tuple[str, object]]:
     stacks = [
         (name, functools.partial(run_megabridge, name=name, overrides=o)) for name, o in variants
     ]
-    if args.first_writes:
-        name = "megabridge-first-writes"
-        stacks.append((name, functools.partial(run_megabridge, name=name, first_writes=True)))
+    for text in args.switch:
+        labels = tuple(text.split(","))
+        unknown = sorted(set(labels) - set(SWITCHES))
+        if unknown:
+            sys.exit(f"--switch: unknown {', '.join(unknown)}; known: {', '.join(SWITCHES)}")
+        name = f"megabridge-{text.replace(',', '+')}"
+        stacks.append((name, functools.partial(run_megabridge, name=name, switches=labels)))
     names = [n for n in args.compare.split(",") if n]
     unknown = sorted(set(names) - set(peers.PEERS))
     if unknown:
@@ -551,10 +579,12 @@ def main() -> None:
         help="also time megabridge with model.fp8 set to each of these",
     )  # fmt: skip
     p.add_argument(
-        "--first-writes", action="store_true",
-        help="also time megabridge with training/optim.py's FirstWrites on (off by default "
-        "until it has run on a GPU): the fused weights' gradients written by the step's first "
-        "GEMM instead of zeroed before it",
+        "--switch", action="append", default=[], metavar="LABEL[,LABEL]",
+        help="also time megabridge with these speed-ups on, which are off until measured on a "
+        "GPU: first-writes (training/optim.py FirstWrites: the fused weights' gradients "
+        "written by a step's first GEMM, not zeroed before it), product-swiglu-grad "
+        "(triton_kernels.product_swiglu_grad: fc2's input gradient and SwiGLU's backward in "
+        "one kernel)",
     )  # fmt: skip
     p.add_argument(
         "--recompute-swiglu", action="store_true",

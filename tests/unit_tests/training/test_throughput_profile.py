@@ -270,10 +270,24 @@ def test_the_sync_check_runs_two_steps_in_the_debug_mode_and_restores_it(
     assert "num_device_alloc +1, num_device_free +2, num_alloc_retries +0" in out
 
 
-def test_first_writes_adds_a_megabridge_row_with_the_switch_on(throughput):
-    args = type("Args", (), {"fp8": [], "recompute_swiglu": False, "variant": [],
-                             "first_writes": True, "compare": "torchtitan"})()  # fmt: skip
+def test_switches_add_megabridge_rows_with_module_constants_on_for_the_row(throughput):
+    from megabridge.models import triton_kernels
+    from megabridge.training import optim
+
+    args = type("Args", (), {"fp8": [], "recompute_swiglu": False, "compare": "torchtitan",
+                             "variant": [], "switch": ["first-writes",
+                                                       "first-writes,product-swiglu-grad"]})()  # fmt: skip
     stacks = throughput._stacks(args)
-    assert [name for name, _ in stacks] == ["megabridge", "megabridge-first-writes", "torchtitan"]
-    assert stacks[1][1].keywords == {"name": "megabridge-first-writes", "first_writes": True}
-    assert "first_writes" not in stacks[0][1].keywords
+    assert [name for name, _ in stacks] == [
+        "megabridge", "megabridge-first-writes",
+        "megabridge-first-writes+product-swiglu-grad", "torchtitan",
+    ]  # fmt: skip
+    assert stacks[2][1].keywords["switches"] == ("first-writes", "product-swiglu-grad")
+    assert "switches" not in stacks[0][1].keywords
+    assert not optim.FIRST_WRITES and not triton_kernels.PRODUCT_SWIGLU_GRAD
+    with throughput.switched_on(("first-writes", "product-swiglu-grad")):
+        assert optim.FIRST_WRITES and triton_kernels.PRODUCT_SWIGLU_GRAD
+    assert not optim.FIRST_WRITES and not triton_kernels.PRODUCT_SWIGLU_GRAD
+    args.switch = ["fast"]
+    with pytest.raises(SystemExit, match="unknown fast"):
+        throughput._stacks(args)

@@ -23,6 +23,7 @@ well). ``--only`` runs some of these sections.
 from __future__ import annotations
 
 import argparse
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -100,14 +101,11 @@ def product_swiglu_rows(m: int, n: int, f: int) -> None:
     line("fc2 input grad + SwiGLU bwd, cuBLAS + Triton",
          timed(lambda: tk.swiglu_grad_and_output(torch.matmul(grad_y, weight), h)))  # fmt: skip
     chosen = tk._PRODUCT_SWIGLU_CONFIG
-    try:
-        for config in [chosen] + [c for c in PRODUCT_CONFIGS if c != chosen]:
-            tk._PRODUCT_SWIGLU_CONFIG = config
-            mark = " (default)" if config == chosen else ""
+    for config in [chosen] + [c for c in PRODUCT_CONFIGS if c != chosen]:
+        mark = " (default)" if config == chosen else ""
+        with mock.patch.object(tk, "_PRODUCT_SWIGLU_CONFIG", config):
             line(f"... one Triton kernel {config}{mark}",
                  timed(lambda: tk.product_swiglu_grad(grad_y, weight, h)))  # fmt: skip
-    finally:
-        tk._PRODUCT_SWIGLU_CONFIG = chosen
 
 
 def main() -> None:
@@ -164,12 +162,10 @@ def rope_rows(args, s: int, d: int) -> None:
             return lambda: torch.autograd.grad(fn(t, freqs), t, grad)
 
         row(f"RoPE {heads} heads fwd+bwd, compiled", timed(step(compiled)), io)
-        chosen = tk._rope_rows
         for rows in args.rope_rows:
-            tk._rope_rows = lambda *_, rows=rows: rows
-            row(f"RoPE {heads} heads fwd+bwd, Triton rows={rows}", timed(step(tk.rope)), io)
-        tk._rope_rows = chosen
-        rows = chosen(s, args.batch * heads)
+            with mock.patch.object(tk, "_rope_rows", lambda *_, rows=rows: rows):
+                row(f"RoPE {heads} heads fwd+bwd, Triton rows={rows}", timed(step(tk.rope)), io)
+        rows = tk._rope_rows(s, args.batch * heads)
         row(f"RoPE {heads} heads fwd+bwd, Triton (chooses {rows})", timed(step(tk.rope)), io)
     qkv_rope_rows(args, s, d)
 
@@ -195,17 +191,13 @@ def qkv_rope_rows(args, s: int, d: int) -> None:
 
     name = f"Q/K/V RoPE, fused row, {args.heads}/{args.groups} heads, fwd+bwd"
     row(f"{name}, compiled", timed(step(torch.compile(tk.qkv_rope_torch))), io)
-    chosen, warps = tk._rope_rows, tk._ROPE_WARPS
-    q_rows, k_rows = chosen(s, args.batch * args.heads), chosen(s, args.batch * args.groups)
-    row(f"{name}, Triton (chooses {q_rows} / {k_rows}, {warps} warps)",
+    q_rows, k_rows = (tk._rope_rows(s, args.batch * n) for n in (args.heads, args.groups))
+    row(f"{name}, Triton (chooses {q_rows} / {k_rows}, {tk._ROPE_WARPS} warps)",
         timed(step(tk.qkv_rope)), io)  # fmt: skip
-    try:
-        for rows in args.rope_rows:
-            for swept in (4, 8):
-                tk._rope_rows, tk._ROPE_WARPS = (lambda *_, rows=rows: rows), swept
-                row(f"{name}, Triton rows={rows}, {swept} warps", timed(step(tk.qkv_rope)), io)
-    finally:
-        tk._rope_rows, tk._ROPE_WARPS = chosen, warps
+    for rows in args.rope_rows:
+        for warps in (4, 8):
+            with mock.patch.multiple(tk, _rope_rows=lambda *_, rows=rows: rows, _ROPE_WARPS=warps):
+                row(f"{name}, Triton rows={rows}, {warps} warps", timed(step(tk.qkv_rope)), io)
 
 
 def norm_rows(m: int, h: int) -> None:
@@ -223,14 +215,10 @@ def norm_rows(m: int, h: int) -> None:
         "RMSNorm fwd+bwd, aten", timed(norm_step(lambda *a: F.rms_norm(a[0], (h,), a[1], a[2]))), io
     )
     row("RMSNorm fwd+bwd, Triton", timed(norm_step(tk.rms_norm)), io)
-    chosen = tk._NORM_GRAD_PER_SM
-    try:
-        for per_sm in (2, 8, 16):
-            tk._NORM_GRAD_PER_SM = per_sm
+    for per_sm in (2, 8, 16):
+        with mock.patch.object(tk, "_NORM_GRAD_PER_SM", per_sm):
             row(f"RMSNorm fwd+bwd, Triton, backward {per_sm} programs/SM",
                 timed(norm_step(tk.rms_norm)), io)  # fmt: skip
-    finally:
-        tk._NORM_GRAD_PER_SM = chosen
 
     # the model's norm: the residual add and the next norm in one kernel each way
     # (models/residual_norm.py); forward reads two and writes two, backward reads three
@@ -282,12 +270,10 @@ def fp8_cast_rows(m: int, h: int) -> None:
     row("FP8 rowwise row + column amax, aten", timed(two_reductions), x.numel() * 2)
     us = timed(lambda: tk.row_col_amax(x))
     row(f"FP8 rowwise row + column amax, Triton ({tk._AMAX_COLS} columns)", us, x.numel() * 2)
-    chosen = tk._AMAX_COLS
     for cols in (128, 256, 512, 2048):  # columns a program reads (128: one tile, no loop)
-        tk._AMAX_COLS = cols
-        us = timed(lambda: tk.row_col_amax(x))
+        with mock.patch.object(tk, "_AMAX_COLS", cols):
+            us = timed(lambda: tk.row_col_amax(x))
         row(f"FP8 rowwise row + column amax, {cols} columns", us, x.numel() * 2)
-    tk._AMAX_COLS = chosen
 
 
 def attention_rows(batch: int, s: int, heads: int, groups: int, d: int) -> None:
@@ -361,22 +347,19 @@ def cross_entropy_rows(m: int, batch: int, vocab: int) -> None:
         loss = cross_entropy.LogitsKeptCrossEntropy.apply(logits, target, group)
         return torch.autograd.grad(loss.sum(), logits)
 
-    fits = triton_kernels.softmax_stats_fits
-    triton_kernels.softmax_stats_fits = lambda t: False
-    row(f"cross entropy fwd+bwd V={vocab}, compiled", timed(step), io)
-    triton_kernels.softmax_stats_fits = fits
+    with mock.patch.object(triton_kernels, "softmax_stats_fits", lambda t: False):
+        row(f"cross entropy fwd+bwd V={vocab}, compiled", timed(step), io)
     chosen = triton_kernels._SOFTMAX_BLOCK, triton_kernels._SOFTMAX_WARPS
     row(f"cross entropy fwd+bwd V={vocab}, Triton ({chosen[0]} entries, {chosen[1]} warps)",
         timed(step), io)  # fmt: skip
-    try:
-        for block in (2048, 4096, 8192):
-            for warps in (4, 8, 16):
-                if (block, warps) != chosen:
-                    triton_kernels._SOFTMAX_BLOCK, triton_kernels._SOFTMAX_WARPS = block, warps
+    for block in (2048, 4096, 8192):
+        for warps in (4, 8, 16):
+            if (block, warps) != chosen:
+                with mock.patch.multiple(
+                    triton_kernels, _SOFTMAX_BLOCK=block, _SOFTMAX_WARPS=warps
+                ):
                     row(f"cross entropy fwd+bwd, Triton {block} entries, {warps} warps",
                         timed(step), io)  # fmt: skip
-    finally:
-        triton_kernels._SOFTMAX_BLOCK, triton_kernels._SOFTMAX_WARPS = chosen
 
 
 def adamw_rows(args, h: int, f: int, d: int) -> None:
@@ -405,15 +388,12 @@ def adamw_rows(args, h: int, f: int, d: int) -> None:
 
     chosen = tk._ADAMW_BLOCK, tk._ADAMW_WARPS
     row(f"AdamW, Triton ({chosen[0]} elements, {chosen[1]} warps)", timed(step, 10, 3 * 10**7), io)
-    try:
-        for block in (1024, 2048, 4096, 8192):
-            for warps in (4, 8, 16):
-                if (block, warps) != chosen:
-                    tk._ADAMW_BLOCK, tk._ADAMW_WARPS = block, warps
+    for block in (1024, 2048, 4096, 8192):
+        for warps in (4, 8, 16):
+            if (block, warps) != chosen:
+                with mock.patch.multiple(tk, _ADAMW_BLOCK=block, _ADAMW_WARPS=warps):
                     row(f"AdamW, Triton {block} elements, {warps} warps",
                         timed(step, 10, 3 * 10**7), io)  # fmt: skip
-    finally:
-        tk._ADAMW_BLOCK, tk._ADAMW_WARPS = chosen
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ import collections
 import contextlib
 import functools
 import gc
+import importlib
 import itertools
 import json
 import statistics
@@ -39,6 +40,7 @@ import time
 import traceback
 import warnings
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -119,18 +121,11 @@ SWITCHES = {
 @contextlib.contextmanager
 def switched_on(labels: tuple[str, ...]):
     """SWITCHES' constants named by ``labels`` set to True inside the block."""
-    import importlib
-
-    saved = []
-    try:
+    with contextlib.ExitStack() as stack:
         for label in labels:
-            module = importlib.import_module(SWITCHES[label][0])
-            saved.append((module, SWITCHES[label][1], getattr(module, SWITCHES[label][1])))
-            setattr(module, SWITCHES[label][1], True)
+            module, name = SWITCHES[label]
+            stack.enter_context(mock.patch.object(importlib.import_module(module), name, True))
         yield
-    finally:
-        for module, name, value in reversed(saved):
-            setattr(module, name, value)
 
 
 def run_megabridge(

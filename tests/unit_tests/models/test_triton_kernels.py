@@ -8,6 +8,7 @@ TRITON_INTERPRET=1, which must be set before the kernels are defined), and on a 
 from __future__ import annotations
 
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -74,33 +75,28 @@ def check_product_swiglu_grad(device: str) -> None:
     want_act = tk.swiglu_torch(h.float())
     configs = [tk._PRODUCT_SWIGLU_CONFIG] + ([(64, 64, 32, 2, 4)] if device == "cpu" else [
         (128, 256, 64, 3, 8), (64, 128, 64, 4, 4)])  # fmt: skip
-    chosen = tk._PRODUCT_SWIGLU_CONFIG
-    try:
-        for config in configs:
-            tk._PRODUCT_SWIGLU_CONFIG = config
+    for config in configs:
+        with mock.patch.object(tk, "_PRODUCT_SWIGLU_CONFIG", config):
             dh, act = tk.product_swiglu_grad(grad_y, weight, h)
             _close(dh, want_dh, torch.bfloat16)
             _close(act, want_act, torch.bfloat16)
             assert torch.equal(tk.product_swiglu_grad(grad_y, weight, h, act=False), dh)
-    finally:
-        tk._PRODUCT_SWIGLU_CONFIG = chosen
     # through the recomputing fc2 (model.recompute_swiglu's backward), switched on and off
     from megabridge.models.swiglu_recompute import _SwiGLUThenLinear
 
-    grads, calls, kernel = {}, [], tk.product_swiglu_grad
-    tk.product_swiglu_grad = lambda *args: calls.append(args[-1]) or kernel(*args)
-    try:
+    grads, kernel = {}, tk.product_swiglu_grad
+    with mock.patch.object(tk, "product_swiglu_grad", wraps=kernel) as spy:
         for fused in (False, True):
-            tk.PRODUCT_SWIGLU_GRAD = fused
-            leaves = (h.clone().requires_grad_(), weight.clone().requires_grad_())
-            y = _SwiGLUThenLinear.apply(*leaves, False)
-            grads[fused] = torch.autograd.grad(y, leaves, grad_y)
-            (frozen,) = torch.autograd.grad(_SwiGLUThenLinear.apply(leaves[0], weight, False),
-                                            leaves[0], grad_y)  # fmt: skip
+            with mock.patch.object(tk, "PRODUCT_SWIGLU_GRAD", fused):
+                leaves = (h.clone().requires_grad_(), weight.clone().requires_grad_())
+                y = _SwiGLUThenLinear.apply(*leaves, False)
+                grads[fused] = torch.autograd.grad(y, leaves, grad_y)
+                (frozen,) = torch.autograd.grad(
+                    _SwiGLUThenLinear.apply(leaves[0], weight, False), leaves[0], grad_y
+                )
             assert torch.equal(frozen, grads[fused][0])  # no weight gradient: no act written
-    finally:
-        tk.PRODUCT_SWIGLU_GRAD, tk.product_swiglu_grad = False, kernel
-    assert calls == [True, False]  # switched on: the fused kernel, with and without act
+    # switched on: the fused kernel, with and without act
+    assert [c.args[-1] for c in spy.call_args_list] == [True, False]
     for fused, plain in zip(grads[True], grads[False], strict=True):
         _close(fused, plain, torch.bfloat16)
 

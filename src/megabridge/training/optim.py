@@ -113,7 +113,8 @@ class FirstWrites:
         self.kept: list[torch.Tensor] = []  # the kept weights' main_grads
         # a buffer's id -> (the main_grads its reset zeroes, those it leaves to the GEMMs)
         self.plan: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
-        for buffer in chunk.buffers + chunk.expert_parallel_buffers:
+        self.buffers = chunk.buffers + chunk.expert_parallel_buffers
+        for buffer in self.buffers:
             buffer.reset = functools.partial(self._reset, buffer)
 
     @classmethod
@@ -132,7 +133,7 @@ class FirstWrites:
         for grad in left:
             grad.first_write_pending = True
 
-    def finalize(self, buffers) -> None:
+    def finalize(self) -> None:
         """Before the step's gradients are read: after the first step, learn the weights to
         keep; after later ones, zero the kept main_grads no GEMM wrote."""
         if not self.learned:
@@ -142,7 +143,7 @@ class FirstWrites:
                 if getattr(p.main_grad, "written_by_gemm", False)
                 and getattr(p, "grad_added_to_main_grad", False)
             }  # fmt: skip
-            for buffer in buffers:
+            for buffer in self.buffers:
                 grads = [(id(p) in kept, p.main_grad) for p in buffer.params]
                 left = [g for is_kept, g in grads if is_kept]
                 self.plan[id(buffer)] = ([g for is_kept, g in grads if not is_kept], left)
@@ -159,7 +160,7 @@ class FirstWrites:
         for chunk in model_chunks:
             writes = getattr(chunk, "first_writes", None)
             if writes is not None:
-                writes.finalize(chunk.buffers + chunk.expert_parallel_buffers)
+                writes.finalize()
 
 
 class _FP32Accumulate:
@@ -184,27 +185,27 @@ class _FP32Accumulate:
 def _first_write_works() -> bool:
     """Whether this torch's addmm with beta 0 ignores what its fp32 output held (NaN
     included), as FirstWrites needs; checked once."""
-    try:
-        g = torch.randn(64, 32, device="cuda", dtype=torch.bfloat16)
-        x = torch.randn(64, 48, device="cuda", dtype=torch.bfloat16)
-        out = torch.full((32, 48), float("nan"), device="cuda")
-        _FP32Accumulate.gemm(out, g, x, beta=0.0)
-        return bool(torch.allclose(out, g.t().float() @ x.float(), rtol=1e-4, atol=1e-3))
-    except (RuntimeError, TypeError):
-        return False
+    return _gemm_agrees(beta=0.0, held=float("nan"))
 
 
 @functools.cache
 def _fp32_accumulate_works() -> bool:
     """Whether this torch's CUDA addmm takes bf16 operands into an fp32 output in place
     (out_dtype arrived in torch 2.8), checked once against an fp32 reference."""
+    return _gemm_agrees(beta=1.0, held=1.0)
+
+
+def _gemm_agrees(beta: float, held: float) -> bool:
+    """_FP32Accumulate.gemm with ``beta`` on a CUDA fp32 output holding ``held``, against
+    the fp32 reference (beta * held + the product; beta 0: the product alone); False where
+    this torch refuses the call."""
     try:
         g = torch.randn(64, 32, device="cuda", dtype=torch.bfloat16)
         x = torch.randn(64, 48, device="cuda", dtype=torch.bfloat16)
-        acc = torch.ones(32, 48, device="cuda")
-        expected = acc + g.t().float() @ x.float()
-        _FP32Accumulate.wgrad_gemm_accum_fp32(x, g, acc)
-        return bool(torch.allclose(acc, expected, rtol=1e-4, atol=1e-3))
+        out = torch.full((32, 48), held, device="cuda")
+        expected = g.t().float() @ x.float() + (beta * held if beta else 0.0)
+        _FP32Accumulate.gemm(out, g, x, beta=beta)
+        return bool(torch.allclose(out, expected, rtol=1e-4, atol=1e-3))
     except (RuntimeError, TypeError):
         return False
 

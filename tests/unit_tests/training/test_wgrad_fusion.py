@@ -9,23 +9,30 @@ import torch
 pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("single_process_megatron")]
 
 
-def _main_grads(tmp_path, fused: bool, extra: tuple[str, ...] = ()):
+def _setup(tmp_path, extra: tuple[str, ...] = ()):
+    """(config, loop.setup's result) of the tiny Llama: bf16, mock data, global batches of two
+    micro-batches of 2, untied embeddings."""
     from megabridge.recipes import get_recipe
     from megabridge.runtime import seed_everything
     from megabridge.training import loop
     from megabridge.training.config import apply_overrides
-    from megabridge.training.step import _forward_backward, forward_step
 
     seed_everything(1234)
     cfg = apply_overrides(get_recipe("llama_tiny_pretrain_config"), [
         "model.bf16=true", "dataset.type=mock", "train.global_batch_size=4",
         "train.micro_batch_size=2", "train.eval_interval=None",
         "model.share_embeddings_and_output_weights=false",
-        f"model.gradient_accumulation_fusion={str(fused).lower()}",
         f"checkpoint.save={tmp_path / 'ckpt'}", f"logger.log_dir={tmp_path / 'logs'}",
         "logger.tensorboard=false", *extra,
     ])  # fmt: skip
-    s = loop.setup(cfg)
+    return cfg, loop.setup(cfg)
+
+
+def _main_grads(tmp_path, fused: bool, extra: tuple[str, ...] = ()):
+    from megabridge.training.step import _forward_backward, forward_step
+
+    fusion = f"model.gradient_accumulation_fusion={str(fused).lower()}"
+    cfg, s = _setup(tmp_path, (fusion, *extra))
     chunk = s.model[0]
     switched = [
         n for n, m in chunk.named_modules() if getattr(m, "gradient_accumulation_fusion", 0)
@@ -79,10 +86,7 @@ def _fused_run(tmp_path, monkeypatch, first_writes: bool, steps: int = 3):
     """main_grad of every parameter after each of ``steps`` global batches of two micro-batches
     with the fused path (on the CPU: forced, its GEMM emulated); before each batch after the
     first, every main_grad is filled with NaN (what the last step left is never zero)."""
-    from megabridge.recipes import get_recipe
-    from megabridge.runtime import seed_everything
-    from megabridge.training import loop, optim
-    from megabridge.training.config import apply_overrides
+    from megabridge.training import optim
     from megabridge.training.step import _forward_backward, forward_step
 
     if not torch.cuda.is_available():
@@ -90,15 +94,7 @@ def _fused_run(tmp_path, monkeypatch, first_writes: bool, steps: int = 3):
         monkeypatch.setattr(optim, "_first_write_works", lambda: True)
         monkeypatch.setattr(optim._FP32Accumulate, "gemm", staticmethod(_cpu_gemm))
     monkeypatch.setattr(optim, "FIRST_WRITES", first_writes)
-    seed_everything(1234)
-    cfg = apply_overrides(get_recipe("llama_tiny_pretrain_config"), [
-        "model.bf16=true", "dataset.type=mock", "train.global_batch_size=4",
-        "train.micro_batch_size=2", "train.eval_interval=None",
-        "model.share_embeddings_and_output_weights=false",
-        f"checkpoint.save={tmp_path / 'ckpt'}", f"logger.log_dir={tmp_path / 'logs'}",
-        "logger.tensorboard=false",
-    ])  # fmt: skip
-    s = loop.setup(cfg)
+    cfg, s = _setup(tmp_path)
     chunk = s.model[0]
     assert hasattr(chunk, "first_writes") == first_writes
     params = dict(chunk.named_parameters())

@@ -27,7 +27,7 @@ import warnings
 # Only light imports at module level: `megabridge --help`, `models`, `recipes`, `doctor`
 # and argument errors answer without torch, Megatron-Core or transformers (seconds on a
 # loaded machine). Each command imports what it needs when it runs (_command below).
-from megabridge import catalog
+from megabridge import catalog, outputs
 from megabridge.errors import UserError
 
 # Megatron-Core announces at import every optional kernel it did not find. Without
@@ -85,7 +85,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 def _run_recipe(args: argparse.Namespace, entry: str) -> int:
     catalog.check_recipe(args.recipe)  # a misspelt name fails before the heavy imports
     from megabridge.recipes import get_recipe
-    from megabridge.training.config import apply_overrides, describe
+    from megabridge.training.config import apply_overrides, check_pretrained, describe
 
     cfg = get_recipe(args.recipe)
     apply_overrides(cfg, args.overrides)  # a bad override fails before torch is imported
@@ -93,6 +93,8 @@ def _run_recipe(args: argparse.Namespace, entry: str) -> int:
         print(f"config keys of {args.recipe} (override with section.field=value):")
         print(describe(cfg))
         return 0
+    if entry == "finetune":
+        check_pretrained(cfg)
     setup_logging()
     from megabridge import runtime
     from megabridge.training import loop
@@ -168,12 +170,16 @@ def _recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", help="section.field=value overrides")
 
 
-def _command(module: str, name: str, distributed: bool = True):
+def _command(module: str, name: str, distributed: bool = True, check_paths=None):
     """The handler ``module.name``, imported when its command runs: the conversion, data
     and export modules load torch and megatron-core, which ``megabridge --help`` need not
-    wait for. ``distributed``: the command may set up torch.distributed, torn down after it."""
+    wait for. ``distributed``: the command may set up torch.distributed, torn down after it.
+    ``check_paths(args)`` refuses missing inputs and outputs that may not be written before
+    that import (~10 s on a laptop's CPU); the command checks them again, and the rest."""
 
     def run(args: argparse.Namespace) -> int:
+        if check_paths is not None:
+            check_paths(args)
         setup_logging()
         from megabridge import runtime
 
@@ -184,6 +190,35 @@ def _command(module: str, name: str, distributed: bool = True):
                 runtime.shutdown()
 
     return run
+
+
+def _existing(args: argparse.Namespace, *names: str) -> list[str]:
+    """The paths given for the options ``names`` (argparse dests), each refused in one line
+    where it does not exist."""
+    paths = []
+    for name in names:
+        path = getattr(args, name)
+        if path is None:
+            continue
+        if not os.path.exists(path):
+            raise UserError(f"--{name.replace('_', '-')} {path} does not exist")
+        paths.append(path)
+    return paths
+
+
+def _hf_to_megatron_paths(args: argparse.Namespace) -> None:
+    outputs.check_output(args.megatron_path, args.overwrite, _existing(args, "hf_path"))
+
+
+def _megatron_to_hf_paths(args: argparse.Namespace) -> None:
+    inputs = _existing(args, "megatron_path", "hf_reference", "hf_config")
+    outputs.check_output(args.hf_path, args.overwrite, inputs)
+
+
+def _export_paths(args: argparse.Namespace) -> None:
+    inputs = _existing(args, "megatron_path", "base", "hf_reference", "hf_config")
+    for out in filter(None, [args.hf_path, args.adapter_path]):
+        outputs.check_output(out, args.overwrite, inputs)
 
 
 def _layout_args(p: argparse.ArgumentParser) -> None:
@@ -236,7 +271,13 @@ def _register_conversion(sub) -> None:
         "(iter_0000000/ with their args, run_config.yaml and train state; see the README)",
     )
     _conversion_output_args(c)
-    c.set_defaults(func=_command("megabridge.conversion.commands", "cmd_hf_to_megatron"))
+    c.set_defaults(
+        func=_command(
+            "megabridge.conversion.commands",
+            "cmd_hf_to_megatron",
+            check_paths=_hf_to_megatron_paths,
+        )
+    )
 
     c = conv.add_parser(
         "megatron-to-hf",
@@ -257,7 +298,13 @@ def _register_conversion(sub) -> None:
         "checkpoint that carries no model description megabridge can read",
     )
     _conversion_output_args(c)
-    c.set_defaults(func=_command("megabridge.conversion.commands", "cmd_megatron_to_hf"))
+    c.set_defaults(
+        func=_command(
+            "megabridge.conversion.commands",
+            "cmd_megatron_to_hf",
+            check_paths=_megatron_to_hf_paths,
+        )
+    )
 
     p = sub.add_parser(
         "verify",
@@ -306,7 +353,13 @@ def _register_conversion(sub) -> None:
     )
     _text_only_arg(p)
     p.add_argument("--json", action="store_true", help="print the result as JSON on the last line")
-    p.set_defaults(func=_command("megabridge.conversion.commands", "cmd_verify"))
+    p.set_defaults(
+        func=_command(
+            "megabridge.conversion.commands",
+            "cmd_verify",
+            check_paths=lambda args: _existing(args, "hf_path", "megatron_path"),
+        )
+    )
 
     p = sub.add_parser("models", help="list the supported HF model families")
     p.add_argument("--markdown", action="store_true", help="as a Markdown table (README)")
@@ -348,7 +401,7 @@ def _register_export(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace existing output folders")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (default 1)")
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (default 1)")
-    p.set_defaults(func=_command("megabridge.peft.export", "cmd_export"))
+    p.set_defaults(func=_command("megabridge.peft.export", "cmd_export", check_paths=_export_paths))
 
 
 def _register_checkpoint(sub) -> None:
@@ -391,7 +444,13 @@ def _register_data(sub) -> None:
         help="end every document with the tokenizer's EOS token (default: yes)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing PREFIX.bin/.idx")
-    p.set_defaults(func=_command("megabridge.training.data.preprocess", "cmd_preprocess"))
+    p.set_defaults(
+        func=_command(
+            "megabridge.training.data.preprocess",
+            "cmd_preprocess",
+            check_paths=lambda args: _existing(args, "input"),
+        )
+    )
 
 
 def _register_doctor(sub) -> None:

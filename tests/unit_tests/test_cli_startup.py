@@ -26,6 +26,22 @@ LIGHT_COMMANDS = [
     ["train", "train.train_iters=five"],  # a bad override, found before the training stack loads
     ["convert", "hf-to-megatron", "--help"],
 ]
+# Paths that cannot be used are refused before the command's heavy imports:
+# (argv, the one error line's start).
+_MISSING, _SRC = "/nonexistent-megabridge/x", str(REPO / "src")
+PATH_ERRORS = [
+    (["convert", "hf-to-megatron", "--hf-path", _MISSING, "--megatron-path", "out"],
+     f"--hf-path {_MISSING} does not exist"),
+    (["convert", "megatron-to-hf", "--megatron-path", _SRC, "--hf-path", str(REPO / "tests")],
+     f"output {REPO / 'tests'} already exists (pass --overwrite"),
+    (["verify", "--hf-path", _SRC, "--megatron-path", _MISSING],
+     f"--megatron-path {_MISSING} does not exist"),
+    (["export", "--megatron-path", _SRC, "--adapter-path", f"{_SRC}/adapter"],
+     f"output {_SRC}/adapter overlaps the input {_SRC}"),
+    (["data", "preprocess", "--input", _MISSING, "--tokenizer", _SRC, "--output-prefix", "x"],
+     f"--input {_MISSING} does not exist"),
+]  # fmt: skip
+LIGHT_COMMANDS += [argv for argv, _ in PATH_ERRORS]
 
 # One interpreter runs every command in turn and reports what each left in sys.modules.
 _PROBE = """
@@ -112,3 +128,10 @@ def test_tested_row_matches_versions_only():
 def test_readme_compatibility_table_is_doctors():
     readme = (REPO / "README.md").read_text()
     assert doctor.markdown_table() in readme, "regenerate: megabridge doctor --markdown"
+
+
+@pytest.mark.parametrize("argv, error", PATH_ERRORS, ids=[" ".join(a[:2]) for a, _ in PATH_ERRORS])
+def test_unusable_paths_are_refused_before_the_heavy_imports(light_runs, argv, error):
+    run = light_runs[" ".join(argv)]
+    assert run["code"] == 2 and run["err"].startswith(f"megabridge: error: {error}"), run
+    assert run["err"].count("\n") == 1

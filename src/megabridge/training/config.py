@@ -307,6 +307,15 @@ FREEZE_VISION = ("freeze_vision_model", "freeze_vision_projection")
 TRAINABLE_VISION = ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "gemma3_vl", "llava", "mistral3")
 
 
+def check_pretrained(cfg: ConfigContainer) -> None:
+    """finetune's refusal to start from random weights; torch-free, so the CLI answers at once."""
+    if not (cfg.checkpoint.pretrained_checkpoint or cfg.checkpoint.load):
+        raise ConfigError(
+            "finetune needs a pretrained model: --pretrained / checkpoint.pretrained_checkpoint="
+            "<HF folder or converted checkpoint> (or checkpoint.load=<this run's save folder>)"
+        )
+
+
 def validate(cfg: ConfigContainer, world_size: int) -> None:
     """Raise ConfigError naming every inconsistency between sections."""
     validate_model_config(cfg.model)

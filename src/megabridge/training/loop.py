@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from megabridge import runtime
 from megabridge.conversion.auto_bridge import AutoBridge
-from megabridge.errors import CheckpointError, ConfigError, UserError
+from megabridge.errors import CheckpointError, UserError
 from megabridge.models import init as weight_init
 from megabridge.models import vision
 from megabridge.models.config import (
@@ -26,7 +26,7 @@ from megabridge.models.provider import build_model, use_bf16
 from megabridge.peft import lora
 from megabridge.progress import Waiting
 from megabridge.training import checkpointing, console, data, save_hf
-from megabridge.training.config import ConfigContainer, validate
+from megabridge.training.config import ConfigContainer, check_pretrained, validate
 from megabridge.training.flops import bf16_peak_tflops, flops_per_token
 from megabridge.training.metrics import MetricsWriter
 from megabridge.training.optim import (
@@ -89,11 +89,7 @@ def train(cfg: ConfigContainer) -> TrainState:
 
 def finetune(cfg: ConfigContainer) -> TrainState:
     """train() from a pretrained model (SFT or LoRA); refuses to start from random weights."""
-    if not (cfg.checkpoint.pretrained_checkpoint or cfg.checkpoint.load):
-        raise ConfigError(
-            "finetune needs a pretrained model: --pretrained / checkpoint.pretrained_checkpoint="
-            "<HF folder or converted checkpoint> (or checkpoint.load=<this run's save folder>)"
-        )
+    check_pretrained(cfg)
     return train(cfg)
 
 

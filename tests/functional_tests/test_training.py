@@ -40,16 +40,21 @@ def test_quick_run_trains_logs_and_checkpoints(tmp_path):
     assert "iteration 5/5" in result.stdout
 
 
-@pytest.mark.parametrize("layout", ["tp2", "pp2"])
-def test_parallel_losses_equal_single_process(tmp_path, layout):
-    # no checkpoint at all (nothing here resumes): checkpoint.save_at_end=false checked too
-    base = [*QUICK, "train.train_iters=4", *LLAMA_LIKE, "checkpoint.save_interval=None",
+# no checkpoint at all (nothing here resumes): checkpoint.save_at_end=false checked too
+NO_SAVES = [*QUICK, "train.train_iters=4", *LLAMA_LIKE, "checkpoint.save_interval=None",
             "checkpoint.save_at_end=false"]  # fmt: skip
-    train(
-        1,
-        RECIPE,
-        [*base, f"logger.log_dir={tmp_path / 'ref'}", f"checkpoint.save={tmp_path / 'c1'}"],
-    )
+
+
+@pytest.fixture(scope="module")
+def single_process_run(tmp_path_factory):
+    """NO_SAVES in one process: the reference of both parallel layouts (logs in ref/)."""
+    run = tmp_path_factory.mktemp("single_process")
+    train(1, RECIPE, [*NO_SAVES, f"logger.log_dir={run / 'ref'}", f"checkpoint.save={run / 'c1'}"])
+    return run
+
+
+@pytest.mark.parametrize("layout", ["tp2", "pp2"])
+def test_parallel_losses_equal_single_process(single_process_run, tmp_path, layout):
     option = {
         "tp2": "model.tensor_model_parallel_size=2",
         "pp2": "model.pipeline_model_parallel_size=2",
@@ -58,36 +63,45 @@ def test_parallel_losses_equal_single_process(tmp_path, layout):
         2,
         RECIPE,
         [
-            *base,
+            *NO_SAVES,
             option[layout],
             f"logger.log_dir={tmp_path / layout}",
             f"checkpoint.save={tmp_path / 'c2'}",
         ],
     )
-    ref, got = losses(tmp_path / "ref"), losses(tmp_path / layout)
+    ref, got = losses(single_process_run / "ref"), losses(tmp_path / layout)
     assert sorted(ref) == sorted(got) == [1, 2, 3, 4]
     for it in ref:
         assert got[it] == pytest.approx(ref[it], rel=1e-4), (it, ref, got)
     assert ref[4] < ref[1]
-    for save in ("c1", "c2"):
-        assert not list((tmp_path / save).glob("*iter_*")), save
+    for save in (single_process_run / "c1", tmp_path / "c2"):
+        assert not list(save.glob("*iter_*")), save
+
+
+RESUMED = [*QUICK, "train.train_iters=4", "scheduler.lr_decay_iters=4", *LLAMA_LIKE]
+
+
+@pytest.fixture(scope="module")
+def tp2_run(tmp_path_factory):
+    """RESUMED at TP=2, saved every 2 iterations (tp2_ckpt/), logs in tp2/."""
+    run = tmp_path_factory.mktemp("tp2_run")
+    train(2, RECIPE, [
+        *RESUMED, "model.tensor_model_parallel_size=2", "checkpoint.save_interval=2",
+        f"logger.log_dir={run / 'tp2'}", f"checkpoint.save={run / 'tp2_ckpt'}",
+    ])  # fmt: skip
+    return run
 
 
 @pytest.mark.parametrize("layout", ["tp1", "pp2"])
-def test_a_tp2_checkpoint_resumes_at_another_layout(tmp_path, layout):
+def test_a_tp2_checkpoint_resumes_at_another_layout(tp2_run, tmp_path, layout):
     """dist_checkpointing stores each tensor with its place in the whole one, so a run saved
     at TP=2 (model, optimizer, RNG, data position) continues at TP=1 or PP=2 unchanged."""
-    base = [*QUICK, "train.train_iters=4", "scheduler.lr_decay_iters=4", *LLAMA_LIKE]
-    train(2, RECIPE, [
-        *base, "model.tensor_model_parallel_size=2", "checkpoint.save_interval=2",
-        f"logger.log_dir={tmp_path / 'tp2'}", f"checkpoint.save={tmp_path / 'tp2_ckpt'}",
-    ])  # fmt: skip
     nproc, option = {"tp1": (1, []), "pp2": (2, ["model.pipeline_model_parallel_size=2"])}[layout]
     resumed = train(nproc, RECIPE, [
-        *base, *option, f"checkpoint.load={tmp_path / 'tp2_ckpt' / 'iter_0000002'}",
+        *RESUMED, *option, f"checkpoint.load={tp2_run / 'tp2_ckpt' / 'iter_0000002'}",
         f"logger.log_dir={tmp_path / layout}", f"checkpoint.save={tmp_path / (layout + '_ckpt')}",
     ])  # fmt: skip
-    ref, got = losses(tmp_path / "tp2"), losses(tmp_path / layout)
+    ref, got = losses(tp2_run / "tp2"), losses(tmp_path / layout)
     assert sorted(got) == [3, 4], resumed.stdout[-2000:]
     for it in got:
         assert got[it] == pytest.approx(ref[it], rel=1e-4), (it, ref, got)
@@ -133,8 +147,15 @@ def test_resume_matches_uninterrupted_run(tmp_path):
     assert "iteration 1/" not in resumed.stdout
 
 
-def test_stale_checkpoint_is_refused_with_one_line(tmp_path):
-    train(1, RECIPE, [*QUICK, "train.train_iters=1", f"checkpoint.save={tmp_path / 'ckpt'}"])
+@pytest.fixture(scope="module")
+def one_iteration_save(tmp_path_factory):
+    """A save folder holding one iteration of the quick run: what the refusals below meet."""
+    save = tmp_path_factory.mktemp("one_iteration") / "ckpt"
+    train(1, RECIPE, [*QUICK, "train.train_iters=1", f"checkpoint.save={save}"])
+    return save
+
+
+def test_stale_checkpoint_is_refused_with_one_line(one_iteration_save, tmp_path):
     result = megabridge(
         [
             "train",
@@ -143,7 +164,7 @@ def test_stale_checkpoint_is_refused_with_one_line(tmp_path):
             *QUICK,
             "model.hidden_size=64",
             f"checkpoint.save={tmp_path / 'new'}",
-            f"checkpoint.load={tmp_path / 'ckpt'}",
+            f"checkpoint.load={one_iteration_save}",
         ]
     )
     assert result.returncode == 2
@@ -152,12 +173,12 @@ def test_stale_checkpoint_is_refused_with_one_line(tmp_path):
     assert "Traceback" not in result.stderr + result.stdout
 
 
-def test_save_folder_with_checkpoints_is_not_overwritten(tmp_path):
-    train(1, RECIPE, [*QUICK, "train.train_iters=1", f"checkpoint.save={tmp_path / 'ckpt'}"])
+def test_save_folder_with_checkpoints_is_not_overwritten(one_iteration_save):
     result = megabridge(
-        ["train", "--recipe", RECIPE, *QUICK, f"checkpoint.save={tmp_path / 'ckpt'}"]
+        ["train", "--recipe", RECIPE, *QUICK, f"checkpoint.save={one_iteration_save}"]
     )
     assert result.returncode == 2 and "already holds iter_0000001" in result.stderr
+    assert sorted(p.name for p in one_iteration_save.glob("iter_*")) == ["iter_0000001"]
 
 
 @pytest.mark.parametrize(

@@ -27,7 +27,7 @@ import warnings
 # Only light imports at module level: `megabridge --help`, `models`, `recipes`, `doctor`
 # and argument errors answer without torch, Megatron-Core or transformers (seconds on a
 # loaded machine). Each command imports what it needs when it runs (_command below).
-from megabridge import catalog, outputs
+from megabridge import catalog, command_paths
 from megabridge.errors import UserError
 
 # Megatron-Core announces at import every optional kernel it did not find. Without
@@ -174,8 +174,7 @@ def _command(module: str, name: str, distributed: bool = True, check_paths=None)
     """The handler ``module.name``, imported when its command runs: the conversion, data
     and export modules load torch and megatron-core, which ``megabridge --help`` need not
     wait for. ``distributed``: the command may set up torch.distributed, torn down after it.
-    ``check_paths(args)`` refuses missing inputs and outputs that may not be written before
-    that import (~10 s on a laptop's CPU); the command checks them again, and the rest."""
+    ``check_paths(args)`` (command_paths) refuses unusable paths before that import."""
 
     def run(args: argparse.Namespace) -> int:
         if check_paths is not None:
@@ -190,35 +189,6 @@ def _command(module: str, name: str, distributed: bool = True, check_paths=None)
                 runtime.shutdown()
 
     return run
-
-
-def _existing(args: argparse.Namespace, *names: str) -> list[str]:
-    """The paths given for the options ``names`` (argparse dests), each refused in one line
-    where it does not exist."""
-    paths = []
-    for name in names:
-        path = getattr(args, name)
-        if path is None:
-            continue
-        if not os.path.exists(path):
-            raise UserError(f"--{name.replace('_', '-')} {path} does not exist")
-        paths.append(path)
-    return paths
-
-
-def _hf_to_megatron_paths(args: argparse.Namespace) -> None:
-    outputs.check_output(args.megatron_path, args.overwrite, _existing(args, "hf_path"))
-
-
-def _megatron_to_hf_paths(args: argparse.Namespace) -> None:
-    inputs = _existing(args, "megatron_path", "hf_reference", "hf_config")
-    outputs.check_output(args.hf_path, args.overwrite, inputs)
-
-
-def _export_paths(args: argparse.Namespace) -> None:
-    inputs = _existing(args, "megatron_path", "base", "hf_reference", "hf_config")
-    for out in filter(None, [args.hf_path, args.adapter_path]):
-        outputs.check_output(out, args.overwrite, inputs)
 
 
 def _layout_args(p: argparse.ArgumentParser) -> None:
@@ -275,7 +245,7 @@ def _register_conversion(sub) -> None:
         func=_command(
             "megabridge.conversion.commands",
             "cmd_hf_to_megatron",
-            check_paths=_hf_to_megatron_paths,
+            check_paths=command_paths.hf_to_megatron,
         )
     )
 
@@ -302,7 +272,7 @@ def _register_conversion(sub) -> None:
         func=_command(
             "megabridge.conversion.commands",
             "cmd_megatron_to_hf",
-            check_paths=_megatron_to_hf_paths,
+            check_paths=command_paths.megatron_to_hf,
         )
     )
 
@@ -357,7 +327,7 @@ def _register_conversion(sub) -> None:
         func=_command(
             "megabridge.conversion.commands",
             "cmd_verify",
-            check_paths=lambda args: _existing(args, "hf_path", "megatron_path"),
+            check_paths=lambda args: command_paths.existing(args, "hf_path", "megatron_path"),
         )
     )
 
@@ -401,7 +371,9 @@ def _register_export(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace existing output folders")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (default 1)")
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (default 1)")
-    p.set_defaults(func=_command("megabridge.peft.export", "cmd_export", check_paths=_export_paths))
+    p.set_defaults(
+        func=_command("megabridge.peft.export", "cmd_export", check_paths=command_paths.export)
+    )
 
 
 def _register_checkpoint(sub) -> None:
@@ -448,7 +420,7 @@ def _register_data(sub) -> None:
         func=_command(
             "megabridge.training.data.preprocess",
             "cmd_preprocess",
-            check_paths=lambda args: _existing(args, "input"),
+            check_paths=lambda args: command_paths.existing(args, "input"),
         )
     )
 

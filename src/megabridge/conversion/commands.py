@@ -7,7 +7,7 @@ import logging
 
 import torch
 
-from megabridge import outputs
+from megabridge import command_paths
 from megabridge.conversion.auto_bridge import AutoBridge
 from megabridge.conversion.verify import verify
 from megabridge.errors import UserError
@@ -47,7 +47,7 @@ def _set_layout(provider, args) -> None:
 
 
 def cmd_hf_to_megatron(args) -> int:
-    out = outputs.check_output(args.megatron_path, args.overwrite, inputs=[args.hf_path])
+    out = command_paths.hf_to_megatron(args)
     bridge = AutoBridge.from_hf_pretrained(args.hf_path, text_only=args.text_only)
     if args.allow_non_finite:
         bridge.allow_non_finite_weights()
@@ -74,8 +74,7 @@ def _source_dtype(bridge) -> torch.dtype:
 
 
 def cmd_megatron_to_hf(args) -> int:
-    inputs = [args.megatron_path, *filter(None, [args.hf_reference, args.hf_config])]
-    out = outputs.check_output(args.hf_path, args.overwrite, inputs)
+    out = command_paths.megatron_to_hf(args)
     # the streamed export checks the checksums from the bytes it reads (no separate pass)
     bridge = AutoBridge.from_megatron_checkpoint(
         args.megatron_path, args.hf_config, check_content=False

@@ -9,7 +9,8 @@ The layers, bottom to top (CONTRIBUTING.md draws them):
 2. the family folders (bridge.py) and the model builder: models/provider.py, specs,
    torch_layers, ...
 3. the public entry points (AutoBridge, the convert / verify commands, weight sync, the CLI,
-   its torch-free listings catalog.py and doctor.py) and training: training/, peft/,
+   its torch-free listings catalog.py and doctor.py, the commands' path checks
+   command_paths.py) and training: training/, peft/,
    recipes.py and each family's recipes.py (training configs)
 
 A module imports megabridge at module level; the CLI alone imports its commands
@@ -46,7 +47,16 @@ def layer_of(module: str) -> int:
         return 3 if len(parts) > 2 and parts[2] in ENTRY_POINTS else 1
     if parts[1] == "models":
         return 3 if parts[-1] == "recipes" else 2
-    if parts[1] in ("training", "peft", "cli", "__main__", "recipes", "catalog", "doctor"):
+    if parts[1] in (
+        "training",
+        "peft",
+        "cli",
+        "__main__",
+        "recipes",
+        "catalog",
+        "doctor",
+        "command_paths",
+    ):
         return 3
     raise AssertionError(f"{module} is in no layer: add it to tests/unit_tests/docs/test_layers.py")
 

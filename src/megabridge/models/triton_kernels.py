@@ -1004,7 +1004,7 @@ def _check_2d_contiguous(x: torch.Tensor, name: str) -> None:
 
 _CAST_BLOCK = 64
 _AMAX_BLOCK_R, _AMAX_BLOCK_C = 64, 128
-_AMAX_COLS = 1024  # columns a program reads, BLOCK_C at a time
+_AMAX_COLS = 512  # columns a program reads, BLOCK_C at a time
 
 
 # ---- fp32 weights held as a bf16 weight and a 16-bit remainder --------------------------------

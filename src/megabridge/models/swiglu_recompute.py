@@ -15,9 +15,12 @@ recomputed a again in backward (FP8SwiGLURowParallelLinear), not yet measured on
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from megatron.core.tensor_parallel import layers
 from megatron.core.transformer.mlp import MLP
+from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megabridge.models import fp8, triton_kernels
 from megabridge.models.compiled import RowParallelLinear
@@ -108,6 +111,24 @@ class FP8SwiGLURowParallelLinear(fp8._FP8Forward, SwiGLURowParallelLinear):
         out = fp8.FP8SwiGLUThenLinear.apply(flat, weight, self.fp8_recipe, not input.is_cuda)
         out = out.view(*input.shape[:-1], weight.shape[0])
         return out if bias is None else out + bias
+
+
+class _UnknownMLPFilter(logging.Filter):
+    """Drops Megatron-Core's "Unknown MLP type" warning, which its TransformerLayer logs for
+    each layer whose MLP class is not one of its own (this module's is MLP's subclass, built
+    with MLP's arguments: the TP group comes from parallel_state as before)."""
+
+    message = f"Unknown MLP type: {ModuleSpec}. Using default kwargs."
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != self.message
+
+
+def quiet_unknown_mlp_warning() -> None:
+    """Once a process: layers built with RecomputedSwiGLUMLP log nothing about its class."""
+    logger = logging.getLogger("megatron.core.transformer.transformer_layer")
+    if not any(isinstance(f, _UnknownMLPFilter) for f in logger.filters):
+        logger.addFilter(_UnknownMLPFilter())
 
 
 class RecomputedSwiGLUMLP(MLP):

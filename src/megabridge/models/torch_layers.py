@@ -878,6 +878,7 @@ def _use_recomputed_swiglu(sub, cfg) -> None:
     if sub.mlp.module is not MLP:
         return
     fc2 = sub.mlp.submodules.linear_fc2
+    swiglu_recompute.quiet_unknown_mlp_warning()
     if fc2 is RowParallelLinear:
         sub.mlp.module = swiglu_recompute.RecomputedSwiGLUMLP
         sub.mlp.submodules.linear_fc2 = swiglu_recompute.SwiGLURowParallelLinear

@@ -2,6 +2,7 @@
 emulated, and where it refuses to run) and the recomputed SwiGLU (models/swiglu_recompute.py)."""
 
 import contextlib
+import logging
 
 import pytest
 import torch
@@ -374,6 +375,19 @@ def test_by_default_swiglu_is_recomputed_wherever_it_applies(kw, expected):
     assert _recomputed(model) == [expected, expected]
     (off,) = build_model(_tiny(**kw), meta=True)  # recompute_swiglu=False
     assert _recomputed(off) == [False, False]
+
+
+@pytest.mark.usefixtures("single_process_megatron")
+def test_the_recomputed_mlp_builds_without_megatron_s_unknown_mlp_warning(caplog):
+    """Megatron-Core's TransformerLayer warns "Unknown MLP type" for every layer whose MLP
+    class is not one of its own; the recomputed MLP is MLP's subclass with MLP's arguments,
+    so a run's log would carry one such line a layer for nothing. The filter drops that one
+    message only: another warning of the same logger still comes through."""
+    with caplog.at_level(logging.WARNING, logger="megatron.core.transformer.transformer_layer"):
+        (model,) = build_model(_tiny(recompute_swiglu=True), meta=True)
+        logging.getLogger("megatron.core.transformer.transformer_layer").warning("kept")
+    assert _recomputed(model) == [True, True]
+    assert [r.getMessage() for r in caplog.records] == ["kept"]
 
 
 @pytest.mark.usefixtures("single_process_megatron")

@@ -38,8 +38,16 @@ def megatron_to_hf(args: argparse.Namespace) -> Path:
     return outputs.check_output(args.hf_path, args.overwrite, inputs)
 
 
+EXPORT_INPUTS = ("megatron_path", "base", "hf_reference", "hf_config")
+
+
+def export_outputs(hf_path, adapter_path, overwrite: bool, inputs) -> None:
+    """``export``'s outputs (merged model and / or adapter, either may be None), each checked
+    against the inputs (the values of EXPORT_INPUTS that were given)."""
+    for out in filter(None, [hf_path, adapter_path]):
+        outputs.check_output(out, overwrite, inputs)
+
+
 def export(args: argparse.Namespace) -> None:
-    """``export``'s outputs (merged model and / or adapter), checked against its inputs."""
-    inputs = existing(args, "megatron_path", "base", "hf_reference", "hf_config")
-    for out in filter(None, [args.hf_path, args.adapter_path]):
-        outputs.check_output(out, args.overwrite, inputs)
+    inputs = existing(args, *EXPORT_INPUTS)
+    export_outputs(args.hf_path, args.adapter_path, args.overwrite, inputs)

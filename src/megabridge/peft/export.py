@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megabridge import outputs
+from megabridge import command_paths, outputs
 from megabridge.conversion import transfer
 from megabridge.conversion.auto_bridge import AutoBridge, _chunk_config
 from megabridge.conversion.commands import _dtype
@@ -223,9 +223,8 @@ def export_checkpoint(
     the one training was given, as recorded)."""
     if hf_path is None and adapter_path is None:
         raise UserError("nothing to export: pass --hf-path (merged model) and/or --adapter-path")
-    for out in (hf_path, adapter_path):
-        if out is not None:
-            outputs.check_output(out, overwrite, inputs=[megatron_path, *filter(None, [base])])
+    given = [megatron_path, base, hf_reference, hf_config]  # command_paths.EXPORT_INPUTS
+    command_paths.export_outputs(hf_path, adapter_path, overwrite, list(filter(None, given)))
     ckpt = checkpointing.resolve(megatron_path)
     meta = checkpointing.read_metadata(ckpt, hf_config)
     settings = meta.get("peft")

@@ -263,6 +263,12 @@ def test_export_refuses_a_full_checkpoint(tmp_path, monkeypatch):
         export_checkpoint(full, hf_path=tmp_path / "out")
     with pytest.raises(UserError, match="nothing to export"):
         export_checkpoint(full)
+    # the CLI's inputs (command_paths.EXPORT_INPUTS): a merged model written into the
+    # reference folder would destroy it
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    with pytest.raises(UserError, match="overlaps the input"):
+        export_checkpoint(full, hf_path=reference / "merged", hf_reference=reference)
 
 
 def test_moe_lora_recipe_adapts_the_attention_and_exports(tmp_path):

@@ -70,6 +70,15 @@ def _config(args, mbs: int, workdir: str):
     return cfg
 
 
+def _steps_line(result: dict, began: str, ended: str) -> str:
+    """When a row ran (wall clock, to set beside a log of the GPU's clocks and power) and each
+    of its synchronized steps: the median alone hides a drift across the steps."""
+    steps = " ".join(f"{ms:.1f}" for ms in result.get("steps_ms", []))
+    return (
+        f"  {result['impl']} mbs {result['micro_batch']}: {began}-{ended}, steps ms {steps or '-'}"
+    )
+
+
 def _time_steps(step, warmup: int, iters: int) -> tuple[list[float], float]:
     """(each synchronized step's seconds after ``warmup``, the mean seconds of ``iters`` more
     steps taken back to back)."""
@@ -100,6 +109,7 @@ def _result(
         "impl": name,
         "micro_batch": mbs,
         "step_ms": step * 1e3,
+        "steps_ms": [t * 1e3 for t in times],
         "tokens_per_s": tokens_s,
         "run_step_ms": run_step * 1e3,
         "run_tokens_per_s": mbs * seq / run_step,
@@ -627,10 +637,12 @@ def main() -> None:
     for rnd in range(args.rounds):
         for name, fn in stacks:
             for mbs in args.mbs:
+                began = time.strftime("%H:%M:%S")
                 results.append({**_guarded(name, fn, args, mbs), "round": rnd})
                 # printed now: kept even if a later row is cut off
                 label = "result:" if args.rounds == 1 else f"result (round {rnd + 1}):"
                 print(label, _row(results[-1]), flush=True)
+                print(_steps_line(results[-1], began, time.strftime("%H:%M:%S")), flush=True)
     print(
         f"\n{torch.cuda.get_device_name()} | seq {args.seq} | recipe {args.recipe} {' '.join(args.overrides)}"
     )

@@ -291,3 +291,11 @@ def test_switches_add_megabridge_rows_with_module_constants_on_for_the_row(throu
     args.switch = ["fast"]
     with pytest.raises(SystemExit, match="unknown fast"):
         throughput._stacks(args)
+
+
+def test_steps_line_names_the_row_its_wall_clock_and_each_step(throughput):
+    row = {"impl": "megabridge", "micro_batch": 16, "steps_ms": [401.26, 399.0]}
+    line = throughput._steps_line(row, "14:00:01", "14:00:55")
+    assert line == "  megabridge mbs 16: 14:00:01-14:00:55, steps ms 401.3 399.0"
+    failed = {"impl": "hf-liger", "micro_batch": 16, "oom": True}
+    assert throughput._steps_line(failed, "a", "b").endswith("steps ms -")

@@ -16,7 +16,10 @@ is set up); ``--fp8 tensorwise rowwise`` adds megabridge rows with model.fp8 set
 are counted as Megatron-Core's num_floating_point_operations counts them (causal attention,
 gated MLP, logits layer) for every stack; MFU is against 989 TFLOP/s (H100 / H200 dense
 bf16 peak, also for FP8 rows) and against ``--ceiling`` (the matmul rate measured on the
-machine). Peak GiB is torch's max_memory_allocated during that stack's run.
+machine). Peak GiB is torch's max_memory_allocated during that stack's run. Under each
+result, a line gives the row's wall-clock span, each synchronized step, and the GPU's mean
+SM clock and power draw over the timed steps, sampled by nvidia-smi (gpu_clocks.py): these
+700 W boards run training steps at their power cap, so a step's speed follows its energy.
 
 ``--rounds N`` times every stack N times in one process, round after round, and prints each
 round's same-run ratios with their median: the GPU machines lent one call after another
@@ -48,6 +51,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # peers.py
 
+import gpu_clocks  # noqa: E402
 import peers  # noqa: E402
 
 from megabridge.cli import quiet_expected_warnings, setup_logging  # noqa: E402
@@ -71,12 +75,25 @@ def _config(args, mbs: int, workdir: str):
 
 
 def _steps_line(result: dict, began: str, ended: str) -> str:
-    """When a row ran (wall clock, to set beside a log of the GPU's clocks and power) and each
-    of its synchronized steps: the median alone hides a drift across the steps."""
+    """When a row ran (wall clock), each of its synchronized steps (the median alone hides a
+    drift across them) and the GPU's mean SM clock and power over its timed steps (where
+    nvidia-smi sampled them): two boards at the same power cap differ by their clocks."""
     steps = " ".join(f"{ms:.1f}" for ms in result.get("steps_ms", []))
+    clocks = result.get("clocks")
+    if clocks:
+        steps += "; " + gpu_clocks.ClockSummary(**clocks).line()
     return (
         f"  {result['impl']} mbs {result['micro_batch']}: {began}-{ended}, steps ms {steps or '-'}"
     )
+
+
+def _timed_with_clocks(step, warmup: int, iters: int):
+    """_time_steps' result, and the GPU's clocks and power over those steps (gpu_clocks;
+    None without nvidia-smi)."""
+    device = gpu_clocks.device_id(torch.cuda.get_device_properties(torch.cuda.current_device()))
+    with gpu_clocks.clock_log(device) as clocks:
+        timed = _time_steps(step, warmup, iters)
+    return timed, clocks["summary"]
 
 
 def _time_steps(step, warmup: int, iters: int) -> tuple[list[float], float]:
@@ -99,7 +116,7 @@ def _time_steps(step, warmup: int, iters: int) -> tuple[list[float], float]:
 
 def _result(
     name: str, mbs: int, seq: int, timed: tuple[list[float], float], flops_tok: float,
-    ceiling: float,
+    ceiling: float, clocks=None,
 ) -> dict:  # fmt: skip
     times, run_step = timed
     step = statistics.median(times)
@@ -117,6 +134,7 @@ def _result(
         "mfu_989": tflops / H100_BF16_PEAK_TFLOPS,
         "mfu_ceiling": tflops / ceiling,
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "clocks": None if clocks is None else clocks._asdict(),
     }
 
 
@@ -164,9 +182,9 @@ def _run_megabridge(args, mbs: int, name: str, overrides: tuple) -> dict:
             train_step(cfg, s.model, s.optimizer, s.scheduler, s.train_data, i * mbs)
 
         try:
-            timed = _time_steps(step, args.warmup, args.iters)
+            timed, clocks = _timed_with_clocks(step, args.warmup, args.iters)
             _inspect(step, name, args)
-            return _result(name, mbs, args.seq, timed, flops_tok, args.ceiling)
+            return _result(name, mbs, args.seq, timed, flops_tok, args.ceiling, clocks)
         finally:
             runtime.shutdown()
 
@@ -179,10 +197,10 @@ def run_peer(name: str, args, mbs: int) -> dict:
     apply_overrides(cfg, args.overrides)
     torch.cuda.reset_peak_memory_stats()
     step = peers.build(name, cfg.model, mbs, args.seq)
-    timed = _time_steps(step, args.warmup, args.iters)
+    timed, clocks = _timed_with_clocks(step, args.warmup, args.iters)
     _inspect(step, name, args)
     flops_tok = flops_per_token(cfg.model, args.seq)
-    return _result(name, mbs, args.seq, timed, flops_tok, args.ceiling)
+    return _result(name, mbs, args.seq, timed, flops_tok, args.ceiling, clocks)
 
 
 def _inspect(step, name: str, args) -> None:

@@ -299,3 +299,10 @@ def test_steps_line_names_the_row_its_wall_clock_and_each_step(throughput):
     assert line == "  megabridge mbs 16: 14:00:01-14:00:55, steps ms 401.3 399.0"
     failed = {"impl": "hf-liger", "micro_batch": 16, "oom": True}
     assert throughput._steps_line(failed, "a", "b").endswith("steps ms -")
+
+
+def test_steps_line_adds_the_gpus_clock_and_power_where_sampled(throughput):
+    row = {"impl": "megabridge", "micro_batch": 16, "steps_ms": [400.0],
+           "clocks": {"samples": 40, "sm_mhz": 1477.4, "power_w": 692.2, "capped": 1.0}}  # fmt: skip
+    line = throughput._steps_line(row, "14:00:01", "14:00:55")
+    assert line.endswith("steps ms 400.0; SM 1477 MHz, 692 W, power cap in 100% of 40 samples")

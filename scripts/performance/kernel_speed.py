@@ -74,40 +74,6 @@ def swiglu_rows(m: int, f: int) -> None:
     row("SwiGLU backward, Triton", timed(lambda: tk.swiglu_grad(g, x)), io)
 
 
-PRODUCT_CONFIGS = [  # (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps)
-    (128, 128, 64, 3, 8), (128, 128, 64, 4, 4), (128, 256, 64, 3, 8), (128, 256, 64, 4, 8),
-    (256, 128, 64, 3, 8), (64, 256, 64, 4, 4), (128, 128, 32, 4, 4), (128, 64, 64, 4, 4),
-]  # fmt: skip
-
-
-def product_swiglu_rows(m: int, n: int, f: int) -> None:
-    """model.recompute_swiglu's backward at fc2: its input gradient grad_y [m, n] @ W [n, f],
-    then SwiGLU's gradient and recomputed output from h [m, 2f]. cuBLAS's GEMM and the
-    one-pass Triton kernel (what runs now) against the GEMM and SwiGLU in one Triton kernel
-    (triton_kernels.product_swiglu_grad, off until it wins here), for each tile config."""
-    from megabridge.models import triton_kernels as tk
-
-    grad_y = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
-    weight = torch.randn(n, f, device="cuda", dtype=torch.bfloat16) / n**0.5
-    h = torch.randn(m, 2 * f, device="cuda", dtype=torch.bfloat16)
-    flops = 2 * m * n * f
-    io = (m * n + n * f + 2 * m * f + 2 * m * f + m * f) * 2  # grad_y, W, h in; dh, act out
-
-    def line(name, us):
-        row(f"{name} ({flops / us / 1e6:.0f} TFLOP/s)", us, io)
-
-    gemm = timed(lambda: torch.matmul(grad_y, weight))
-    row(f"fc2 input gradient alone, cuBLAS ({flops / gemm / 1e6:.0f} TFLOP/s)", gemm, 2 * m * f)
-    line("fc2 input grad + SwiGLU bwd, cuBLAS + Triton",
-         timed(lambda: tk.swiglu_grad_and_output(torch.matmul(grad_y, weight), h)))  # fmt: skip
-    chosen = tk._PRODUCT_SWIGLU_CONFIG
-    for config in [chosen] + [c for c in PRODUCT_CONFIGS if c != chosen]:
-        mark = " (default)" if config == chosen else ""
-        with mock.patch.object(tk, "_PRODUCT_SWIGLU_CONFIG", config):
-            line(f"... one Triton kernel {config}{mark}",
-                 timed(lambda: tk.product_swiglu_grad(grad_y, weight, h)))  # fmt: skip
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--tokens", type=int, default=32768)
@@ -131,7 +97,6 @@ def main() -> None:
     s, d = m // args.batch, h // args.heads
     if "swiglu" in args.only:
         swiglu_rows(m, f)
-        product_swiglu_rows(m, h, f)
     if "rope" in args.only:
         rope_rows(args, s, d)
     if "norm" in args.only:

@@ -142,7 +142,6 @@ def _result(
 # module constant (label -> (module, name))
 SWITCHES = {
     "first-writes": ("megabridge.training.optim", "FIRST_WRITES"),
-    "product-swiglu-grad": ("megabridge.models.triton_kernels", "PRODUCT_SWIGLU_GRAD"),
 }
 
 
@@ -605,9 +604,7 @@ def main() -> None:
         "--switch", action="append", default=[], metavar="LABEL[,LABEL]",
         help="also time megabridge with these speed-ups on, which are off until measured on a "
         "GPU: first-writes (training/optim.py FirstWrites: the fused weights' gradients "
-        "written by a step's first GEMM, not zeroed before it), product-swiglu-grad "
-        "(triton_kernels.product_swiglu_grad: fc2's input gradient and SwiGLU's backward in "
-        "one kernel)",
+        "written by a step's first GEMM, not zeroed before it)",
     )  # fmt: skip
     p.add_argument(
         "--recompute-swiglu", action="store_true",

@@ -22,7 +22,7 @@ from megatron.core.tensor_parallel import layers
 from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from megabridge.models import fp8, triton_kernels
+from megabridge.models import fp8
 from megabridge.models.compiled import RowParallelLinear
 from megabridge.models.triton_kernels import swiglu, swiglu_grad, swiglu_grad_and_output
 
@@ -58,13 +58,8 @@ class _SwiGLUThenLinear(torch.autograd.Function):
 
 
 def _swiglu_grad_of_product(grad_y, weight, h, act: bool):
-    """SwiGLU's gradient given fc2's input gradient grad_y @ weight, and with ``act`` SwiGLU's
-    output too: in one kernel where triton_kernels.PRODUCT_SWIGLU_GRAD is set and the kernel
-    fits, else the GEMM and then one pass over h."""
-    if triton_kernels.PRODUCT_SWIGLU_GRAD and triton_kernels.product_swiglu_grad_fits(
-        grad_y, weight, h
-    ):
-        return triton_kernels.product_swiglu_grad(grad_y, weight, h, act)
+    """SwiGLU's gradient given fc2's input gradient grad_y @ weight (the GEMM, then one pass
+    over h), and with ``act`` SwiGLU's output too from the same pass."""
     grad_a = torch.matmul(grad_y, weight)  # [M, f]
     return swiglu_grad_and_output(grad_a, h) if act else swiglu_grad(grad_a, h)
 

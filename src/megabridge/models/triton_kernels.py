@@ -105,47 +105,6 @@ if triton is not None:
         if ACT:  # SwiGLU's output too, as _swiglu_kernel computes it
             tl.store(act_ptr + row * f + cols, act.to(dtype), mask=mask)
 
-    @triton.jit
-    def _product_swiglu_grad_kernel(
-        g_ptr, w_ptr, h_ptr, out_ptr, act_ptr, M, f, K, ACT: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        GROUP_M: tl.constexpr, FP32_DOT: tl.constexpr,
-    ):  # fmt: skip
-        # One [BLOCK_M, BLOCK_N] tile of grad = g [M, K] @ w [K, f] (fc2's input gradient),
-        # rounded to the output's dtype as the GEMM's own output would be, then SwiGLU's
-        # gradient (and output) at the same places of h [M, 2f]: grad never goes to memory.
-        pid = tl.program_id(0)
-        tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(f, BLOCK_N)
-        # GROUP_M row tiles take each column tile in turn: w's tiles stay in L2 between them
-        group = pid // (GROUP_M * tiles_n)
-        first_m = group * GROUP_M
-        rows_here = tl.minimum(tiles_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % (GROUP_M * tiles_n)) % rows_here
-        pid_n = (pid % (GROUP_M * tiles_n)) // rows_here
-        rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        rk = tl.arange(0, BLOCK_K)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k in range(0, K, BLOCK_K):  # K % BLOCK_K == 0 (the caller checks)
-            a = tl.load(g_ptr + rm[:, None] * K + (k + rk)[None, :], mask=rm[:, None] < M,
-                        other=0.0)  # fmt: skip
-            b = tl.load(w_ptr + (k + rk).to(tl.int64)[:, None] * f + rn[None, :],
-                        mask=rn[None, :] < f, other=0.0)  # fmt: skip
-            if FP32_DOT:  # Triton's interpreter multiplies bf16 operands wrongly (3.9)
-                a, b = a.to(tl.float32), b.to(tl.float32)
-            acc = tl.dot(a, b, acc)
-        dtype = out_ptr.dtype.element_ty
-        g = acc.to(dtype).to(tl.float32)
-        mask = (rm[:, None] < M) & (rn[None, :] < f)
-        at = rm[:, None] * 2 * f + rn[None, :]
-        gate = tl.load(h_ptr + at, mask=mask, other=0.0).to(tl.float32)
-        up = tl.load(h_ptr + at + f, mask=mask, other=0.0).to(tl.float32)
-        d_gate, d_up, act = _swiglu_grad_math(g, gate, up)
-        tl.store(out_ptr + at, d_gate.to(dtype), mask=mask)
-        tl.store(out_ptr + at + f, d_up.to(dtype), mask=mask)
-        if ACT:
-            tl.store(act_ptr + rm[:, None] * f + rn[None, :], act.to(dtype), mask=mask)
-
 
 def _swiglu_launch(h: torch.Tensor, grad: torch.Tensor | None = None, act: bool = False):
     """SwiGLU of h [..., 2f] (grad None) or its gradient given grad [..., f]; with ``act``
@@ -161,47 +120,6 @@ def _swiglu_launch(h: torch.Tensor, grad: torch.Tensor | None = None, act: bool 
     out = torch.empty_like(h)
     output = h.new_empty(*h.shape[:-1], f) if act else out
     _swiglu_grad_kernel[grid](grad.contiguous(), h, out, output, f, BLOCK=_SWIGLU_BLOCK, ACT=act)
-    return (out, output) if act else out
-
-
-# _product_swiglu_grad_kernel's tile (BLOCK_M, BLOCK_N, BLOCK_K), stages and warps;
-# kernel_speed.py sweeps them against cuBLAS's GEMM and the separate SwiGLU gradient
-_PRODUCT_SWIGLU_CONFIG = (128, 128, 64, 3, 8)
-# models/swiglu_recompute.py takes the fused kernel when this is set: off until kernel_speed
-# has shown it faster than cuBLAS + _swiglu_grad_kernel on the GPU (NOTES, 2026-12-05)
-PRODUCT_SWIGLU_GRAD = False
-
-
-def product_swiglu_grad_fits(grad_y: torch.Tensor, weight: torch.Tensor, h: torch.Tensor) -> bool:
-    """Whether product_swiglu_grad takes grad_y [M, K], weight [K, f] and h [M, 2f] here."""
-    k = grad_y.shape[-1]
-    return (
-        runs_on(h)
-        and grad_y.dim() == weight.dim() == h.dim() == 2
-        and grad_y.dtype == weight.dtype == h.dtype
-        and h.dtype in (torch.bfloat16, torch.float16)  # (fp32 dots would run in tf32)
-        and weight.shape[0] == k
-        and h.shape == (grad_y.shape[0], 2 * weight.shape[1])
-        and k % _PRODUCT_SWIGLU_CONFIG[2] == 0
-    )
-
-
-def product_swiglu_grad(grad_y, weight, h, act: bool = True):
-    """(swiglu_grad(grad_y @ weight, h), swiglu(h) with ``act``) in one kernel, where
-    product_swiglu_grad_fits: fc2's input gradient is not written to memory and read back.
-    grad_y @ weight is rounded to h's dtype before SwiGLU's gradient, as the GEMM's output
-    is; its fp32 sums are Triton's, not cuBLAS's (their order differs)."""
-    grad_y, weight, h = grad_y.contiguous(), weight.contiguous(), h.contiguous()
-    m, k = grad_y.shape
-    f = weight.shape[1]
-    out = torch.empty_like(h)
-    output = h.new_empty(m, f) if act else out
-    block_m, block_n, block_k, stages, warps = _PRODUCT_SWIGLU_CONFIG
-    grid = (triton.cdiv(m, block_m) * triton.cdiv(f, block_n),)
-    _product_swiglu_grad_kernel[grid](
-        grad_y, weight, h, out, output, m, f, k, ACT=act, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_K=block_k, GROUP_M=8, FP32_DOT=_INTERPRET, num_stages=stages, num_warps=warps,
-    )  # fmt: skip
     return (out, output) if act else out
 
 

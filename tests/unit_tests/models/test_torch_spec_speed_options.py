@@ -326,6 +326,26 @@ def test_fp8_with_another_spec_is_refused():
         build_model(cfg, meta=True)
 
 
+def test_recomputed_swiglu_with_a_frozen_weight_gives_the_input_gradient_alone():
+    """fc2 frozen (LoRA tunes adapters beside it): its backward skips the recomputed output and
+    the weight gradient, and h's gradient is the trainable case's, and the plain math's."""
+    gen = torch.Generator().manual_seed(3)
+    h, w = torch.randn(6, 2 * 8, generator=gen), torch.randn(5, 8, generator=gen) * 0.3
+    grad_y = torch.randn(6, 5, generator=gen)
+    SwiGLUThenLinear = swiglu_recompute._SwiGLUThenLinear
+    frozen = h.clone().requires_grad_()
+    (dh_frozen,) = torch.autograd.grad(SwiGLUThenLinear.apply(frozen, w, False), frozen, grad_y)
+    leaves = (h.clone().requires_grad_(), w.clone().requires_grad_())
+    dh, dw = torch.autograd.grad(SwiGLUThenLinear.apply(*leaves, False), leaves, grad_y)
+    assert torch.equal(dh_frozen, dh)
+    ref = (h.clone().requires_grad_(), w.clone().requires_grad_())
+    gate, up = ref[0].chunk(2, dim=-1)
+    y = (torch.nn.functional.silu(gate) * up) @ ref[1].t()
+    ref_dh, ref_dw = torch.autograd.grad(y, ref, grad_y)
+    torch.testing.assert_close(dh, ref_dh)
+    torch.testing.assert_close(dw, ref_dw)
+
+
 @pytest.mark.usefixtures("single_process_megatron")
 def test_recomputed_swiglu_gives_the_same_loss_and_gradients():
     """model.recompute_swiglu (models/swiglu_recompute.py) changes what is kept, not the math."""

@@ -8,7 +8,6 @@ TRITON_INTERPRET=1, which must be set before the kernels are defined), and on a 
 from __future__ import annotations
 
 from pathlib import Path
-from unittest import mock
 
 import pytest
 import torch
@@ -55,50 +54,6 @@ def check_swiglu(device: str, dtype: torch.dtype) -> None:
     both_dh, both_out = tk.swiglu_grad_and_output(grad, h.detach())
     assert torch.equal(both_dh, tk.swiglu_grad(grad, h.detach()))
     assert torch.equal(both_out, tk.swiglu(h.detach()))
-
-
-def check_product_swiglu_grad(device: str) -> None:
-    """fc2's input gradient and SwiGLU's gradient and output in one kernel (bf16): against the
-    GEMM followed by the separate kernel, on rows and columns that leave partial tiles (70
-    rows, f = 150) and each tile configuration kernel_speed.py sweeps."""
-    from megabridge.models import triton_kernels as tk
-
-    gen = torch.Generator().manual_seed(7)
-    m, k, f = 70, 128, 150
-    grad_y = torch.randn(m, k, generator=gen).to(device, torch.bfloat16)
-    weight = (torch.randn(k, f, generator=gen) / 8).to(device, torch.bfloat16)
-    h = (torch.randn(m, 2 * f, generator=gen) * 3).to(device, torch.bfloat16)
-    assert tk.product_swiglu_grad_fits(grad_y, weight, h)
-    assert not tk.product_swiglu_grad_fits(grad_y.float(), weight.float(), h.float())
-    assert not tk.product_swiglu_grad_fits(grad_y[:, :100], weight[:100], h)  # K % BLOCK_K
-    want_dh = tk.swiglu_grad_torch(grad_y.float() @ weight.float(), h.float())
-    want_act = tk.swiglu_torch(h.float())
-    configs = [tk._PRODUCT_SWIGLU_CONFIG] + ([(64, 64, 32, 2, 4)] if device == "cpu" else [
-        (128, 256, 64, 3, 8), (64, 128, 64, 4, 4)])  # fmt: skip
-    for config in configs:
-        with mock.patch.object(tk, "_PRODUCT_SWIGLU_CONFIG", config):
-            dh, act = tk.product_swiglu_grad(grad_y, weight, h)
-            _close(dh, want_dh, torch.bfloat16)
-            _close(act, want_act, torch.bfloat16)
-            assert torch.equal(tk.product_swiglu_grad(grad_y, weight, h, act=False), dh)
-    # through the recomputing fc2 (model.recompute_swiglu's backward), switched on and off
-    from megabridge.models.swiglu_recompute import _SwiGLUThenLinear
-
-    grads, kernel = {}, tk.product_swiglu_grad
-    with mock.patch.object(tk, "product_swiglu_grad", wraps=kernel) as spy:
-        for fused in (False, True):
-            with mock.patch.object(tk, "PRODUCT_SWIGLU_GRAD", fused):
-                leaves = (h.clone().requires_grad_(), weight.clone().requires_grad_())
-                y = _SwiGLUThenLinear.apply(*leaves, False)
-                grads[fused] = torch.autograd.grad(y, leaves, grad_y)
-                (frozen,) = torch.autograd.grad(
-                    _SwiGLUThenLinear.apply(leaves[0], weight, False), leaves[0], grad_y
-                )
-            assert torch.equal(frozen, grads[fused][0])  # no weight gradient: no act written
-    # switched on: the fused kernel, with and without act
-    assert [c.args[-1] for c in spy.call_args_list] == [True, False]
-    for fused, plain in zip(grads[True], grads[False], strict=True):
-        _close(fused, plain, torch.bfloat16)
 
 
 def check_rope(device: str, dtype: torch.dtype) -> None:
@@ -617,7 +572,6 @@ def check_kernels(device: str) -> None:
         check_rms_norm(device, dtype)
         check_add_rms_norm(device, dtype)
         check_softmax(device, dtype)
-    check_product_swiglu_grad(device)
     check_adamw(device)
     check_adamw_remainders(device)
     check_cast_transpose(device)

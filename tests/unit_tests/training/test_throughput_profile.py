@@ -271,24 +271,19 @@ def test_the_sync_check_runs_two_steps_in_the_debug_mode_and_restores_it(
 
 
 def test_switches_add_megabridge_rows_with_module_constants_on_for_the_row(throughput):
-    from megabridge.models import triton_kernels
     from megabridge.training import optim
 
     args = type("Args", (), {"fp8": [], "recompute_swiglu": False, "compare": "torchtitan",
-                             "variant": [], "switch": ["first-writes",
-                                                       "first-writes,product-swiglu-grad"]})()  # fmt: skip
+                             "variant": [], "switch": ["first-writes"]})()  # fmt: skip
     stacks = throughput._stacks(args)
-    assert [name for name, _ in stacks] == [
-        "megabridge", "megabridge-first-writes",
-        "megabridge-first-writes+product-swiglu-grad", "torchtitan",
-    ]  # fmt: skip
-    assert stacks[2][1].keywords["switches"] == ("first-writes", "product-swiglu-grad")
+    assert [name for name, _ in stacks] == ["megabridge", "megabridge-first-writes", "torchtitan"]
+    assert stacks[1][1].keywords["switches"] == ("first-writes",)
     assert "switches" not in stacks[0][1].keywords
-    assert not optim.FIRST_WRITES and not triton_kernels.PRODUCT_SWIGLU_GRAD
-    with throughput.switched_on(("first-writes", "product-swiglu-grad")):
-        assert optim.FIRST_WRITES and triton_kernels.PRODUCT_SWIGLU_GRAD
-    assert not optim.FIRST_WRITES and not triton_kernels.PRODUCT_SWIGLU_GRAD
-    args.switch = ["fast"]
+    assert not optim.FIRST_WRITES
+    with throughput.switched_on(("first-writes",)):
+        assert optim.FIRST_WRITES
+    assert not optim.FIRST_WRITES
+    args.switch = ["first-writes,fast"]
     with pytest.raises(SystemExit, match="unknown fast"):
         throughput._stacks(args)
 

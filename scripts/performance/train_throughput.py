@@ -49,7 +49,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "src"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # peers.py
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # peers.py, gpu_clocks.py
 
 import gpu_clocks  # noqa: E402
 import peers  # noqa: E402

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 from megabridge import outputs
@@ -41,13 +42,15 @@ def megatron_to_hf(args: argparse.Namespace) -> Path:
 EXPORT_INPUTS = ("megatron_path", "base", "hf_reference", "hf_config")
 
 
-def export_outputs(hf_path, adapter_path, overwrite: bool, inputs) -> None:
+def export_outputs(hf_path, adapter_path, overwrite: bool, given: Mapping[str, object]) -> None:
     """``export``'s outputs (merged model and / or adapter, either may be None), each checked
-    against the inputs (the values of EXPORT_INPUTS that were given)."""
+    against its inputs: the EXPORT_INPUTS of ``given`` (paths by name, None where not given;
+    a name missing from it is a KeyError, so the CLI and peft.export_checkpoint stay in step)."""
+    inputs = [given[name] for name in EXPORT_INPUTS if given[name] is not None]
     for out in filter(None, [hf_path, adapter_path]):
         outputs.check_output(out, overwrite, inputs)
 
 
 def export(args: argparse.Namespace) -> None:
-    inputs = existing(args, *EXPORT_INPUTS)
-    export_outputs(args.hf_path, args.adapter_path, args.overwrite, inputs)
+    existing(args, *EXPORT_INPUTS)
+    export_outputs(args.hf_path, args.adapter_path, args.overwrite, vars(args))

@@ -223,8 +223,9 @@ def export_checkpoint(
     the one training was given, as recorded)."""
     if hf_path is None and adapter_path is None:
         raise UserError("nothing to export: pass --hf-path (merged model) and/or --adapter-path")
-    given = [megatron_path, base, hf_reference, hf_config]  # command_paths.EXPORT_INPUTS
-    command_paths.export_outputs(hf_path, adapter_path, overwrite, list(filter(None, given)))
+    given = dict(megatron_path=megatron_path, base=base, hf_reference=hf_reference,
+                 hf_config=hf_config)  # fmt: skip
+    command_paths.export_outputs(hf_path, adapter_path, overwrite, given)
     ckpt = checkpointing.resolve(megatron_path)
     meta = checkpointing.read_metadata(ckpt, hf_config)
     settings = meta.get("peft")

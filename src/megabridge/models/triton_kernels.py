@@ -83,12 +83,6 @@ if triton is not None:
         tl.store(out_ptr + row * f + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _swiglu_grad_math(g, gate, up):
-        # (d gate, d up, SwiGLU's output) in fp32, each as the unfused kernels compute it
-        sig = tl.sigmoid(gate)
-        return g * sig * (1 + gate * (1 - sig)) * up, g * (gate * sig), gate * sig * up
-
-    @triton.jit
     def _swiglu_grad_kernel(
         grad_ptr, h_ptr, out_ptr, act_ptr, f, BLOCK: tl.constexpr, ACT: tl.constexpr
     ):
@@ -98,7 +92,11 @@ if triton is not None:
         g = tl.load(grad_ptr + row * f + cols, mask=mask).to(tl.float32)
         gate = tl.load(h_ptr + row * 2 * f + cols, mask=mask).to(tl.float32)
         up = tl.load(h_ptr + row * 2 * f + f + cols, mask=mask).to(tl.float32)
-        d_gate, d_up, act = _swiglu_grad_math(g, gate, up)
+        # (d gate, d up, SwiGLU's output) in fp32, each as the unfused kernels compute it
+        sig = tl.sigmoid(gate)
+        d_gate = g * sig * (1 + gate * (1 - sig)) * up
+        d_up = g * (gate * sig)
+        act = gate * sig * up
         dtype = out_ptr.dtype.element_ty
         tl.store(out_ptr + row * 2 * f + cols, d_gate.to(dtype), mask=mask)
         tl.store(out_ptr + row * 2 * f + f + cols, d_up.to(dtype), mask=mask)

@@ -18,8 +18,9 @@ gated MLP, logits layer) for every stack; MFU is against 989 TFLOP/s (H100 / H20
 bf16 peak, also for FP8 rows) and against ``--ceiling`` (the matmul rate measured on the
 machine). Peak GiB is torch's max_memory_allocated during that stack's run. Under each
 result, a line gives the row's wall-clock span, each synchronized step, and the GPU's mean
-SM clock and power draw over the timed steps, sampled by nvidia-smi (gpu_clocks.py): these
-700 W boards run training steps at their power cap, so a step's speed follows its energy.
+SM clock and power draw over the timed steps (not the warmup's), sampled by nvidia-smi
+(gpu_clocks.py): these 700 W boards run training steps at their power cap, so a step's speed
+follows its energy.
 
 ``--rounds N`` times every stack N times in one process, round after round, and prints each
 round's same-run ratios with their median: the GPU machines lent one call after another
@@ -88,30 +89,43 @@ def _steps_line(result: dict, began: str, ended: str) -> str:
 
 
 def _timed_with_clocks(step, warmup: int, iters: int):
-    """_time_steps' result, and the GPU's clocks and power over those steps (gpu_clocks;
-    None without nvidia-smi)."""
+    """_time_steps' result, and the GPU's clocks and power over its timed steps, warmup left
+    out (gpu_clocks; None without nvidia-smi)."""
     device = gpu_clocks.device_id(torch.cuda.get_device_properties(torch.cuda.current_device()))
-    with gpu_clocks.clock_log(device) as clocks:
-        timed = _time_steps(step, warmup, iters)
-    return timed, clocks["summary"]
+    held = {}
+
+    @contextlib.contextmanager
+    def watch():
+        with gpu_clocks.clock_log(device) as found:  # its summary is filled in as it closes
+            held["found"] = found
+            yield
+
+    timed = _time_steps(step, warmup, iters, watch)
+    return timed, held["found"]["summary"]
 
 
-def _time_steps(step, warmup: int, iters: int) -> tuple[list[float], float]:
+def _time_steps(
+    step, warmup: int, iters: int, watch=contextlib.nullcontext
+) -> tuple[list[float], float]:
     """(each synchronized step's seconds after ``warmup``, the mean seconds of ``iters`` more
-    steps taken back to back)."""
+    steps taken back to back); ``watch()`` is a context around the timed steps alone."""
     times = []
-    for i in range(warmup + iters):
+    for i in range(warmup):
         torch.cuda.synchronize()
-        start = time.perf_counter()
         step(i)
-        torch.cuda.synchronize()
-        if i >= warmup:
+    with watch():
+        for i in range(warmup, warmup + iters):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            step(i)
+            torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
-    start = time.perf_counter()
-    for i in range(warmup + iters, warmup + 2 * iters):
-        step(i)
-    torch.cuda.synchronize()
-    return times, (time.perf_counter() - start) / iters
+        start = time.perf_counter()
+        for i in range(warmup + iters, warmup + 2 * iters):
+            step(i)
+        torch.cuda.synchronize()
+        run = (time.perf_counter() - start) / iters
+    return times, run
 
 
 def _result(

@@ -73,7 +73,14 @@ def test_throughput_times_steps_with_the_clocks_of_the_current_gpu(tmp_path, mon
     monkeypatch.setattr(cuda, "current_device", lambda: 3)
     monkeypatch.setattr(cuda, "get_device_properties", lambda i: props if i == 3 else None)
     monkeypatch.setattr(cuda, "synchronize", lambda: None)
-    (times, run), summary = throughput._timed_with_clocks(lambda i: time.sleep(0.05), 1, 2)
+    sampled = []  # per step: whether the sampler had started (it writes "asked" first)
+
+    def step(i):
+        sampled.append((tmp_path / "asked").exists())
+        time.sleep(0.1)
+
+    (times, run), summary = throughput._timed_with_clocks(step, 3, 2)
     assert len(times) == 2 and run > 0
+    assert sampled[:3] == [False, False, False]  # the warmup steps (compiling) are not sampled
     assert summary.samples >= 2 and summary.power_w == 690.5
     assert (tmp_path / "asked").read_text().strip() == "device 00000000:2A:00.0"

@@ -11,7 +11,6 @@ nothing on the GPU's stream.
 
 from __future__ import annotations
 
-import contextlib
 import shutil
 import subprocess
 from typing import NamedTuple
@@ -63,27 +62,34 @@ def device_id(props) -> str:
     return f"{props.pci_domain_id:08X}:{props.pci_bus_id:02X}:{props.pci_device_id:02X}.0"
 
 
-@contextlib.contextmanager
-def clock_log(device: str, period_ms: int = 100, command: str = "nvidia-smi"):
-    """Samples ``device`` (device_id's form) every ``period_ms`` while the block runs. Yields
-    a dict whose "summary" is, after the block, a ClockSummary, or None where there is no
-    ``command`` on PATH or it gave no sample."""
-    found = {"summary": None}
-    exe = shutil.which(command)
-    if exe is None:
-        yield found
-        return
-    args = [exe, f"--query-gpu={QUERY}", "--format=csv,noheader,nounits", "-lms", str(period_ms)]
-    proc = subprocess.Popen(
-        [*args, "-i", device], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
-    )
-    try:
-        yield found
-    finally:
+class ClockLog:
+    """Samples ``device`` (device_id's form) every ``period_ms`` while its ``with`` block runs;
+    after the block, ``summary`` is a ClockSummary, or None where there is no ``command`` on
+    PATH or it gave no sample."""
+
+    def __init__(self, device: str, period_ms: int = 100, command: str = "nvidia-smi"):
+        self.device, self.period_ms, self.command = device, period_ms, command
+        self.summary: ClockSummary | None = None
+        self._proc = None
+
+    def __enter__(self) -> ClockLog:
+        exe = shutil.which(self.command)
+        if exe is not None:
+            self._proc = subprocess.Popen(
+                [exe, f"--query-gpu={QUERY}", "--format=csv,noheader,nounits",
+                 "-lms", str(self.period_ms), "-i", self.device],
+                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+            )  # fmt: skip
+        return self
+
+    def __exit__(self, *exc) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
         proc.terminate()
         try:
             out, _ = proc.communicate(timeout=10)
         except subprocess.TimeoutExpired:
             proc.kill()
             out, _ = proc.communicate()
-        found["summary"] = parse(out.splitlines())
+        self.summary = parse(out.splitlines())

@@ -92,28 +92,20 @@ def _timed_with_clocks(step, warmup: int, iters: int):
     """_time_steps' result, and the GPU's clocks and power over its timed steps, warmup left
     out (gpu_clocks; None without nvidia-smi)."""
     device = gpu_clocks.device_id(torch.cuda.get_device_properties(torch.cuda.current_device()))
-    held = {}
-
-    @contextlib.contextmanager
-    def watch():
-        with gpu_clocks.clock_log(device) as found:  # its summary is filled in as it closes
-            held["found"] = found
-            yield
-
-    timed = _time_steps(step, warmup, iters, watch)
-    return timed, held["found"]["summary"]
+    log = gpu_clocks.ClockLog(device)
+    timed = _time_steps(step, warmup, iters, log)
+    return timed, log.summary  # read once the log has closed
 
 
-def _time_steps(
-    step, warmup: int, iters: int, watch=contextlib.nullcontext
-) -> tuple[list[float], float]:
+def _time_steps(step, warmup: int, iters: int, watch=None) -> tuple[list[float], float]:
     """(each synchronized step's seconds after ``warmup``, the mean seconds of ``iters`` more
-    steps taken back to back); ``watch()`` is a context around the timed steps alone."""
+    steps taken back to back); ``watch``, where given, is a context around the timed steps
+    alone."""
     times = []
     for i in range(warmup):
         torch.cuda.synchronize()
         step(i)
-    with watch():
+    with watch or contextlib.nullcontext():
         for i in range(warmup, warmup + iters):
             torch.cuda.synchronize()
             start = time.perf_counter()

@@ -51,18 +51,18 @@ def fake_nvidia_smi(folder, name: str, monkeypatch) -> None:
 
 def test_clock_log_samples_while_the_block_runs(clocks, tmp_path, monkeypatch):
     fake_nvidia_smi(tmp_path, "fake-smi", monkeypatch)
-    with clocks.clock_log("00000000:1B:00.0", command="fake-smi") as found:
-        assert found["summary"] is None  # filled in when the block ends
+    with clocks.ClockLog("00000000:1B:00.0", command="fake-smi") as log:
+        assert log.summary is None  # filled in when the block ends
         time.sleep(0.3)
-    summary = found["summary"]
+    summary = log.summary
     assert summary.samples >= 2 and summary.sm_mhz == 1500.0 and summary.capped == 1.0
     assert (tmp_path / "asked").read_text().strip() == "device 00000000:1B:00.0"
 
 
 def test_clock_log_without_the_command_yields_no_summary(clocks):
-    with clocks.clock_log("0", command="no-such-nvidia-smi-here") as found:
+    with clocks.ClockLog("0", command="no-such-nvidia-smi-here") as log:
         pass
-    assert found["summary"] is None
+    assert log.summary is None
 
 
 def test_throughput_times_steps_with_the_clocks_of_the_current_gpu(tmp_path, monkeypatch):
